@@ -1,0 +1,120 @@
+"""Command line: `nanovllm generate|serve|bench ...` (also `python -m nanovllm`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+
+from nanovllm.config import Config, preset_names
+
+DEFAULT_MODEL = "qwen3-0.6b"
+
+_ENGINE_ARG_TYPES = {
+    "dtype": str,
+    "device": str,
+    "max_model_len": int,
+    "max_num_seqs": int,
+    "max_num_batched_tokens": int,
+    "block_size": int,
+    "num_kvcache_blocks": int,
+    "gpu_memory_utilization": float,
+    "enable_prefix_caching": bool,
+    "enforce_eager": bool,
+    "tensor_parallel_size": int,
+    "seed": int,
+    "kernel_backend": str,
+}
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per engine argument of `Config` (default: the engine's own default)."""
+    group = parser.add_argument_group("engine arguments")
+    fields = {f.name: f for f in dataclasses.fields(Config) if f.init and f.name != "model"}
+    if set(fields) != set(_ENGINE_ARG_TYPES):
+        raise RuntimeError("cli._ENGINE_ARG_TYPES is out of date with Config")
+    for name, typ in _ENGINE_ARG_TYPES.items():
+        flag = "--" + name.replace("_", "-")
+        help_ = f"default: {fields[name].default!r}"
+        if typ is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            group.add_argument(flag, type=typ, default=None, help=help_)
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict:
+    return {name: getattr(args, name) for name in _ENGINE_ARG_TYPES if getattr(args, name) is not None}
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from nanovllm import LLM, SamplingParams
+
+    llm = LLM(args.model, **engine_kwargs(args))
+    prompts = args.prompt or ["Hello, my name is", "The capital of France is", "def fibonacci(n):"]
+    params = SamplingParams(
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
+        seed=args.sampling_seed,
+        ignore_eos=args.ignore_eos,
+    )
+    if llm.config.is_preset:
+        print(
+            f"note: {args.model!r} is a preset with RANDOM weights: the text is meaningless", file=sys.stderr
+        )
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    for out in outputs:
+        c = out.outputs[0]
+        print(f"--- prompt: {out.prompt!r}\n    output: {c.text!r}")
+        print(f"    ({len(c.token_ids)} tokens, finish: {c.finish_reason})")
+    print(f"{num_tokens} tokens in {elapsed:.2f} s ({num_tokens / elapsed:.1f} tok/s)")
+    llm.shutdown()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanovllm", description="nanovllm: a small, readable, fast LLM engine"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text for a few prompts")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint dir or preset {preset_names()}")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=-1)
+    gen.add_argument("--sampling-seed", type=int, default=None)
+    gen.add_argument("--ignore-eos", action="store_true")
+    add_engine_args(gen)
+    gen.set_defaults(func=_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server")
+    serve.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--served-model-name", default=None)
+    add_engine_args(serve)
+    serve.set_defaults(func=lambda a: __import__("nanovllm.server.api_server", fromlist=["main"]).main(a))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except ValueError as e:  # a user mistake: the reason, not a stack trace
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""Engine configuration: the user's arguments, validated and resolved once, then frozen.
+
+`Config` holds what the user passed plus the values derived from the checkpoint (architecture, dtype,
+max_model_len, EOS ids). Values only known after the model is loaded (number of KV blocks) are
+computed by the model runner and passed on, never written back here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+
+PRESET_DIR = Path(__file__).parent / "presets"
+MAX_MODEL_LEN_CAP = 16384  # default cap on max_model_len when the checkpoint allows more
+SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
+    num_kvcache_blocks: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    tensor_parallel_size: int = 1
+    seed: int = 0
+    kernel_backend: str = "auto"  # auto | triton | torch (torch: the reference ops everywhere)
+    # Resolved in __post_init__ from the checkpoint; not user arguments.
+    hf_config: PretrainedConfig = field(init=False, repr=False)
+    model_path: Path | None = field(init=False)  # None: a preset with random weights
+    tokenizer_path: Path | None = field(init=False)
+    torch_dtype: torch.dtype = field(init=False)
+    torch_device: torch.device = field(init=False)
+    eos_token_ids: tuple[int, ...] = field(init=False)
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs) -> Config:
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; valid ones: {sorted(names - {'model'})}")
+        return cls(model=model, **kwargs)
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
+        _check_int(self, "max_num_seqs", 1)
+        _check_int(self, "tensor_parallel_size", 1)
+        if self.max_num_batched_tokens is not None:
+            _check_int(self, "max_num_batched_tokens", 1)
+        if self.num_kvcache_blocks is not None:
+            _check_int(self, "num_kvcache_blocks", 1)
+        if self.block_size is not None and self.block_size not in SUPPORTED_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size!r}")
+        if (
+            not isinstance(self.gpu_memory_utilization, float | int)
+            or not 0 < self.gpu_memory_utilization <= 1
+        ):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.kernel_backend not in ("auto", "triton", "torch"):
+            raise ValueError(
+                f"kernel_backend must be 'auto', 'triton' or 'torch', got {self.kernel_backend!r}"
+            )
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        set_("torch_device", _resolve_device(self.device))
+
+        model_path, hf_config = _load_hf_config(self.model)
+        set_("model_path", model_path)
+        set_("hf_config", hf_config)
+        tok = model_path if model_path is not None else PRESET_DIR / "tokenizer"
+        set_(
+            "tokenizer_path",
+            tok if (tok / "tokenizer.json").exists() or (tok / "tokenizer.model").exists() else None,
+        )
+        set_("torch_dtype", self._resolve_dtype())
+        set_("eos_token_ids", _eos_token_ids(hf_config, model_path))
+
+        max_pos = getattr(hf_config, "max_position_embeddings", None) or MAX_MODEL_LEN_CAP
+        if self.max_model_len is None:
+            set_("max_model_len", min(max_pos, MAX_MODEL_LEN_CAP))
+        else:
+            _check_int(self, "max_model_len", 2)
+            if self.max_model_len > max_pos:
+                raise ValueError(
+                    f"max_model_len={self.max_model_len} exceeds the model's "
+                    f"max_position_embeddings={max_pos}"
+                )
+        if self.block_size is None:
+            set_("block_size", 16)
+        if self.max_num_batched_tokens is None:
+            set_("max_num_batched_tokens", max(16384, self.max_num_seqs))
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running request can decode each step"
+            )
+        num_kv_heads = getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+        tp = self.tensor_parallel_size
+        if hf_config.num_attention_heads % tp or (num_kv_heads % tp and tp % num_kv_heads):
+            raise ValueError(
+                f"tensor_parallel_size={tp} must divide num_attention_heads={hf_config.num_attention_heads} "
+                f"and divide or be a multiple of num_key_value_heads={num_kv_heads}"
+            )
+
+    def _resolve_dtype(self) -> torch.dtype:
+        if self.dtype != "auto":
+            return _DTYPES[self.dtype]
+        if self.torch_device.type == "cpu":
+            return torch.float32
+        ckpt = getattr(self.hf_config, "dtype", None) or getattr(self.hf_config, "torch_dtype", None)
+        if isinstance(ckpt, str):
+            ckpt = _DTYPES.get(ckpt)
+        return ckpt if ckpt in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+    @property
+    def is_preset(self) -> bool:
+        return self.model_path is None
+
+
+def _check_int(cfg: Config, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'auto', 'cuda' or 'cpu', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but torch sees no CUDA GPU")
+    return torch.device(device)
+
+
+def _load_hf_config(model: str) -> tuple[Path | None, PretrainedConfig]:
+    """A checkpoint directory or a preset name -> (path or None, the Hugging Face config)."""
+    if not isinstance(model, str | os.PathLike) or not str(model):
+        raise ValueError(f"model must be a checkpoint directory or a preset name, got {model!r}")
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ValueError(f"model directory {str(path)!r} has no config.json")
+        try:
+            return path, AutoConfig.from_pretrained(path)
+        except Exception as e:  # transformers raises many kinds; the user needs the reason
+            raise ValueError(f"cannot read the config in {str(path)!r}: {e}") from e
+    preset = PRESET_DIR / f"{model}.json"
+    if preset.exists():
+        data = json.loads(preset.read_text())
+        data.pop("_comment", None)
+        return None, AutoConfig.for_model(data.pop("model_type"), **data)
+    raise ValueError(
+        f"model {str(model)!r} is neither a checkpoint directory nor a preset; presets (random weights): "
+        f"{preset_names()}"
+    )
+
+
+def _eos_token_ids(hf_config: PretrainedConfig, model_path: Path | None) -> tuple[int, ...]:
+    ids: list[int] = []
+
+    def add(value) -> None:
+        for v in value if isinstance(value, list | tuple) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+
+    add(getattr(hf_config, "eos_token_id", None))
+    if model_path is not None and (model_path / "generation_config.json").exists():
+        add(json.loads((model_path / "generation_config.json").read_text()).get("eos_token_id"))
+    return tuple(ids)

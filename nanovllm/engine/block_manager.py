@@ -1,0 +1,173 @@
+"""The paged KV cache's bookkeeping: fixed-size blocks, ref counts, a free list, and prefix caching.
+
+Prefix caching: a full block is keyed by a chained hash of (previous block's hash, its token ids).
+A new request looks its prompt's full blocks up in order and shares every hit (ref count + 1).
+Blocks whose ref count drops to zero go to the back of the free list but keep their hash, so a
+later request can still hit them; allocation takes from the front, evicting the least recently
+freed block and forgetting its hash.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections import OrderedDict
+
+import xxhash
+
+from nanovllm.engine.sequence import Sequence
+
+
+def hash_block(prev_hash: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
+    h = xxhash.xxh3_64()
+    if prev_hash is not None:
+        h.update(prev_hash.to_bytes(8, "little"))
+    h.update(array("q", token_ids).tobytes())
+    return h.intdigest()
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None  # set while the block is registered in the prefix cache
+        self.token_ids: tuple[int, ...] | None = None  # the tokens behind `hash`, re-checked on a hit
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks with ref_count 0, least recently freed first. Cached ones keep their hash here.
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.num_queried_tokens = 0  # prefix-cache statistics
+        self.num_hit_tokens = 0
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- prefix cache -------------------------------------------------------------------------
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids that already hold the K/V of seq's leading full blocks. The block holding the
+        last known token is never taken, so that token is always computed and yields logits."""
+        self._update_hashes(seq, seq.num_tokens)
+        if not self.enable_prefix_caching:
+            return []
+        hits: list[int] = []
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        for i in range(max_blocks):
+            block_id = self.hash_to_block.get(seq.block_hashes[i])
+            if block_id is None:
+                break
+            tokens = tuple(seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
+            if self.blocks[block_id].token_ids != tokens:  # a hash collision: treat as a miss
+                break
+            hits.append(block_id)
+        return hits
+
+    def can_allocate(self, seq: Sequence, cached_blocks: list[int], num_tokens: int) -> bool:
+        """Could seq get blocks for its first num_tokens tokens, reusing cached_blocks?"""
+        reclaimed = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
+        return self.blocks_needed(num_tokens) - len(cached_blocks) <= self.num_free_blocks - reclaimed
+
+    def allocate(self, seq: Sequence, cached_blocks: list[int], num_tokens: int) -> None:
+        """Admit seq: share cached_blocks, then add fresh blocks to cover num_tokens tokens."""
+        if seq.block_table:
+            raise RuntimeError(f"{seq} already has blocks")
+        for block_id in cached_blocks:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self.free[block_id]
+            block.ref_count += 1
+        seq.block_table = list(cached_blocks)
+        seq.num_computed_tokens = len(cached_blocks) * self.block_size
+        self.num_queried_tokens += seq.num_tokens
+        self.num_hit_tokens += seq.num_computed_tokens
+        self.append_slots(seq, num_tokens)
+
+    def can_append(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(num_tokens) - len(seq.block_table) <= self.num_free_blocks
+
+    def append_slots(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow seq's block table to hold num_tokens tokens; register blocks that become full."""
+        for _ in range(self.blocks_needed(num_tokens) - len(seq.block_table)):
+            seq.block_table.append(self._take_free_block())
+        self._cache_full_blocks(seq, num_tokens)
+
+    def free_seq(self, seq: Sequence) -> None:
+        # Tail blocks first, so a shared prefix outlives the request-specific suffix in the LRU.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count < 0:
+                raise RuntimeError(f"block {block_id} freed twice")
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    # ---- internals ----------------------------------------------------------------------------
+
+    def _take_free_block(self) -> int:
+        if not self.free:
+            raise RuntimeError("out of KV blocks: the scheduler must check before allocating")
+        block_id, _ = self.free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict it from the prefix cache
+            if self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
+            block.hash = block.token_ids = None
+        block.ref_count = 1
+        return block_id
+
+    def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
+        """Extend seq.block_hashes over the full blocks among its first num_tokens tokens."""
+        bs = self.block_size
+        for i in range(len(seq.block_hashes), min(num_tokens, seq.num_tokens) // bs):
+            prev = seq.block_hashes[i - 1] if i else None
+            seq.block_hashes.append(hash_block(prev, seq.token_ids[i * bs : (i + 1) * bs]))
+
+    def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
+        """Register seq's blocks that are full once its first num_tokens tokens are computed.
+        Their K/V is written by the forward this step schedules, which runs before any later
+        step can read them, so registering now is safe."""
+        if not self.enable_prefix_caching:
+            return
+        self._update_hashes(seq, num_tokens)
+        bs = self.block_size
+        # Blocks full before this step were registered when they filled (or were prefix hits).
+        for i in range(seq.num_computed_tokens // bs, num_tokens // bs):
+            h = seq.block_hashes[i]
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is not None or h in self.hash_to_block:
+                continue  # already registered (by this or another sequence)
+            block.hash = h
+            block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            self.hash_to_block[h] = block.block_id
+
+    def check_consistency(self) -> None:
+        """Invariants a bug could break (used by tests): free list == blocks with ref 0, every
+        cached hash maps to a block carrying that hash."""
+        free_ids = {b.block_id for b in self.blocks if b.ref_count == 0}
+        if free_ids != set(self.free):
+            raise AssertionError("free list and ref counts disagree")
+        for h, block_id in self.hash_to_block.items():
+            block = self.blocks[block_id]
+            if block.hash != h or block.token_ids is None:
+                raise AssertionError(f"hash {h} maps to block {block_id} that does not carry it")

@@ -1,0 +1,55 @@
+"""Incremental detokenization and stop strings.
+
+Decoding one token at a time can split a multi-byte character or a word piece, so each step decodes
+a small window of trailing tokens and emits only the text that became final. Stop strings are
+searched in the new text (plus enough of the old to catch a stop string that straddles steps); the
+text is cut before the stop string, which is not returned.
+"""
+
+from __future__ import annotations
+
+# Tokens before the first new one that are re-decoded to get spacing and merges right.
+_CONTEXT_TOKENS = 6
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str] | None):
+        self.tokenizer = tokenizer
+        self.stop = stop or []
+        self.max_stop_len = max((len(s) for s in self.stop), default=0)
+        self.tokens: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0  # tokens[prefix_offset:read_offset] is context already emitted
+        self.read_offset = len(self.tokens)
+        self.text = ""  # final output text so far
+
+    def add(self, token_id: int) -> str | None:
+        """Append one token; returns the stop string if the text now contains one."""
+        self.tokens.append(token_id)
+        if self.tokenizer is None:
+            return None
+        prefix = self.tokenizer.decode(
+            self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True
+        )
+        full = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
+        if full.endswith("\ufffd") or len(full) <= len(prefix):
+            return None  # an incomplete UTF-8 sequence: wait for more tokens
+        old_len = len(self.text)
+        self.text += full[len(prefix) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        for stop in self.stop:
+            idx = self.text.find(stop, max(0, old_len - len(stop) + 1))
+            if idx != -1:
+                self.text = self.text[:idx]
+                return stop
+        return None
+
+    def flush(self) -> None:
+        """At the end of a request, emit whatever is still held back."""
+        if self.tokenizer is None or self.read_offset == len(self.tokens):
+            return
+        prefix = self.tokenizer.decode(
+            self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True
+        )
+        full = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
+        self.text += full[len(prefix) :]
+        self.read_offset = len(self.tokens)

@@ -1,0 +1,346 @@
+"""Turns a scheduled batch into tensors, runs the model, samples.
+
+Owns the model, the KV cache and the CUDA graphs of one rank. The scheduler's `ScheduledBatch`
+comes in; `prepare` flattens it into a `ModelInput` record of host tensors (what a tensor-parallel
+worker receives too); `execute` runs the forward and returns the sampled tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from nanovllm.config import Config
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.kernels.backend import kernel_backend
+from nanovllm.layers.attention import Attention, AttentionMetadata
+from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRequest
+from nanovllm.models import get_model_class
+from nanovllm.models.decoder import head_dim_of, num_kv_heads_of
+from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.distributed import get_tp_rank, get_tp_size
+from nanovllm.utils.loader import iter_checkpoint, iter_random_weights, load_weights
+
+logger = logging.getLogger("nanovllm")
+
+CPU_KV_CACHE_MAX_BYTES = 4 << 30  # the CPU path sizes its cache from this, not from free memory
+
+
+@dataclass
+class ModelInput:
+    """One step's forward inputs as host tensors."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    logits_indices: torch.Tensor  # [num_sampled] int64: rows of the hidden states to sample from
+    max_query_len: int
+    max_seq_len: int
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.numel()
+
+
+@contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+class ModelRunner:
+    def __init__(self, config: Config, device: torch.device | None = None):
+        self.config = config
+        self.device = device or config.torch_device
+        self.block_size = config.block_size
+        self.rank, self.tp_size = get_tp_rank(), get_tp_size()
+        hf = config.hf_config
+        torch.manual_seed(config.seed)
+        model_cls = get_model_class(hf)
+        model_cls.check_config(hf, config.max_model_len)
+        with _default_dtype(config.torch_dtype), torch.device(self.device):
+            self.model = model_cls(hf, config.max_model_len)
+        if config.model_path is not None:
+            load_weights(self.model, iter_checkpoint(config.model_path))
+        else:
+            load_weights(
+                self.model, iter_random_weights(model_cls.checkpoint_shapes(hf), config.seed, self.device)
+            )
+        self.model.eval()
+        self.sampler = Sampler(seed=config.seed)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.num_kv_heads = max(1, num_kv_heads_of(hf) // self.tp_size)
+        self.head_dim = head_dim_of(hf)
+        self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self.num_kvcache_blocks = self._allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_cuda_graphs()
+
+    # ---- KV cache ---------------------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        elem = torch.empty((), dtype=self.config.torch_dtype).element_size()
+        return 2 * len(self.attention_layers) * self.block_size * self.num_kv_heads * self.head_dim * elem
+
+    def _allocate_kv_cache(self) -> int:
+        cfg = self.config
+        if cfg.num_kvcache_blocks is not None:
+            num_blocks = cfg.num_kvcache_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self._profile_num_blocks()
+        else:
+            wanted = cfg.max_num_seqs * self.max_blocks_per_seq
+            num_blocks = max(1, min(wanted, CPU_KV_CACHE_MAX_BYTES // self.block_bytes))
+        if num_blocks * self.block_size < cfg.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks x {self.block_size} tokens = "
+                f"{num_blocks * self.block_size} tokens, fewer than one max-length request "
+                f"(max_model_len={cfg.max_model_len}); lower max_model_len or give the cache more memory "
+                f"(gpu_memory_utilization / num_kvcache_blocks)"
+            )
+        self._bind_kv_cache(num_blocks)
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB)",
+            num_blocks,
+            self.block_size,
+            num_blocks * self.block_size,
+            num_blocks * self.block_bytes / 2**30,
+        )
+        return num_blocks
+
+    def _bind_kv_cache(self, num_blocks: int) -> None:
+        # kv_cache: [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]
+        shape = (2, len(self.attention_layers), num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.config.torch_dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+
+    def _profile_num_blocks(self) -> int:
+        """Run the largest step the scheduler can produce, then give the KV cache whatever
+        gpu_memory_utilization leaves after weights and that step's peak activations."""
+        cfg = self.config
+        num_tokens = cfg.max_num_batched_tokens
+        seq_len = min(cfg.max_model_len, num_tokens)
+        num_seqs = -(-num_tokens // seq_len)
+        self._bind_kv_cache(num_seqs * self.max_blocks_per_seq)
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        inp = self._profile_input(lens)
+        sample_rows = min(cfg.max_num_seqs, num_tokens)
+        inp.logits_indices = torch.arange(sample_rows, dtype=torch.int64)
+        # The costliest sampling path too: penalties, top-k/top-p, logprobs over the full vocabulary.
+        worst = SamplingParams(top_p=0.9, top_k=50, presence_penalty=0.5, repetition_penalty=1.1, logprobs=20)
+        self.execute(inp, [SamplingRequest(worst, [0], [0], cfg.eos_token_ids)] * sample_rows)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated()
+        del self.kv_cache
+        for layer in self.attention_layers:
+            layer.k_cache = layer.v_cache = torch.empty(0)
+        torch.cuda.empty_cache()
+        current = torch.cuda.memory_allocated()
+        free, total = torch.cuda.mem_get_info()
+        used_elsewhere = total - free - torch.cuda.memory_reserved()  # other processes, CUDA context
+        budget = total * cfg.gpu_memory_utilization - used_elsewhere - peak
+        logger.info(
+            "memory: weights+buffers %.2f GiB, profiling peak %.2f GiB, other %.2f GiB",
+            current / 2**30,
+            peak / 2**30,
+            used_elsewhere / 2**30,
+        )
+        return max(0, int(budget) // self.block_bytes)
+
+    def _profile_input(self, lens: list[int]) -> ModelInput:
+        """Fake prefill input over len(lens) fresh sequences laid out on consecutive blocks."""
+        bs = self.block_size
+        ids, pos, slots, tables, start = [], [], [], [], 0
+        for i, n in enumerate(lens):
+            first = i * self.max_blocks_per_seq
+            ids += [0] * n
+            pos += list(range(n))
+            slots += [first * bs + p for p in range(n)]
+            tables.append(list(range(first, first + self.max_blocks_per_seq)))
+            start += n
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        return ModelInput(
+            input_ids=torch.tensor(ids, dtype=torch.int64),
+            positions=torch.tensor(pos, dtype=torch.int64),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32),
+            seq_lens=torch.tensor(lens, dtype=torch.int32),
+            block_tables=torch.tensor(tables, dtype=torch.int32),
+            logits_indices=torch.tensor([c - 1 for c in cu[1:]], dtype=torch.int64),
+            max_query_len=max(lens),
+            max_seq_len=max(lens),
+        )
+
+    # ---- one step ---------------------------------------------------------------------------
+
+    def prepare(self, batch: ScheduledBatch) -> ModelInput:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu = [0]
+        seq_lens: list[int] = []
+        logits_indices: list[int] = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            table = seq.block_table
+            if n == 1:
+                ids.append(seq.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                ids.extend(seq.token_ids[start:end])
+                positions.extend(range(start, end))
+                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            cu.append(cu[-1] + n)
+            seq_lens.append(end)
+            if end == seq.num_tokens:  # reached the last known token: sample the next one
+                logits_indices.append(cu[-1] - 1)
+        max_blocks = max(len(s.block_table) for s in batch.seqs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
+        pin = self.device.type == "cuda"
+        t = lambda data, dtype: torch.tensor(data, dtype=dtype, pin_memory=pin)  # noqa: E731
+        return ModelInput(
+            input_ids=t(ids, torch.int64),
+            positions=t(positions, torch.int64),
+            slot_mapping=t(slots, torch.int64),
+            cu_seqlens_q=t(cu, torch.int32),
+            seq_lens=t(seq_lens, torch.int32),
+            block_tables=t(tables, torch.int32),
+            logits_indices=t(logits_indices, torch.int64),
+            max_query_len=max(batch.num_new_tokens),
+            max_seq_len=max(seq_lens),
+        )
+
+    def sampling_requests(self, batch: ScheduledBatch) -> list[SamplingRequest]:
+        eos = self.config.eos_token_ids
+        return [
+            SamplingRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids, eos)
+            for seq, n in zip(batch.seqs, batch.num_new_tokens)
+            if seq.num_computed_tokens + n == seq.num_tokens
+        ]
+
+    def run(self, batch: ScheduledBatch) -> tuple[list[int | None], SamplerOutput | None]:
+        """Forward + sample. Returns one entry per scheduled sequence: the sampled token, or None
+        for a prefill chunk that does not reach the end of its tokens yet."""
+        inp = self.prepare(batch)
+        requests = self.sampling_requests(batch)
+        out = self.execute(inp, requests)
+        tokens = out.token_ids.tolist() if out is not None else []  # the one device->host sync
+        it = iter(tokens)
+        sampled = [
+            next(it) if seq.num_computed_tokens + n == seq.num_tokens else None
+            for seq, n in zip(batch.seqs, batch.num_new_tokens)
+        ]
+        return sampled, out
+
+    @torch.inference_mode()
+    def execute(self, inp: ModelInput, requests: list[SamplingRequest]) -> SamplerOutput | None:
+        dev = self.device
+        to = lambda x: x.to(dev, non_blocking=True)  # noqa: E731
+        with kernel_backend(self.config.kernel_backend):
+            if inp.is_decode and self._graph_size(inp.num_seqs) is not None:
+                hidden = self._replay(inp)
+            else:
+                meta = AttentionMetadata(
+                    slot_mapping=to(inp.slot_mapping),
+                    cu_seqlens_q=to(inp.cu_seqlens_q),
+                    seq_lens=to(inp.seq_lens),
+                    block_tables=to(inp.block_tables),
+                    max_query_len=inp.max_query_len,
+                    max_seq_len=inp.max_seq_len,
+                    is_decode=inp.is_decode,
+                )
+                hidden = self.model(to(inp.input_ids), to(inp.positions), meta)
+            if not requests:
+                return None
+            logits = self.model.compute_logits(hidden[to(inp.logits_indices)])
+        if logits is None:  # tensor-parallel rank other than 0
+            return None
+        return self.sampler(logits, SamplingBatch.build(requests, logits.shape[-1], dev))
+
+    # ---- CUDA graphs for decode -------------------------------------------------------------
+
+    def _graph_size(self, num_seqs: int) -> int | None:
+        for size in self.graph_sizes if self.graphs else ():
+            if size >= num_seqs:
+                return size
+        return None
+
+    def _capture_cuda_graphs(self) -> None:
+        """Capture one decode forward per batch size; a step pads to the next captured size."""
+        max_bs = min(self.config.max_num_seqs, 512)
+        self.graph_sizes = sorted(
+            {s for s in [1, 2, 4, 8, *range(16, max_bs + 1, 16)] if s <= max_bs} | {max_bs}
+        )
+        dev = self.device
+        hidden_size = self.config.hf_config.hidden_size
+        self.graph_bufs = {
+            "input_ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
+            "seq_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
+            "cu_seqlens_q": torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+            "hidden": torch.zeros(max_bs, hidden_size, dtype=self.config.torch_dtype, device=dev),
+        }
+        b = self.graph_bufs
+        pool = None
+        with kernel_backend(self.config.kernel_backend), torch.inference_mode():
+            for size in reversed(self.graph_sizes):
+                meta = AttentionMetadata(
+                    slot_mapping=b["slot_mapping"][:size],
+                    cu_seqlens_q=b["cu_seqlens_q"][: size + 1],
+                    seq_lens=b["seq_lens"][:size],
+                    block_tables=b["block_tables"][:size],
+                    max_query_len=1,
+                    max_seq_len=self.config.max_model_len,
+                    is_decode=True,
+                )
+                self._graph_forward(size, meta)  # warm up (compiles kernels) outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self._graph_forward(size, meta)
+                pool = graph.pool()
+                self.graphs[size] = graph
+                torch.cuda.synchronize()
+
+    def _graph_forward(self, size: int, meta: AttentionMetadata) -> None:
+        b = self.graph_bufs
+        b["hidden"][:size] = self.model(b["input_ids"][:size], b["positions"][:size], meta)
+
+    def _replay(self, inp: ModelInput) -> torch.Tensor:
+        n = inp.num_seqs
+        size = self._graph_size(n)
+        b = self.graph_bufs
+        b["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
+        b["positions"][:n].copy_(inp.positions, non_blocking=True)
+        b["slot_mapping"][:n].copy_(inp.slot_mapping, non_blocking=True)
+        b["slot_mapping"][n:size].fill_(-1)
+        b["seq_lens"][:n].copy_(inp.seq_lens, non_blocking=True)
+        b["seq_lens"][n:size].zero_()
+        b["block_tables"][:n, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
+        self.graphs[size].replay()
+        return b["hidden"][:n]

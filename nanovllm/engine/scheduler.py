@@ -1,0 +1,142 @@
+"""Continuous batching: each step, decide how many tokens each request computes.
+
+There is no prefill or decode phase. Each step walks the running requests (oldest first), giving
+each the tokens it still needs (1 when decoding, up to the remaining budget when prefilling), then
+admits waiting requests while the token budget, `max_num_seqs` and the free KV blocks allow. A
+prompt longer than the budget is prefilled in chunks over several steps. When blocks run out, the
+youngest running request is preempted: its blocks are freed and it goes back to the front of the
+queue, to be recomputed later (its prefix blocks often survive in the prefix cache).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from nanovllm.config import Config
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(slots=True)
+class ScheduledBatch:
+    """What one step computes: seqs[i] computes num_new_tokens[i] tokens from its num_computed_tokens."""
+
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+    num_preempted: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+
+class Scheduler:
+    def __init__(self, config: Config, num_kvcache_blocks: int):
+        self.max_num_seqs = config.max_num_seqs
+        self.max_num_batched_tokens = config.max_num_batched_tokens
+        self.max_model_len = config.max_model_len
+        self.eos_token_ids = frozenset(config.eos_token_ids)
+        self.block_manager = BlockManager(num_kvcache_blocks, config.block_size, config.enable_prefix_caching)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # oldest first: preemption takes from the end
+        self.num_preemptions = 0
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        seqs: list[Sequence] = []
+        num_new: list[int] = []
+        preempted = 0
+        bm = self.block_manager
+
+        # 1. Running requests, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not bm.can_append(seq, seq.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    break
+            else:
+                bm.append_slots(seq, seq.num_computed_tokens + n)
+                seqs.append(seq)
+                num_new.append(n)
+                budget -= n
+                i += 1
+
+        # 2. Waiting requests, in arrival order (preempted ones are at the front). Not after a
+        # preemption: the blocks just freed are for the running requests.
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            cached = bm.find_cached_prefix(seq)
+            num_cached = len(cached) * bm.block_size
+            n = min(seq.num_tokens - num_cached, budget)
+            if not bm.can_allocate(seq, cached, num_cached + n):
+                break
+            self.waiting.popleft()
+            bm.allocate(seq, cached, num_cached + n)
+            if seq.num_preemptions == 0:
+                seq.num_cached_tokens = num_cached
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            seqs.append(seq)
+            num_new.append(n)
+            budget -= n
+
+        self.num_preemptions += preempted
+        return ScheduledBatch(seqs, num_new, preempted)
+
+    def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
+        """Advance the batch by what was computed; append sampled tokens; finish requests that hit
+        EOS, a stop token, max_tokens or max_model_len. Returns the requests that got a token."""
+        updated = []
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+            seq.num_computed_tokens += n
+            if token is None:  # a prefill chunk that did not reach the end of the known tokens
+                continue
+            seq.token_ids.append(token)
+            updated.append(seq)
+            p = seq.params
+            if seq.num_output_tokens >= p.min_tokens:
+                if not p.ignore_eos and token in self.eos_token_ids:
+                    self.finish(seq, FinishReason.STOP)
+                elif p.stop_token_ids and token in p.stop_token_ids:
+                    seq.stop_reason = token
+                    self.finish(seq, FinishReason.STOP)
+            if not seq.is_finished and (
+                seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
+            ):
+                self.finish(seq, FinishReason.LENGTH)
+        return updated
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End a request wherever it is (running or waiting) and free its blocks."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free_seq(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free_seq(seq)
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)

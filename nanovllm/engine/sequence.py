@@ -1,0 +1,74 @@
+"""A request's state as the scheduler sees it: its tokens, how many are computed, its KV blocks."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    FINISHED = enum.auto()
+
+
+class FinishReason(enum.Enum):
+    """Why a request ended; the value is OpenAI's `finish_reason`."""
+
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens or max_model_len reached
+    ABORT = "abort"  # cancelled by the caller (server: client went away)
+
+
+_seq_ids = itertools.count()
+
+
+class Sequence:
+    """Prompt + generated tokens. There is no prefill or decode phase: each step moves
+    `num_computed_tokens` toward `num_tokens`; when they meet, the next token is sampled."""
+
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        self.seq_id = next(_seq_ids)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.params = params
+        self.token_ids: list[int] = list(prompt_token_ids)
+        self.num_prompt_tokens = len(prompt_token_ids)
+        self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or scheduled to be this step)
+        self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
+        self.block_table: list[int] = []  # physical KV block ids, one per block_size tokens
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids, in order
+        self.status = SequenceStatus.WAITING
+        self.finish_reason: FinishReason | None = None
+        self.num_preemptions = 0
+        self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence(id={self.seq_id}, tokens={self.num_tokens}, computed={self.num_computed_tokens}, "
+            f"blocks={len(self.block_table)}, status={self.status.name})"
+        )

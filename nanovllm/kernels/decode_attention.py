@@ -1,0 +1,273 @@
+"""Decode attention: one new query token per sequence over the paged KV cache (flash-decoding).
+
+Decode is memory-bound: each step reads every cached key and value once. One program per (sequence,
+kv head) leaves the GPU idle for small batches with long contexts, so each sequence's keys are also cut
+into `num_splits` ranges handled by separate programs; each writes a partial output plus its
+log-sum-exp, and a second small kernel combines them.
+
+The grid is (batch, num_kv_heads, num_splits) and never depends on the actual sequence lengths, which
+each program reads from `seq_lens` itself; so one launch can be captured in a CUDA graph and replayed
+with other lengths. A sequence with seq_len 0 (CUDA-graph padding) gets an all-zero output.
+"""
+
+import functools
+import math
+
+import torch
+
+from nanovllm.kernels.paged_attention import (
+    check_kernel_args,
+    check_paged_args,
+    dot_precision,
+    paged_attention_ref,
+)
+from nanovllm.kernels.store_kvcache import check_triton_device
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def decode_attention_ref(
+    q: torch.Tensor,  # [batch, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    seq_lens: torch.Tensor,  # [batch] int, context length including the new token
+    block_tables: torch.Tensor,  # [batch, max_blocks_per_seq] int
+    scale: float,
+) -> torch.Tensor:  # [batch, num_heads, head_dim]
+    """Plain-PyTorch decode attention: paged attention with one query per sequence."""
+    batch = q.shape[0]
+    cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)  # [batch + 1]
+    return paged_attention_ref(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables, scale)
+
+
+# Launch shapes for an H100, chosen by reasoning, not measurement (benchmarks/kernels.py sweeps a few
+# alternatives; change them here). A 64-key tile of K or V at head_dim 128 in bf16 is 16 KB; 4 warps
+# issue it as 16-byte loads, and 3 stages keep two tiles of K and V in flight per program, which at
+# 2+ programs per SM is far more than the ~3 MB the whole H100 needs in flight to hide HBM latency.
+DECODE_BLOCK_N = 64
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
+# tl.dot needs >= 16 rows, and a group of query heads is usually 1-8: pad it to 16 rows. The padded
+# tensor-core dot is nearly free, whereas a broadcast-multiply-sum would put group * 2 FMAs per cached
+# element on the CUDA cores (~20% of the H100's fp32 rate at 3 TB/s for group 2, most of it for group 8)
+# plus cross-lane reductions, competing with the load instructions that set the pace here.
+DECODE_MIN_ROWS = 16
+# num_splits heuristic: aim for this many programs per SM, but give no split fewer keys than this.
+DECODE_PROGRAMS_PER_SM = 4
+DECODE_MIN_KEYS_PER_SPLIT = 256
+DECODE_MAX_SPLITS = 64
+
+
+def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
+    """How many key ranges to cut each sequence into; a pure function of these ints.
+
+    Enough (sequence, kv head, split) programs to give every SM DECODE_PROGRAMS_PER_SM of them, but no
+    more splits than leave DECODE_MIN_KEYS_PER_SPLIT keys of the longest sequence to each. For CUDA
+    graphs, pass the same max_seq_len (e.g. the model's max length) at capture and replay.
+    """
+    work_items = max(1, batch * num_kv_heads)
+    wanted = -(-DECODE_PROGRAMS_PER_SM * num_sms // work_items)
+    useful = max_seq_len // DECODE_MIN_KEYS_PER_SPLIT
+    return max(1, min(wanted, useful, DECODE_MAX_SPLITS))
+
+
+@functools.lru_cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        seq_lens_ptr,
+        block_tables_ptr,
+        partial_out_ptr,  # [batch, num_heads, num_splits, HEAD_DIM] fp32
+        partial_lse_ptr,  # [batch, num_heads, num_splits] fp32, log2 domain
+        scale_log2,  # softmax scale * log2(e): scores live in the log2 domain so exp2 can be used
+        num_splits,
+        stride_qb,
+        stride_qh,
+        stride_kb,
+        stride_kt,
+        stride_kh,
+        stride_bt,
+        GROUP: tl.constexpr,  # query heads per kv head
+        BLOCK_H: tl.constexpr,  # GROUP padded to >= 16 rows for tl.dot
+        HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_SIZE: tl.constexpr,  # KV-cache block size
+        DOT_PRECISION: tl.constexpr,
+    ):
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        split = tl.program_id(2)
+        num_heads = tl.num_programs(1) * GROUP
+        seq_len = tl.load(seq_lens_ptr + seq)
+        # This split's key range, from the actual length: tile-aligned, the last split may be short or
+        # empty (then the loop does not run and the split writes zeros and lse = -inf).
+        keys_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        start = split * keys_per_split
+        end = tl.minimum(start + keys_per_split, seq_len)
+
+        rows = tl.arange(0, BLOCK_H)  # [BLOCK_H]
+        row_valid = rows < GROUP  # [BLOCK_H]
+        heads = kv_head * GROUP + rows  # [BLOCK_H]
+        offs_d = tl.arange(0, HEAD_DIM)  # [HEAD_DIM]
+        q_offs = seq.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :]
+        q = tl.load(q_ptr + q_offs, mask=row_valid[:, None], other=0.0)  # [BLOCK_H, HEAD_DIM]
+
+        m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)  # running max of log2-scaled scores
+        l_i = tl.zeros([BLOCK_H], dtype=tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32)  # running sum of p @ v
+        k_head_ptr = k_cache_ptr + kv_head * stride_kh
+        v_head_ptr = v_cache_ptr + kv_head * stride_kh
+        block_table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        for start_n in range(start, end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)  # [BLOCK_N] key positions
+            key_valid = offs_n < end  # [BLOCK_N]
+            # Never read past the sequence: block-table entries there and cache rows may be garbage/NaN,
+            # and other=0 keeps a NaN value row from leaking through 0 * NaN in p @ v.
+            block_ids = tl.load(block_table_ptr + offs_n // BLOCK_SIZE, mask=key_valid, other=0)
+            row_offs = block_ids.to(tl.int64) * stride_kb + (offs_n % BLOCK_SIZE) * stride_kt  # [BLOCK_N]
+            kv_offs = row_offs[:, None] + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
+            k = tl.load(k_head_ptr + kv_offs, mask=key_valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+            v = tl.load(v_head_ptr + kv_offs, mask=key_valid[:, None], other=0.0)  # [BLOCK_N, HEAD_DIM]
+
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_H, BLOCK_N]
+            s = tl.where(key_valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: key start_n is always valid
+            alpha = tl.exp2(m_i - m_new)  # [BLOCK_H]
+            p = tl.exp2(s - m_new[:, None])  # [BLOCK_H, BLOCK_N]
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # A non-empty split has l_i >= 1 (its maximum contributes exp2(0)), so max(l_i, 1) changes
+        # nothing there, and turns an empty split (m_i = -inf, l_i = 0) into out = 0, lse = -inf.
+        l_safe = tl.maximum(l_i, 1.0)
+        lse = m_i + tl.log2(l_safe)  # [BLOCK_H]
+        partial_row = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # [BLOCK_H]
+        tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
+        tl.store(
+            partial_out_ptr + partial_row[:, None] * HEAD_DIM + offs_d[None, :],
+            acc / l_safe[:, None],
+            mask=row_valid[:, None],
+        )
+
+    @triton.jit
+    def _decode_reduce_kernel(
+        partial_out_ptr,  # [batch, num_heads, num_splits, HEAD_DIM] fp32
+        partial_lse_ptr,  # [batch, num_heads, num_splits] fp32, log2 domain
+        out_ptr,
+        num_splits,
+        stride_ob,
+        stride_oh,
+        HEAD_DIM: tl.constexpr,
+        SPLITS_P2: tl.constexpr,  # num_splits rounded up to a power of two
+    ):
+        # One program per (sequence, query head): weigh each split's output by its share of the total
+        # softmax mass, exp2(lse_s - max_lse), and renormalize.
+        seq = tl.program_id(0)
+        head = tl.program_id(1)
+        first_row = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits
+        offs_s = tl.arange(0, SPLITS_P2)  # [SPLITS_P2]
+        offs_d = tl.arange(0, HEAD_DIM)  # [HEAD_DIM]
+        split_valid = offs_s < num_splits
+        lse = tl.load(partial_lse_ptr + first_row + offs_s, mask=split_valid, other=float("-inf"))
+        max_lse = tl.max(lse, 0)
+        max_lse = tl.where(max_lse == float("-inf"), 0.0, max_lse)  # all splits empty: weights all 0
+        weights = tl.exp2(lse - max_lse)  # [SPLITS_P2]
+        partial = tl.load(
+            partial_out_ptr + (first_row + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+            mask=split_valid[:, None],
+            other=0.0,
+        )  # [SPLITS_P2, HEAD_DIM]
+        # The split holding the maximum has weight 1, so the sum is >= 1 unless every split is empty.
+        out = tl.sum(weights[:, None] * partial, 0) / tl.maximum(tl.sum(weights, 0), 1.0)  # [HEAD_DIM]
+        tl.store(
+            out_ptr + seq.to(tl.int64) * stride_ob + head * stride_oh + offs_d,
+            out.to(out_ptr.dtype.element_ty),
+        )
+
+
+def decode_attention(
+    q: torch.Tensor,  # [batch, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    seq_lens: torch.Tensor,  # [batch] int, context length including the new token
+    block_tables: torch.Tensor,  # [batch, max_blocks_per_seq] int
+    scale: float,
+    max_seq_len: int,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,  # [batch, num_heads, head_dim]
+) -> torch.Tensor:  # [batch, num_heads, head_dim]
+    """Split-KV decode attention; the new token is the last of its sequence's seq_lens[i] positions.
+
+    max_seq_len only feeds the default num_splits (any seq_lens value up to the block table's capacity
+    is handled correctly). The grid depends on (batch, num_kv_heads, num_splits) only.
+    """
+    check_paged_args(q, k_cache, v_cache, seq_lens, block_tables)
+    check_triton_device(q, "decode_attention")
+    check_kernel_args(q, k_cache, out)
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    if num_splits is None:
+        num_sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else 132
+        num_splits = default_num_splits(batch, num_kv_heads, max_seq_len, num_sms)
+    if num_splits < 1:
+        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
+    if out is None:
+        out = torch.empty_like(q)
+    if batch == 0:
+        return out
+
+    group = num_heads // num_kv_heads
+    partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q,
+        k_cache,
+        v_cache,
+        seq_lens,
+        block_tables,
+        partial_out,
+        partial_lse,
+        scale * math.log2(math.e),
+        num_splits,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        GROUP=group,
+        BLOCK_H=max(DECODE_MIN_ROWS, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim,
+        BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_SIZE=block_size,
+        DOT_PRECISION=dot_precision(q.dtype),
+        num_warps=DECODE_NUM_WARPS,
+        num_stages=DECODE_NUM_STAGES,
+    )
+    _decode_reduce_kernel[(batch, num_heads)](
+        partial_out,
+        partial_lse,
+        out,
+        num_splits,
+        out.stride(0),
+        out.stride(1),
+        HEAD_DIM=head_dim,
+        SPLITS_P2=triton.next_power_of_2(num_splits),
+        num_warps=1 if head_dim <= 64 else 2,
+    )
+    return out

@@ -1,0 +1,20 @@
+"""Model registry: `config.json`'s `architectures` entry -> implementation."""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+from nanovllm.models.decoder import DecoderForCausalLM
+from nanovllm.models.qwen3 import Qwen3ForCausalLM
+
+MODEL_REGISTRY: dict[str, type[DecoderForCausalLM]] = {
+    "Qwen3ForCausalLM": Qwen3ForCausalLM,
+}
+
+
+def get_model_class(hf_config: PretrainedConfig) -> type[DecoderForCausalLM]:
+    archs = getattr(hf_config, "architectures", None) or []
+    for arch in archs:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(f"unsupported architecture {archs or None}; supported: {sorted(MODEL_REGISTRY)}")

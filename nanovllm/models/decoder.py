@@ -1,0 +1,203 @@
+"""The Llama-family decoder shared by every supported architecture.
+
+Pre-norm residual blocks of GQA attention (RoPE, optional q/k RMSNorm, optional biases) and a
+SwiGLU MLP. An architecture file only states what differs (`DecoderOptions`). Module and parameter
+names follow the Hugging Face checkpoints, so weights load by name; q/k/v and gate/up are packed
+into single matmuls (`packed_modules_mapping`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from nanovllm.layers.activation import SiluAndMul
+from nanovllm.layers.attention import Attention, AttentionMetadata
+from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.rotary_embedding import get_rope, rope_parameters_from_config
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head's q and k before RoPE (Qwen3)
+
+
+def head_dim_of(config: PretrainedConfig) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def num_kv_heads_of(config: PretrainedConfig) -> int:
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+class DecoderAttention(nn.Module):
+    def __init__(self, config: PretrainedConfig, opts: DecoderOptions, max_position: int):
+        super().__init__()
+        head_dim = head_dim_of(config)
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            head_dim,
+            config.num_attention_heads,
+            num_kv_heads_of(config),
+            bias=opts.qkv_bias,
+        )
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * head_dim, config.hidden_size, bias=opts.o_bias
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # per rank
+        self.head_dim = head_dim
+        self.rotary_emb = get_rope(head_dim, max_position, rope_parameters_from_config(config))
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, scale=head_dim**-0.5)
+        if opts.qk_norm:
+            self.q_norm = RMSNorm(head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
+        self.qk_norm = opts.qk_norm
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # hidden: [num_tokens, hidden_size]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(hidden).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [num_tokens, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [num_tokens, num_kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary_emb(positions, q, k)
+        out = self.attn(q, k, v, meta)  # [num_tokens, num_heads, head_dim]
+        return self.o_proj(out.flatten(1))
+
+
+class DecoderMLP(nn.Module):
+    def __init__(self, config: PretrainedConfig, opts: DecoderOptions):
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=opts.mlp_bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=opts.mlp_bias)
+        self.act_fn = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: PretrainedConfig, opts: DecoderOptions, max_position: int):
+        super().__init__()
+        self.self_attn = DecoderAttention(config, opts, max_position)
+        self.mlp = DecoderMLP(config, opts)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # The residual add is fused into the next norm: norm(hidden + residual) and the new residual.
+        if residual is None:
+            hidden, residual = self.input_layernorm(hidden), hidden
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, meta)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, config: PretrainedConfig, opts: DecoderOptions, max_position: int):
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            [DecoderLayer(config, opts, max_position) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual, meta)
+        return self.norm(hidden, residual)[0]
+
+
+class DecoderForCausalLM(nn.Module):
+    """Base of every registered architecture; subclasses set `options(config)`."""
+
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    @classmethod
+    def options(cls, config: PretrainedConfig) -> DecoderOptions:
+        return DecoderOptions()
+
+    @classmethod
+    def check_config(cls, config: PretrainedConfig, max_model_len: int) -> None:
+        """Raise ValueError for a config this implementation cannot run exactly."""
+
+    def __init__(self, config: PretrainedConfig, max_position: int):
+        super().__init__()
+        self.config = config
+        self.model = DecoderModel(config, self.options(config), max_position)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        if self.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        return self.model(input_ids, positions, meta)  # [num_tokens, hidden_size]
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.lm_head(hidden)  # [num_seqs, vocab_size] (None on ranks other than 0)
+
+    @classmethod
+    def checkpoint_shapes(cls, config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of the tensors of a Hugging Face checkpoint of this architecture
+        (used to generate random weights for presets through the normal loading path)."""
+        opts, hd = cls.options(config), head_dim_of(config)
+        h, inter, nh, nkv = (
+            config.hidden_size,
+            config.intermediate_size,
+            config.num_attention_heads,
+            num_kv_heads_of(config),
+        )
+        shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+        if not getattr(config, "tie_word_embeddings", False):
+            shapes["lm_head.weight"] = (config.vocab_size, h)
+        for i in range(config.num_hidden_layers):
+            p = f"model.layers.{i}."
+            for name, out in (("q_proj", nh * hd), ("k_proj", nkv * hd), ("v_proj", nkv * hd)):
+                shapes[p + f"self_attn.{name}.weight"] = (out, h)
+                if opts.qkv_bias:
+                    shapes[p + f"self_attn.{name}.bias"] = (out,)
+            shapes[p + "self_attn.o_proj.weight"] = (h, nh * hd)
+            if opts.o_bias:
+                shapes[p + "self_attn.o_proj.bias"] = (h,)
+            if opts.qk_norm:
+                shapes[p + "self_attn.q_norm.weight"] = shapes[p + "self_attn.k_norm.weight"] = (hd,)
+            for name, shape in (
+                ("gate_proj", (inter, h)),
+                ("up_proj", (inter, h)),
+                ("down_proj", (h, inter)),
+            ):
+                shapes[p + f"mlp.{name}.weight"] = shape
+                if opts.mlp_bias:
+                    shapes[p + f"mlp.{name}.bias"] = shape[:1]
+            shapes[p + "input_layernorm.weight"] = shapes[p + "post_attention_layernorm.weight"] = (h,)
+        return shapes

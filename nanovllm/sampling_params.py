@@ -1,0 +1,86 @@
+"""Per-request sampling settings, validated once at construction (vLLM's names and meanings)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Temperatures below this are treated as greedy (argmax), as in vLLM.
+GREEDY_EPS = 1e-5
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: disabled
+    min_p: float = 0.0
+    seed: int | None = None
+    max_tokens: int = 16
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logprobs: int | None = None  # top-N alternatives per generated token (0: only the sampled token)
+
+    def __post_init__(self) -> None:
+        def bad(field: str, valid: str) -> ValueError:
+            return ValueError(f"{field} must be {valid}, got {getattr(self, field)!r}")
+
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "a number >= 0")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if not _is_int(self.top_k) or self.top_k < -1:
+            raise bad("top_k", "an int >= -1 (-1 or 0 disables it)")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1]")
+        if self.seed is not None and not _is_int(self.seed):
+            raise bad("seed", "an int or None")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise bad("max_tokens", "an int >= 1")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]")
+        if not isinstance(self.ignore_eos, bool):
+            raise bad("ignore_eos", "a bool")
+        if not _is_real(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
+            raise bad("presence_penalty", "in [-2, 2]")
+        if not _is_real(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
+            raise bad("frequency_penalty", "in [-2, 2]")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "a number > 0")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
+            raise bad("logprobs", "None or an int in [0, 20]")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is not None:
+            if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+                raise bad("stop", "a non-empty string, a list of them, or None")
+        if self.stop_token_ids is not None:
+            if not isinstance(self.stop_token_ids, list | tuple) or not all(
+                _is_int(t) and t >= 0 for t in self.stop_token_ids
+            ):
+                raise bad("stop_token_ids", "a list of non-negative ints or None")
+            self.stop_token_ids = list(self.stop_token_ids)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature < GREEDY_EPS
+
+    @property
+    def top_k_enabled(self) -> bool:
+        return self.top_k > 0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and x == x  # x == x rejects NaN

@@ -1,0 +1,84 @@
+"""Stream checkpoint tensors into the model's parameters, each through its weight_loader."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / f for f in files]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors files in {str(path)!r}")
+    return files
+
+
+def iter_checkpoint(path: Path) -> Iterator[tuple[str, object]]:
+    """(name, safetensors slice) for every tensor; a slice reads only the part that is indexed."""
+    for file in safetensors_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                yield name, f.get_slice(name)
+
+
+def iter_random_weights(
+    shapes: dict[str, tuple[int, ...]], seed: int, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Deterministic random weights by name (same on every rank): norms 1, biases 0, matrices N(0, 0.02)."""
+    gen = torch.Generator(device=device)
+    for i, (name, shape) in enumerate(shapes.items()):
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, device=device)
+        elif name.endswith(".bias"):
+            yield name, torch.zeros(shape, device=device)
+        else:
+            gen.manual_seed(seed * 1_000_003 + i)
+            yield name, torch.randn(shape, generator=gen, device=device).mul_(0.02)
+
+
+def default_weight_loader(param: nn.Parameter, loaded, shard_id=None) -> None:
+    tensor = loaded if isinstance(loaded, torch.Tensor) else loaded[:]
+    if param.shape != tensor.shape:
+        raise ValueError(
+            f"checkpoint tensor of shape {tuple(tensor.shape)} does not fit parameter {tuple(param.shape)}"
+        )
+    param.data.copy_(tensor)
+
+
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, object]]) -> None:
+    params = dict(model.named_parameters())
+    packed = getattr(model, "packed_modules_mapping", {})
+    loaded_names = set()
+    for name, tensor in weights:
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
+            continue  # tied: the embedding is the head
+        for key, (packed_name, shard_id) in packed.items():
+            if f".{key}." in name:
+                param_name = name.replace(f".{key}.", f".{packed_name}.")
+                params[param_name].weight_loader(params[param_name], tensor, shard_id)
+                loaded_names.add(param_name)
+                break
+        else:
+            if name not in params:
+                raise ValueError(f"checkpoint tensor {name!r} matches no parameter of {type(model).__name__}")
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+            loaded_names.add(name)
+    missing = sorted(
+        set(params)
+        - loaded_names
+        - ({"lm_head.weight"} if getattr(model, "tie_word_embeddings", False) else set())
+    )
+    if missing:
+        raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

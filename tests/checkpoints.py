@@ -1,0 +1,84 @@
+"""Tiny random Hugging Face checkpoints, built in a temp dir: the parity oracle is transformers' own
+model on the same weights."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import transformers
+
+from nanovllm.config import PRESET_DIR
+
+TOKENIZER_DIR = PRESET_DIR / "tokenizer"  # 2048 tokens, eos <|im_end|> = 2, with a chat template
+
+_BASE = dict(
+    vocab_size=2048,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-6,
+    eos_token_id=2,
+    bos_token_id=None,
+    pad_token_id=0,
+)
+
+ARCHS = {
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(head_dim=16, rope_theta=10000.0)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(rope_theta=10000.0)),
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(rope_theta=10000.0)),
+    "mistral": (
+        transformers.MistralConfig,
+        transformers.MistralForCausalLM,
+        dict(rope_theta=10000.0, sliding_window=None),
+    ),
+}
+
+
+def build_checkpoint(
+    path: Path,
+    arch: str = "qwen3",
+    seed: int = 0,
+    tokenizer: bool = True,
+    max_shard_size: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Path:
+    """Save a random `arch` model (config + safetensors [+ tokenizer]) to path and return it."""
+    config_cls, model_cls, extra = ARCHS[arch]
+    config = config_cls(**{**_BASE, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype)
+    with torch.no_grad():  # bigger than the default init so that logits are far from uniform
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.normal_(0, 0.1)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if tokenizer:
+        for f in TOKENIZER_DIR.iterdir():
+            shutil.copy(f, path / f.name)
+    return path
+
+
+def load_hf_model(path: Path) -> torch.nn.Module:
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
+
+
+@torch.no_grad()
+def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens from transformers, recomputing the whole sequence each step (no EOS stop)."""
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        logits = model(torch.tensor([tokens])).logits[0, -1]
+        tokens.append(int(logits.argmax()))
+    return tokens[len(prompt) :]
