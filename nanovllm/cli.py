@@ -71,7 +71,7 @@ def _generate(args: argparse.Namespace) -> int:
     num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     for out in outputs:
         c = out.outputs[0]
-        print(f"--- prompt: {out.prompt!r}\n    output: {c.text!r}")
+        print(f"--- prompt: {out.prompt!r}\n    output: {c.text!r}\n    token ids: {c.token_ids}")
         print(f"    ({len(c.token_ids)} tokens, finish: {c.finish_reason})")
     print(f"{num_tokens} tokens in {elapsed:.2f} s ({num_tokens / elapsed:.1f} tok/s)")
     llm.shutdown()
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for a few prompts")
     gen.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint dir or preset {preset_names()}")
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--max-tokens", type=int, default=16)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=-1)

@@ -142,12 +142,7 @@ def rope_parameters_from_config(hf_config: Any) -> dict:
     """The rope parameters of a transformers config as one flat dict: `config.rope_parameters` (5.x), or
     `config.rope_theta` + `config.rope_scaling` (older configs, "type" or "rope_type" key)."""
     params = getattr(hf_config, "rope_parameters", None) or getattr(hf_config, "rope_scaling", None) or {}
-    if (
-        "rope_type" not in params
-        and "type" not in params
-        and params
-        and all(isinstance(v, dict) for v in params.values())
-    ):
+    if any(isinstance(value, dict) for value in params.values()):
         raise ValueError(f"per-layer-type rope parameters are not supported, got {params}")
     params = dict(params)
     rope_type = params.pop("type", None)

@@ -1,0 +1,279 @@
+"""GPU micro-benchmarks for the attention kernels, against PyTorch's FlashAttention-2 (varlen_attn).
+
+  python benchmarks/kernels.py --out DIR
+
+(a) decode_attention: effective bandwidth (bytes of K and V read / median time) for batch 1/16/64/256 x
+    context 512/1024/4096 with Qwen3-0.6B heads (16 query heads, 8 kv heads, head_dim 128, bf16), block
+    size 16 and 256; varlen_attn on the same decode with contiguous K/V; a small sweep of tile shapes and
+    of num_splits around the defaults.
+(b) paged_prefill_attention vs varlen_attn on causal prefills: TFLOP/s, ratio, and max |difference|.
+Writes one JSON file into DIR and prints a table last. Without CUDA it says so and exits 0.
+"""
+
+import argparse
+import datetime
+import inspect
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
+DTYPE = torch.bfloat16
+DECODE_BATCHES = (1, 16, 64, 256)
+DECODE_CONTEXTS = (512, 1024, 4096)
+BLOCK_SIZES = (16, 256)
+# (BLOCK_N, num_warps, num_stages) alternatives tried at the target point, batch 256 x context 1024.
+DECODE_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3)]
+SPLIT_SWEEP = (1, 2, 4, 8, 16, 32)
+
+
+def load_varlen_attn():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as exc:
+        return None, f"varlen_attn unavailable: {exc}"
+    extra = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
+    return (lambda *args, **kwargs: varlen_attn(*args, **kwargs, **extra)), None
+
+
+def bench_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def paged_cache(keys, values, seq_lens, block_size, gen):
+    """Scatter contiguous per-token K/V into a cache whose blocks are handed out in shuffled order."""
+    blocks_per_seq = [-(-n // block_size) for n in seq_lens]
+    num_blocks = sum(blocks_per_seq)
+    order = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    block_tables = torch.zeros(len(seq_lens), max(blocks_per_seq), dtype=torch.int32)
+    slots, first = [], 0
+    for i, (n, nb) in enumerate(zip(seq_lens, blocks_per_seq)):
+        block_tables[i, :nb] = order[first : first + nb]
+        pos = torch.arange(n)
+        slots.append(block_tables[i, pos // block_size].long() * block_size + pos % block_size)
+        first += nb
+    slots = torch.cat(slots).cuda()
+    shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.empty(shape, dtype=DTYPE, device="cuda")
+    v_cache = torch.empty(shape, dtype=DTYPE, device="cuda")
+    k_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = keys
+    v_cache.view(-1, NUM_KV_HEADS, HEAD_DIM)[slots] = values
+    return k_cache, v_cache, block_tables.cuda()
+
+
+def bench_decode(varlen_attn):
+    from nanovllm.kernels import decode_attention as dec
+
+    scale = HEAD_DIM**-0.5
+    gen = torch.Generator().manual_seed(0)
+    rows, sweeps = [], []
+    for batch in DECODE_BATCHES:
+        for ctx in DECODE_CONTEXTS:
+            q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+            keys = torch.randn(batch * ctx, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+            values = torch.randn(batch * ctx, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+            kv_bytes = 2 * keys.numel() * keys.element_size()
+            seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+            expected, varlen_ms = None, None
+            if varlen_attn is not None:
+                cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
+                cu_k = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device="cuda")
+                run = lambda: varlen_attn(q, keys, values, cu_q, cu_k, 1, ctx, scale=scale, window_size=(-1, 0))
+                expected = run()
+                varlen_ms = bench_ms(run)
+            for block_size in BLOCK_SIZES:
+                k_cache, v_cache, tables = paged_cache(keys, values, [ctx] * batch, block_size, gen)
+                run = lambda: dec.decode_attention(q, k_cache, v_cache, seq_lens, tables, scale, ctx)  # noqa: B023
+                out = run()
+                ms = bench_ms(run)
+                row = dict(
+                    batch=batch,
+                    context=ctx,
+                    block_size=block_size,
+                    num_splits=dec.default_num_splits(
+                        batch, NUM_KV_HEADS, ctx, torch.cuda.get_device_properties(0).multi_processor_count
+                    ),
+                    kv_bytes=kv_bytes,
+                    ms=ms,
+                    gb_per_s=kv_bytes / ms / 1e6,
+                    varlen_ms=varlen_ms,
+                    varlen_gb_per_s=kv_bytes / varlen_ms / 1e6 if varlen_ms else None,
+                    max_abs_diff_vs_varlen=(out - expected).abs().max().item() if expected is not None else None,
+                )
+                rows.append(row)
+                if batch == 256 and ctx == 1024:
+                    sweeps += sweep_decode_configs(dec, run, block_size, kv_bytes)
+                if batch in (1, 16) and ctx == 4096:
+                    for splits in SPLIT_SWEEP:
+                        t = bench_ms(lambda s=splits: dec.decode_attention(q, k_cache, v_cache, seq_lens, tables, scale, ctx, s))  # noqa: B023, E501
+                        sweeps.append(dict(kind="num_splits", batch=batch, context=ctx, block_size=block_size,
+                                           num_splits=splits, ms=t, gb_per_s=kv_bytes / t / 1e6))  # fmt: skip
+                del k_cache, v_cache
+    return rows, sweeps
+
+
+def sweep_decode_configs(dec, run, block_size, kv_bytes):
+    saved = dec.DECODE_BLOCK_N, dec.DECODE_NUM_WARPS, dec.DECODE_NUM_STAGES
+    results = []
+    try:
+        for block_n, num_warps, num_stages in DECODE_CONFIGS:
+            dec.DECODE_BLOCK_N, dec.DECODE_NUM_WARPS, dec.DECODE_NUM_STAGES = block_n, num_warps, num_stages
+            try:
+                ms = bench_ms(run)
+            except Exception as exc:  # e.g. out of shared memory for this shape: record and go on
+                results.append(dict(kind="config", block_size=block_size, config=[block_n, num_warps, num_stages],
+                                    error=repr(exc)[:200]))  # fmt: skip
+                continue
+            results.append(dict(kind="config", batch=256, context=1024, block_size=block_size,
+                                config=[block_n, num_warps, num_stages], ms=ms, gb_per_s=kv_bytes / ms / 1e6))  # fmt: skip
+    finally:
+        dec.DECODE_BLOCK_N, dec.DECODE_NUM_WARPS, dec.DECODE_NUM_STAGES = saved
+    return results
+
+
+def bench_prefill(varlen_attn):
+    from nanovllm.kernels.paged_attention import paged_prefill_attention
+
+    scale = HEAD_DIM**-0.5
+    gen = torch.Generator().manual_seed(0)
+    cases = {
+        "16x1024": [1024] * 16,
+        "4x4096": [4096] * 4,
+        # Like the throughput benchmark's prefill: 256 prompts of 100..1024 tokens.
+        "256x[100,1024]": torch.randint(100, 1025, (256,), generator=gen).tolist(),
+    }
+    rows = []
+    for name, lens in cases.items():
+        total = sum(lens)
+        q = torch.randn(total, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+        keys = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+        values = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+        cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+        flops = sum(4 * NUM_HEADS * HEAD_DIM * n * (n + 1) // 2 for n in lens)  # causal QK^T and PV
+        expected, varlen_ms = None, None
+        if varlen_attn is not None:
+            run = lambda: varlen_attn(q, keys, values, cu, cu, max(lens), max(lens), scale=scale, window_size=(-1, 0))  # noqa: B023, E501
+            expected = run()
+            varlen_ms = bench_ms(run)
+        for block_size in BLOCK_SIZES:
+            k_cache, v_cache, tables = paged_cache(keys, values, lens, block_size, gen)
+            run = lambda: paged_prefill_attention(q, k_cache, v_cache, cu, seq_lens, tables, max(lens), max(lens), scale)  # noqa: B023, E501
+            out = run()
+            ms = bench_ms(run)
+            rows.append(
+                dict(
+                    case=name,
+                    num_tokens=total,
+                    block_size=block_size,
+                    flops=flops,
+                    ms=ms,
+                    tflop_per_s=flops / ms / 1e9,
+                    varlen_ms=varlen_ms,
+                    varlen_tflop_per_s=flops / varlen_ms / 1e9 if varlen_ms else None,
+                    ours_over_varlen=varlen_ms / ms if varlen_ms else None,
+                    max_abs_diff_vs_varlen=(out - expected).abs().max().item() if expected is not None else None,
+                )
+            )
+            del k_cache, v_cache
+    return rows
+
+
+def bench_store():
+    from nanovllm.kernels.store_kvcache import store_kvcache
+
+    num_tokens, block_size = 16384, 16
+    key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    value = torch.randn_like(key)
+    num_blocks = 2 * num_tokens // block_size
+    k_cache = torch.empty(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    v_cache = torch.empty_like(k_cache)
+    slots = torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens]
+    ms = bench_ms(lambda: store_kvcache(key, value, k_cache, v_cache, slots))
+    moved = 4 * key.numel() * key.element_size()  # read K and V, write them
+    return dict(num_tokens=num_tokens, ms=ms, gb_per_s=moved / ms / 1e6)
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def fmt(x, spec):
+    return "-" if x is None else format(x, spec)
+
+
+def print_tables(result):
+    print(f"\n{result['card']}  {result['date']}  commit {result['git_commit']}")
+    print("\ndecode (bf16, 16/8 heads, head_dim 128): GB/s of K+V read")
+    print(f"{'batch':>5} {'ctx':>5} {'block':>5} {'splits':>6} {'us':>8} {'GB/s':>7} {'varlen GB/s':>11} {'max diff':>9}")
+    for r in result["decode"]:
+        print(
+            f"{r['batch']:>5} {r['context']:>5} {r['block_size']:>5} {r['num_splits']:>6} {r['ms'] * 1e3:>8.1f} "
+            f"{r['gb_per_s']:>7.0f} {fmt(r['varlen_gb_per_s'], '.0f'):>11} {fmt(r['max_abs_diff_vs_varlen'], '.4f'):>9}"
+        )
+    configs = [s for s in result["decode_sweeps"] if s["kind"] == "config" and "gb_per_s" in s]
+    if configs:
+        print("\ndecode tile sweep at batch 256 x ctx 1024 (BLOCK_N, num_warps, num_stages): GB/s")
+        for s in configs:
+            print(f"  block {s['block_size']:>3}  {tuple(s['config'])}  {s['gb_per_s']:.0f}")
+    print("\nprefill (causal, bf16): TFLOP/s")
+    print(f"{'case':>15} {'block':>5} {'ms':>7} {'ours':>6} {'varlen':>6} {'ratio':>6} {'max diff':>9}")
+    for r in result["prefill"]:
+        print(
+            f"{r['case']:>15} {r['block_size']:>5} {r['ms']:>7.3f} {r['tflop_per_s']:>6.1f} "
+            f"{fmt(r['varlen_tflop_per_s'], '.1f'):>6} {fmt(r['ours_over_varlen'], '.2f'):>6} "
+            f"{fmt(r['max_abs_diff_vs_varlen'], '.4f'):>9}"
+        )
+    print(f"\nstore_kvcache: {result['store']['gb_per_s']:.0f} GB/s (read + write)")
+    if result["notes"]:
+        print("notes: " + "; ".join(result["notes"]))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="folder for the JSON")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA: the kernel benchmarks need an NVIDIA GPU; nothing was measured")
+        return 0
+
+    varlen_attn, note = load_varlen_attn()
+    result = dict(
+        benchmark="kernels",
+        card=torch.cuda.get_device_name(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        git_commit=git_commit(),
+        torch=torch.__version__,
+        triton=__import__("triton").__version__,
+        workload=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype=str(DTYPE)),
+        notes=[note] if note else [],
+    )
+    result["decode"], result["decode_sweeps"] = bench_decode(varlen_attn)
+    result["prefill"] = bench_prefill(varlen_attn)
+    result["store"] = bench_store()
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    card = "".join(c if c.isalnum() else "-" for c in result["card"]).strip("-")
+    path = out_dir / f"kernels-{card}-{result['date'][:10]}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    print_tables(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""decode_attention (split-KV Triton kernel + reduction) matches decode_attention_ref for any number of
+splits, including splits left empty, and its launch does not depend on the sequence lengths."""
+
+import pytest
+import torch
+
+from nanovllm.kernels.decode_attention import (
+    decode_attention,
+    decode_attention_ref,
+    default_num_splits,
+)
+from nanovllm.kernels.paged_attention import paged_prefill_attention
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+DECODE_SPECS = [(1, 45), (1, 1), (1, 130), (1, 64), (1, 200)]
+
+
+def run_both(inputs, num_splits):
+    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale)
+    ref = decode_attention_ref(*args)
+    out = decode_attention(*args, max_seq_len=inputs.max_seq_len, num_splits=num_splits)
+    return out, ref
+
+
+# (block_size, head_dim, group) varied across the dtype x num_splits grid; None = the default heuristic.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "num_splits,block_size,head_dim,group", [(1, 16, 32, 2), (3, 32, 64, 1), (None, 64, 16, 4)]
+)
+def test_decode_matches_ref(make_paged_inputs, tol, dtype, num_splits, block_size, head_dim, group):
+    inputs = make_paged_inputs(
+        DECODE_SPECS,
+        num_heads=2 * group,
+        num_kv_heads=2,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=dtype,
+        seed=block_size,
+    )
+    out, ref = run_both(inputs, num_splits)
+    assert not ref.isnan().any()
+    torch.testing.assert_close(out, ref, **tol(dtype))
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 64, 256])
+def test_decode_block_sizes(make_paged_inputs, tol, block_size):
+    inputs = make_paged_inputs(
+        DECODE_SPECS, num_heads=2, num_kv_heads=1, head_dim=16, block_size=block_size, dtype=torch.float32
+    )
+    out, ref = run_both(inputs, num_splits=2)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+
+
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
+def test_decode_gqa_groups(make_paged_inputs, tol, group):
+    inputs = make_paged_inputs(
+        DECODE_SPECS, num_heads=2 * group, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float16
+    )
+    out, ref = run_both(inputs, num_splits=2)
+    torch.testing.assert_close(out, ref, **tol(torch.float16))
+
+
+def test_decode_with_more_splits_than_key_tiles(make_paged_inputs, tol):
+    # 8 splits of sequences with 1..130 keys: most splits are empty and must weigh nothing.
+    inputs = make_paged_inputs(
+        DECODE_SPECS, num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
+    )
+    out, ref = run_both(inputs, num_splits=8)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+
+
+def test_decode_ignores_garbage_past_the_context(make_paged_inputs, tol):
+    # Block-table entries past each sequence point far outside the cache; unused cache rows are NaN.
+    inputs = make_paged_inputs(
+        DECODE_SPECS,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        block_size=16,
+        dtype=torch.float32,
+        table_fill=1_000_000,
+    )
+    out, ref = run_both(inputs, num_splits=3)
+    assert not out.isnan().any()
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
+
+
+def test_decode_zero_length_padding_rows_give_zeros(make_paged_inputs, tol):
+    # CUDA-graph padding: extra batch rows with seq_len 0 must not read anything or disturb real rows.
+    inputs = make_paged_inputs(
+        [(1, 40), (1, 70)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
+    )
+    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale)
+    ref = decode_attention_ref(*args)
+    padded_q = torch.cat([inputs.q, torch.randn(2, 2, 16)])
+    padded_lens = torch.cat([inputs.seq_lens, torch.zeros(2, dtype=torch.int32)])
+    padded_tables = torch.cat([inputs.block_tables, torch.full((2, inputs.block_tables.shape[1]), -1, dtype=torch.int32)])
+    out = decode_attention(
+        padded_q, inputs.k_cache, inputs.v_cache, padded_lens, padded_tables, inputs.scale, 70, num_splits=2
+    )
+    torch.testing.assert_close(out[:2], ref, **tol(torch.float32))
+    assert torch.equal(out[2:], torch.zeros_like(out[2:]))
+
+
+def test_decode_same_launch_for_other_lengths(make_paged_inputs, tol):
+    # What a CUDA graph replay does: same tensors and num_splits, new seq_lens/block tables in place.
+    inputs = make_paged_inputs(
+        [(1, 150), (1, 90)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
+    )
+    out = torch.empty_like(inputs.q)
+    for seq_lens in ([150, 90], [3, 17], [129, 1]):
+        inputs.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+        args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale)
+        decode_attention(*args, max_seq_len=256, num_splits=4, out=out)
+        torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.float32))
+
+
+def test_decode_kernel_matches_prefill_kernel_on_decode_batch(make_paged_inputs, tol):
+    inputs = make_paged_inputs(
+        DECODE_SPECS, num_heads=4, num_kv_heads=2, head_dim=32, block_size=32, dtype=torch.float32
+    )
+    args = (inputs.q, inputs.k_cache, inputs.v_cache)
+    out = decode_attention(*args, inputs.seq_lens, inputs.block_tables, inputs.scale, inputs.max_seq_len)
+    prefill_out = paged_prefill_attention(
+        *args, inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables, 1, inputs.max_seq_len, inputs.scale
+    )
+    torch.testing.assert_close(out, prefill_out, **tol(torch.float32))
+
+
+def test_default_num_splits():
+    num_sms = 132
+    # Large batches already fill the GPU: no split.
+    assert default_num_splits(256, 8, 1024, num_sms) == 1
+    # Small batch, long context: split, but keep a few hundred keys per split.
+    assert default_num_splits(1, 8, 4096, num_sms) == 16
+    assert default_num_splits(16, 8, 1024, num_sms) == 4
+    # Short contexts are never split below the minimum split length.
+    assert default_num_splits(1, 8, 100, num_sms) == 1
+    for batch in (1, 2, 8, 64, 512):
+        for max_seq_len in (1, 255, 512, 4096, 40960):
+            splits = default_num_splits(batch, 8, max_seq_len, num_sms)
+            assert 1 <= splits <= max(1, max_seq_len // 256)
+
+
+def test_decode_rejects_bad_arguments(make_paged_inputs):
+    inputs = make_paged_inputs([(1, 3)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32)
+    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale, 3)
+    with pytest.raises(ValueError, match="num_splits"):
+        decode_attention(*args, num_splits=0)
+    with pytest.raises(ValueError, match="out must be"):
+        decode_attention(*args, out=torch.empty(1, 2, 8))
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_attention(inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens[:, None], inputs.block_tables, 1.0, 3)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+def test_decode_matches_ref_gpu(make_paged_inputs, tol, dtype, block_size, num_splits):
+    gen = torch.Generator().manual_seed(block_size)
+    seq_lens = torch.randint(1, 4097, (64,), generator=gen).tolist()
+    inputs = make_paged_inputs(
+        [(1, n) for n in seq_lens],
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        block_size=block_size,
+        dtype=dtype,
+        device="cuda",
+    )
+    out, ref = run_both(inputs, num_splits)
+    torch.testing.assert_close(out, ref, **tol(dtype))
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol):
+    inputs = make_paged_inputs(
+        [(1, 4000)] * 8, num_heads=16, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda"
+    )
+    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale)
+    out = torch.empty_like(inputs.q)
+    decode_attention(*args, max_seq_len=4096, out=out)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decode_attention(*args, max_seq_len=4096, out=out)
+    for lens in ([4000] * 8, [1, 17, 300, 4000, 2048, 16, 15, 999]):
+        inputs.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.bfloat16))
