@@ -1,0 +1,87 @@
+"""Everything a GPU check needs, in one call: GPU-marked tests, kernel micro-benchmarks, throughput,
+latency and serving benchmarks. Each step runs as a subprocess with its own time limit; results land
+as JSON in --out (default $OUT), the full log in suite.log, and a short table is printed last.
+
+    PYTHONPATH=. python scripts/gpu_suite.py --out "$OUT" [--steps tests,kernels,throughput,latency]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# step -> (command, time limit in seconds)
+STEPS = {
+    "tests": ([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 300),
+    "kernels": ([sys.executable, "benchmarks/kernels.py"], 200),
+    "throughput": ([sys.executable, "benchmarks/throughput.py"], 420),
+    "latency": ([sys.executable, "benchmarks/latency.py"], 240),
+    "serving": ([sys.executable, "benchmarks/serving.py", "--launch", "qwen3-0.6b"], 240),
+    "tp": ([sys.executable, "benchmarks/tp_scaling.py"], 420),
+}
+
+
+def run_step(name: str, extra: list[str], out_dir: Path, log) -> dict:
+    cmd, limit = STEPS[name]
+    step_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
+    cmd = [*cmd, *extra] + ([] if name == "tests" else ["--out", str(step_dir)])
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "PYTHONUNBUFFERED": "1"}
+    log.write(f"\n===== {name}: {' '.join(cmd)}\n")
+    log.flush()
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=limit)
+        rc, output = proc.returncode, proc.stdout.decode(errors="replace")
+    except subprocess.TimeoutExpired as e:
+        rc, output = "timeout", (e.stdout or b"").decode(errors="replace")
+    elapsed = time.perf_counter() - start
+    log.write(output)
+    log.write(f"\n===== {name}: rc={rc} in {elapsed:.1f} s\n")
+    log.flush()
+    results = {}
+    for f in sorted(step_dir.glob("*.json")):
+        results[f.name] = json.loads(f.read_text())
+        shutil.copy(f, out_dir / f.name)
+    tail = output.strip().splitlines()[-25:]
+    return {"rc": rc, "seconds": round(elapsed, 1), "tail": tail, "results": results}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=os.environ.get("OUT", "out"))
+    parser.add_argument("--steps", default="tests,kernels,throughput,latency")
+    for name in STEPS:
+        parser.add_argument(f"--{name}-args", default="", help=f"extra arguments for the {name} step")
+    args = parser.parse_args()
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    summary = {}
+    with open(out_dir / "suite.log", "w") as log:
+        info = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,clocks.sm,clocks.max.sm", "--format=csv"],
+            capture_output=True, text=True,
+        )
+        log.write(info.stdout + info.stderr)
+        for name in args.steps.split(","):
+            extra = getattr(args, f"{name}_args").split()
+            summary[name] = run_step(name, extra, out_dir, log)
+            print(f"[{name}] rc={summary[name]['rc']} {summary[name]['seconds']} s", flush=True)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print("\n=== summary ===")
+    for name, s in summary.items():
+        print(f"--- {name}: rc={s['rc']} ({s['seconds']} s)")
+        print("\n".join(s["tail"][-12:]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
