@@ -102,6 +102,9 @@ class Config:
                     f"max_model_len={self.max_model_len} exceeds the model's "
                     f"max_position_embeddings={max_pos}"
                 )
+        from nanovllm.models import get_model_class  # late: models import layers, kernels, torch ops
+
+        get_model_class(hf_config).check_config(hf_config, self.max_model_len)
         if self.block_size is None:
             set_("block_size", 16)
         if self.max_num_batched_tokens is None:

@@ -38,6 +38,27 @@ def num_kv_heads_of(config: PretrainedConfig) -> int:
     return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
 
 
+def check_sliding_window(config: PretrainedConfig, max_model_len: int, every_layer: bool) -> None:
+    """Raise ValueError when some layer would attend through a window shorter than max_model_len.
+
+    transformers lets query i see key j when i - j < sliding_window, so a window of max_model_len or more
+    is plain causal attention. every_layer: the window applies to all layers (Mistral); else only to the
+    "sliding_attention" entries of `layer_types` (Qwen2/3, whose configs also set sliding_window to None
+    when use_sliding_window is off)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return
+    if not every_layer and "sliding_attention" not in (getattr(config, "layer_types", None) or []):
+        return
+    if max_model_len > window:
+        archs = getattr(config, "architectures", None) or [type(config).__name__]
+        raise ValueError(
+            f"{archs[0]} uses sliding-window attention (sliding_window={window}), which nanovllm does not "
+            f"support yet; it runs exactly only with max_model_len <= sliding_window, got "
+            f"max_model_len={max_model_len}. Pass max_model_len={window} or less."
+        )
+
+
 class DecoderAttention(nn.Module):
     def __init__(self, config: PretrainedConfig, opts: DecoderOptions, max_position: int):
         super().__init__()
@@ -147,7 +168,9 @@ class DecoderForCausalLM(nn.Module):
 
     @classmethod
     def check_config(cls, config: PretrainedConfig, max_model_len: int) -> None:
-        """Raise ValueError for a config this implementation cannot run exactly."""
+        """Raise ValueError for a config this implementation cannot run exactly. By default: layers
+        marked "sliding_attention" (Qwen2/3 with use_sliding_window on) beyond their window."""
+        check_sliding_window(config, max_model_len, every_layer=False)
 
     def __init__(self, config: PretrainedConfig, max_position: int):
         super().__init__()
