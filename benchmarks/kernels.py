@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -40,6 +41,18 @@ def load_varlen_attn():
         return None, f"varlen_attn unavailable: {exc}"
     extra = {"enable_gqa": True} if "enable_gqa" in inspect.signature(varlen_attn).parameters else {}
     return (lambda *args, **kwargs: varlen_attn(*args, **kwargs, **extra)), None
+
+
+def time_varlen(run, notes: list[str]):
+    """varlen_attn's output and median ms, or (None, None) and a note if it cannot run this case."""
+    try:
+        expected = run()
+        return expected, bench_ms(run)
+    except Exception as exc:  # e.g. an older torch without GQA support: keep measuring our kernels
+        note = f"varlen_attn failed: {exc!r}"[:300]
+        if note not in notes:
+            notes.append(note)
+        return None, None
 
 
 def bench_ms(fn) -> float:
@@ -69,77 +82,85 @@ def paged_cache(keys, values, seq_lens, block_size, gen):
     return k_cache, v_cache, block_tables.cuda()
 
 
-def bench_decode(varlen_attn):
+def bench_decode(varlen_attn, notes):
     from nanovllm.kernels import decode_attention as dec
 
     scale = HEAD_DIM**-0.5
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     gen = torch.Generator().manual_seed(0)
     rows, sweeps = [], []
     for batch in DECODE_BATCHES:
         for ctx in DECODE_CONTEXTS:
             q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
             keys = torch.randn(batch * ctx, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-            values = torch.randn(batch * ctx, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+            values = torch.randn_like(keys)
             kv_bytes = 2 * keys.numel() * keys.element_size()
             seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
             expected, varlen_ms = None, None
             if varlen_attn is not None:
                 cu_q = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
                 cu_k = torch.arange(0, batch * ctx + 1, ctx, dtype=torch.int32, device="cuda")
-                run = lambda: varlen_attn(q, keys, values, cu_q, cu_k, 1, ctx, scale=scale, window_size=(-1, 0))
-                expected = run()
-                varlen_ms = bench_ms(run)
+                run = partial(
+                    varlen_attn, q, keys, values, cu_q, cu_k, 1, ctx, scale=scale, window_size=(-1, 0)
+                )
+                expected, varlen_ms = time_varlen(run, notes)
             for block_size in BLOCK_SIZES:
                 k_cache, v_cache, tables = paged_cache(keys, values, [ctx] * batch, block_size, gen)
-                run = lambda: dec.decode_attention(q, k_cache, v_cache, seq_lens, tables, scale, ctx)  # noqa: B023
-                out = run()
+                run = partial(dec.decode_attention, q, k_cache, v_cache, seq_lens, tables, scale, ctx)
                 ms = bench_ms(run)
-                row = dict(
-                    batch=batch,
-                    context=ctx,
-                    block_size=block_size,
-                    num_splits=dec.default_num_splits(
-                        batch, NUM_KV_HEADS, ctx, torch.cuda.get_device_properties(0).multi_processor_count
-                    ),
-                    kv_bytes=kv_bytes,
-                    ms=ms,
-                    gb_per_s=kv_bytes / ms / 1e6,
-                    varlen_ms=varlen_ms,
-                    varlen_gb_per_s=kv_bytes / varlen_ms / 1e6 if varlen_ms else None,
-                    max_abs_diff_vs_varlen=(out - expected).abs().max().item() if expected is not None else None,
+                rows.append(
+                    dict(
+                        batch=batch,
+                        context=ctx,
+                        block_size=block_size,
+                        num_splits=dec.default_num_splits(batch, NUM_KV_HEADS, ctx, num_sms),
+                        kv_bytes=kv_bytes,
+                        ms=ms,
+                        gb_per_s=kv_bytes / ms / 1e6,
+                        varlen_ms=varlen_ms,
+                        varlen_gb_per_s=kv_bytes / varlen_ms / 1e6 if varlen_ms else None,
+                        max_abs_diff_vs_varlen=max_abs_diff(run(), expected),
+                    )
                 )
-                rows.append(row)
                 if batch == 256 and ctx == 1024:
                     sweeps += sweep_decode_configs(dec, run, block_size, kv_bytes)
                 if batch in (1, 16) and ctx == 4096:
-                    for splits in SPLIT_SWEEP:
-                        t = bench_ms(lambda s=splits: dec.decode_attention(q, k_cache, v_cache, seq_lens, tables, scale, ctx, s))  # noqa: B023, E501
-                        sweeps.append(dict(kind="num_splits", batch=batch, context=ctx, block_size=block_size,
-                                           num_splits=splits, ms=t, gb_per_s=kv_bytes / t / 1e6))  # fmt: skip
-                del k_cache, v_cache
+                    for num_splits in SPLIT_SWEEP:
+                        t = bench_ms(partial(run, num_splits=num_splits))
+                        sweeps.append(
+                            dict(
+                                kind="num_splits",
+                                batch=batch,
+                                context=ctx,
+                                block_size=block_size,
+                                num_splits=num_splits,
+                                ms=t,
+                                gb_per_s=kv_bytes / t / 1e6,
+                            )
+                        )
     return rows, sweeps
 
 
 def sweep_decode_configs(dec, run, block_size, kv_bytes):
+    """Time `run` under other tile shapes by swapping the module's launch constants."""
     saved = dec.DECODE_BLOCK_N, dec.DECODE_NUM_WARPS, dec.DECODE_NUM_STAGES
     results = []
     try:
-        for block_n, num_warps, num_stages in DECODE_CONFIGS:
-            dec.DECODE_BLOCK_N, dec.DECODE_NUM_WARPS, dec.DECODE_NUM_STAGES = block_n, num_warps, num_stages
+        for config in DECODE_CONFIGS:
+            dec.DECODE_BLOCK_N, dec.DECODE_NUM_WARPS, dec.DECODE_NUM_STAGES = config
+            result = dict(kind="config", batch=256, context=1024, block_size=block_size, config=list(config))
             try:
                 ms = bench_ms(run)
-            except Exception as exc:  # e.g. out of shared memory for this shape: record and go on
-                results.append(dict(kind="config", block_size=block_size, config=[block_n, num_warps, num_stages],
-                                    error=repr(exc)[:200]))  # fmt: skip
-                continue
-            results.append(dict(kind="config", batch=256, context=1024, block_size=block_size,
-                                config=[block_n, num_warps, num_stages], ms=ms, gb_per_s=kv_bytes / ms / 1e6))  # fmt: skip
+                result.update(ms=ms, gb_per_s=kv_bytes / ms / 1e6)
+            except Exception as exc:  # e.g. out of shared memory for this shape: record it and go on
+                result.update(error=repr(exc)[:300])
+            results.append(result)
     finally:
         dec.DECODE_BLOCK_N, dec.DECODE_NUM_WARPS, dec.DECODE_NUM_STAGES = saved
     return results
 
 
-def bench_prefill(varlen_attn):
+def bench_prefill(varlen_attn, notes):
     from nanovllm.kernels.paged_attention import paged_prefill_attention
 
     scale = HEAD_DIM**-0.5
@@ -152,22 +173,24 @@ def bench_prefill(varlen_attn):
     }
     rows = []
     for name, lens in cases.items():
-        total = sum(lens)
+        total, max_len = sum(lens), max(lens)
         q = torch.randn(total, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
         keys = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
-        values = torch.randn(total, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+        values = torch.randn_like(keys)
         cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
         seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
         flops = sum(4 * NUM_HEADS * HEAD_DIM * n * (n + 1) // 2 for n in lens)  # causal QK^T and PV
         expected, varlen_ms = None, None
         if varlen_attn is not None:
-            run = lambda: varlen_attn(q, keys, values, cu, cu, max(lens), max(lens), scale=scale, window_size=(-1, 0))  # noqa: B023, E501
-            expected = run()
-            varlen_ms = bench_ms(run)
+            run = partial(
+                varlen_attn, q, keys, values, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0)
+            )
+            expected, varlen_ms = time_varlen(run, notes)
         for block_size in BLOCK_SIZES:
             k_cache, v_cache, tables = paged_cache(keys, values, lens, block_size, gen)
-            run = lambda: paged_prefill_attention(q, k_cache, v_cache, cu, seq_lens, tables, max(lens), max(lens), scale)  # noqa: B023, E501
-            out = run()
+            run = partial(
+                paged_prefill_attention, q, k_cache, v_cache, cu, seq_lens, tables, max_len, max_len, scale
+            )
             ms = bench_ms(run)
             rows.append(
                 dict(
@@ -180,11 +203,14 @@ def bench_prefill(varlen_attn):
                     varlen_ms=varlen_ms,
                     varlen_tflop_per_s=flops / varlen_ms / 1e9 if varlen_ms else None,
                     ours_over_varlen=varlen_ms / ms if varlen_ms else None,
-                    max_abs_diff_vs_varlen=(out - expected).abs().max().item() if expected is not None else None,
+                    max_abs_diff_vs_varlen=max_abs_diff(run(), expected),
                 )
             )
-            del k_cache, v_cache
     return rows
+
+
+def max_abs_diff(out, expected):
+    return None if expected is None else (out.float() - expected.float()).abs().max().item()
 
 
 def bench_store():
@@ -205,7 +231,11 @@ def bench_store():
 def git_commit() -> str | None:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
@@ -218,19 +248,30 @@ def fmt(x, spec):
 def print_tables(result):
     print(f"\n{result['card']}  {result['date']}  commit {result['git_commit']}")
     print("\ndecode (bf16, 16/8 heads, head_dim 128): GB/s of K+V read")
-    print(f"{'batch':>5} {'ctx':>5} {'block':>5} {'splits':>6} {'us':>8} {'GB/s':>7} {'varlen GB/s':>11} {'max diff':>9}")
+    print("batch   ctx block splits       us    GB/s varlen GB/s  max diff")
     for r in result["decode"]:
         print(
-            f"{r['batch']:>5} {r['context']:>5} {r['block_size']:>5} {r['num_splits']:>6} {r['ms'] * 1e3:>8.1f} "
-            f"{r['gb_per_s']:>7.0f} {fmt(r['varlen_gb_per_s'], '.0f'):>11} {fmt(r['max_abs_diff_vs_varlen'], '.4f'):>9}"
+            f"{r['batch']:>5} {r['context']:>5} {r['block_size']:>5} {r['num_splits']:>6} "
+            f"{r['ms'] * 1e3:>8.1f} {r['gb_per_s']:>7.0f} {fmt(r['varlen_gb_per_s'], '.0f'):>11} "
+            f"{fmt(r['max_abs_diff_vs_varlen'], '.4f'):>9}"
         )
     configs = [s for s in result["decode_sweeps"] if s["kind"] == "config" and "gb_per_s" in s]
     if configs:
         print("\ndecode tile sweep at batch 256 x ctx 1024 (BLOCK_N, num_warps, num_stages): GB/s")
         for s in configs:
             print(f"  block {s['block_size']:>3}  {tuple(s['config'])}  {s['gb_per_s']:.0f}")
+    splits = [s for s in result["decode_sweeps"] if s["kind"] == "num_splits"]
+    if splits:
+        print("\ndecode num_splits sweep (batch, ctx, block): num_splits=GB/s")
+        for key in sorted({(s["batch"], s["context"], s["block_size"]) for s in splits}):
+            cells = [
+                f"{s['num_splits']}={s['gb_per_s']:.0f}"
+                for s in splits
+                if (s["batch"], s["context"], s["block_size"]) == key
+            ]
+            print(f"  {key}: " + "  ".join(cells))
     print("\nprefill (causal, bf16): TFLOP/s")
-    print(f"{'case':>15} {'block':>5} {'ms':>7} {'ours':>6} {'varlen':>6} {'ratio':>6} {'max diff':>9}")
+    print("           case block      ms   ours varlen  ratio  max diff")
     for r in result["prefill"]:
         print(
             f"{r['case']:>15} {r['block_size']:>5} {r['ms']:>7.3f} {r['tflop_per_s']:>6.1f} "
@@ -243,8 +284,12 @@ def print_tables(result):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"), help="folder for the JSON")
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    default_out = os.environ.get("OUT", "benchmarks/results")
+    parser.add_argument(
+        "--out", default=default_out, help="folder for the JSON (default $OUT or %(default)s)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA: the kernel benchmarks need an NVIDIA GPU; nothing was measured")
@@ -261,8 +306,8 @@ def main() -> int:
         workload=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype=str(DTYPE)),
         notes=[note] if note else [],
     )
-    result["decode"], result["decode_sweeps"] = bench_decode(varlen_attn)
-    result["prefill"] = bench_prefill(varlen_attn)
+    result["decode"], result["decode_sweeps"] = bench_decode(varlen_attn, result["notes"])
+    result["prefill"] = bench_prefill(varlen_attn, result["notes"])
     result["store"] = bench_store()
 
     out_dir = Path(args.out)

@@ -47,9 +47,12 @@ def decode_attention_ref(
 
 
 # Launch shapes for an H100, chosen by reasoning, not measurement (benchmarks/kernels.py sweeps a few
-# alternatives; change them here). A 64-key tile of K or V at head_dim 128 in bf16 is 16 KB; 4 warps
-# issue it as 16-byte loads, and 3 stages keep two tiles of K and V in flight per program, which at
-# 2+ programs per SM is far more than the ~3 MB the whole H100 needs in flight to hide HBM latency.
+# alternatives; change them here). A 64-key tile of K or V at head_dim 128 in bf16 is 16 KB, fetched with
+# 16-byte cp.async copies. Compiled offline for sm_90: 106 registers/thread and 38 KB of shared memory, so
+# 4 programs of 4 warps fit on an SM. Triton's pipeliner issues the next tile's K/V right after the current
+# tile's math (the block-table gather one tile earlier still; num_stages > 3 changes nothing here), so one
+# program does not overlap its own loads and math: the latency is hidden across programs instead, and
+# 4 programs x 32 KB in flight per SM is several times what HBM needs (~3 TB/s x ~1 us / 132 SMs).
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
@@ -227,7 +230,7 @@ def decode_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
 

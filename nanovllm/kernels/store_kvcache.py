@@ -54,7 +54,7 @@ if HAS_TRITON:
         BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
     ):
         # One program copies one token: all its kv heads, for both K and V.
-        token = tl.program_id(0)
+        token = tl.program_id(0).to(tl.int64)  # int64: token * stride can pass 2**31 in long prefills
         slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
         if slot < 0:
             return

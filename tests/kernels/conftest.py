@@ -55,6 +55,16 @@ class PagedInputs:
     max_seq_len: int
     scale: float
 
+    @property
+    def paged_args(self) -> tuple:
+        """(q, k_cache, v_cache, cu_seqlens_q, seq_lens, block_tables), as the paged ops take them."""
+        return self.q, self.k_cache, self.v_cache, self.cu_seqlens_q, self.seq_lens, self.block_tables
+
+    @property
+    def decode_args(self) -> tuple:
+        """(q, k_cache, v_cache, seq_lens, block_tables, scale), as the decode ops take them."""
+        return self.q, self.k_cache, self.v_cache, self.seq_lens, self.block_tables, self.scale
+
 
 def build_paged_inputs(
     specs: list[tuple[int, int]],  # per sequence: (query tokens, seq_len including them)

@@ -17,7 +17,7 @@ DECODE_SPECS = [(1, 45), (1, 1), (1, 130), (1, 64), (1, 200)]
 
 
 def run_both(inputs, num_splits):
-    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale)
+    args = inputs.decode_args
     ref = decode_attention_ref(*args)
     out = decode_attention(*args, max_seq_len=inputs.max_seq_len, num_splits=num_splits)
     return out, ref
@@ -91,11 +91,11 @@ def test_decode_zero_length_padding_rows_give_zeros(make_paged_inputs, tol):
     inputs = make_paged_inputs(
         [(1, 40), (1, 70)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
     )
-    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale)
+    args = inputs.decode_args
     ref = decode_attention_ref(*args)
     padded_q = torch.cat([inputs.q, torch.randn(2, 2, 16)])
     padded_lens = torch.cat([inputs.seq_lens, torch.zeros(2, dtype=torch.int32)])
-    padded_tables = torch.cat([inputs.block_tables, torch.full((2, inputs.block_tables.shape[1]), -1, dtype=torch.int32)])
+    padded_tables = torch.cat([inputs.block_tables, torch.full_like(inputs.block_tables, -1)])
     out = decode_attention(
         padded_q, inputs.k_cache, inputs.v_cache, padded_lens, padded_tables, inputs.scale, 70, num_splits=2
     )
@@ -111,7 +111,7 @@ def test_decode_same_launch_for_other_lengths(make_paged_inputs, tol):
     out = torch.empty_like(inputs.q)
     for seq_lens in ([150, 90], [3, 17], [129, 1]):
         inputs.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
-        args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale)
+        args = inputs.decode_args
         decode_attention(*args, max_seq_len=256, num_splits=4, out=out)
         torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.float32))
 
@@ -126,6 +126,16 @@ def test_decode_kernel_matches_prefill_kernel_on_decode_batch(make_paged_inputs,
         *args, inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables, 1, inputs.max_seq_len, inputs.scale
     )
     torch.testing.assert_close(out, prefill_out, **tol(torch.float32))
+
+
+def test_decode_reads_strided_q(make_paged_inputs, tol):
+    inputs = make_paged_inputs(
+        DECODE_SPECS, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32
+    )
+    q_view = torch.cat([inputs.q, torch.randn_like(inputs.q)], dim=1)[:, ::2]  # [batch, 4, 16], strided
+    _, *rest = inputs.decode_args
+    out = decode_attention(q_view, *rest, max_seq_len=inputs.max_seq_len, num_splits=2)
+    torch.testing.assert_close(out, decode_attention_ref(q_view, *rest), **tol(torch.float32))
 
 
 def test_default_num_splits():
@@ -144,14 +154,17 @@ def test_default_num_splits():
 
 
 def test_decode_rejects_bad_arguments(make_paged_inputs):
-    inputs = make_paged_inputs([(1, 3)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32)
-    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale, 3)
+    inputs = make_paged_inputs(
+        [(1, 3)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
+    )
+    args = (*inputs.decode_args, 3)
     with pytest.raises(ValueError, match="num_splits"):
         decode_attention(*args, num_splits=0)
     with pytest.raises(ValueError, match="out must be"):
         decode_attention(*args, out=torch.empty(1, 2, 8))
     with pytest.raises(ValueError, match="seq_lens"):
-        decode_attention(inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens[:, None], inputs.block_tables, 1.0, 3)
+        q, k_cache, v_cache, seq_lens, block_tables, scale = inputs.decode_args
+        decode_attention(q, k_cache, v_cache, seq_lens[:, None], block_tables, scale, 3)
 
 
 @pytest.mark.gpu
@@ -179,9 +192,15 @@ def test_decode_matches_ref_gpu(make_paged_inputs, tol, dtype, block_size, num_s
 @needs_cuda
 def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol):
     inputs = make_paged_inputs(
-        [(1, 4000)] * 8, num_heads=16, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16, device="cuda"
+        [(1, 4000)] * 8,
+        num_heads=16,
+        num_kv_heads=8,
+        head_dim=128,
+        block_size=16,
+        dtype=torch.bfloat16,
+        device="cuda",
     )
-    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.seq_lens, inputs.block_tables, inputs.scale)
+    args = inputs.decode_args
     out = torch.empty_like(inputs.q)
     decode_attention(*args, max_seq_len=4096, out=out)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()

@@ -39,7 +39,7 @@ def dense_causal_attention(q, keys, values, cu_seqlens_q, scale):
 
 
 def run_both(inputs):
-    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables)
+    args = inputs.paged_args
     ref = paged_attention_ref(*args, inputs.scale)
     out = paged_prefill_attention(*args, inputs.max_query_len, inputs.max_seq_len, inputs.scale)
     return out, ref
@@ -49,9 +49,14 @@ def run_both(inputs):
 @pytest.mark.parametrize("group", [1, 3])
 def test_ref_matches_dense_attention(make_paged_inputs, tol, case, group):
     inputs = make_paged_inputs(
-        batch_specs(case, 16), num_heads=2 * group, num_kv_heads=2, head_dim=8, block_size=16, dtype=torch.float64
+        batch_specs(case, 16),
+        num_heads=2 * group,
+        num_kv_heads=2,
+        head_dim=8,
+        block_size=16,
+        dtype=torch.float64,
     )
-    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables)
+    args = inputs.paged_args
     ref = paged_attention_ref(*args, inputs.scale)
     expected = dense_causal_attention(inputs.q, inputs.keys, inputs.values, inputs.cu_seqlens_q, inputs.scale)
     torch.testing.assert_close(ref, expected, **tol(torch.float64))
@@ -89,7 +94,12 @@ def test_prefill_kernel_matches_ref(make_paged_inputs, tol, case, dtype):
 def test_prefill_kernel_block_sizes(make_paged_inputs, tol, block_size):
     # Key tiles of 64 span several small blocks, or sit inside one large block.
     inputs = make_paged_inputs(
-        [(30, 300), (45, 45)], num_heads=4, num_kv_heads=2, head_dim=16, block_size=block_size, dtype=torch.float32
+        [(30, 300), (45, 45)],
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        block_size=block_size,
+        dtype=torch.float32,
     )
     out, ref = run_both(inputs)
     torch.testing.assert_close(out, ref, **tol(torch.float32))
@@ -99,7 +109,12 @@ def test_prefill_kernel_block_sizes(make_paged_inputs, tol, block_size):
 def test_prefill_kernel_gqa_groups(make_paged_inputs, tol, group):
     # Group 3 is padded to 4 query rows per token inside the kernel.
     inputs = make_paged_inputs(
-        batch_specs("mixed", 16), num_heads=group, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
+        batch_specs("mixed", 16),
+        num_heads=group,
+        num_kv_heads=1,
+        head_dim=16,
+        block_size=16,
+        dtype=torch.float32,
     )
     out, ref = run_both(inputs)
     torch.testing.assert_close(out, ref, **tol(torch.float32))
@@ -108,7 +123,12 @@ def test_prefill_kernel_gqa_groups(make_paged_inputs, tol, group):
 @pytest.mark.parametrize("head_dim", [16, 32, 64])
 def test_prefill_kernel_head_dims(make_paged_inputs, tol, head_dim):
     inputs = make_paged_inputs(
-        batch_specs("chunked", 32), num_heads=2, num_kv_heads=1, head_dim=head_dim, block_size=32, dtype=torch.float16
+        batch_specs("chunked", 32),
+        num_heads=2,
+        num_kv_heads=1,
+        head_dim=head_dim,
+        block_size=32,
+        dtype=torch.float16,
     )
     out, ref = run_both(inputs)
     torch.testing.assert_close(out, ref, **tol(torch.float16))
@@ -134,11 +154,22 @@ def test_prefill_kernel_writes_into_out(make_paged_inputs, tol):
     inputs = make_paged_inputs(
         [(7, 20), (3, 3)], num_heads=2, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32
     )
-    args = (inputs.q, inputs.k_cache, inputs.v_cache, inputs.cu_seqlens_q, inputs.seq_lens, inputs.block_tables)
+    args = inputs.paged_args
     out = torch.full_like(inputs.q, float("nan"))
     result = paged_prefill_attention(*args, inputs.max_query_len, inputs.max_seq_len, inputs.scale, out=out)
     assert result is out
     torch.testing.assert_close(out, paged_attention_ref(*args, inputs.scale), **tol(torch.float32))
+
+
+def test_prefill_kernel_reads_strided_q(make_paged_inputs, tol):
+    # q usually comes out of a fused qkv projection: strided over tokens and heads, contiguous in head_dim.
+    inputs = make_paged_inputs(
+        [(9, 40), (20, 20)], num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32
+    )
+    q_view = torch.cat([inputs.q, torch.randn_like(inputs.q)], dim=1)[:, ::2]  # [num_tokens, 4, 16], strided
+    _, *rest = inputs.paged_args
+    out = paged_prefill_attention(q_view, *rest, inputs.max_query_len, inputs.max_seq_len, inputs.scale)
+    torch.testing.assert_close(out, paged_attention_ref(q_view, *rest, inputs.scale), **tol(torch.float32))
 
 
 def test_ops_reject_bad_arguments(make_paged_inputs):
@@ -168,12 +199,11 @@ def test_ops_reject_bad_arguments(make_paged_inputs):
     for change, match in bad[:5]:
         with pytest.raises(ValueError, match=match):
             paged_prefill_attention(**{**good, **change}, max_query_len=3, max_seq_len=3)
-    odd_head_dim = make_paged_inputs([(3, 3)], num_heads=1, num_kv_heads=1, head_dim=24, block_size=16, dtype=torch.float32)
+    odd = make_paged_inputs(
+        [(3, 3)], num_heads=1, num_kv_heads=1, head_dim=24, block_size=16, dtype=torch.float32
+    )
     with pytest.raises(ValueError, match="power of two"):
-        paged_prefill_attention(
-            odd_head_dim.q, odd_head_dim.k_cache, odd_head_dim.v_cache, odd_head_dim.cu_seqlens_q,
-            odd_head_dim.seq_lens, odd_head_dim.block_tables, 3, 3, 1.0,
-        )  # fmt: skip
+        paged_prefill_attention(*odd.paged_args, 3, 3, 1.0)
 
 
 @pytest.mark.gpu
