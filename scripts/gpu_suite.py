@@ -27,6 +27,7 @@ STEPS = {
     "latency": ([sys.executable, "benchmarks/latency.py"], 240),
     "serving": ([sys.executable, "benchmarks/serving.py", "--launch", "qwen3-0.6b"], 240),
     "tp": ([sys.executable, "benchmarks/tp_scaling.py"], 420),
+    "profile": ([sys.executable, "scripts/profile_step.py"], 300),
 }
 
 
@@ -39,7 +40,9 @@ def run_step(name: str, extra: list[str], out_dir: Path, log) -> dict:
     log.flush()
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=limit)
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=limit
+        )
         rc, output = proc.returncode, proc.stdout.decode(errors="replace")
     except subprocess.TimeoutExpired as e:
         rc, output = "timeout", (e.stdout or b"").decode(errors="replace")
@@ -68,7 +71,8 @@ def main() -> int:
     with open(out_dir / "suite.log", "w") as log:
         info = subprocess.run(
             ["nvidia-smi", "--query-gpu=name,memory.total,clocks.sm,clocks.max.sm", "--format=csv"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         log.write(info.stdout + info.stderr)
         for name in args.steps.split(","):

@@ -36,6 +36,7 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None  # None: text decoded when asked for
     logprobs: list[Logprob] | None
     arrival_time: float
+    stream: bool  # report every new token (else only the finished output)
     first_token_time: float | None = None
 
 
@@ -130,8 +131,9 @@ class LLMEngine:
     # ---- the loop ---------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Run one scheduling step. Returns the outputs of requests that got a token this step
-        (cumulative, not deltas); finished requests are dropped from the engine."""
+        """Run one scheduling step. Returns the outputs (cumulative, not deltas) of the requests that
+        finished this step, and of streaming requests that got a token; finished requests are dropped
+        from the engine."""
         batch = self.scheduler.schedule()
         if batch.is_empty:
             if self.scheduler.num_unfinished:
@@ -139,9 +141,10 @@ class LLMEngine:
             return []
         try:
             sampled, out = self.runner.run(batch)
-        except Exception:
+        except BaseException:  # KeyboardInterrupt too: the cache must not keep unwritten blocks
             # Fail this step's requests, keep the engine usable for the next ones.
-            for seq in batch.seqs:
+            for seq, n in zip(batch.seqs, batch.num_new_tokens):
+                self.scheduler.block_manager.forget_new_blocks(seq, n)
                 self.scheduler.finish(seq, FinishReason.ABORT)
                 self.requests.pop(seq.request_id, None)
             raise
@@ -160,7 +163,8 @@ class LLMEngine:
                 if stop is not None and seq.num_output_tokens >= seq.params.min_tokens:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
-            outputs.append(self._output(req))
+            if seq.is_finished or req.stream:
+                outputs.append(self._output(req))
             if seq.is_finished:
                 del self.requests[seq.request_id]
         return outputs
