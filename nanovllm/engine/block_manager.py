@@ -122,6 +122,27 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
 
+    def forget_new_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
+        """Drop from the prefix cache the blocks that seq's scheduled step was to fill, after that
+        step failed: they were registered when scheduled, but their K/V was never written."""
+        bs = self.block_size
+        start = seq.num_computed_tokens
+        for block_id in seq.block_table[start // bs : (start + num_new_tokens) // bs]:
+            block = self.blocks[block_id]
+            if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+                del self.hash_to_block[block.hash]
+            block.hash = block.token_ids = None
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the cached prefixes of free blocks (blocks in use keep theirs), so that a repeated
+        workload computes its prompts again (benchmarks)."""
+        for block_id in self.free:
+            block = self.blocks[block_id]
+            if block.hash is not None:
+                if self.hash_to_block.get(block.hash) == block_id:
+                    del self.hash_to_block[block.hash]
+                block.hash = block.token_ids = None
+
     # ---- internals ----------------------------------------------------------------------------
 
     def _take_free_block(self) -> int:
