@@ -103,11 +103,29 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--served-model-name", default=None)
     add_engine_args(serve)
     serve.set_defaults(func=lambda a: __import__("nanovllm.server.api_server", fromlist=["main"]).main(a))
+
+    # `bench` takes its own arguments (main() hands them over before parsing); listed here for --help.
+    bench = sub.add_parser(
+        "bench",
+        add_help=False,
+        help="benchmarks: `nanovllm bench [throughput|latency] --help`",
+    )
+    bench.add_argument("args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=lambda a: _bench(a.args))
     return parser
+
+
+def _bench(argv: list[str]) -> int:
+    from nanovllm.benchmark import main as bench_main
+
+    return bench_main(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0

@@ -21,7 +21,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # step -> (command, time limit in seconds)
 STEPS = {
-    "tests": ([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "tests"], 300),
+    "tests": (
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-m",
+            "gpu",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/gpu",
+            "tests/kernels",
+            "tests/test_leak.py",
+        ],
+        300,
+    ),
     "kernels": ([sys.executable, "benchmarks/kernels.py"], 200),
     "throughput": ([sys.executable, "benchmarks/throughput.py"], 420),
     "latency": ([sys.executable, "benchmarks/latency.py"], 240),

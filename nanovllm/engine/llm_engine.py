@@ -114,6 +114,7 @@ class LLMEngine:
             detok,
             [] if params.logprobs is not None else None,
             time.perf_counter(),
+            stream=incremental,
         )
         self.scheduler.add(seq)
         self.num_prompt_tokens += len(token_ids)

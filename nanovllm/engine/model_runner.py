@@ -16,6 +16,7 @@ import torch
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.kernels.backend import kernel_backend
+from nanovllm.kernels.decode_attention import default_num_splits
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRequest
 from nanovllm.models import get_model_class
@@ -71,7 +72,6 @@ class ModelRunner:
         hf = config.hf_config
         torch.manual_seed(config.seed)
         model_cls = get_model_class(hf)
-        model_cls.check_config(hf, config.max_model_len)
         with _default_dtype(config.torch_dtype), torch.device(self.device):
             self.model = model_cls(hf, config.max_model_len)
         if config.model_path is not None:
@@ -88,6 +88,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        max_bs = min(config.max_num_seqs, 512)
+        self.graph_sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs, 16)] if s < max_bs} | {max_bs})
         if self.device.type == "cuda" and not config.enforce_eager:
             self._capture_cuda_graphs()
 
@@ -272,22 +274,34 @@ class ModelRunner:
                     max_query_len=inp.max_query_len,
                     max_seq_len=inp.max_seq_len,
                     is_decode=inp.is_decode,
+                    decode_num_splits=self._decode_num_splits(inp.num_seqs) if inp.is_decode else None,
                 )
                 hidden = self.model(to(inp.input_ids), to(inp.positions), meta)
-            if not requests:
+            if inp.logits_indices.numel() == 0:  # prefill chunks only: nothing to sample yet
                 return None
+            # Every rank computes its vocabulary shard's logits: the LM head's gather is collective.
+            # Only rank 0 gets the logits back, and only rank 0 has sampling requests.
             logits = self.model.compute_logits(hidden[to(inp.logits_indices)])
-        if logits is None:  # tensor-parallel rank other than 0
+        if logits is None or not requests:  # a tensor-parallel rank other than 0
             return None
         return self.sampler(logits, SamplingBatch.build(requests, logits.shape[-1], dev))
 
     # ---- CUDA graphs for decode -------------------------------------------------------------
 
     def _graph_size(self, num_seqs: int) -> int | None:
-        for size in self.graph_sizes if self.graphs else ():
-            if size >= num_seqs:
-                return size
-        return None
+        return self._padded_size(num_seqs) if self.graphs else None
+
+    def _padded_size(self, num_seqs: int) -> int | None:
+        return next((size for size in self.graph_sizes if size >= num_seqs), None)
+
+    def _decode_num_splits(self, num_seqs: int) -> int | None:
+        """Split-KV count for a decode step, from the padded batch size and max_model_len only, so
+        eager steps and graph replays of the same batch cut the keys the same way (same tokens)."""
+        if self.device.type != "cuda":
+            return None
+        size = self._padded_size(num_seqs) or num_seqs
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return default_num_splits(size, self.num_kv_heads, self.config.max_model_len, sms)
 
     def _capture_cuda_graphs(self) -> None:
         """Capture one decode forward per batch size; a step pads to the next captured size."""
@@ -318,6 +332,7 @@ class ModelRunner:
                     max_query_len=1,
                     max_seq_len=self.config.max_model_len,
                     is_decode=True,
+                    decode_num_splits=self._decode_num_splits(size),
                 )
                 self._graph_forward(size, meta)  # warm up (compiles kernels) outside the capture
                 graph = torch.cuda.CUDAGraph()

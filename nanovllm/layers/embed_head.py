@@ -8,18 +8,18 @@ LM head: each rank computes logits for its range; rank 0 gathers them and drops 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.layers.linear import _copy, load_shard
-from nanovllm.utils.distributed import all_reduce, get_tp_rank, get_tp_size
+from nanovllm.utils.distributed import get_tp_group, get_tp_rank, get_tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp_group = get_tp_group()
         self.vocab_size = vocab_size
         self.shard_size = -(-vocab_size // self.tp_size)  # padded: the last shard may be short
         self.vocab_start = self.shard_size * self.tp_rank
@@ -39,7 +39,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         in_range = (local >= 0) & (local < self.shard_size)
         y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * in_range.unsqueeze(1)
-        return all_reduce(y)
+        return self.tp_group.all_reduce(y)
 
 
 class ParallelLMHead(VocabParallelEmbedding):
@@ -47,9 +47,8 @@ class ParallelLMHead(VocabParallelEmbedding):
         # hidden: [num_seqs, hidden_size] -> logits [num_seqs, vocab_size] on rank 0, None elsewhere
         logits = F.linear(hidden, self.weight)  # [num_seqs, shard_size]
         if self.tp_size > 1:
-            parts = [torch.empty_like(logits) for _ in range(self.tp_size)] if self.tp_rank == 0 else None
-            dist.gather(logits, parts, dst=0)
-            if self.tp_rank != 0:
+            parts = self.tp_group.gather(logits, dst=0)  # collective: every rank calls it
+            if parts is None:
                 return None
             logits = torch.cat(parts, dim=-1)
         return logits[:, : self.vocab_size]

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.distributed import all_reduce, get_tp_rank, get_tp_size
+from nanovllm.utils.distributed import get_tp_group, get_tp_rank, get_tp_size
 
 
 def load_shard(loaded, dim: int, start: int, size: int) -> torch.Tensor:
@@ -82,6 +82,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     Each rank holds [shard of output 0 | shard of output 1 | ...]."""
 
     def __init__(self, input_size: int, output_sizes: list[int], bias: bool = False):
+        tp_size = get_tp_size()
+        if any(size % tp_size for size in output_sizes):  # each part is split, not only their sum
+            raise ValueError(
+                f"output sizes {output_sizes} are not all divisible by tensor_parallel_size {tp_size}"
+            )
         self.output_sizes = output_sizes
         super().__init__(input_size, sum(output_sizes), bias)
 
@@ -99,6 +104,11 @@ class QKVParallelLinear(ColumnParallelLinear):
         self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
     ):
         tp_size = get_tp_size()
+        if num_heads % tp_size or (num_kv_heads % tp_size and tp_size % num_kv_heads):
+            raise ValueError(
+                f"tensor_parallel_size {tp_size} must divide num_heads={num_heads} and divide or be "
+                f"a multiple of num_kv_heads={num_kv_heads}"
+            )
         self.head_dim = head_dim
         self.num_heads = num_heads // tp_size  # per rank
         self.num_kv_heads = max(1, num_kv_heads // tp_size)  # per rank
@@ -124,6 +134,7 @@ class RowParallelLinear(nn.Module):
     def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__()
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp_group = get_tp_group()
         if input_size % self.tp_size:
             raise ValueError(
                 f"input size {input_size} is not divisible by tensor_parallel_size {self.tp_size}"
@@ -143,5 +154,5 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, after the reduction, not on every rank.
-        y = all_reduce(F.linear(x, self.weight))
+        y = self.tp_group.all_reduce(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`nanovllm serve`); see docs/serving.md."""

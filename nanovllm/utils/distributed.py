@@ -1,20 +1,134 @@
-"""Tensor-parallel rank and size, read by the parallel layers when they are built."""
+"""Tensor-parallel groups: a rank, a size and the two collectives the parallel layers use.
+
+Every engine owns its own group, built straight from a c10d backend (gloo on CPU, NCCL on CUDA)
+over its own rendezvous store: there is no process-wide default process group, so two engines in
+one process (or on one host) never share a port or a name.
+
+Layers learn their rank and size when they are built: the model runner is constructed inside
+`building_with(group)`, and each parallel layer keeps the group it saw (`get_tp_group()`) for its
+forward. Outside that scope the group is the single-rank one, where every collective is a no-op.
+"""
 
 from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.distributed as dist
 
+RENDEZVOUS_HOST = "127.0.0.1"  # the launcher starts every rank on this host (multi-node: out of scope)
+
+
+class TensorParallelGroup:
+    """This process's rank in one engine's tensor-parallel group, and the group's collectives."""
+
+    def __init__(self, rank: int, size: int, backend: dist.Backend | None = None):
+        if not 0 <= rank < size:
+            raise ValueError(f"rank must be in [0, {size}), got {rank}")
+        if size > 1 and backend is None:
+            raise ValueError("a group of more than one rank needs a communication backend")
+        self.rank, self.size, self.backend = rank, size, backend
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks, in place; returns x."""
+        if self.size > 1:
+            self.backend.allreduce([x]).wait()
+        return x
+
+    def gather(self, x: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+        """Every rank's x (same shape everywhere), in rank order, on rank dst; None on the others."""
+        if self.size == 1:
+            return [x]
+        opts = dist.GatherOptions()
+        opts.rootRank = dst
+        parts = [torch.empty_like(x) for _ in range(self.size)] if self.rank == dst else []
+        self.backend.gather([parts] if self.rank == dst else [], [x.contiguous()], opts).wait()
+        return parts if self.rank == dst else None
+
+    def abort(self) -> None:
+        """Make collectives in flight fail instead of waiting for a rank that is gone (NCCL never
+        notices a dead peer by itself; gloo does, when the peer's sockets close)."""
+        if self.backend is not None:
+            try:
+                self.backend.abort()
+            except Exception:  # not every backend implements abort; this is best effort
+                pass
+
+    def destroy(self) -> None:
+        """Release the communicators; the group cannot be used afterwards. Aborts rather than shuts
+        down: that never waits for the other ranks, which may be gone already."""
+        self.abort()
+        self.backend = None  # gloo frees its sockets when the backend is collected
+
+
+SINGLE_RANK = TensorParallelGroup(0, 1)
+# A context variable, not a plain global: engines built at the same time in two threads each see
+# their own group.
+_building: ContextVar[TensorParallelGroup] = ContextVar("nanovllm_tp_group", default=SINGLE_RANK)
+
+
+def get_tp_group() -> TensorParallelGroup:
+    """The group of the model being built (the single-rank group outside `building_with`)."""
+    return _building.get()
+
 
 def get_tp_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
+    return _building.get().rank
 
 
 def get_tp_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
+    return _building.get().size
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    if get_tp_size() > 1:
-        dist.all_reduce(x)
-    return x
+@contextmanager
+def building_with(group: TensorParallelGroup) -> Iterator[TensorParallelGroup]:
+    """Layers built inside this block split their weights for `group` and communicate through it."""
+    token = _building.set(group)
+    try:
+        yield group
+    finally:
+        _building.reset(token)
+
+
+# ---- rendezvous: rank 0 hosts the store, the other ranks connect to it --------------------------
+
+
+def create_rendezvous(world_size: int, timeout_s: float) -> dist.TCPStore:
+    """The store every rank meets at, hosted by rank 0 on a port the OS picks (`store.port`):
+    nothing fixed, nothing to race for between choosing a free port and binding it."""
+    return dist.TCPStore(
+        RENDEZVOUS_HOST,
+        0,
+        world_size,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def connect_rendezvous(host: str, port: int, world_size: int, timeout_s: float) -> dist.TCPStore:
+    return dist.TCPStore(
+        host, port, world_size, is_master=False, timeout=datetime.timedelta(seconds=timeout_s)
+    )
+
+
+def new_tp_group(
+    store: dist.Store, rank: int, size: int, device: torch.device, timeout_s: float
+) -> TensorParallelGroup:
+    """Join the group: blocks until all `size` ranks have called this with the same store."""
+    if size == 1:
+        return SINGLE_RANK
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.PrefixStore("tp", store)
+    if device.type == "cuda":
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = False
+        opts._timeout = timeout
+        opts.global_ranks_in_group = list(range(size))
+        backend = dist.ProcessGroupNCCL(store, rank, size, opts)
+    else:
+        backend = dist.ProcessGroupGloo(store, rank, size, timeout)
+    return TensorParallelGroup(rank, size, backend)
