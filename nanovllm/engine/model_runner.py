@@ -11,6 +11,7 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from nanovllm.config import Config
@@ -86,6 +87,7 @@ class ModelRunner:
         self.num_kv_heads = max(1, num_kv_heads_of(hf) // self.tp_size)
         self.head_dim = head_dim_of(hf)
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        self._host: dict[str, np.ndarray] | None = None  # see _host_buffers
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         max_bs = min(config.max_num_seqs, 512)
@@ -197,43 +199,80 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
 
+    def _host_buffers(self) -> dict[str, np.ndarray]:
+        """Step inputs are written into these host arrays (pinned on CUDA, so the copies to the
+        device are asynchronous) instead of allocating tensors every step. Safe to reuse: each step
+        ends with a sync (the sampled tokens), after which its copies are done."""
+        if self._host is None:
+            cfg, pin = self.config, self.device.type == "cuda"
+            max_tokens, max_seqs = cfg.max_num_batched_tokens, max(cfg.max_num_seqs, 1)
+            shapes = {
+                "input_ids": ((max_tokens,), torch.int64),
+                "positions": ((max_tokens,), torch.int64),
+                "slot_mapping": ((max_tokens,), torch.int64),
+                "cu_seqlens_q": ((max_seqs + 1,), torch.int32),
+                "seq_lens": ((max_seqs,), torch.int32),
+                "block_tables": ((max_seqs, self.max_blocks_per_seq), torch.int32),
+                "logits_indices": ((max_seqs,), torch.int64),
+            }
+            self._host_tensors = {
+                k: torch.zeros(*shape, dtype=dt, pin_memory=pin) for k, (shape, dt) in shapes.items()
+            }
+            self._host = {k: t.numpy() for k, t in self._host_tensors.items()}
+        return self._host
+
     def prepare(self, batch: ScheduledBatch) -> ModelInput:
         bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu = [0]
-        seq_lens: list[int] = []
-        logits_indices: list[int] = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            table = seq.block_table
-            if n == 1:
-                ids.append(seq.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
+        h = self._host_buffers()
+        seqs, num_new = batch.seqs, batch.num_new_tokens
+        num_seqs, num_tokens = len(seqs), batch.num_tokens
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables = h["block_tables"]
+        for i, seq in enumerate(seqs):
+            tables[i, : len(seq.block_table)] = seq.block_table
+        if num_tokens == num_seqs:  # decode: one token per sequence, its last one
+            positions = [seq.num_computed_tokens for seq in seqs]
+            h["input_ids"][:num_tokens] = [seq.token_ids[p] for seq, p in zip(seqs, positions)]
+            h["positions"][:num_tokens] = positions
+            h["slot_mapping"][:num_tokens] = [
+                s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)
+            ]
+            h["cu_seqlens_q"][: num_seqs + 1] = np.arange(num_seqs + 1)
+            seq_lens = h["seq_lens"][:num_seqs]
+            seq_lens[:] = positions
+            seq_lens += 1
+            sample_rows = [i for i, (seq, p) in enumerate(zip(seqs, positions)) if p + 1 == seq.num_tokens]
+        else:
+            ids: list[int] = []
+            sample_rows = []
+            cu = 0
+            for i, (seq, n) in enumerate(zip(seqs, num_new)):
+                start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
                 ids.extend(seq.token_ids[start:end])
-                positions.extend(range(start, end))
-                slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
-            cu.append(cu[-1] + n)
-            seq_lens.append(end)
-            if end == seq.num_tokens:  # reached the last known token: sample the next one
-                logits_indices.append(cu[-1] - 1)
-        max_blocks = max(len(s.block_table) for s in batch.seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in batch.seqs]
-        pin = self.device.type == "cuda"
-        t = lambda data, dtype: torch.tensor(data, dtype=dtype, pin_memory=pin)  # noqa: E731
+                pos = np.arange(start, end)
+                h["positions"][cu : cu + n] = pos
+                table = tables[i]
+                h["slot_mapping"][cu : cu + n] = table[pos // bs].astype(np.int64) * bs + pos % bs
+                cu += n
+                h["cu_seqlens_q"][i + 1] = cu
+                h["seq_lens"][i] = end
+                if end == seq.num_tokens:  # reached the last known token: sample the next one
+                    sample_rows.append(i)
+            h["cu_seqlens_q"][0] = 0
+            h["input_ids"][:num_tokens] = ids
+        cu_seqlens = h["cu_seqlens_q"][: num_seqs + 1]
+        h["logits_indices"][: len(sample_rows)] = cu_seqlens[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
+        t = self._host_tensors
         return ModelInput(
-            input_ids=t(ids, torch.int64),
-            positions=t(positions, torch.int64),
-            slot_mapping=t(slots, torch.int64),
-            cu_seqlens_q=t(cu, torch.int32),
-            seq_lens=t(seq_lens, torch.int32),
-            block_tables=t(tables, torch.int32),
-            logits_indices=t(logits_indices, torch.int64),
-            max_query_len=max(batch.num_new_tokens),
-            max_seq_len=max(seq_lens),
+            input_ids=t["input_ids"][:num_tokens],
+            positions=t["positions"][:num_tokens],
+            slot_mapping=t["slot_mapping"][:num_tokens],
+            cu_seqlens_q=t["cu_seqlens_q"][: num_seqs + 1],
+            seq_lens=t["seq_lens"][:num_seqs],
+            block_tables=t["block_tables"][:num_seqs, :max_blocks],
+            logits_indices=t["logits_indices"][: len(sample_rows)],
+            max_query_len=max(num_new),
+            max_seq_len=int(h["seq_lens"][:num_seqs].max()),
         )
 
     def sampling_requests(self, batch: ScheduledBatch) -> list[SamplingRequest]:
