@@ -1,0 +1,255 @@
+"""Tensor parallelism on the CPU (gloo): TP=2 against TP=1 and transformers on tiny random
+checkpoints, and the life of the worker processes (two engines at once, shutdown, garbage
+collection, a killed worker, a killed driver).
+
+Every LLM here spawns a worker process (several seconds each), so the engines are module fixtures.
+"""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing as mp
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.model_runner import ModelInput
+from nanovllm.engine.tp_worker import decode_message, encode_message
+from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model
+
+MAX_TOKENS = 8
+PROMPT_LENS = [3, 90, 17, 64, 1, 45]
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+# Chunked prefill: long prompts take several steps, mixed with other requests' decodes.
+CHUNKED = dict(max_num_batched_tokens=32, max_num_seqs=4)
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    rng = random.Random(0)
+    shared = [rng.randrange(3, 2048) for _ in range(40)]  # a prefix several prompts share
+    out = []
+    for i, n in enumerate(PROMPT_LENS):
+        p = [rng.randrange(3, 2048) for _ in range(n)]
+        if i % 2 and n > 40:
+            p[:40] = shared
+        out.append(p)
+    return out
+
+
+def _checkpoint(tmp_path_factory, arch: str, **overrides) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp(arch), arch, **overrides)
+
+
+def _expected(ckpt: Path, prompts) -> list[list[int]]:
+    hf = load_hf_model(ckpt)
+    return [hf_greedy(hf, p, MAX_TOKENS) for p in prompts]
+
+
+def _tokens(llm: LLM, prompts) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    # 4 attention heads, 2 KV heads (tests/checkpoints defaults): one KV head per rank at TP=2.
+    return {
+        "qwen3": _checkpoint(tmp_path_factory, "qwen3"),
+        "llama": _checkpoint(tmp_path_factory, "llama"),
+    }
+
+
+@pytest.fixture(scope="module")
+def expected(ckpts, prompts):
+    return {arch: _expected(path, prompts) for arch, path in ckpts.items()}
+
+
+@pytest.fixture(scope="module")
+def engines(ckpts):
+    """One TP=2 engine per architecture, alive together for the whole module."""
+    llms = {}
+    try:
+        for arch, path in ckpts.items():
+            llms[arch] = LLM(str(path), tensor_parallel_size=2, **CHUNKED)
+        yield llms
+    finally:
+        for llm in llms.values():
+            llm.shutdown()
+
+
+def _workers(llm: LLM) -> list[mp.process.BaseProcess]:
+    return llm.engine.runner.workers.procs
+
+
+def _gone(pid: int) -> bool:
+    """True once pid has exited (a zombie counts: it runs nothing, whoever reaps it)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status
+
+
+def _wait_gone(pids: list[int], timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if all(_gone(p) for p in pids):
+            return True
+        time.sleep(0.2)
+    return False
+
+
+# ---- the step record that crosses the pipe --------------------------------------------------
+
+
+def test_step_message_round_trip():
+    inp = ModelInput(
+        input_ids=torch.tensor([5, 6, 7]),
+        positions=torch.tensor([0, 1, 9]),
+        slot_mapping=torch.tensor([32, 33, 41]),
+        cu_seqlens_q=torch.tensor([0, 2, 3], dtype=torch.int32),
+        seq_lens=torch.tensor([2, 10], dtype=torch.int32),
+        block_tables=torch.tensor([[2, 0], [2, 1]], dtype=torch.int32),
+        logits_indices=torch.tensor([1, 2]),
+        max_query_len=2,
+        max_seq_len=10,
+    )
+    kind, got = decode_message(encode_message("step", inp))
+    assert kind == "step" and (got.max_query_len, got.max_seq_len) == (2, 10)
+    for name in ("input_ids", "positions", "slot_mapping", "cu_seqlens_q", "seq_lens", "block_tables"):
+        a, b = getattr(inp, name), getattr(got, name)
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert decode_message(encode_message("shutdown")) == ("shutdown", None)
+
+
+def test_tensor_parallel_size_must_fit_the_heads(ckpts):
+    with pytest.raises(ValueError, match="tensor_parallel_size=3"):
+        LLM(str(ckpts["qwen3"]), tensor_parallel_size=3)  # raised before any process starts
+
+
+# ---- parity ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_tp2_greedy_equals_tp1_and_transformers(arch, ckpts, expected, engines, prompts):
+    tp1 = _tokens(LLM(str(ckpts[arch]), **CHUNKED), prompts)
+    assert tp1 == expected[arch]
+    assert _tokens(engines[arch], prompts) == expected[arch]
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+def test_tp2_greedy_with_prefix_cache_hits(arch, expected, engines, prompts):
+    llm = engines[arch]
+    _tokens(llm, prompts)  # (again, if the parity test ran): the prompts' full blocks are now cached
+    again = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == expected[arch]
+    assert all(o.num_cached_tokens > 0 for o in again if len(o.prompt_token_ids) > 16)
+    assert llm.engine.scheduler.block_manager.hit_rate > 0
+
+
+def test_tp2_steps_of_prefill_chunks_only(expected, engines, prompts):
+    # One 90-token prompt in 32-token chunks: two steps sample nothing, yet every rank must agree
+    # on whether the LM head (a collective) runs.
+    assert _tokens(engines["qwen3"], [prompts[1]]) == [expected["qwen3"][1]]
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+
+def test_two_engines_alive_at_once_do_not_collide(engines, expected, prompts):
+    a, b = engines["qwen3"], engines["llama"]
+    addresses = {llm.engine.runner.rendezvous for llm in (a, b)}
+    pids = {p.pid for llm in (a, b) for p in _workers(llm)}
+    assert len(addresses) == 2 and len(pids) == 2
+    for _ in range(2):  # interleaved steps of both engines
+        assert _tokens(a, prompts[:3]) == expected["qwen3"][:3]
+        assert _tokens(b, prompts[:3]) == expected["llama"][:3]
+
+
+def test_context_manager_shuts_workers_down_kv_heads_replicated(tmp_path_factory, prompts):
+    # One KV head for two ranks: both ranks hold (and cache) the same KV head.
+    ckpt = _checkpoint(tmp_path_factory, "qwen3", num_key_value_heads=1)
+    want = _expected(ckpt, prompts)
+    with LLM(str(ckpt), tensor_parallel_size=2) as llm:
+        procs = _workers(llm)
+        assert all(p.is_alive() for p in procs)
+        assert _tokens(llm, prompts) == want
+    assert [p.exitcode for p in procs] == [0]
+    assert not set(procs) & set(mp.active_children())
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+
+
+def test_garbage_collected_engine_stops_its_workers(ckpts):
+    llm = LLM(str(ckpts["qwen3"]), tensor_parallel_size=2)
+    procs = _workers(llm)
+    del llm
+    gc.collect()
+    assert [p.exitcode for p in procs] == [0]
+    assert not set(procs) & set(mp.active_children())
+
+
+def test_killed_worker_raises_runtime_error_not_hang(ckpts, prompts):
+    llm = LLM(str(ckpts["qwen3"]), tensor_parallel_size=2)
+    try:
+        (proc,) = _workers(llm)
+        assert len(_tokens(llm, prompts[:2])) == 2
+        os.kill(proc.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match=r"worker rank 1 .*SIGKILL"):
+            llm.generate(prompts, GREEDY, use_tqdm=False)
+        with pytest.raises(RuntimeError, match="unusable"):  # and every later call, at once
+            llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+        assert not llm.engine.has_unfinished()
+    finally:
+        llm.shutdown()
+    assert not set(_workers(llm)) & set(mp.active_children())
+
+
+def test_killed_worker_mid_step_raises_runtime_error(ckpts, prompts):
+    """The worker dies while rank 0 is inside the step's collectives (not between steps)."""
+    llm = LLM(str(ckpts["qwen3"]), tensor_parallel_size=2)
+    try:
+        (proc,) = _workers(llm)
+        driver = llm.engine.runner.driver
+        send = driver.send
+
+        def send_then_kill(inp):
+            send(inp)
+            os.kill(proc.pid, signal.SIGKILL)  # the worker has the step; rank 0 is about to run it
+
+        driver.send = send_then_kill
+        with pytest.raises(RuntimeError, match=r"worker rank 1 .*SIGKILL"):
+            llm.generate(prompts[:2], GREEDY, use_tqdm=False)
+    finally:
+        llm.shutdown()
+
+
+def test_workers_exit_when_the_driver_is_killed(ckpts):
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from nanovllm import LLM
+        if __name__ == "__main__":
+            llm = LLM({str(ckpts["qwen3"])!r}, tensor_parallel_size=2)
+            print(*[p.pid for p in llm.engine.runner.workers.procs], flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
+    pids = [int(p) for p in out.stdout.split()]
+    assert len(pids) == 1
+    assert _wait_gone(pids), f"workers {pids} outlived their driver"

@@ -1,0 +1,289 @@
+"""Shard math of the tensor-parallel layers, without processes.
+
+Each rank's layer is built inside `building_with(group)` for a simulated group; forwards run one
+thread per rank, and the simulated collectives meet at a barrier, so the layers' own forward code
+(masked embedding + all-reduce, row-parallel all-reduce, LM-head gather) is what is checked.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from transformers import AutoConfig
+
+from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
+from nanovllm.layers.linear import (
+    ColumnParallelLinear,
+    MergedColumnParallelLinear,
+    QKVParallelLinear,
+    RowParallelLinear,
+)
+from nanovllm.models import get_model_class
+from nanovllm.utils.distributed import TensorParallelGroup, building_with, get_tp_rank, get_tp_size
+from nanovllm.utils.loader import iter_checkpoint, load_weights, safetensors_files
+from tests.checkpoints import build_checkpoint
+
+
+class ThreadGroup:
+    """One rank of a group whose ranks are threads of this process; collectives meet at a barrier."""
+
+    def __init__(self, rank: int, size: int, shared: dict):
+        self.rank, self.size, self.shared = rank, size, shared
+
+    def _exchange(self, x: torch.Tensor) -> list[torch.Tensor]:
+        slots, barrier = self.shared["slots"], self.shared["barrier"]
+        slots[self.rank] = x.clone()
+        barrier.wait()
+        parts = list(slots)
+        barrier.wait()  # nobody overwrites a slot before everyone has read them
+        return parts
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return x.copy_(torch.stack(self._exchange(x)).sum(0))
+
+    def gather(self, x: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
+        parts = self._exchange(x)
+        return parts if self.rank == dst else None
+
+
+def build_ranks(size: int, make: Callable[[], torch.nn.Module]) -> list[torch.nn.Module]:
+    shared = {"slots": [None] * size, "barrier": threading.Barrier(size, timeout=10)}
+    layers = []
+    for rank in range(size):
+        with building_with(ThreadGroup(rank, size, shared)):
+            layers.append(make())
+    return layers
+
+
+def run_ranks(layers: list[torch.nn.Module], *args) -> list:
+    """Every rank's forward on the same input, concurrently (collectives need all of them)."""
+    results: list = [None] * len(layers)
+    errors: list[BaseException] = []
+
+    def run(rank: int) -> None:
+        try:
+            with torch.no_grad():
+                results[rank] = layers[rank](*args)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(len(layers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
+def load(layers: list[torch.nn.Module], name: str, tensor: torch.Tensor, shard_id=None) -> None:
+    for layer in layers:
+        param = getattr(layer, name)
+        param.weight_loader(param, tensor, *([] if shard_id is None else [shard_id]))
+
+
+SIZES = [1, 2, 4]
+
+
+def test_building_with_sets_rank_and_size_then_restores():
+    assert (get_tp_rank(), get_tp_size()) == (0, 1)
+    with building_with(ThreadGroup(3, 4, {})):
+        assert (get_tp_rank(), get_tp_size()) == (3, 4)
+    assert (get_tp_rank(), get_tp_size()) == (0, 1)
+
+
+def test_single_rank_group_collectives_are_identities():
+    g = TensorParallelGroup(0, 1)
+    x = torch.randn(3)
+    assert g.all_reduce(x) is x
+    assert g.gather(x)[0] is x
+    with pytest.raises(ValueError, match="rank"):
+        TensorParallelGroup(2, 2)
+    with pytest.raises(ValueError, match="backend"):
+        TensorParallelGroup(0, 2)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_column_parallel_splits_output_rows(size):
+    w, b, x = torch.randn(16, 8), torch.randn(16), torch.randn(5, 8)
+    layers = build_ranks(size, lambda: ColumnParallelLinear(8, 16, bias=True))
+    load(layers, "weight", w)
+    load(layers, "bias", b)
+    shard = 16 // size
+    for r, layer in enumerate(layers):
+        assert torch.equal(layer.weight, w[r * shard : (r + 1) * shard])
+        assert torch.equal(layer.bias, b[r * shard : (r + 1) * shard])
+    torch.testing.assert_close(torch.cat(run_ranks(layers, x), dim=-1), F.linear(x, w, b))
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_merged_column_packs_gate_and_up_shards(size):
+    gate, up, x = torch.randn(12, 8), torch.randn(12, 8), torch.randn(5, 8)
+    layers = build_ranks(size, lambda: MergedColumnParallelLinear(8, [12, 12]))
+    load(layers, "weight", gate, 0)
+    load(layers, "weight", up, 1)
+    s = 12 // size
+    outs = run_ranks(layers, x)
+    for r, layer in enumerate(layers):
+        # rank r holds [gate shard r | up shard r]: SiluAndMul splits it in halves locally
+        assert torch.equal(layer.weight, torch.cat([gate[r * s : (r + 1) * s], up[r * s : (r + 1) * s]]))
+    local_gates, local_ups = zip(*(o.chunk(2, dim=-1) for o in outs))
+    torch.testing.assert_close(torch.cat(local_gates, -1), x @ gate.T)
+    torch.testing.assert_close(torch.cat(local_ups, -1), x @ up.T)
+
+
+def test_merged_column_rejects_parts_not_divisible():
+    with building_with(ThreadGroup(0, 4, {})), pytest.raises(ValueError, match="not all divisible"):
+        MergedColumnParallelLinear(8, [6, 2])  # the sum divides by 4, the parts do not
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,size",
+    [(4, 2, 1), (4, 2, 2), (4, 4, 2), (4, 2, 4), (8, 1, 4), (8, 2, 8)],
+    ids=lambda v: str(v),
+)
+def test_qkv_splits_heads_and_replicates_kv_when_fewer_than_ranks(num_heads, num_kv_heads, size):
+    hidden, hd = 16, 4
+    wq, wk, wv = (torch.randn(n * hd, hidden) for n in (num_heads, num_kv_heads, num_kv_heads))
+    bq, bk, bv = (torch.randn(n * hd) for n in (num_heads, num_kv_heads, num_kv_heads))
+    layers = build_ranks(size, lambda: QKVParallelLinear(hidden, hd, num_heads, num_kv_heads, bias=True))
+    for shard_id, w, b in (("q", wq, bq), ("k", wk, bk), ("v", wv, bv)):
+        load(layers, "weight", w, shard_id)
+        load(layers, "bias", b, shard_id)
+    heads = lambda t, idx: torch.cat([t[h * hd : (h + 1) * hd] for h in idx])  # rows of those heads
+    group = num_heads // num_kv_heads  # query heads per KV head (GQA)
+    q_per_rank = num_heads // size
+    for r, layer in enumerate(layers):
+        q_heads = list(range(r * q_per_rank, (r + 1) * q_per_rank))
+        kv_heads = sorted({h // group for h in q_heads})  # the KV heads this rank's queries read
+        assert layer.num_heads == q_per_rank and layer.num_kv_heads == len(kv_heads)
+        # Locally, query head j reads KV head j // (local group size): the same pairing as globally.
+        local_group = layer.num_heads // layer.num_kv_heads
+        assert [kv_heads[j // local_group] for j in range(q_per_rank)] == [h // group for h in q_heads]
+        q, k, v = layer.weight.split([q_per_rank * hd, len(kv_heads) * hd, len(kv_heads) * hd])
+        assert torch.equal(q, heads(wq, q_heads))
+        assert torch.equal(k, heads(wk, kv_heads)) and torch.equal(v, heads(wv, kv_heads))
+        qb, kb, vb = layer.bias.split([q_per_rank * hd, len(kv_heads) * hd, len(kv_heads) * hd])
+        assert torch.equal(qb, heads(bq, q_heads))
+        assert torch.equal(kb, heads(bk, kv_heads)) and torch.equal(vb, heads(bv, kv_heads))
+
+
+def test_qkv_rejects_heads_not_divisible():
+    with building_with(ThreadGroup(0, 4, {})), pytest.raises(ValueError, match="num_heads=6"):
+        QKVParallelLinear(16, 4, 6, 2)
+    with building_with(ThreadGroup(0, 4, {})), pytest.raises(ValueError, match="num_kv_heads=3"):
+        QKVParallelLinear(16, 4, 12, 3)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_row_parallel_splits_input_columns_and_adds_bias_once(size):
+    w, b, x = torch.randn(8, 16), torch.randn(8), torch.randn(5, 16)
+    layers = build_ranks(size, lambda: RowParallelLinear(16, 8, bias=True))
+    load(layers, "weight", w)
+    load(layers, "bias", b)
+    shard = 16 // size
+    for r, layer in enumerate(layers):
+        assert torch.equal(layer.weight, w[:, r * shard : (r + 1) * shard])
+    # Rank r gets its slice of the input features (made by the column-parallel layer before it).
+    for out in run_ranks([_InputSlice(layer, r, shard) for r, layer in enumerate(layers)], x):
+        torch.testing.assert_close(out, F.linear(x, w, b))
+
+
+class _InputSlice(torch.nn.Module):
+    def __init__(self, layer: torch.nn.Module, rank: int, shard: int):
+        super().__init__()
+        self.layer, self.rank, self.shard = layer, rank, shard
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x[:, self.rank * self.shard : (self.rank + 1) * self.shard])
+
+
+@pytest.mark.parametrize("vocab,size", [(1001, 1), (1001, 2), (1001, 4), (5, 4)])
+def test_vocab_parallel_embedding_pads_uneven_vocab(vocab, size):
+    w = torch.randn(vocab, 8)
+    layers = build_ranks(size, lambda: VocabParallelEmbedding(vocab, 8))
+    load(layers, "weight", w)
+    shard = -(-vocab // size)
+    for r, layer in enumerate(layers):
+        rows = w[r * shard : (r + 1) * shard]  # the last shard may be short, or empty
+        assert layer.weight.shape == (shard, 8)
+        assert torch.equal(layer.weight[: len(rows)], rows)
+        assert not layer.weight[len(rows) :].any(), "padding rows must be zero"
+    ids = torch.tensor(sorted({0, 1, shard - 1, min(shard, vocab - 1), vocab // 2, vocab - 2, vocab - 1}))
+    for out in run_ranks(layers, ids):
+        torch.testing.assert_close(out, F.embedding(ids, w))
+
+
+@pytest.mark.parametrize("vocab,size", [(1001, 1), (1001, 2), (1001, 4), (5, 4)])
+def test_lm_head_gathers_full_logits_on_rank0_only(vocab, size):
+    w, hidden = torch.randn(vocab, 8), torch.randn(3, 8)
+    layers = build_ranks(size, lambda: ParallelLMHead(vocab, 8))
+    load(layers, "weight", w)
+    outs = run_ranks(layers, hidden)
+    torch.testing.assert_close(outs[0], hidden @ w.T)  # [3, vocab]: the padding columns dropped
+    assert all(o is None for o in outs[1:])
+
+
+# ---- loading a whole checkpoint: each rank reads only its shards --------------------------------
+
+
+class CountingSlice:
+    """A safetensors slice that counts the elements actually read through it."""
+
+    counter = {"read": 0}
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def get_shape(self):
+        return self.inner.get_shape()
+
+    def __getitem__(self, index):
+        t = self.inner[index]
+        CountingSlice.counter["read"] += t.numel()
+        return t
+
+
+@pytest.mark.parametrize(
+    "arch,rank,size,overrides",
+    [
+        ("qwen3", 1, 2, {}),
+        ("llama", 3, 4, {}),  # 2 KV heads over 4 ranks: replicated
+        ("qwen3", 0, 2, {"tie_word_embeddings": True, "vocab_size": 2047}),  # tied, uneven vocab
+    ],
+)
+def test_each_rank_reads_only_its_shards_from_safetensors(tmp_path, arch, rank, size, overrides):
+    ckpt = build_checkpoint(tmp_path, arch, tokenizer=False, **overrides)
+    config = AutoConfig.from_pretrained(ckpt)
+    with building_with(ThreadGroup(rank, size, {})):
+        model = get_model_class(config)(config, 64)
+    full = {}
+    for file in safetensors_files(ckpt):
+        with safe_open(str(file), framework="pt") as f:
+            full.update({name: f.get_tensor(name) for name in f.keys()})
+    # Poison the parameters: any that loading skips would keep NaNs.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    CountingSlice.counter["read"] = 0
+    load_weights(model, ((name, CountingSlice(s)) for name, s in iter_checkpoint(ckpt)))
+    held = 0
+    for name, p in model.named_parameters():  # each tied parameter once
+        assert not p.isnan().any(), f"{name} was not loaded"
+        held += p.numel()
+    embed = model.model.embed_tokens
+    padding_rows = embed.shard_size - max(0, min(embed.shard_size, config.vocab_size - embed.vocab_start))
+    head_copies = 1 if model.tie_word_embeddings else 2
+    assert CountingSlice.counter["read"] == held - padding_rows * config.hidden_size * head_copies
+    assert CountingSlice.counter["read"] < sum(t.numel() for t in full.values()) / size * 1.5
+    # And what was read is the right part: q_proj of layer 0 in this rank's slot.
+    qkv = model.model.layers[0].self_attn.qkv_proj
+    q_rows = qkv.num_heads * qkv.head_dim
+    wq = full["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(qkv.weight[:q_rows], wq[rank * q_rows : (rank + 1) * q_rows])
