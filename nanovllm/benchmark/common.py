@@ -1,0 +1,239 @@
+"""What both benchmarks share: the workload, the run's provenance, the JSON report and the printed table."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
+
+# The H100 numbers of docs/GPU conventions (measured on the benchmark machine, 2026-11-27): the floors
+# printed beside our numbers are computed from these, whatever card runs (the report names the card).
+PEAK_BANDWIDTH_BYTES_PER_S = 3.0e12  # device-to-device copy, read + write counted
+PEAK_BF16_FLOP_PER_S = 804e12  # bf16 matmul
+# Physical floor of nano-vllm's bench.py workload on Qwen3-0.6B shapes (H100): 5.20 s for 133,966 tokens.
+THROUGHPUT_FLOOR_TOK_PER_S = 25_747
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Random prompts of token ids and their output lengths, drawn like nano-vllm's bench.py:
+    one RNG seeded once; first every prompt (its length, then its ids), then every max_tokens."""
+
+    prompts: list[list[int]]
+    max_tokens: list[int]
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return sum(map(len, self.prompts))
+
+    @property
+    def num_output_tokens(self) -> int:
+        return sum(self.max_tokens)
+
+    @property
+    def max_seq_len(self) -> int:
+        return max((len(p) + m for p, m in zip(self.prompts, self.max_tokens)), default=0)
+
+    def head(self, n: int) -> Workload:
+        """The first n requests (a subset with exactly the same prompts and lengths)."""
+        return Workload(self.prompts[:n], self.max_tokens[:n])
+
+
+def make_workload(
+    num_requests: int,
+    min_input_len: int,
+    max_input_len: int,
+    min_output_len: int,
+    max_output_len: int,
+    max_token_id: int = 10_000,
+    seed: int = 0,
+) -> Workload:
+    """With the defaults of nano-vllm's bench.py (256 requests, lengths in [100, 1024], ids in [0, 10000],
+    seed 0) this draws exactly its workload: 133,966 output tokens, 142,827 prompt tokens."""
+    for name, lo, hi in (("input", min_input_len, max_input_len), ("output", min_output_len, max_output_len)):
+        if not 1 <= lo <= hi:
+            raise ValueError(f"{name} lengths must satisfy 1 <= min <= max, got [{lo}, {hi}]")
+    if num_requests < 1:
+        raise ValueError(f"num_requests must be >= 1, got {num_requests}")
+    rng = random.Random(seed)
+    prompts = [
+        [rng.randint(0, max_token_id) for _ in range(rng.randint(min_input_len, max_input_len))]
+        for _ in range(num_requests)
+    ]
+    max_tokens = [rng.randint(min_output_len, max_output_len) for _ in range(num_requests)]
+    return Workload(prompts, max_tokens)
+
+
+# ---- provenance ------------------------------------------------------------------------------------
+
+
+def card_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def card_slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "unknown"
+
+
+def git_commit() -> dict[str, Any]:
+    """Short commit and whether tracked files differ from it (None where git or .git is absent).
+    Read-only: GIT_OPTIONAL_LOCKS=0 keeps git from refreshing the index."""
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+
+    def git(*args: str) -> subprocess.CompletedProcess | None:
+        try:
+            return subprocess.run(
+                ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, env=env
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head is None or head.returncode != 0:
+        return {"git_commit": None, "git_dirty": None}
+    diff = git("diff", "--quiet", "HEAD", "--")
+    dirty = None if diff is None or diff.returncode not in (0, 1) else diff.returncode == 1
+    return {"git_commit": head.stdout.strip(), "git_dirty": dirty}
+
+
+def run_info() -> dict[str, Any]:
+    versions = {"python": platform.python_version(), "torch": torch.__version__}
+    for module in ("transformers", "triton"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {
+        "card": card_name(),
+        "date": now.isoformat(timespec="seconds"),
+        **git_commit(),
+        "versions": versions,
+        "cuda": torch.version.cuda,
+    }
+
+
+def write_report(kind: str, report: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write `<kind>-<card-slug>-<UTC date and time>.json` into out_dir and return its path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d-%H%M%S")
+    path = out / f"{kind}-{card_slug(report.get('card', card_name()))}-{stamp}.json"
+    path.write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    if hasattr(obj, "__dataclass_fields__"):
+        return asdict(obj)
+    return repr(obj)
+
+
+# ---- measuring -------------------------------------------------------------------------------------
+
+
+def synchronize() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def now() -> float:
+    """Host clock after the device has finished everything queued so far."""
+    synchronize()
+    return time.perf_counter()
+
+
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory_stats() -> dict[str, int | None]:
+    if not torch.cuda.is_available():
+        return {"peak_memory_allocated_bytes": None, "memory_allocated_bytes": None}
+    return {
+        "peak_memory_allocated_bytes": torch.cuda.max_memory_allocated(),
+        "memory_allocated_bytes": torch.cuda.memory_allocated(),
+    }
+
+
+class Skipped(Exception):
+    """A part of a benchmark that cannot run here (a CUDA-only setting on the CPU): recorded as skipped."""
+
+
+def guarded(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one part of a benchmark; a failure becomes {"error": ...} in the report, not the end of the run."""
+    start = time.perf_counter()
+    try:
+        return fn()
+    except Exception as e:
+        if isinstance(e, Skipped):
+            return {"skipped": str(e)}  # anything: the other parts of the run still count
+        traceback.print_exc()
+        print(f"[{name}] failed after {time.perf_counter() - start:.1f} s: {e!r}")
+        return {"error": f"{type(e).__name__}: {e}", "seconds_before_error": time.perf_counter() - start}
+    finally:
+        free_device_memory()
+
+
+def free_device_memory() -> None:
+    """Give the GPU memory of dead objects back (before the next engine sizes its cache from what is
+    free). Nothing on the CPU, where a full garbage collection only costs time."""
+    if torch.cuda.is_available():
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+# ---- printing --------------------------------------------------------------------------------------
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
+    cells = [[str(h) for h in headers]] + [[c if isinstance(c, str) else fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    line = lambda r: "  ".join(
+        c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+    )  # noqa: E731
+    print(f"\n{title}")
+    print(line(cells[0]))
+    print("  ".join("-" * w for w in widths))
+    for r in cells[1:]:
+        print(line(r))
+
+
+def gib(num_bytes: int | None) -> float | None:
+    return None if num_bytes is None else num_bytes / 2**30

@@ -1,0 +1,330 @@
+"""Latency: time to first token and time per output token, each beside its physical floor.
+
+    python benchmarks/latency.py [--model qwen3-0.6b] [--out DIR]      # or: nanovllm bench latency
+
+Method: the engine is driven directly (`LLMEngine.add_request` / `step`), and a measurement is the host
+clock (`time.perf_counter`) around those calls after `torch.cuda.synchronize()` — every `step()` already
+waits for its sampled tokens, so a step's time is what a caller sees: scheduling, input preparation,
+forward, sampling and bookkeeping. Prompts are fresh random token ids each time (no prefix-cache hits).
+
+- TTFT (batch 1): add one request with a C-token prompt and max_tokens=1, step until its token arrives;
+  median of --ttft-repeats runs after one warm-up run.
+- TPOT (batch 1 and batch B): add B requests with C-token prompts, step until every one has its first
+  token (prefill, possibly in chunks), then time --decode-steps steps in which all B decode together;
+  TPOT = median step time (the mean is recorded too). One shorter warm-up pass first.
+
+Floors, from the measured peaks of the card in docs (H100: 3.0 TB/s, 804 bf16 TFLOP/s):
+- decode step: (weight bytes + KV bytes the step reads) / bandwidth, KV at the mean context of the
+  timed steps; the weight-only floor is printed too.
+- prefill: max(weight bytes / bandwidth, FLOPs / peak FLOP/s); FLOPs = 2 x matmul params x tokens
+  + causal attention (2 x 2 x layers x heads x head_dim x C^2 / 2) + the LM head on the last token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+from nanovllm.benchmark.common import (
+    DEFAULT_OUT_DIR,
+    PEAK_BANDWIDTH_BYTES_PER_S,
+    PEAK_BF16_FLOP_PER_S,
+    fmt,
+    gib,
+    memory_stats,
+    now,
+    print_table,
+    reset_peak_memory,
+    run_info,
+    write_report,
+)
+from nanovllm.config import preset_names
+
+DEFAULT_MODEL = "qwen3-0.6b"
+PREFILL_SLACK_TOKENS = 512  # decode steps a request may take while the rest of its batch prefills
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nanovllm.cli import add_engine_args
+
+    p = argparse.ArgumentParser(
+        prog="nanovllm bench latency", description="TTFT and TPOT of nanovllm beside their physical floors."
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"checkpoint dir or preset {preset_names()}")
+    p.add_argument("--contexts", type=_int_list, default=[128, 1024, 4096], help="prompt lengths, batch 1")
+    p.add_argument("--batches", type=_int_list, default=[16, 64, 256], help="batch sizes for batched TPOT")
+    p.add_argument("--batch-context", type=int, default=1024, help="prompt length of the batched TPOT runs")
+    p.add_argument("--decode-steps", type=int, default=64, help="timed decode steps per TPOT measurement")
+    p.add_argument("--ttft-repeats", type=int, default=5)
+    p.add_argument("--bandwidth-tbs", type=float, default=PEAK_BANDWIDTH_BYTES_PER_S / 1e12)
+    p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOP_PER_S / 1e12)
+    p.add_argument("--prompt-seed", type=int, default=0, help="seed of the random prompts")
+    p.add_argument("--out", default=str(DEFAULT_OUT_DIR), help="directory for the JSON report")
+    add_engine_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        report = run(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    path = write_report("latency", report, args.out)
+    print(f"\nwrote {path}")
+    print_summary(report)
+    return 0
+
+
+# ---- model sizes and floors --------------------------------------------------------------------------
+
+
+def model_sizes(config) -> dict[str, Any]:
+    """Bytes and FLOP coefficients from the checkpoint's tensor shapes (a tied head counted once)."""
+    from nanovllm.models import get_model_class
+    from nanovllm.models.decoder import head_dim_of, num_kv_heads_of
+
+    hf = config.hf_config
+    elem = config.torch_dtype.itemsize
+    shapes = get_model_class(hf).checkpoint_shapes(hf)
+    numel = lambda shape: int(__import__("math").prod(shape))  # noqa: E731
+    num_params = sum(numel(s) for s in shapes.values())
+    matmul_params = sum(numel(s) for n, s in shapes.items() if n.endswith("proj.weight"))
+    tp = config.tensor_parallel_size
+    return {
+        "num_params": num_params,
+        "weight_bytes": num_params * elem,
+        "weight_bytes_per_gpu": num_params * elem // tp,
+        "matmul_params": matmul_params,
+        "kv_bytes_per_token": 2 * hf.num_hidden_layers * num_kv_heads_of(hf) * head_dim_of(hf) * elem,
+        "num_layers": hf.num_hidden_layers,
+        "num_heads": hf.num_attention_heads,
+        "head_dim": head_dim_of(hf),
+        "hidden_size": hf.hidden_size,
+        "vocab_size": hf.vocab_size,
+        "tensor_parallel_size": tp,
+    }
+
+
+def decode_floor_ms(sizes: dict, batch: int, mean_context: float, bandwidth: float) -> tuple[float, float]:
+    """(weights-only floor, weights + KV floor) of one decode step, per GPU, in ms."""
+    tp = sizes["tensor_parallel_size"]
+    weights = sizes["weight_bytes_per_gpu"]
+    kv = batch * mean_context * sizes["kv_bytes_per_token"] / tp
+    return 1e3 * weights / bandwidth, 1e3 * (weights + kv) / bandwidth
+
+
+def prefill_floor_ms(sizes: dict, num_tokens: int, bandwidth: float, flops: float) -> float:
+    s = sizes
+    work = 2 * s["matmul_params"] * num_tokens
+    work += 2 * 2 * s["num_layers"] * s["num_heads"] * s["head_dim"] * num_tokens**2 / 2
+    work += 2 * s["vocab_size"] * s["hidden_size"]
+    tp = s["tensor_parallel_size"]
+    return 1e3 * max(s["weight_bytes_per_gpu"] / bandwidth, work / tp / flops)
+
+
+# ---- measurements ------------------------------------------------------------------------------------
+
+
+class _Prompts:
+    def __init__(self, vocab_size: int, seed: int):
+        self.rng = random.Random(seed)
+        self.high = min(10_000, vocab_size - 1)
+
+    def __call__(self, length: int) -> list[int]:
+        return [self.rng.randint(0, self.high) for _ in range(length)]
+
+
+def measure_ttft(engine, prompts: _Prompts, context: int, repeats: int) -> dict[str, Any]:
+    from nanovllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times = []
+    for i in range(repeats + 1):  # the first is a warm-up
+        prompt = prompts(context)
+        start = now()
+        rid = engine.add_request(prompt, params)
+        while rid in engine.requests:  # max_tokens=1: the request is dropped once its token is sampled
+            engine.step()
+        elapsed = now() - start
+        if i:
+            times.append(elapsed * 1e3)
+    return {
+        "context": context,
+        "repeats": repeats,
+        "ttft_ms_median": statistics.median(times),
+        "ttft_ms_min": min(times),
+    }
+
+
+def measure_tpot(engine, prompts: _Prompts, batch: int, context: int, steps: int) -> dict[str, Any]:
+    """Prefill `batch` fresh prompts, then time `steps` decode steps of the whole batch."""
+    from nanovllm import SamplingParams
+
+    # As many tokens as the model allows: nobody finishes inside the window (the requests prefilled
+    # first decode while the others prefill); all are aborted after it.
+    params = SamplingParams(temperature=0, max_tokens=engine.config.max_model_len - context, ignore_eos=True)
+    ids = [engine.add_request(prompts(context), params) for _ in range(batch)]
+    seqs = [engine.requests[rid].seq for rid in ids]
+    preemptions = engine.scheduler.num_preemptions
+    try:
+        while any(s.num_output_tokens == 0 for s in seqs):  # prefill (chunked, mixed with decodes)
+            engine.step()
+        context_before = statistics.mean(s.num_tokens for s in seqs)
+        step_ms = []
+        for _ in range(steps):
+            before = sum(s.num_output_tokens for s in seqs)
+            start = now()
+            engine.step()
+            step_ms.append((now() - start) * 1e3)
+            served = sum(s.num_output_tokens for s in seqs) - before
+            if served != batch:
+                raise RuntimeError(f"a decode step served {served} of {batch} requests (KV cache too small?)")
+    finally:
+        for rid in ids:
+            engine.abort(rid)
+    return {
+        "batch": batch,
+        "context": context,
+        "decode_steps": steps,
+        "mean_context": context_before + (steps - 1) / 2,  # tokens in the cache, averaged over the steps
+        "tpot_ms_median": statistics.median(step_ms),
+        "tpot_ms_mean": statistics.mean(step_ms),
+        "tok_per_s": batch / (statistics.median(step_ms) / 1e3),
+        "num_preemptions": engine.scheduler.num_preemptions - preemptions,
+    }
+
+
+def _max_model_len(args) -> int:
+    """Room for the longest prompt, the timed steps, and the steps taken while a batch prefills."""
+    longest = max(max(args.contexts), args.batch_context if args.batches else 0)
+    return -(-(longest + args.decode_steps + PREFILL_SLACK_TOKENS) // 256) * 256
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from nanovllm import LLM
+    from nanovllm.cli import engine_kwargs
+
+    for name in ("decode_steps", "ttft_repeats", "batch_context"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    kwargs = engine_kwargs(args)
+    kwargs.setdefault("max_model_len", _max_model_len(args))
+    kwargs.setdefault("max_num_seqs", max(256, max(args.batches)))
+    reset_peak_memory()
+    start = time.perf_counter()
+    llm = LLM(args.model, **kwargs)
+    init_s = time.perf_counter() - start
+    engine, config = llm.engine, llm.config
+    bandwidth, flops = args.bandwidth_tbs * 1e12, args.peak_tflops * 1e12
+    sizes = model_sizes(config)
+    prompts = _Prompts(config.hf_config.vocab_size, args.prompt_seed)
+    report: dict[str, Any] = {
+        "benchmark": "latency",
+        **run_info(),
+        "model": args.model,
+        "engine_args": kwargs,
+        "method": "host clock around LLMEngine.add_request/step after torch.cuda.synchronize; fresh prompts",
+        "params": {
+            "contexts": args.contexts,
+            "batches": args.batches,
+            "batch_context": args.batch_context,
+            "decode_steps": args.decode_steps,
+            "ttft_repeats": args.ttft_repeats,
+            "sampling": "greedy, ignore_eos",
+        },
+        "floor_basis": {"bandwidth_bytes_per_s": bandwidth, "peak_flop_per_s": flops},
+        "model_sizes": sizes,
+        "init_seconds": init_s,
+    }
+    try:
+        ttft, tpot1, tpotb = [], [], []
+        for c in args.contexts:
+            r = measure_ttft(engine, prompts, c, args.ttft_repeats)
+            r["floor_ms"] = prefill_floor_ms(sizes, c, bandwidth, flops)
+            ttft.append(r)
+        for batch, contexts in [(1, args.contexts), *((b, [args.batch_context]) for b in args.batches)]:
+            for c in contexts:
+                try:
+                    measure_tpot(engine, prompts, batch, c, min(4, args.decode_steps))  # warm-up
+                    r = measure_tpot(engine, prompts, batch, c, args.decode_steps)
+                except RuntimeError as e:  # e.g. a batch the KV cache cannot hold: record, go on
+                    r = {"batch": batch, "context": c, "error": str(e)}
+                else:
+                    r["floor_weights_ms"], r["floor_ms"] = decode_floor_ms(
+                        sizes, batch, r["mean_context"], bandwidth
+                    )
+                    r["pct_of_floor"] = 100 * r["floor_ms"] / r["tpot_ms_median"]
+                (tpot1 if batch == 1 else tpotb).append(r)
+        report.update(ttft=ttft, tpot_batch1=tpot1, tpot_batched=tpotb)
+        report["kv_cache_blocks"] = engine.num_kvcache_blocks
+        report["block_size"] = config.block_size
+        report["kv_cache_tokens"] = engine.num_kvcache_blocks * config.block_size
+        report.update(memory_stats())
+    finally:
+        llm.shutdown()
+    return report
+
+
+def print_summary(report: dict[str, Any]) -> None:
+    title = f"on {report['card']} ({report['model']}, commit {report['git_commit']})"
+    print_table(
+        f"TTFT {title}",
+        ["prompt tokens", "TTFT ms (median)", "floor ms", "floor / TTFT"],
+        [
+            [
+                r["context"],
+                f"{r['ttft_ms_median']:.2f}",
+                f"{r['floor_ms']:.3f}",
+                f"{100 * r['floor_ms'] / r['ttft_ms_median']:.0f}%",
+            ]
+            for r in report["ttft"]
+        ],
+    )
+    rows = [
+        [r["batch"], r["context"], "error: " + r["error"][:60], "", "", "", ""]
+        if "error" in r
+        else [
+            r["batch"],
+            r["context"],
+            f"{r['tpot_ms_median']:.3f}",
+            f"{r['floor_weights_ms']:.3f}",
+            f"{r['floor_ms']:.3f}",
+            f"{r['pct_of_floor']:.0f}%",
+            fmt(r["tok_per_s"]),
+        ]
+        for r in report["tpot_batch1"] + report["tpot_batched"]
+    ]
+    print_table(
+        f"TPOT {title}",
+        [
+            "batch",
+            "prompt tokens",
+            "TPOT ms (median)",
+            "floor ms (weights)",
+            "floor ms (+KV)",
+            "floor / TPOT",
+            "tok/s",
+        ],
+        rows,
+    )
+    print(
+        f"\npeak GPU memory {fmt(gib(report.get('peak_memory_allocated_bytes')), 2)} GiB; KV cache "
+        f"{fmt(report['kv_cache_tokens'])} tokens "
+        f"({fmt(report['kv_cache_blocks'])} blocks x {report['block_size']})"
+    )

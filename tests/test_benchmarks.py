@@ -1,0 +1,170 @@
+"""The benchmarks run end to end on the tiny preset on the CPU (so they don't rot), and their
+transformers baseline really is the same model: same weights, and a paged attention that matches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.benchmark import hf_baseline
+from nanovllm.benchmark.common import make_workload
+
+ENGINE = ["--model", "qwen3-tiny", "--device", "cpu", "--num-kvcache-blocks", "256", "--max-num-seqs", "8"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on a busy CI host are faster on one thread than fighting over several.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _report(out_dir, kind: str) -> dict:
+    (path,) = out_dir.glob(f"{kind}-cpu-*.json")
+    return json.loads(path.read_text())
+
+
+def test_workload_is_nano_vllm_bench():
+    w = make_workload(256, 100, 1024, 100, 1024, max_token_id=10_000, seed=0)
+    assert (w.num_output_tokens, w.num_prompt_tokens) == (133_966, 142_827)
+    assert w.head(64).prompts == w.prompts[:64] and w.head(64).max_tokens == w.max_tokens[:64]
+
+
+def test_throughput_benchmark(tmp_path):
+    from nanovllm.benchmark.throughput import main
+
+    args = ["--num-requests", "4", "--max-input-len", "32", "--max-output-len", "8", "--hf-num-requests", "2"]
+    assert main([*ENGINE, *args, "--hf-mode", "both", "--hf-static-subset", "3", "--out", str(tmp_path)]) == 0
+    r = _report(tmp_path, "throughput")
+    assert r["card"] == "cpu" and r["date"] and "git_commit" in r and r["versions"]["torch"]
+    assert r["workload"]["num_requests"] == 4 and r["workload"]["ignore_eos"] is True
+    nano = r["nanovllm"]
+    assert nano["full"]["output_tokens"] == r["workload"]["num_output_tokens"]
+    assert nano["full"]["tok_per_s"] > 0 and nano["kv_cache_tokens"] == 256 * nano["block_size"]
+    assert set(nano["subsets"]) == {"2", "3"}
+    hf = r["hf"]
+    for key in ("default", "static", "tuned"):  # a number, or the reason there is none
+        assert hf[key].get("tok_per_s", 0) > 0 or hf[key].get("error"), (key, hf[key])
+    # Transformers runs exactly the requests nanovllm's subset row counts.
+    assert hf["default"]["output_tokens"] == nano["subsets"]["2"]["output_tokens"]
+    assert hf["static"]["useful_tokens"] == nano["subsets"]["3"]["output_tokens"]
+    assert hf["tuned"]["candidate"] == "varlen"  # the others need CUDA: recorded as skipped
+    assert hf["tuned_candidates"]["varlen-async"]["skipped"]
+    assert r["ratios"]["nanovllm_over_hf_default"] > 0
+
+
+def test_throughput_no_hf(tmp_path):
+    from nanovllm.cli import main
+
+    args = ["--num-requests", "2", "--max-input-len", "8", "--max-output-len", "4", "--hf-mode", "none"]
+    assert main(["bench", *ENGINE, *args, "--out", str(tmp_path)]) == 0
+    r = _report(tmp_path, "throughput")
+    assert r["hf"] == {} and r["nanovllm"]["subsets"] == {}
+
+
+def test_latency_benchmark(tmp_path):
+    from nanovllm.cli import main
+
+    args = ["--contexts", "16,40", "--batches", "2,3", "--batch-context", "16", "--decode-steps", "3"]
+    assert main(["bench", "latency", *ENGINE, *args, "--ttft-repeats", "2", "--out", str(tmp_path)]) == 0
+    r = _report(tmp_path, "latency")
+    assert [x["context"] for x in r["ttft"]] == [16, 40]
+    assert [(x["batch"], x["context"]) for x in r["tpot_batch1"]] == [(1, 16), (1, 40)]
+    assert [x["batch"] for x in r["tpot_batched"]] == [2, 3]
+    for x in r["tpot_batch1"] + r["tpot_batched"]:
+        assert x["tpot_ms_median"] > 0 and 0 < x["floor_weights_ms"] < x["floor_ms"]
+        assert x["num_preemptions"] == 0
+    assert all(x["ttft_ms_median"] > 0 and x["floor_ms"] > 0 for x in r["ttft"])
+    assert r["kv_cache_tokens"] == 256 * r["block_size"] and r["model_sizes"]["weight_bytes"] > 0
+
+
+def test_bad_arguments_are_reported(tmp_path, capsys):
+    from nanovllm.benchmark.throughput import main
+
+    assert main([*ENGINE, "--hf-tuned", "warp-drive", "--out", str(tmp_path)]) == 2
+    assert "unknown --hf-tuned candidate" in capsys.readouterr().err
+
+
+# ---- the transformers baseline is the same model -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    llm = LLM("qwen3-tiny", device="cpu", num_kvcache_blocks=64, max_model_len=256)
+    model = hf_baseline.build_hf_model(llm.config)
+    yield llm, model
+    llm.shutdown()
+
+
+def test_hf_model_has_nanovllm_weights(tiny):
+    llm, model = tiny
+    ours = dict(llm.engine.runner.model.named_parameters())
+    theirs = dict(model.named_parameters())
+    layer = "model.layers.1."
+    qkv = torch.cat([theirs[layer + f"self_attn.{p}_proj.weight"] for p in "qkv"])
+    torch.testing.assert_close(ours[layer + "self_attn.qkv_proj.weight"], qkv, rtol=0, atol=0)
+    gate_up = torch.cat([theirs[layer + f"mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    torch.testing.assert_close(ours[layer + "mlp.gate_up_proj.weight"], gate_up, rtol=0, atol=0)
+    torch.testing.assert_close(ours["model.embed_tokens.weight"], theirs["model.embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("attn", ["paged|sdpa", hf_baseline.VARLEN_ATTENTION])
+def test_hf_continuous_batching_matches_nanovllm_greedy(tiny, attn):
+    from transformers import GenerationConfig
+
+    llm, model = tiny
+    w = make_workload(5, 3, 60, 6, 6, max_token_id=2047, seed=3)
+    ours = [o.outputs[0].token_ids for o in llm.generate(w.prompts, GREEDY, use_tqdm=False)]
+    if attn == hf_baseline.VARLEN_ATTENTION:
+        hf_baseline.register_varlen_attention()
+    model.set_attn_implementation(attn)
+    try:
+        with hf_baseline._cpu_cache_budget(model.device):
+            out = model.generate_batch(
+                w.prompts,
+                generation_config=GenerationConfig(do_sample=False, max_new_tokens=6, eos_token_id=-1),
+            )
+    finally:
+        model.set_attn_implementation("sdpa")
+    theirs = [o.generated_tokens for o in out.values()]
+    assert theirs == ours
+
+
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+
+def test_varlen_reference_is_causal_with_a_cached_prefix():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 8), torch.randn(7, 2, 8), torch.randn(7, 2, 8)
+    cu_q, cu_k = torch.tensor([0, 1, 3]), torch.tensor([0, 2, 7])  # seq 0: 1 query, 2 keys; seq 1: 2 of 5
+    out = hf_baseline.causal_varlen_attention_reference(q, k, v, cu_q, cu_k, scale=0.5)
+    # The last query of each sequence sees all of its keys: plain attention over them.
+    for qi, (k0, k1) in ((0, (0, 2)), (2, (2, 7))):
+        kk, vv = k[k0:k1].repeat_interleave(2, dim=1), v[k0:k1].repeat_interleave(2, dim=1)
+        weights = torch.softmax(torch.einsum("hd,khd->hk", q[qi], kk) * 0.5, dim=-1)
+        torch.testing.assert_close(out[qi], torch.einsum("hk,khd->hd", weights, vv))
+    # The first query of sequence 1 sees 4 of its 5 keys.
+    kk, vv = k[2:6].repeat_interleave(2, dim=1), v[2:6].repeat_interleave(2, dim=1)
+    weights = torch.softmax(torch.einsum("hd,khd->hk", q[1], kk) * 0.5, dim=-1)
+    torch.testing.assert_close(out[1], torch.einsum("hk,khd->hd", weights, vv))
+
+
+def test_reset_prefix_cache_forgets_free_blocks_only():
+    from nanovllm.engine.block_manager import BlockManager
+    from nanovllm.engine.sequence import Sequence
+
+    bm = BlockManager(num_blocks=8, block_size=4)
+    done, running = Sequence(list(range(9)), GREEDY), Sequence(list(range(100, 109)), GREEDY)
+    for seq in (done, running):
+        bm.allocate(seq, bm.find_cached_prefix(seq), seq.num_tokens)
+        seq.num_computed_tokens = seq.num_tokens
+    bm.free_seq(done)
+    bm.reset_prefix_cache()
+    bm.check_consistency()
+    assert bm.find_cached_prefix(Sequence(list(range(9)), GREEDY)) == []  # forgotten
+    assert len(bm.find_cached_prefix(Sequence(list(range(100, 109)), GREEDY))) == 2  # still in use: kept
