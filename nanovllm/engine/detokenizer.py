@@ -22,8 +22,9 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.tokens)
         self.text = ""  # final output text so far
 
-    def add(self, token_id: int) -> str | None:
-        """Append one token; returns the stop string if the text now contains one."""
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
+        """Append one token; returns the stop string if the text now contains one. With
+        check_stop False (min_tokens not reached yet) stop strings are neither searched nor cut."""
         self.tokens.append(token_id)
         if self.tokenizer is None:
             return None
@@ -36,6 +37,8 @@ class IncrementalDetokenizer:
         old_len = len(self.text)
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        if not check_stop:
+            return None
         for stop in self.stop:
             idx = self.text.find(stop, max(0, old_len - len(stop) + 1))
             if idx != -1:

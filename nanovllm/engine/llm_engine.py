@@ -160,8 +160,8 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
             if req.detokenizer is not None:
-                stop = req.detokenizer.add(seq.token_ids[-1])
-                if stop is not None and seq.num_output_tokens >= seq.params.min_tokens:
+                stop = req.detokenizer.add(seq.token_ids[-1], seq.num_output_tokens >= seq.params.min_tokens)
+                if stop is not None:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
             if seq.is_finished or req.stream:

@@ -1,0 +1,274 @@
+"""Every bad input gets a clear exception (never an AssertionError) naming the field and the value, and
+the engine that refused it keeps generating the same tokens afterwards."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from tests.checkpoints import build_checkpoint
+
+MAX_MODEL_LEN = 64
+VOCAB = 2048
+GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+GOOD_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], "Hello there"]
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("qwen3-valid"), "qwen3", max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
+    return LLM(str(ckpt), max_model_len=MAX_MODEL_LEN)
+
+
+@pytest.fixture(scope="module")
+def reference(llm):
+    return _tokens(llm.generate(GOOD_PROMPTS, GREEDY, use_tqdm=False))
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def assert_healthy(llm: LLM, reference: list[list[int]]) -> None:
+    """Nothing left queued or held, and the same greedy tokens as before the error."""
+    engine = llm.engine
+    bm = engine.scheduler.block_manager
+    assert not engine.has_unfinished() and engine.requests == {}
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check_consistency()
+    assert _tokens(llm.generate(GOOD_PROMPTS, GREEDY, use_tqdm=False)) == reference
+
+
+def raises(exc_type: type[Exception], *fragments: str):
+    """pytest.raises that also checks that the message carries each fragment."""
+    return pytest.raises(exc_type, match="(?s)" + "".join(f"(?=.*{re.escape(f)})" for f in fragments))
+
+
+# ---- the model argument -------------------------------------------------------------------------
+
+
+def test_missing_model_dir(tmp_path):
+    missing = tmp_path / "no-such-model"
+    with raises(ValueError, str(missing), "neither a checkpoint directory nor a preset", "qwen3-tiny"):
+        LLM(str(missing))
+
+
+def test_dir_without_config(tmp_path):
+    with raises(ValueError, str(tmp_path), "no config.json"):
+        LLM(str(tmp_path))
+
+
+def test_garbage_config(tmp_path):
+    (tmp_path / "config.json").write_text("{this is not json")
+    with raises(ValueError, "cannot read the config", str(tmp_path)):
+        LLM(str(tmp_path))
+
+
+def test_unsupported_architecture(ckpt, tmp_path):
+    other = shutil.copytree(ckpt, tmp_path / "gpt2ish")
+    config = json.loads((other / "config.json").read_text())
+    config["architectures"] = ["GPT2LMHeadModel"]
+    (other / "config.json").write_text(json.dumps(config))
+    with raises(ValueError, "unsupported architecture", "GPT2LMHeadModel", "supported", "Qwen3ForCausalLM"):
+        LLM(str(other))
+
+
+# ---- engine arguments ---------------------------------------------------------------------------
+
+
+def test_unknown_engine_argument(ckpt):
+    with raises(TypeError, "unknown engine argument", "max_num_seq'", "max_num_seqs"):
+        LLM(str(ckpt), max_num_seq=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragments",
+    [
+        (dict(block_size=48), ["block_size", "48", "16"]),
+        (dict(gpu_memory_utilization=1.5), ["gpu_memory_utilization", "1.5"]),
+        (dict(gpu_memory_utilization=0), ["gpu_memory_utilization", "0"]),
+        (dict(max_num_seqs=0), ["max_num_seqs", "0"]),
+        (dict(max_num_seqs=2.5), ["max_num_seqs", "2.5"]),
+        (dict(dtype="int8"), ["dtype", "'int8'", "bfloat16"]),
+        (dict(device="tpu"), ["device", "'tpu'", "cpu"]),
+        (dict(kernel_backend="x"), ["kernel_backend", "'x'", "torch"]),
+        (dict(max_model_len=100_000), ["max_model_len=100000", "max_position_embeddings=256"]),
+        (dict(max_model_len=1), ["max_model_len", "1"]),
+        (dict(max_num_batched_tokens=4, max_num_seqs=8), ["max_num_batched_tokens (4)", "max_num_seqs (8)"]),
+        (dict(num_kvcache_blocks=0), ["num_kvcache_blocks", "0"]),
+        (dict(tensor_parallel_size=3), ["tensor_parallel_size=3", "num_attention_heads=4"]),
+    ],
+)
+def test_bad_engine_values(ckpt, kwargs, fragments):
+    with raises(ValueError, *fragments):
+        LLM(str(ckpt), **kwargs)
+
+
+def test_kv_cache_too_small_for_one_request_fails_at_start_up(ckpt):
+    with raises(ValueError, "KV cache", "2 blocks", "max_model_len=64", "num_kvcache_blocks"):
+        LLM(str(ckpt), max_model_len=64, block_size=16, num_kvcache_blocks=2)
+
+
+def test_failed_constructions_leave_a_working_engine_alone(llm, reference):
+    assert_healthy(llm, reference)
+
+
+# ---- sampling parameters ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, kwargs",
+    [
+        ("temperature", dict(temperature=-0.5)),
+        ("temperature", dict(temperature=float("nan"))),
+        ("temperature", dict(temperature="0.5")),
+        ("top_p", dict(top_p=0)),
+        ("top_p", dict(top_p=1.5)),
+        ("top_k", dict(top_k=-2)),
+        ("top_k", dict(top_k=2.5)),
+        ("min_p", dict(min_p=1.5)),
+        ("min_p", dict(min_p=-0.1)),
+        ("seed", dict(seed=1.5)),
+        ("max_tokens", dict(max_tokens=0)),
+        ("max_tokens", dict(max_tokens=True)),
+        ("min_tokens", dict(min_tokens=5, max_tokens=4)),
+        ("min_tokens", dict(min_tokens=-1)),
+        ("ignore_eos", dict(ignore_eos="yes")),
+        ("logprobs", dict(logprobs=21)),
+        ("logprobs", dict(logprobs=-1)),
+        ("presence_penalty", dict(presence_penalty=2.5)),
+        ("frequency_penalty", dict(frequency_penalty=-3)),
+        ("repetition_penalty", dict(repetition_penalty=0)),
+        ("repetition_penalty", dict(repetition_penalty=-1.0)),
+        ("stop", dict(stop="")),
+        ("stop", dict(stop=["ok", ""])),
+        ("stop", dict(stop=[1])),
+        ("stop_token_ids", dict(stop_token_ids=[-1])),
+        ("stop_token_ids", dict(stop_token_ids=["a"])),
+    ],
+)
+def test_out_of_range_sampling_params(field, kwargs):
+    value = kwargs[field]
+    with pytest.raises(ValueError) as e:
+        SamplingParams(**kwargs)
+    message = str(e.value)
+    assert message.startswith(field), message
+    shown = repr([value] if field == "stop" and isinstance(value, str) else value)  # stop="" -> [""]
+    assert shown in message, message
+
+
+def test_boundary_sampling_params_are_accepted():
+    SamplingParams(temperature=0, top_p=1.0, top_k=-1, min_p=0.0, max_tokens=1, min_tokens=1, logprobs=0)
+    SamplingParams(top_p=1e-6, top_k=0, min_p=1.0, logprobs=20, presence_penalty=2, frequency_penalty=-2)
+    assert SamplingParams(stop="x").stop == ["x"]
+    assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
+
+
+# ---- prompts ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "prompt, fragments",
+    [
+        ("", ["prompt 0", "prompt is empty"]),
+        ([[]], ["prompt 0", "prompt is empty"]),
+        ([[5, VOCAB, 6]], ["prompt 0", f"token id {VOCAB}", f"[0, {VOCAB})"]),
+        ([[5, -1, 6]], ["prompt 0", "token id -1", "outside the vocabulary"]),
+        ([[5, 6.0]], ["prompt 0", "token id 6.0"]),
+        ([None], ["prompt 0", "NoneType"]),
+        (
+            [list(range(3, 3 + MAX_MODEL_LEN - 5))],
+            ["prompt 0", "max_tokens (6)", f"max_model_len={MAX_MODEL_LEN}"],
+        ),
+        (["word " * 80], ["prompt 0", f"max_model_len={MAX_MODEL_LEN}"]),
+        (42, ["prompts must be", "int"]),
+    ],
+)
+def test_bad_prompts(llm, reference, prompt, fragments):
+    with raises(ValueError, *fragments):
+        llm.generate(prompt, GREEDY, use_tqdm=False)
+    assert_healthy(llm, reference)
+
+
+def test_empty_prompt_through_the_engine_api(llm, reference):
+    for prompt in ("", []):
+        with raises(ValueError, "prompt is empty"):
+            llm.engine.add_request(prompt, GREEDY)
+    assert_healthy(llm, reference)
+
+
+def test_one_bad_prompt_in_a_batch_runs_nothing(llm, reference):
+    engine = llm.engine
+    prompts_before = engine.num_prompt_tokens
+    batch = [[5, 6, 7], "fine", [8, 9, 99999], [10, 11]]
+    with raises(ValueError, "prompt 2", "token id 99999"):
+        llm.generate(batch, GREEDY, use_tqdm=False)
+    assert not engine.has_unfinished()
+    assert not engine.scheduler.waiting and not engine.scheduler.running
+    assert engine.num_prompt_tokens == prompts_before  # nothing was even queued
+    bm = engine.scheduler.block_manager
+    assert bm.num_free_blocks == bm.num_blocks
+    assert_healthy(llm, reference)
+
+
+def test_mismatched_number_of_sampling_params(llm, reference):
+    with raises(ValueError, "3 sampling params", "2 prompts"):
+        llm.generate(GOOD_PROMPTS, [GREEDY] * 3, use_tqdm=False)
+    with raises(ValueError, "prompt 1", "SamplingParams", "dict"):
+        llm.generate(GOOD_PROMPTS, [GREEDY, {"temperature": 0}], use_tqdm=False)
+    assert_healthy(llm, reference)
+
+
+def test_duplicate_request_id(llm, reference):
+    engine = llm.engine
+    engine.add_request([5, 6, 7], GREEDY, request_id="dup")
+    with raises(ValueError, "'dup'", "already in use"):
+        engine.add_request([8, 9], GREEDY, request_id="dup")
+    engine.abort("dup")
+    assert_healthy(llm, reference)
+
+
+def test_text_prompt_without_a_tokenizer(tmp_path):
+    ckpt = build_checkpoint(tmp_path / "no-tok", "qwen3", tokenizer=False, max_position_embeddings=64)
+    llm = LLM(str(ckpt), max_model_len=64)
+    assert llm.tokenizer is None
+    ids = [5, 6, 7, 8]
+    before = _tokens(llm.generate([ids], GREEDY, use_tqdm=False))
+    with raises(ValueError, "prompt 0", "no tokenizer", "token ids"):
+        llm.generate("Hello", GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    assert _tokens(llm.generate([ids], GREEDY, use_tqdm=False)) == before
+    assert len(before[0]) == GREEDY.max_tokens
+
+
+# ---- a step that fails ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [RuntimeError("device fell over"), KeyboardInterrupt()])
+def test_a_failed_step_leaves_no_trace(llm, reference, error, monkeypatch):
+    """The step's blocks were registered in the prefix cache when scheduled; the forward that was to
+    fill them never ran, so they must not be served to the next request with the same prompt."""
+    first_id = 300 if isinstance(error, KeyboardInterrupt) else 100
+    prompt = list(range(first_id, first_id + 41))  # 2 full blocks + 9 tokens, not seen before
+
+    def fail(batch):
+        raise error
+
+    with monkeypatch.context() as m:
+        m.setattr(llm.engine.runner, "run", fail)
+        with pytest.raises(type(error)):
+            llm.generate([prompt, *GOOD_PROMPTS], GREEDY, use_tqdm=False)
+    assert not llm.engine.has_unfinished()
+    first = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0  # nothing of the failed step was cached
+    again = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert again.num_cached_tokens == 32 and again.outputs[0].token_ids == first.outputs[0].token_ids
+    assert_healthy(llm, reference)

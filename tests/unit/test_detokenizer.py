@@ -1,0 +1,172 @@
+"""IncrementalDetokenizer: streamed text equals a one-shot decode; stop strings across tokens."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.config import PRESET_DIR
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from tests.checkpoints import build_checkpoint
+
+MULTIBYTE = "héllo wörld 你好 🎉"
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return AutoTokenizer.from_pretrained(str(PRESET_DIR / "tokenizer"))
+
+
+def feed(detok: IncrementalDetokenizer, token_ids: list[int]) -> tuple[list[str], str | None]:
+    """Add tokens one by one until a stop string; returns the text after each token and the stop."""
+    texts = []
+    for t in token_ids:
+        stop = detok.add(t)
+        texts.append(detok.text)
+        if stop is not None:
+            return texts, stop
+    return texts, None
+
+
+def test_multibyte_characters_split_across_tokens(tok):
+    ids = tok.encode(MULTIBYTE)
+    # The premise: some characters really are split over several byte-level tokens.
+    assert any("\ufffd" in tok.decode([t]) for t in ids)
+    detok = IncrementalDetokenizer(tok, tok.encode("Say:"), None)
+    texts, stop = feed(detok, ids)
+    assert stop is None
+    for text in texts:  # never a half character, only ever growing
+        assert "\ufffd" not in text and MULTIBYTE.startswith(text)
+    assert detok.text == MULTIBYTE
+    detok.flush()
+    assert detok.text == MULTIBYTE
+
+
+def test_held_back_bytes_come_out_at_flush(tok):
+    ids = tok.encode("ab🎉")
+    detok = IncrementalDetokenizer(tok, [], None)
+    feed(detok, ids[:-1])  # the emoji's last byte is missing: its first bytes are held back
+    assert detok.text == "ab"
+    detok.flush()
+    assert detok.text == tok.decode(ids[:-1])
+    assert detok.text.startswith("ab") and detok.text.endswith("\ufffd")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_random_token_streams_match_a_full_decode(tok, seed):
+    rng = random.Random(seed)
+    prompt = tok.encode(rng.choice(["", "Hello", "你好", " x"]))
+    out = [rng.randrange(len(tok)) for _ in range(rng.randrange(1, 60))]
+    if seed % 2:  # mix in real multi-byte text
+        out[rng.randrange(len(out)) :] = tok.encode(MULTIBYTE)
+    detok = IncrementalDetokenizer(tok, prompt, None)
+    texts, _ = feed(detok, out)
+    detok.flush()
+    expected = tok.decode(out, skip_special_tokens=True)
+    assert detok.text == expected
+    assert all(expected.startswith(t) for t in texts)  # emitted text is final: never retracted
+
+
+@pytest.mark.parametrize(
+    "stop, expected_text",
+    [
+        ("lo w", "hél"),  # spans the tokens "lo" and " w"
+        ("ö", "héllo w"),  # one character made of two byte tokens
+        ("你好", "héllo wörld "),
+        ("🎉", "héllo wörld 你好 "),
+        ("h", ""),  # at the very start
+    ],
+)
+def test_stop_string_across_token_boundaries_is_cut(tok, stop, expected_text):
+    ids = tok.encode(MULTIBYTE)
+    detok = IncrementalDetokenizer(tok, tok.encode("Say:"), [stop])
+    texts, found = feed(detok, ids)
+    assert found == stop
+    assert detok.text == expected_text
+    assert stop not in detok.text
+    # It stopped at the very token that completed the stop string.
+    assert stop in tok.decode(ids[: len(texts)]) and stop not in tok.decode(ids[: len(texts) - 1])
+
+
+def test_stop_string_in_a_later_token_only(tok):
+    ids = tok.encode("one two three four")
+    detok = IncrementalDetokenizer(tok, [], ["three", "nowhere"])
+    texts, found = feed(detok, ids)
+    assert (found, detok.text) == ("three", "one two ")
+    assert len(texts) == len(tok.encode("one two three"))  # " four" never read
+
+
+def test_no_stop_string_means_the_full_text(tok):
+    ids = tok.encode(MULTIBYTE)
+    detok = IncrementalDetokenizer(tok, [], ["xyz"])
+    _, found = feed(detok, ids)
+    detok.flush()
+    assert found is None and detok.text == MULTIBYTE
+
+
+def test_without_a_tokenizer_nothing_is_decoded():
+    detok = IncrementalDetokenizer(None, [1, 2], ["x"])
+    assert detok.add(5) is None
+    detok.flush()
+    assert detok.text == ""
+
+
+# ---- through the engine -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    ckpt = build_checkpoint(tmp_path_factory.mktemp("qwen3-detok"), "qwen3", max_position_embeddings=128)
+    return LLM(str(ckpt), max_model_len=128)
+
+
+PROMPT = "Once upon a time"
+
+
+def _first_occurrence_substring(text: str, length: int = 3) -> tuple[str, int]:
+    """A substring of text (not at its start) whose first occurrence is where it was taken from."""
+    for start in range(1, len(text) - length):
+        s = text[start : start + length]
+        if s.strip() and "\ufffd" not in s and text.find(s) == start:
+            return s, start
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+def test_generate_stops_at_a_stop_string(llm):
+    free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    full = free[0].outputs[0]
+    assert full.finish_reason == "length" and len(full.text) > 8
+    stop, start = _first_occurrence_substring(full.text)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop"
+    assert out.stop_reason == stop
+    assert out.text == full.text[:start]
+    assert stop not in out.text
+    assert out.token_ids == full.token_ids[: len(out.token_ids)]
+    assert len(out.token_ids) < len(full.token_ids)
+
+
+def test_streamed_text_grows_to_the_final_text(llm):
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    rid = engine.add_request(PROMPT, params, incremental=True)
+    texts = []
+    while engine.has_unfinished():
+        texts += [o.outputs[0].text for o in engine.step() if o.request_id == rid]
+    final = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].text
+    assert texts[-1] == final
+    assert all(final.startswith(t) for t in texts)
+
+
+def test_stop_string_before_min_tokens_is_ignored_not_cut(llm):
+    free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    full = free[0].outputs[0]
+    stop, start = _first_occurrence_substring(full.text)
+    params = SamplingParams(temperature=0, max_tokens=24, min_tokens=24, ignore_eos=True, stop=[stop])
+    out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert out.token_ids == full.token_ids  # min_tokens: the stop string could not end it early
+    assert full.text.startswith(out.text) and len(out.text) > start + len(stop)
