@@ -89,6 +89,29 @@ def main() -> None:
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     while engine.has_unfinished():
         engine.step()
+    # Batch 1: one prefill step (128 tokens) and decode steps, host time by op (what TTFT/TPOT pay).
+    small = []
+    for label, steps in (("prefill-128", 1), ("decode-b1", 16)):
+        engine.add_request([rng2.randint(0, 10000) for _ in range(128)], SamplingParams(max_tokens=64))
+        if label == "decode-b1":
+            engine.step()
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof1:
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+        ms = (time.perf_counter() - t) * 1e3 / steps
+        small.append(f"=== {label}: {ms:.2f} ms/step (under the profiler)\n")
+        small.append(prof1.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        while engine.has_unfinished():
+            engine.step()
+    t = time.perf_counter()
+    engine.add_request([rng2.randint(0, 10000) for _ in range(128)], SamplingParams(max_tokens=1))
+    while engine.has_unfinished():
+        engine.step()
+    small.append(f"=== unprofiled batch-1 prefill of 128 tokens: {(time.perf_counter() - t) * 1e3:.2f} ms\n")
+    table += "\n" + "\n".join(small)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "profile.json").write_text(json.dumps(result, indent=1))
     (Path(args.out) / "profile_table.txt").write_text(table)

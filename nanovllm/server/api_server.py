@@ -1,0 +1,453 @@
+"""OpenAI-compatible HTTP server: `nanovllm serve MODEL [--host H] [--port P] [engine flags]`.
+
+    POST /v1/completions, POST /v1/chat/completions   (JSON or, with stream=true, server-sent events)
+    GET  /v1/models, /health, /metrics
+
+Handlers parse and validate the body (protocol.py), tokenize, and hand sub-requests (prompts x n) to
+the AsyncEngine, whose thread runs the engine's step loop; outputs come back per request and are
+turned into OpenAI responses here. A client that goes away aborts its requests (KV blocks freed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanovllm.config import Config
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
+from nanovllm.server import protocol
+from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestStream, SubRequest
+from nanovllm.server.metrics import Metrics
+from nanovllm.server.protocol import GenerateRequest, RequestError, error_body
+from nanovllm.utils.tokenizer import load_tokenizer
+
+logger = logging.getLogger("nanovllm.server")
+
+MIN_LOGPROB = -9999.0  # -inf is not valid JSON
+
+
+class ClientDisconnected(Exception):
+    pass
+
+
+class OpenAIServer:
+    def __init__(self, config: Config, served_model_name: str):
+        self.config = config
+        self.model_name = served_model_name
+        self.max_model_len = config.max_model_len
+        self.tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
+        self.metrics = Metrics(served_model_name)
+        self.engine = AsyncEngine(lambda: LLMEngine(config), self.metrics)
+        self.created = int(time.time())
+        self._token_strs: dict[int, str] = {}
+        self._byte_level = self.tokenizer is not None and _is_byte_level(self.tokenizer)
+
+    # ---- endpoints --------------------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        req = protocol.parse_completion_request(await _json_body(request), self.max_model_len)
+        self._check_model(req.model)
+        prompts = [self._tokenize(p, "prompt", add_special_tokens=True) for p in req.prompts]
+        return await self._generate(request, req, prompts, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        req = protocol.parse_chat_request(await _json_body(request), self.max_model_len)
+        self._check_model(req.model)
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(
+                "this model has no chat template: use /v1/completions with a plain prompt", "messages"
+            )
+        try:
+            text = self.tokenizer.apply_chat_template(
+                req.messages, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # jinja raises for conversations the template rejects
+            raise RequestError(f"the chat template failed on these messages: {e}", "messages") from None
+        # The template already holds any BOS/special tokens the model wants.
+        return await self._generate(request, req, [self._tokenize(text, "messages", False)], chat=True)
+
+    async def models(self, request: Request) -> Response:
+        card = {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "nanovllm",
+            "root": self.config.model,
+            "max_model_len": self.max_model_len,
+        }
+        return JSONResponse({"object": "list", "data": [card]})
+
+    async def health(self, request: Request) -> Response:
+        if not self.engine.is_alive:
+            return JSONResponse(error_body("the engine has stopped", "service_unavailable"), 503)
+        return Response(status_code=200)
+
+    async def metrics_text(self, request: Request) -> Response:
+        return PlainTextResponse(
+            self.metrics.render(self.engine.stats), media_type="text/plain; version=0.0.4"
+        )
+
+    # ---- generation -------------------------------------------------------------------------------
+
+    async def _generate(
+        self, request: Request, req: GenerateRequest, prompts: list[tuple[str | None, list[int]]], chat: bool
+    ) -> Response:
+        request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        subs = [
+            SubRequest(f"{request_id}-{p}-{i}", text, ids, req.choice_params(i), req.fill_max_tokens)
+            for p, (text, ids) in enumerate(prompts)
+            for i in range(req.n)
+        ]
+        try:
+            stream = await self.engine.submit(subs, incremental=req.stream)
+        except ValueError as e:
+            raise RequestError(str(e), "messages" if chat else "prompt") from None
+        except EngineDeadError as e:
+            raise RequestError(str(e), status_code=503, type="service_unavailable") from None
+        resp = _Response(
+            request_id, self.model_name, int(time.time()), chat, sum(len(ids) for _, ids in prompts)
+        )
+        if req.stream:
+            return _EventStream(self._stream(stream, req, resp, len(subs)), media_type="text/event-stream")
+        try:
+            outputs = await _unless_disconnected(request, _collect(stream, len(subs)))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except EngineDeadError as e:
+            raise RequestError(str(e), status_code=503, type="service_unavailable") from None
+        finally:
+            stream.close()
+        choices = [self._final_choice(i, out.outputs[0], req, chat) for i, out in enumerate(outputs)]
+        num_completion = sum(len(out.outputs[0].token_ids) for out in outputs)
+        return JSONResponse(resp.body(choices, final=True, usage=resp.usage(num_completion)))
+
+    async def _stream(
+        self, stream: RequestStream, req: GenerateRequest, resp: _Response, num_choices: int
+    ) -> AsyncIterator[str]:
+        max_stop_len = max((len(s) for s in req.params.stop or ()), default=0)
+        states = [_ChoiceState(holdback=max(max_stop_len - 1, 0)) for _ in range(num_choices)]
+        usage_null = {"usage": None} if req.include_usage else {}
+        try:
+            if resp.chat:  # the role comes first, once per choice
+                for i in range(num_choices):
+                    delta = {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    yield _sse(resp.body([delta], final=False, **usage_null))
+            async for index, out in stream:
+                c = out.outputs[0]
+                state = states[index]
+                text, new_logprobs = state.advance(c, out.finished)
+                if not text and not out.finished and not new_logprobs:
+                    continue
+                logprobs = None
+                if req.logprobs is not None:
+                    logprobs = self._logprobs(new_logprobs, req.logprobs, resp.chat, state)
+                reason = c.finish_reason if out.finished else None
+                if resp.chat:
+                    choice = {
+                        "index": index,
+                        "delta": {"content": text} if text else {},
+                        "logprobs": logprobs,
+                        "finish_reason": reason,
+                    }
+                else:
+                    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                if out.finished:
+                    choice["stop_reason"] = c.stop_reason
+                yield _sse(resp.body([choice], final=False, **usage_null))
+            if req.include_usage:
+                yield _sse(resp.body([], final=False, usage=resp.usage(sum(s.num_tokens for s in states))))
+        except Exception as e:  # headers are sent: report in-band, as vLLM does
+            logger.exception("streaming request %s failed", resp.request_id)
+            yield _sse(error_body(str(e), "internal_server_error"))
+        finally:
+            stream.close()  # the client went away (cancelled) or we are done: abort what runs on
+        yield "data: [DONE]\n\n"
+
+    def _final_choice(self, index: int, c: CompletionOutput, req: GenerateRequest, chat: bool) -> dict:
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs = self._logprobs(c.logprobs[: len(c.token_ids)], req.logprobs, chat, _ChoiceState(0))
+        if chat:
+            message = {"role": "assistant", "content": c.text}
+            return {
+                "index": index,
+                "message": message,
+                "logprobs": logprobs,
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+            }
+        return {
+            "index": index,
+            "text": c.text,
+            "logprobs": logprobs,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+
+    # ---- logprobs ---------------------------------------------------------------------------------
+
+    def _logprobs(self, entries: list[Logprob], num_top: int, chat: bool, state: _ChoiceState) -> dict:
+        if chat:
+            content = []
+            for lp in entries:
+                top = [self._chat_logprob(t, v) for t, v in list(lp.top_logprobs.items())[:num_top]]
+                content.append({**self._chat_logprob(lp.token_id, lp.logprob), "top_logprobs": top})
+            return {"content": content}
+        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        for lp in entries:
+            token = self._token_str(lp.token_id)
+            tokens.append(token)
+            token_logprobs.append(max(lp.logprob, MIN_LOGPROB))
+            top = {
+                self._token_str(t): max(v, MIN_LOGPROB) for t, v in list(lp.top_logprobs.items())[:num_top]
+            }
+            top.setdefault(token, token_logprobs[-1])  # the sampled token is always listed, as in vLLM
+            top_logprobs.append(top)
+            offsets.append(state.text_offset)
+            state.text_offset += len(token)
+        return {
+            "tokens": tokens,
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": offsets,
+        }
+
+    def _chat_logprob(self, token_id: int, logprob: float) -> dict:
+        return {
+            "token": self._token_str(token_id),
+            "logprob": max(logprob, MIN_LOGPROB),
+            "bytes": self._token_bytes(token_id),
+        }
+
+    def _token_str(self, token_id: int) -> str:
+        s = self._token_strs.get(token_id)
+        if s is None:
+            s = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+            self._token_strs[token_id] = s
+        return s
+
+    def _token_bytes(self, token_id: int) -> list[int]:
+        """The token's exact bytes (a byte-level BPE token can hold part of a UTF-8 character)."""
+        if self._byte_level:
+            piece = self.tokenizer.convert_ids_to_tokens(token_id)
+            if piece is not None and all(ch in _BYTE_DECODER for ch in piece):
+                return [_BYTE_DECODER[ch] for ch in piece]
+        return list(self._token_str(token_id).encode("utf-8"))
+
+    # ---- helpers ----------------------------------------------------------------------------------
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self.model_name:
+            raise RequestError(
+                f"the model {model!r} does not exist; this server serves {self.model_name!r}",
+                "model",
+                status_code=404,
+                code="model_not_found",
+            )
+
+    def _tokenize(self, prompt: str | list[int], param: str, add_special_tokens: bool):
+        """-> (text or None, token ids). Token-id prompts are checked by the engine."""
+        if not isinstance(prompt, str):
+            return None, list(prompt)
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer: send the prompt as a list of token ids", param)
+        if not prompt:
+            raise RequestError("the prompt is empty", param)
+        return prompt, self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
+
+
+@dataclass
+class _Response:
+    """The fields every response or chunk of one request shares."""
+
+    request_id: str
+    model: str
+    created: int
+    chat: bool
+    num_prompt_tokens: int
+
+    def body(self, choices: list[dict], final: bool, **extra) -> dict:
+        if self.chat:
+            obj = "chat.completion" if final else "chat.completion.chunk"
+        else:
+            obj = "text_completion"
+        return {
+            "id": self.request_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
+
+    def usage(self, num_completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": self.num_prompt_tokens,
+            "completion_tokens": num_completion_tokens,
+            "total_tokens": self.num_prompt_tokens + num_completion_tokens,
+        }
+
+
+class _ChoiceState:
+    """What one streamed choice has sent so far. Text that could still be the start of a stop string
+    is held back (the engine cuts a stop string that straddles steps out of text it already returned),
+    so the streamed text always equals the final text."""
+
+    def __init__(self, holdback: int):
+        self.holdback = holdback
+        self.num_chars = 0
+        self.num_tokens = 0
+        self.text_offset = 0  # completions logprobs: characters of token strings sent so far
+
+    def advance(self, c: CompletionOutput, finished: bool) -> tuple[str, list[Logprob]]:
+        end = len(c.text) if finished else max(len(c.text) - self.holdback, self.num_chars)
+        text = c.text[self.num_chars : end]
+        self.num_chars = max(end, self.num_chars)
+        n = len(c.token_ids)
+        logprobs = c.logprobs[self.num_tokens : n] if c.logprobs is not None else []
+        self.num_tokens = n
+        return text, logprobs
+
+
+async def _collect(stream: RequestStream, num_choices: int) -> list[RequestOutput]:
+    finals: list[RequestOutput | None] = [None] * num_choices
+    async for index, out in stream:
+        if out.finished:
+            finals[index] = out
+    return finals  # type: ignore[return-value]
+
+
+async def _unless_disconnected(request: Request, coro):
+    """Await `coro`, but give up (ClientDisconnected) if the client closes the connection first."""
+
+    async def wait_disconnect() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(wait_disconnect())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        raise ClientDisconnected
+    return task.result()
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its generator (aborting the request), however the
+    response ends: finished, client gone (cancelled or failed send)."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+async def _json_body(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
+
+
+def _is_byte_level(tokenizer) -> bool:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+
+
+# ---- the app ------------------------------------------------------------------------------------------
+
+
+def build_app(config: Config, served_model_name: str | None = None) -> FastAPI:
+    server = OpenAIServer(config, served_model_name or config.model)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await server.engine.start()
+        logger.info("serving %r (max_model_len=%d)", server.model_name, server.max_model_len)
+        try:
+            yield
+        finally:
+            server.engine.shutdown()
+
+    app = FastAPI(title="nanovllm", lifespan=lifespan)
+    app.state.server = server
+    app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/health", server.health, methods=["GET"])
+    app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError) -> Response:
+        return JSONResponse(e.to_dict(), status_code=e.status_code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> Response:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind), status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> Response:
+        logger.exception("request failed")
+        return JSONResponse(error_body(f"internal error: {e!r}", "internal_server_error"), status_code=500)
+
+    return app
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nanovllm.cli import engine_kwargs
+
+    config = Config.from_kwargs(args.model, **engine_kwargs(args))
+    if config.is_preset:
+        logger.warning("%r is a preset with RANDOM weights: the text is meaningless", args.model)
+    app = build_app(config, args.served_model_name)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,300 @@
+"""OpenAI request bodies -> validated, engine-ready records; OpenAI's error shape.
+
+Every accepted field is listed here. A field we do not implement is a 400 that names it, unless it
+carries its neutral value (`echo: false`, `logit_bias: {}`, `tools: []` ...), which changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from nanovllm.sampling_params import SamplingParams
+
+MAX_N = 128  # choices per request (n x prompts): a guard against one request flooding the engine
+
+# vLLM's extra body fields, passed straight to SamplingParams.
+VLLM_EXTRA_FIELDS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids")
+# OpenAI fields shared by both endpoints (besides max_tokens, logprobs and the prompt/messages).
+_SHARED_FIELDS = (
+    "model",
+    "n",
+    "stream",
+    "stream_options",
+    "stop",
+    "temperature",
+    "top_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "user",  # an end-user id for abuse tracking: it has no effect on generation
+)
+COMPLETION_FIELDS = frozenset(("prompt", "max_tokens", "logprobs", *_SHARED_FIELDS, *VLLM_EXTRA_FIELDS))
+CHAT_FIELDS = frozenset(
+    ("messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs")
+    + _SHARED_FIELDS
+    + VLLM_EXTRA_FIELDS
+)
+
+_empty = lambda v: v is None or v == [] or v == {} or v == ""  # noqa: E731
+# Fields we do not implement, accepted only at a value that asks for nothing.
+COMPLETION_NEUTRAL = {
+    "echo": lambda v: v is None or v is False,
+    "suffix": _empty,
+    "logit_bias": _empty,
+    "best_of": lambda v: v is None or v == 1,
+}
+CHAT_NEUTRAL = {
+    "logit_bias": _empty,
+    "tools": _empty,
+    "tool_choice": lambda v: v is None or v == "none",
+    "functions": _empty,
+    "function_call": lambda v: v is None or v == "none",
+    "parallel_tool_calls": lambda v: v is None,
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "modalities": lambda v: v is None or v == ["text"],
+    "store": lambda v: v is None or v is False,
+    "metadata": _empty,
+    "audio": lambda v: v is None,
+    "prediction": lambda v: v is None,
+    "reasoning_effort": lambda v: v is None,
+    "service_tier": lambda v: v is None or v == "auto",
+}
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+class RequestError(Exception):
+    """A problem with the request, reported to the client in OpenAI's error shape."""
+
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status_code: int = 400,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
+        super().__init__(message)
+        self.message, self.param, self.status_code, self.code, self.type = (
+            message,
+            param,
+            status_code,
+            code,
+            type,
+        )
+
+    def to_dict(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+@dataclass
+class GenerateRequest:
+    """What both endpoints hand to the engine: prompts x n choices with one set of sampling params."""
+
+    model: str | None
+    prompts: list[str | list[int]]  # completions: one or a batch; chat: [messages] (rendered later)
+    params: SamplingParams
+    n: int
+    stream: bool
+    include_usage: bool
+    fill_max_tokens: bool  # max_tokens not given (chat): whatever the context window leaves
+    logprobs: int | None  # top alternatives per token; None: no logprobs
+    messages: list[dict] | None = None  # chat only
+
+    def choice_params(self, index: int) -> SamplingParams:
+        """Params of choice `index` of a prompt: with a seed, each choice gets its own, derived from it."""
+        if self.params.seed is None or index == 0:
+            return self.params
+        return dataclasses.replace(self.params, seed=derive_seed(self.params.seed, index))
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Distinct, deterministic per-choice seeds (choice 0 keeps the request's seed)."""
+    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
+
+
+def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
+    body = _check_fields(body, COMPLETION_FIELDS, COMPLETION_NEUTRAL)
+    if body.get("best_of") is not None and body.get("n") not in (None, 1):
+        raise RequestError("best_of together with n is not supported", "best_of")
+    prompts = _parse_prompt(body.get("prompt"))
+    logprobs = body.get("logprobs")
+    req = _parse_common(
+        body,
+        max_tokens=body.get("max_tokens"),
+        max_tokens_param="max_tokens",
+        logprobs=logprobs,
+        logprobs_param="logprobs",
+        default_max_tokens=16,
+        max_model_len=max_model_len,
+    )
+    req.prompts = prompts
+    if len(prompts) * req.n > MAX_N:
+        raise RequestError(f"{len(prompts)} prompts x n={req.n} choices exceeds the limit of {MAX_N}", "n")
+    return req
+
+
+def parse_chat_request(body: Any, max_model_len: int) -> GenerateRequest:
+    body = _check_fields(body, CHAT_FIELDS, CHAT_NEUTRAL)
+    messages = _parse_messages(body.get("messages"))
+    logprobs, top = body.get("logprobs"), body.get("top_logprobs")
+    if logprobs is not None and not isinstance(logprobs, bool):
+        raise RequestError(f"logprobs must be a boolean, got {logprobs!r}", "logprobs")
+    if top is not None and not logprobs:
+        raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
+    if body.get("max_completion_tokens") is not None:
+        max_tokens, max_tokens_param = body["max_completion_tokens"], "max_completion_tokens"
+    else:
+        max_tokens, max_tokens_param = body.get("max_tokens"), "max_tokens"
+    req = _parse_common(
+        body,
+        max_tokens=max_tokens,
+        max_tokens_param=max_tokens_param,
+        logprobs=(top if top is not None else 0) if logprobs else None,
+        logprobs_param="top_logprobs",
+        default_max_tokens=None,
+        max_model_len=max_model_len,
+    )
+    req.messages = messages
+    return req
+
+
+def _check_fields(body: Any, accepted: frozenset[str], neutral: dict) -> dict:
+    if not isinstance(body, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(body).__name__}")
+    for key, value in body.items():
+        if key in accepted:
+            continue
+        if key in neutral:
+            if not neutral[key](value):
+                raise RequestError(f"{key}={value!r} is not supported by this server", key)
+            continue
+        raise RequestError(f"unsupported parameter: {key!r}", key)
+    return body
+
+
+def _parse_common(
+    body: dict,
+    max_tokens: Any,
+    max_tokens_param: str,
+    logprobs: Any,
+    logprobs_param: str,
+    default_max_tokens: int | None,
+    max_model_len: int,
+) -> GenerateRequest:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(f"model must be a string, got {model!r}", "model")
+    n = body.get("n")
+    n = 1 if n is None else n
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
+        raise RequestError(f"n must be an int in [1, {MAX_N}], got {n!r}", "n")
+    stream = body.get("stream")
+    stream = False if stream is None else stream
+    if not isinstance(stream, bool):
+        raise RequestError(f"stream must be a boolean, got {stream!r}", "stream")
+    include_usage = _parse_stream_options(body.get("stream_options"), stream)
+    stop = body.get("stop")
+    if stop == []:
+        stop = None
+
+    fill = max_tokens is None and default_max_tokens is None
+    kwargs = {
+        "max_tokens": max_model_len if fill else (default_max_tokens if max_tokens is None else max_tokens),
+        "stop": stop,
+        "logprobs": logprobs,
+    }
+    for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", *VLLM_EXTRA_FIELDS):
+        if body.get(name) is not None:
+            kwargs[name] = body[name]
+    try:
+        params = SamplingParams(**kwargs)
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(field, field)
+        message = str(e) if param == field else str(e).replace(field, param, 1)
+        raise RequestError(message, param) from None
+    return GenerateRequest(model, [], params, n, stream, include_usage, fill, logprobs)
+
+
+def _parse_stream_options(options: Any, stream: bool) -> bool:
+    if options is None:
+        return False
+    if not stream:
+        raise RequestError("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict):
+        raise RequestError(f"stream_options must be an object, got {options!r}", "stream_options")
+    for key in options:
+        if key != "include_usage":
+            raise RequestError(f"unsupported stream option: {key!r}", f"stream_options.{key}")
+    include = options.get("include_usage")
+    if include is not None and not isinstance(include, bool):
+        raise RequestError(
+            f"include_usage must be a boolean, got {include!r}", "stream_options.include_usage"
+        )
+    return bool(include)
+
+
+def _is_token_list(x: Any) -> bool:
+    return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+
+def _parse_prompt(prompt: Any) -> list[str | list[int]]:
+    """A string, a list of token ids, or a batch (list) of either."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if _is_token_list(prompt):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
+        return list(prompt)
+    if prompt is None:
+        raise RequestError("prompt is required", "prompt")
+    raise RequestError(
+        "prompt must be a non-empty string, a non-empty list of token ids, or a non-empty list of either",
+        "prompt",
+    )
+
+
+def _parse_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise RequestError(f"{where} must be an object", where)
+        for key in m:
+            if key not in ("role", "content", "name"):
+                raise RequestError(f"{where}.{key} is not supported by this server", f"{where}.{key}")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise RequestError(
+                f"{where}.role must be one of {list(CHAT_ROLES)}, got {role!r}", f"{where}.role"
+            )
+        msg = {"role": role, "content": _message_text(m.get("content"), f"{where}.content")}
+        if m.get("name") is not None:
+            msg["name"] = m["name"]
+        out.append(msg)
+    return out
+
+
+def _message_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            if (
+                not isinstance(part, dict)
+                or part.get("type") != "text"
+                or not isinstance(part.get("text"), str)
+            ):
+                raise RequestError(f"{where}[{j}]: only text parts are supported", f"{where}[{j}]")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise RequestError(f"{where} must be a string or a list of text parts, got {content!r}", where)

@@ -1,0 +1,225 @@
+"""Request parsing and validation (no engine), and the app's answers that need no engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+
+import httpx
+import pytest
+
+from nanovllm.config import PRESET_DIR, Config
+from nanovllm.server.api_server import build_app
+from nanovllm.server.metrics import Metrics
+from nanovllm.server.protocol import (
+    RequestError,
+    derive_seed,
+    parse_chat_request,
+    parse_completion_request,
+)
+
+MAX_LEN = 256
+
+
+def _err(fn, body) -> RequestError:
+    with pytest.raises(RequestError) as e:
+        fn(body, MAX_LEN)
+    return e.value
+
+
+def test_completion_defaults_and_fields():
+    req = parse_completion_request({"model": "m", "prompt": "hi"}, MAX_LEN)
+    assert req.prompts == ["hi"] and req.n == 1 and not req.stream and req.logprobs is None
+    assert req.params.max_tokens == 16 and req.params.temperature == 1.0 and not req.fill_max_tokens
+    body = {
+        "prompt": [1, 2],
+        "max_tokens": 5,
+        "temperature": 0,
+        "top_p": 0.5,
+        "seed": 3,
+        "stop": "x",
+        "presence_penalty": 1,
+        "frequency_penalty": -1,
+        "logprobs": 2,
+        "top_k": 4,
+        "min_p": 0.1,
+        "repetition_penalty": 1.2,
+        "ignore_eos": True,
+        "min_tokens": 2,
+        "stop_token_ids": [7],
+    }
+    p = parse_completion_request(body, MAX_LEN).params
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.logprobs) == (5, 0, 0.5, 3, ["x"], 2)
+    assert (p.presence_penalty, p.frequency_penalty, p.top_k, p.min_p) == (1, -1, 4, 0.1)
+    assert (p.repetition_penalty, p.ignore_eos, p.min_tokens, p.stop_token_ids) == (1.2, True, 2, [7])
+
+
+@pytest.mark.parametrize(
+    "prompt, expected",
+    [("a", ["a"]), ([1, 2], [[1, 2]]), (["a", "b"], ["a", "b"]), ([[1], [2, 3]], [[1], [2, 3]])],
+)
+def test_prompt_forms(prompt, expected):
+    assert parse_completion_request({"prompt": prompt}, MAX_LEN).prompts == expected
+
+
+@pytest.mark.parametrize("prompt", [None, [], [[]], [1, "a"], 5, {"a": 1}, [True, 1]])
+def test_bad_prompts(prompt):
+    assert _err(parse_completion_request, {"prompt": prompt}).param == "prompt"
+
+
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"echo": True}, "echo"),
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "s"}, "suffix"),
+        ({"logit_bias": {"1": 1}}, "logit_bias"),
+        ({"whatever": 1}, "whatever"),
+        ({"n": 2, "best_of": 1}, "best_of"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": "hot"}, "temperature"),
+        ({"n": 1000}, "n"),
+        ({"stream": "yes"}, "stream"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),
+        (
+            {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+            "stream_options.continuous_usage_stats",
+        ),
+        ({"logprobs": 21}, "logprobs"),
+        ({"stop": [""]}, "stop"),
+        ({"seed": 1.5}, "seed"),
+    ],
+)
+def test_completion_rejects(extra, param):
+    e = _err(parse_completion_request, {"prompt": "x", **extra})
+    assert e.param == param and e.status_code == 400 and param.split(".")[-1] in e.message
+
+
+def test_neutral_values_accepted():
+    parse_completion_request(
+        {"prompt": "x", "echo": False, "best_of": 1, "suffix": None, "logit_bias": {}, "user": "u"}, MAX_LEN
+    )
+    parse_chat_request(
+        {
+            "messages": [{"role": "user", "content": "x"}],
+            "tools": [],
+            "tool_choice": "none",
+            "response_format": {"type": "text"},
+            "logit_bias": None,
+            "parallel_tool_calls": None,
+        },
+        MAX_LEN,
+    )
+
+
+def test_chat_fields():
+    msgs = [
+        {"role": "system", "content": "s"},
+        {
+            "role": "user",
+            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            "name": "bob",
+        },
+    ]
+    req = parse_chat_request({"messages": msgs, "logprobs": True, "top_logprobs": 3}, MAX_LEN)
+    assert req.messages[1] == {"role": "user", "content": "ab", "name": "bob"}
+    assert req.logprobs == 3 and req.params.logprobs == 3
+    assert req.fill_max_tokens and req.params.max_tokens == MAX_LEN
+    assert parse_chat_request({"messages": msgs, "logprobs": True}, MAX_LEN).logprobs == 0
+    assert parse_chat_request({"messages": msgs, "max_completion_tokens": 7}, MAX_LEN).params.max_tokens == 7
+    e = _err(parse_chat_request, {"messages": msgs, "max_completion_tokens": -1})
+    assert e.param == "max_completion_tokens" and e.message.startswith("max_completion_tokens")
+    e = _err(parse_chat_request, {"messages": msgs, "logprobs": True, "top_logprobs": 30})
+    assert e.param == "top_logprobs" and e.message.startswith("top_logprobs")
+
+
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        (None, "messages"),
+        ([], "messages"),
+        (["hi"], "messages[0]"),
+        ([{"role": "bot", "content": "x"}], "messages[0].role"),
+        ([{"role": "user", "content": 5}], "messages[0].content"),
+        ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content[0]"),
+        ([{"role": "user", "content": "x", "tool_calls": []}], "messages[0].tool_calls"),
+    ],
+)
+def test_bad_messages(messages, param):
+    assert _err(parse_chat_request, {"messages": messages}).param == param
+
+
+def test_chat_rejects():
+    msgs = [{"role": "user", "content": "x"}]
+    for extra, param in [
+        ({"tools": [{"type": "function"}]}, "tools"),
+        ({"logprobs": 1}, "logprobs"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"echo": True}, "echo"),
+    ]:
+        assert _err(parse_chat_request, {"messages": msgs, **extra}).param == param
+
+
+def test_per_choice_seeds():
+    req = parse_completion_request({"prompt": "x", "seed": 5, "n": 4}, MAX_LEN)
+    seeds = [req.choice_params(i).seed for i in range(4)]
+    assert seeds[0] == 5 and len(set(seeds)) == 4
+    assert seeds == [req.choice_params(i).seed for i in range(4)] and derive_seed(5, 1) == seeds[1]
+    unseeded = parse_completion_request({"prompt": "x", "n": 2}, MAX_LEN)
+    assert unseeded.choice_params(1).seed is None
+
+
+def test_metrics_render():
+    m = Metrics('my "model"')
+    m.ttft.observe(0.05)
+    m.observe_finished("length", 1.0, 0.5, 6)
+    text = m.render({"num_running": 2, "kv_cache_usage": 0.25})
+    assert 'nanovllm:num_requests_running{model_name="my \\"model\\""} 2' in text
+    assert 'nanovllm:time_to_first_token_seconds_bucket{model_name="my \\"model\\"",le="0.06"} 1' in text
+    assert 'nanovllm:time_to_first_token_seconds_bucket{model_name="my \\"model\\"",le="0.04"} 0' in text
+    assert 'nanovllm:time_per_output_token_seconds_sum{model_name="my \\"model\\""} 0.1' in text
+    assert 'finished_reason="length"} 1' in text
+
+
+# ---- the app without a running engine -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def app_without_template(tmp_path_factory):
+    """The app for a model whose tokenizer has no chat template; its engine is never started."""
+    path = tmp_path_factory.mktemp("no-template")
+    shutil.copy(PRESET_DIR / "qwen3-tiny.json", path / "config.json")
+    data = json.loads((path / "config.json").read_text())
+    data.pop("_comment", None)
+    (path / "config.json").write_text(json.dumps(data))
+    for f in PRESET_DIR.joinpath("tokenizer").iterdir():
+        shutil.copy(f, path / f.name)
+    tok_config = json.loads((path / "tokenizer_config.json").read_text())
+    tok_config.pop("chat_template")
+    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    return build_app(Config(str(path), device="cpu"), "m")
+
+
+def _post(app, url, body):
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post(url, json=body)
+
+    return asyncio.run(go())
+
+
+def test_no_chat_template_is_a_400(app_without_template):
+    r = _post(
+        app_without_template,
+        "/v1/chat/completions",
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+
+
+def test_stopped_engine_is_a_503(app_without_template):
+    r = _post(app_without_template, "/v1/completions", {"model": "m", "prompt": "hi"})
+    assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
+    assert _post(app_without_template, "/v1/completions", {"model": "x", "prompt": "hi"}).status_code == 404

@@ -1,0 +1,556 @@
+"""The real server (`python -m nanovllm serve`, a subprocess on a free port) driven by the official
+`openai` client, on a tiny random checkpoint with a trained tokenizer and chat template."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "tiny"
+MAX_MODEL_LEN = 256
+EOS = 2
+
+_spec = importlib.util.spec_from_file_location("serving_benchmark", ROOT / "benchmarks" / "serving.py")
+serving = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(serving)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("server-ckpt"), "qwen3")
+
+
+@pytest.fixture(scope="module")
+def server(ckpt, tmp_path_factory):
+    """The base URL of a server started once for the module (the benchmark's own launcher)."""
+    serve_args = [
+        "--served-model-name",
+        MODEL,
+        "--max-model-len",
+        str(MAX_MODEL_LEN),
+        "--num-kvcache-blocks",
+        "512",
+        "--kernel-backend",
+        "torch",
+    ]
+    log = tmp_path_factory.mktemp("server-log") / "server.log"
+    # One torch thread: on a small shared CPU, intra-op threads fight the server's own threads (10x slower).
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        proc, url = serving.launch_server(str(ckpt), serve_args, log, timeout_s=120)
+    finally:
+        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
+    yield url
+    serving.stop_server(proc)
+    # uvicorn re-raises the SIGTERM it handled, so the exit code is -15 after a clean shutdown
+    assert "Application shutdown complete" in log.read_text(), log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(ckpt):
+    return AutoTokenizer.from_pretrained(str(ckpt))
+
+
+def _complete(client, prompt="The capital of France is", **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return client.completions.create(model=MODEL, prompt=prompt, **kw)
+
+
+def _chat(client, content="Tell me a story.", **kw):
+    kw.setdefault("max_tokens", 12)
+    kw.setdefault("temperature", 0)
+    return client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": content}], **kw)
+
+
+def _tokens(client, prompt, **kw) -> list[str]:
+    return _complete(client, prompt, logprobs=0, **kw).choices[0].logprobs.tokens
+
+
+def _metrics(server) -> dict[str, float]:
+    """Parse the Prometheus text: {'name{labels}': value}; every sample line must be well formed."""
+    text = httpx.get(server + "/metrics").text
+    samples = {}
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]+="[^"]*",?)*\})? (\S+)', line)
+        assert m, f"bad metrics line: {line!r}"
+        samples[m[1] + (m[2] or "")] = float(m[3])
+    return samples
+
+
+def _metric(samples: dict[str, float], name: str, label: str = "") -> float:
+    hits = [v for k, v in samples.items() if k.split("{")[0] == "nanovllm:" + name and label in k]
+    assert len(hits) == 1, (name, label, hits)
+    return hits[0]
+
+
+# ---- basics ----------------------------------------------------------------------------------------
+
+
+def test_health_models_metrics(server, client):
+    assert httpx.get(server + "/health").status_code == 200
+    models = client.models.list().data
+    assert [m.id for m in models] == [MODEL]
+    samples = _metrics(server)
+    for name in (
+        "num_requests_running",
+        "num_requests_waiting",
+        "kv_cache_usage_perc",
+        "prefix_cache_hit_rate",
+        "prompt_tokens_total",
+        "generation_tokens_total",
+        "time_to_first_token_seconds_count",
+        "time_per_output_token_seconds_count",
+    ):
+        _metric(samples, name)
+    assert _metric(samples, "time_to_first_token_seconds_bucket", 'le="+Inf"') >= 0
+
+
+def test_completion_text_and_usage(client, tokenizer):
+    prompt = "The capital of France is"
+    out = _complete(client, prompt, max_tokens=8, extra_body={"ignore_eos": True})
+    c = out.choices[0]
+    assert out.object == "text_completion" and out.model == MODEL
+    assert c.finish_reason == "length" and c.text
+    assert out.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert out.usage.completion_tokens == 8
+    assert out.usage.total_tokens == out.usage.prompt_tokens + 8
+
+
+def test_chat_text_and_usage(client, tokenizer):
+    out = _chat(client, "hi", max_tokens=6, extra_body={"ignore_eos": True})
+    c = out.choices[0]
+    assert out.object == "chat.completion" and c.message.role == "assistant" and c.message.content
+    templated = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert out.usage.prompt_tokens == len(tokenizer.encode(templated, add_special_tokens=False))
+    assert out.usage.completion_tokens == 6
+    # max_completion_tokens is the newer name for the same limit
+    assert _chat(client, "hi", max_tokens=None, max_completion_tokens=3).usage.completion_tokens <= 3
+
+
+def test_chat_default_max_tokens_fills_the_context(client):
+    out = _chat(client, "x " * 100, max_tokens=None, extra_body={"ignore_eos": True})
+    assert out.usage.prompt_tokens + out.usage.completion_tokens == MAX_MODEL_LEN
+    assert out.choices[0].finish_reason == "length"
+
+
+def test_streaming_equals_non_streaming(client):
+    for kw in ({}, {"stop": ["e"]}):  # with a stop string too (the held-back text must not leak)
+        full = _complete(client, max_tokens=16, **kw)
+        chunks = list(
+            _complete(client, max_tokens=16, stream=True, stream_options={"include_usage": True}, **kw)
+        )
+        text = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        assert text == full.choices[0].text
+        assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == full.choices[
+            0
+        ].finish_reason
+        assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
+        assert all(ch.usage is None for ch in chunks[:-1])
+
+        full = _chat(client, max_tokens=16, **kw)
+        chunks = list(_chat(client, max_tokens=16, stream=True, stream_options={"include_usage": True}, **kw))
+        assert chunks[0].choices[0].delta.role == "assistant"
+        text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        assert text == full.choices[0].message.content
+        assert chunks[-1].usage == full.usage
+
+
+def test_n_choices(client):
+    out = _complete(client, n=2, temperature=1.0, seed=7, max_tokens=8)
+    assert sorted(c.index for c in out.choices) == [0, 1]
+    assert out.choices[0].text != out.choices[1].text  # distinct per-choice seeds
+    assert _complete(client, n=2, max_tokens=8, extra_body={"ignore_eos": True}).usage.completion_tokens == 16
+    again = _complete(client, n=2, temperature=1.0, seed=7, max_tokens=8)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]  # deterministic
+    single = _complete(client, temperature=1.0, seed=7, max_tokens=8)
+    assert single.choices[0].text == out.choices[0].text  # choice 0 keeps the request's seed
+
+    streamed: dict[int, str] = {0: "", 1: ""}
+    for ch in _chat(client, n=2, temperature=1.0, seed=7, max_tokens=8, stream=True):
+        for c in ch.choices:
+            streamed[c.index] += c.delta.content or ""
+    full = _chat(client, n=2, temperature=1.0, seed=7, max_tokens=8)
+    assert [streamed[0], streamed[1]] == [c.message.content for c in full.choices]
+
+
+def test_batch_prompts(client, tokenizer):
+    out = _complete(client, ["Hello", "The capital of France is"], n=2, max_tokens=4)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text == out.choices[1].text  # greedy: the two choices of a prompt agree
+    assert out.choices[0].text == _complete(client, "Hello", max_tokens=4).choices[0].text
+    ids = tokenizer.encode("Hello")
+    by_ids = _complete(client, ids, max_tokens=4)
+    assert by_ids.choices[0].text == out.choices[0].text
+    assert len(_complete(client, [ids, ids[:1]], max_tokens=4).choices) == 2
+
+
+def test_seeds(client):
+    a = _complete(client, temperature=1.0, seed=1, max_tokens=12).choices[0].text
+    b = _complete(client, temperature=1.0, seed=1, max_tokens=12).choices[0].text
+    c = _complete(client, temperature=1.0, seed=2, max_tokens=12).choices[0].text
+    assert a == b and a != c
+
+
+def test_stop_strings(client):
+    tokens = _tokens(client, "The capital of France is", max_tokens=16, extra_body={"ignore_eos": True})
+    full = "".join(tokens)
+    # a stop string that straddles two tokens: its start is already out when its end arrives
+    i = next(i for i in range(2, 15) if len(tokens[i]) >= 2 and tokens[i + 1])
+    stop = tokens[i][-2:] + tokens[i + 1][:1]
+    cut = full[: full.find(stop)]
+    out = _complete(client, max_tokens=16, stop=[stop, "never-appears"]).choices[0]
+    assert out.text == cut and out.finish_reason == "stop"
+    assert out.model_extra["stop_reason"] == stop
+    chunks = list(_complete(client, max_tokens=16, stop=[stop, "never-appears"], stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == cut  # nothing past the cut leaked
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_completion_logprobs(client):
+    out = _complete(client, max_tokens=6, logprobs=3).choices[0]
+    lp = out.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == 6
+    assert "".join(lp.tokens) == out.text
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(6)]
+    for token, logprob, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert logprob <= 0 and 3 <= len(top) <= 4 and top[token] == logprob
+        assert logprob == pytest.approx(max(top.values()))  # greedy takes the most likely token
+
+
+def test_chat_logprobs(client):
+    out = _chat(client, max_tokens=5, logprobs=True, top_logprobs=2).choices[0]
+    content = out.logprobs.content
+    assert len(content) == 5
+    assert "".join(t.token for t in content) == out.message.content
+    for t in content:
+        assert len(t.top_logprobs) == 2 and t.logprob == pytest.approx(t.top_logprobs[0].logprob)
+        assert bytes(t.bytes).decode("utf-8", "replace") == t.token
+    streamed = [
+        t
+        for ch in _chat(client, max_tokens=5, logprobs=True, stream=True)
+        if ch.choices
+        for t in (ch.choices[0].logprobs.content if ch.choices[0].logprobs else [])
+    ]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    assert _chat(client, max_tokens=3).choices[0].logprobs is None
+
+
+# ---- vLLM's extra sampling fields -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def hf(ckpt):
+    return load_hf_model(ckpt)
+
+
+@contextlib.contextmanager
+def _one_torch_thread():
+    """transformers in this process: one thread is much faster on a small, shared CPU."""
+    num = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(num)
+
+
+@pytest.fixture(scope="module")
+def eos_prompt(hf) -> list[int]:
+    """A one-token prompt whose greedy next token is EOS (found with transformers on the same weights)."""
+    with torch.no_grad(), _one_torch_thread():
+        first = hf(torch.arange(3, 2048)[:, None]).logits[:, -1].argmax(-1)  # [2045]
+    hits = (first == EOS).nonzero().flatten().tolist()
+    if not hits:
+        pytest.skip("no one-token prompt of this checkpoint greedily ends with EOS")
+    return [3 + hits[0]]
+
+
+def test_ignore_eos_and_min_tokens(client, eos_prompt):
+    plain = _complete(client, eos_prompt, max_tokens=8).choices[0]
+    assert plain.finish_reason == "stop" and plain.model_extra["stop_reason"] is None  # EOS
+    out = _complete(client, eos_prompt, max_tokens=8, extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 8 and out.choices[0].finish_reason == "length"
+    out = _complete(client, eos_prompt, max_tokens=8, extra_body={"min_tokens": 5})
+    assert out.usage.completion_tokens >= 5
+
+
+def test_stop_token_ids(client, hf, tokenizer):
+    prompt = tokenizer.encode("The capital of France is")
+    with _one_torch_thread():
+        ids = hf_greedy(hf, prompt, 10)
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+    out = _complete(client, prompt, max_tokens=10, extra_body={"stop_token_ids": [ids[k]]})
+    assert out.usage.completion_tokens == k + 1 and out.choices[0].finish_reason == "stop"
+    assert out.choices[0].model_extra["stop_reason"] == ids[k]
+    # min_tokens bans the stop token until enough are out; ignore_eos + min_tokens = max_tokens: exact count
+    extra = {"stop_token_ids": [ids[k]], "min_tokens": 9, "ignore_eos": True}
+    assert _complete(client, prompt, max_tokens=9, extra_body=extra).usage.completion_tokens == 9
+
+
+def test_top_k_min_p_penalties(client, tokenizer):
+    greedy = _tokens(client, "def f(x):", max_tokens=12)
+    assert _tokens(client, "def f(x):", max_tokens=12, temperature=1.0, extra_body={"top_k": 1}) == greedy
+    assert _tokens(client, "def f(x):", max_tokens=12, temperature=1.0, extra_body={"min_p": 1.0}) == greedy
+    base = _tokens(client, "Hello", max_tokens=24)
+    for kw in ({"presence_penalty": -2}, {"frequency_penalty": -2}):  # rewarding repeats: a loop
+        assert len(set(_tokens(client, "Hello", max_tokens=24, **kw))) <= 3 < len(set(base))
+    for kw in ({"presence_penalty": 2}, {"frequency_penalty": 2}):
+        out = _tokens(client, "Hello", max_tokens=24, **kw)
+        assert out != base and len(set(out)) >= len(set(base))
+    # repetition_penalty < 1 favours tokens already in the context: the output copies the prompt's tokens
+    prompt = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat"
+    out = _complete(client, prompt, max_tokens=12, logprobs=0, extra_body={"repetition_penalty": 0.01})
+    prompt_tokens = {tokenizer.decode([t]) for t in tokenizer.encode(prompt)}
+    assert set(out.choices[0].logprobs.tokens) <= prompt_tokens
+
+
+# ---- errors ----------------------------------------------------------------------------------------------
+
+
+def _error(excinfo) -> dict:
+    return excinfo.value.body  # the client unwraps {"error": {...}}
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"echo": True}, "echo"),
+        ({"best_of": 2}, "best_of"),
+        ({"suffix": "x"}, "suffix"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"extra_body": {"guided_json": {}}}, "guided_json"),
+        ({"n": 2, "best_of": 1}, "best_of"),
+    ],
+)
+def test_unsupported_completion_params(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        _complete(client, max_tokens=2, **kwargs)
+    assert e.value.status_code == 400 and _error(e)["param"] == param and param in _error(e)["message"]
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs=true
+    ],
+)
+def test_unsupported_chat_params(client, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, max_tokens=2, **kwargs)
+    assert _error(e)["param"] == param
+
+
+def test_neutral_values_are_accepted(client):
+    _complete(client, max_tokens=2, echo=False, best_of=1, logit_bias={}, suffix=None, user="u")
+    _chat(client, max_tokens=2, tools=[], response_format={"type": "text"}, logit_bias=None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"max_tokens": -1}, "max_tokens"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"logprobs": 50}, "logprobs"),
+        ({"n": 0}, "n"),
+        ({"extra_body": {"top_k": -5}}, "top_k"),
+        ({"extra_body": {"min_tokens": 20}}, "min_tokens"),  # > max_tokens
+        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
+    ],
+)
+def test_bad_values(client, kwargs, param):
+    kwargs.setdefault("max_tokens", 4)
+    with pytest.raises(openai.BadRequestError) as e:
+        _complete(client, **kwargs)
+    assert _error(e)["param"] == param and param in _error(e)["message"]
+
+
+def test_bad_requests_leave_the_server_serving(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
+    assert _error(e)["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as e:
+        _complete(client, list(range(3, 3 + 250)), max_tokens=16)
+    assert "max_model_len=256" in _error(e)["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        _complete(client, [5, 99999], max_tokens=2)
+    assert "vocabulary" in _error(e)["message"]
+    with pytest.raises(openai.BadRequestError):
+        _chat(client, "x " * 300, max_tokens=None)  # no room left to generate
+    for body in (b'{"model": "tiny", "prompt": ', b"[1, 2]", b"\xff\xfe"):
+        r = httpx.post(server + "/v1/completions", content=body, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = httpx.post(
+        server + "/v1/chat/completions",
+        json={"model": MODEL, "messages": [{"role": "robot", "content": "x"}]},
+    )
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0].role"
+    r = httpx.get(server + "/v1/nothing-here")
+    assert r.status_code == 404 and "error" in r.json()
+    # and the server still serves
+    assert _complete(client, max_tokens=3).usage.completion_tokens >= 1
+    assert httpx.get(server + "/health").status_code == 200
+
+
+# ---- concurrency and disconnects ----------------------------------------------------------------------
+
+
+def test_concurrent_streaming_clients(server):
+    num_clients, max_tokens = 32, 8
+
+    async def one(client: openai.AsyncOpenAI, i: int) -> tuple[str, int, str]:
+        stream = await client.completions.create(
+            model=MODEL,
+            prompt=f"Request number {i} says",
+            max_tokens=max_tokens,
+            temperature=0.8,
+            seed=i,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        text, usage, reason = "", None, None
+        async for ch in stream:
+            if ch.choices:
+                text += ch.choices[0].text
+                reason = ch.choices[0].finish_reason or reason
+            if ch.usage is not None:
+                usage = ch.usage.completion_tokens
+        return text, usage, reason
+
+    async def main():
+        async with openai.AsyncOpenAI(base_url=server + "/v1", api_key="none", max_retries=0) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(num_clients)))
+
+    results = asyncio.run(main())
+    assert all(usage == max_tokens and reason == "length" and text for text, usage, reason in results)
+    assert len({text for text, _, _ in results}) > num_clients // 2  # different seeds, different texts
+
+
+def _wait_until_idle(server, timeout_s: float = 20) -> dict[str, float]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        samples = _metrics(server)
+        idle = _metric(samples, "num_requests_running") == 0 and _metric(samples, "kv_cache_usage_perc") == 0
+        if idle or time.monotonic() > deadline:
+            assert idle, samples
+            return samples
+        time.sleep(0.05)
+
+
+_aborted = lambda s: _metric(s, "request_success_total", 'finished_reason="abort"')  # noqa: E731
+_generated = lambda s: _metric(s, "generation_tokens_total")  # noqa: E731
+
+
+def test_late_request_joins_the_running_batch(server, client):
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 240,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.Client(timeout=60) as http, http.stream("POST", server + "/v1/completions", json=body) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data:"))
+        next(lines)
+        # a request that arrives mid-generation finishes while the long one is still running
+        assert _complete(client, max_tokens=3, extra_body={"ignore_eos": True}).usage.completion_tokens == 3
+        assert _metric(_metrics(server), "num_requests_running") == 1
+        assert json.loads(next(lines)[5:])["choices"][0]["finish_reason"] is None
+    _wait_until_idle(server)
+
+
+def test_disconnect_mid_stream_aborts_and_frees_blocks(server):
+    before = _wait_until_idle(server)
+    body = {
+        "model": MODEL,
+        "prompt": "Once upon a time",
+        "max_tokens": 240,
+        "stream": True,
+        "ignore_eos": True,
+    }
+    with httpx.Client(timeout=60) as http, http.stream("POST", server + "/v1/completions", json=body) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data:"))
+        assert all(json.loads(next(lines)[5:])["choices"] for _ in range(3))
+        during = _metrics(server)
+        assert _metric(during, "num_requests_running") == 1 and _metric(during, "kv_cache_usage_perc") > 0
+    # the connection is closed: the request is aborted and its KV blocks freed
+    after = _wait_until_idle(server)
+    assert _aborted(after) == _aborted(before) + 1
+    assert _generated(after) - _generated(before) < 240
+
+
+def test_disconnect_while_waiting_for_a_full_response_aborts(server):
+    before = _wait_until_idle(server)
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 240, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+        httpx.post(server + "/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    after = _wait_until_idle(server)
+    assert _aborted(after) == _aborted(before) + 1
+    assert _generated(after) - _generated(before) < 240
+
+
+# ---- the serving benchmark ------------------------------------------------------------------------------
+
+
+def test_serving_benchmark_runs(server, tmp_path):
+    out = tmp_path / "serving.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "serving.py"),
+        "--base-url",
+        server,
+        "--num-prompts",
+        "6",
+        "--request-rate",
+        "inf",
+        "20",
+        "--input-len",
+        "4",
+        "24",
+        "--output-len",
+        "2",
+        "6",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(out.read_text())
+    assert report["model"] == MODEL and len(report["runs"]) == 2
+    for run in report["runs"]:
+        assert run["num_completed"] == 6 and run["num_failed"] == 0
+        assert 6 * 2 <= run["total_output_tokens"] <= 6 * 6
+        assert run["output_throughput"] > 0 and run["p99_ttft_ms"] >= run["p50_ttft_ms"] > 0
+        assert run["p50_tpot_ms"] > 0 and run["p50_itl_ms"] > 0
