@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--input-len", type=int, nargs="+", default=[128], help="LEN or MIN MAX (uniform)")
     p.add_argument("--output-len", type=int, nargs="+", default=[128], help="LEN or MIN MAX (uniform)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None, help="write the JSON results here")
+    p.add_argument("--out", type=Path, default=None, help="write the JSON results to this file or directory")
     args = p.parse_args(argv)
     input_len, output_len = _range(args.input_len, "input-len"), _range(args.output_len, "output-len")
 
@@ -350,9 +350,13 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
     }
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+        out = args.out
+        if out.is_dir() or not out.suffix:  # a directory: name the file after the card and time
+            slug = "".join(c if c.isalnum() else "-" for c in str(card).lower()).strip("-")
+            out = out / f"serving-{slug}-{time.strftime('%Y-%m-%d-%H%M%S')}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
     return 1 if any(r["num_failed"] for r in runs) else 0
 
 
