@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--input-len", type=int, default=256)
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=1024)
+    p.add_argument(
+        "--num-kvcache-blocks", type=int, default=4096, help="fixed KV cache (0: size it from GPU memory)"
+    )
     p.add_argument("--skip-parity", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     return p.parse_args(argv)
@@ -70,8 +73,8 @@ def random_prompts(model: str, num: int, min_len: int, max_len: int, seed: int) 
     return make_workload(num, min_len, max_len, 1, 1, max_token_id=max_token_id, seed=seed).prompts
 
 
-def engine(model: str, tp: int, **kwargs) -> LLM:
-    return LLM(model, tensor_parallel_size=tp, **kwargs)
+def engine(model: str, tp: int, num_kvcache_blocks: int, **kwargs) -> LLM:
+    return LLM(model, tensor_parallel_size=tp, num_kvcache_blocks=num_kvcache_blocks or None, **kwargs)
 
 
 def release(llm: LLM) -> None:
@@ -88,7 +91,14 @@ def parity(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
     params = SamplingParams(temperature=0, max_tokens=args.parity_tokens, ignore_eos=True)
     tokens = {}
     for tp in (1, 2):
-        llm = engine(args.parity_model, tp, dtype=dtype, max_model_len=args.max_model_len, max_num_seqs=16)
+        llm = engine(
+            args.parity_model,
+            tp,
+            args.num_kvcache_blocks,
+            dtype=dtype,
+            max_model_len=args.max_model_len,
+            max_num_seqs=16,
+        )
         try:
             outs = llm.generate(prompts, params, use_tqdm=False)
             tokens[tp] = [o.outputs[0].token_ids for o in outs]
@@ -151,6 +161,7 @@ def decode_scaling(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str
         llm = engine(
             args.model,
             tp,
+            args.num_kvcache_blocks,
             max_model_len=args.max_model_len,
             max_num_seqs=max(batch_sizes),
             enable_prefix_caching=False,  # the 1-token and the full run must prefill alike

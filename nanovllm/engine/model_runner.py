@@ -88,6 +88,7 @@ class ModelRunner:
         self.head_dim = head_dim_of(hf)
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self._host: dict[str, np.ndarray] | None = None  # see _host_buffers
+        self._memory_note = ""  # how the KV budget was found, for the error message
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         max_bs = min(config.max_num_seqs, 512)
@@ -116,7 +117,7 @@ class ModelRunner:
                 f"the KV cache holds {num_blocks} blocks x {self.block_size} tokens = "
                 f"{num_blocks * self.block_size} tokens, fewer than one max-length request "
                 f"(max_model_len={cfg.max_model_len}); lower max_model_len or give the cache more memory "
-                f"(gpu_memory_utilization / num_kvcache_blocks)"
+                f"(gpu_memory_utilization / num_kvcache_blocks){self._memory_note}"
             )
         self._bind_kv_cache(num_blocks)
         logger.info(
@@ -143,9 +144,10 @@ class ModelRunner:
         seq_len = min(cfg.max_model_len, num_tokens)
         num_seqs = -(-num_tokens // seq_len)
         self._bind_kv_cache(num_seqs * self.max_blocks_per_seq)
-        torch.cuda.synchronize()
+        dev = self.device
+        torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.reset_peak_memory_stats(dev)
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         inp = self._profile_input(lens)
         sample_rows = min(cfg.max_num_seqs, num_tokens)
@@ -153,21 +155,25 @@ class ModelRunner:
         # The costliest sampling path too: penalties, top-k/top-p, logprobs over the full vocabulary.
         worst = SamplingParams(top_p=0.9, top_k=50, presence_penalty=0.5, repetition_penalty=1.1, logprobs=20)
         self.execute(inp, [SamplingRequest(worst, [0], [0], cfg.eos_token_ids)] * sample_rows)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
         del self.kv_cache
         for layer in self.attention_layers:
             layer.k_cache = layer.v_cache = torch.empty(0)
         torch.cuda.empty_cache()
-        current = torch.cuda.memory_allocated()
-        free, total = torch.cuda.mem_get_info()
-        used_elsewhere = total - free - torch.cuda.memory_reserved()  # other processes, CUDA context
+        current = torch.cuda.memory_allocated(dev)
+        free, total = torch.cuda.mem_get_info(dev)
+        used_elsewhere = total - free - torch.cuda.memory_reserved(dev)  # other processes, CUDA context
         budget = total * cfg.gpu_memory_utilization - used_elsewhere - peak
         logger.info(
             "memory: weights+buffers %.2f GiB, profiling peak %.2f GiB, other %.2f GiB",
             current / 2**30,
             peak / 2**30,
             used_elsewhere / 2**30,
+        )
+        self._memory_note = (
+            f" (on {dev}: total {total / 2**30:.1f} GiB x gpu_memory_utilization {cfg.gpu_memory_utilization}"
+            f" - profiling peak {peak / 2**30:.1f} GiB - other processes {used_elsewhere / 2**30:.1f} GiB)"
         )
         return max(0, int(budget) // self.block_bytes)
 

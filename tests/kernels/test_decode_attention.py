@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from nanovllm.kernels.decode_attention import (
+    DECODE_MIN_KEYS_PER_SPLIT,
     decode_attention,
     decode_attention_ref,
     default_num_splits,
@@ -142,15 +143,15 @@ def test_default_num_splits():
     num_sms = 132
     # Large batches already fill the GPU: no split.
     assert default_num_splits(256, 8, 1024, num_sms) == 1
-    # Small batch, long context: split, but keep a few hundred keys per split.
-    assert default_num_splits(1, 8, 4096, num_sms) == 16
-    assert default_num_splits(16, 8, 1024, num_sms) == 4
+    # Small batch, long context: split (up to the cap), but keep DECODE_MIN_KEYS_PER_SPLIT keys per split.
+    assert default_num_splits(1, 8, 4096, num_sms) == min(66, 4096 // DECODE_MIN_KEYS_PER_SPLIT, 64)
+    assert default_num_splits(16, 8, 1024, num_sms) == min(5, 1024 // DECODE_MIN_KEYS_PER_SPLIT)
     # Short contexts are never split below the minimum split length.
-    assert default_num_splits(1, 8, 100, num_sms) == 1
+    assert default_num_splits(1, 8, DECODE_MIN_KEYS_PER_SPLIT - 1, num_sms) == 1
     for batch in (1, 2, 8, 64, 512):
         for max_seq_len in (1, 255, 512, 4096, 40960):
             splits = default_num_splits(batch, 8, max_seq_len, num_sms)
-            assert 1 <= splits <= max(1, max_seq_len // 256)
+            assert 1 <= splits <= max(1, max_seq_len // DECODE_MIN_KEYS_PER_SPLIT)
 
 
 def test_decode_rejects_bad_arguments(make_paged_inputs):
