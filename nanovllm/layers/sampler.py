@@ -1,8 +1,15 @@
 """Turn a batch of logits into next tokens (vLLM's sampling semantics).
 
 Per row, in order: min_tokens ban -> penalties -> greedy argmax, or temperature -> top-k -> top-p ->
-min-p -> exponential-race sampling. `SamplingBatch.build` turns the per-request settings into device
-tensors once per step and records which stages any row needs, so `Sampler.forward` skips the rest.
+min-p -> a random draw. `SamplingBatch.build` turns the per-request settings into device tensors once
+per step and records which stages any row needs, so `Sampler.forward` skips the rest.
+
+The random draw has two implementations that sample the same distribution from different random
+streams (a seed gives different tokens on the two):
+- CUDA with Triton: one Gumbel-max kernel pass over the logits in their own dtype
+  (kernels/sampling.py), each row with its own Philox seed;
+- elsewhere (CPU, or kernel backend "torch"): an exponential race over the probabilities, with torch
+  generators.
 """
 
 from __future__ import annotations
@@ -10,9 +17,12 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from nanovllm.kernels.backend import use_triton
+from nanovllm.kernels.sampling import gumbel_argmax
 from nanovllm.sampling_params import GREEDY_EPS, SamplingParams
 
 # top-p keeps a token while the mass ranked above it is below top_p. Float32 softmax/cumsum error
@@ -28,9 +38,30 @@ class SamplingRequest:
     """One row of the batch: a sequence that needs its next token."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]  # tokens generated so far
+    prompt_token_ids: list[int]  # read only for repetition_penalty
+    output_token_ids: list[int]  # tokens generated so far; read only for penalties
     eos_token_ids: tuple[int, ...]  # banned with params.stop_token_ids while output < min_tokens
+    # Tokens generated so far: the seed position and the min_tokens count. None: len(output_token_ids).
+    num_output_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_output_tokens is None:
+            self.num_output_tokens = len(self.output_token_ids)
+
+    @classmethod
+    def for_sequence(
+        cls,
+        params: SamplingParams,
+        token_ids: list[int],
+        num_prompt_tokens: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> SamplingRequest:
+        """The row of a sequence whose `token_ids` are its prompt then its output. The token lists are
+        copied only for the penalties that read them (repetition: prompt and output; presence and
+        frequency: output); otherwise they are left empty."""
+        prompt = token_ids[:num_prompt_tokens] if params.repetition_penalty != 1.0 else []
+        output = token_ids[num_prompt_tokens:] if params.has_penalties else []
+        return cls(params, prompt, output, eos_token_ids, len(token_ids) - num_prompt_tokens)
 
 
 @dataclass
@@ -53,22 +84,35 @@ class SamplingBatch:
     output_token_ids: torch.Tensor | None  # [B, max_output_len] int64, padded with vocab_size
     banned_rows: torch.Tensor | None  # [num_banned] int64 } pairs (row, token) set to -inf
     banned_token_ids: torch.Tensor | None  # [num_banned] int64 } by min_tokens
-    seeded_rows: list[tuple[int, int]]  # (row, generator seed) for random rows with params.seed
+    seeded_rows: list[tuple[int, int]]  # (row, row seed) for random rows with params.seed
     max_num_logprobs: int | None  # max params.logprobs over the batch; None when no row asked
 
     @property
     def has_penalties(self) -> bool:
         return self.output_token_ids is not None
 
+    @property
+    def has_filters(self) -> bool:
+        return self.top_k is not None or self.top_p is not None or self.min_p is not None
+
     @classmethod
-    def build(cls, requests: list[SamplingRequest], vocab_size: int, device: torch.device) -> SamplingBatch:
+    def build(
+        cls, requests: list[SamplingRequest], vocab_size: int, device: torch.device | str
+    ) -> SamplingBatch:
         num_rows = len(requests)
         params = [r.params for r in requests]
         greedy = [p.temperature < GREEDY_EPS for p in params]
         all_greedy = all(greedy)
+        device = torch.device(device)
+        # Every tensor is built on the host, in pinned memory for a GPU, and copied without blocking:
+        # a pageable copy would make the CPU wait for the GPU to finish the step's forward.
+        pin = device.type == "cuda"
+
+        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
 
         def floats(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(values, torch.float32)
 
         # Sampling settings. Greedy rows get neutral values: their token is the argmax either way.
         greedy_mask = temperatures = top_k = top_p = min_p = None
@@ -76,7 +120,7 @@ class SamplingBatch:
         seeded_rows: list[tuple[int, int]] = []
         if not all_greedy:
             if any(greedy):
-                greedy_mask = torch.tensor(greedy, dtype=torch.bool, device=device)
+                greedy_mask = to_device(greedy, torch.bool)
             sampled = [p for p, g in zip(params, greedy) if not g]
             if any(p.temperature != 1.0 for p in sampled):
                 temperatures = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
@@ -85,13 +129,13 @@ class SamplingBatch:
             ]
             max_top_k = max((k for k in ks if k < vocab_size), default=0)
             if max_top_k:
-                top_k = torch.tensor(ks, dtype=torch.int64, device=device)
+                top_k = to_device(ks, torch.int64)
             if any(p.top_p < 1.0 for p in sampled):
                 top_p = floats([1.0 if g else p.top_p for p, g in zip(params, greedy)])
             if any(p.min_p > 0.0 for p in sampled):
                 min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy)])
             seeded_rows = [
-                (i, _row_seed(r.params.seed, len(r.output_token_ids)))
+                (i, _row_seed(r.params.seed, r.num_output_tokens))
                 for i, (r, g) in enumerate(zip(requests, greedy))
                 if not g and r.params.seed is not None
             ]
@@ -101,14 +145,14 @@ class SamplingBatch:
         penalized = [p.has_penalties for p in params]
         if any(penalized):
             outputs = [r.output_token_ids if pen else [] for r, pen in zip(requests, penalized)]
-            output_ids = _pad(outputs, pad_id=vocab_size).to(device)
+            output_ids = _pad(outputs, vocab_size, pin).to(device, non_blocking=True)
             if any(p.repetition_penalty != 1.0 for p in params):
                 repetition = floats([p.repetition_penalty for p in params])
                 prompts = [
                     r.prompt_token_ids if p.repetition_penalty != 1.0 else []
                     for r, p in zip(requests, params)
                 ]
-                prompt_ids = _pad(prompts, pad_id=vocab_size).to(device)
+                prompt_ids = _pad(prompts, vocab_size, pin).to(device, non_blocking=True)
             if any(p.frequency_penalty != 0.0 for p in params):
                 frequency = floats([p.frequency_penalty for p in params])
             if any(p.presence_penalty != 0.0 for p in params):
@@ -118,7 +162,7 @@ class SamplingBatch:
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for i, r in enumerate(requests):
-            if len(r.output_token_ids) < r.params.min_tokens:
+            if r.num_output_tokens < r.params.min_tokens:
                 stops = set(r.params.stop_token_ids or ())
                 if not r.params.ignore_eos:
                     stops.update(r.eos_token_ids)
@@ -127,8 +171,8 @@ class SamplingBatch:
                 ban_ids += ids
         banned_rows = banned_token_ids = None
         if ban_rows:
-            banned_rows = torch.tensor(ban_rows, dtype=torch.int64, device=device)
-            banned_token_ids = torch.tensor(ban_ids, dtype=torch.int64, device=device)
+            banned_rows = to_device(ban_rows, torch.int64)
+            banned_token_ids = to_device(ban_ids, torch.int64)
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -164,9 +208,11 @@ class SamplerOutput:
 class Sampler(nn.Module):
     """Samples one token per row.
 
-    Rows without a seed draw noise from the sampler's generator (seeded with `seed`, one per device).
-    Rows with `params.seed` draw from a generator seeded by (seed, number of tokens already generated),
-    so their tokens don't depend on the rest of the batch or on preemption and recompute.
+    Rows with `params.seed` draw with a seed made from (seed, number of tokens already generated), so
+    their tokens don't depend on the rest of the batch or on preemption and recompute. Rows without
+    draw from the sampler's generators (seeded with `seed`), so a run is reproducible from it. On
+    either kind of row, the Triton path and the torch path give different tokens (see the module
+    docstring).
 
     Logprobs are "raw": log_softmax of the model's logits before the min_tokens ban, penalties,
     temperature and top-k/top-p/min-p (vLLM's default), for every row when any row asked.
@@ -177,13 +223,21 @@ class Sampler(nn.Module):
         self.seed = seed
         self._generators: dict[torch.device, torch.Generator] = {}
         self._seeded_generators: dict[torch.device, torch.Generator] = {}
+        # The Triton path's unseeded rows: one draw per step on the host, mixed with the row index.
+        self._seed_generator = torch.Generator().manual_seed(seed)
 
     def forward(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        # logits: [B, V], any float dtype; copied to fp32 so the caller's tensor is never modified.
+        # logits: [B, V], any float dtype; never modified (stages that write work on an fp32 copy).
         assert logits.shape == (batch.num_rows, batch.vocab_size), (logits.shape, batch.num_rows)
-        logits = logits.to(torch.float32, copy=True)
-        raw_logprobs = logits.log_softmax(dim=-1) if batch.max_num_logprobs is not None else None
+        fused = not batch.all_greedy and use_triton(logits)
+        raw_logprobs = None
+        if batch.max_num_logprobs is not None:
+            raw_logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
 
+        # The fused draw and argmax read the logits in their own dtype: copy only if a stage writes.
+        writes = batch.banned_rows is not None or batch.has_penalties
+        if writes or (not batch.all_greedy and (batch.has_filters or not fused)):
+            logits = logits.to(torch.float32, copy=True)
         if batch.banned_rows is not None:
             logits[batch.banned_rows, batch.banned_token_ids] = float("-inf")
         if batch.has_penalties:
@@ -198,6 +252,8 @@ class Sampler(nn.Module):
 
         if batch.all_greedy:
             token_ids = logits.argmax(dim=-1)
+        elif fused:
+            token_ids = self._gumbel_draw(logits, batch)
         else:
             greedy_ids = logits.argmax(dim=-1) if batch.greedy_mask is not None else None
             probs = sampling_probs(logits, batch)
@@ -210,6 +266,29 @@ class Sampler(nn.Module):
         logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
         top_logprobs, top_ids = raw_logprobs.topk(min(batch.max_num_logprobs, batch.vocab_size), dim=-1)
         return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
+
+    def _gumbel_draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        # One kernel pass: temperature, noise and argmax (greedy rows: plain argmax). Top-p and min-p
+        # act on the tempered distribution, so with filters the temperature is applied before them.
+        inv_temperatures = None
+        if batch.has_filters:
+            logits = filtered_logits(logits, batch)
+        elif batch.temperatures is not None:
+            inv_temperatures = batch.temperatures.reciprocal()
+        seeds = self._row_seeds(batch, logits.device)
+        return gumbel_argmax(logits, inv_temperatures, seeds, batch.greedy_mask)
+
+    def _row_seeds(self, batch: SamplingBatch, device: torch.device) -> torch.Tensor:
+        """[B] int64 Philox seeds: (seed, tokens generated) for seeded rows, as on the torch path;
+        for the others, one draw from the sampler's generator mixed with the row index."""
+        base = int(torch.randint(1 << 62, (), generator=self._seed_generator))
+        seeds = _row_seed_array(base, np.arange(batch.num_rows, dtype=np.uint64))  # [B] uint64
+        for row, row_seed in batch.seeded_rows:
+            seeds[row] = row_seed
+        host = torch.from_numpy(seeds.view(np.int64))
+        if device.type == "cuda":
+            host = host.pin_memory()
+        return host.to(device, non_blocking=True)
 
     def _exponential_race(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i.
@@ -274,12 +353,20 @@ def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
     Modifies `logits` [B, V] fp32 in place. Greedy rows carry neutral settings.
     """
+    return filtered_logits(logits, batch).softmax(dim=-1)
+
+
+def filtered_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Logits divided by the temperature, with tokens outside top-k, top-p and min-p at -inf.
+
+    Modifies `logits` [B, V] fp32 in place. Greedy rows carry neutral settings.
+    """
     if batch.temperatures is not None:
         logits.div_(batch.temperatures[:, None])
     logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p, batch.max_top_k)
     if batch.min_p is not None:
         logits = apply_min_p(logits, batch.min_p)
-    return logits.softmax(dim=-1)
+    return logits
 
 
 def apply_top_k_top_p(
@@ -326,11 +413,11 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(logits < threshold, float("-inf"))
 
 
-def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
+def _pad(rows: list[list[int]], pad_id: int, pin_memory: bool = False) -> torch.Tensor:
     """[len(rows), max_len] int64 on the CPU, rows right-padded with pad_id."""
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
     max_len = max(max(map(len, rows), default=0), 1)  # one column even when all rows are empty
-    out = torch.full((len(rows), max_len), pad_id, dtype=torch.int64)
+    out = torch.full((len(rows), max_len), pad_id, dtype=torch.int64, pin_memory=pin_memory)
     out[torch.arange(out.shape[1]) < lengths[:, None]] = torch.tensor(
         list(itertools.chain.from_iterable(rows)), dtype=torch.int64
     )
@@ -340,6 +427,20 @@ def _pad(rows: list[list[int]], pad_id: int) -> torch.Tensor:
 def _row_seed(seed: int, position: int) -> int:
     """A 64-bit generator seed from a request seed and the index of the token being sampled."""
     return _splitmix64((_splitmix64(seed & _MASK_64) + position) & _MASK_64)
+
+
+def _row_seed_array(seed: int, positions: np.ndarray) -> np.ndarray:
+    """`_row_seed(seed, p)` for every p of the uint64 array `positions`, as a uint64 array."""
+    with np.errstate(over="ignore"):
+        return _splitmix64_array(np.uint64(_splitmix64(seed & _MASK_64)) + positions)
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    # uint64 arithmetic wraps, as the & _MASK_64 of _splitmix64 does.
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _splitmix64(x: int) -> int:

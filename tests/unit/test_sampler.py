@@ -1,5 +1,10 @@
 """Sampler: exact distributions, penalties, min_tokens, seeds, logprobs (CPU, tiny vocab).
 
+Tests of the random draw run twice (the `draw_path` fixture): on the CPU path (exponential race), and
+on the CUDA path's logic (temperature folded into a Gumbel-max draw with per-row seeds), with the
+kernel's torch reference standing in for the Triton kernel. tests/kernels/test_sampling_kernel.py
+checks the kernel itself.
+
 Statistical tests draw NUM_DRAWS tokens as one batch of identical rows and compare each token's
 count with the exactly computed (float64) target distribution. Per token, a deviation larger than
 the Bernstein bound below has probability < 1e-9 when the sampler is right; with ~10 tokens in ~12
@@ -16,10 +21,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nanovllm.layers import sampler as sampler_module
 from nanovllm.layers.sampler import (
     Sampler,
     SamplingBatch,
     SamplingRequest,
+    _row_seed,
+    _row_seed_array,
     apply_penalties,
     apply_top_k_top_p,
 )
@@ -31,6 +39,13 @@ FAILURE_PROB_PER_TOKEN = 1e-9
 # Unsorted, no ties, so filters must map sorted positions back to token ids.
 LOGITS = [1.2, 0.9, 2.0, -0.3, 0.4, -1.5, 0.0, 1.6]
 VOCAB = len(LOGITS)
+
+
+@pytest.fixture(params=["exponential race", "gumbel-max"])
+def draw_path(request, monkeypatch) -> str:
+    if request.param == "gumbel-max":
+        monkeypatch.setattr(sampler_module, "use_triton", lambda x: True)
+    return request.param
 
 
 def request(params: SamplingParams, prompt=(), output=(), eos=()) -> SamplingRequest:
@@ -107,7 +122,7 @@ SETTINGS = {
 
 
 @pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
-def test_distribution_matches_exact_target(settings):
+def test_distribution_matches_exact_target(settings, draw_path):
     assert_matches(draw(SamplingParams(**settings)), reference_probs(LOGITS, **settings))
 
 
@@ -249,7 +264,7 @@ def test_min_tokens_bans_eos_and_stop_ids_until_reached():
     assert sample(no_eos_logits, [request(ignore, output=[1], eos=(eos,))]).token_ids.tolist() == [2]
 
 
-def test_min_tokens_ban_holds_for_random_rows():
+def test_min_tokens_ban_holds_for_random_rows(draw_path):
     logits = torch.tensor([[0.0, 0.0, 0.0, 5.0]]).expand(2000, -1)
     params = SamplingParams(min_tokens=1, stop_token_ids=[3])
     assert 3 not in sample(logits, [request(params)] * 2000).token_ids.tolist()
@@ -287,18 +302,18 @@ def run_seeded(seed: int, companions: int, steps: int = 30, vocab: int = 50) -> 
     return tokens
 
 
-def test_seeded_request_is_independent_of_its_batch():
+def test_seeded_request_is_independent_of_its_batch(draw_path):
     alone = run_seeded(seed=7, companions=0)
     assert run_seeded(seed=7, companions=3) == alone
     assert run_seeded(seed=7, companions=9) == alone
     assert len(set(alone)) > 5  # the seed varies with position; it is not one repeated draw
 
 
-def test_different_seeds_give_different_tokens():
+def test_different_seeds_give_different_tokens(draw_path):
     assert run_seeded(seed=7, companions=0) != run_seeded(seed=8, companions=0)
 
 
-def test_seeded_draw_depends_only_on_seed_and_position():
+def test_seeded_draw_depends_only_on_seed_and_position(draw_path):
     # A preempted request recomputes with the same output length: same draw, even with another prompt.
     logits = torch.zeros(1, 1000)
     first = sample(logits, [request(SamplingParams(seed=3), prompt=[1], output=[4, 5])]).token_ids
@@ -307,7 +322,7 @@ def test_seeded_draw_depends_only_on_seed_and_position():
     assert torch.equal(first, again.token_ids) and not torch.equal(first, later)
 
 
-def test_unseeded_rows_reproducible_from_sampler_seed():
+def test_unseeded_rows_reproducible_from_sampler_seed(draw_path):
     logits = torch.zeros(16, 1000)
     rows = [request(SamplingParams())] * 16
 
@@ -324,7 +339,7 @@ def test_unseeded_rows_reproducible_from_sampler_seed():
 # --- logprobs, dtypes, mixed batch -------------------------------------------------------------------
 
 
-def test_logprobs_are_raw_and_top_n_sorted():
+def test_logprobs_are_raw_and_top_n_sorted(draw_path):
     logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(2))
     params = [
         SamplingParams(temperature=0.3, top_k=5, logprobs=4, repetition_penalty=1.7),
@@ -347,7 +362,7 @@ def test_logprobs_zero_gives_sampled_token_only():
     assert out.logprobs.shape == (2,) and out.top_logprob_ids.shape == (2, 0)
 
 
-def test_any_float_dtype_and_input_untouched():
+def test_any_float_dtype_and_input_untouched(draw_path):
     logits = torch.randn(3, 16, generator=torch.Generator().manual_seed(4))
     original = logits.clone()
     params = SamplingParams(temperature=0.5, top_p=0.9, repetition_penalty=1.2, logprobs=1)
@@ -358,7 +373,7 @@ def test_any_float_dtype_and_input_untouched():
     assert torch.equal(half, logits.to(torch.bfloat16).float().argmax(dim=-1))
 
 
-def test_mixed_batch_in_one_call():
+def test_mixed_batch_in_one_call(draw_path):
     vocab = 40
     logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(5))
     logits[5, 9] = 10.0  # EOS dominates row 5
@@ -381,3 +396,65 @@ def test_mixed_batch_in_one_call():
     # The seeded row gets the same token alone.
     alone = sample(logits[2:3], [rows[2]], Sampler(seed=77)).token_ids.item()
     assert tokens[2] == alone
+
+
+# --- requests built from a sequence --------------------------------------------------------------------
+
+
+def test_for_sequence_copies_token_lists_only_for_penalties():
+    token_ids = [5, 6, 7, 1, 2]  # a 3-token prompt, 2 tokens generated
+    plain = SamplingRequest.for_sequence(SamplingParams(seed=1, min_tokens=4), token_ids, 3, (9,))
+    assert plain.prompt_token_ids == [] and plain.output_token_ids == [] and plain.num_output_tokens == 2
+    assert plain.eos_token_ids == (9,)
+    for params in (SamplingParams(presence_penalty=0.5), SamplingParams(frequency_penalty=-1.0)):
+        row = SamplingRequest.for_sequence(params, token_ids, 3, ())
+        assert row.prompt_token_ids == [] and row.output_token_ids == [1, 2] and row.num_output_tokens == 2
+    row = SamplingRequest.for_sequence(SamplingParams(repetition_penalty=1.2), token_ids, 3, ())
+    assert row.prompt_token_ids == [5, 6, 7] and row.output_token_ids == [1, 2]
+    row.output_token_ids.append(3)
+    assert token_ids == [5, 6, 7, 1, 2]  # copies, not views
+    prompt_only = SamplingRequest.for_sequence(SamplingParams(repetition_penalty=1.2), [5, 6], 2, ())
+    assert prompt_only.output_token_ids == [] and prompt_only.num_output_tokens == 0
+
+
+def test_for_sequence_builds_the_same_batch_as_full_lists():
+    params = [
+        SamplingParams(temperature=0.5, seed=3, min_tokens=3),
+        SamplingParams(repetition_penalty=1.3, presence_penalty=0.2),
+        SamplingParams(temperature=0.0, frequency_penalty=0.4, min_tokens=5),
+        SamplingParams(top_k=2, seed=11),
+    ]
+    sequences = [([1, 2, 3, 4], 2), ([4, 5, 6], 1), ([7, 8, 8, 9, 9], 3), ([3], 1)]
+    full = [SamplingRequest(p, ids[:n], ids[n:], (0,)) for p, (ids, n) in zip(params, sequences)]
+    sliced = [SamplingRequest.for_sequence(p, ids, n, (0,)) for p, (ids, n) in zip(params, sequences)]
+    a, b = (SamplingBatch.build(rows, 10, CPU) for rows in (full, sliced))
+    assert a.seeded_rows == b.seeded_rows and len(a.seeded_rows) == 2
+    for name in ("output_token_ids", "repetition_penalties", "banned_rows", "banned_token_ids"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # Only the repetition row sends its prompt; the pad id (10) fills the other rows.
+    assert b.prompt_token_ids.tolist() == [[10], [4], [10], [10]]
+    assert torch.equal(a.prompt_token_ids, b.prompt_token_ids)
+
+
+def test_num_output_tokens_drives_seed_and_min_tokens(draw_path):
+    logits = torch.zeros(1, 1000)
+    logits[0, 7] = 5.0  # EOS, banned only while fewer than min_tokens are out
+    params = SamplingParams(seed=3, min_tokens=4, temperature=0.0)
+    counted = SamplingRequest(params, [], [], (7,), num_output_tokens=4)
+    listed = SamplingRequest(params, [], [1, 2, 3], (7,))
+    assert sample(logits, [counted]).token_ids.item() == 7
+    assert sample(logits, [listed]).token_ids.item() != 7
+    seeded = SamplingParams(seed=3)
+    zeros = torch.zeros(1, 1000)
+    by_count = sample(zeros, [SamplingRequest(seeded, [], [], (), num_output_tokens=6)]).token_ids
+    by_list = sample(zeros, [request(seeded, output=range(6))]).token_ids
+    other = sample(zeros, [SamplingRequest(seeded, [], [], (), num_output_tokens=5)]).token_ids
+    assert torch.equal(by_count, by_list) and not torch.equal(by_count, other)
+
+
+def test_row_seed_array_matches_row_seed():
+    import numpy as np
+
+    for seed in (0, 7, -1, (1 << 64) + 5, 1 << 62):
+        positions = np.array([0, 1, 2, 1000, (1 << 64) - 1], dtype=np.uint64)
+        assert _row_seed_array(seed, positions).tolist() == [_row_seed(seed, int(p)) for p in positions]
