@@ -284,7 +284,7 @@ class ModelRunner:
     def sampling_requests(self, batch: ScheduledBatch) -> list[SamplingRequest]:
         eos = self.config.eos_token_ids
         return [
-            SamplingRequest(seq.params, seq.prompt_token_ids, seq.output_token_ids, eos)
+            SamplingRequest.for_sequence(seq.params, seq.token_ids, seq.num_prompt_tokens, eos)
             for seq, n in zip(batch.seqs, batch.num_new_tokens)
             if seq.num_computed_tokens + n == seq.num_tokens
         ]
