@@ -352,12 +352,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         out = args.out
         if out.is_dir() or not out.suffix:  # a directory: name the file after the card and time
-            slug = "".join(c if c.isalnum() else "-" for c in str(card).lower()).strip("-")
+            slug = "".join(c if c.isalnum() else "-" for c in _device_name().lower()).strip("-")
             out = out / f"serving-{slug}-{time.strftime('%Y-%m-%d-%H%M%S')}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {out}")
     return 1 if any(r["num_failed"] for r in runs) else 0
+
+
+def _device_name() -> str:
+    """The local GPU's name (the server runs on this host with --launch), else "cpu"."""
+    try:
+        import torch
+
+        return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    except ImportError:
+        return "cpu"
 
 
 def _print_summary(s: dict) -> None:
