@@ -8,9 +8,7 @@ import logging
 import sys
 import time
 
-from nanovllm.config import Config, preset_names
-
-DEFAULT_MODEL = "qwen3-0.6b"
+from nanovllm.config import DEFAULT_MODEL, Config, preset_names
 
 _ENGINE_ARG_TYPES = {
     "dtype": str,

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_MODEL = "qwen3-0.6b"  # the preset the CLI and the benchmarks run when no model is given
 MAX_MODEL_LEN_CAP = 16384  # default cap on max_model_len when the checkpoint allows more
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

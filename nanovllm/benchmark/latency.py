@@ -42,9 +42,8 @@ from nanovllm.benchmark.common import (
     run_info,
     write_report,
 )
-from nanovllm.config import preset_names
+from nanovllm.config import DEFAULT_MODEL, preset_names
 
-DEFAULT_MODEL = "qwen3-0.6b"
 PREFILL_SLACK_TOKENS = 512  # decode steps a request may take while the rest of its batch prefills
 
 

@@ -47,9 +47,8 @@ from nanovllm.benchmark.common import (
     run_info,
     write_report,
 )
-from nanovllm.config import preset_names
+from nanovllm.config import DEFAULT_MODEL, preset_names
 
-DEFAULT_MODEL = "qwen3-0.6b"
 NANO_VLLM_BENCH = dict(
     num_requests=256, min_input_len=100, max_input_len=1024, min_output_len=100, max_output_len=1024
 )

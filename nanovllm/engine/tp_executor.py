@@ -15,7 +15,8 @@ Failure handling: the driver checks its workers are alive before every step, and
 aborts the group when one dies mid-step (NCCL would wait forever for it). Either way the step
 raises a RuntimeError naming the worker, and so does every later step: the engine must be
 recreated. Workers are shut down by `shutdown()`, when the executor is garbage-collected, and at
-interpreter exit; they exit by themselves when the driver dies.
+interpreter exit (Ctrl-C too: a step it interrupts stops the workers at once, since they may wait in a
+collective rank 0 has left); they exit by themselves when the driver dies (SIGTERM, SIGKILL).
 """
 
 from __future__ import annotations
@@ -105,8 +106,9 @@ class WorkerSet:
                     self.group.abort()
                 return
 
-    def shutdown(self) -> None:
-        """Stop every worker (politely, then SIGTERM, then SIGKILL) and release the group. Idempotent."""
+    def shutdown(self, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> None:
+        """Stop every worker (politely, then after timeout_s SIGTERM, then SIGKILL) and release the
+        group. Idempotent."""
         self.closing = True
         stop = encode_message("shutdown")
         for proc, conn in zip(self.procs, self.conns):
@@ -115,7 +117,7 @@ class WorkerSet:
                     conn.send_bytes(stop)
             except OSError:  # already gone
                 pass
-        deadline = time.monotonic() + SHUTDOWN_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         for proc in self.procs:
             proc.join(timeout=max(0.0, deadline - time.monotonic()))
         for proc in self.procs:
@@ -221,11 +223,15 @@ class TensorParallelExecutor:
         except BaseException as e:
             if not self.workers.step_sent:  # failed before any worker saw the step: nothing is out of step
                 raise
-            # The ranks may now wait at different collectives: the group cannot be trusted again.
-            reason = self._wait_for_death(timeout_s=2.0) or f"rank 0 failed during a step: {e!r}"
+            # The ranks may now wait at different collectives: the group cannot be trusted again, and
+            # a worker waiting inside one never reads a polite "shutdown": stop the workers at once.
+            interrupted = not isinstance(e, Exception)  # Ctrl-C: no worker death to wait for
+            dead = None if interrupted else self._wait_for_death(timeout_s=2.0)
+            reason = dead or f"rank 0 failed during a step: {e!r}"
             self.workers.failure = reason
+            self.workers.shutdown(timeout_s=0.0)
             self.shutdown()
-            if not isinstance(e, Exception):  # KeyboardInterrupt: let it through as it is
+            if interrupted:  # KeyboardInterrupt: let it through as it is
                 raise
             raise RuntimeError(f"{reason}\n{UNUSABLE}") from e
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from nanovllm.kernels.store_kvcache import check_triton_device
+from nanovllm.kernels.store_kvcache import check_kv_cache, check_triton_device
 
 try:
     import triton
@@ -301,13 +301,7 @@ def check_paged_args(
     cu_seqlens_q: torch.Tensor | None = None,
 ) -> None:
     """Shape/dtype checks shared by the paged attention ops (no device syncs)."""
-    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(
-            "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], "
-            f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
-        raise ValueError("k_cache and v_cache must be contiguous")
+    check_kv_cache(k_cache, v_cache)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     if q.dim() != 3 or q.shape[2] != head_dim:
         raise ValueError(f"q must be [num_tokens, num_heads, head_dim={head_dim}], got {tuple(q.shape)}")

@@ -105,7 +105,8 @@ def store_kvcache(
     )
 
 
-def _check_args(key, value, k_cache, v_cache, slot_mapping) -> None:
+def check_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The paged cache layout every kernel here assumes."""
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(
             "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim], "
@@ -113,6 +114,10 @@ def _check_args(key, value, k_cache, v_cache, slot_mapping) -> None:
         )
     if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
         raise ValueError("k_cache and v_cache must be contiguous")
+
+
+def _check_args(key, value, k_cache, v_cache, slot_mapping) -> None:
+    check_kv_cache(k_cache, v_cache)
     row_shape = tuple(k_cache.shape[2:])
     if key.dim() != 3 or tuple(key.shape[1:]) != row_shape or key.shape != value.shape:
         raise ValueError(
