@@ -89,6 +89,8 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         self._host: dict[str, np.ndarray] | None = None  # see _host_buffers
         self._memory_note = ""  # how the KV budget was found, for the error message
+        cuda = self.device.type == "cuda"
+        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         max_bs = min(config.max_num_seqs, 512)
@@ -345,8 +347,7 @@ class ModelRunner:
         if self.device.type != "cuda":
             return None
         size = self._padded_size(num_seqs) or num_seqs
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return default_num_splits(size, self.num_kv_heads, self.config.max_model_len, sms)
+        return default_num_splits(size, self.num_kv_heads, self.config.max_model_len, self.num_sms)
 
     def _capture_cuda_graphs(self) -> None:
         """Capture one decode forward per batch size; a step pads to the next captured size."""
