@@ -51,11 +51,13 @@ class LLM:
             for p, sp, tok in zip(prompts, sampling_params, encoded)
         ]
         results: dict[str, RequestOutput] = {}
+        wanted = set(ids)
         bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         try:
             while len(results) < len(ids):
                 for out in self.engine.step():
-                    if out.finished:
+                    # Requests added straight to the engine may finish here too: not ours to return.
+                    if out.finished and out.request_id in wanted:
                         results[out.request_id] = out
                         bar.update(1)
                 bar.set_postfix_str(f"{self.engine.num_generated_tokens} tokens", refresh=False)
