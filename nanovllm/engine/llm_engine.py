@@ -189,7 +189,7 @@ class LLMEngine:
         if req.detokenizer is not None:
             if seq.is_finished and not isinstance(seq.stop_reason, str):
                 req.detokenizer.flush()  # no stop string cut the text: emit what was held back
-            text = req.detokenizer.text
+            text = req.detokenizer.text if seq.is_finished else req.detokenizer.stable_text
         else:
             text = self.decode(seq.output_token_ids) if seq.is_finished else ""
         reason = seq.finish_reason.value if seq.finish_reason is not None else None

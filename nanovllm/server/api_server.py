@@ -136,8 +136,7 @@ class OpenAIServer:
     async def _stream(
         self, stream: RequestStream, req: GenerateRequest, resp: _Response, num_choices: int
     ) -> AsyncIterator[str]:
-        max_stop_len = max((len(s) for s in req.params.stop or ()), default=0)
-        states = [_ChoiceState(holdback=max(max_stop_len - 1, 0)) for _ in range(num_choices)]
+        states = [_ChoiceState() for _ in range(num_choices)]
         usage_null = {"usage": None} if req.include_usage else {}
         try:
             if resp.chat:  # the role comes first, once per choice
@@ -152,7 +151,7 @@ class OpenAIServer:
             async for index, out in stream:
                 c = out.outputs[0]
                 state = states[index]
-                text, new_logprobs = state.advance(c, out.finished)
+                text, new_logprobs = state.advance(c)
                 if not text and not out.finished and not new_logprobs:
                     continue
                 logprobs = None
@@ -183,7 +182,7 @@ class OpenAIServer:
     def _final_choice(self, index: int, c: CompletionOutput, req: GenerateRequest, chat: bool) -> dict:
         logprobs = None
         if req.logprobs is not None:
-            logprobs = self._logprobs(c.logprobs[: len(c.token_ids)], req.logprobs, chat, _ChoiceState(0))
+            logprobs = self._logprobs(c.logprobs[: len(c.token_ids)], req.logprobs, chat, _ChoiceState())
         if chat:
             message = {"role": "assistant", "content": c.text}
             return {
@@ -306,20 +305,17 @@ class _Response:
 
 
 class _ChoiceState:
-    """What one streamed choice has sent so far. Text that could still be the start of a stop string
-    is held back (the engine cuts a stop string that straddles steps out of text it already returned),
-    so the streamed text always equals the final text."""
+    """What one streamed choice has sent so far. The engine's text only grows (it holds back what a
+    stop string could still cut: IncrementalDetokenizer.stable_text), so each chunk sends the new end."""
 
-    def __init__(self, holdback: int):
-        self.holdback = holdback
+    def __init__(self):
         self.num_chars = 0
         self.num_tokens = 0
         self.text_offset = 0  # completions logprobs: characters of token strings sent so far
 
-    def advance(self, c: CompletionOutput, finished: bool) -> tuple[str, list[Logprob]]:
-        end = len(c.text) if finished else max(len(c.text) - self.holdback, self.num_chars)
-        text = c.text[self.num_chars : end]
-        self.num_chars = max(end, self.num_chars)
+    def advance(self, c: CompletionOutput) -> tuple[str, list[Logprob]]:
+        text = c.text[self.num_chars :]
+        self.num_chars = len(c.text)
         n = len(c.token_ids)
         logprobs = c.logprobs[self.num_tokens : n] if c.logprobs is not None else []
         self.num_tokens = n

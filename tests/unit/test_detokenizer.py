@@ -91,6 +91,23 @@ def test_stop_string_across_token_boundaries_is_cut(tok, stop, expected_text):
     assert stop in tok.decode(ids[: len(texts)]) and stop not in tok.decode(ids[: len(texts) - 1])
 
 
+@pytest.mark.parametrize("stop", ["lo w", "ö", "你好", "🎉", "rld 你", "nowhere at all"])
+def test_stable_text_only_grows_and_ends_as_the_final_text(tok, stop):
+    """What a stream shows while running (stable_text) is never taken back by a later stop string."""
+    detok = IncrementalDetokenizer(tok, tok.encode("Say:"), [stop])
+    shown = ""
+    for token in tok.encode(MULTIBYTE):
+        found = detok.add(token)
+        if found is None:
+            assert detok.stable_text.startswith(shown)
+            shown = detok.stable_text
+        else:
+            break
+    else:
+        detok.flush()
+    assert detok.text.startswith(shown)
+
+
 def test_stop_string_in_a_later_token_only(tok):
     ids = tok.encode("one two three four")
     detok = IncrementalDetokenizer(tok, [], ["three", "nowhere"])
