@@ -3,6 +3,7 @@ model on the same weights."""
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def build_checkpoint(
         for f in TOKENIZER_DIR.iterdir():
             shutil.copy(f, path / f.name)
     return path
+
+
+def mixed_prompts(lens: list[int], seed: int = 0, shared_len: int = 40) -> list[list[int]]:
+    """Random token-id prompts of the given lengths; every odd-indexed one longer than shared_len
+    starts with the same shared_len tokens, so a batch exercises prefix-cache hits."""
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, 2048) for _ in range(shared_len)]
+    prompts = []
+    for i, n in enumerate(lens):
+        p = [rng.randrange(3, 2048) for _ in range(n)]
+        if i % 2 and n > shared_len:
+            p[:shared_len] = shared
+        prompts.append(p)
+    return prompts
 
 
 def load_hf_model(path: Path) -> torch.nn.Module:

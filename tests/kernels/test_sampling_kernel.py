@@ -25,9 +25,9 @@ from nanovllm.kernels.sampling import (
 from nanovllm.layers import sampler as sampler_module
 from nanovllm.layers.sampler import Sampler, SamplingBatch, SamplingRequest
 from nanovllm.sampling_params import SamplingParams
+from tests.stats import assert_matches
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-FAILURE_PROB_PER_TOKEN = 1e-9
 LOG2E = 1.4426950408889634
 # Eleven tokens (not a multiple of 4 or of a tile), two of them filtered out.
 LOGITS = [1.2, 0.9, float("-inf"), 2.0, -0.3, 0.4, -1.5, 0.0, 1.6, float("-inf"), -0.7]
@@ -36,21 +36,6 @@ LOGITS = [1.2, 0.9, float("-inf"), 2.0, -0.3, 0.4, -1.5, 0.0, 1.6, float("-inf")
 def seeds_for(num_rows: int, salt: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(salt)
     return torch.randint(-(2**62), 2**62, (num_rows,), generator=gen)
-
-
-def assert_matches(token_ids: torch.Tensor, expected: list[float]) -> None:
-    counts = torch.bincount(token_ids.cpu(), minlength=len(expected)).tolist()
-    n = len(token_ids)
-    a = math.log(2 / FAILURE_PROB_PER_TOKEN)
-    for token, (count, p) in enumerate(zip(counts, expected)):
-        if p == 0.0:
-            assert count == 0, f"token {token} has probability 0 but was drawn {count} times"
-            continue
-        var = n * p * (1 - p)
-        bound = a / 3 + math.sqrt((a / 3) ** 2 + 2 * a * var)
-        assert abs(count - n * p) <= bound, (
-            f"token {token}: {count} draws, expected {n * p:.1f} ± {bound:.1f}"
-        )
 
 
 def softmax(logits: list[float], inv_temperature: float) -> list[float]:

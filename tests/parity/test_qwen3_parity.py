@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
@@ -11,7 +9,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import AttentionMetadata
-from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model
+from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model, mixed_prompts
 
 MAX_TOKENS = 10
 PROMPT_LENS = [3, 200, 17, 64, 1, 120, 33, 48]
@@ -29,15 +27,7 @@ def hf(ckpt):
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = random.Random(0)
-    shared = [rng.randrange(3, 2048) for _ in range(40)]  # a prefix several prompts share
-    out = []
-    for i, n in enumerate(PROMPT_LENS):
-        p = [rng.randrange(3, 2048) for _ in range(n)]
-        if i % 2 and n > 40:
-            p[:40] = shared
-        out.append(p)
-    return out
+    return mixed_prompts(PROMPT_LENS)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import gc
 import multiprocessing as mp
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -24,7 +23,7 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.model_runner import ModelInput
 from nanovllm.engine.tp_worker import decode_message, encode_message
-from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model
+from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model, mixed_prompts
 
 MAX_TOKENS = 8
 PROMPT_LENS = [3, 90, 17, 64, 1, 45]
@@ -36,15 +35,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def prompts():
-    rng = random.Random(0)
-    shared = [rng.randrange(3, 2048) for _ in range(40)]  # a prefix several prompts share
-    out = []
-    for i, n in enumerate(PROMPT_LENS):
-        p = [rng.randrange(3, 2048) for _ in range(n)]
-        if i % 2 and n > 40:
-            p[:40] = shared
-        out.append(p)
-    return out
+    return mixed_prompts(PROMPT_LENS)
 
 
 def _checkpoint(tmp_path_factory, arch: str, **overrides) -> Path:

@@ -32,10 +32,10 @@ from nanovllm.layers.sampler import (
     apply_top_k_top_p,
 )
 from nanovllm.sampling_params import SamplingParams
+from tests.stats import assert_matches
 
 CPU = torch.device("cpu")
 NUM_DRAWS = 20_000
-FAILURE_PROB_PER_TOKEN = 1e-9
 # Unsorted, no ties, so filters must map sorted positions back to token ids.
 LOGITS = [1.2, 0.9, 2.0, -0.3, 0.4, -1.5, 0.0, 1.6]
 VOCAB = len(LOGITS)
@@ -79,22 +79,6 @@ def reference_probs(logits, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0) -> 
 def nucleus_mass(logits, size: int) -> float:
     """Mass of the `size` most likely tokens: a top_p that sits exactly on the boundary."""
     return sum(sorted(reference_probs(logits), reverse=True)[:size])
-
-
-def assert_matches(token_ids: torch.Tensor, expected: list[float]) -> None:
-    counts = torch.bincount(token_ids, minlength=len(expected)).tolist()
-    n = len(token_ids)
-    a = math.log(2 / FAILURE_PROB_PER_TOKEN)
-    for token, (count, p) in enumerate(zip(counts, expected)):
-        if p == 0.0:
-            assert count == 0, f"token {token} has probability 0 but was drawn {count} times"
-            continue
-        # Bernstein: P(|X - np| >= t) <= 2 exp(-t^2 / (2 (n p (1-p) + t/3))) for X ~ Binomial(n, p).
-        var = n * p * (1 - p)
-        bound = a / 3 + math.sqrt((a / 3) ** 2 + 2 * a * var)
-        assert abs(count - n * p) <= bound, (
-            f"token {token}: {count} draws, expected {n * p:.1f} ± {bound:.1f}"
-        )
 
 
 def draw(params: SamplingParams, logits=LOGITS, n: int = NUM_DRAWS) -> torch.Tensor:
