@@ -15,7 +15,6 @@ import datetime
 import inspect
 import json
 import os
-import subprocess
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,6 +22,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from nanovllm.benchmark.common import git_commit  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 16, 8, 128  # Qwen3-0.6B
 DTYPE = torch.bfloat16
@@ -228,19 +229,6 @@ def bench_store():
     return dict(num_tokens=num_tokens, ms=ms, gb_per_s=moved / ms / 1e6)
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).parent,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -300,7 +288,7 @@ def main() -> int:
         benchmark="kernels",
         card=torch.cuda.get_device_name(),
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        git_commit=git_commit(),
+        **git_commit(),
         torch=torch.__version__,
         triton=__import__("triton").__version__,
         workload=dict(num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS, head_dim=HEAD_DIM, dtype=str(DTYPE)),

@@ -277,14 +277,10 @@ def _range(values: list[int], name: str) -> tuple[int, int]:
 
 
 def _environment() -> dict:
-    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    try:
-        root = Path(__file__).resolve().parent.parent
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-        env["git_commit"] = commit.stdout.strip() or None
-    except OSError:
-        env["git_commit"] = None
-    return env
+    from nanovllm.benchmark.common import git_commit
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return {"date": now.isoformat(timespec="seconds"), **git_commit()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -95,8 +95,10 @@ def card_slug(name: str) -> str:
 
 
 def git_commit() -> dict[str, Any]:
-    """Short commit and whether tracked files differ from it (None where git or .git is absent).
-    Read-only: GIT_OPTIONAL_LOCKS=0 keeps git from refreshing the index."""
+    """Short commit and whether tracked files differ from it. Where .git is absent (the GPU machine
+    gets the working tree only) the commit comes from $NANOVLLM_GIT_COMMIT, which
+    scripts/gpu_suite.py's caller sets. Read-only: GIT_OPTIONAL_LOCKS=0 keeps git from refreshing
+    the index."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
 
     def git(*args: str) -> subprocess.CompletedProcess | None:
@@ -109,7 +111,7 @@ def git_commit() -> dict[str, Any]:
 
     head = git("rev-parse", "--short", "HEAD")
     if head is None or head.returncode != 0:
-        return {"git_commit": None, "git_dirty": None}
+        return {"git_commit": os.environ.get("NANOVLLM_GIT_COMMIT"), "git_dirty": None}
     diff = git("diff", "--quiet", "HEAD", "--")
     dirty = None if diff is None or diff.returncode not in (0, 1) else diff.returncode == 1
     return {"git_commit": head.stdout.strip(), "git_dirty": dirty}
