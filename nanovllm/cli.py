@@ -21,6 +21,7 @@ _ENGINE_ARG_TYPES = {
     "gpu_memory_utilization": float,
     "enable_prefix_caching": bool,
     "enforce_eager": bool,
+    "async_scheduling": bool,
     "tensor_parallel_size": int,
     "seed": int,
     "kernel_backend": str,

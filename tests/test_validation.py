@@ -263,7 +263,7 @@ def test_a_failed_step_leaves_no_trace(llm, reference, error, monkeypatch):
         raise error
 
     with monkeypatch.context() as m:
-        m.setattr(llm.engine.runner, "run", fail)
+        m.setattr(llm.engine.runner, "launch", fail)
         with pytest.raises(type(error)):
             llm.generate([prompt, *GOOD_PROMPTS], GREEDY, use_tqdm=False)
     assert not llm.engine.has_unfinished()

@@ -70,7 +70,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        max_blocks = (seq.num_tokens - 1) // self.block_size
+        max_blocks = min((seq.num_tokens - 1) // self.block_size, len(seq.block_hashes))
         for i in range(max_blocks):
             block_id = self.hash_to_block.get(seq.block_hashes[i])
             if block_id is None:
@@ -122,11 +122,11 @@ class BlockManager:
         seq.block_table = []
         seq.num_computed_tokens = 0
 
-    def forget_new_blocks(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Drop from the prefix cache the blocks that seq's scheduled step was to fill, after that
-        step failed: they were registered when scheduled, but their K/V was never written."""
+    def forget_new_blocks(self, seq: Sequence, start: int, num_new_tokens: int) -> None:
+        """Drop from the prefix cache the blocks that seq's scheduled step (its tokens from `start`)
+        was to fill, after that step failed: they were registered when scheduled, but their K/V was
+        never written."""
         bs = self.block_size
-        start = seq.num_computed_tokens
         for block_id in seq.block_table[start // bs : (start + num_new_tokens) // bs]:
             block = self.blocks[block_id]
             if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
@@ -158,9 +158,10 @@ class BlockManager:
         return block_id
 
     def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
-        """Extend seq.block_hashes over the full blocks among its first num_tokens tokens."""
+        """Extend seq.block_hashes over the full blocks among its first num_tokens tokens (known
+        ones only: a block holding a token still pending on the GPU is hashed once it is known)."""
         bs = self.block_size
-        for i in range(len(seq.block_hashes), min(num_tokens, seq.num_tokens) // bs):
+        for i in range(len(seq.block_hashes), min(num_tokens, seq.num_known_tokens) // bs):
             prev = seq.block_hashes[i - 1] if i else None
             seq.block_hashes.append(hash_block(prev, seq.token_ids[i * bs : (i + 1) * bs]))
 
@@ -171,9 +172,23 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         self._update_hashes(seq, num_tokens)
-        bs = self.block_size
         # Blocks full before this step were registered when they filled (or were prefix hits).
-        for i in range(seq.num_computed_tokens // bs, num_tokens // bs):
+        self._register(seq, seq.num_computed_tokens // self.block_size, num_tokens // self.block_size)
+
+    def cache_resolved_block(self, seq: Sequence, position: int) -> None:
+        """The token at `position` was pending when its block was scheduled full: register that
+        block now that its hash can be computed (its K/V is written by a step already queued)."""
+        if not self.enable_prefix_caching or (position + 1) % self.block_size:
+            return
+        self._update_hashes(seq, seq.num_computed_tokens)
+        block = position // self.block_size
+        if position < seq.num_computed_tokens:
+            self._register(seq, block, block + 1)
+
+    def _register(self, seq: Sequence, first: int, end: int) -> None:
+        """Put seq's blocks [first, end) into the prefix cache, those whose hash is known."""
+        bs = self.block_size
+        for i in range(first, min(end, len(seq.block_hashes))):
             h = seq.block_hashes[i]
             block = self.blocks[seq.block_table[i]]
             if block.hash is not None or h in self.hash_to_block:

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.model_runner import ModelRunner
-from nanovllm.engine.scheduler import Scheduler
+from nanovllm.engine.model_runner import LaunchedStep, ModelRunner
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import FinishReason, Sequence
 from nanovllm.layers.sampler import SamplerOutput
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
@@ -40,6 +40,17 @@ class _Request:
     first_token_time: float | None = None
 
 
+@dataclass
+class _Step:
+    """A launched step: its batch, where each sequence started, the sequences it samples a token
+    for (in sampler-row order) and the handle to its result."""
+
+    batch: ScheduledBatch
+    starts: list[int]
+    sampling: list[Sequence]
+    launched: LaunchedStep
+
+
 class LLMEngine:
     def __init__(self, config: Config):
         self.config = config
@@ -52,6 +63,9 @@ class LLMEngine:
         self._request_ids = itertools.count()
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
+        # Overlapped scheduling needs the runner to feed pending tokens from the device (one rank).
+        self.overlap = config.async_scheduling and config.tensor_parallel_size == 1
+        self._inflight: _Step | None = None  # the launched step not yet read back
 
     @staticmethod
     def _make_runner(config: Config):
@@ -133,25 +147,58 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step. Returns the outputs (cumulative, not deltas) of the requests that
-        finished this step, and of streaming requests that got a token; finished requests are dropped
-        from the engine."""
+        finished, and of streaming requests that got a token; finished requests are dropped from the
+        engine.
+
+        Overlapped (the default on one device): the step launched here runs on the GPU while the
+        host reads back and processes the previous one, so the outputs returned are one step behind.
+        Tokens the host has not read yet are pending (Sequence.num_pending_tokens); the next step's
+        forward takes them from the device. Each request costs at most one extra, discarded token
+        of compute when it stops on EOS / a stop string."""
+        outputs: list[RequestOutput] = []
+        if self._inflight is not None and not self._can_overlap():
+            outputs += self._finish(self._inflight)
         batch = self.scheduler.schedule()
         if batch.is_empty:
+            if self._inflight is not None:  # only pending tokens left to read back
+                return outputs + self._finish(self._inflight)
             if self.scheduler.num_unfinished:
                 raise RuntimeError("the scheduler could not schedule any request (KV cache too small?)")
-            return []
+            return outputs
+        starts = [seq.num_computed_tokens for seq in batch.seqs]
         try:
-            sampled, out = self.runner.run(batch)
+            launched = self.runner.launch(batch)
         except BaseException:  # KeyboardInterrupt too: the cache must not keep unwritten blocks
-            # Fail this step's requests, keep the engine usable for the next ones.
-            for seq, n in zip(batch.seqs, batch.num_new_tokens):
-                self.scheduler.block_manager.forget_new_blocks(seq, n)
-                self.scheduler.finish(seq, FinishReason.ABORT)
-                self.requests.pop(seq.request_id, None)
+            self._fail(batch, starts)
             raise
-        updated = self.scheduler.update(batch, sampled)
+        step = _Step(batch, starts, self.scheduler.advance(batch), launched)
+        if self._inflight is not None:
+            outputs += self._finish(self._inflight)  # the GPU runs `step` meanwhile
+        self._inflight = step
+        if not self._can_overlap() or not self.scheduler.num_unfinished:
+            outputs += self._finish(step)  # (nothing left to overlap with: leave the engine idle)
+        return outputs
+
+    def sync(self) -> list[RequestOutput]:
+        """Wait for the step in flight, if any, and return its outputs (as `step` would have)."""
+        return self._finish(self._inflight) if self._inflight is not None else []
+
+    def _can_overlap(self) -> bool:
+        """Penalties read every generated token on the host, so with them the engine waits for each
+        step (as it does when overlap is off, or under tensor parallelism)."""
+        return self.overlap and not any(seq.params.has_penalties for seq in self.scheduler.running)
+
+    def _finish(self, step: _Step) -> list[RequestOutput]:
+        """Wait for a launched step and apply its tokens."""
+        self._inflight = None
+        try:
+            tokens, out = step.launched.wait()
+        except BaseException:
+            self._fail(step.batch, step.starts)
+            raise
+        updated = self.scheduler.resolve(step.sampling, tokens)
         if out is not None and out.logprobs is not None:
-            self._record_logprobs(batch, sampled, out)
+            self._record_logprobs(step.sampling, tokens, out)
         now = time.perf_counter()
         outputs = []
         for seq in updated:
@@ -160,7 +207,9 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
             if req.detokenizer is not None:
-                stop = req.detokenizer.add(seq.token_ids[-1], seq.num_output_tokens >= seq.params.min_tokens)
+                num_known = seq.num_known_tokens
+                token = seq.token_ids[num_known - 1]
+                stop = req.detokenizer.add(token, num_known - seq.num_prompt_tokens >= seq.params.min_tokens)
                 if stop is not None:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
@@ -170,19 +219,24 @@ class LLMEngine:
                 del self.requests[seq.request_id]
         return outputs
 
-    def _record_logprobs(self, batch, sampled: list[int | None], out: SamplerOutput) -> None:
-        row = 0
+    def _fail(self, batch: ScheduledBatch, starts: list[int]) -> None:
+        """A step failed: fail its requests, keep the engine usable for the next ones."""
+        bm = self.scheduler.block_manager
+        for seq, start, n in zip(batch.seqs, starts, batch.num_new_tokens):
+            if seq.block_table:  # still holding the blocks the step was to fill
+                bm.forget_new_blocks(seq, start, n)
+            self.scheduler.finish(seq, FinishReason.ABORT)
+            self.requests.pop(seq.request_id, None)
+
+    def _record_logprobs(self, sampling: list[Sequence], tokens: list[int], out: SamplerOutput) -> None:
         chosen = out.logprobs.tolist()
         top_ids, top_vals = out.top_logprob_ids.tolist(), out.top_logprobs.tolist()
-        for seq, token in zip(batch.seqs, sampled):
-            if token is None:
-                continue
+        for row, (seq, token) in enumerate(zip(sampling, tokens)):
             req = self.requests.get(seq.request_id)
             if req is not None and req.logprobs is not None:
                 n = seq.params.logprobs
                 top = dict(zip(top_ids[row][:n], top_vals[row][:n]))
                 req.logprobs.append(Logprob(token, chosen[row], top))
-            row += 1
 
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq

@@ -44,6 +44,10 @@ class ModelInput:
     logits_indices: torch.Tensor  # [num_sampled] int64: rows of the hidden states to sample from
     max_query_len: int
     max_seq_len: int
+    # Input tokens sampled by the previous step and not yet read back (overlapped scheduling): the
+    # forward takes input_ids[pending_rows] from that step's sampled ids [pending_src], on the device.
+    pending_rows: torch.Tensor | None = None  # [num_pending] int64
+    pending_src: torch.Tensor | None = None  # [num_pending] int64
 
     @property
     def is_decode(self) -> bool:
@@ -52,6 +56,21 @@ class ModelInput:
     @property
     def num_seqs(self) -> int:
         return self.seq_lens.numel()
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. `wait()` returns its sampled ids (in sampler-row order) and the
+    sampler output (logprobs on the host)."""
+
+    token_ids: torch.Tensor | None  # [num_sampled] int64 on the host (pinned: filled behind the step)
+    event: torch.cuda.Event | None  # recorded after the copies back; None: already complete (CPU)
+    output: SamplerOutput | None
+
+    def wait(self) -> tuple[list[int], SamplerOutput | None]:
+        if self.event is not None:
+            self.event.synchronize()  # the one device->host sync of a step
+        return (self.token_ids.tolist() if self.token_ids is not None else []), self.output
 
 
 @contextmanager
@@ -87,7 +106,17 @@ class ModelRunner:
         self.num_kv_heads = max(1, num_kv_heads_of(hf) // self.tp_size)
         self.head_dim = head_dim_of(hf)
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        self._host: dict[str, np.ndarray] | None = None  # see _host_buffers
+        self._host: list[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]] = []  # _host_buffers
+        self._host_turn = 0
+        # Sampled ids: the last launched step's on the device (the next step's pending inputs), and
+        # two pinned host buffers they are copied back into, in turn (see launch).
+        max_seqs = max(config.max_num_seqs, 1)
+        self._prev_tokens = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
+        self._num_prev_tokens = 0
+        pin = self.device.type == "cuda"
+        self._out_host = [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._out_events = [torch.cuda.Event(), torch.cuda.Event()] if pin else []
+        self._out_turn = 0
         self._memory_note = ""  # how the KV budget was found, for the error message
         cuda = self.device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
@@ -207,37 +236,42 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def _host_buffers(self) -> dict[str, np.ndarray]:
-        """Step inputs are written into these host arrays (pinned on CUDA, so the copies to the
-        device are asynchronous) instead of allocating tensors every step. Safe to reuse: each step
-        ends with a sync (the sampled tokens), after which its copies are done."""
-        if self._host is None:
+    def _host_buffers(self) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """Step inputs are written into host arrays (pinned on CUDA, so the copies to the device are
+        asynchronous) instead of allocating tensors every step. Two sets, used in turn: a set is
+        written again two steps later, when the engine has waited for the step that read it."""
+        if not self._host:
             cfg, pin = self.config, self.device.type == "cuda"
             max_tokens, max_seqs = cfg.max_num_batched_tokens, max(cfg.max_num_seqs, 1)
             shapes = {
-                "input_ids": ((max_tokens,), torch.int64),
-                "positions": ((max_tokens,), torch.int64),
-                "slot_mapping": ((max_tokens,), torch.int64),
-                "cu_seqlens_q": ((max_seqs + 1,), torch.int32),
-                "seq_lens": ((max_seqs,), torch.int32),
-                "block_tables": ((max_seqs, self.max_blocks_per_seq), torch.int32),
-                "logits_indices": ((max_seqs,), torch.int64),
+                "input_ids": (max_tokens, torch.int64),
+                "positions": (max_tokens, torch.int64),
+                "slot_mapping": (max_tokens, torch.int64),
+                "cu_seqlens_q": (max_seqs + 1, torch.int32),
+                "seq_lens": (max_seqs, torch.int32),
+                # [num_seqs, width] rows packed at the front, width = the step's longest block table
+                "block_tables": (max_seqs * self.max_blocks_per_seq, torch.int32),
+                "logits_indices": (max_seqs, torch.int64),
+                "pending_rows": (max_seqs, torch.int64),
+                "pending_src": (max_seqs, torch.int64),
             }
-            self._host_tensors = {
-                k: torch.zeros(*shape, dtype=dt, pin_memory=pin) for k, (shape, dt) in shapes.items()
-            }
-            self._host = {k: t.numpy() for k, t in self._host_tensors.items()}
-        return self._host
+            for _ in range(2):
+                tensors = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in shapes.items()}
+                self._host.append(({k: t.numpy() for k, t in tensors.items()}, tensors))
+        self._host_turn ^= 1
+        return self._host[self._host_turn]
 
     def prepare(self, batch: ScheduledBatch) -> ModelInput:
         bs = self.block_size
-        h = self._host_buffers()
+        h, t = self._host_buffers()
         seqs, num_new = batch.seqs, batch.num_new_tokens
         num_seqs, num_tokens = len(seqs), batch.num_tokens
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = h["block_tables"]
+        width = max(len(s.block_table) for s in seqs)
+        tables = h["block_tables"][: num_seqs * width].reshape(num_seqs, width)
         for i, seq in enumerate(seqs):
             tables[i, : len(seq.block_table)] = seq.block_table
+        # A sequence with a pending token computes just that token (its last): fed from the device.
+        pending = [(i, seq.pending_row) for i, seq in enumerate(seqs) if seq.num_pending_tokens]
         if num_tokens == num_seqs:  # decode: one token per sequence, its last one
             positions = [seq.num_computed_tokens for seq in seqs]
             h["input_ids"][:num_tokens] = [seq.token_ids[p] for seq, p in zip(seqs, positions)]
@@ -259,8 +293,7 @@ class ModelRunner:
                 ids.extend(seq.token_ids[start:end])
                 pos = np.arange(start, end)
                 h["positions"][cu : cu + n] = pos
-                table = tables[i]
-                h["slot_mapping"][cu : cu + n] = table[pos // bs].astype(np.int64) * bs + pos % bs
+                h["slot_mapping"][cu : cu + n] = tables[i][pos // bs].astype(np.int64) * bs + pos % bs
                 cu += n
                 h["cu_seqlens_q"][i + 1] = cu
                 h["seq_lens"][i] = end
@@ -270,17 +303,25 @@ class ModelRunner:
             h["input_ids"][:num_tokens] = ids
         cu_seqlens = h["cu_seqlens_q"][: num_seqs + 1]
         h["logits_indices"][: len(sample_rows)] = cu_seqlens[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
-        t = self._host_tensors
+        pending_rows = pending_src = None
+        if pending:
+            rows, src = zip(*pending)
+            k = len(pending)
+            h["pending_rows"][:k] = cu_seqlens[np.asarray(rows, dtype=np.int64) + 1] - 1  # token rows
+            h["pending_src"][:k] = src
+            pending_rows, pending_src = t["pending_rows"][:k], t["pending_src"][:k]
         return ModelInput(
             input_ids=t["input_ids"][:num_tokens],
             positions=t["positions"][:num_tokens],
             slot_mapping=t["slot_mapping"][:num_tokens],
             cu_seqlens_q=t["cu_seqlens_q"][: num_seqs + 1],
             seq_lens=t["seq_lens"][:num_seqs],
-            block_tables=t["block_tables"][:num_seqs, :max_blocks],
+            block_tables=t["block_tables"][: num_seqs * width].view(num_seqs, width),
             logits_indices=t["logits_indices"][: len(sample_rows)],
             max_query_len=max(num_new),
             max_seq_len=int(h["seq_lens"][:num_seqs].max()),
+            pending_rows=pending_rows,
+            pending_src=pending_src,
         )
 
     def sampling_requests(self, batch: ScheduledBatch) -> list[SamplingRequest]:
@@ -291,13 +332,33 @@ class ModelRunner:
             if seq.num_computed_tokens + n == seq.num_tokens
         ]
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[int | None], SamplerOutput | None]:
-        """Forward + sample. Returns one entry per scheduled sequence: the sampled token, or None
-        for a prefill chunk that does not reach the end of its tokens yet."""
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Queue the step's forward and sampling on the device and return without waiting: the host
+        can schedule the next step meanwhile. Its sampled ids are copied back behind the sampler."""
         inp = self.prepare(batch)
-        requests = self.sampling_requests(batch)
-        out = self.execute(inp, requests)
-        tokens = out.token_ids.tolist() if out is not None else []  # the one device->host sync
+        out = self.execute(inp, self.sampling_requests(batch))
+        self._num_prev_tokens = 0
+        if out is None:
+            return LaunchedStep(None, None, None)
+        num_sampled = out.token_ids.numel()
+        self._prev_tokens[:num_sampled].copy_(out.token_ids)  # what the next step's pending rows read
+        self._num_prev_tokens = num_sampled
+        if self.device.type != "cuda":
+            return LaunchedStep(out.token_ids, None, out)
+        self._out_turn ^= 1  # two in turn: the engine waits for a step before the next-but-one launch
+        host = self._out_host[self._out_turn][:num_sampled]
+        host.copy_(out.token_ids, non_blocking=True)
+        extra = (out.logprobs, out.top_logprob_ids, out.top_logprobs)  # None unless asked for
+        # (non_blocking copies to the CPU land in pinned memory)
+        out = SamplerOutput(host, *(x if x is None else x.to("cpu", non_blocking=True) for x in extra))
+        event = self._out_events[self._out_turn]
+        event.record()
+        return LaunchedStep(host, event, out)
+
+    def run(self, batch: ScheduledBatch) -> tuple[list[int | None], SamplerOutput | None]:
+        """Forward + sample, waiting for the result. Returns one entry per scheduled sequence: the
+        sampled token, or None for a prefill chunk that does not reach the end of its tokens yet."""
+        tokens, out = self.launch(batch).wait()
         it = iter(tokens)
         sampled = [
             next(it) if seq.num_computed_tokens + n == seq.num_tokens else None
@@ -323,7 +384,7 @@ class ModelRunner:
                     is_decode=inp.is_decode,
                     decode_num_splits=self._decode_num_splits(inp.num_seqs) if inp.is_decode else None,
                 )
-                hidden = self.model(to(inp.input_ids), to(inp.positions), meta)
+                hidden = self.model(self._input_ids(to(inp.input_ids), inp), to(inp.positions), meta)
             if inp.logits_indices.numel() == 0:  # prefill chunks only: nothing to sample yet
                 return None
             # Every rank computes its vocabulary shard's logits: the LM head's gather is collective.
@@ -332,6 +393,18 @@ class ModelRunner:
         if logits is None or not requests:  # a tensor-parallel rank other than 0
             return None
         return self.sampler(logits, SamplingBatch.build(requests, logits.shape[-1], dev))
+
+    def _input_ids(self, input_ids: torch.Tensor, inp: ModelInput) -> torch.Tensor:
+        """Fill in (on the device) the input tokens the previous step sampled but the host has not
+        read back yet."""
+        if inp.pending_rows is not None:
+            if not self._num_prev_tokens:
+                raise RuntimeError("a step has pending input tokens but the previous step sampled none")
+            dev = self.device
+            prev = self._prev_tokens[: self._num_prev_tokens]
+            src = prev.index_select(0, inp.pending_src.to(dev, non_blocking=True))
+            input_ids.index_copy_(0, inp.pending_rows.to(dev, non_blocking=True), src)
+        return input_ids
 
     # ---- CUDA graphs for decode -------------------------------------------------------------
 
@@ -397,6 +470,7 @@ class ModelRunner:
         size = self._graph_size(n)
         b = self.graph_bufs
         b["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
+        self._input_ids(b["input_ids"][:n], inp)
         b["positions"][:n].copy_(inp.positions, non_blocking=True)
         b["slot_mapping"][:n].copy_(inp.slot_mapping, non_blocking=True)
         b["slot_mapping"][n:size].fill_(-1)

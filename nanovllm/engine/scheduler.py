@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import FinishReason, Sequence, SequenceStatus
+from nanovllm.engine.sequence import PENDING_TOKEN, FinishReason, Sequence, SequenceStatus
 
 
 @dataclass(slots=True)
@@ -64,6 +64,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_pending_tokens and self._reached_length_limit(seq):
+                i += 1  # its pending token is its last: it finishes when that token comes back
+                continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_append(seq, seq.num_computed_tokens + n):
                 victim = self.running.pop()
@@ -101,27 +104,53 @@ class Scheduler:
         return ScheduledBatch(seqs, num_new, preempted)
 
     def update(self, batch: ScheduledBatch, sampled: list[int | None]) -> list[Sequence]:
-        """Advance the batch by what was computed; append sampled tokens; finish requests that hit
-        EOS, a stop token, max_tokens or max_model_len. Returns the requests that got a token."""
-        updated = []
-        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, sampled):
+        """Advance the batch and apply its sampled tokens at once (no step in flight): `sampled` has
+        one entry per sequence, None for a prefill chunk that did not sample."""
+        return self.resolve(self.advance(batch), [t for t in sampled if t is not None])
+
+    def advance(self, batch: ScheduledBatch) -> list[Sequence]:
+        """The batch is launched: count its tokens as computed, and give each sequence that reached
+        its last token a pending token (PENDING_TOKEN) for the one the step samples. Returns those
+        sequences in sampler-row order; `resolve` fills their tokens in when the step is done."""
+        sampling = []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if token is None:  # a prefill chunk that did not reach the end of the known tokens
+            if seq.num_computed_tokens == seq.num_tokens:
+                seq.pending_row = len(sampling)
+                seq.token_ids.append(PENDING_TOKEN)
+                seq.num_pending_tokens += 1
+                sampling.append(seq)
+        return sampling
+
+    def resolve(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
+        """A step's sampled tokens are back: each replaces its sequence's oldest pending token.
+        Finishes requests that hit EOS, a stop token, max_tokens or max_model_len. Returns the
+        requests that got a token (not those finished meanwhile, e.g. aborted)."""
+        updated = []
+        for seq, token in zip(seqs, tokens):
+            if seq.is_finished:
                 continue
-            seq.token_ids.append(token)
+            pos = seq.num_known_tokens
+            seq.token_ids[pos] = token
+            seq.num_pending_tokens -= 1
             updated.append(seq)
-            p = seq.params
-            if seq.num_output_tokens >= p.min_tokens:
+            p, num_outputs = seq.params, pos + 1 - seq.num_prompt_tokens
+            reason = None
+            if num_outputs >= p.min_tokens:
                 if not p.ignore_eos and token in self.eos_token_ids:
-                    self.finish(seq, FinishReason.STOP)
+                    reason = FinishReason.STOP
                 elif p.stop_token_ids and token in p.stop_token_ids:
-                    seq.stop_reason = token
-                    self.finish(seq, FinishReason.STOP)
-            if not seq.is_finished and (
-                seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len
-            ):
-                self.finish(seq, FinishReason.LENGTH)
+                    seq.stop_reason, reason = token, FinishReason.STOP
+            if reason is None and (num_outputs >= p.max_tokens or pos + 1 >= self.max_model_len):
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self.finish(seq, reason)
+            else:
+                self.block_manager.cache_resolved_block(seq, pos)
         return updated
+
+    def _reached_length_limit(self, seq: Sequence) -> bool:
+        return seq.num_output_tokens >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """End a request wherever it is (running or waiting) and free its blocks."""
@@ -132,6 +161,9 @@ class Scheduler:
         else:
             self.waiting.remove(seq)
         self.block_manager.free_seq(seq)
+        if seq.num_pending_tokens:  # tokens of a step in flight, never to be read back
+            del seq.token_ids[-seq.num_pending_tokens :]
+            seq.num_pending_tokens = 0
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 

@@ -24,6 +24,8 @@ class FinishReason(enum.Enum):
 
 _seq_ids = itertools.count()
 
+PENDING_TOKEN = -1  # stands for a sampled token not yet copied back from the GPU
+
 
 class Sequence:
     """Prompt + generated tokens. There is no prefill or decode phase: each step moves
@@ -43,6 +45,10 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0
         self.stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+        # Overlapped scheduling: tokens sampled by a step still running on the GPU sit at the end of
+        # token_ids as PENDING_TOKEN until the engine reads them back (see LLMEngine.step).
+        self.num_pending_tokens = 0
+        self.pending_row = -1  # row of the newest pending token in its step's sampler output
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -52,7 +58,13 @@ class Sequence:
         return len(self.token_ids)
 
     @property
+    def num_known_tokens(self) -> int:
+        """Tokens whose ids are known on the host (all but the pending ones)."""
+        return len(self.token_ids) - self.num_pending_tokens
+
+    @property
     def num_output_tokens(self) -> int:
+        """Generated tokens, pending ones included."""
         return len(self.token_ids) - self.num_prompt_tokens
 
     @property
@@ -61,7 +73,8 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        """Generated tokens known on the host."""
+        return self.token_ids[self.num_prompt_tokens : self.num_known_tokens]
 
     @property
     def is_finished(self) -> bool:

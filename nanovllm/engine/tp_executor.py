@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection, wait
 import torch
 
 from nanovllm.config import Config
-from nanovllm.engine.model_runner import ModelInput, ModelRunner
+from nanovllm.engine.model_runner import LaunchedStep, ModelInput, ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.tp_worker import encode_message, worker_device, worker_main
 from nanovllm.layers.sampler import SamplerOutput, SamplingRequest
@@ -149,7 +149,7 @@ class _Rank0Runner(ModelRunner):
 
 class TensorParallelExecutor:
     """Runs a model over `config.tensor_parallel_size` ranks; to the engine it looks like a
-    ModelRunner (`run`, `num_kvcache_blocks`) with a `shutdown`."""
+    ModelRunner (`launch`, `num_kvcache_blocks`) with a `shutdown`."""
 
     def __init__(self, config: Config):
         size = config.tensor_parallel_size
@@ -212,14 +212,16 @@ class TensorParallelExecutor:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def run(self, batch: ScheduledBatch) -> tuple[list[int | None], SamplerOutput | None]:
+    def launch(self, batch: ScheduledBatch) -> LaunchedStep:
+        """Run the step on every rank and wait for it (the engine does not overlap steps under
+        tensor parallelism: workers have no copy of the sampled ids to feed the next step)."""
         self._check_alive()
         self.workers.step_sent = False
         try:
-            result = self.driver.run(batch)
+            tokens, out = self.driver.launch(batch).wait()
             if self.workers.aborted:  # a worker died mid-step: the collectives returned garbage
                 raise RuntimeError("the group was aborted during the step")
-            return result
+            return LaunchedStep(torch.tensor(tokens, dtype=torch.int64), None, out)
         except BaseException as e:
             if not self.workers.step_sent:  # failed before any worker saw the step: nothing is out of step
                 raise

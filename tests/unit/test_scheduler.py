@@ -14,7 +14,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
-from nanovllm.engine.sequence import FinishReason, Sequence, SequenceStatus
+from nanovllm.engine.sequence import PENDING_TOKEN, FinishReason, Sequence, SequenceStatus
 from tests.checkpoints import build_checkpoint
 
 EOS = 2  # the qwen3-tiny preset's eos_token_id
@@ -402,3 +402,30 @@ def test_preemption_keeps_greedy_and_seeded_tokens(ckpt):
     assert got == expected
     assert all(len(t) == 16 for t in got)
     assert len({tuple(expected[1]), tuple(expected[6]), tuple(expected[7])}) == 3
+
+
+def test_pending_tokens_advance_and_resolve():
+    """Overlapped scheduling: advance() gives each sampling sequence a pending token; the next
+    schedule computes it (or skips a sequence whose pending token is its last); resolve() fills it
+    in, registers the block it completed, and finish() drops the pending tokens it never resolved."""
+    sched = make_scheduler(num_blocks=16, block_size=16)
+    a, b = make_seq(7, max_tokens=1), make_seq(15, max_tokens=5, seed=1)
+    for seq in (a, b):
+        sched.add(seq)
+    first = sched.schedule()
+    assert sched.advance(first) == [a, b]
+    assert a.token_ids[-1] == b.token_ids[-1] == PENDING_TOKEN and a.num_known_tokens == 7
+    second = sched.schedule()  # a's pending token is its last (max_tokens=1): not scheduled again
+    assert second.seqs == [b] and second.num_new_tokens == [1]
+    assert b.num_tokens == 16 and not b.block_hashes  # block 0 holds the pending token: not hashed
+    assert sched.advance(second) == [b] and b.num_pending_tokens == 2
+    assert sched.resolve([a, b], [11, 12]) == [a, b]
+    assert a.is_finished and a.finish_reason is FinishReason.LENGTH and a.output_token_ids == [11]
+    assert b.token_ids[15:] == [12, PENDING_TOKEN] and b.output_token_ids == [12]
+    bm = sched.block_manager
+    assert len(b.block_hashes) == 1 and bm.hash_to_block[b.block_hashes[0]] == b.block_table[0]
+    sched.finish(b, FinishReason.ABORT)  # with its second token still on the device
+    assert b.token_ids[15:] == [12] and b.num_pending_tokens == 0
+    assert sched.resolve([b], [13]) == []  # a finished sequence ignores its late token
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check_consistency()

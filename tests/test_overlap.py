@@ -1,0 +1,153 @@
+"""Overlapped scheduling (LLMEngine.step): the host schedules step n+1 while step n runs, with the
+tokens of step n pending. It must give exactly what the engine gives when it waits for every step:
+same tokens, texts, finish and stop reasons, logprobs and cached-token counts — through EOS-like
+stops found a step late, stop strings, chunked prefill, preemption, prefix hits and aborts — and
+leave the KV cache clean (no block hashed over a pending token)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.sequence import PENDING_TOKEN
+from tests.checkpoints import mixed_prompts
+
+# Small enough to preempt and to prefill in chunks; block size 16 so short prompts fill blocks.
+ENGINE = dict(
+    device="cpu",
+    max_model_len=256,
+    max_num_seqs=6,
+    max_num_batched_tokens=64,
+    num_kvcache_blocks=30,
+    block_size=16,
+)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    sync, overlap = LLM("qwen3-tiny", async_scheduling=False, **ENGINE), LLM("qwen3-tiny", **ENGINE)
+    assert overlap.engine.overlap and not sync.engine.overlap
+    yield sync, overlap
+    sync.shutdown()
+    overlap.shutdown()
+
+
+def _params(n: int, seed: int = 0) -> list[SamplingParams]:
+    """Greedy and seeded random rows (both independent of the batch), stopping in every way."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        kind = i % 6
+        common = dict(max_tokens=rng.randint(1, 40), seed=rng.randint(0, 99) if i % 2 else None)
+        common["temperature"] = 0.8 if i % 2 else 0.0
+        if kind == 0:
+            out.append(SamplingParams(**common))
+        elif kind == 1:  # stops early on any of a third of the vocabulary
+            out.append(SamplingParams(stop_token_ids=list(range(3, 2048, 3)), **common))
+        elif kind == 2:  # ... but not before min_tokens
+            out.append(SamplingParams(stop_token_ids=list(range(3, 2048, 3)), min_tokens=5, **common))
+        elif kind == 3:
+            out.append(SamplingParams(stop=["a", "e"], logprobs=2, **common))
+        elif kind == 4:
+            out.append(SamplingParams(logprobs=3, **common))
+        else:  # penalties: the engine waits for each step while such a request runs
+            out.append(SamplingParams(presence_penalty=0.5, repetition_penalty=1.2, **common))
+    return out
+
+
+def _summary(outs):
+    return [
+        (
+            o.outputs[0].token_ids,
+            o.outputs[0].text,
+            o.outputs[0].finish_reason,
+            o.outputs[0].stop_reason,
+            [
+                (lp.token_id, round(lp.logprob, 4), sorted(lp.top_logprobs))
+                for lp in o.outputs[0].logprobs or []
+            ],
+            o.num_cached_tokens,
+        )
+        for o in outs
+    ]
+
+
+def _check_clean(llm: LLM) -> None:
+    engine = llm.engine
+    bm = engine.scheduler.block_manager
+    assert engine._inflight is None and not engine.requests and not engine.has_unfinished()
+    assert bm.num_free_blocks == bm.num_blocks
+    bm.check_consistency()
+    for block in bm.blocks:
+        assert block.token_ids is None or PENDING_TOKEN not in block.token_ids
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_overlap_gives_what_waiting_gives(engines, seed):
+    sync, overlap = engines
+    rng = random.Random(seed)
+    prompts = mixed_prompts([rng.randint(1, 150) for _ in range(14)], seed=seed)
+    params = _params(len(prompts), seed)
+    want = sync.generate(prompts, params, use_tqdm=False)
+    got = overlap.generate(prompts, params, use_tqdm=False)
+    assert _summary(got) == _summary(want)
+    assert overlap.engine.scheduler.num_preemptions > 0  # the cache is small enough to preempt
+    assert any(o.num_cached_tokens for o in got)  # and prefixes are shared
+    for llm in engines:
+        _check_clean(llm)
+        llm.engine.scheduler.block_manager.reset_prefix_cache()
+
+
+def test_streaming_and_aborts_in_flight(engines):
+    """Stream every request; abort some right after the step that launched their token, while it
+    is still in flight. The others end as they do without overlap; the aborted free their blocks."""
+    sync, overlap = engines
+    prompts = mixed_prompts([30, 70, 5, 120, 48, 90, 17], seed=7)
+    params = [
+        SamplingParams(temperature=0, max_tokens=30, stop=["e"] if i % 3 == 0 else None) for i in range(7)
+    ]
+    want = sync.generate(prompts, params, use_tqdm=False)
+    engine = overlap.engine
+    ids = [engine.add_request(p, sp, incremental=True) for p, sp in zip(prompts, params)]
+    aborted = {ids[1], ids[4]}
+    streamed: dict[str, list] = {rid: [] for rid in ids}
+    steps = 0
+    while engine.has_unfinished():
+        for out in engine.step():
+            assert PENDING_TOKEN not in out.outputs[0].token_ids
+            streamed[out.request_id].append(out)
+        steps += 1
+        if steps == 6:
+            for rid in aborted:
+                seq = engine.requests[rid].seq
+                assert seq.num_pending_tokens  # its token is still on the device
+                engine.abort(rid)
+    for rid, ref in zip(ids, want):
+        outs = streamed[rid]
+        if rid in aborted:
+            assert not outs or not outs[-1].finished
+            continue
+        final = outs[-1]
+        ref = ref.outputs[0]
+        assert final.finished and final.outputs[0].token_ids == ref.token_ids
+        assert final.outputs[0].text == ref.text and final.outputs[0].finish_reason == ref.finish_reason
+        texts = [o.outputs[0].text for o in outs]
+        assert all(a == b[: len(a)] for a, b in zip(texts, texts[1:]))  # streamed text only grows
+    _check_clean(overlap)
+
+
+def test_switching_overlap_off_per_request(engines):
+    """A request with penalties makes the engine wait for each step while it runs; results equal."""
+    sync, overlap = engines
+    prompts = mixed_prompts([20, 40, 60], seed=3)
+    params = [
+        SamplingParams(temperature=0, max_tokens=12),
+        SamplingParams(temperature=0, max_tokens=25, frequency_penalty=1.0),
+        SamplingParams(temperature=0, max_tokens=30),
+    ]
+    assert _summary(overlap.generate(prompts, params, use_tqdm=False)) == _summary(
+        sync.generate(prompts, params, use_tqdm=False)
+    )
+    _check_clean(overlap)
