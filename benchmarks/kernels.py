@@ -7,6 +7,9 @@
     size 16 and 256; varlen_attn on the same decode with contiguous K/V; a small sweep of tile shapes and
     of num_splits around the defaults.
 (b) paged_prefill_attention vs varlen_attn on causal prefills: TFLOP/s, ratio, and max |difference|.
+(c) qk_norm_rope_store (q/k norm + rope + K/V store in one kernel) vs the unfused Triton ops it replaces,
+    at 1, 256 and 4096 tokens, with and without the q/k norm: time in a CUDA graph (the decode step's
+    case, no launch overhead) and eagerly.
 Writes one JSON file into DIR and prints a table last. Without CUDA it says so and exits 0.
 """
 
@@ -33,6 +36,7 @@ BLOCK_SIZES = (16, 256)
 # (BLOCK_N, num_warps, num_stages) alternatives tried at the target point, batch 256 x context 1024.
 DECODE_CONFIGS = [(32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3), (128, 4, 2), (128, 8, 3)]
 SPLIT_SWEEP = (1, 2, 4, 8, 16, 32)
+QKV_TOKENS = (1, 256, 4096)
 
 
 def load_varlen_attn():
@@ -229,6 +233,76 @@ def bench_store():
     return dict(num_tokens=num_tokens, ms=ms, gb_per_s=moved / ms / 1e6)
 
 
+def unfused_norm_rope_store(
+    qkv, positions, cos_sin_cache, k_cache, v_cache, slots, num_heads, q_norm_weight=None, k_norm_weight=None
+):
+    """What qk_norm_rope_store replaced on the Triton path: the split views, (the two strided-row copies and
+    two rms_norm launches), rope, store_kvcache."""
+    from nanovllm.kernels.rmsnorm import rms_norm_triton
+    from nanovllm.kernels.rope import apply_rope_triton
+    from nanovllm.kernels.store_kvcache import store_kvcache
+
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    q = q.view(-1, num_heads, head_dim)
+    k = k.view(-1, num_kv_heads, head_dim)
+    v = v.view(-1, num_kv_heads, head_dim)
+    if q_norm_weight is not None:
+        q, k = rms_norm_triton(q, q_norm_weight, 1e-6), rms_norm_triton(k, k_norm_weight, 1e-6)
+    q, k = apply_rope_triton(q, k, cos_sin_cache, positions)
+    store_kvcache(k, v, k_cache, v_cache, slots)
+    return q
+
+
+def bench_qk_norm_rope_store():
+    from triton.testing import do_bench_cudagraph
+
+    from nanovllm.kernels.qk_norm_rope_store import qk_norm_rope_store
+    from nanovllm.layers.rotary_embedding import get_rope
+
+    width = (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM
+    cos_sin_cache = get_rope(HEAD_DIM, 8192, {"rope_type": "default", "rope_theta": 1e6}).cos_sin_cache.cuda()
+    norm = dict(
+        q_norm_weight=1 + 0.1 * torch.randn(HEAD_DIM, dtype=DTYPE, device="cuda"),
+        k_norm_weight=1 + 0.1 * torch.randn(HEAD_DIM, dtype=DTYPE, device="cuda"),
+    )
+    rows = []
+    for num_tokens in QKV_TOKENS:
+        block_size, num_blocks = 16, 2 * num_tokens // 16 + 1
+        k_cache = torch.empty(num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+        args = (
+            torch.randn(num_tokens, width, dtype=DTYPE, device="cuda"),  # qkv
+            torch.randint(0, 8192, (num_tokens,), device="cuda"),  # positions
+            cos_sin_cache,
+            k_cache,
+            torch.empty_like(k_cache),  # v_cache
+            torch.randperm(num_blocks * block_size, device="cuda")[:num_tokens],  # slots
+            NUM_HEADS,
+        )
+        moved = 2 * num_tokens * width * k_cache.element_size()  # read qkv, write q, k and v
+        for qk_norm in (True, False):
+            fused = partial(qk_norm_rope_store, *args, **(norm if qk_norm else {}))
+            unfused = partial(unfused_norm_rope_store, *args, **(norm if qk_norm else {}))
+            times = {}
+            for name, fn in (("fused", fused), ("unfused", unfused)):
+                fn()  # compile outside the graph capture
+                times[name + "_graph_ms"] = do_bench_cudagraph(fn, rep=50, return_mode="median")
+                times[name + "_eager_ms"] = bench_ms(fn)
+            rows.append(
+                dict(
+                    num_tokens=num_tokens,
+                    qk_norm=qk_norm,
+                    bytes_moved=moved,
+                    **times,
+                    fused_graph_gb_per_s=moved / times["fused_graph_ms"] / 1e6,
+                    speedup_graph=times["unfused_graph_ms"] / times["fused_graph_ms"],
+                    max_abs_diff_q=max_abs_diff(fused(), unfused()),
+                )
+            )
+    return rows
+
+
 def fmt(x, spec):
     return "-" if x is None else format(x, spec)
 
@@ -267,6 +341,15 @@ def print_tables(result):
             f"{fmt(r['max_abs_diff_vs_varlen'], '.4f'):>9}"
         )
     print(f"\nstore_kvcache: {result['store']['gb_per_s']:.0f} GB/s (read + write)")
+    print("\nqk_norm_rope_store vs unfused norm/rope/store (bf16, block 16): us in a CUDA graph | eager")
+    print("tokens qk_norm   fused unfused speedup | fused unfused  fused GB/s  max diff q")
+    for r in result["qk_norm_rope_store"]:
+        print(
+            f"{r['num_tokens']:>6} {str(r['qk_norm']):>7} {r['fused_graph_ms'] * 1e3:>7.1f} "
+            f"{r['unfused_graph_ms'] * 1e3:>7.1f} {r['speedup_graph']:>6.2f}x | "
+            f"{r['fused_eager_ms'] * 1e3:>5.1f} {r['unfused_eager_ms'] * 1e3:>7.1f} "
+            f"{r['fused_graph_gb_per_s']:>11.0f} {r['max_abs_diff_q']:>11.4f}"
+        )
     if result["notes"]:
         print("notes: " + "; ".join(result["notes"]))
 
@@ -297,6 +380,7 @@ def main() -> int:
     result["decode"], result["decode_sweeps"] = bench_decode(varlen_attn, result["notes"])
     result["prefill"] = bench_prefill(varlen_attn, result["notes"])
     result["store"] = bench_store()
+    result["qk_norm_rope_store"] = bench_qk_norm_rope_store()
 
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Paged attention: write this step's K/V into the cache, then attend over the cache.
+"""Paged attention: from the qkv projection, write this step's K/V into the cache, then attend over it.
 
 The model runner builds one `AttentionMetadata` per step and passes it down the model explicitly.
 The cache of each layer is [num_blocks, block_size, num_kv_heads, head_dim]; a sequence's tokens
@@ -15,7 +15,9 @@ from torch import nn
 from nanovllm.kernels.backend import use_triton
 from nanovllm.kernels.decode_attention import decode_attention
 from nanovllm.kernels.paged_attention import paged_attention_ref, paged_prefill_attention
-from nanovllm.kernels.store_kvcache import store_kvcache, store_kvcache_ref
+from nanovllm.kernels.qk_norm_rope_store import qk_norm_rope_store, qk_norm_rope_store_ref
+from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.rotary_embedding import RotaryEmbedding
 
 
 @dataclass
@@ -43,11 +45,40 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = torch.empty(0)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata
+        self,
+        qkv: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        rope: RotaryEmbedding,
+        qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
     ) -> torch.Tensor:
-        # q: [num_tokens, num_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]
+        """Attention from the qkv projection's output: split q/k/v, RMSNorm each q and k head (qk_norm:
+        the (q_norm, k_norm) layers, Qwen3), rope, k/v into the cache, then attend over the cache. On the
+        Triton path everything before attention is one kernel (kernels/qk_norm_rope_store.py); the torch
+        path runs the unfused reference ops."""
+        # qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]; positions: [num_tokens]
+        norm_args = {}
+        if qk_norm is not None:
+            q_norm, k_norm = qk_norm
+            norm_args = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)
+        norm_rope_store = qk_norm_rope_store if use_triton(qkv) else qk_norm_rope_store_ref
+        cos_sin_cache = rope.cos_sin_cache_on(qkv.device)
+        q = norm_rope_store(
+            qkv,
+            positions,
+            cos_sin_cache,
+            self.k_cache,
+            self.v_cache,
+            meta.slot_mapping,
+            self.num_heads,
+            **norm_args,
+        )  # [num_tokens, num_heads, head_dim]
+        return self._attend(q, meta)
+
+    def _attend(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]; the cache already holds
+        # this step's keys and values.
         if use_triton(q):
-            store_kvcache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
             if meta.is_decode:
                 return decode_attention(
                     q,
@@ -70,7 +101,6 @@ class Attention(nn.Module):
                 meta.max_seq_len,
                 self.scale,
             )
-        store_kvcache_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
         return paged_attention_ref(
             q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, self.scale
         )

@@ -200,17 +200,21 @@ class RotaryEmbedding(nn.Module):
         """positions: [num_tokens] int64; q: [num_tokens, num_heads, head_dim]; k: [num_tokens,
         num_kv_heads, head_dim] (or both flattened to [num_tokens, heads * head_dim]). Returns new rotated
         q and k of the same shapes."""
-        if self.cos_sin_cache.device != q.device:
-            # First forward on this device, which comes before any CUDA graph capture (warm-up runs first).
-            self.cos_sin_cache = self.cos_sin_cache.to(q.device)
         q_shape, k_shape = q.shape, k.shape
         q_out, k_out = apply_rope(
             q.view(q.shape[0], -1, self.head_dim),
             k.view(k.shape[0], -1, self.head_dim),
-            self.cos_sin_cache,
+            self.cos_sin_cache_on(q.device),
             positions,
         )
         return q_out.view(q_shape), k_out.view(k_shape)
+
+    def cos_sin_cache_on(self, device: torch.device) -> torch.Tensor:
+        """The table [max_position, rotary_dim] fp32 on `device`, for ops that apply rope themselves."""
+        if self.cos_sin_cache.device != device:
+            # First forward on this device, which comes before any CUDA graph capture (warm-up runs first).
+            self.cos_sin_cache = self.cos_sin_cache.to(device)
+        return self.cos_sin_cache
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, rotary_dim={self.rotary_dim}, max_position={self.max_position}"
