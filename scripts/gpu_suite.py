@@ -15,9 +15,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # nanovllm from this checkout
 
 # step -> (command, time limit in seconds)
 STEPS = {
@@ -69,7 +71,9 @@ STEPS = {
 def run_step(name: str, extra: list[str], out_dir: Path, log) -> dict:
     cmd, limit = STEPS[name]
     step_dir = Path(tempfile.mkdtemp(prefix=f"{name}-"))
-    cmd = [*cmd, *extra] + ([] if name == "tests" else ["--out", str(step_dir)])
+    cmd = [*cmd, *extra] + (
+        ["--junitxml", str(step_dir / "junit.xml")] if name == "tests" else ["--out", str(step_dir)]
+    )
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "PYTHONUNBUFFERED": "1"}
     log.write(f"\n===== {name}: {' '.join(cmd)}\n")
     log.flush()
@@ -85,12 +89,31 @@ def run_step(name: str, extra: list[str], out_dir: Path, log) -> dict:
     log.write(output)
     log.write(f"\n===== {name}: rc={rc} in {elapsed:.1f} s\n")
     log.flush()
+    if name == "tests" and (step_dir / "junit.xml").exists():
+        write_test_report(step_dir / "junit.xml", step_dir, " ".join(cmd[1:]))
     results = {}
     for f in sorted(step_dir.glob("*.json")):
         results[f.name] = json.loads(f.read_text())
         shutil.copy(f, out_dir / f.name)
     tail = output.strip().splitlines()[-25:]
     return {"rc": rc, "seconds": round(elapsed, 1), "tail": tail, "results": results}
+
+
+def write_test_report(junit: Path, out_dir: Path, command: str) -> None:
+    """gpu-tests-<card>-<date>.json: card, date, commit and every test's outcome, from pytest's XML."""
+    import torch
+
+    from nanovllm.benchmark.common import run_info, write_report
+
+    outcomes = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        test_id = f"{case.get('classname')}::{case.get('name')}"
+        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+        outcomes[test_id] = kinds[0] if kinds else "passed"
+    counts = {k: sum(v == k for v in outcomes.values()) for k in ("passed", "failure", "error", "skipped")}
+    report = {"benchmark": "gpu-tests", **run_info(), "command": command, "counts": counts, "tests": outcomes}
+    report["cuda_available"] = torch.cuda.is_available()
+    write_report("gpu-tests", report, out_dir)
 
 
 def main() -> int:
@@ -104,11 +127,14 @@ def main() -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     summary = {}
     with open(out_dir / "suite.log", "w") as log:
-        info = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,clocks.sm,clocks.max.sm", "--format=csv"],
-            capture_output=True,
-            text=True,
-        )
+        try:
+            info = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,clocks.sm,clocks.max.sm", "--format=csv"],
+                capture_output=True,
+                text=True,
+            )
+        except FileNotFoundError:
+            info = subprocess.CompletedProcess([], 1, "", "nvidia-smi: not found (no NVIDIA driver)\n")
         log.write(info.stdout + info.stderr)
         for name in args.steps.split(","):
             extra = getattr(args, f"{name}_args").split()

@@ -17,7 +17,10 @@ Floors, from the measured peaks of the card in docs (H100: 3.0 TB/s, 804 bf16 TF
 - decode step: (weight bytes + KV bytes the step reads) / bandwidth, KV at the mean context of the
   timed steps; the weight-only floor is printed too.
 - prefill: max(weight bytes / bandwidth, FLOPs / peak FLOP/s); FLOPs = 2 x matmul params x tokens
-  + causal attention (2 x 2 x layers x heads x head_dim x C^2 / 2) + the LM head on the last token.
+  + causal attention (2 x 2 x layers x heads x head_dim x C^2 / 2) + the LM head on the last token,
+  summed over the prompts of a batch.
+- Prefill throughput: P prompts of C tokens added at once (16 x 1024 and 4 x 4096 = 16k tokens, one
+  step at the default token budget), timed to the last first token; achieved TFLOP/s and % of floor.
 """
 
 from __future__ import annotations
@@ -69,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-context", type=int, default=1024, help="prompt length of the batched TPOT runs")
     p.add_argument("--decode-steps", type=int, default=64, help="timed decode steps per TPOT measurement")
     p.add_argument("--ttft-repeats", type=int, default=5)
+    p.add_argument(
+        "--prefill-batches",
+        type=lambda text: [tuple(int(x) for x in item.split("x")) for item in text.split(",")],
+        default=[(16, 1024), (4, 4096)],
+        help="prompts x length of each prefill-throughput batch, e.g. 16x1024,4x4096 (16k tokens each)",
+    )
     p.add_argument("--bandwidth-tbs", type=float, default=PEAK_BANDWIDTH_BYTES_PER_S / 1e12)
     p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOP_PER_S / 1e12)
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the random prompts")
@@ -128,13 +137,20 @@ def decode_floor_ms(sizes: dict, batch: int, mean_context: float, bandwidth: flo
     return 1e3 * weights / bandwidth, 1e3 * (weights + kv) / bandwidth
 
 
-def prefill_floor_ms(sizes: dict, num_tokens: int, bandwidth: float, flops: float) -> float:
+def prefill_flops(sizes: dict, prompt_lens: list[int]) -> float:
+    """FLOPs of prefilling these prompts together (each attends causally to itself)."""
     s = sizes
-    work = 2 * s["matmul_params"] * num_tokens
-    work += 2 * 2 * s["num_layers"] * s["num_heads"] * s["head_dim"] * num_tokens**2 / 2
-    work += 2 * s["vocab_size"] * s["hidden_size"]
-    tp = s["tensor_parallel_size"]
-    return 1e3 * max(s["weight_bytes_per_gpu"] / bandwidth, work / tp / flops)
+    work = 0.0
+    for n in prompt_lens:
+        work += 2 * s["matmul_params"] * n
+        work += 2 * 2 * s["num_layers"] * s["num_heads"] * s["head_dim"] * n**2 / 2
+        work += 2 * s["vocab_size"] * s["hidden_size"]
+    return work
+
+
+def prefill_floor_ms(sizes: dict, prompt_lens: list[int], bandwidth: float, flops: float) -> float:
+    work = prefill_flops(sizes, prompt_lens) / sizes["tensor_parallel_size"]
+    return 1e3 * max(sizes["weight_bytes_per_gpu"] / bandwidth, work / flops)
 
 
 # ---- measurements ------------------------------------------------------------------------------------
@@ -168,6 +184,33 @@ def measure_ttft(engine, prompts: _Prompts, context: int, repeats: int) -> dict[
         "repeats": repeats,
         "ttft_ms_median": statistics.median(times),
         "ttft_ms_min": min(times),
+    }
+
+
+def measure_prefill(engine, prompts: _Prompts, num_prompts: int, length: int, repeats: int) -> dict[str, Any]:
+    """Time prefilling `num_prompts` fresh prompts of `length` tokens added at once (one step when
+    they fit the token budget), up to each one's first token; median of `repeats` after a warm-up."""
+    from nanovllm import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    times, steps = [], 0
+    for i in range(repeats + 1):
+        batch = [prompts(length) for _ in range(num_prompts)]
+        start = now()
+        ids = [engine.add_request(p, params) for p in batch]
+        n = 0
+        while any(rid in engine.requests for rid in ids):
+            engine.step()
+            n += 1
+        elapsed = now() - start
+        if i:
+            times.append(elapsed * 1e3)
+            steps = n
+    return {
+        "num_prompts": num_prompts,
+        "prompt_len": length,
+        "steps": steps,
+        "ms_median": statistics.median(times),
     }
 
 
@@ -212,6 +255,7 @@ def measure_tpot(engine, prompts: _Prompts, batch: int, context: int, steps: int
 def _max_model_len(args) -> int:
     """Room for the longest prompt, the timed steps, and the steps taken while a batch prefills."""
     longest = max(max(args.contexts), args.batch_context if args.batches else 0)
+    longest = max([longest] + [length for _, length in args.prefill_batches])
     return -(-(longest + args.decode_steps + PREFILL_SLACK_TOKENS) // 256) * 256
 
 
@@ -255,7 +299,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ttft, tpot1, tpotb = [], [], []
         for c in args.contexts:
             r = measure_ttft(engine, prompts, c, args.ttft_repeats)
-            r["floor_ms"] = prefill_floor_ms(sizes, c, bandwidth, flops)
+            r["floor_ms"] = prefill_floor_ms(sizes, [c], bandwidth, flops)
             ttft.append(r)
         for batch, contexts in [(1, args.contexts), *((b, [args.batch_context]) for b in args.batches)]:
             for c in contexts:
@@ -270,7 +314,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     r["pct_of_floor"] = 100 * r["floor_ms"] / r["tpot_ms_median"]
                 (tpot1 if batch == 1 else tpotb).append(r)
-        report.update(ttft=ttft, tpot_batch1=tpot1, tpot_batched=tpotb)
+        prefill = []
+        for num_prompts, length in args.prefill_batches:
+            r = measure_prefill(engine, prompts, num_prompts, length, args.ttft_repeats)
+            lens = [length] * num_prompts
+            r["floor_ms"] = prefill_floor_ms(sizes, lens, bandwidth, flops)
+            r["tflop_per_s"] = (
+                prefill_flops(sizes, lens) / sizes["tensor_parallel_size"] / r["ms_median"] / 1e9
+            )
+            r["pct_of_floor"] = 100 * r["floor_ms"] / r["ms_median"]
+            prefill.append(r)
+        report.update(ttft=ttft, prefill=prefill, tpot_batch1=tpot1, tpot_batched=tpotb)
         report["kv_cache_blocks"] = engine.num_kvcache_blocks
         report["block_size"] = config.block_size
         report["kv_cache_tokens"] = engine.num_kvcache_blocks * config.block_size
@@ -293,6 +347,20 @@ def print_summary(report: dict[str, Any]) -> None:
                 f"{100 * r['floor_ms'] / r['ttft_ms_median']:.0f}%",
             ]
             for r in report["ttft"]
+        ],
+    )
+    print_table(
+        f"Prefill throughput {title}",
+        ["prompts x tokens", "ms (median)", "TFLOP/s", "floor ms", "floor / time"],
+        [
+            [
+                f"{r['num_prompts']} x {r['prompt_len']}",
+                f"{r['ms_median']:.2f}",
+                f"{r['tflop_per_s']:.0f}",
+                f"{r['floor_ms']:.2f}",
+                f"{r['pct_of_floor']:.0f}%",
+            ]
+            for r in report.get("prefill", [])
         ],
     )
     rows = [
