@@ -1,8 +1,10 @@
 """The engine loop: requests in, one `step()` at a time, outputs back.
 
     batch = scheduler.schedule()            # who computes how many tokens
-    sampled = runner.run(batch)             # forward + sample
-    scheduler.update(batch, sampled)        # advance, append tokens, finish
+    launched = runner.launch(batch)         # forward + sample, queued on the device
+    scheduler.advance(batch)                # count them computed; sampled tokens are pending
+    tokens = previous.wait()                # meanwhile: the previous step's tokens ...
+    scheduler.resolve(previous, tokens)     # ... replace its pending ones; finish requests
 
 plus the user-facing edges: prompt validation, tokenization, detokenization and stop strings.
 """
