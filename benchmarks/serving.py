@@ -277,6 +277,7 @@ def _range(values: list[int], name: str) -> tuple[int, int]:
 
 
 def _environment() -> dict:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
     from nanovllm.benchmark.common import git_commit
 
     now = datetime.datetime.now(datetime.timezone.utc)

@@ -141,9 +141,12 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.seq.is_finished:
             self.scheduler.finish(req.seq, FinishReason.ABORT)
+        if self._inflight is not None and not self.scheduler.num_unfinished:
+            self.sync()  # nothing left to run: read the last step back (all of it is discarded)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        """Requests remain, or a launched step has not been read back (its requests were aborted)."""
+        return self.scheduler.num_unfinished > 0 or self._inflight is not None
 
     # ---- the loop ---------------------------------------------------------------------------
 

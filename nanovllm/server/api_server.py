@@ -4,14 +4,16 @@
     GET  /v1/models, /health, /metrics
 
 Handlers parse and validate the body (protocol.py), tokenize, and hand sub-requests (prompts x n) to
-the AsyncEngine, whose thread runs the engine's step loop; outputs come back per request and are
-turned into OpenAI responses here. A client that goes away aborts its requests (KV blocks freed).
+the AsyncEngine, whose engine process runs the engine's step loop (async_engine.py, engine_core.py);
+each sub-request's new tokens and text come back as deltas and are turned into OpenAI responses here.
+A client that goes away aborts its requests (KV blocks freed).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -26,9 +28,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
+from nanovllm.outputs import Logprob
 from nanovllm.server import protocol
-from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestStream, SubRequest
+from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDelta, RequestStream, SubRequest
 from nanovllm.server.metrics import Metrics
 from nanovllm.server.protocol import GenerateRequest, RequestError, error_body
 from nanovllm.utils.tokenizer import load_tokenizer
@@ -49,7 +51,7 @@ class OpenAIServer:
         self.max_model_len = config.max_model_len
         self.tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
         self.metrics = Metrics(served_model_name)
-        self.engine = AsyncEngine(lambda: LLMEngine(config), self.metrics)
+        self.engine = AsyncEngine(functools.partial(LLMEngine, config), self.metrics)  # built in its process
         self.created = int(time.time())
         self._token_strs: dict[int, str] = {}
         self._byte_level = self.tokenizer is not None and _is_byte_level(self.tokenizer)
@@ -129,8 +131,8 @@ class OpenAIServer:
             raise RequestError(str(e), status_code=503, type="service_unavailable") from None
         finally:
             stream.close()
-        choices = [self._final_choice(i, out.outputs[0], req, chat) for i, out in enumerate(outputs)]
-        num_completion = sum(len(out.outputs[0].token_ids) for out in outputs)
+        choices = [self._final_choice(i, out, req, chat) for i, out in enumerate(outputs)]
+        num_completion = sum(len(out.token_ids) for out in outputs)
         return JSONResponse(resp.body(choices, final=True, usage=resp.usage(num_completion)))
 
     async def _stream(
@@ -149,15 +151,15 @@ class OpenAIServer:
                     }
                     yield _sse(resp.body([delta], final=False, **usage_null))
             async for index, out in stream:
-                c = out.outputs[0]
                 state = states[index]
-                text, new_logprobs = state.advance(c)
-                if not text and not out.finished and not new_logprobs:
+                state.num_tokens += len(out.token_ids)
+                text = out.text
+                if not out.token_ids and not out.finished:  # (a chunk per new token, text or not, as vLLM)
                     continue
                 logprobs = None
                 if req.logprobs is not None:
-                    logprobs = self._logprobs(new_logprobs, req.logprobs, resp.chat, state)
-                reason = c.finish_reason if out.finished else None
+                    logprobs = self._logprobs(out.logprobs or [], req.logprobs, resp.chat, state)
+                reason = out.finish_reason if out.finished else None
                 if resp.chat:
                     choice = {
                         "index": index,
@@ -168,7 +170,7 @@ class OpenAIServer:
                 else:
                     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
                 if out.finished:
-                    choice["stop_reason"] = c.stop_reason
+                    choice["stop_reason"] = out.stop_reason
                 yield _sse(resp.body([choice], final=False, **usage_null))
             if req.include_usage:
                 yield _sse(resp.body([], final=False, usage=resp.usage(sum(s.num_tokens for s in states))))
@@ -179,10 +181,11 @@ class OpenAIServer:
             stream.close()  # the client went away (cancelled) or we are done: abort what runs on
         yield "data: [DONE]\n\n"
 
-    def _final_choice(self, index: int, c: CompletionOutput, req: GenerateRequest, chat: bool) -> dict:
+    def _final_choice(self, index: int, c: RequestDelta, req: GenerateRequest, chat: bool) -> dict:
+        """c: all of a finished choice's deltas, merged."""
         logprobs = None
         if req.logprobs is not None:
-            logprobs = self._logprobs(c.logprobs[: len(c.token_ids)], req.logprobs, chat, _ChoiceState())
+            logprobs = self._logprobs(c.logprobs or [], req.logprobs, chat, _ChoiceState())
         if chat:
             message = {"role": "assistant", "content": c.text}
             return {
@@ -305,28 +308,19 @@ class _Response:
 
 
 class _ChoiceState:
-    """What one streamed choice has sent so far. The engine's text only grows (it holds back what a
-    stop string could still cut: IncrementalDetokenizer.stable_text), so each chunk sends the new end."""
+    """What one streamed choice has sent so far. Each delta carries only the new text (the engine holds
+    back what a stop string could still cut: IncrementalDetokenizer.stable_text), so chunks just append."""
 
     def __init__(self):
-        self.num_chars = 0
         self.num_tokens = 0
         self.text_offset = 0  # completions logprobs: characters of token strings sent so far
 
-    def advance(self, c: CompletionOutput) -> tuple[str, list[Logprob]]:
-        text = c.text[self.num_chars :]
-        self.num_chars = len(c.text)
-        n = len(c.token_ids)
-        logprobs = c.logprobs[self.num_tokens : n] if c.logprobs is not None else []
-        self.num_tokens = n
-        return text, logprobs
 
-
-async def _collect(stream: RequestStream, num_choices: int) -> list[RequestOutput]:
-    finals: list[RequestOutput | None] = [None] * num_choices
-    async for index, out in stream:
-        if out.finished:
-            finals[index] = out
+async def _collect(stream: RequestStream, num_choices: int) -> list[RequestDelta]:
+    """Each choice's deltas merged into one (a non-streamed request usually gets a single delta)."""
+    finals: list[RequestDelta | None] = [None] * num_choices
+    async for index, delta in stream:
+        finals[index] = delta if finals[index] is None else finals[index].merge(delta)
     return finals  # type: ignore[return-value]
 
 

@@ -1,9 +1,15 @@
-"""The AsyncEngine's thread and queues, driven with a fake engine: outputs reach the right request,
-invalid or failing requests get an answer (never a hang), and the rest keep being served."""
+"""The AsyncEngine and its engine process, driven with a fake engine (built in the engine process):
+outputs reach the right request, invalid or failing requests get an answer (never a hang), the rest
+keep being served, an engine process that dies (even SIGKILL) fails everything pending and later, and
+shutdown leaves no process behind."""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import multiprocessing as mp
+import os
+import signal
 import time
 from types import SimpleNamespace
 
@@ -15,11 +21,13 @@ from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, SubReques
 
 
 class FakeEngine:
-    """One token per step per request; `fail_step` / `fail_add` inject failures."""
+    """One token per step per request; `fail_add_for` / `fail_step_for` / `die_on` inject failures
+    for the request ids that contain the given text. It runs in the engine process: tests see its
+    state through stats()."""
 
     def __init__(
         self,
-        fail_add: bool = False,
+        fail_add_for: str | None = None,
         fail_step_for: str | None = None,
         die_on: str | None = None,
         step_s: float = 0.0,
@@ -27,7 +35,7 @@ class FakeEngine:
         self.step_s = step_s
         self.config = SimpleNamespace(max_model_len=64)
         self.requests: dict[str, list] = {}  # id -> [params, tokens, stream]
-        self.fail_add, self.fail_step_for, self.die_on = fail_add, fail_step_for, die_on
+        self.fail_add_for, self.fail_step_for, self.die_on = fail_add_for, fail_step_for, die_on
         self.aborted: list[str] = []
 
     def encode_prompt(self, ids, params):
@@ -36,7 +44,7 @@ class FakeEngine:
         return list(ids)
 
     def add_request(self, prompt, params, request_id, incremental, token_ids):
-        if self.fail_add:
+        if self.fail_add_for is not None and self.fail_add_for in request_id:
             raise TypeError("a bug in add_request")
         self.requests[request_id] = [params, [], incremental]
 
@@ -50,7 +58,7 @@ class FakeEngine:
     def step(self):
         time.sleep(self.step_s)
         if self.die_on is not None and self.die_on in " ".join(self.requests):
-            raise SystemExit("the engine is gone")  # not an Exception: kills the thread
+            raise SystemExit("the engine is gone")  # not an Exception: ends the engine loop
         if self.fail_step_for is not None and any(self.fail_step_for in r for r in self.requests):
             for rid in [r for r in self.requests if self.fail_step_for in r]:
                 del self.requests[rid]
@@ -67,7 +75,7 @@ class FakeEngine:
         return outputs
 
     def stats(self):
-        return {"num_running": len(self.requests)}
+        return {"num_running": len(self.requests), "num_aborted": len(self.aborted)}
 
     def shutdown(self):
         pass
@@ -84,24 +92,35 @@ async def _final(engine: AsyncEngine, subs, incremental=True) -> dict[int, list[
     stream = await engine.submit(subs, incremental)
     got: dict[int, list[int]] = {}
     try:
-        async for index, out in stream:
-            assert not out.finished or out.outputs[0].finish_reason == "length"
-            got[index] = out.outputs[0].token_ids
+        async for index, delta in stream:
+            assert not delta.finished or delta.finish_reason == "length"
+            got[index] = got.get(index, []) + delta.token_ids
+            assert delta.text == "x" * len(delta.token_ids)
     finally:
         stream.close()
     return got
 
 
-def _run(fake: FakeEngine, body):
+async def _wait_for_stats(engine: AsyncEngine, **want) -> None:
+    for _ in range(500):
+        if all(engine.stats.get(k) == v for k, v in want.items()):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"stats {engine.stats} never reached {want}")
+
+
+def _run(make_fake, body):
     async def main():
-        engine = AsyncEngine(lambda: fake)
+        engine = AsyncEngine(make_fake)
         await engine.start()
         try:
             return await body(engine)
         finally:
             engine.shutdown()
+            assert not engine._proc.is_alive() and engine._proc.exitcode is not None
+            assert engine._proc not in mp.active_children()
 
-    return asyncio.run(asyncio.wait_for(main(), 30))
+    return asyncio.run(asyncio.wait_for(main(), 60))
 
 
 def test_outputs_reach_their_requests():
@@ -109,31 +128,28 @@ def test_outputs_reach_their_requests():
         a, b = await asyncio.gather(_final(engine, _subs("a", 2, 3)), _final(engine, _subs("b", 1, 5), False))
         return a, b
 
-    a, b = _run(FakeEngine(), body)
+    a, b = _run(FakeEngine, body)
     assert a == {0: [0, 1, 2], 1: [0, 1, 2]} and b == {0: [0, 1, 2, 3, 4]}
 
 
 def test_invalid_request_is_a_value_error_and_queues_nothing():
-    fake = FakeEngine()
-
     async def body(engine):
         with pytest.raises(ValueError, match="max_model_len=64"):
             await engine.submit(_subs("ok", 1) + _subs("long", 1, prompt_len=80), True)
-        return await _final(engine, _subs("next", 1))
+        result = await _final(engine, _subs("next", 1))
+        await _wait_for_stats(engine, num_running=0)
+        return result, engine.stats["num_aborted"]
 
-    assert _run(fake, body) == {0: [0, 1, 2]} and not fake.aborted
+    assert _run(FakeEngine, body) == ({0: [0, 1, 2]}, 0)
 
 
 def test_a_failing_add_is_answered_and_the_engine_keeps_serving():
-    fake = FakeEngine(fail_add=True)
-
     async def body(engine):
         with pytest.raises(TypeError):
-            await engine.submit(_subs("a", 1), True)
-        fake.fail_add = False
-        return await _final(engine, _subs("b", 1))
+            await engine.submit(_subs("bad", 1), True)
+        return await _final(engine, _subs("good", 1))
 
-    assert _run(fake, body) == {0: [0, 1, 2]}
+    assert _run(functools.partial(FakeEngine, fail_add_for="bad"), body) == {0: [0, 1, 2]}
 
 
 def test_a_failing_step_fails_only_its_requests():
@@ -146,33 +162,75 @@ def test_a_failing_step_fails_only_its_requests():
                 pass
         return good_result
 
-    assert _run(FakeEngine(fail_step_for="bad"), body) == {0: [0, 1, 2, 3]}
+    assert _run(functools.partial(FakeEngine, fail_step_for="bad"), body) == {0: [0, 1, 2, 3]}
 
 
 def test_a_dead_engine_answers_everyone():
     async def body(engine):
-        stream = await engine.submit(_subs("doomed", 1, 50), True)
+        running = await engine.submit(_subs("running", 1, 60), True)
+        with pytest.raises(EngineDeadError):  # from submit or from the stream: the add and the fatal
+            async for _ in await engine.submit(_subs("doomed", 1, 50), True):  # step share a message
+                pass
         with pytest.raises(EngineDeadError):
-            async for _ in stream:
+            async for _ in running:
                 pass
         assert not engine.is_alive
         with pytest.raises(EngineDeadError):
             await engine.submit(_subs("late", 1), True)
 
-    _run(FakeEngine(die_on="doomed"), body)
+    _run(functools.partial(FakeEngine, die_on="doomed"), body)
 
 
 def test_close_aborts_unfinished_requests():
-    fake = FakeEngine(step_s=0.01)  # 60 tokens take 0.6 s: the abort comes long before
-
     async def body(engine):
         stream = await engine.submit(_subs("long", 2, 60), True)
         await stream.__anext__()
         stream.close()
-        for _ in range(100):  # the abort is applied by the engine thread between steps
-            if not fake.requests:
-                break
-            await asyncio.sleep(0.01)
+        # the abort is applied by the engine process between steps; its next message says so
+        await _wait_for_stats(engine, num_running=0, num_aborted=2)
 
-    _run(fake, body)
-    assert sorted(fake.aborted) == ["long-0", "long-1"] and not fake.requests
+    _run(functools.partial(FakeEngine, step_s=0.01), body)  # 60 tokens take 0.6 s: the abort comes first
+
+
+def test_deltas_merge_when_the_handler_falls_behind():
+    async def body(engine):
+        stream = await engine.submit(_subs("slow", 1, 20), True)
+        await _wait_for_stats(engine, num_running=0)  # all 20 steps ran before we read anything
+        try:
+            return [delta async for _, delta in stream]
+        finally:
+            stream.close()
+
+    (delta,) = _run(FakeEngine, body)
+    assert delta.token_ids == list(range(20)) and delta.text == "x" * 20 and delta.finished
+
+
+def test_a_killed_engine_process_fails_everything_and_never_hangs():
+    async def body(engine):
+        streams = [await engine.submit(_subs(f"s{i}", 2, 60), True) for i in range(3)]
+        for stream in streams:
+            await stream.__anext__()
+        os.kill(engine._proc.pid, signal.SIGKILL)
+        for stream in streams:
+            with pytest.raises(EngineDeadError, match="SIGKILL"):
+                async for _ in stream:
+                    pass
+        assert not engine.is_alive
+        with pytest.raises(EngineDeadError):
+            await engine.submit(_subs("late", 1), True)
+
+    _run(functools.partial(FakeEngine, step_s=0.05), body)  # 60 tokens take 3 s: killed long before
+
+
+def test_a_start_up_failure_reaches_start():
+    async def main():
+        engine = AsyncEngine(functools.partial(_fail_to_build, "no such model"))
+        with pytest.raises(ValueError, match="no such model"):
+            await engine.start()
+        assert not engine.is_alive and engine._proc not in mp.active_children()
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def _fail_to_build(message: str):
+    raise ValueError(message)
