@@ -19,7 +19,7 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.kernels.backend import kernel_backend
 from nanovllm.kernels.decode_attention import default_num_splits
 from nanovllm.layers.attention import Attention, AttentionMetadata
-from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRequest
+from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRequest, SamplingStaging
 from nanovllm.models import get_model_class
 from nanovllm.models.decoder import head_dim_of, num_kv_heads_of
 from nanovllm.sampling_params import SamplingParams
@@ -102,6 +102,7 @@ class ModelRunner:
             )
         self.model.eval()
         self.sampler = Sampler(seed=config.seed)
+        self.sampling_staging = SamplingStaging(max(config.max_num_seqs, 1), self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_kv_heads = max(1, num_kv_heads_of(hf) // self.tp_size)
         self.head_dim = head_dim_of(hf)
@@ -392,7 +393,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[to(inp.logits_indices)])
         if logits is None or not requests:  # a tensor-parallel rank other than 0
             return None
-        return self.sampler(logits, SamplingBatch.build(requests, logits.shape[-1], dev))
+        return self.sampler(
+            logits, SamplingBatch.build(requests, logits.shape[-1], dev, self.sampling_staging)
+        )
 
     def _input_ids(self, input_ids: torch.Tensor, inp: ModelInput) -> torch.Tensor:
         """Fill in (on the device) the input tokens the previous step sampled but the host has not

@@ -2,7 +2,8 @@
 
 Per row, in order: min_tokens ban -> penalties -> greedy argmax, or temperature -> top-k -> top-p ->
 min-p -> a random draw. `SamplingBatch.build` turns the per-request settings into device tensors once
-per step and records which stages any row needs, so `Sampler.forward` skips the rest.
+per step (in the engine: a `SamplingStaging`'s persistent buffers) and records which stages any row
+needs, so `Sampler.forward` skips the rest.
 
 The random draw has two implementations that sample the same distribution from different random
 streams (a seed gives different tokens on the two):
@@ -31,6 +32,45 @@ from nanovllm.sampling_params import GREEDY_EPS, SamplingParams
 TOP_P_TOLERANCE = 1e-6
 
 _MASK_64 = (1 << 64) - 1
+
+
+class SamplingStaging:
+    """Persistent buffers for the per-row settings of a step (the hot loop allocates no tensor): values
+    are written into pinned host arrays, two sets used in turn (the runner waits for a step before the
+    next-but-one is built), and copied without blocking into device arrays that the step's kernels read
+    (a later step's copy is queued behind them)."""
+
+    DTYPES = {
+        "greedy": torch.bool,
+        "temperatures": torch.float32,
+        "top_k": torch.int64,
+        "top_p": torch.float32,
+        "min_p": torch.float32,
+        "repetition": torch.float32,
+        "frequency": torch.float32,
+        "presence": torch.float32,
+        "seeds": torch.int64,
+    }
+
+    def __init__(self, max_rows: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.max_rows, self.device = max_rows, device
+        self._host = [
+            {k: torch.zeros(max_rows, dtype=dt, pin_memory=pin) for k, dt in self.DTYPES.items()}
+            for _ in range(2)
+        ]
+        self._device = {k: torch.zeros(max_rows, dtype=dt, device=device) for k, dt in self.DTYPES.items()}
+        self._turn = 0
+
+    def next_step(self) -> None:
+        self._turn ^= 1
+
+    def put(self, name: str, values: list | np.ndarray) -> torch.Tensor:
+        """values -> the device buffer `name`'s first len(values) rows, returned."""
+        n = len(values)
+        host = self._host[self._turn][name][:n]
+        host.numpy()[:] = values
+        return self._device[name][:n].copy_(host, non_blocking=True)
 
 
 @dataclass(slots=True)
@@ -86,6 +126,7 @@ class SamplingBatch:
     banned_token_ids: torch.Tensor | None  # [num_banned] int64 } by min_tokens
     seeded_rows: list[tuple[int, int]]  # (row, row seed) for random rows with params.seed
     max_num_logprobs: int | None  # max params.logprobs over the batch; None when no row asked
+    staging: SamplingStaging | None = None  # where the step's settings live (None: fresh tensors)
 
     @property
     def has_penalties(self) -> bool:
@@ -97,9 +138,15 @@ class SamplingBatch:
 
     @classmethod
     def build(
-        cls, requests: list[SamplingRequest], vocab_size: int, device: torch.device | str
+        cls,
+        requests: list[SamplingRequest],
+        vocab_size: int,
+        device: torch.device | str,
+        staging: SamplingStaging | None = None,
     ) -> SamplingBatch:
         num_rows = len(requests)
+        if staging is not None and num_rows > staging.max_rows:
+            raise ValueError(f"{num_rows} sampling rows, more than the staging buffers' {staging.max_rows}")
         params = [r.params for r in requests]
         greedy = [p.temperature < GREEDY_EPS for p in params]
         all_greedy = all(greedy)
@@ -108,11 +155,16 @@ class SamplingBatch:
         # a pageable copy would make the CPU wait for the GPU to finish the step's forward.
         pin = device.type == "cuda"
 
+        if staging is not None:
+            staging.next_step()
+
         def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
             return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
 
-        def floats(values: list[float]) -> torch.Tensor:
-            return to_device(values, torch.float32)
+        def staged(name: str, values: list) -> torch.Tensor:
+            if staging is None:
+                return to_device(values, SamplingStaging.DTYPES[name])
+            return staging.put(name, values)
 
         # Sampling settings. Greedy rows get neutral values: their token is the argmax either way.
         greedy_mask = temperatures = top_k = top_p = min_p = None
@@ -120,20 +172,22 @@ class SamplingBatch:
         seeded_rows: list[tuple[int, int]] = []
         if not all_greedy:
             if any(greedy):
-                greedy_mask = to_device(greedy, torch.bool)
+                greedy_mask = staged("greedy", greedy)
             sampled = [p for p, g in zip(params, greedy) if not g]
             if any(p.temperature != 1.0 for p in sampled):
-                temperatures = floats([1.0 if g else p.temperature for p, g in zip(params, greedy)])
+                temperatures = staged(
+                    "temperatures", [1.0 if g else p.temperature for p, g in zip(params, greedy)]
+                )
             ks = [
                 p.top_k if not g and 0 < p.top_k < vocab_size else vocab_size for p, g in zip(params, greedy)
             ]
             max_top_k = max((k for k in ks if k < vocab_size), default=0)
             if max_top_k:
-                top_k = to_device(ks, torch.int64)
+                top_k = staged("top_k", ks)
             if any(p.top_p < 1.0 for p in sampled):
-                top_p = floats([1.0 if g else p.top_p for p, g in zip(params, greedy)])
+                top_p = staged("top_p", [1.0 if g else p.top_p for p, g in zip(params, greedy)])
             if any(p.min_p > 0.0 for p in sampled):
-                min_p = floats([0.0 if g else p.min_p for p, g in zip(params, greedy)])
+                min_p = staged("min_p", [0.0 if g else p.min_p for p, g in zip(params, greedy)])
             seeded_rows = [
                 (i, _row_seed(r.params.seed, r.num_output_tokens))
                 for i, (r, g) in enumerate(zip(requests, greedy))
@@ -147,16 +201,16 @@ class SamplingBatch:
             outputs = [r.output_token_ids if pen else [] for r, pen in zip(requests, penalized)]
             output_ids = _pad(outputs, vocab_size, pin).to(device, non_blocking=True)
             if any(p.repetition_penalty != 1.0 for p in params):
-                repetition = floats([p.repetition_penalty for p in params])
+                repetition = staged("repetition", [p.repetition_penalty for p in params])
                 prompts = [
                     r.prompt_token_ids if p.repetition_penalty != 1.0 else []
                     for r, p in zip(requests, params)
                 ]
                 prompt_ids = _pad(prompts, vocab_size, pin).to(device, non_blocking=True)
             if any(p.frequency_penalty != 0.0 for p in params):
-                frequency = floats([p.frequency_penalty for p in params])
+                frequency = staged("frequency", [p.frequency_penalty for p in params])
             if any(p.presence_penalty != 0.0 for p in params):
-                presence = floats([p.presence_penalty for p in params])
+                presence = staged("presence", [p.presence_penalty for p in params])
 
         # min_tokens: ban the stop tokens (EOS too unless ignore_eos, as in vLLM) until enough are out.
         ban_rows: list[int] = []
@@ -194,6 +248,7 @@ class SamplingBatch:
             banned_token_ids=banned_token_ids,
             seeded_rows=seeded_rows,
             max_num_logprobs=max(asked) if asked else None,
+            staging=staging,
         )
 
 
@@ -285,6 +340,8 @@ class Sampler(nn.Module):
         seeds = _row_seed_array(base, np.arange(batch.num_rows, dtype=np.uint64))  # [B] uint64
         for row, row_seed in batch.seeded_rows:
             seeds[row] = row_seed
+        if batch.staging is not None:
+            return batch.staging.put("seeds", seeds.view(np.int64))
         host = torch.from_numpy(seeds.view(np.int64))
         if device.type == "cuda":
             host = host.pin_memory()

@@ -442,3 +442,33 @@ def test_row_seed_array_matches_row_seed():
     for seed in (0, 7, -1, (1 << 64) + 5, 1 << 62):
         positions = np.array([0, 1, 2, 1000, (1 << 64) - 1], dtype=np.uint64)
         assert _row_seed_array(seed, positions).tolist() == [_row_seed(seed, int(p)) for p in positions]
+
+
+def test_staging_buffers_are_reused_and_change_nothing(draw_path):
+    """The engine's SamplingStaging: the same tokens as freshly built tensors, from the same device
+    buffers every step (no per-step allocation), for every stage that has per-row settings."""
+    from nanovllm.layers.sampler import SamplingStaging
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, VOCAB)
+    rows = [
+        request(SamplingParams(temperature=0.0, repetition_penalty=1.3, presence_penalty=0.2)),
+        request(SamplingParams(temperature=0.7, top_k=5, seed=11, frequency_penalty=0.4)),
+        request(SamplingParams(temperature=1.3, top_p=0.8, min_p=0.05, seed=12)),
+        request(SamplingParams(temperature=0.9, seed=13)),
+    ]
+    staging = SamplingStaging(max_rows=8, device=CPU)
+    pointers = None
+    for _ in range(3):
+        fresh = Sampler(seed=5)(logits, SamplingBatch.build(rows, VOCAB, CPU)).token_ids
+        batch = SamplingBatch.build(rows, VOCAB, CPU, staging)
+        staged = Sampler(seed=5)(logits, batch).token_ids
+        assert torch.equal(fresh, staged)
+        now = [
+            t.data_ptr()
+            for t in (batch.temperatures, batch.top_k, batch.top_p, batch.min_p, batch.greedy_mask)
+        ]
+        assert pointers is None or now == pointers
+        pointers = now
+    with pytest.raises(ValueError, match="more than the staging buffers"):
+        SamplingBatch.build(rows * 3, VOCAB, CPU, staging)
