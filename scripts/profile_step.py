@@ -59,7 +59,7 @@ def main() -> None:
     timed(runner, "sampling_requests", "sampling_requests")
     timed(runner, "execute", "execute (launch + sampler + build)", sync=args.sync)
     timed(runner, "launch", "runner.launch total")
-    timed(engine, "_finish", "wait for the step + apply its tokens (engine._finish)")
+    timed(engine, "_complete", "wait for the step + apply its tokens (engine._complete)")
     torch.cuda.synchronize()
     start = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)

@@ -151,3 +151,40 @@ def test_switching_overlap_off_per_request(engines):
         sync.generate(prompts, params, use_tqdm=False)
     )
     _check_clean(overlap)
+
+
+def test_a_step_that_fails_when_read_back(engines, monkeypatch):
+    """Reading step n back raises (a GPU fault surfaces there) while step n+1 is in flight: the requests
+    of both steps fail and are listed in dropped_request_ids, nothing keeps a pending token, the cache
+    is clean, and the engine then serves new requests exactly as before."""
+    from nanovllm.engine.model_runner import LaunchedStep
+
+    sync, overlap = engines
+    prompts = mixed_prompts([30, 50, 12, 70], seed=11)
+    params = [SamplingParams(temperature=0, max_tokens=20) for _ in prompts]
+    want = _summary(sync.generate(prompts, params, use_tqdm=False))
+    engine = overlap.engine
+    real_wait, calls = LaunchedStep.wait, []
+
+    def wait(self):
+        calls.append(1)
+        if len(calls) == 4:
+            raise RuntimeError("injected read-back fault")
+        return real_wait(self)
+
+    ids = [engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+    with monkeypatch.context() as m:
+        m.setattr(LaunchedStep, "wait", wait)
+        with pytest.raises(RuntimeError, match="injected read-back fault"):
+            while engine.has_unfinished():
+                engine.step()
+    assert engine.dropped_request_ids and set(engine.dropped_request_ids) <= set(ids)
+    for rid in ids:
+        req = engine.requests.get(rid)
+        assert req is None or PENDING_TOKEN not in req.seq.token_ids
+        engine.abort(rid)
+    while engine.has_unfinished():
+        engine.step()
+    _check_clean(overlap)
+    assert _summary(overlap.generate(prompts, params, use_tqdm=False)) == want
+    _check_clean(overlap)

@@ -60,6 +60,17 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
+def _prefill_batches(text: str) -> list[tuple[int, int]]:
+    """ "16x1024,4x4096" -> [(16, 1024), (4, 4096)]: prompts x tokens, both >= 1."""
+    batches = []
+    for item in text.split(","):
+        parts = item.strip().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) >= 1 for p in parts):
+            raise argparse.ArgumentTypeError(f"expected PROMPTSxTOKENS with both >= 1, got {item!r}")
+        batches.append((int(parts[0]), int(parts[1])))
+    return batches
+
+
 def build_parser() -> argparse.ArgumentParser:
     from nanovllm.cli import add_engine_args
 
@@ -74,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-repeats", type=int, default=5)
     p.add_argument(
         "--prefill-batches",
-        type=lambda text: [tuple(int(x) for x in item.split("x")) for item in text.split(",")],
+        type=_prefill_batches,
         default=[(16, 1024), (4, 4096)],
         help="prompts x length of each prefill-throughput batch, e.g. 16x1024,4x4096 (16k tokens each)",
     )
@@ -193,25 +204,17 @@ def measure_prefill(engine, prompts: _Prompts, num_prompts: int, length: int, re
     from nanovllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
-    times, steps = [], 0
+    times = []
     for i in range(repeats + 1):
         batch = [prompts(length) for _ in range(num_prompts)]
         start = now()
         ids = [engine.add_request(p, params) for p in batch]
-        n = 0
         while any(rid in engine.requests for rid in ids):
             engine.step()
-            n += 1
         elapsed = now() - start
         if i:
             times.append(elapsed * 1e3)
-            steps = n
-    return {
-        "num_prompts": num_prompts,
-        "prompt_len": length,
-        "steps": steps,
-        "ms_median": statistics.median(times),
-    }
+    return {"num_prompts": num_prompts, "prompt_len": length, "ms_median": statistics.median(times)}
 
 
 def measure_tpot(engine, prompts: _Prompts, batch: int, context: int, steps: int) -> dict[str, Any]:

@@ -68,6 +68,8 @@ class LLMEngine:
         # Overlapped scheduling needs the runner to feed pending tokens from the device (one rank).
         self.overlap = config.async_scheduling and config.tensor_parallel_size == 1
         self._inflight: _Step | None = None  # the launched step not yet read back
+        self._outputs: list[RequestOutput] = []  # read back, not yet returned by step()
+        self.dropped_request_ids: list[str] = []  # requests the last step() failed (it raised)
 
     @staticmethod
     def _make_runner(config: Config):
@@ -141,8 +143,6 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is not None and not req.seq.is_finished:
             self.scheduler.finish(req.seq, FinishReason.ABORT)
-        if self._inflight is not None and not self.scheduler.num_unfinished:
-            self.sync()  # nothing left to run: read the last step back (all of it is discarded)
 
     def has_unfinished(self) -> bool:
         """Requests remain, or a launched step has not been read back (its requests were aborted)."""
@@ -160,52 +160,68 @@ class LLMEngine:
         Tokens the host has not read yet are pending (Sequence.num_pending_tokens); the next step's
         forward takes them from the device. Each request costs at most one extra, discarded token
         of compute when it stops on EOS / a stop string."""
-        outputs: list[RequestOutput] = []
+        self.dropped_request_ids = []
         if self._inflight is not None and not self._can_overlap():
-            outputs += self._finish(self._inflight)
+            self._complete_inflight()
         batch = self.scheduler.schedule()
         if batch.is_empty:
             if self._inflight is not None:  # only pending tokens left to read back
-                return outputs + self._finish(self._inflight)
-            if self.scheduler.num_unfinished:
+                self._complete_inflight()
+            elif self.scheduler.num_unfinished:
                 raise RuntimeError("the scheduler could not schedule any request (KV cache too small?)")
-            return outputs
+            return self._take_outputs()
         starts = [seq.num_computed_tokens for seq in batch.seqs]
         try:
             launched = self.runner.launch(batch)
         except BaseException:  # KeyboardInterrupt too: the cache must not keep unwritten blocks
             self._fail(batch, starts)
+            if self._inflight is not None:  # the step before is fine: read it back (outputs wait)
+                self._complete_inflight()
             raise
         step = _Step(batch, starts, self.scheduler.advance(batch), launched)
-        if self._inflight is not None:
-            outputs += self._finish(self._inflight)  # the GPU runs `step` meanwhile
-        self._inflight = step
+        previous, self._inflight = self._inflight, step
+        if previous is not None:
+            self._complete(previous)  # the GPU runs `step` meanwhile
         if not self._can_overlap() or not self.scheduler.num_unfinished:
-            outputs += self._finish(step)  # (nothing left to overlap with: leave the engine idle)
-        return outputs
+            self._complete_inflight()  # (nothing left to overlap with: leave the engine idle)
+        return self._take_outputs()
 
     def sync(self) -> list[RequestOutput]:
         """Wait for the step in flight, if any, and return its outputs (as `step` would have)."""
-        return self._finish(self._inflight) if self._inflight is not None else []
+        if self._inflight is not None:
+            self._complete_inflight()
+        return self._take_outputs()
 
     def _can_overlap(self) -> bool:
         """Penalties read every generated token on the host, so with them the engine waits for each
         step (as it does when overlap is off, or under tensor parallelism)."""
         return self.overlap and not any(seq.params.has_penalties for seq in self.scheduler.running)
 
-    def _finish(self, step: _Step) -> list[RequestOutput]:
-        """Wait for a launched step and apply its tokens."""
-        self._inflight = None
+    def _take_outputs(self) -> list[RequestOutput]:
+        # Outputs wait here until step() returns: a step that raises after reading one back loses none.
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def _complete_inflight(self) -> None:
+        step, self._inflight = self._inflight, None
+        self._complete(step)
+
+    def _complete(self, step: _Step) -> None:
+        """Wait for a launched step and apply its tokens; outputs go to self._outputs."""
         try:
             tokens, out = step.launched.wait()
         except BaseException:
             self._fail(step.batch, step.starts)
+            # Requests aborted while the step ran keep blocks registered for K/V it never wrote.
+            self.scheduler.block_manager.reset_prefix_cache()
+            if self._inflight is not None:  # the step launched after it read its tokens: fail it too
+                following, self._inflight = self._inflight, None
+                self._fail(following.batch, following.starts)
             raise
         updated = self.scheduler.resolve(step.sampling, tokens)
         if out is not None and out.logprobs is not None:
             self._record_logprobs(step.sampling, tokens, out)
         now = time.perf_counter()
-        outputs = []
         for seq in updated:
             req = self.requests[seq.request_id]
             self.num_generated_tokens += 1
@@ -219,19 +235,19 @@ class LLMEngine:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
             if seq.is_finished or req.stream:
-                outputs.append(self._output(req))
+                self._outputs.append(self._output(req))
             if seq.is_finished:
                 del self.requests[seq.request_id]
-        return outputs
 
     def _fail(self, batch: ScheduledBatch, starts: list[int]) -> None:
-        """A step failed: fail its requests, keep the engine usable for the next ones."""
+        """A step failed: fail its requests (listed in dropped_request_ids), keep the engine usable."""
         bm = self.scheduler.block_manager
         for seq, start, n in zip(batch.seqs, starts, batch.num_new_tokens):
             if seq.block_table:  # still holding the blocks the step was to fill
                 bm.forget_new_blocks(seq, start, n)
             self.scheduler.finish(seq, FinishReason.ABORT)
-            self.requests.pop(seq.request_id, None)
+            if self.requests.pop(seq.request_id, None) is not None:
+                self.dropped_request_ids.append(seq.request_id)
 
     def _record_logprobs(self, sampling: list[Sequence], tokens: list[int], out: SamplerOutput) -> None:
         chosen = out.logprobs.tolist()

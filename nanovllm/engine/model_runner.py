@@ -117,6 +117,7 @@ class ModelRunner:
         pin = self.device.type == "cuda"
         self._out_host = [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._out_events = [torch.cuda.Event(), torch.cuda.Event()] if pin else []
+        self._host_events = [torch.cuda.Event(), torch.cuda.Event()] if pin else []  # see _host_buffers
         self._out_turn = 0
         self._memory_note = ""  # how the KV budget was found, for the error message
         cuda = self.device.type == "cuda"
@@ -239,8 +240,9 @@ class ModelRunner:
 
     def _host_buffers(self) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
         """Step inputs are written into host arrays (pinned on CUDA, so the copies to the device are
-        asynchronous) instead of allocating tensors every step. Two sets, used in turn: a set is
-        written again two steps later, when the engine has waited for the step that read it."""
+        asynchronous) instead of allocating tensors every step. Two sets, used in turn; before a set
+        is written again, the step that last read it must be done with it (its event): a step that
+        samples has been waited for by then anyway, a prefill chunk that samples nothing may not."""
         if not self._host:
             cfg, pin = self.config, self.device.type == "cuda"
             max_tokens, max_seqs = cfg.max_num_batched_tokens, max(cfg.max_num_seqs, 1)
@@ -260,6 +262,8 @@ class ModelRunner:
                 tensors = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in shapes.items()}
                 self._host.append(({k: t.numpy() for k, t in tensors.items()}, tensors))
         self._host_turn ^= 1
+        if self._host_events:
+            self._host_events[self._host_turn].synchronize()  # (returns at once if never recorded)
         return self._host[self._host_turn]
 
     def prepare(self, batch: ScheduledBatch) -> ModelInput:
@@ -338,6 +342,8 @@ class ModelRunner:
         can schedule the next step meanwhile. Its sampled ids are copied back behind the sampler."""
         inp = self.prepare(batch)
         out = self.execute(inp, self.sampling_requests(batch))
+        if self._host_events:
+            self._host_events[self._host_turn].record()  # the copies from this input set are queued
         self._num_prev_tokens = 0
         if out is None:
             return LaunchedStep(None, None, None)

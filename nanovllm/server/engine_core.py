@@ -241,7 +241,7 @@ class EngineCore:
         except Exception as e:
             # The engine has aborted that step's requests and stays usable: fail only those.
             logger.exception("engine step failed")
-            failed = [rid for rid in self.sent if rid not in engine.requests]
+            failed = [rid for rid in engine.dropped_request_ids if rid in self.sent]
             if not failed:  # nothing was dropped (e.g. nothing schedulable): fail all, or we spin
                 failed = list(self.sent)
                 for rid in failed:

@@ -37,6 +37,7 @@ class FakeEngine:
         self.requests: dict[str, list] = {}  # id -> [params, tokens, stream]
         self.fail_add_for, self.fail_step_for, self.die_on = fail_add_for, fail_step_for, die_on
         self.aborted: list[str] = []
+        self.dropped_request_ids: list[str] = []  # as LLMEngine: the requests a raising step failed
 
     def encode_prompt(self, ids, params):
         if len(ids) + params.max_tokens > self.config.max_model_len:
@@ -60,7 +61,8 @@ class FakeEngine:
         if self.die_on is not None and self.die_on in " ".join(self.requests):
             raise SystemExit("the engine is gone")  # not an Exception: ends the engine loop
         if self.fail_step_for is not None and any(self.fail_step_for in r for r in self.requests):
-            for rid in [r for r in self.requests if self.fail_step_for in r]:
+            self.dropped_request_ids = [r for r in self.requests if self.fail_step_for in r]
+            for rid in self.dropped_request_ids:
                 del self.requests[rid]
             raise RuntimeError("step failed")
         outputs = []
