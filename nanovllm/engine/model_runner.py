@@ -102,7 +102,7 @@ class ModelRunner:
             )
         self.model.eval()
         self.sampler = Sampler(seed=config.seed)
-        self.sampling_staging = SamplingStaging(max(config.max_num_seqs, 1), self.device)
+        self.sampling_staging = SamplingStaging(config.max_num_seqs, self.device)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.num_kv_heads = max(1, num_kv_heads_of(hf) // self.tp_size)
         self.head_dim = head_dim_of(hf)
@@ -111,7 +111,7 @@ class ModelRunner:
         self._host_turn = 0
         # Sampled ids: the last launched step's on the device (the next step's pending inputs), and
         # two pinned host buffers they are copied back into, in turn (see launch).
-        max_seqs = max(config.max_num_seqs, 1)
+        max_seqs = config.max_num_seqs
         self._prev_tokens = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
         self._num_prev_tokens = 0
         pin = self.device.type == "cuda"
@@ -245,7 +245,7 @@ class ModelRunner:
         samples has been waited for by then anyway, a prefill chunk that samples nothing may not."""
         if not self._host:
             cfg, pin = self.config, self.device.type == "cuda"
-            max_tokens, max_seqs = cfg.max_num_batched_tokens, max(cfg.max_num_seqs, 1)
+            max_tokens, max_seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
             shapes = {
                 "input_ids": (max_tokens, torch.int64),
                 "positions": (max_tokens, torch.int64),
@@ -288,10 +288,8 @@ class ModelRunner:
             seq_lens = h["seq_lens"][:num_seqs]
             seq_lens[:] = positions
             seq_lens += 1
-            sample_rows = [i for i, (seq, p) in enumerate(zip(seqs, positions)) if p + 1 == seq.num_tokens]
         else:
             ids: list[int] = []
-            sample_rows = []
             cu = 0
             for i, (seq, n) in enumerate(zip(seqs, num_new)):
                 start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
@@ -302,11 +300,10 @@ class ModelRunner:
                 cu += n
                 h["cu_seqlens_q"][i + 1] = cu
                 h["seq_lens"][i] = end
-                if end == seq.num_tokens:  # reached the last known token: sample the next one
-                    sample_rows.append(i)
             h["cu_seqlens_q"][0] = 0
             h["input_ids"][:num_tokens] = ids
         cu_seqlens = h["cu_seqlens_q"][: num_seqs + 1]
+        sample_rows = [i for i, samples in enumerate(batch.samples) if samples]
         h["logits_indices"][: len(sample_rows)] = cu_seqlens[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
         pending_rows = pending_src = None
         if pending:
@@ -333,8 +330,8 @@ class ModelRunner:
         eos = self.config.eos_token_ids
         return [
             SamplingRequest.for_sequence(seq.params, seq.token_ids, seq.num_prompt_tokens, eos)
-            for seq, n in zip(batch.seqs, batch.num_new_tokens)
-            if seq.num_computed_tokens + n == seq.num_tokens
+            for seq, samples in zip(batch.seqs, batch.samples)
+            if samples
         ]
 
     def launch(self, batch: ScheduledBatch) -> LaunchedStep:
@@ -367,10 +364,7 @@ class ModelRunner:
         sampled token, or None for a prefill chunk that does not reach the end of its tokens yet."""
         tokens, out = self.launch(batch).wait()
         it = iter(tokens)
-        sampled = [
-            next(it) if seq.num_computed_tokens + n == seq.num_tokens else None
-            for seq, n in zip(batch.seqs, batch.num_new_tokens)
-        ]
+        sampled = [next(it) if samples else None for samples in batch.samples]
         return sampled, out
 
     @torch.inference_mode()

@@ -11,7 +11,7 @@ queue, to be recomputed later (its prefix blocks often survive in the prefix cac
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
@@ -25,6 +25,14 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     num_preempted: int = 0
+    # samples[i]: seqs[i] reaches its last token this step, so the step samples its next one. Fixed
+    # when the batch is made (the counts move on once it is launched).
+    samples: list[bool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.samples = [
+            s.num_computed_tokens + n == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens)
+        ]
 
     @property
     def num_tokens(self) -> int:
@@ -113,9 +121,9 @@ class Scheduler:
         its last token a pending token (PENDING_TOKEN) for the one the step samples. Returns those
         sequences in sampler-row order; `resolve` fills their tokens in when the step is done."""
         sampling = []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+        for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens == seq.num_tokens:
+            if samples:
                 seq.pending_row = len(sampling)
                 seq.token_ids.append(PENDING_TOKEN)
                 seq.num_pending_tokens += 1

@@ -48,7 +48,7 @@ class Sequence:
         # Overlapped scheduling: tokens sampled by a step still running on the GPU sit at the end of
         # token_ids as PENDING_TOKEN until the engine reads them back (see LLMEngine.step).
         self.num_pending_tokens = 0
-        self.pending_row = -1  # row of the newest pending token in its step's sampler output
+        self.pending_row: int | None = None  # row of the newest pending token in its step's sampler output
 
     def __len__(self) -> int:
         return len(self.token_ids)
