@@ -115,7 +115,9 @@ class ModelRunner:
         self._prev_tokens = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
         self._num_prev_tokens = 0
         pin = self.device.type == "cuda"
-        self._out_host = [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._out_host = (
+            [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)] if pin else []
+        )
         self._out_events = [torch.cuda.Event(), torch.cuda.Event()] if pin else []
         self._host_events = [torch.cuda.Event(), torch.cuda.Event()] if pin else []  # see _host_buffers
         self._out_turn = 0

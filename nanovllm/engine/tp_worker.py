@@ -64,9 +64,10 @@ def worker_device(config: Config, rank: int) -> torch.device:
     return torch.device("cuda", rank) if config.torch_device.type == "cuda" else torch.device("cpu")
 
 
-def _exit_when_parent_dies(parent_pid: int) -> None:
-    """A driver killed while this worker waits inside a collective never closes the pipe the main
-    thread would notice; re-parenting (the pid changes) is the sign."""
+def exit_when_parent_dies(parent_pid: int) -> None:
+    """Exit this process once its parent is gone (a TP worker; the server's engine process). A parent
+    killed while this process waits (inside a collective, say) never closes the pipe the main thread
+    would notice; re-parenting (the pid changes) is the sign."""
 
     def watch() -> None:
         while os.getppid() == parent_pid:
@@ -81,7 +82,7 @@ def worker_main(
 ) -> None:
     """Entry point of a spawned worker process."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the driver's to handle; it shuts us down
-    _exit_when_parent_dies(parent_pid)
+    exit_when_parent_dies(parent_pid)
     group = None
     code = 0
     try:

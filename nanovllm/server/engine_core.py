@@ -123,10 +123,10 @@ def run_engine_core(
     come in on `commands`, pickled EngineMessages go out on `conn`. It is not a daemon (it may spawn
     tensor-parallel workers), so it exits when its parent is gone: EOF on `commands`, or, while it
     is busy in a step, a thread that watches the parent pid."""
-    from nanovllm.engine.tp_worker import _exit_when_parent_dies
+    from nanovllm.engine.tp_worker import exit_when_parent_dies
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the front end's; it stops us
-    _exit_when_parent_dies(parent_pid)
+    exit_when_parent_dies(parent_pid)
     logging.basicConfig(level=log_level, format="%(levelname)s %(name)s [engine core]: %(message)s")
     code = 0
     try:
