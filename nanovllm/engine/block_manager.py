@@ -17,12 +17,20 @@ import xxhash
 from nanovllm.engine.sequence import Sequence
 
 
+def hash_blocks(prev_hash: int | None, token_ids: list[int], block_size: int) -> list[int]:
+    """Chained hashes of the consecutive blocks of token_ids (a whole number of blocks): each block's
+    hash is xxh3 of its token ids seeded with the previous block's hash (0 before the first)."""
+    data = memoryview(array("q", token_ids).tobytes())  # one conversion for all the blocks
+    step = 8 * block_size
+    hashes = []
+    for offset in range(0, len(data), step):
+        prev_hash = xxhash.xxh3_64_intdigest(data[offset : offset + step], seed=prev_hash or 0)
+        hashes.append(prev_hash)
+    return hashes
+
+
 def hash_block(prev_hash: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
-    h = xxhash.xxh3_64()
-    if prev_hash is not None:
-        h.update(prev_hash.to_bytes(8, "little"))
-    h.update(array("q", token_ids).tobytes())
-    return h.intdigest()
+    return hash_blocks(prev_hash, list(token_ids), len(token_ids))[0]
 
 
 class Block:
@@ -160,10 +168,11 @@ class BlockManager:
     def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
         """Extend seq.block_hashes over the full blocks among its first num_tokens tokens (known
         ones only: a block holding a token still pending on the GPU is hashed once it is known)."""
-        bs = self.block_size
-        for i in range(len(seq.block_hashes), min(num_tokens, seq.num_known_tokens) // bs):
-            prev = seq.block_hashes[i - 1] if i else None
-            seq.block_hashes.append(hash_block(prev, seq.token_ids[i * bs : (i + 1) * bs]))
+        bs, hashes = self.block_size, seq.block_hashes
+        first, end = len(hashes), min(num_tokens, seq.num_known_tokens) // bs
+        if end > first:
+            prev = hashes[-1] if hashes else None
+            hashes.extend(hash_blocks(prev, seq.token_ids[first * bs : end * bs], bs))
 
     def _cache_full_blocks(self, seq: Sequence, num_tokens: int) -> None:
         """Register seq's blocks that are full once its first num_tokens tokens are computed.

@@ -91,9 +91,15 @@ class LLMEngine:
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list | tuple):
             token_ids = list(prompt)
-            for t in token_ids:
-                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
-                    raise ValueError(f"token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
+            # (the check in three C-level passes; the loop only finds the culprit for the message)
+            if token_ids and not (
+                set(map(type, token_ids)) <= {int}
+                and min(token_ids) >= 0
+                and max(token_ids) < self.vocab_size
+            ):
+                for t in token_ids:
+                    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                        raise ValueError(f"token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
         else:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not token_ids:

@@ -3,7 +3,8 @@
 Decode is memory-bound: each step reads every cached key and value once. One program per (sequence,
 kv head) leaves the GPU idle for small batches with long contexts, so each sequence's keys are also cut
 into `num_splits` ranges handled by separate programs; each writes a partial output plus its
-log-sum-exp, and a second small kernel combines them.
+log-sum-exp, and a second small kernel combines them. With one split (large batches: enough programs
+already) the split kernel writes the normalized output itself and the second kernel is skipped.
 
 The grid is (batch, num_kv_heads, num_splits) and never depends on the actual sequence lengths, which
 each program reads from `seq_lens` itself; so one launch can be captured in a CUDA graph and replayed
@@ -86,8 +87,9 @@ def _num_sms(device_index: int) -> int:
 
 
 if HAS_TRITON:
-
-    @triton.jit
+    # Per-step arguments (split count, block-table width) are not specialized on: a value that happens
+    # to be 1 or a multiple of 16 would otherwise compile a new variant mid-run (~1 s).
+    @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
     def _decode_split_kernel(
         q_ptr,
         k_cache_ptr,
@@ -96,6 +98,7 @@ if HAS_TRITON:
         block_tables_ptr,
         partial_out_ptr,  # [batch, num_heads, num_splits, HEAD_DIM] fp32
         partial_lse_ptr,  # [batch, num_heads, num_splits] fp32, log2 domain
+        out_ptr,  # [batch, num_heads, HEAD_DIM]: written directly when there is one split
         scale_log2,  # softmax scale * log2(e): scores live in the log2 domain so exp2 can be used
         num_splits,
         stride_qb,
@@ -104,6 +107,9 @@ if HAS_TRITON:
         stride_kt,
         stride_kh,
         stride_bt,
+        stride_ob,
+        stride_oh,
+        ONE_SPLIT: tl.constexpr,  # num_splits == 1: normalize and store the output, no reduce pass
         GROUP: tl.constexpr,  # query heads per kv head
         BLOCK_H: tl.constexpr,  # GROUP padded to >= 16 rows for tl.dot
         HEAD_DIM: tl.constexpr,
@@ -158,16 +164,21 @@ if HAS_TRITON:
         # A non-empty split has l_i >= 1 (its maximum contributes exp2(0)), so max(l_i, 1) changes
         # nothing there, and turns an empty split (m_i = -inf, l_i = 0) into out = 0, lse = -inf.
         l_safe = tl.maximum(l_i, 1.0)
-        lse = m_i + tl.log2(l_safe)  # [BLOCK_H]
-        partial_row = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # [BLOCK_H]
-        tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
-        tl.store(
-            partial_out_ptr + partial_row[:, None] * HEAD_DIM + offs_d[None, :],
-            acc / l_safe[:, None],
-            mask=row_valid[:, None],
-        )
+        if ONE_SPLIT:
+            out_offs = seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+            out = acc / l_safe[:, None]  # [BLOCK_H, HEAD_DIM]
+            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+        else:
+            lse = m_i + tl.log2(l_safe)  # [BLOCK_H]
+            partial_row = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # [BLOCK_H]
+            tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
+            tl.store(
+                partial_out_ptr + partial_row[:, None] * HEAD_DIM + offs_d[None, :],
+                acc / l_safe[:, None],
+                mask=row_valid[:, None],
+            )
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_splits"])
     def _decode_reduce_kernel(
         partial_out_ptr,  # [batch, num_heads, num_splits, HEAD_DIM] fp32
         partial_lse_ptr,  # [batch, num_heads, num_splits] fp32, log2 domain
@@ -235,8 +246,10 @@ def decode_attention(
         return out
 
     group = num_heads // num_kv_heads
-    partial_out = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    one_split = num_splits == 1  # (large batches) the split kernel writes `out` itself
+    partial_shape = (batch, num_heads, num_splits) if not one_split else (0,)
+    partial_out = torch.empty(*partial_shape, head_dim, dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,
@@ -245,6 +258,7 @@ def decode_attention(
         block_tables,
         partial_out,
         partial_lse,
+        out,
         scale * math.log2(math.e),
         num_splits,
         q.stride(0),
@@ -253,6 +267,9 @@ def decode_attention(
         k_cache.stride(1),
         k_cache.stride(2),
         block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        ONE_SPLIT=one_split,
         GROUP=group,
         BLOCK_H=max(DECODE_MIN_ROWS, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
@@ -262,6 +279,8 @@ def decode_attention(
         num_warps=DECODE_NUM_WARPS,
         num_stages=DECODE_NUM_STAGES,
     )
+    if one_split:
+        return out
     _decode_reduce_kernel[(batch, num_heads)](
         partial_out,
         partial_lse,

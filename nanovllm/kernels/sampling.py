@@ -83,7 +83,9 @@ def _gumbel_noise(seeds, counters, lanes, FAST_LOG: tl.constexpr):
     return -_log2_approx(-tl.log2(u), FAST_LOG)
 
 
-@triton.jit
+# Arguments that change with the batch are not specialized on (Triton would compile a variant when one
+# happens to be 1 or a multiple of 16: a ~1 s stall in the middle of serving).
+@triton.jit(do_not_specialize=["num_rows", "cols_per_split", "num_splits"])
 def _gumbel_argmax_split_kernel(
     logits_ptr,  # [num_rows, vocab_size], unit column stride
     row_stride,
@@ -162,13 +164,13 @@ def _gumbel_argmax_split_kernel(
     tl.store(partial_idx_ptr + out, row_col.to(tl.int64), mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _gumbel_argmax_reduce_kernel(
     partial_max_ptr,  # [num_rows, num_splits] fp32
     partial_idx_ptr,  # [num_rows, num_splits] int64
     out_ptr,  # [num_rows] int64
     num_splits,
-    SPLITS_P2: tl.constexpr,  # num_splits rounded up to a power of two
+    SPLITS_P2: tl.constexpr,  # >= num_splits, a power of two fixed by the vocabulary (one compile)
 ):
     # Grid: (num_rows,). Splits are in column order, so the first split with the best score holds
     # the first column with it.
@@ -287,7 +289,7 @@ def gumbel_argmax_triton(
         return partial_idx.view(num_rows)
     out = torch.empty(num_rows, dtype=torch.int64, device=logits.device)
     _gumbel_argmax_reduce_kernel[(num_rows,)](
-        partial_max, partial_idx, out, num_splits, SPLITS_P2=triton.next_power_of_2(num_splits)
+        partial_max, partial_idx, out, num_splits, SPLITS_P2=triton.next_power_of_2(num_tiles)
     )
     return out
 

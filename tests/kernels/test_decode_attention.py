@@ -87,7 +87,8 @@ def test_decode_ignores_garbage_past_the_context(make_paged_inputs, tol):
     torch.testing.assert_close(out, ref, **tol(torch.float32))
 
 
-def test_decode_zero_length_padding_rows_give_zeros(make_paged_inputs, tol):
+@pytest.mark.parametrize("num_splits", [1, 2])  # 1: the split kernel writes the output itself
+def test_decode_zero_length_padding_rows_give_zeros(make_paged_inputs, tol, num_splits):
     # CUDA-graph padding: extra batch rows with seq_len 0 must not read anything or disturb real rows.
     inputs = make_paged_inputs(
         [(1, 40), (1, 70)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
@@ -97,14 +98,16 @@ def test_decode_zero_length_padding_rows_give_zeros(make_paged_inputs, tol):
     padded_q = torch.cat([inputs.q, torch.randn(2, 2, 16)])
     padded_lens = torch.cat([inputs.seq_lens, torch.zeros(2, dtype=torch.int32)])
     padded_tables = torch.cat([inputs.block_tables, torch.full_like(inputs.block_tables, -1)])
+    cache = (inputs.k_cache, inputs.v_cache)
     out = decode_attention(
-        padded_q, inputs.k_cache, inputs.v_cache, padded_lens, padded_tables, inputs.scale, 70, num_splits=2
+        padded_q, *cache, padded_lens, padded_tables, inputs.scale, 70, num_splits=num_splits
     )
     torch.testing.assert_close(out[:2], ref, **tol(torch.float32))
     assert torch.equal(out[2:], torch.zeros_like(out[2:]))
 
 
-def test_decode_same_launch_for_other_lengths(make_paged_inputs, tol):
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_decode_same_launch_for_other_lengths(make_paged_inputs, tol, num_splits):
     # What a CUDA graph replay does: same tensors and num_splits, new seq_lens/block tables in place.
     inputs = make_paged_inputs(
         [(1, 150), (1, 90)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
@@ -113,7 +116,7 @@ def test_decode_same_launch_for_other_lengths(make_paged_inputs, tol):
     for seq_lens in ([150, 90], [3, 17], [129, 1]):
         inputs.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
         args = inputs.decode_args
-        decode_attention(*args, max_seq_len=256, num_splits=4, out=out)
+        decode_attention(*args, max_seq_len=256, num_splits=num_splits, out=out)
         torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.float32))
 
 
@@ -129,13 +132,14 @@ def test_decode_kernel_matches_prefill_kernel_on_decode_batch(make_paged_inputs,
     torch.testing.assert_close(out, prefill_out, **tol(torch.float32))
 
 
-def test_decode_reads_strided_q(make_paged_inputs, tol):
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_decode_reads_strided_q(make_paged_inputs, tol, num_splits):
     inputs = make_paged_inputs(
         DECODE_SPECS, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32
     )
     q_view = torch.cat([inputs.q, torch.randn_like(inputs.q)], dim=1)[:, ::2]  # [batch, 4, 16], strided
     _, *rest = inputs.decode_args
-    out = decode_attention(q_view, *rest, max_seq_len=inputs.max_seq_len, num_splits=2)
+    out = decode_attention(q_view, *rest, max_seq_len=inputs.max_seq_len, num_splits=num_splits)
     torch.testing.assert_close(out, decode_attention_ref(q_view, *rest), **tol(torch.float32))
 
 

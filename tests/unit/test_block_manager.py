@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nanovllm.engine import block_manager as bm_module
-from nanovllm.engine.block_manager import BlockManager, hash_block
+from nanovllm.engine.block_manager import BlockManager, hash_block, hash_blocks
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
 
@@ -131,6 +131,14 @@ def test_hash_is_chained_on_the_previous_block():
     assert hash_block(None, block) != hash_block(hash_block(None, [1, 2, 3, 4]), block)
     assert hash_block(1, block) != hash_block(2, block)
     assert hash_block(None, block) != hash_block(None, [5, 6, 7, 9])
+    # All blocks of a prompt at once (what the block manager does) = one block at a time.
+    tokens = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]
+    first = hash_block(None, tokens[:4])
+    assert hash_blocks(None, tokens, 4) == [
+        first,
+        hash_block(first, tokens[4:8]),
+        hash_block(hash_block(first, tokens[4:8]), tokens[8:]),
+    ]
 
 
 def test_same_block_after_a_different_prefix_is_a_miss():
@@ -152,7 +160,8 @@ def test_block_hashes_cover_only_full_blocks():
 
 
 def test_token_ids_are_rechecked_on_a_hash_collision(monkeypatch):
-    monkeypatch.setattr(bm_module, "hash_block", lambda prev, tokens: 42)  # every block collides
+    # every block collides
+    monkeypatch.setattr(bm_module, "hash_blocks", lambda prev, tokens, bs: [42] * (len(tokens) // bs))
     bm = BlockManager(8, BS)
     a = seq_of([1, 2, 3, 4, 9])
     admit(bm, a)
