@@ -40,7 +40,7 @@ class Config:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
-    async_scheduling: bool = True  # schedule step n+1 while the device runs step n (one device)
+    async_scheduling: bool = True  # schedule step n+1 while the device(s) run step n
     tensor_parallel_size: int = 1
     seed: int = 0
     kernel_backend: str = "auto"  # auto | triton | torch (torch: the reference ops everywhere)

@@ -66,7 +66,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
         # Overlapped scheduling needs the runner to feed pending tokens from the device (one rank).
-        self.overlap = config.async_scheduling and config.tensor_parallel_size == 1
+        self.overlap = config.async_scheduling
         self._inflight: _Step | None = None  # the launched step not yet read back
         self._outputs: list[RequestOutput] = []  # read back, not yet returned by step()
         self.dropped_request_ids: list[str] = []  # requests the last step() failed (it raised)
@@ -200,7 +200,7 @@ class LLMEngine:
 
     def _can_overlap(self) -> bool:
         """Penalties read every generated token on the host, so with them the engine waits for each
-        step (as it does when overlap is off, or under tensor parallelism)."""
+        step (as it does when overlap is off)."""
         return self.overlap and not any(seq.params.has_penalties for seq in self.scheduler.running)
 
     def _take_outputs(self) -> list[RequestOutput]:

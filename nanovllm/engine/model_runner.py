@@ -7,6 +7,7 @@ worker receives too); `execute` runs the forward and returns the sampled tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, Sampl
 from nanovllm.models import get_model_class
 from nanovllm.models.decoder import head_dim_of, num_kv_heads_of
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.distributed import get_tp_rank, get_tp_size
+from nanovllm.utils.distributed import get_tp_group
 from nanovllm.utils.loader import iter_checkpoint, iter_random_weights, load_weights
 
 logger = logging.getLogger("nanovllm")
@@ -88,7 +89,8 @@ class ModelRunner:
         self.config = config
         self.device = device or config.torch_device
         self.block_size = config.block_size
-        self.rank, self.tp_size = get_tp_rank(), get_tp_size()
+        self.tp_group = get_tp_group()
+        self.rank, self.tp_size = self.tp_group.rank, self.tp_group.size
         hf = config.hf_config
         torch.manual_seed(config.seed)
         model_cls = get_model_class(hf)
@@ -343,12 +345,10 @@ class ModelRunner:
         out = self.execute(inp, self.sampling_requests(batch))
         if self._host_events:
             self._host_events[self._host_turn].record()  # the copies from this input set are queued
-        self._num_prev_tokens = 0
+        self.keep_sampled(out.token_ids if out is not None else None, inp.logits_indices.numel())
         if out is None:
             return LaunchedStep(None, None, None)
         num_sampled = out.token_ids.numel()
-        self._prev_tokens[:num_sampled].copy_(out.token_ids)  # what the next step's pending rows read
-        self._num_prev_tokens = num_sampled
         if self.device.type != "cuda":
             return LaunchedStep(out.token_ids, None, out)
         self._out_turn ^= 1  # two in turn: the engine waits for a step before the next-but-one launch
@@ -360,6 +360,34 @@ class ModelRunner:
         event = self._out_events[self._out_turn]
         event.record()
         return LaunchedStep(host, event, out)
+
+    def keep_sampled(self, token_ids: torch.Tensor | None, num_sampled: int) -> None:
+        """Keep a step's sampled ids on the device: the next step's pending input rows read them
+        (`_input_ids`). Under tensor parallelism only rank 0 samples (token_ids: None elsewhere); it
+        broadcasts them, queued behind the sampler with no host sync, so every rank feeds the same
+        inputs to the next step."""
+        self._num_prev_tokens = num_sampled
+        if num_sampled:
+            prev = self._prev_tokens[:num_sampled]  # [num_sampled]
+            if token_ids is not None:
+                prev.copy_(token_ids)
+            self.tp_group.broadcast(prev, src=0)
+
+    def mirror(self, inp: ModelInput) -> None:
+        """A tensor-parallel worker's step: rank 0's inputs, staged in this rank's pinned buffers (a
+        copy from pageable memory would make the host wait for the device), the same forward, and
+        rank 0's sampled ids kept for the next step."""
+        if self._host_events:
+            _, t = self._host_buffers()
+            staged = {}
+            for name, value in vars(inp).items():
+                if isinstance(value, torch.Tensor):
+                    staged[name] = t[name][: value.numel()].view(value.shape).copy_(value)
+            inp = dataclasses.replace(inp, **staged)
+        self.execute(inp, [])  # no sampling requests: rank 0 samples
+        if self._host_events:
+            self._host_events[self._host_turn].record()
+        self.keep_sampled(None, inp.logits_indices.numel())
 
     def run(self, batch: ScheduledBatch) -> tuple[list[int | None], SamplerOutput | None]:
         """Forward + sample, waiting for the result. Returns one entry per scheduled sequence: the

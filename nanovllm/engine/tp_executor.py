@@ -28,6 +28,7 @@ import signal
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 
 import torch
@@ -147,6 +148,25 @@ class _Rank0Runner(ModelRunner):
         return super().execute(inp, requests)
 
 
+@dataclass
+class _CheckedStep(LaunchedStep):
+    """Rank 0's launched step; reading it back also checks that no worker died while it ran (the
+    watcher aborts the group then, and the collectives return garbage)."""
+
+    executor: TensorParallelExecutor | None = None
+
+    def wait(self) -> tuple[list[int], SamplerOutput | None]:
+        workers = self.executor.workers
+        try:
+            result = super().wait()
+            if workers.aborted or workers.failure:
+                raise RuntimeError(workers.failure or "the group was aborted during the step")
+            return result
+        except BaseException as e:
+            self.executor._fail_group(e)
+            raise  # (unreachable: _fail_group raises)
+
+
 class TensorParallelExecutor:
     """Runs a model over `config.tensor_parallel_size` ranks; to the engine it looks like a
     ModelRunner (`launch`, `num_kvcache_blocks`) with a `shutdown`."""
@@ -213,29 +233,32 @@ class TensorParallelExecutor:
     # ---- one step ---------------------------------------------------------------------------
 
     def launch(self, batch: ScheduledBatch) -> LaunchedStep:
-        """Run the step on every rank and wait for it (the engine does not overlap steps under
-        tensor parallelism: workers have no copy of the sampled ids to feed the next step)."""
+        """Send the step to the workers and queue it on rank 0 without waiting (overlapped scheduling:
+        every rank keeps the sampled ids rank 0 broadcasts, for the next step's pending inputs). A
+        worker that died is noticed here, before the step goes out, or when the step is read back."""
         self._check_alive()
         self.workers.step_sent = False
         try:
-            tokens, out = self.driver.launch(batch).wait()
-            if self.workers.aborted:  # a worker died mid-step: the collectives returned garbage
-                raise RuntimeError("the group was aborted during the step")
-            return LaunchedStep(torch.tensor(tokens, dtype=torch.int64), None, out)
+            launched = self.driver.launch(batch)
         except BaseException as e:
             if not self.workers.step_sent:  # failed before any worker saw the step: nothing is out of step
                 raise
-            # The ranks may now wait at different collectives: the group cannot be trusted again, and
-            # a worker waiting inside one never reads a polite "shutdown": stop the workers at once.
-            interrupted = not isinstance(e, Exception)  # Ctrl-C: no worker death to wait for
-            dead = None if interrupted else self._wait_for_death(timeout_s=2.0)
-            reason = dead or f"rank 0 failed during a step: {e!r}"
-            self.workers.failure = reason
-            self.workers.shutdown(timeout_s=0.0)
-            self.shutdown()
-            if interrupted:  # KeyboardInterrupt: let it through as it is
-                raise
-            raise RuntimeError(f"{reason}\n{UNUSABLE}") from e
+            self._fail_group(e)
+        return _CheckedStep(launched.token_ids, launched.event, launched.output, self)
+
+    def _fail_group(self, e: BaseException) -> None:
+        """A step the workers were sent failed. The ranks may now wait at different collectives: the
+        group cannot be trusted again, and a worker waiting inside one never reads a polite
+        "shutdown": stop the workers at once, and raise."""
+        interrupted = not isinstance(e, Exception)  # Ctrl-C: no worker death to wait for
+        dead = None if interrupted or self.workers.failure else self._wait_for_death(timeout_s=2.0)
+        reason = self.workers.failure or dead or f"rank 0 failed during a step: {e!r}"
+        self.workers.failure = reason
+        self.workers.shutdown(timeout_s=0.0)
+        self.shutdown()
+        if interrupted:  # KeyboardInterrupt: let it through as it is
+            raise e
+        raise RuntimeError(f"{reason}\n{UNUSABLE}") from e
 
     # ---- health -----------------------------------------------------------------------------
 

@@ -101,7 +101,7 @@ def worker_main(
         while True:
             kind, inp = decode_message(conn.recv_bytes())
             if kind == "step":
-                runner.execute(inp, [])  # no sampling requests: rank 0 samples
+                runner.mirror(inp)
             elif kind == "shutdown":
                 break
             else:

@@ -1,4 +1,4 @@
-"""Tensor-parallel groups: a rank, a size and the two collectives the parallel layers use.
+"""Tensor-parallel groups: a rank, a size and the collectives the parallel layers and the runner use.
 
 Every engine owns its own group, built straight from a c10d backend (gloo on CPU, NCCL on CUDA)
 over its own rendezvous store: there is no process-wide default process group, so two engines in
@@ -36,6 +36,15 @@ class TensorParallelGroup:
         """Sum x over the ranks, in place; returns x."""
         if self.size > 1:
             self.backend.allreduce([x]).wait()
+        return x
+
+    def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank src's x into every rank's x, in place; returns x. (NCCL: queued on the current stream,
+        the host does not wait.)"""
+        if self.size > 1:
+            opts = dist.BroadcastOptions()
+            opts.rootRank = src
+            self.backend.broadcast([x], opts).wait()
         return x
 
     def gather(self, x: torch.Tensor, dst: int = 0) -> list[torch.Tensor] | None:
