@@ -1,5 +1,6 @@
 """Where a step's GPU time goes, by kernel kind: a 16 x 1024-token prefill step, batch-1 decode at 1k
-context and batch-256 decode at 512 context, each under torch.profiler. Per scenario: wall ms per step,
+context and batch-256 decode at 512 context (--decode-batch / --decode-context), each under torch.profiler
+(with --tensor-parallel-size, rank 0's kernels, NCCL included). Per scenario: wall ms per step,
 GPU-busy ms per step (union of kernel intervals), and kernel ms per step grouped into kinds (GEMM,
 attention, norm, rope/store, activation, sampling, copies, other) with the top kernels by name.
 
@@ -27,6 +28,7 @@ from nanovllm import LLM, SamplingParams
 
 # (kind, regex on the kernel name), first match wins
 KINDS = [
+    ("communication", r"nccl|AllReduce|Broadcast|allreduce"),
     ("attention", r"decode_split|decode_reduce|paged_attention|_attn|flash"),
     ("qk-norm/rope/kv-store", r"qk_norm|rope|store_kv|kvcache"),
     ("norm", r"rmsnorm|rms_norm|layer_norm"),
@@ -132,6 +134,9 @@ def main() -> None:
     p.add_argument("--model", default="qwen3-0.6b")
     p.add_argument("--scenarios", default="prefill,decode1,decode256")
     p.add_argument("--max-model-len", type=int, default=4096)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--decode-batch", type=int, default=256, help="batch of the decodeN scenario (N = this)")
+    p.add_argument("--decode-context", type=int, default=512)
     p.add_argument("--save-traces", action="store_true", help="keep the chrome traces in --out")
     p.add_argument("--host-profile", action="store_true", help="cProfile of the decode steps' host code")
     p.add_argument("--out", default="out")
@@ -140,7 +145,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     traces = out if args.save_traces else Path(tempfile.mkdtemp(prefix="traces-"))
     rng = random.Random(0)
-    llm = LLM(args.model, max_model_len=args.max_model_len)
+    llm = LLM(args.model, max_model_len=args.max_model_len, tensor_parallel_size=args.tensor_parallel_size)
     engine = llm.engine
     report = {
         "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -164,7 +169,7 @@ def main() -> None:
             prof.export_chrome_trace(str(path))
             report["scenarios"][name] = summarize(path, 1, wall_ms)
         else:
-            batch, context = {"decode1": (1, 1024), "decode256": (256, 512)}[name]
+            batch, context = (1, 1024) if name == "decode1" else (args.decode_batch, args.decode_context)
             add(engine, rng, batch, context, 1000)
             prefill_to_decode(engine)
             report["scenarios"][name] = profiled(engine, 20 if batch == 1 else 8, traces, name)

@@ -3,8 +3,8 @@
 In a decode step every linear layer multiplies a skinny x [M, K] (M = batch, 1..256) by a weight
 W [N, K] that is read once from HBM, so the floor is the weight read: 2 * N * K bytes at ~3 TB/s, 1.4-4 us
 for Qwen3-0.6B's layers. cuBLAS takes 6-9 us on these: the kernels are so short that launch, ramp-up and
-tail dominate, and a plain [BLOCK_M, BLOCK_N] tiling of a 1024-wide output gives 16-32 programs, which
-leaves most of the 132 SMs idle and the few busy ones unable to keep enough bytes in flight.
+tail dominate, and a plain [BLOCK_M, BLOCK_N] tiling of a 1024-wide output has only 8-32 tiles, which
+leave most of the 132 SMs idle and the few busy ones unable to keep enough bytes in flight.
 
 So the K dimension is cut too: the grid is (M tiles, N tiles, SPLIT_K), every program streams its
 [BLOCK_N, K / SPLIT_K] slice of W once and multiplies it with the matching [BLOCK_M, K / SPLIT_K] slice of
@@ -63,9 +63,13 @@ class GemmConfig(NamedTuple):
 
 # The heuristic's constants, chosen by reasoning for an H100 (132 SMs, 3.35 TB/s, 228 KB shared memory per
 # SM), not yet by measurement: benchmarks/gemm_decode.py sweeps the alternatives; change them here.
+# Compiled offline for sm_90 (triton 3.6, bf16): the M <= 16 default, 16 x 32 x 128 with 4 warps and 4
+# stages, uses mma.sync, 40 registers and 36 KB of shared memory (that path keeps num_stages - 1 buffers),
+# and fills them with 16-byte cp.async; BLOCK_M 64 uses wgmma (num_stages buffers: 96 KB at 64 x 64 x 128
+# and 3 stages, 96 registers). No spills anywhere.
 #
 # Programs per SM to aim for. One program keeps (num_stages - 1) W tiles of BLOCK_N x BLOCK_K in flight
-# (16 KB each at 64 x 128 bf16); HBM needs ~3 TB/s x ~1 us / 132 SMs = ~25 KB in flight per SM, so 2-4
+# (8 KB each at 32 x 128 bf16); HBM needs ~3 TB/s x ~1 us / 132 SMs = ~25 KB in flight per SM, so 2-4
 # programs per SM hide the latency with room to spare, and more only adds per-program overhead.
 GEMM_PROGRAMS_PER_SM = 3
 # No split gets less K than this: below ~2 tiles of BLOCK_K a program is all prologue and epilogue.
@@ -79,8 +83,8 @@ GEMM_BLOCK_K = 128  # 256 B of each W row per load: whole 128-byte lines, 16-byt
 GEMM_BLOCK_N = 64
 GEMM_SMALL_BLOCK_N = 32  # when 64-wide tiles leave SMs without a tile (N = 1024: 16 tiles at M <= 16)
 GEMM_NUM_WARPS = 4
-# 4 stages of (16 + 64) x 128 bf16 = 80 KB shared memory: 2 programs per SM; at BLOCK_M 64 the x tile is as
-# big as the W tile, so 3 stages (96 KB at BLOCK_N 64) keep 2 programs per SM.
+# Shared memory stays small enough for 3+ programs per SM at M <= 32 (36-48 KB) and 2 at BLOCK_M 64, where
+# the x tile is as big as the W tile and wgmma keeps one more buffer (72-96 KB at 3 stages).
 GEMM_NUM_STAGES = 4
 GEMM_NUM_STAGES_LARGE_M = 3
 GEMM_MIN_BLOCK_M = 16  # tl.dot needs >= 16 rows
@@ -94,6 +98,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _next_power_of_2(n: int) -> int:
+    # triton.next_power_of_2 without needing triton (gemm_config is also called where it is absent).
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 def k_per_split(K: int, block_k: int, split_k: int) -> int:
     """Width of each split's K range: K / split_k rounded up to whole BLOCK_K tiles (at least one)."""
     return max(1, _cdiv(_cdiv(K, split_k), block_k)) * block_k
@@ -105,8 +114,8 @@ def effective_split_k(K: int, block_k: int, split_k: int) -> int:
     return max(1, _cdiv(K, k_per_split(K, block_k, split_k)))
 
 
-# Shared-memory bytes a launch shape needs per program, roughly: num_stages buffers of the x and W tiles.
-# Used by the benchmark to skip shapes that cannot fit (an H100 gives a program at most 227 KB).
+# Shared-memory bytes of a launch shape, an upper estimate: num_stages buffers of the x and W tiles (Triton's
+# wgmma path keeps that many, its mma.sync path one fewer). The benchmark skips shapes over the limit.
 def smem_bytes(config: GemmConfig, element_size: int) -> int:
     tile_bytes = (config.block_m + config.block_n) * config.block_k * element_size
     return config.num_stages * tile_bytes
@@ -134,11 +143,6 @@ def gemm_config(M: int, N: int, K: int, num_sms: int) -> GemmConfig:
     split_k = effective_split_k(K, GEMM_BLOCK_K, split_k)
     num_stages = GEMM_NUM_STAGES if block_m <= 32 else GEMM_NUM_STAGES_LARGE_M
     return GemmConfig(block_m, block_n, GEMM_BLOCK_K, split_k, GEMM_NUM_WARPS, num_stages)
-
-
-def _next_power_of_2(n: int) -> int:
-    # triton.next_power_of_2 without needing triton (gemm_config is also called where it is absent).
-    return 1 << (max(n, 1) - 1).bit_length()
 
 
 @functools.lru_cache
@@ -210,7 +214,9 @@ if HAS_TRITON:
             partial_rows = split.to(tl.int64) * M + offs_m  # [BLOCK_M]
             tl.store(partial_ptr + partial_rows[:, None] * N + offs_n[None, :], acc, mask=store_mask)
 
-    @triton.jit(do_not_specialize=["num_outputs"])
+    # num_outputs = M * N is specialized on: it is a multiple of 16 for every M when N is (no new variant
+    # per batch size), and knowing that lets each split's row start be read with 16-byte loads.
+    @triton.jit
     def _split_k_reduce_kernel(
         partial_ptr,  # [SPLIT_K, M, N] fp32 contiguous
         bias_ptr,  # [N]; unread without HAS_BIAS
@@ -225,8 +231,10 @@ if HAS_TRITON:
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat (m, n)
         mask = offs < num_outputs
         acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for s in tl.static_range(SPLIT_K):
-            acc += tl.load(partial_ptr + s * num_outputs + offs, mask=mask, other=0.0)
+        partial_ptrs = partial_ptr + offs  # split 0; each next split is num_outputs further on
+        for _ in tl.static_range(SPLIT_K):
+            acc += tl.load(partial_ptrs, mask=mask, other=0.0)
+            partial_ptrs += num_outputs
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
