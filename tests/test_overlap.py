@@ -157,7 +157,7 @@ def test_a_step_that_fails_when_read_back(engines, monkeypatch):
     """Reading step n back raises (a GPU fault surfaces there) while step n+1 is in flight: the requests
     of both steps fail and are listed in dropped_request_ids, nothing keeps a pending token, the cache
     is clean, and the engine then serves new requests exactly as before."""
-    from nanovllm.engine.model_runner import LaunchedStep
+    from nanovllm.engine.step_input import LaunchedStep
 
     sync, overlap = engines
     prompts = mixed_prompts([30, 50, 12, 70], seed=11)

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
-from nanovllm.engine.model_runner import LaunchedStep, ModelRunner
+from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import FinishReason, Sequence
+from nanovllm.engine.step_input import LaunchedStep
 from nanovllm.layers.sampler import SamplerOutput
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams
@@ -181,8 +182,11 @@ class LLMEngine:
             launched = self.runner.launch(batch)
         except BaseException:  # KeyboardInterrupt too: the cache must not keep unwritten blocks
             self._fail(batch, starts)
-            if self._inflight is not None:  # the step before is fine: read it back (outputs wait)
-                self._complete_inflight()
+            if self._inflight is not None:  # the step before may be fine: read it back (outputs wait)
+                try:
+                    self._complete_inflight()
+                except Exception:  # it failed too (its requests are failed); report the first error
+                    pass
             raise
         step = _Step(batch, starts, self.scheduler.advance(batch), launched)
         previous, self._inflight = self._inflight, step

@@ -1,26 +1,26 @@
 """Turns a scheduled batch into tensors, runs the model, samples.
 
 Owns the model, the KV cache and the CUDA graphs of one rank. The scheduler's `ScheduledBatch`
-comes in; `prepare` flattens it into a `ModelInput` record of host tensors (what a tensor-parallel
-worker receives too); `execute` runs the forward and returns the sampled tokens.
+comes in; `prepare` flattens it into a `ModelInput` record of host tensors (engine/step_input.py;
+what a tensor-parallel worker receives too); `execute` runs the forward and returns the sampled
+tokens; `launch` queues both and returns a `LaunchedStep` without waiting.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
 from nanovllm.kernels.backend import kernel_backend
 from nanovllm.kernels.decode_attention import default_num_splits
 from nanovllm.layers.attention import Attention, AttentionMetadata
-from nanovllm.layers.sampler import Sampler, SamplerOutput, SamplingBatch, SamplingRequest, SamplingStaging
+from nanovllm.layers.sampler import Sampler, SamplerOutput
+from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest, SamplingStaging
 from nanovllm.models import get_model_class
 from nanovllm.models.decoder import head_dim_of, num_kv_heads_of
 from nanovllm.sampling_params import SamplingParams
@@ -30,48 +30,6 @@ from nanovllm.utils.loader import iter_checkpoint, iter_random_weights, load_wei
 logger = logging.getLogger("nanovllm")
 
 CPU_KV_CACHE_MAX_BYTES = 4 << 30  # the CPU path sizes its cache from this, not from free memory
-
-
-@dataclass
-class ModelInput:
-    """One step's forward inputs as host tensors."""
-
-    input_ids: torch.Tensor  # [num_tokens] int64
-    positions: torch.Tensor  # [num_tokens] int64
-    slot_mapping: torch.Tensor  # [num_tokens] int64
-    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
-    seq_lens: torch.Tensor  # [num_seqs] int32
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
-    logits_indices: torch.Tensor  # [num_sampled] int64: rows of the hidden states to sample from
-    max_query_len: int
-    max_seq_len: int
-    # Input tokens sampled by the previous step and not yet read back (overlapped scheduling): the
-    # forward takes input_ids[pending_rows] from that step's sampled ids [pending_src], on the device.
-    pending_rows: torch.Tensor | None = None  # [num_pending] int64
-    pending_src: torch.Tensor | None = None  # [num_pending] int64
-
-    @property
-    def is_decode(self) -> bool:
-        return self.max_query_len == 1
-
-    @property
-    def num_seqs(self) -> int:
-        return self.seq_lens.numel()
-
-
-@dataclass
-class LaunchedStep:
-    """A step queued on the device. `wait()` returns its sampled ids (in sampler-row order) and the
-    sampler output (logprobs on the host)."""
-
-    token_ids: torch.Tensor | None  # [num_sampled] int64 on the host (pinned: filled behind the step)
-    event: torch.cuda.Event | None  # recorded after the copies back; None: already complete (CPU)
-    output: SamplerOutput | None
-
-    def wait(self) -> tuple[list[int], SamplerOutput | None]:
-        if self.event is not None:
-            self.event.synchronize()  # the one device->host sync of a step
-        return (self.token_ids.tolist() if self.token_ids is not None else []), self.output
 
 
 @contextmanager
@@ -109,8 +67,7 @@ class ModelRunner:
         self.num_kv_heads = max(1, num_kv_heads_of(hf) // self.tp_size)
         self.head_dim = head_dim_of(hf)
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        self._host: list[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]] = []  # _host_buffers
-        self._host_turn = 0
+        self.inputs = HostInputs(config, self.device, self.max_blocks_per_seq)
         # Sampled ids: the last launched step's on the device (the next step's pending inputs), and
         # two pinned host buffers they are copied back into, in turn (see launch).
         max_seqs = config.max_num_seqs
@@ -121,7 +78,6 @@ class ModelRunner:
             [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)] if pin else []
         )
         self._out_events = [torch.cuda.Event(), torch.cuda.Event()] if pin else []
-        self._host_events = [torch.cuda.Event(), torch.cuda.Event()] if pin else []  # see _host_buffers
         self._out_turn = 0
         self._memory_note = ""  # how the KV budget was found, for the error message
         cuda = self.device.type == "cuda"
@@ -242,93 +198,8 @@ class ModelRunner:
 
     # ---- one step ---------------------------------------------------------------------------
 
-    def _host_buffers(self) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
-        """Step inputs are written into host arrays (pinned on CUDA, so the copies to the device are
-        asynchronous) instead of allocating tensors every step. Two sets, used in turn; before a set
-        is written again, the step that last read it must be done with it (its event): a step that
-        samples has been waited for by then anyway, a prefill chunk that samples nothing may not."""
-        if not self._host:
-            cfg, pin = self.config, self.device.type == "cuda"
-            max_tokens, max_seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
-            shapes = {
-                "input_ids": (max_tokens, torch.int64),
-                "positions": (max_tokens, torch.int64),
-                "slot_mapping": (max_tokens, torch.int64),
-                "cu_seqlens_q": (max_seqs + 1, torch.int32),
-                "seq_lens": (max_seqs, torch.int32),
-                # [num_seqs, width] rows packed at the front, width = the step's longest block table
-                "block_tables": (max_seqs * self.max_blocks_per_seq, torch.int32),
-                "logits_indices": (max_seqs, torch.int64),
-                "pending_rows": (max_seqs, torch.int64),
-                "pending_src": (max_seqs, torch.int64),
-            }
-            for _ in range(2):
-                tensors = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in shapes.items()}
-                self._host.append(({k: t.numpy() for k, t in tensors.items()}, tensors))
-        self._host_turn ^= 1
-        if self._host_events:
-            self._host_events[self._host_turn].synchronize()  # (returns at once if never recorded)
-        return self._host[self._host_turn]
-
     def prepare(self, batch: ScheduledBatch) -> ModelInput:
-        bs = self.block_size
-        h, t = self._host_buffers()
-        seqs, num_new = batch.seqs, batch.num_new_tokens
-        num_seqs, num_tokens = len(seqs), batch.num_tokens
-        width = max(len(s.block_table) for s in seqs)
-        tables = h["block_tables"][: num_seqs * width].reshape(num_seqs, width)
-        for i, seq in enumerate(seqs):
-            tables[i, : len(seq.block_table)] = seq.block_table
-        # A sequence with a pending token computes just that token (its last): fed from the device.
-        pending = [(i, seq.pending_row) for i, seq in enumerate(seqs) if seq.num_pending_tokens]
-        if num_tokens == num_seqs:  # decode: one token per sequence, its last one
-            positions = [seq.num_computed_tokens for seq in seqs]
-            h["input_ids"][:num_tokens] = [seq.token_ids[p] for seq, p in zip(seqs, positions)]
-            h["positions"][:num_tokens] = positions
-            h["slot_mapping"][:num_tokens] = [
-                s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)
-            ]
-            h["cu_seqlens_q"][: num_seqs + 1] = np.arange(num_seqs + 1)
-            seq_lens = h["seq_lens"][:num_seqs]
-            seq_lens[:] = positions
-            seq_lens += 1
-        else:
-            ids: list[int] = []
-            cu = 0
-            for i, (seq, n) in enumerate(zip(seqs, num_new)):
-                start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-                ids.extend(seq.token_ids[start:end])
-                pos = np.arange(start, end)
-                h["positions"][cu : cu + n] = pos
-                h["slot_mapping"][cu : cu + n] = tables[i][pos // bs].astype(np.int64) * bs + pos % bs
-                cu += n
-                h["cu_seqlens_q"][i + 1] = cu
-                h["seq_lens"][i] = end
-            h["cu_seqlens_q"][0] = 0
-            h["input_ids"][:num_tokens] = ids
-        cu_seqlens = h["cu_seqlens_q"][: num_seqs + 1]
-        sample_rows = [i for i, samples in enumerate(batch.samples) if samples]
-        h["logits_indices"][: len(sample_rows)] = cu_seqlens[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
-        pending_rows = pending_src = None
-        if pending:
-            rows, src = zip(*pending)
-            k = len(pending)
-            h["pending_rows"][:k] = cu_seqlens[np.asarray(rows, dtype=np.int64) + 1] - 1  # token rows
-            h["pending_src"][:k] = src
-            pending_rows, pending_src = t["pending_rows"][:k], t["pending_src"][:k]
-        return ModelInput(
-            input_ids=t["input_ids"][:num_tokens],
-            positions=t["positions"][:num_tokens],
-            slot_mapping=t["slot_mapping"][:num_tokens],
-            cu_seqlens_q=t["cu_seqlens_q"][: num_seqs + 1],
-            seq_lens=t["seq_lens"][:num_seqs],
-            block_tables=t["block_tables"][: num_seqs * width].view(num_seqs, width),
-            logits_indices=t["logits_indices"][: len(sample_rows)],
-            max_query_len=max(num_new),
-            max_seq_len=int(h["seq_lens"][:num_seqs].max()),
-            pending_rows=pending_rows,
-            pending_src=pending_src,
-        )
+        return self.inputs.build(batch)
 
     def sampling_requests(self, batch: ScheduledBatch) -> list[SamplingRequest]:
         eos = self.config.eos_token_ids
@@ -343,8 +214,7 @@ class ModelRunner:
         can schedule the next step meanwhile. Its sampled ids are copied back behind the sampler."""
         inp = self.prepare(batch)
         out = self.execute(inp, self.sampling_requests(batch))
-        if self._host_events:
-            self._host_events[self._host_turn].record()  # the copies from this input set are queued
+        self.inputs.record()  # the copies from this input set are queued
         self.keep_sampled(out.token_ids if out is not None else None, inp.logits_indices.numel())
         if out is None:
             return LaunchedStep(None, None, None)
@@ -374,19 +244,11 @@ class ModelRunner:
             self.tp_group.broadcast(prev, src=0)
 
     def mirror(self, inp: ModelInput) -> None:
-        """A tensor-parallel worker's step: rank 0's inputs, staged in this rank's pinned buffers (a
-        copy from pageable memory would make the host wait for the device), the same forward, and
-        rank 0's sampled ids kept for the next step."""
-        if self._host_events:
-            _, t = self._host_buffers()
-            staged = {}
-            for name, value in vars(inp).items():
-                if isinstance(value, torch.Tensor):
-                    staged[name] = t[name][: value.numel()].view(value.shape).copy_(value)
-            inp = dataclasses.replace(inp, **staged)
+        """A tensor-parallel worker's step: rank 0's inputs, staged in this rank's pinned buffers, the
+        same forward, and rank 0's sampled ids kept for the next step."""
+        inp = self.inputs.stage(inp)
         self.execute(inp, [])  # no sampling requests: rank 0 samples
-        if self._host_events:
-            self._host_events[self._host_turn].record()
+        self.inputs.record()
         self.keep_sampled(None, inp.logits_indices.numel())
 
     def run(self, batch: ScheduledBatch) -> tuple[list[int | None], SamplerOutput | None]:

@@ -34,10 +34,12 @@ from multiprocessing.connection import Connection, wait
 import torch
 
 from nanovllm.config import Config
-from nanovllm.engine.model_runner import LaunchedStep, ModelInput, ModelRunner
+from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.step_input import LaunchedStep, ModelInput
 from nanovllm.engine.tp_worker import encode_message, worker_device, worker_main
-from nanovllm.layers.sampler import SamplerOutput, SamplingRequest
+from nanovllm.layers.sampler import SamplerOutput
+from nanovllm.layers.sampling_batch import SamplingRequest
 from nanovllm.utils.distributed import (
     RENDEZVOUS_HOST,
     TensorParallelGroup,

@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from nanovllm.config import Config
-from nanovllm.engine.model_runner import ModelInput, ModelRunner
+from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.step_input import ModelInput
 from nanovllm.utils.distributed import building_with, connect_rendezvous, new_tp_group
 
 PARENT_POLL_S = 1.0

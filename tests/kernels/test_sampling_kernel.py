@@ -23,7 +23,8 @@ from nanovllm.kernels.sampling import (
     gumbel_argmax_triton,
 )
 from nanovllm.layers import sampler as sampler_module
-from nanovllm.layers.sampler import Sampler, SamplingBatch, SamplingRequest
+from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest
 from nanovllm.sampling_params import SamplingParams
 from tests.stats import assert_matches
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.model_runner import ModelInput
+from nanovllm.engine.step_input import ModelInput
 from nanovllm.engine.tp_worker import decode_message, encode_message
 from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model, mixed_prompts
 

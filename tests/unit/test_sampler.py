@@ -22,15 +22,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanovllm.layers import sampler as sampler_module
-from nanovllm.layers.sampler import (
-    Sampler,
-    SamplingBatch,
-    SamplingRequest,
-    _row_seed,
-    _row_seed_array,
-    apply_penalties,
-    apply_top_k_top_p,
-)
+from nanovllm.layers.sampler import Sampler, apply_penalties, apply_top_k_top_p
+from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest, _row_seed, _row_seed_array
 from nanovllm.sampling_params import SamplingParams
 from tests.stats import assert_matches
 
@@ -447,7 +440,7 @@ def test_row_seed_array_matches_row_seed():
 def test_staging_buffers_are_reused_and_change_nothing(draw_path):
     """The engine's SamplingStaging: the same tokens as freshly built tensors, from the same device
     buffers every step (no per-step allocation), for every stage that has per-row settings."""
-    from nanovllm.layers.sampler import SamplingStaging
+    from nanovllm.layers.sampling_batch import SamplingStaging
 
     torch.manual_seed(0)
     logits = torch.randn(4, VOCAB)

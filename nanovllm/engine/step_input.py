@@ -1,0 +1,176 @@
+"""A step's inputs on the host. The scheduler's `ScheduledBatch` is flattened into a `ModelInput`
+record of host tensors (what a tensor-parallel worker receives too), written into pinned buffers that
+are reused every step; `LaunchedStep` is the handle of a step queued on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanovllm.config import Config
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.layers.sampler import SamplerOutput
+
+
+@dataclass
+class ModelInput:
+    """One step's forward inputs as host tensors."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    slot_mapping: torch.Tensor  # [num_tokens] int64
+    cu_seqlens_q: torch.Tensor  # [num_seqs + 1] int32
+    seq_lens: torch.Tensor  # [num_seqs] int32
+    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
+    logits_indices: torch.Tensor  # [num_sampled] int64: rows of the hidden states to sample from
+    max_query_len: int
+    max_seq_len: int
+    # Input tokens sampled by the previous step and not yet read back (overlapped scheduling): the
+    # forward takes input_ids[pending_rows] from that step's sampled ids [pending_src], on the device.
+    pending_rows: torch.Tensor | None = None  # [num_pending] int64
+    pending_src: torch.Tensor | None = None  # [num_pending] int64
+
+    @property
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
+
+    @property
+    def num_seqs(self) -> int:
+        return self.seq_lens.numel()
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device. `wait()` returns its sampled ids (in sampler-row order) and the
+    sampler output (logprobs on the host)."""
+
+    token_ids: torch.Tensor | None  # [num_sampled] int64 on the host (pinned: filled behind the step)
+    event: torch.cuda.Event | None  # recorded after the copies back; None: already complete (CPU)
+    output: SamplerOutput | None
+
+    def wait(self) -> tuple[list[int], SamplerOutput | None]:
+        if self.event is not None:
+            self.event.synchronize()  # the one device->host sync of a step
+        return (self.token_ids.tolist() if self.token_ids is not None else []), self.output
+
+
+class HostInputs:
+    """Two sets of host arrays for step inputs (pinned on CUDA, so the copies to the device are
+    asynchronous), used in turn instead of allocating tensors every step."""
+
+    def __init__(self, config: Config, device: torch.device, max_blocks_per_seq: int):
+        self.config = config
+        self.block_size = config.block_size
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.pinned = device.type == "cuda"
+        self._sets: list[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]] = []
+        self._turn = 0
+        self._events = [torch.cuda.Event(), torch.cuda.Event()] if self.pinned else []
+
+    def record(self) -> None:
+        """Call once the step's copies from the current set are queued on the device."""
+        if self._events:
+            self._events[self._turn].record()
+
+    def _next_set(self) -> tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]:
+        """The other set, once the step that last read it is done with it (its event): a step that
+        samples has been waited for by then anyway, a prefill chunk that samples nothing may not."""
+        if not self._sets:
+            cfg, pin = self.config, self.pinned
+            max_tokens, max_seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
+            shapes = {
+                "input_ids": (max_tokens, torch.int64),
+                "positions": (max_tokens, torch.int64),
+                "slot_mapping": (max_tokens, torch.int64),
+                "cu_seqlens_q": (max_seqs + 1, torch.int32),
+                "seq_lens": (max_seqs, torch.int32),
+                # [num_seqs, width] rows packed at the front, width = the step's longest block table
+                "block_tables": (max_seqs * self.max_blocks_per_seq, torch.int32),
+                "logits_indices": (max_seqs, torch.int64),
+                "pending_rows": (max_seqs, torch.int64),
+                "pending_src": (max_seqs, torch.int64),
+            }
+            for _ in range(2):
+                tensors = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in shapes.items()}
+                self._sets.append(({k: t.numpy() for k, t in tensors.items()}, tensors))
+        self._turn ^= 1
+        if self._events:
+            self._events[self._turn].synchronize()  # (returns at once if never recorded)
+        return self._sets[self._turn]
+
+    def build(self, batch: ScheduledBatch) -> ModelInput:
+        """The batch's forward inputs, written into the next buffer set."""
+        bs = self.block_size
+        h, t = self._next_set()
+        seqs, num_new = batch.seqs, batch.num_new_tokens
+        num_seqs, num_tokens = len(seqs), batch.num_tokens
+        width = max(len(s.block_table) for s in seqs)
+        tables = h["block_tables"][: num_seqs * width].reshape(num_seqs, width)
+        for i, seq in enumerate(seqs):
+            tables[i, : len(seq.block_table)] = seq.block_table
+        # A sequence with a pending token computes just that token (its last): fed from the device.
+        pending = [(i, seq.pending_row) for i, seq in enumerate(seqs) if seq.num_pending_tokens]
+        if num_tokens == num_seqs:  # decode: one token per sequence, its last one
+            positions = [seq.num_computed_tokens for seq in seqs]
+            h["input_ids"][:num_tokens] = [seq.token_ids[p] for seq, p in zip(seqs, positions)]
+            h["positions"][:num_tokens] = positions
+            h["slot_mapping"][:num_tokens] = [
+                s.block_table[p // bs] * bs + p % bs for s, p in zip(seqs, positions)
+            ]
+            h["cu_seqlens_q"][: num_seqs + 1] = np.arange(num_seqs + 1)
+            seq_lens = h["seq_lens"][:num_seqs]
+            seq_lens[:] = positions
+            seq_lens += 1
+        else:
+            ids: list[int] = []
+            cu = 0
+            for i, (seq, n) in enumerate(zip(seqs, num_new)):
+                start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+                ids.extend(seq.token_ids[start:end])
+                pos = np.arange(start, end)
+                h["positions"][cu : cu + n] = pos
+                h["slot_mapping"][cu : cu + n] = tables[i][pos // bs].astype(np.int64) * bs + pos % bs
+                cu += n
+                h["cu_seqlens_q"][i + 1] = cu
+                h["seq_lens"][i] = end
+            h["cu_seqlens_q"][0] = 0
+            h["input_ids"][:num_tokens] = ids
+        cu_seqlens = h["cu_seqlens_q"][: num_seqs + 1]
+        sample_rows = [i for i, samples in enumerate(batch.samples) if samples]
+        h["logits_indices"][: len(sample_rows)] = cu_seqlens[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
+        pending_rows = pending_src = None
+        if pending:
+            rows, src = zip(*pending)
+            k = len(pending)
+            h["pending_rows"][:k] = cu_seqlens[np.asarray(rows, dtype=np.int64) + 1] - 1  # token rows
+            h["pending_src"][:k] = src
+            pending_rows, pending_src = t["pending_rows"][:k], t["pending_src"][:k]
+        return ModelInput(
+            input_ids=t["input_ids"][:num_tokens],
+            positions=t["positions"][:num_tokens],
+            slot_mapping=t["slot_mapping"][:num_tokens],
+            cu_seqlens_q=t["cu_seqlens_q"][: num_seqs + 1],
+            seq_lens=t["seq_lens"][:num_seqs],
+            block_tables=t["block_tables"][: num_seqs * width].view(num_seqs, width),
+            logits_indices=t["logits_indices"][: len(sample_rows)],
+            max_query_len=max(num_new),
+            max_seq_len=int(h["seq_lens"][:num_seqs].max()),
+            pending_rows=pending_rows,
+            pending_src=pending_src,
+        )
+
+    def stage(self, inp: ModelInput) -> ModelInput:
+        """inp (a tensor-parallel worker's copy of rank 0's inputs, in pageable memory) copied into the
+        next set: a copy to the device from pageable memory would make the host wait for the device."""
+        if not self.pinned:
+            return inp
+        _, t = self._next_set()
+        staged = {}
+        for name, value in vars(inp).items():
+            if isinstance(value, torch.Tensor):
+                staged[name] = t[name][: value.numel()].view(value.shape).copy_(value)
+        return dataclasses.replace(inp, **staged)

@@ -1,0 +1,272 @@
+"""A step's sampling settings as device tensors: `SamplingRequest` (one row's settings and token
+history), `SamplingBatch.build` (all rows at once, built once per step, recording which sampler stages
+any row needs) and `SamplingStaging` (the engine's persistent pinned buffers the batch is built in).
+The sampler that consumes a batch is layers/sampler.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from nanovllm.sampling_params import GREEDY_EPS, SamplingParams
+
+_MASK_64 = (1 << 64) - 1
+
+
+class SamplingStaging:
+    """Persistent buffers for the per-row settings of a step (the hot loop allocates no tensor): values
+    are written into pinned host arrays, two sets used in turn (the runner waits for a step before the
+    next-but-one is built), and copied without blocking into device arrays that the step's kernels read
+    (a later step's copy is queued behind them)."""
+
+    DTYPES = {
+        "greedy": torch.bool,
+        "temperatures": torch.float32,
+        "top_k": torch.int64,
+        "top_p": torch.float32,
+        "min_p": torch.float32,
+        "repetition": torch.float32,
+        "frequency": torch.float32,
+        "presence": torch.float32,
+        "seeds": torch.int64,
+    }
+
+    def __init__(self, max_rows: int, device: torch.device):
+        pin = device.type == "cuda"
+        self.max_rows, self.device = max_rows, device
+        self._host = [
+            {k: torch.zeros(max_rows, dtype=dt, pin_memory=pin) for k, dt in self.DTYPES.items()}
+            for _ in range(2)
+        ]
+        self._device = {k: torch.zeros(max_rows, dtype=dt, device=device) for k, dt in self.DTYPES.items()}
+        self._turn = 0
+
+    def next_step(self) -> None:
+        self._turn ^= 1
+
+    def put(self, name: str, values: list | np.ndarray) -> torch.Tensor:
+        """values -> the device buffer `name`'s first len(values) rows, returned."""
+        n = len(values)
+        host = self._host[self._turn][name][:n]
+        host.numpy()[:] = values
+        return self._device[name][:n].copy_(host, non_blocking=True)
+
+
+@dataclass(slots=True)
+class SamplingRequest:
+    """One row of the batch: a sequence that needs its next token."""
+
+    params: SamplingParams
+    prompt_token_ids: list[int]  # read only for repetition_penalty
+    output_token_ids: list[int]  # tokens generated so far; read only for penalties
+    eos_token_ids: tuple[int, ...]  # banned with params.stop_token_ids while output < min_tokens
+    # Tokens generated so far: the seed position and the min_tokens count. None: len(output_token_ids).
+    num_output_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_output_tokens is None:
+            self.num_output_tokens = len(self.output_token_ids)
+
+    @classmethod
+    def for_sequence(
+        cls,
+        params: SamplingParams,
+        token_ids: list[int],
+        num_prompt_tokens: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> SamplingRequest:
+        """The row of a sequence whose `token_ids` are its prompt then its output. The token lists are
+        copied only for the penalties that read them (repetition: prompt and output; presence and
+        frequency: output); otherwise they are left empty."""
+        prompt = token_ids[:num_prompt_tokens] if params.repetition_penalty != 1.0 else []
+        output = token_ids[num_prompt_tokens:] if params.has_penalties else []
+        return cls(params, prompt, output, eos_token_ids, len(token_ids) - num_prompt_tokens)
+
+
+@dataclass
+class SamplingBatch:
+    """Device tensors for one step. A `None` tensor means no row needs that stage."""
+
+    num_rows: int
+    vocab_size: int
+    all_greedy: bool
+    greedy_mask: torch.Tensor | None  # [B] bool; None unless greedy and random rows are mixed
+    temperatures: torch.Tensor | None  # [B] fp32, 1.0 on greedy rows; None when all are 1.0
+    top_k: torch.Tensor | None  # [B] int64 in [1, V], V = off
+    max_top_k: int  # largest enabled top_k (0 when top_k is None)
+    top_p: torch.Tensor | None  # [B] fp32, 1.0 = off
+    min_p: torch.Tensor | None  # [B] fp32, 0.0 = off
+    repetition_penalties: torch.Tensor | None  # [B] fp32, 1.0 = off
+    frequency_penalties: torch.Tensor | None  # [B] fp32, 0.0 = off
+    presence_penalties: torch.Tensor | None  # [B] fp32, 0.0 = off
+    prompt_token_ids: torch.Tensor | None  # [B, max_prompt_len] int64, padded with vocab_size
+    output_token_ids: torch.Tensor | None  # [B, max_output_len] int64, padded with vocab_size
+    banned_rows: torch.Tensor | None  # [num_banned] int64 } pairs (row, token) set to -inf
+    banned_token_ids: torch.Tensor | None  # [num_banned] int64 } by min_tokens
+    seeded_rows: list[tuple[int, int]]  # (row, row seed) for random rows with params.seed
+    max_num_logprobs: int | None  # max params.logprobs over the batch; None when no row asked
+    staging: SamplingStaging | None = None  # where the step's settings live (None: fresh tensors)
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.output_token_ids is not None
+
+    @property
+    def has_filters(self) -> bool:
+        return self.top_k is not None or self.top_p is not None or self.min_p is not None
+
+    @classmethod
+    def build(
+        cls,
+        requests: list[SamplingRequest],
+        vocab_size: int,
+        device: torch.device | str,
+        staging: SamplingStaging | None = None,
+    ) -> SamplingBatch:
+        num_rows = len(requests)
+        if staging is not None and num_rows > staging.max_rows:
+            raise ValueError(f"{num_rows} sampling rows, more than the staging buffers' {staging.max_rows}")
+        params = [r.params for r in requests]
+        greedy = [p.temperature < GREEDY_EPS for p in params]
+        all_greedy = all(greedy)
+        device = torch.device(device)
+        # Every tensor is built on the host, in pinned memory for a GPU, and copied without blocking:
+        # a pageable copy would make the CPU wait for the GPU to finish the step's forward.
+        pin = device.type == "cuda"
+
+        if staging is not None:
+            staging.next_step()
+
+        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
+
+        def staged(name: str, values: list) -> torch.Tensor:
+            if staging is None:
+                return to_device(values, SamplingStaging.DTYPES[name])
+            return staging.put(name, values)
+
+        # Sampling settings. Greedy rows get neutral values: their token is the argmax either way.
+        greedy_mask = temperatures = top_k = top_p = min_p = None
+        max_top_k = 0
+        seeded_rows: list[tuple[int, int]] = []
+        if not all_greedy:
+            if any(greedy):
+                greedy_mask = staged("greedy", greedy)
+            sampled = [p for p, g in zip(params, greedy) if not g]
+            if any(p.temperature != 1.0 for p in sampled):
+                temperatures = staged(
+                    "temperatures", [1.0 if g else p.temperature for p, g in zip(params, greedy)]
+                )
+            ks = [
+                p.top_k if not g and 0 < p.top_k < vocab_size else vocab_size for p, g in zip(params, greedy)
+            ]
+            max_top_k = max((k for k in ks if k < vocab_size), default=0)
+            if max_top_k:
+                top_k = staged("top_k", ks)
+            if any(p.top_p < 1.0 for p in sampled):
+                top_p = staged("top_p", [1.0 if g else p.top_p for p, g in zip(params, greedy)])
+            if any(p.min_p > 0.0 for p in sampled):
+                min_p = staged("min_p", [0.0 if g else p.min_p for p, g in zip(params, greedy)])
+            seeded_rows = [
+                (i, _row_seed(r.params.seed, r.num_output_tokens))
+                for i, (r, g) in enumerate(zip(requests, greedy))
+                if not g and r.params.seed is not None
+            ]
+
+        # Penalties (greedy rows too). Token lists are sent only for rows that use them.
+        repetition = frequency = presence = prompt_ids = output_ids = None
+        penalized = [p.has_penalties for p in params]
+        if any(penalized):
+            outputs = [r.output_token_ids if pen else [] for r, pen in zip(requests, penalized)]
+            output_ids = _pad(outputs, vocab_size, pin).to(device, non_blocking=True)
+            if any(p.repetition_penalty != 1.0 for p in params):
+                repetition = staged("repetition", [p.repetition_penalty for p in params])
+                prompts = [
+                    r.prompt_token_ids if p.repetition_penalty != 1.0 else []
+                    for r, p in zip(requests, params)
+                ]
+                prompt_ids = _pad(prompts, vocab_size, pin).to(device, non_blocking=True)
+            if any(p.frequency_penalty != 0.0 for p in params):
+                frequency = staged("frequency", [p.frequency_penalty for p in params])
+            if any(p.presence_penalty != 0.0 for p in params):
+                presence = staged("presence", [p.presence_penalty for p in params])
+
+        # min_tokens: ban the stop tokens (EOS too unless ignore_eos, as in vLLM) until enough are out.
+        ban_rows: list[int] = []
+        ban_ids: list[int] = []
+        for i, r in enumerate(requests):
+            if r.num_output_tokens < r.params.min_tokens:
+                stops = set(r.params.stop_token_ids or ())
+                if not r.params.ignore_eos:
+                    stops.update(r.eos_token_ids)
+                ids = sorted(t for t in stops if t < vocab_size)  # larger ids can never be sampled
+                ban_rows += [i] * len(ids)
+                ban_ids += ids
+        banned_rows = banned_token_ids = None
+        if ban_rows:
+            banned_rows = to_device(ban_rows, torch.int64)
+            banned_token_ids = to_device(ban_ids, torch.int64)
+
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            num_rows=num_rows,
+            vocab_size=vocab_size,
+            all_greedy=all_greedy,
+            greedy_mask=greedy_mask,
+            temperatures=temperatures,
+            top_k=top_k,
+            max_top_k=max_top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalties=repetition,
+            frequency_penalties=frequency,
+            presence_penalties=presence,
+            prompt_token_ids=prompt_ids,
+            output_token_ids=output_ids,
+            banned_rows=banned_rows,
+            banned_token_ids=banned_token_ids,
+            seeded_rows=seeded_rows,
+            max_num_logprobs=max(asked) if asked else None,
+            staging=staging,
+        )
+
+
+def _pad(rows: list[list[int]], pad_id: int, pin_memory: bool = False) -> torch.Tensor:
+    """[len(rows), max_len] int64 on the CPU, rows right-padded with pad_id."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+    max_len = max(max(map(len, rows), default=0), 1)  # one column even when all rows are empty
+    out = torch.full((len(rows), max_len), pad_id, dtype=torch.int64, pin_memory=pin_memory)
+    out[torch.arange(out.shape[1]) < lengths[:, None]] = torch.tensor(
+        list(itertools.chain.from_iterable(rows)), dtype=torch.int64
+    )
+    return out
+
+
+def _row_seed(seed: int, position: int) -> int:
+    """A 64-bit generator seed from a request seed and the index of the token being sampled."""
+    return _splitmix64((_splitmix64(seed & _MASK_64) + position) & _MASK_64)
+
+
+def _row_seed_array(seed: int, positions: np.ndarray) -> np.ndarray:
+    """`_row_seed(seed, p)` for every p of the uint64 array `positions`, as a uint64 array."""
+    with np.errstate(over="ignore"):
+        return _splitmix64_array(np.uint64(_splitmix64(seed & _MASK_64)) + positions)
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    # uint64 arithmetic wraps, as the & _MASK_64 of _splitmix64 does.
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK_64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK_64
+    return x ^ (x >> 31)
