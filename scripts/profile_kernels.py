@@ -1,5 +1,5 @@
 """Where a step's GPU time goes, by kernel kind: a 16 x 1024-token prefill step, batch-1 decode at 1k
-context and batch-256 decode at 512 context (--decode-batch / --decode-context), each under torch.profiler
+context and batch-N decode ("decodeN", default decode256) at --decode-context (512), each under torch.profiler
 (with --tensor-parallel-size, rank 0's kernels, NCCL included). Per scenario: wall ms per step,
 GPU-busy ms per step (union of kernel intervals), and kernel ms per step grouped into kinds (GEMM,
 attention, norm, rope/store, activation, sampling, copies, other) with the top kernels by name.
@@ -135,7 +135,6 @@ def main() -> None:
     p.add_argument("--scenarios", default="prefill,decode1,decode256")
     p.add_argument("--max-model-len", type=int, default=4096)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
-    p.add_argument("--decode-batch", type=int, default=256, help="batch of the decodeN scenario (N = this)")
     p.add_argument("--decode-context", type=int, default=512)
     p.add_argument("--save-traces", action="store_true", help="keep the chrome traces in --out")
     p.add_argument("--host-profile", action="store_true", help="cProfile of the decode steps' host code")
@@ -169,7 +168,11 @@ def main() -> None:
             prof.export_chrome_trace(str(path))
             report["scenarios"][name] = summarize(path, 1, wall_ms)
         else:
-            batch, context = (1, 1024) if name == "decode1" else (args.decode_batch, args.decode_context)
+            match = re.fullmatch(r"decode(\d+)", name)
+            if match is None:
+                raise SystemExit(f"unknown scenario {name!r}: prefill, decode1 or decodeN (batch N)")
+            batch = int(match.group(1))
+            context = 1024 if batch == 1 else args.decode_context
             add(engine, rng, batch, context, 1000)
             prefill_to_decode(engine)
             report["scenarios"][name] = profiled(engine, 20 if batch == 1 else 8, traces, name)

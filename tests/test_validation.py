@@ -182,7 +182,8 @@ def test_boundary_sampling_params_are_accepted():
         ([[]], ["prompt 0", "prompt is empty"]),
         ([[5, VOCAB, 6]], ["prompt 0", f"token id {VOCAB}", f"[0, {VOCAB})"]),
         ([[5, -1, 6]], ["prompt 0", "token id -1", "outside the vocabulary"]),
-        ([[5, 6.0]], ["prompt 0", "token id 6.0"]),
+        ([[5, 6.0]], ["prompt 0", "token id 6.0", "not an int"]),
+        ([[5, True]], ["prompt 0", "token id True", "not an int"]),
         ([None], ["prompt 0", "NoneType"]),
         (
             [list(range(3, 3 + MAX_MODEL_LEN - 5))],

@@ -19,7 +19,11 @@ from nanovllm.engine.sequence import Sequence
 
 def hash_blocks(prev_hash: int | None, token_ids: list[int], block_size: int) -> list[int]:
     """Chained hashes of the consecutive blocks of token_ids (a whole number of blocks): each block's
-    hash is xxh3 of its token ids seeded with the previous block's hash (0 before the first)."""
+    hash is xxh3 of its token ids seeded with the previous block's hash (0 before the first, so a
+    chain whose previous hash is 0 collides with a first block: a 2^-64 chance, and a hit re-checks
+    the block's tokens anyway)."""
+    if block_size < 1 or len(token_ids) % block_size:
+        raise ValueError(f"{len(token_ids)} tokens are not a whole number of {block_size}-token blocks")
     data = memoryview(array("q", token_ids).tobytes())  # one conversion for all the blocks
     step = 8 * block_size
     hashes = []
@@ -30,6 +34,7 @@ def hash_blocks(prev_hash: int | None, token_ids: list[int], block_size: int) ->
 
 
 def hash_block(prev_hash: int | None, token_ids: list[int] | tuple[int, ...]) -> int:
+    """One block's chained hash (what hash_blocks computes for each block)."""
     return hash_blocks(prev_hash, list(token_ids), len(token_ids))[0]
 
 

@@ -66,7 +66,7 @@ class LLMEngine:
         self._request_ids = itertools.count()
         self.num_generated_tokens = 0
         self.num_prompt_tokens = 0
-        # Overlapped scheduling needs the runner to feed pending tokens from the device (one rank).
+        # Overlapped scheduling: the runner feeds pending tokens from the device (every rank, under TP).
         self.overlap = config.async_scheduling
         self._inflight: _Step | None = None  # the launched step not yet read back
         self._outputs: list[RequestOutput] = []  # read back, not yet returned by step()
@@ -98,8 +98,10 @@ class LLMEngine:
                 and min(token_ids) >= 0
                 and max(token_ids) < self.vocab_size
             ):
-                for t in token_ids:
-                    if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                for i, t in enumerate(token_ids):
+                    if not isinstance(t, int) or isinstance(t, bool):
+                        raise ValueError(f"token id {t!r} (index {i}) is not an int")
+                    if not 0 <= t < self.vocab_size:
                         raise ValueError(f"token id {t!r} is outside the vocabulary [0, {self.vocab_size})")
         else:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
@@ -162,7 +164,7 @@ class LLMEngine:
         finished, and of streaming requests that got a token; finished requests are dropped from the
         engine.
 
-        Overlapped (the default on one device): the step launched here runs on the GPU while the
+        Overlapped (the default): the step launched here runs on the GPU while the
         host reads back and processes the previous one, so the outputs returned are one step behind.
         Tokens the host has not read yet are pending (Sequence.num_pending_tokens); the next step's
         forward takes them from the device. Each request costs at most one extra, discarded token
@@ -186,7 +188,7 @@ class LLMEngine:
                 try:
                     self._complete_inflight()
                 except Exception:  # it failed too (its requests are failed); report the first error
-                    pass
+                    logger.debug("the step in flight failed too", exc_info=True)
             raise
         step = _Step(batch, starts, self.scheduler.advance(batch), launched)
         previous, self._inflight = self._inflight, step

@@ -71,10 +71,10 @@ class ModelRunner:
         # Sampled ids: the last launched step's on the device (the next step's pending inputs), and
         # two pinned host buffers they are copied back into, in turn (see launch).
         max_seqs = config.max_num_seqs
-        self._prev_tokens = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)
+        self._prev_tokens = torch.zeros(max_seqs, dtype=torch.int64, device=self.device)  # [max_num_seqs]
         self._num_prev_tokens = 0
         pin = self.device.type == "cuda"
-        self._out_host = (
+        self._out_host = (  # 2 x [max_num_seqs] int64, pinned
             [torch.zeros(max_seqs, dtype=torch.int64, pin_memory=True) for _ in range(2)] if pin else []
         )
         self._out_events = [torch.cuda.Event(), torch.cuda.Event()] if pin else []
@@ -199,6 +199,7 @@ class ModelRunner:
     # ---- one step ---------------------------------------------------------------------------
 
     def prepare(self, batch: ScheduledBatch) -> ModelInput:
+        """The batch's forward inputs as host tensors (engine/step_input.py: HostInputs.build)."""
         return self.inputs.build(batch)
 
     def sampling_requests(self, batch: ScheduledBatch) -> list[SamplingRequest]:
@@ -236,6 +237,8 @@ class ModelRunner:
         (`_input_ids`). Under tensor parallelism only rank 0 samples (token_ids: None elsewhere); it
         broadcasts them, queued behind the sampler with no host sync, so every rank feeds the same
         inputs to the next step."""
+        if num_sampled and token_ids is None and self.rank == 0:
+            raise RuntimeError(f"rank 0 sampled nothing for a step with {num_sampled} sampling rows")
         self._num_prev_tokens = num_sampled
         if num_sampled:
             prev = self._prev_tokens[:num_sampled]  # [num_sampled]

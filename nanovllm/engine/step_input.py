@@ -60,7 +60,8 @@ class LaunchedStep:
 
 class HostInputs:
     """Two sets of host arrays for step inputs (pinned on CUDA, so the copies to the device are
-    asynchronous), used in turn instead of allocating tensors every step."""
+    asynchronous), used in turn instead of allocating tensors every step. After each `build` or
+    `stage`, call `record()` once the step's copies are queued (ModelRunner.launch / mirror do)."""
 
     def __init__(self, config: Config, device: torch.device, max_blocks_per_seq: int):
         self.config = config

@@ -2,21 +2,24 @@
 
     driver (rank 0)                              worker (rank r), one process each
     scheduler -> batch -> prepare -> ModelInput
-      send ("step", ModelInput) ------pipe------>  recv
+      send ("step", ModelInput) ------pipe------>  recv, stage in pinned buffers (mirror)
       execute: forward (all-reduces) <-collectives-> execute: forward (same all-reduces)
                LM head gather      <-----------     LM head shard
                sample (rank 0 only)
+               broadcast sampled ids ----------->  keep them: the next step's pending inputs
+      (launch returns without waiting; the engine reads the step back after launching the next)
 
 Scheduling, the block manager and sampling stay on the driver; a worker only mirrors each step's
 forward. Every rank binds one device (cuda:rank, or the CPU), loads only its shards of the weights
 and keeps its own KV cache (its KV heads) at the same block ids. The protocol is in tp_worker.py.
 
 Failure handling: the driver checks its workers are alive before every step, and a watcher thread
-aborts the group when one dies mid-step (NCCL would wait forever for it). Either way the step
-raises a RuntimeError naming the worker, and so does every later step: the engine must be
-recreated. Workers are shut down by `shutdown()`, when the executor is garbage-collected, and at
-interpreter exit (Ctrl-C too: a step it interrupts stops the workers at once, since they may wait in a
-collective rank 0 has left); they exit by themselves when the driver dies (SIGTERM, SIGKILL).
+aborts the group when one dies mid-step (NCCL would wait forever for it). Either way a RuntimeError
+naming the worker is raised — by the next launch, or when the step is read back (`_CheckedStep.wait`)
+— and by every later step: the engine must be recreated. Workers are shut down by `shutdown()`, when
+the executor is garbage-collected, and at interpreter exit (Ctrl-C too: a step it interrupts stops the
+workers at once, since they may wait in a collective rank 0 has left); they exit by themselves when the
+driver dies (SIGTERM, SIGKILL).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
+from typing import NoReturn
 
 import torch
 
@@ -155,18 +159,17 @@ class _CheckedStep(LaunchedStep):
     """Rank 0's launched step; reading it back also checks that no worker died while it ran (the
     watcher aborts the group then, and the collectives return garbage)."""
 
-    executor: TensorParallelExecutor | None = None
+    executor: TensorParallelExecutor
 
     def wait(self) -> tuple[list[int], SamplerOutput | None]:
         workers = self.executor.workers
         try:
             result = super().wait()
             if workers.aborted or workers.failure:
-                raise RuntimeError(workers.failure or "the group was aborted during the step")
+                raise RuntimeError(workers.failure or "a worker left the group during the step")
             return result
         except BaseException as e:
             self.executor._fail_group(e)
-            raise  # (unreachable: _fail_group raises)
 
 
 class TensorParallelExecutor:
@@ -248,13 +251,18 @@ class TensorParallelExecutor:
             self._fail_group(e)
         return _CheckedStep(launched.token_ids, launched.event, launched.output, self)
 
-    def _fail_group(self, e: BaseException) -> None:
+    def _fail_group(self, e: BaseException) -> NoReturn:
         """A step the workers were sent failed. The ranks may now wait at different collectives: the
         group cannot be trusted again, and a worker waiting inside one never reads a polite
         "shutdown": stop the workers at once, and raise."""
         interrupted = not isinstance(e, Exception)  # Ctrl-C: no worker death to wait for
         dead = None if interrupted or self.workers.failure else self._wait_for_death(timeout_s=2.0)
-        reason = self.workers.failure or dead or f"rank 0 failed during a step: {e!r}"
+        if self.workers.failure or dead:
+            reason = self.workers.failure or dead
+        elif self.workers.aborted:
+            reason = "a worker left the group during a step"
+        else:
+            reason = f"rank 0 failed during a step: {e!r}"
         self.workers.failure = reason
         self.workers.shutdown(timeout_s=0.0)
         self.shutdown()

@@ -2,8 +2,9 @@
 
 The worker builds the same ModelRunner as rank 0 with its own shard of every weight, then mirrors
 rank 0: for each step the driver sends, it runs the same forward (the same collectives in the same
-order) and computes its shard of the logits; rank 0 gathers and samples. The protocol, on one pipe
-per worker:
+order) and computes its shard of the logits; rank 0 gathers and samples, then broadcasts the sampled
+ids, which every worker keeps for the next step's pending inputs (ModelRunner.mirror / keep_sampled).
+The protocol, on one pipe per worker:
 
     worker -> driver   ("hello", pid)                device set, store reached; joining the group
     worker -> driver   ("ready", num_kvcache_blocks) once the model and KV cache are built

@@ -178,6 +178,8 @@ if HAS_TRITON:
                 mask=row_valid[:, None],
             )
 
+    # (SPLITS_P2 still compiles one variant per power of two; CUDA graphs fix num_splits per padded
+    # batch size, so those variants are all compiled at capture.)
     @triton.jit(do_not_specialize=["num_splits"])
     def _decode_reduce_kernel(
         partial_out_ptr,  # [batch, num_heads, num_splits, HEAD_DIM] fp32
@@ -247,9 +249,14 @@ def decode_attention(
 
     group = num_heads // num_kv_heads
     one_split = num_splits == 1  # (large batches) the split kernel writes `out` itself
-    partial_shape = (batch, num_heads, num_splits) if not one_split else (0,)
-    partial_out = torch.empty(*partial_shape, head_dim, dtype=torch.float32, device=q.device)
-    partial_lse = torch.empty(partial_shape, dtype=torch.float32, device=q.device)
+    if one_split:  # no partials: `out` stands in for their pointers (unread with ONE_SPLIT)
+        partial_out = partial_lse = out
+    else:
+        # partial_out: [batch, num_heads, num_splits, head_dim]; partial_lse: [batch, num_heads, num_splits]
+        partial_out = torch.empty(
+            batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
+        )
+        partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q,
         k_cache,

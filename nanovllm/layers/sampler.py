@@ -23,7 +23,7 @@ from torch import nn
 
 from nanovllm.kernels.backend import use_triton
 from nanovllm.kernels.sampling import gumbel_argmax
-from nanovllm.layers.sampling_batch import SamplingBatch, _row_seed_array
+from nanovllm.layers.sampling_batch import SamplingBatch, row_seed_array
 
 # top-p keeps a token while the mass ranked above it is below top_p. Float32 softmax/cumsum error
 # would make the exact boundary (mass above == top_p) a coin flip, so mass within this of top_p
@@ -116,7 +116,7 @@ class Sampler(nn.Module):
         """[B] int64 Philox seeds: (seed, tokens generated) for seeded rows, as on the torch path;
         for the others, one draw from the sampler's generator mixed with the row index."""
         base = int(torch.randint(1 << 62, (), generator=self._seed_generator))
-        seeds = _row_seed_array(base, np.arange(batch.num_rows, dtype=np.uint64))  # [B] uint64
+        seeds = row_seed_array(base, np.arange(batch.num_rows, dtype=np.uint64))  # [B] uint64
         for row, row_seed in batch.seeded_rows:
             seeds[row] = row_seed
         if batch.staging is not None:

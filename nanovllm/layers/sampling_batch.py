@@ -172,7 +172,7 @@ class SamplingBatch:
             if any(p.min_p > 0.0 for p in sampled):
                 min_p = staged("min_p", [0.0 if g else p.min_p for p, g in zip(params, greedy)])
             seeded_rows = [
-                (i, _row_seed(r.params.seed, r.num_output_tokens))
+                (i, row_seed(r.params.seed, r.num_output_tokens))
                 for i, (r, g) in enumerate(zip(requests, greedy))
                 if not g and r.params.seed is not None
             ]
@@ -246,13 +246,13 @@ def _pad(rows: list[list[int]], pad_id: int, pin_memory: bool = False) -> torch.
     return out
 
 
-def _row_seed(seed: int, position: int) -> int:
+def row_seed(seed: int, position: int) -> int:
     """A 64-bit generator seed from a request seed and the index of the token being sampled."""
     return _splitmix64((_splitmix64(seed & _MASK_64) + position) & _MASK_64)
 
 
-def _row_seed_array(seed: int, positions: np.ndarray) -> np.ndarray:
-    """`_row_seed(seed, p)` for every p of the uint64 array `positions`, as a uint64 array."""
+def row_seed_array(seed: int, positions: np.ndarray) -> np.ndarray:
+    """`row_seed(seed, p)` for every p of the uint64 array `positions`, as a uint64 array."""
     with np.errstate(over="ignore"):
         return _splitmix64_array(np.uint64(_splitmix64(seed & _MASK_64)) + positions)
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from nanovllm.layers import sampler as sampler_module
 from nanovllm.layers.sampler import Sampler, apply_penalties, apply_top_k_top_p
-from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest, _row_seed, _row_seed_array
+from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest, row_seed, row_seed_array
 from nanovllm.sampling_params import SamplingParams
 from tests.stats import assert_matches
 
@@ -434,7 +434,7 @@ def test_row_seed_array_matches_row_seed():
 
     for seed in (0, 7, -1, (1 << 64) + 5, 1 << 62):
         positions = np.array([0, 1, 2, 1000, (1 << 64) - 1], dtype=np.uint64)
-        assert _row_seed_array(seed, positions).tolist() == [_row_seed(seed, int(p)) for p in positions]
+        assert row_seed_array(seed, positions).tolist() == [row_seed(seed, int(p)) for p in positions]
 
 
 def test_staging_buffers_are_reused_and_change_nothing(draw_path):
