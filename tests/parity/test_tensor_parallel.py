@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.step_input import ModelInput
+from nanovllm.config import Config
+from nanovllm.engine.step_input import HostInputs, ModelInput
 from nanovllm.engine.tp_worker import decode_message, encode_message
 from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model, mixed_prompts
 
@@ -121,6 +122,38 @@ def test_step_message_round_trip():
         a, b = getattr(inp, name), getattr(got, name)
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert decode_message(encode_message("shutdown")) == ("shutdown", None)
+
+
+def test_worker_stages_the_step_in_its_host_buffers():
+    """What a GPU worker does with the decoded step (HostInputs.stage): every tensor copied into the
+    next buffer set (pinned on a GPU; here the CPU buffers stand in), same values, dtypes and shapes."""
+    config = Config("qwen3-tiny", device="cpu", max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64)
+    inputs = HostInputs(config, torch.device("cpu"), max_blocks_per_seq=4)
+    inputs._next_set()  # allocate the (unpinned) sets, then take the path a pinned worker takes
+    inputs.pinned = True
+    inp = ModelInput(
+        input_ids=torch.tensor([5, 6, 7]),
+        positions=torch.tensor([0, 1, 9]),
+        slot_mapping=torch.tensor([32, 33, 41]),
+        cu_seqlens_q=torch.tensor([0, 2, 3], dtype=torch.int32),
+        seq_lens=torch.tensor([2, 10], dtype=torch.int32),
+        block_tables=torch.tensor([[2, 0], [2, 1]], dtype=torch.int32),
+        logits_indices=torch.tensor([1, 2]),
+        max_query_len=2,
+        max_seq_len=10,
+        pending_rows=torch.tensor([2]),
+        pending_src=torch.tensor([0]),
+    )
+    _, got = decode_message(encode_message("step", inp))
+    staged = inputs.stage(got)
+    buffers = inputs._sets[inputs._turn][1]
+    for name, value in vars(inp).items():
+        if isinstance(value, torch.Tensor):
+            out = getattr(staged, name)
+            assert out.dtype == value.dtype and out.shape == value.shape and torch.equal(out, value)
+            assert out.data_ptr() == buffers[name].data_ptr()  # a view of the host buffer, not a copy
+        else:
+            assert getattr(staged, name) == value
 
 
 def test_tensor_parallel_size_must_fit_the_heads(ckpts):
