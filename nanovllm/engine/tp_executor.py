@@ -257,12 +257,8 @@ class TensorParallelExecutor:
         "shutdown": stop the workers at once, and raise."""
         interrupted = not isinstance(e, Exception)  # Ctrl-C: no worker death to wait for
         dead = None if interrupted or self.workers.failure else self._wait_for_death(timeout_s=2.0)
-        if self.workers.failure or dead:
-            reason = self.workers.failure or dead
-        elif self.workers.aborted:
-            reason = "a worker left the group during a step"
-        else:
-            reason = f"rank 0 failed during a step: {e!r}"
+        left = "a worker left the group during a step" if self.workers.aborted else None
+        reason = self.workers.failure or dead or left or f"rank 0 failed during a step: {e!r}"
         self.workers.failure = reason
         self.workers.shutdown(timeout_s=0.0)
         self.shutdown()

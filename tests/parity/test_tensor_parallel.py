@@ -104,8 +104,9 @@ def _wait_gone(pids: list[int], timeout_s: float = 20.0) -> bool:
 # ---- the step record that crosses the pipe --------------------------------------------------
 
 
-def test_step_message_round_trip():
-    inp = ModelInput(
+def _step_input(**pending) -> ModelInput:
+    """A two-sequence step record (a prefill chunk of 2 tokens and a decode), as rank 0 sends it."""
+    return ModelInput(
         input_ids=torch.tensor([5, 6, 7]),
         positions=torch.tensor([0, 1, 9]),
         slot_mapping=torch.tensor([32, 33, 41]),
@@ -115,7 +116,12 @@ def test_step_message_round_trip():
         logits_indices=torch.tensor([1, 2]),
         max_query_len=2,
         max_seq_len=10,
+        **pending,
     )
+
+
+def test_step_message_round_trip():
+    inp = _step_input()
     kind, got = decode_message(encode_message("step", inp))
     assert kind == "step" and (got.max_query_len, got.max_seq_len) == (2, 10)
     for name in ("input_ids", "positions", "slot_mapping", "cu_seqlens_q", "seq_lens", "block_tables"):
@@ -131,19 +137,7 @@ def test_worker_stages_the_step_in_its_host_buffers():
     inputs = HostInputs(config, torch.device("cpu"), max_blocks_per_seq=4)
     inputs._next_set()  # allocate the (unpinned) sets, then take the path a pinned worker takes
     inputs.pinned = True
-    inp = ModelInput(
-        input_ids=torch.tensor([5, 6, 7]),
-        positions=torch.tensor([0, 1, 9]),
-        slot_mapping=torch.tensor([32, 33, 41]),
-        cu_seqlens_q=torch.tensor([0, 2, 3], dtype=torch.int32),
-        seq_lens=torch.tensor([2, 10], dtype=torch.int32),
-        block_tables=torch.tensor([[2, 0], [2, 1]], dtype=torch.int32),
-        logits_indices=torch.tensor([1, 2]),
-        max_query_len=2,
-        max_seq_len=10,
-        pending_rows=torch.tensor([2]),
-        pending_src=torch.tensor([0]),
-    )
+    inp = _step_input(pending_rows=torch.tensor([2]), pending_src=torch.tensor([0]))
     _, got = decode_message(encode_message("step", inp))
     staged = inputs.stage(got)
     buffers = inputs._sets[inputs._turn][1]
