@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--num-kvcache-blocks", type=int, default=4096, help="fixed KV cache (0: size it from GPU memory)"
     )
+    p.add_argument("--compare-nccl", action="store_true", help="also TP=2 with every all-reduce through NCCL")
     p.add_argument("--skip-parity", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     return p.parse_args(argv)
@@ -157,7 +158,9 @@ def timed_decode(llm: LLM, batch: int, input_len: int, output_len: int, seed: in
 
 def decode_scaling(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for tp in (1, 2):
+    # (label, TP size, custom all-reduce): "tp2_nccl" is TP=2 with every all-reduce through NCCL.
+    variants = [("tp1", 1, True), ("tp2", 2, True)] + ([("tp2_nccl", 2, False)] if args.compare_nccl else [])
+    for label, tp, custom_all_reduce in variants:
         llm = engine(
             args.model,
             tp,
@@ -165,6 +168,7 @@ def decode_scaling(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str
             max_model_len=args.max_model_len,
             max_num_seqs=max(batch_sizes),
             enable_prefix_caching=False,  # the 1-token and the full run must prefill alike
+            disable_custom_all_reduce=not custom_all_reduce,
         )
         try:
             for batch in batch_sizes:
@@ -174,8 +178,8 @@ def decode_scaling(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str
                 context = args.input_len + (args.output_len + 1) / 2
                 step_bytes = decode_bytes_per_step(args.model, tp, batch, context)
                 r["hbm_gb_per_s_per_gpu"] = step_bytes * r["decode_steps"] / r["decode_s"] / 1e9
-                results[f"tp{tp}_batch{batch}"] = r
-                print(f"TP={tp} batch={batch}: {r['decode_tok_per_s']:,.0f} decode tok/s", flush=True)
+                results[f"{label}_batch{batch}"] = r
+                print(f"{label} batch={batch}: {r['decode_tok_per_s']:,.0f} decode tok/s", flush=True)
         finally:
             release(llm)
     return results
@@ -204,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for batch in batch_sizes:
             one, two = decode.get(f"tp1_batch{batch}"), decode.get(f"tp2_batch{batch}")
+            nccl = decode.get(f"tp2_nccl_batch{batch}")
             if one and two:
                 ratio = two["decode_tok_per_s"] / one["decode_tok_per_s"]
                 decode[f"ratio_batch{batch}"] = ratio
@@ -213,11 +218,20 @@ def main(argv: list[str] | None = None) -> int:
                         one["decode_tok_per_s"],
                         two["decode_tok_per_s"],
                         f"{ratio:.2f}x",
+                        f"{nccl['decode_tok_per_s'] / one['decode_tok_per_s']:.2f}x" if nccl else "-",
                         one["hbm_gb_per_s_per_gpu"],
                         two["hbm_gb_per_s_per_gpu"],
                     ]
                 )
-        headers = ["batch", "TP=1 tok/s", "TP=2 tok/s", "TP2/TP1", "TP=1 GB/s/GPU", "TP=2 GB/s/GPU"]
+        headers = [
+            "batch",
+            "TP=1 tok/s",
+            "TP=2 tok/s",
+            "TP2/TP1",
+            "TP2/TP1 NCCL-only",
+            "TP=1 GB/s/GPU",
+            "TP=2 GB/s/GPU",
+        ]
         print_table(f"decode, {args.model}, {args.input_len} in / {args.output_len} out", headers, rows)
         ok &= "error" not in decode
     path = write_report("tp_scaling", report, args.out)

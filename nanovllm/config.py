@@ -42,6 +42,7 @@ class Config:
     enforce_eager: bool = False
     async_scheduling: bool = True  # schedule step n+1 while the device(s) run step n
     tensor_parallel_size: int = 1
+    disable_custom_all_reduce: bool = False  # True: every TP all-reduce through NCCL (not peer memory)
     seed: int = 0
     kernel_backend: str = "auto"  # auto | triton | torch (torch: the reference ops everywhere)
     # Resolved in __post_init__ from the checkpoint; not user arguments.

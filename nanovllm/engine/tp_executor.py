@@ -195,7 +195,14 @@ class TensorParallelExecutor:
             self._start_workers(store)
             for i in range(size - 1):
                 self._expect(i, "hello")
-            group = new_tp_group(store, 0, size, worker_device(config, 0), COLLECTIVE_TIMEOUT_S)
+            group = new_tp_group(
+                store,
+                0,
+                size,
+                worker_device(config, 0),
+                COLLECTIVE_TIMEOUT_S,
+                custom_all_reduce=not config.disable_custom_all_reduce,
+            )
             self.workers.group = group
             # A worker dying from here on could leave rank 0 waiting in a collective: watch them.
             threading.Thread(target=self.workers.watch, name="nanovllm-tp-watch", daemon=True).start()

@@ -96,7 +96,9 @@ def worker_main(
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
         store = connect_rendezvous(host, port, size, timeout_s)
         conn.send(("hello", os.getpid()))  # rank 0 joins the group only once every worker got here
-        group = new_tp_group(store, rank, size, device, timeout_s)
+        group = new_tp_group(
+            store, rank, size, device, timeout_s, custom_all_reduce=not config.disable_custom_all_reduce
+        )
         with building_with(group):
             runner = ModelRunner(config, device)
         conn.send(("ready", runner.num_kvcache_blocks))

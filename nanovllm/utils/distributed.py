@@ -19,23 +19,36 @@ from contextvars import ContextVar
 import torch
 import torch.distributed as dist
 
+from nanovllm.kernels.backend import HAS_TRITON, use_triton
+from nanovllm.utils.peer_all_reduce import PeerAllReduce, peers_reachable
+
 RENDEZVOUS_HOST = "127.0.0.1"  # the launcher starts every rank on this host (multi-node: out of scope)
 
 
 class TensorParallelGroup:
     """This process's rank in one engine's tensor-parallel group, and the group's collectives."""
 
-    def __init__(self, rank: int, size: int, backend: dist.Backend | None = None):
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        backend: dist.Backend | None = None,
+        peer_all_reduce: PeerAllReduce | None = None,
+    ):
         if not 0 <= rank < size:
             raise ValueError(f"rank must be in [0, {size}), got {rank}")
         if size > 1 and backend is None:
             raise ValueError("a group of more than one rank needs a communication backend")
         self.rank, self.size, self.backend = rank, size, backend
+        self.peer_all_reduce = peer_all_reduce  # small CUDA reductions: one-shot over NVLink
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum x over the ranks, in place; returns x."""
-        if self.size > 1:
-            self.backend.allreduce([x]).wait()
+        if self.size == 1:
+            return x
+        if self.peer_all_reduce is not None and self.peer_all_reduce.fits(x) and use_triton(x):
+            return self.peer_all_reduce(x)
+        self.backend.allreduce([x]).wait()
         return x
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
@@ -60,6 +73,8 @@ class TensorParallelGroup:
     def abort(self) -> None:
         """Make collectives in flight fail instead of waiting for a rank that is gone (NCCL never
         notices a dead peer by itself; gloo does, when the peer's sockets close)."""
+        if self.peer_all_reduce is not None:
+            self.peer_all_reduce.abort()
         if self.backend is not None:
             try:
                 self.backend.abort()
@@ -71,6 +86,7 @@ class TensorParallelGroup:
         down: that never waits for the other ranks, which may be gone already."""
         self.abort()
         self.backend = None  # gloo frees its sockets when the backend is collected
+        self.peer_all_reduce = None
 
 
 SINGLE_RANK = TensorParallelGroup(0, 1)
@@ -125,9 +141,16 @@ def connect_rendezvous(host: str, port: int, world_size: int, timeout_s: float) 
 
 
 def new_tp_group(
-    store: dist.Store, rank: int, size: int, device: torch.device, timeout_s: float
+    store: dist.Store,
+    rank: int,
+    size: int,
+    device: torch.device,
+    timeout_s: float,
+    custom_all_reduce: bool = True,
 ) -> TensorParallelGroup:
-    """Join the group: blocks until all `size` ranks have called this with the same store."""
+    """Join the group: blocks until all `size` ranks have called this with the same store.
+    `custom_all_reduce`: small CUDA all-reduces go through peer memory where every GPU reaches every
+    other (NVLink), not NCCL. Every rank must pass the same value."""
     if size == 1:
         return SINGLE_RANK
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -138,6 +161,9 @@ def new_tp_group(
         opts._timeout = timeout
         opts.global_ranks_in_group = list(range(size))
         backend = dist.ProcessGroupNCCL(store, rank, size, opts)
-    else:
-        backend = dist.ProcessGroupGloo(store, rank, size, timeout)
+        if custom_all_reduce and HAS_TRITON and peers_reachable(size):
+            peer = PeerAllReduce(dist.PrefixStore("peer", store), rank, size, device)
+            return TensorParallelGroup(rank, size, backend, peer)
+        return TensorParallelGroup(rank, size, backend)
+    backend = dist.ProcessGroupGloo(store, rank, size, timeout)
     return TensorParallelGroup(rank, size, backend)

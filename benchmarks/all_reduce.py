@@ -1,0 +1,119 @@
+"""All-reduce latency on 2 GPUs: NCCL vs the peer-memory one-shot kernel, at decode-step sizes.
+
+    python benchmarks/all_reduce.py [--out DIR]     # needs 2 CUDA GPUs; on fewer it says so, exits 0
+
+For each [rows, hidden] bf16 tensor, both ranks capture --ops back-to-back all-reduces in one CUDA graph
+(as a decode step runs them) and replay it; rank 0 reports microseconds per all-reduce. NCCL's own
+settings (NCCL_PROTO, NCCL_ALGO, ...) apply to the NCCL column as usual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from nanovllm.benchmark.common import DEFAULT_OUT_DIR, print_table, run_info, write_report  # noqa: E402
+from nanovllm.utils.distributed import connect_rendezvous, create_rendezvous, new_tp_group  # noqa: E402
+
+WORLD = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", str(DEFAULT_OUT_DIR)), help="folder for the JSON")
+    p.add_argument("--rows", default="1,16,64,128,256")
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--ops", type=int, default=64, help="all-reduces per graph")
+    p.add_argument("--replays", type=int, default=20)
+    return p.parse_args(argv)
+
+
+def time_graph(reduce, x: torch.Tensor, ops: int, replays: int) -> float:
+    """Microseconds per all-reduce: `ops` of them captured in one graph, replayed `replays` times."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        reduce(x)  # compile / warm up outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for _ in range(ops):
+                reduce(x.mul_(0.5))  # keep the values bounded
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1000 / (replays * ops)
+
+
+def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]:
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    group = new_tp_group(store, rank, WORLD, device, 60)
+    if group.peer_all_reduce is None:
+        raise RuntimeError("the GPUs cannot reach each other's memory (no NVLink/P2P): no peer all-reduce")
+
+    def nccl(x: torch.Tensor) -> torch.Tensor:
+        group.backend.allreduce([x]).wait()
+        return x
+
+    results = []
+    for rows in (int(r) for r in args.rows.split(",")):
+        x = torch.randn(rows, args.hidden, device=device, dtype=torch.bfloat16)
+        r = {"rows": rows, "hidden": args.hidden, "bytes": x.numel() * x.element_size()}
+        r["nccl_us"] = time_graph(nccl, x, args.ops, args.replays)
+        r["peer_us"] = time_graph(group.peer_all_reduce, x, args.ops, args.replays)
+        results.append(r)
+    torch.cuda.synchronize()
+    group.destroy()
+    return results
+
+
+def worker(port: int, args: argparse.Namespace) -> None:
+    run_rank(1, connect_rendezvous("127.0.0.1", port, WORLD, 60), args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num_gpus < WORLD:
+        print(f"all_reduce needs {WORLD} GPUs; torch sees {num_gpus}. Nothing measured.")
+        return 0
+    store = create_rendezvous(WORLD, 60)
+    proc = mp.get_context("spawn").Process(target=worker, args=(store.port, args))
+    proc.start()
+    try:
+        results = run_rank(0, store, args)
+    finally:
+        proc.join(timeout=120)
+    nccl_env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}
+    report = {
+        **run_info(),
+        "num_gpus": num_gpus,
+        "args": vars(args),
+        "nccl_env": nccl_env,
+        "results": results,
+    }
+    rows = [[r["rows"], r["bytes"] / 1024, r["nccl_us"], r["peer_us"]] for r in results]
+    print_table(
+        f"all-reduce, bf16, 2 GPUs, {nccl_env or 'NCCL defaults'}",
+        ["rows", "KiB", "NCCL us", "peer us"],
+        rows,
+    )
+    path = write_report("all_reduce", report, args.out)
+    print(f"\n{report['card']}  {report['date']}  commit {report.get('git_commit')}  -> {path}")
+    return 0 if proc.exitcode == 0 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,93 @@
+"""The peer-memory all-reduce on 2 GPUs: exact sums on both ranks, back-to-back calls of changing sizes,
+and replays of a CUDA graph that captured it (run by scripts/gpu_suite.py on a 2-GPU machine)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from nanovllm.kernels.all_reduce import all_reduce_reference
+from nanovllm.utils.distributed import connect_rendezvous, create_rendezvous, new_tp_group
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu]
+
+if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+    pytest.skip("needs two CUDA GPUs", allow_module_level=True)
+
+WORLD = 2
+SHAPES = [(1, 1024), (3, 1000), (64, 4096), (128, 4096), (256, 4096), (7, 5120)]
+
+
+def _parts(shape, dtype, call: int, device) -> list[torch.Tensor]:
+    """Every rank's input of one call, the same on every rank (so each can check the sum itself)."""
+    gen = torch.Generator().manual_seed(call)
+    return [torch.randn(shape, generator=gen).to(device, dtype) for _ in range(WORLD)]
+
+
+def _rank(rank: int, store, groups: list) -> None:
+    device = torch.device("cuda", rank)
+    torch.cuda.set_device(device)
+    group = new_tp_group(store, rank, WORLD, device, 60)
+    groups.append(group)
+    if group.peer_all_reduce is None:
+        raise AssertionError("the GPUs cannot reach each other's memory: no peer all-reduce to test")
+    call = 0
+    for dtype in (torch.bfloat16, torch.float32):
+        for _ in range(20):  # back-to-back calls of changing sizes
+            for shape in SHAPES:
+                call += 1
+                parts = _parts(shape, dtype, call, device)
+                x = parts[rank].clone()
+                if not group.peer_all_reduce.fits(x):
+                    raise AssertionError(f"{shape} {dtype} should fit the peer buffers")
+                group.all_reduce(x)
+                torch.testing.assert_close(x, all_reduce_reference(parts), rtol=0, atol=0)
+
+    # A captured graph of three reductions (the all-reduce's epoch lives on the device), replayed.
+    static = [torch.zeros(s, device=device, dtype=torch.bfloat16) for s in SHAPES[:3]]
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        for x in static:  # warm up (compiles) outside the capture
+            group.all_reduce(x)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            for x in static:
+                group.all_reduce(x)
+    for _ in range(10):
+        call += 1
+        wanted = []
+        for x, shape in zip(static, SHAPES[:3], strict=True):
+            parts = _parts(shape, torch.bfloat16, call, device)
+            x.copy_(parts[rank])
+            wanted.append(all_reduce_reference(parts))
+        graph.replay()
+        for x, want in zip(static, wanted, strict=True):
+            torch.testing.assert_close(x, want, rtol=0, atol=0)
+    torch.cuda.synchronize(device)
+    group.destroy()
+
+
+def _worker(port: int) -> None:
+    _rank(1, connect_rendezvous("127.0.0.1", port, WORLD, 60), [])
+
+
+def test_peer_all_reduce_is_exact_on_both_ranks_and_under_cuda_graphs():
+    store = create_rendezvous(WORLD, 60)
+    worker = mp.get_context("spawn").Process(target=_worker, args=(store.port,))
+    worker.start()
+    groups: list = []
+
+    def abort_if_worker_fails() -> None:  # or rank 0 would wait for its flags forever
+        worker.join()
+        if worker.exitcode != 0 and groups:
+            groups[0].abort()
+
+    threading.Thread(target=abort_if_worker_fails, daemon=True).start()
+    try:
+        _rank(0, store, groups)
+    finally:
+        worker.join(timeout=120)
+    assert worker.exitcode == 0

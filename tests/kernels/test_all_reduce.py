@@ -1,0 +1,62 @@
+"""The peer-memory all-reduce kernel, seen from rank 0 of 2, with the peer played by the test: its rows
+and flags are written into the buffers before each call (the interpreter runs one rank at a time).
+Both ranks on two real GPUs: tests/gpu/test_peer_all_reduce_gpu.py."""
+
+import pytest
+import torch
+
+from nanovllm.kernels import all_reduce
+from nanovllm.kernels.all_reduce import NUM_PROGRAMS, all_reduce_reference, peer_all_reduce_triton
+
+WORLD, RANK, PEER = 2, 0, 1
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
+
+
+class Buffers:
+    def __init__(self, slot_numel: int):
+        self.slot_numel = slot_numel
+        self.buffers = [torch.zeros(2 * slot_numel, dtype=torch.float16, device=DEVICE) for _ in range(WORLD)]
+        self.flags = [
+            torch.zeros(WORLD * NUM_PROGRAMS, dtype=torch.int64, device=DEVICE) for _ in range(WORLD)
+        ]
+        self.epochs = torch.zeros(NUM_PROGRAMS, dtype=torch.int64, device=DEVICE)
+        self.abort = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        self.buffer_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], device=DEVICE)
+        self.flag_ptrs = torch.tensor([f.data_ptr() for f in self.flags], device=DEVICE)
+
+    def publish_peer(self, rows: torch.Tensor, epoch: int) -> None:
+        """What the peer's kernel does before rank 0 may read: its rows into slot epoch % 2, then flags."""
+        start = (epoch % 2) * self.slot_numel
+        self.buffers[PEER][start : start + rows.numel()] = rows.flatten()
+        self.flags[RANK].view(WORLD, NUM_PROGRAMS)[PEER] = epoch
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return peer_all_reduce_triton(
+            x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.abort, RANK, self.slot_numel
+        )
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 64), (5, 40), (NUM_PROGRAMS + 3, 16)])
+def test_sums_in_rank_order_alternating_slots(rows, hidden):
+    bufs = Buffers(slot_numel=rows * hidden + 8)
+    gen = torch.Generator().manual_seed(rows)
+    for epoch in (1, 2, 3):
+        mine, peer = (torch.randn(rows, hidden, generator=gen).to(DEVICE, torch.float16) for _ in range(2))
+        bufs.publish_peer(peer, epoch)
+        want = all_reduce_reference([mine, peer])
+        got = bufs.reduce(mine.clone())
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        # This rank's rows went to its own slot, and its flags to every rank's flag array.
+        start = (epoch % 2) * bufs.slot_numel
+        torch.testing.assert_close(bufs.buffers[RANK][start : start + mine.numel()], mine.flatten())
+        for q in range(WORLD):
+            assert bufs.flags[q].view(WORLD, NUM_PROGRAMS)[RANK].tolist() == [epoch] * NUM_PROGRAMS
+        assert bufs.epochs.tolist() == [epoch] * NUM_PROGRAMS
+
+
+def test_abort_flag_releases_a_rank_waiting_for_a_peer_that_never_comes(monkeypatch):
+    monkeypatch.setattr(all_reduce, "ABORT_POLL_EVERY", 1)  # look at once (the interpreter is slow)
+    bufs = Buffers(slot_numel=64)
+    bufs.abort.fill_(1)  # the peer never publishes; without the abort flag this would spin forever
+    bufs.reduce(torch.ones(1, 16, dtype=torch.float16, device=DEVICE))
+    assert bufs.epochs.tolist() == [1] * NUM_PROGRAMS  # it ran, and came back
