@@ -21,6 +21,7 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from nanovllm.benchmark.common import DEFAULT_OUT_DIR, print_table, run_info, write_report  # noqa: E402
+from nanovllm.kernels.rmsnorm import rms_norm  # noqa: E402
 from nanovllm.utils.distributed import connect_rendezvous, create_rendezvous, new_tp_group  # noqa: E402
 
 WORLD = 2
@@ -73,6 +74,17 @@ def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]
         r = {"rows": rows, "hidden": args.hidden, "bytes": x.numel() * x.element_size()}
         r["nccl_us"] = time_graph(nccl, x, args.ops, args.replays)
         r["peer_us"] = time_graph(group.peer_all_reduce, x, args.ops, args.replays)
+        # With the decoder's add + RMSNorm after it: NCCL then the norm kernel, vs one fused kernel.
+        weight, residual = torch.randn(args.hidden, device=device, dtype=x.dtype), torch.randn_like(x)
+        r["nccl_norm_us"] = time_graph(
+            lambda t, w=weight, res=residual: rms_norm(nccl(t), w, 1e-6, res)[1], x, args.ops, args.replays
+        )
+        r["peer_norm_us"] = time_graph(
+            lambda t, w=weight, res=residual: group.peer_all_reduce(t, norm=(w, 1e-6, res))[1],
+            x,
+            args.ops,
+            args.replays,
+        )
         results.append(r)
     torch.cuda.synchronize()
     group.destroy()
@@ -104,11 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         "nccl_env": nccl_env,
         "results": results,
     }
-    rows = [[r["rows"], r["bytes"] / 1024, r["nccl_us"], r["peer_us"]] for r in results]
+    keys = ["rows", "nccl_us", "peer_us", "nccl_norm_us", "peer_norm_us"]
     print_table(
-        f"all-reduce, bf16, 2 GPUs, {nccl_env or 'NCCL defaults'}",
-        ["rows", "KiB", "NCCL us", "peer us"],
-        rows,
+        f"all-reduce, bf16, 2 GPUs (+norm: then add + RMSNorm), {nccl_env or 'NCCL defaults'}",
+        ["rows", "NCCL us", "peer us", "NCCL+norm us", "peer+norm fused us"],
+        [[r[k] for k in keys] for r in results],
     )
     path = write_report("all_reduce", report, args.out)
     print(f"\n{report['card']}  {report['date']}  commit {report.get('git_commit')}  -> {path}")

@@ -12,13 +12,17 @@ per program p (a fixed number of programs, so program p of every rank meets prog
 
 Two slots make reuse safe: to reach call e+2 a rank must have seen every peer's flag of call e+1, posted
 after that peer's call e (which read this rank's slot e % 2) was complete.
+
+With NORM, the kernel goes on with the decoder's add + RMSNorm on the summed rows it already holds
+(rows are whole per program), so the norm after a row-parallel layer costs no extra launch.
 """
 
 import torch
 
 from nanovllm.kernels.backend import tl, triton
+from nanovllm.kernels.rmsnorm import rms_norm_torch
 
-NUM_PROGRAMS = 64  # fixed for every call (see above); <= the SM count, so all are resident at once
+NUM_PROGRAMS = 128  # fixed for every call (see above); <= the SM count, so all are resident at once
 ABORT_POLL_EVERY = 1024  # spins between looks at the host's abort flag (over PCIe, slow)
 
 # ---------------------------------------------------------------- torch reference
@@ -32,24 +36,40 @@ def all_reduce_reference(parts: list[torch.Tensor]) -> torch.Tensor:
     return acc.to(parts[0].dtype)
 
 
+def all_reduce_rms_norm_reference(
+    parts: list[torch.Tensor], weight: torch.Tensor, eps: float, residual: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(sum + residual) * weight, sum + residual): the fused variant's results."""
+    total = all_reduce_reference(parts)
+    if residual is None:
+        return rms_norm_torch(total, weight, eps), total
+    return rms_norm_torch(total, weight, eps, residual)
+
+
 # ---------------------------------------------------------------- Triton kernel
 
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _peer_all_reduce_kernel(
-    x_ptr,  # [num_rows, hidden] this rank's part; the sum is written back here
+    x_ptr,  # [num_rows, hidden] this rank's part; the sum (or, with NORM, sum + residual) is written here
     buffer_ptrs,  # [world] int64: every rank's exchange buffer (2 slots of slot_numel elements)
     flag_ptrs,  # [world] int64: every rank's flags, [world, NUM_PROGRAMS] int64
     epoch_ptr,  # [NUM_PROGRAMS] int64: this rank's call count, per program
     abort_ptr,  # [1] int32 in pinned host memory: nonzero makes waiting programs give up
+    residual_ptr,  # [num_rows, hidden] (HAS_RESIDUAL)
+    weight_ptr,  # [hidden] (NORM)
+    out_ptr,  # [num_rows, hidden] rms_norm(sum + residual) * weight (NORM)
     num_rows,
     hidden,
     slot_numel,
+    eps,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
     BLOCK_H: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
     ABORT_POLL_EVERY: tl.constexpr,
+    NORM: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
@@ -66,19 +86,21 @@ def _peer_all_reduce_kernel(
     tl.debug_barrier()  # every thread's rows are written before the flag says so
 
     for q in tl.static_range(WORLD):
-        flags = tl.load(flag_ptrs + q).to(tl.pointer_type(tl.int64))
-        tl.atomic_xchg(flags + RANK * NUM_PROGRAMS + pid, epoch, sem="release", scope="sys")
+        if q != RANK:
+            flags = tl.load(flag_ptrs + q).to(tl.pointer_type(tl.int64))
+            tl.atomic_xchg(flags + RANK * NUM_PROGRAMS + pid, epoch, sem="release", scope="sys")
     my_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int64))
     for q in tl.static_range(WORLD):
-        seen = tl.atomic_add(my_flags + q * NUM_PROGRAMS + pid, 0, sem="acquire", scope="sys")
-        spins = 0
-        while seen < epoch:
-            spins += 1
-            if spins % ABORT_POLL_EVERY == 0:
-                if tl.load(abort_ptr, volatile=True) != 0:
-                    seen = epoch  # the group is being torn down: stop waiting, the result is dropped
-            if seen < epoch:
-                seen = tl.atomic_add(my_flags + q * NUM_PROGRAMS + pid, 0, sem="acquire", scope="sys")
+        if q != RANK:
+            seen = tl.atomic_add(my_flags + q * NUM_PROGRAMS + pid, 0, sem="acquire", scope="sys")
+            spins = 0
+            while seen < epoch:
+                spins += 1
+                if spins % ABORT_POLL_EVERY == 0:
+                    if tl.load(abort_ptr, volatile=True) != 0:
+                        seen = epoch  # the group is being torn down: stop waiting, the result is dropped
+                if seen < epoch:
+                    seen = tl.atomic_add(my_flags + q * NUM_PROGRAMS + pid, 0, sem="acquire", scope="sys")
     tl.debug_barrier()  # no thread reads a peer's rows before the flags said they are there
 
     for row in range(pid, num_rows, NUM_PROGRAMS):
@@ -87,7 +109,17 @@ def _peer_all_reduce_kernel(
         for q in tl.static_range(WORLD):
             part = tl.load(buffer_ptrs + q).to(tl.pointer_type(dtype)) + slot
             acc += tl.load(part + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
-        tl.store(x_ptr + offs, acc.to(dtype), mask=mask)
+        total = acc.to(dtype)
+        if HAS_RESIDUAL:  # as rms_norm's residual path: the add rounded to the input dtype
+            res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
+            total = (total.to(tl.float32) + res.to(tl.float32)).to(dtype)
+        tl.store(x_ptr + offs, total, mask=mask)
+        if NORM:
+            t = total.to(tl.float32)
+            variance = tl.sum(t * t, axis=0) / hidden
+            normed = (t * tl.rsqrt(variance + eps)).to(dtype).to(tl.float32)
+            weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launcher
@@ -101,24 +133,39 @@ def peer_all_reduce_triton(
     abort_flag: torch.Tensor,
     rank: int,
     slot_numel: int,
-) -> torch.Tensor:
+    norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sum x (contiguous, [..., hidden], numel <= slot_numel) over the ranks in place; returns x.
+    With norm = (weight, eps, residual or None), x becomes sum + residual and the result is
+    (rms_norm(x) * weight, x): the decoder's add+norm, as `rms_norm(sum, weight, eps, residual)`.
     Every rank must call this with the same shape, in the same order as its other collectives."""
     world = buffer_ptrs.numel()
     hidden = x.shape[-1]
+    weight, eps, residual = norm if norm is not None else (x, 0.0, None)
+    out = (
+        torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device) if norm else x
+    )
+    block_h = triton.next_power_of_2(hidden)
     _peer_all_reduce_kernel[(NUM_PROGRAMS,)](
         x,
         buffer_ptrs,
         flag_ptrs,
         epochs,
         abort_flag,
+        residual.contiguous() if residual is not None else x,
+        weight,
+        out,
         x.numel() // hidden,
         hidden,
         slot_numel,
+        eps,
         RANK=rank,
         WORLD=world,
-        BLOCK_H=triton.next_power_of_2(hidden),
+        BLOCK_H=block_h,
         NUM_PROGRAMS=NUM_PROGRAMS,
         ABORT_POLL_EVERY=ABORT_POLL_EVERY,
+        NORM=norm is not None,
+        HAS_RESIDUAL=residual is not None,
+        num_warps=min(max(block_h // 512, 1), 8),
     )
-    return x
+    return (out, x) if norm is not None else x

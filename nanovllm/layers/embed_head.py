@@ -16,8 +16,12 @@ from nanovllm.utils.distributed import get_tp_group, get_tp_rank, get_tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, hidden_size: int):
+    """reduce_results=False: each rank returns its rows (zeros for ids outside its range), for a
+    consumer that sums them over the ranks (the decoder's first AddRMSNorm)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, reduce_results: bool = True):
         super().__init__()
+        self.reduce_results = reduce_results
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.tp_group = get_tp_group()
         self.vocab_size = vocab_size
@@ -39,7 +43,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         in_range = (local >= 0) & (local < self.shard_size)
         y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * in_range.unsqueeze(1)
-        return self.tp_group.all_reduce(y)
+        return self.tp_group.all_reduce(y) if self.reduce_results else y
 
 
 class ParallelLMHead(VocabParallelEmbedding):

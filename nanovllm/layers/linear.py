@@ -129,10 +129,13 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x[:, shard] @ W[:, shard].T — input features split, then all-reduce."""
+    """y = sum over ranks of x[:, shard] @ W[:, shard].T — input features split, then all-reduce.
+    reduce_results=False: each rank returns its partial sum, for a consumer that reduces it (the
+    decoder's AddRMSNorm fuses the all-reduce into the norm)."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True):
         super().__init__()
+        self.reduce_results = reduce_results
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.tp_group = get_tp_group()
         if input_size % self.tp_size:
@@ -153,6 +156,8 @@ class RowParallelLinear(nn.Module):
         _copy(param, load_full(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The bias is added once, after the reduction, not on every rank.
+        # The bias is counted once: after the reduction, or (partial sums) in rank 0's part only.
+        if not self.reduce_results and self.tp_size > 1:
+            return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         y = self.tp_group.all_reduce(F.linear(x, self.weight))
         return y + self.bias if self.bias is not None else y

@@ -17,7 +17,7 @@ from transformers import PretrainedConfig
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.layernorm import AddRMSNorm, RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import get_rope, rope_parameters_from_config
 
@@ -70,8 +70,8 @@ class DecoderAttention(nn.Module):
             num_kv_heads_of(config),
             bias=opts.qkv_bias,
         )
-        self.o_proj = RowParallelLinear(
-            config.num_attention_heads * head_dim, config.hidden_size, bias=opts.o_bias
+        self.o_proj = RowParallelLinear(  # partial sums: the next AddRMSNorm reduces them
+            config.num_attention_heads * head_dim, config.hidden_size, bias=opts.o_bias, reduce_results=False
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # per rank
         self.head_dim = head_dim
@@ -95,7 +95,7 @@ class DecoderMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=opts.mlp_bias)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=opts.mlp_bias)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=opts.mlp_bias, reduce_results=False)
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,8 +107,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DecoderAttention(config, opts, max_position)
         self.mlp = DecoderMLP(config, opts)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = AddRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = AddRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self,
@@ -118,10 +118,8 @@ class DecoderLayer(nn.Module):
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused into the next norm: norm(hidden + residual) and the new residual.
-        if residual is None:
-            hidden, residual = self.input_layernorm(hidden), hidden
-        else:
-            hidden, residual = self.input_layernorm(hidden, residual)
+        # Under TP, hidden arrives as each rank's partial sum, and the norm all-reduces it first.
+        hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
@@ -130,16 +128,18 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, config: PretrainedConfig, opts: DecoderOptions, max_position: int):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = VocabParallelEmbedding(
+            config.vocab_size, config.hidden_size, reduce_results=False
+        )
         self.layers = nn.ModuleList(
             [DecoderLayer(config, opts, max_position) for _ in range(config.num_hidden_layers)]
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = AddRMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
+        hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size] (TP: partial)
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
         return self.norm(hidden, residual)[0]

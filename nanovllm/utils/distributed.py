@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.kernels.backend import HAS_TRITON, use_triton
+from nanovllm.kernels.rmsnorm import rms_norm
 from nanovllm.utils.peer_all_reduce import PeerAllReduce, peers_reachable
 
 RENDEZVOUS_HOST = "127.0.0.1"  # the launcher starts every rank on this host (multi-node: out of scope)
@@ -50,6 +51,17 @@ class TensorParallelGroup:
             return self.peer_all_reduce(x)
         self.backend.allreduce([x]).wait()
         return x
+
+    def all_reduce_rms_norm(
+        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(s) * weight, s) with s = (x summed over the ranks) + residual: the norm after a
+        row-parallel layer, in one kernel where the peer all-reduce takes x. Writes x."""
+        peer = self.peer_all_reduce
+        if self.size > 1 and peer is not None and peer.fits(x) and use_triton(x):
+            return peer(x, norm=(weight, eps, residual))
+        x = self.all_reduce(x)
+        return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank src's x into every rank's x, in place; returns x. (NCCL: queued on the current stream,

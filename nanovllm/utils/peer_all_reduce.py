@@ -60,11 +60,14 @@ class PeerAllReduce:
             and x.numel() * x.element_size() <= self.slot_bytes
         )
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over the ranks, in place (x must `fit`); returns x."""
+    def __call__(
+        self, x: torch.Tensor, norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Sum x over the ranks, in place (x must `fit`); returns x. With norm = (weight, eps, residual):
+        the add+norm that follows, fused (see `peer_all_reduce_triton`)."""
         slot_numel = self.slot_bytes // x.element_size()
         return peer_all_reduce_triton(
-            x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.abort_flag, self.rank, slot_numel
+            x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.abort_flag, self.rank, slot_numel, norm
         )
 
     def abort(self) -> None:

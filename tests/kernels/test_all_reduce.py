@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from nanovllm.kernels import all_reduce
-from nanovllm.kernels.all_reduce import NUM_PROGRAMS, all_reduce_reference, peer_all_reduce_triton
+from nanovllm.kernels.all_reduce import (
+    NUM_PROGRAMS,
+    all_reduce_reference,
+    all_reduce_rms_norm_reference,
+    peer_all_reduce_triton,
+)
 
 WORLD, RANK, PEER = 2, 0, 1
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
@@ -30,9 +35,9 @@ class Buffers:
         self.buffers[PEER][start : start + rows.numel()] = rows.flatten()
         self.flags[RANK].view(WORLD, NUM_PROGRAMS)[PEER] = epoch
 
-    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+    def reduce(self, x: torch.Tensor, norm=None):
         return peer_all_reduce_triton(
-            x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.abort, RANK, self.slot_numel
+            x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.abort, RANK, self.slot_numel, norm
         )
 
 
@@ -46,12 +51,30 @@ def test_sums_in_rank_order_alternating_slots(rows, hidden):
         want = all_reduce_reference([mine, peer])
         got = bufs.reduce(mine.clone())
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        # This rank's rows went to its own slot, and its flags to every rank's flag array.
+        # This rank's rows went to its own slot, and its flags to the peer's flag array.
         start = (epoch % 2) * bufs.slot_numel
         torch.testing.assert_close(bufs.buffers[RANK][start : start + mine.numel()], mine.flatten())
-        for q in range(WORLD):
-            assert bufs.flags[q].view(WORLD, NUM_PROGRAMS)[RANK].tolist() == [epoch] * NUM_PROGRAMS
+        assert bufs.flags[PEER].view(WORLD, NUM_PROGRAMS)[RANK].tolist() == [epoch] * NUM_PROGRAMS
         assert bufs.epochs.tolist() == [epoch] * NUM_PROGRAMS
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_add_rms_norm(with_residual):
+    rows, hidden, eps = 3, 48, 1e-6
+    bufs = Buffers(slot_numel=rows * hidden)
+    gen = torch.Generator().manual_seed(7)
+    mine, peer, residual = (
+        torch.randn(rows, hidden, generator=gen).to(DEVICE, torch.float16) for _ in range(3)
+    )
+    weight = torch.randn(hidden, generator=gen).to(DEVICE, torch.float16)
+    residual = residual if with_residual else None
+    bufs.publish_peer(peer, 1)
+    want = all_reduce_rms_norm_reference([mine, peer], weight, eps, residual)
+    x = mine.clone()
+    out, new_residual = bufs.reduce(x, norm=(weight, eps, residual))
+    assert new_residual is x  # written in place
+    torch.testing.assert_close(out, want[0], rtol=0, atol=0)
+    torch.testing.assert_close(new_residual, want[1], rtol=0, atol=0)
 
 
 def test_abort_flag_releases_a_rank_waiting_for_a_peer_that_never_comes(monkeypatch):
