@@ -18,11 +18,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from nanovllm.benchmark.common import DEFAULT_OUT_DIR, print_table, run_info, write_report  # noqa: E402
 from nanovllm.kernels.rmsnorm import rms_norm  # noqa: E402
 from nanovllm.utils.distributed import connect_rendezvous, create_rendezvous, new_tp_group  # noqa: E402
+from nanovllm.utils.peer_all_reduce import PeerAllReduce  # noqa: E402
 
 WORLD = 2
 
@@ -34,6 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--ops", type=int, default=64, help="all-reduces per graph")
     p.add_argument("--replays", type=int, default=20)
+    p.add_argument("--programs", default="32,64,128", help="peer kernel grid sizes to compare")
     return p.parse_args(argv)
 
 
@@ -63,6 +66,10 @@ def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]
     group = new_tp_group(store, rank, WORLD, device, 60)
     if group.peer_all_reduce is None:
         raise RuntimeError("the GPUs cannot reach each other's memory (no NVLink/P2P): no peer all-reduce")
+    peers = {
+        n: PeerAllReduce(dist.PrefixStore(f"bench{n}", store), rank, WORLD, device, num_programs=n)
+        for n in (int(p) for p in args.programs.split(","))
+    }
 
     def nccl(x: torch.Tensor) -> torch.Tensor:
         group.backend.allreduce([x]).wait()
@@ -73,18 +80,19 @@ def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]
         x = torch.randn(rows, args.hidden, device=device, dtype=torch.bfloat16)
         r = {"rows": rows, "hidden": args.hidden, "bytes": x.numel() * x.element_size()}
         r["nccl_us"] = time_graph(nccl, x, args.ops, args.replays)
-        r["peer_us"] = time_graph(group.peer_all_reduce, x, args.ops, args.replays)
         # With the decoder's add + RMSNorm after it: NCCL then the norm kernel, vs one fused kernel.
         weight, residual = torch.randn(args.hidden, device=device, dtype=x.dtype), torch.randn_like(x)
         r["nccl_norm_us"] = time_graph(
             lambda t, w=weight, res=residual: rms_norm(nccl(t), w, 1e-6, res)[1], x, args.ops, args.replays
         )
-        r["peer_norm_us"] = time_graph(
-            lambda t, w=weight, res=residual: group.peer_all_reduce(t, norm=(w, 1e-6, res))[1],
-            x,
-            args.ops,
-            args.replays,
-        )
+        for n, peer in peers.items():
+            r[f"peer{n}_us"] = time_graph(peer, x, args.ops, args.replays)
+            r[f"peer{n}_norm_us"] = time_graph(
+                lambda t, p=peer, w=weight, res=residual: p(t, norm=(w, 1e-6, res))[1],
+                x,
+                args.ops,
+                args.replays,
+            )
         results.append(r)
     torch.cuda.synchronize()
     group.destroy()
@@ -116,10 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         "nccl_env": nccl_env,
         "results": results,
     }
-    keys = ["rows", "nccl_us", "peer_us", "nccl_norm_us", "peer_norm_us"]
+    programs = args.programs.split(",")
+    keys = ["rows", "nccl_us", "nccl_norm_us"] + [
+        f"peer{n}{k}" for n in programs for k in ("_us", "_norm_us")
+    ]
     print_table(
-        f"all-reduce, bf16, 2 GPUs (+norm: then add + RMSNorm), {nccl_env or 'NCCL defaults'}",
-        ["rows", "NCCL us", "peer us", "NCCL+norm us", "peer+norm fused us"],
+        f"all-reduce us, bf16, 2 GPUs (+norm: then add + RMSNorm; peerN: N programs), {nccl_env or 'NCCL'}",
+        ["rows", "NCCL", "NCCL+norm"] + [f"peer{n}{k}" for n in programs for k in ("", "+norm")],
         [[r[k] for k in keys] for r in results],
     )
     path = write_report("all_reduce", report, args.out)

@@ -22,7 +22,7 @@ import torch
 from nanovllm.kernels.backend import tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 
-NUM_PROGRAMS = 128  # fixed for every call (see above); <= the SM count, so all are resident at once
+NUM_PROGRAMS = 64  # the default; fixed for every call of one group (see above); <= the SM count (resident)
 ABORT_POLL_EVERY = 1024  # spins between looks at the host's abort flag (over PCIe, slow)
 
 # ---------------------------------------------------------------- torch reference
@@ -134,11 +134,13 @@ def peer_all_reduce_triton(
     rank: int,
     slot_numel: int,
     norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None,
+    num_programs: int = NUM_PROGRAMS,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sum x (contiguous, [..., hidden], numel <= slot_numel) over the ranks in place; returns x.
     With norm = (weight, eps, residual or None), x becomes sum + residual and the result is
     (rms_norm(x) * weight, x): the decoder's add+norm, as `rms_norm(sum, weight, eps, residual)`.
-    Every rank must call this with the same shape, in the same order as its other collectives."""
+    Every rank must call this with the same shape, in the same order as its other collectives, and the
+    same num_programs every time (the flags and epochs hold num_programs entries per rank)."""
     world = buffer_ptrs.numel()
     hidden = x.shape[-1]
     weight, eps, residual = norm if norm is not None else (x, 0.0, None)
@@ -146,7 +148,7 @@ def peer_all_reduce_triton(
         torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device) if norm else x
     )
     block_h = triton.next_power_of_2(hidden)
-    _peer_all_reduce_kernel[(NUM_PROGRAMS,)](
+    _peer_all_reduce_kernel[(num_programs,)](
         x,
         buffer_ptrs,
         flag_ptrs,
@@ -162,7 +164,7 @@ def peer_all_reduce_triton(
         RANK=rank,
         WORLD=world,
         BLOCK_H=block_h,
-        NUM_PROGRAMS=NUM_PROGRAMS,
+        NUM_PROGRAMS=num_programs,
         ABORT_POLL_EVERY=ABORT_POLL_EVERY,
         NORM=norm is not None,
         HAS_RESIDUAL=residual is not None,

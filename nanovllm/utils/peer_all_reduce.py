@@ -27,12 +27,14 @@ def peers_reachable(size: int) -> bool:
 class PeerAllReduce:
     """One rank's side of the peer-memory all-reduce: its buffers and the table of everyone's."""
 
-    def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device):
-        self.rank, self.size = rank, size
+    def __init__(
+        self, store: dist.Store, rank: int, size: int, device: torch.device, num_programs: int = NUM_PROGRAMS
+    ):
+        self.rank, self.size, self.num_programs = rank, size, num_programs
         self.slot_bytes = MAX_BYTES
         self.buffer = torch.empty(2 * MAX_BYTES, dtype=torch.uint8, device=device)
-        self.flags = torch.zeros(size * NUM_PROGRAMS, dtype=torch.int64, device=device)
-        self.epochs = torch.zeros(NUM_PROGRAMS, dtype=torch.int64, device=device)
+        self.flags = torch.zeros(size * num_programs, dtype=torch.int64, device=device)
+        self.epochs = torch.zeros(num_programs, dtype=torch.int64, device=device)
         self.abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         torch.cuda.synchronize(device)  # the zeroed flags are in place before any peer can write them
         store.set(f"peer_all_reduce/{rank}", pickle.dumps((_share(self.buffer), _share(self.flags))))
@@ -67,7 +69,15 @@ class PeerAllReduce:
         the add+norm that follows, fused (see `peer_all_reduce_triton`)."""
         slot_numel = self.slot_bytes // x.element_size()
         return peer_all_reduce_triton(
-            x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.abort_flag, self.rank, slot_numel, norm
+            x,
+            self.buffer_ptrs,
+            self.flag_ptrs,
+            self.epochs,
+            self.abort_flag,
+            self.rank,
+            slot_numel,
+            norm,
+            self.num_programs,
         )
 
     def abort(self) -> None:

@@ -97,6 +97,9 @@ def test_peer_all_reduce_is_exact_on_both_ranks_and_under_cuda_graphs():
     threading.Thread(target=abort_if_worker_fails, daemon=True).start()
     try:
         _rank(0, store, groups)
+    except BaseException:
+        worker.kill()  # it may be waiting in a kernel for rank 0's next all-reduce
+        raise
     finally:
-        worker.join(timeout=120)
+        worker.join(timeout=60)
     assert worker.exitcode == 0
