@@ -92,7 +92,10 @@ def _peer_all_reduce_kernel(
     my_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int64))
     for q in tl.static_range(WORLD):
         if q != RANK:
-            seen = tl.atomic_add(my_flags + q * NUM_PROGRAMS + pid, 0, sem="acquire", scope="sys")
+            flag = my_flags + q * NUM_PROGRAMS + pid
+            # Spin on volatile loads (uncached: they see the peer's write as soon as it lands), then one
+            # acquire read, so that the rows read below are ordered after the flag.
+            seen = tl.load(flag, volatile=True)
             spins = 0
             while seen < epoch:
                 spins += 1
@@ -100,7 +103,8 @@ def _peer_all_reduce_kernel(
                     if tl.load(abort_ptr, volatile=True) != 0:
                         seen = epoch  # the group is being torn down: stop waiting, the result is dropped
                 if seen < epoch:
-                    seen = tl.atomic_add(my_flags + q * NUM_PROGRAMS + pid, 0, sem="acquire", scope="sys")
+                    seen = tl.load(flag, volatile=True)
+            tl.atomic_add(flag, 0, sem="acquire", scope="sys")
     tl.debug_barrier()  # no thread reads a peer's rows before the flags said they are there
 
     for row in range(pid, num_rows, NUM_PROGRAMS):
@@ -168,6 +172,5 @@ def peer_all_reduce_triton(
         ABORT_POLL_EVERY=ABORT_POLL_EVERY,
         NORM=norm is not None,
         HAS_RESIDUAL=residual is not None,
-        num_warps=min(max(block_h // 512, 1), 8),
     )
     return (out, x) if norm is not None else x
