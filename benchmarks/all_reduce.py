@@ -94,6 +94,11 @@ def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]
                 args.replays,
             )
         results.append(r)
+        if rank == 0:
+            print(
+                f"rows {rows}: " + ", ".join(f"{k} {v:.1f}" for k, v in r.items() if k.endswith("_us")),
+                flush=True,
+            )
     torch.cuda.synchronize()
     group.destroy()
     return results
