@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--ops", type=int, default=64, help="all-reduces per graph")
     p.add_argument("--replays", type=int, default=10)
-    p.add_argument("--programs", default="64,128", help="peer kernel grid sizes to compare")
+    p.add_argument("--programs", default="32,64", help="peer kernel grid sizes to compare")
     return p.parse_args(argv)
 
 

@@ -28,8 +28,16 @@ class PeerAllReduce:
     """One rank's side of the peer-memory all-reduce: its buffers and the table of everyone's."""
 
     def __init__(
-        self, store: dist.Store, rank: int, size: int, device: torch.device, num_programs: int = NUM_PROGRAMS
+        self,
+        store: dist.Store,
+        rank: int,
+        size: int,
+        device: torch.device,
+        num_programs: int | None = None,
     ):
+        if num_programs is None:  # every program must be resident at once: well under the SM count
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            num_programs = min(NUM_PROGRAMS, sms // 2)
         self.rank, self.size, self.num_programs = rank, size, num_programs
         self.slot_bytes = MAX_BYTES
         self.buffer = torch.empty(2 * MAX_BYTES, dtype=torch.uint8, device=device)
