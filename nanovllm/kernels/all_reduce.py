@@ -23,7 +23,6 @@ from nanovllm.kernels.backend import tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 
 NUM_PROGRAMS = 64  # the default; fixed for every call of one group (see above); <= the SM count (resident)
-ROWS_PER_PROGRAM = 2
 ABORT_POLL_EVERY = 1024  # spins between looks at the host's abort flag (over PCIe, slow)
 
 # ---------------------------------------------------------------- torch reference
@@ -71,7 +70,6 @@ def _peer_all_reduce_kernel(
     ABORT_POLL_EVERY: tl.constexpr,
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    ROWS: tl.constexpr,  # rows per program and step: more bytes in flight over NVLink
 ):
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
@@ -79,15 +77,11 @@ def _peer_all_reduce_kernel(
     tl.store(epoch_ptr + pid, epoch)
     slot = (epoch % 2) * slot_numel
     cols = tl.arange(0, BLOCK_H)
-    col_mask = cols < hidden
-    tile = tl.arange(0, ROWS)
+    mask = cols < hidden
 
-    # Program p owns rows [p * ROWS, (p + 1) * ROWS), then the same NUM_PROGRAMS * ROWS further on.
     mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(dtype)) + slot
-    for first in range(pid * ROWS, num_rows, NUM_PROGRAMS * ROWS):
-        rows = first + tile  # [ROWS]
-        offs = rows[:, None] * hidden + cols[None, :]  # [ROWS, BLOCK_H]; < slot_numel: int32 is enough
-        mask = (rows < num_rows)[:, None] & col_mask[None, :]
+    for row in range(pid, num_rows, NUM_PROGRAMS):
+        offs = row * hidden + cols  # < slot_numel: int32 is enough
         tl.store(mine + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
     tl.debug_barrier()  # every thread's rows are written before the flag says so
 
@@ -113,11 +107,9 @@ def _peer_all_reduce_kernel(
             tl.atomic_add(flag, 0, sem="acquire", scope="sys")
     tl.debug_barrier()  # no thread reads a peer's rows before the flags said they are there
 
-    for first in range(pid * ROWS, num_rows, NUM_PROGRAMS * ROWS):
-        rows = first + tile
-        offs = rows[:, None] * hidden + cols[None, :]
-        mask = (rows < num_rows)[:, None] & col_mask[None, :]
-        acc = tl.zeros([ROWS, BLOCK_H], dtype=tl.float32)
+    for row in range(pid, num_rows, NUM_PROGRAMS):
+        offs = row * hidden + cols  # < slot_numel: int32 is enough
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for q in tl.static_range(WORLD):
             part = tl.load(buffer_ptrs + q).to(tl.pointer_type(dtype)) + slot
             acc += tl.load(part + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
@@ -128,10 +120,10 @@ def _peer_all_reduce_kernel(
         tl.store(x_ptr + offs, total, mask=mask)
         if NORM:
             t = total.to(tl.float32)
-            variance = tl.sum(t * t, axis=1) / hidden  # [ROWS]
-            normed = (t * tl.rsqrt(variance + eps)[:, None]).to(dtype).to(tl.float32)
-            weight = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs, (normed * weight[None, :]).to(out_ptr.dtype.element_ty), mask=mask)
+            variance = tl.sum(t * t, axis=0) / hidden
+            normed = (t * tl.rsqrt(variance + eps)).to(dtype).to(tl.float32)
+            weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptr + offs, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------- launcher
@@ -180,6 +172,5 @@ def peer_all_reduce_triton(
         ABORT_POLL_EVERY=ABORT_POLL_EVERY,
         NORM=norm is not None,
         HAS_RESIDUAL=residual is not None,
-        ROWS=ROWS_PER_PROGRAM,
     )
     return (out, x) if norm is not None else x
