@@ -24,7 +24,7 @@ import torch.multiprocessing as mp  # noqa: E402
 from nanovllm.benchmark.common import DEFAULT_OUT_DIR, print_table, run_info, write_report  # noqa: E402
 from nanovllm.kernels.rmsnorm import rms_norm  # noqa: E402
 from nanovllm.utils.distributed import connect_rendezvous, create_rendezvous, new_tp_group  # noqa: E402
-from nanovllm.utils.peer_all_reduce import PeerAllReduce  # noqa: E402
+from nanovllm.utils.peer_all_reduce import connect_peers  # noqa: E402
 
 WORLD = 2
 
@@ -67,7 +67,7 @@ def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]
     if group.peer_all_reduce is None:
         raise RuntimeError("the GPUs cannot reach each other's memory (no NVLink/P2P): no peer all-reduce")
     peers = {
-        n: PeerAllReduce(dist.PrefixStore(f"bench{n}", store), rank, WORLD, device, num_programs=n)
+        n: connect_peers(dist.PrefixStore(f"bench{n}", store), rank, WORLD, device, num_programs=n)
         for n in (int(p) for p in args.programs.split(","))
     }
 
@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     proc.start()
     try:
         results = run_rank(0, store, args)
+    except BaseException:
+        proc.kill()  # it may be waiting in a kernel for rank 0's next all-reduce
+        raise
     finally:
         proc.join(timeout=120)
     nccl_env = {k: v for k, v in os.environ.items() if k.startswith("NCCL_")}

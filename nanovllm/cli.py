@@ -23,6 +23,7 @@ _ENGINE_ARG_TYPES = {
     "enforce_eager": bool,
     "async_scheduling": bool,
     "tensor_parallel_size": int,
+    "disable_custom_all_reduce": bool,
     "seed": int,
     "kernel_backend": str,
 }

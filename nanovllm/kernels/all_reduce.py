@@ -6,8 +6,8 @@ per program p (a fixed number of programs, so program p of every rank meets prog
 
     epoch = ++epochs[p]                       this rank's call count (device memory: CUDA graphs replay it)
     copy my rows into my buffer's slot (epoch % 2)
-    flags_of_rank_q[my_rank, p] = epoch       for every rank q (system-scope release: my rows first)
-    wait until my_flags[q, p] >= epoch        for every rank q (acquire)
+    flags_of_rank_q[my_rank, p] = epoch       for every other rank q (system-scope release: rows first)
+    wait until my_flags[q, p] >= epoch        for every other rank q (volatile loads, then acquire)
     rows = sum over q, in rank order, of rank q's slot rows (fp32, one rounding: equal on every rank)
 
 Two slots make reuse safe: to reach call e+2 a rank must have seen every peer's flag of call e+1, posted
@@ -22,8 +22,8 @@ import torch
 from nanovllm.kernels.backend import tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 
-NUM_PROGRAMS = 64  # the default; fixed for every call of one group (see above); <= the SM count (resident)
-ABORT_POLL_EVERY = 1024  # spins between looks at the host's abort flag (over PCIe, slow)
+NUM_PROGRAMS = 64  # the grid (at most half the SMs: all resident at once); fixed for every call of a group
+ABORT_POLL_SPINS = 1024  # spins between looks at the host's abort flag (over PCIe, slow)
 
 # ---------------------------------------------------------------- torch reference
 
@@ -67,7 +67,7 @@ def _peer_all_reduce_kernel(
     WORLD: tl.constexpr,
     BLOCK_H: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
-    ABORT_POLL_EVERY: tl.constexpr,
+    ABORT_POLL_SPINS: tl.constexpr,
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
 ):
@@ -99,7 +99,7 @@ def _peer_all_reduce_kernel(
             spins = 0
             while seen < epoch:
                 spins += 1
-                if spins % ABORT_POLL_EVERY == 0:
+                if spins % ABORT_POLL_SPINS == 0:
                     if tl.load(abort_ptr, volatile=True) != 0:
                         seen = epoch  # the group is being torn down: stop waiting, the result is dropped
                 if seen < epoch:
@@ -147,10 +147,18 @@ def peer_all_reduce_triton(
     same num_programs every time (the flags and epochs hold num_programs entries per rank)."""
     world = buffer_ptrs.numel()
     hidden = x.shape[-1]
+    if not x.is_contiguous() or x.numel() > slot_numel or hidden == 0:
+        raise ValueError(f"x must be contiguous with 0 < numel <= {slot_numel}, got {tuple(x.shape)}")
     weight, eps, residual = norm if norm is not None else (x, 0.0, None)
-    out = (
-        torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device) if norm else x
-    )
+    if norm is not None and weight.shape != (hidden,):
+        raise ValueError(f"weight must have shape ({hidden},), got {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(
+            f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
+        )
+    out = x
+    if norm is not None:
+        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     block_h = triton.next_power_of_2(hidden)
     _peer_all_reduce_kernel[(num_programs,)](
         x,
@@ -169,7 +177,7 @@ def peer_all_reduce_triton(
         WORLD=world,
         BLOCK_H=block_h,
         NUM_PROGRAMS=num_programs,
-        ABORT_POLL_EVERY=ABORT_POLL_EVERY,
+        ABORT_POLL_SPINS=ABORT_POLL_SPINS,
         NORM=norm is not None,
         HAS_RESIDUAL=residual is not None,
     )

@@ -18,7 +18,7 @@ try:
 
     HAS_TRITON = True
 except ImportError:  # the kernels below still get defined, as plain functions that are never launched
-    triton = SimpleNamespace(jit=lambda fn: fn)
+    triton = SimpleNamespace(jit=lambda fn=None, **options: fn if fn is not None else (lambda f: f))
     tl = SimpleNamespace(constexpr=None)
     HAS_TRITON = False
 

@@ -1,7 +1,8 @@
 """Vocabulary-parallel embedding and LM head.
 
 The vocabulary is split into equal contiguous ranges, one per rank (padded so it divides evenly).
-Embedding: each rank looks up the ids in its range, writes zeros elsewhere, then all-reduce.
+Embedding: each rank looks up the ids in its range, writes zeros elsewhere, then all-reduce (or, with
+reduce_results=False as in the decoder, the first AddRMSNorm reduces it).
 LM head: each rank computes logits for its range; rank 0 gathers them and drops the padding.
 """
 

@@ -43,8 +43,5 @@ class AddRMSNorm(RMSNorm):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.tp_group.size > 1:
-            return self.tp_group.all_reduce_rms_norm(x, self.weight, self.eps, residual)
-        if residual is None:
-            return rms_norm(x, self.weight, self.eps), x
-        return rms_norm(x, self.weight, self.eps, residual)
+        # (a single-rank group's all-reduce is a no-op: this is the plain add + norm)
+        return self.tp_group.all_reduce_rms_norm(x, self.weight, self.eps, residual)

@@ -1,7 +1,8 @@
 """Linear layers split across tensor-parallel ranks (Megatron-style).
 
 Column-parallel layers split the output features: each rank computes a slice, no communication.
-Row-parallel layers split the input features: each rank computes a partial sum, then all-reduce.
+Row-parallel layers split the input features: each rank computes a partial sum, then all-reduce (or,
+with reduce_results=False as in the decoder, the next AddRMSNorm reduces it, fused with the norm).
 Every parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies this rank's
 shard out of a checkpoint tensor, so loading streams each weight straight into place. `loaded` is a
 tensor or a safetensors slice (only the shard is read from disk).

@@ -2,7 +2,8 @@
 
 Every engine owns its own group, built straight from a c10d backend (gloo on CPU, NCCL on CUDA)
 over its own rendezvous store: there is no process-wide default process group, so two engines in
-one process (or on one host) never share a port or a name.
+one process (or on one host) never share a port or a name. On GPUs that reach each other's memory,
+small all-reduces go through peer memory instead of NCCL (utils/peer_all_reduce.py).
 
 Layers learn their rank and size when they are built: the model runner is constructed inside
 `building_with(group)`, and each parallel layer keeps the group it saw (`get_tp_group()`) for its
@@ -21,7 +22,7 @@ import torch.distributed as dist
 
 from nanovllm.kernels.backend import HAS_TRITON, use_triton
 from nanovllm.kernels.rmsnorm import rms_norm
-from nanovllm.utils.peer_all_reduce import PeerAllReduce, peers_reachable
+from nanovllm.utils.peer_all_reduce import PeerAllReduce, connect_peers
 
 RENDEZVOUS_HOST = "127.0.0.1"  # the launcher starts every rank on this host (multi-node: out of scope)
 
@@ -47,7 +48,7 @@ class TensorParallelGroup:
         """Sum x over the ranks, in place; returns x."""
         if self.size == 1:
             return x
-        if self.peer_all_reduce is not None and self.peer_all_reduce.fits(x) and use_triton(x):
+        if self._takes_peer(x):
             return self.peer_all_reduce(x)
         self.backend.allreduce([x]).wait()
         return x
@@ -57,11 +58,15 @@ class TensorParallelGroup:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(rms_norm(s) * weight, s) with s = (x summed over the ranks) + residual: the norm after a
         row-parallel layer, in one kernel where the peer all-reduce takes x. Writes x."""
-        peer = self.peer_all_reduce
-        if self.size > 1 and peer is not None and peer.fits(x) and use_triton(x):
-            return peer(x, norm=(weight, eps, residual))
+        if self.size > 1 and self._takes_peer(x):
+            return self.peer_all_reduce(x, norm=(weight, eps, residual))
         x = self.all_reduce(x)
         return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
+
+    def _takes_peer(self, x: torch.Tensor) -> bool:
+        """Whether x goes through peer memory rather than NCCL (the same answer on every rank: it
+        depends only on x's shape, dtype and layout, and the kernel backend)."""
+        return self.peer_all_reduce is not None and self.peer_all_reduce.fits(x) and use_triton(x)
 
     def broadcast(self, x: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank src's x into every rank's x, in place; returns x. (NCCL: queued on the current stream,
@@ -173,9 +178,9 @@ def new_tp_group(
         opts._timeout = timeout
         opts.global_ranks_in_group = list(range(size))
         backend = dist.ProcessGroupNCCL(store, rank, size, opts)
-        if custom_all_reduce and HAS_TRITON and peers_reachable(size):
-            peer = PeerAllReduce(dist.PrefixStore("peer", store), rank, size, device)
-            return TensorParallelGroup(rank, size, backend, peer)
-        return TensorParallelGroup(rank, size, backend)
+        peer = None
+        if custom_all_reduce and HAS_TRITON:
+            peer = connect_peers(dist.PrefixStore("peer", store), rank, size, device)
+        return TensorParallelGroup(rank, size, backend, peer)
     backend = dist.ProcessGroupGloo(store, rank, size, timeout)
     return TensorParallelGroup(rank, size, backend)

@@ -5,10 +5,15 @@ Each rank allocates an exchange buffer (2 slots) and a flag array on its own GPU
 handles through the group's rendezvous store, and maps every other rank's into its own address space
 (on its own device: the pointers reach the peer GPU over NVLink). The kernel gets a table of those
 pointers. Small reductions (a decode step's activations) go this way; larger ones (prefill) to NCCL.
+
+Setting up is all or nothing: every rank reports through the store whether it could reach and map
+every peer, and the group uses peer memory only if all could (ranks that disagreed on the collective
+would wait for each other forever).
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 
 import torch
@@ -16,45 +21,39 @@ import torch.distributed as dist
 
 from nanovllm.kernels.all_reduce import NUM_PROGRAMS, peer_all_reduce_triton
 
-MAX_BYTES = 2 * 1024 * 1024  # per slot: 256 rows of a 4096-wide bf16 hidden state; above it NCCL wins
+logger = logging.getLogger(__name__)
 
-
-def peers_reachable(size: int) -> bool:
-    """Whether every GPU of the group can read every other's memory directly."""
-    return all(torch.cuda.can_device_access_peer(a, b) for a in range(size) for b in range(size) if a != b)
+MAX_SLOT_BYTES = 2 * 1024 * 1024  # 256 rows of a 4096-wide bf16 hidden state (a decode step); more: NCCL
+MAX_HIDDEN = 16384  # a program holds one whole row in registers
 
 
 class PeerAllReduce:
-    """One rank's side of the peer-memory all-reduce: its buffers and the table of everyone's."""
+    """One rank's side of the peer-memory all-reduce: its buffers and the table of everyone's.
+    Build it with `connect_peers`, which every rank of the group calls."""
 
-    def __init__(
-        self,
-        store: dist.Store,
-        rank: int,
-        size: int,
-        device: torch.device,
-        num_programs: int | None = None,
-    ):
-        if num_programs is None:  # every program must be resident at once: well under the SM count
-            sms = torch.cuda.get_device_properties(device).multi_processor_count
-            num_programs = min(NUM_PROGRAMS, sms // 2)
+    def __init__(self, rank: int, size: int, device: torch.device, num_programs: int):
         self.rank, self.size, self.num_programs = rank, size, num_programs
-        self.slot_bytes = MAX_BYTES
-        self.buffer = torch.empty(2 * MAX_BYTES, dtype=torch.uint8, device=device)
+        self.buffer = torch.empty(2 * MAX_SLOT_BYTES, dtype=torch.uint8, device=device)
         self.flags = torch.zeros(size * num_programs, dtype=torch.int64, device=device)
         self.epochs = torch.zeros(num_programs, dtype=torch.int64, device=device)
         self.abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         torch.cuda.synchronize(device)  # the zeroed flags are in place before any peer can write them
-        store.set(f"peer_all_reduce/{rank}", pickle.dumps((_share(self.buffer), _share(self.flags))))
         self._mapped: list[torch.UntypedStorage] = []  # peers' storages, kept open while in use
+        self.buffer_ptrs: torch.Tensor | None = None  # [size] int64, set by _map
+        self.flag_ptrs: torch.Tensor | None = None
+
+    def handles(self) -> tuple:
+        return _share(self.buffer), _share(self.flags)
+
+    def _map(self, handles: list[tuple | None], device: torch.device) -> None:
+        """Open every peer's buffers (handles[rank] is ignored) and build the pointer tables."""
         buffer_ptrs, flag_ptrs = [], []
-        for peer in range(size):
-            if peer == rank:
+        for peer, shared in enumerate(handles):
+            if peer == self.rank:
                 buffer_ptrs.append(self.buffer.data_ptr())
                 flag_ptrs.append(self.flags.data_ptr())
                 continue
-            handles = pickle.loads(store.get(f"peer_all_reduce/{peer}"))
-            for ptrs, handle in zip((buffer_ptrs, flag_ptrs), handles, strict=True):
+            for ptrs, handle in zip((buffer_ptrs, flag_ptrs), shared, strict=True):
                 storage = _open(handle, device)
                 self._mapped.append(storage)
                 ptrs.append(storage.data_ptr())
@@ -62,20 +61,25 @@ class PeerAllReduce:
         self.flag_ptrs = torch.tensor(flag_ptrs, dtype=torch.int64, device=device)
 
     def fits(self, x: torch.Tensor) -> bool:
+        """Whether x goes through peer memory (else NCCL): a small, contiguous [..., hidden] tensor."""
         return (
             x.is_cuda
             and x.is_contiguous()
             and x.dim() >= 1
+            and 0 < x.shape[-1] <= MAX_HIDDEN
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and x.numel() * x.element_size() <= self.slot_bytes
+            and x.numel() * x.element_size() <= MAX_SLOT_BYTES
         )
 
     def __call__(
         self, x: torch.Tensor, norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Sum x over the ranks, in place (x must `fit`); returns x. With norm = (weight, eps, residual):
-        the add+norm that follows, fused (see `peer_all_reduce_triton`)."""
-        slot_numel = self.slot_bytes // x.element_size()
+        """Sum x over the ranks, in place; returns x. With norm = (weight, eps, residual): the add+norm
+        that follows, fused (see `peer_all_reduce_triton`)."""
+        if not self.fits(x):
+            raise ValueError(
+                f"{tuple(x.shape)} {x.dtype} does not fit the peer all-reduce (see PeerAllReduce.fits)"
+            )
         return peer_all_reduce_triton(
             x,
             self.buffer_ptrs,
@@ -83,7 +87,7 @@ class PeerAllReduce:
             self.epochs,
             self.abort_flag,
             self.rank,
-            slot_numel,
+            MAX_SLOT_BYTES // x.element_size(),
             norm,
             self.num_programs,
         )
@@ -91,6 +95,44 @@ class PeerAllReduce:
     def abort(self) -> None:
         """Kernels waiting for a peer that is gone give up (their results are garbage)."""
         self.abort_flag.fill_(1)
+
+
+def connect_peers(
+    store: dist.Store, rank: int, size: int, device: torch.device, num_programs: int | None = None
+) -> PeerAllReduce | None:
+    """Every rank of the group calls this; all get a PeerAllReduce, or all get None (some GPU cannot
+    reach another's memory, or CUDA IPC failed somewhere)."""
+    # Rank 0 picks the grid (the flags of every rank hold num_programs entries per rank): every program
+    # must be resident at once, so well under the SM count.
+    if rank == 0:
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        store.set("num_programs", str(num_programs or min(NUM_PROGRAMS, sms // 2)))
+    num_programs = int(store.get("num_programs"))
+    store.set(f"device/{rank}", str(device.index))
+    devices = [int(store.get(f"device/{r}")) for r in range(size)]
+    peer = None
+    try:
+        if all(torch.cuda.can_device_access_peer(device, d) for d in devices if d != device.index):
+            peer = PeerAllReduce(rank, size, device, num_programs)
+    except Exception:
+        logger.warning(
+            "rank %d: peer all-reduce buffers failed; NCCL for every all-reduce", rank, exc_info=True
+        )
+    store.set(f"handles/{rank}", pickle.dumps(peer.handles() if peer is not None else None))
+    handles = [pickle.loads(store.get(f"handles/{r}")) for r in range(size)]
+    mapped = False
+    if all(h is not None for h in handles):
+        try:
+            peer._map(handles, device)
+            mapped = True
+        except Exception:
+            logger.warning(
+                "rank %d: mapping a peer's buffers failed; NCCL for every all-reduce", rank, exc_info=True
+            )
+    store.set(f"mapped/{rank}", "1" if mapped else "0")
+    if all(store.get(f"mapped/{r}") == b"1" for r in range(size)):
+        return peer
+    return None
 
 
 def _share(t: torch.Tensor) -> tuple:

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from nanovllm.kernels.all_reduce import all_reduce_reference, all_reduce_rms_norm_reference
 from nanovllm.utils.distributed import connect_rendezvous, create_rendezvous, new_tp_group
-from nanovllm.utils.peer_all_reduce import MAX_BYTES
+from nanovllm.utils.peer_all_reduce import MAX_SLOT_BYTES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu]
 
@@ -42,7 +42,7 @@ def _rank(rank: int, store, groups: list) -> None:
                 call += 1
                 parts = _parts(shape, dtype, call, device)
                 x = parts[rank].clone()
-                if group.peer_all_reduce.fits(x) != (x.numel() * x.element_size() <= MAX_BYTES):
+                if group.peer_all_reduce.fits(x) != (x.numel() * x.element_size() <= MAX_SLOT_BYTES):
                     raise AssertionError(f"{shape} {dtype}: wrong choice between peer memory and NCCL")
                 group.all_reduce(x)
                 torch.testing.assert_close(x, all_reduce_reference(parts), rtol=0, atol=0)

@@ -18,9 +18,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on th
 
 
 class Buffers:
-    def __init__(self, slot_numel: int):
+    def __init__(self, slot_numel: int, dtype: torch.dtype = torch.float16):
         self.slot_numel = slot_numel
-        self.buffers = [torch.zeros(2 * slot_numel, dtype=torch.float16, device=DEVICE) for _ in range(WORLD)]
+        self.buffers = [torch.zeros(2 * slot_numel, dtype=dtype, device=DEVICE) for _ in range(WORLD)]
         self.flags = [
             torch.zeros(WORLD * NUM_PROGRAMS, dtype=torch.int64, device=DEVICE) for _ in range(WORLD)
         ]
@@ -41,12 +41,15 @@ class Buffers:
         )
 
 
-@pytest.mark.parametrize("rows,hidden", [(1, 64), (5, 40), (NUM_PROGRAMS + 3, 16)])
-def test_sums_in_rank_order_alternating_slots(rows, hidden):
-    bufs = Buffers(slot_numel=rows * hidden + 8)
+@pytest.mark.parametrize(
+    "rows,hidden,dtype",
+    [(1, 64, torch.float16), (5, 40, torch.float32), (NUM_PROGRAMS + 3, 16, torch.float16)],
+)
+def test_sums_in_rank_order_alternating_slots(rows, hidden, dtype):
+    bufs = Buffers(slot_numel=rows * hidden + 8, dtype=dtype)
     gen = torch.Generator().manual_seed(rows)
     for epoch in (1, 2, 3):
-        mine, peer = (torch.randn(rows, hidden, generator=gen).to(DEVICE, torch.float16) for _ in range(2))
+        mine, peer = (torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) for _ in range(2))
         bufs.publish_peer(peer, epoch)
         want = all_reduce_reference([mine, peer])
         got = bufs.reduce(mine.clone())
@@ -77,8 +80,22 @@ def test_fused_add_rms_norm(with_residual):
     torch.testing.assert_close(new_residual, want[1], rtol=0, atol=0)
 
 
+def test_launcher_rejects_what_does_not_fit():
+    bufs = Buffers(slot_numel=64)
+    x = torch.zeros(4, 16, dtype=torch.float16, device=DEVICE)
+    with pytest.raises(ValueError, match="numel"):
+        bufs.reduce(torch.zeros(5, 16, dtype=torch.float16, device=DEVICE))  # 80 > 64 elements
+    with pytest.raises(ValueError, match="contiguous"):
+        bufs.reduce(torch.zeros(16, 4, dtype=torch.float16, device=DEVICE).t())
+    with pytest.raises(ValueError, match="weight"):
+        bufs.reduce(x, norm=(torch.ones(8, dtype=torch.float16, device=DEVICE), 1e-6, None))
+    with pytest.raises(ValueError, match="residual"):
+        bufs.reduce(x, norm=(torch.ones(16, dtype=torch.float16, device=DEVICE), 1e-6, x.float()))
+    assert bufs.epochs.tolist() == [0] * NUM_PROGRAMS  # nothing was launched
+
+
 def test_abort_flag_releases_a_rank_waiting_for_a_peer_that_never_comes(monkeypatch):
-    monkeypatch.setattr(all_reduce, "ABORT_POLL_EVERY", 1)  # look at once (the interpreter is slow)
+    monkeypatch.setattr(all_reduce, "ABORT_POLL_SPINS", 1)  # look at once (the interpreter is slow)
     bufs = Buffers(slot_numel=64)
     bufs.abort.fill_(1)  # the peer never publishes; without the abort flag this would spin forever
     bufs.reduce(torch.ones(1, 16, dtype=torch.float16, device=DEVICE))

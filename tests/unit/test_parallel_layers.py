@@ -36,6 +36,7 @@ class ThreadGroup:
 
     peer_all_reduce = None
     all_reduce_rms_norm = TensorParallelGroup.all_reduce_rms_norm  # over this class's all_reduce
+    _takes_peer = TensorParallelGroup._takes_peer
 
     def __init__(self, rank: int, size: int, shared: dict):
         self.rank, self.size, self.shared = rank, size, shared
