@@ -63,13 +63,13 @@ def time_graph(reduce, x: torch.Tensor, ops: int, replays: int) -> float:
 def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]:
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
-    group = new_tp_group(store, rank, WORLD, device, 60)
-    if group.peer_all_reduce is None:
-        raise RuntimeError("the GPUs cannot reach each other's memory (no NVLink/P2P): no peer all-reduce")
+    group = new_tp_group(store, rank, WORLD, device, 60, custom_all_reduce=False)  # NCCL: the baseline
     peers = {
         n: connect_peers(dist.PrefixStore(f"bench{n}", store), rank, WORLD, device, num_programs=n)
         for n in (int(p) for p in args.programs.split(","))
     }
+    if None in peers.values():
+        raise RuntimeError("the GPUs cannot reach each other's memory (no NVLink/P2P): no peer all-reduce")
 
     def nccl(x: torch.Tensor) -> torch.Tensor:
         group.backend.allreduce([x]).wait()
