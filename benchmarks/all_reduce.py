@@ -36,7 +36,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--ops", type=int, default=64, help="all-reduces per graph")
     p.add_argument("--replays", type=int, default=10)
-    p.add_argument("--programs", default="32,64", help="peer kernel grid sizes to compare")
+    p.add_argument("--programs", default="64", help="peer kernel grid sizes to compare")
+    p.add_argument(
+        "--modes", default="push,pull", help="peer kernel ways of moving the rows (see kernels/all_reduce.py)"
+    )
     return p.parse_args(argv)
 
 
@@ -65,8 +68,16 @@ def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]
     torch.cuda.set_device(device)
     group = new_tp_group(store, rank, WORLD, device, 60, custom_all_reduce=False)  # NCCL: the baseline
     peers = {
-        n: connect_peers(dist.PrefixStore(f"bench{n}", store), rank, WORLD, device, num_programs=n)
+        f"{mode}{n}": connect_peers(
+            dist.PrefixStore(f"bench-{mode}{n}", store),
+            rank,
+            WORLD,
+            device,
+            num_programs=n,
+            push=mode == "push",
+        )
         for n in (int(p) for p in args.programs.split(","))
+        for mode in args.modes.split(",")
     }
     if None in peers.values():
         raise RuntimeError("the GPUs cannot reach each other's memory (no NVLink/P2P): no peer all-reduce")
@@ -85,9 +96,9 @@ def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]
         r["nccl_norm_us"] = time_graph(
             lambda t, w=weight, res=residual: rms_norm(nccl(t), w, 1e-6, res)[1], x, args.ops, args.replays
         )
-        for n, peer in peers.items():
-            r[f"peer{n}_us"] = time_graph(peer, x, args.ops, args.replays)
-            r[f"peer{n}_norm_us"] = time_graph(
+        for name, peer in peers.items():
+            r[f"{name}_us"] = time_graph(peer, x, args.ops, args.replays)
+            r[f"{name}_norm_us"] = time_graph(
                 lambda t, p=peer, w=weight, res=residual: p(t, norm=(w, 1e-6, res))[1],
                 x,
                 args.ops,
@@ -132,13 +143,12 @@ def main(argv: list[str] | None = None) -> int:
         "nccl_env": nccl_env,
         "results": results,
     }
-    programs = args.programs.split(",")
-    keys = ["rows", "nccl_us", "nccl_norm_us"] + [
-        f"peer{n}{k}" for n in programs for k in ("_us", "_norm_us")
-    ]
+    names = [f"{mode}{n}" for n in args.programs.split(",") for mode in args.modes.split(",")]
+    keys = ["rows", "nccl_us", "nccl_norm_us"] + [f"{name}{k}" for name in names for k in ("_us", "_norm_us")]
     print_table(
-        f"all-reduce us, bf16, 2 GPUs (+norm: then add + RMSNorm; peerN: N programs), {nccl_env or 'NCCL'}",
-        ["rows", "NCCL", "NCCL+norm"] + [f"peer{n}{k}" for n in programs for k in ("", "+norm")],
+        f"all-reduce us, bf16, 2 GPUs (+norm: then add + RMSNorm; pushN/pullN: peer kernel, N programs), "
+        f"{nccl_env or 'NCCL'}",
+        ["rows", "NCCL", "NCCL+norm"] + [f"{name}{k}" for name in names for k in ("", "+norm")],
         [[r[k] for k in keys] for r in results],
     )
     path = write_report("all_reduce", report, args.out)

@@ -1,17 +1,27 @@
-"""One-shot all-reduce through peer memory: each rank reads every rank's partial sums over NVLink.
+"""One-shot all-reduce through peer memory: every rank gets every rank's partial sums over NVLink and adds
+them itself, in one kernel.
 
-NCCL's ring all-reduce of the ~0.5-2 MB a decode step reduces costs ~15 us, mostly protocol latency;
-every rank reading all W parts directly costs about one NVLink transfer of W x the data. The protocol,
-per program p (a fixed number of programs, so program p of every rank meets program p of every other):
+NCCL's ring all-reduce of the ~0.5-2 MB a decode step reduces costs ~15 us, mostly protocol latency. Here
+each rank's exchange buffer has, per slot, one part per rank (part r holds rank r's rows), and the rows
+travel one of two ways (the constexpr PUSH):
+
+    push (default)  write my rows into part RANK of every peer's buffer (NVLink stores: posted, so many are
+                    in flight at once), then add my own rows and the parts the peers wrote into my buffer
+                    (local reads)
+    pull            copy my rows into part RANK of my own buffer, then read part q of every peer q's buffer
+                    (NVLink loads: each waits a round trip, so fewer bytes are in flight)
+
+The protocol, per program p (a fixed number of programs, so program p of every rank meets program p of every
+other):
 
     epoch = ++epochs[p]                       this rank's call count (device memory: CUDA graphs replay it)
-    copy my rows into my buffer's slot (epoch % 2)
+    put my rows into slot (epoch % 2), part RANK (push: of every peer's buffer; pull: of mine)
     flags_of_rank_q[my_rank, p] = epoch       for every other rank q (system-scope release: rows first)
     wait until my_flags[q, p] >= epoch        for every other rank q (volatile loads, then acquire)
-    rows = sum over q, in rank order, of rank q's slot rows (fp32, one rounding: equal on every rank)
+    rows = sum over q, in rank order, of rank q's rows (fp32, one rounding: equal on every rank)
 
 Two slots make reuse safe: to reach call e+2 a rank must have seen every peer's flag of call e+1, posted
-after that peer's call e (which read this rank's slot e % 2) was complete.
+after that peer's call e (which read slot e % 2) was complete.
 
 With NORM, the kernel goes on with the decoder's add + RMSNorm on the summed rows it already holds
 (rows are whole per program), so the norm after a row-parallel layer costs no extra launch.
@@ -24,6 +34,7 @@ from nanovllm.kernels.rmsnorm import rms_norm_torch
 
 NUM_PROGRAMS = 64  # the grid (at most half the SMs: all resident at once); fixed for every call of a group
 ABORT_POLL_SPINS = 1024  # spins between looks at the host's abort flag (over PCIe, slow)
+PUSH = True  # write rows into the peers' buffers (True) or read them from there (False); see above
 
 # ---------------------------------------------------------------- torch reference
 
@@ -52,7 +63,7 @@ def all_reduce_rms_norm_reference(
 @triton.jit(do_not_specialize=["num_rows"])
 def _peer_all_reduce_kernel(
     x_ptr,  # [num_rows, hidden] this rank's part; the sum (or, with NORM, sum + residual) is written here
-    buffer_ptrs,  # [world] int64: every rank's exchange buffer (2 slots of slot_numel elements)
+    buffer_ptrs,  # [world] int64: every rank's exchange buffer, [2 slots, world parts, slot_numel]
     flag_ptrs,  # [world] int64: every rank's flags, [world, NUM_PROGRAMS] int64
     epoch_ptr,  # [NUM_PROGRAMS] int64: this rank's call count, per program
     abort_ptr,  # [1] int32 in pinned host memory: nonzero makes waiting programs give up
@@ -70,19 +81,27 @@ def _peer_all_reduce_kernel(
     ABORT_POLL_SPINS: tl.constexpr,
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
+    PUSH: tl.constexpr,
 ):
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
     epoch = tl.load(epoch_ptr + pid) + 1
     tl.store(epoch_ptr + pid, epoch)
-    slot = (epoch % 2) * slot_numel
+    slot = (epoch % 2) * WORLD * slot_numel
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
 
-    mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(dtype)) + slot
+    mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(dtype)) + slot  # my buffer's slot
     for row in range(pid, num_rows, NUM_PROGRAMS):
         offs = row * hidden + cols  # < slot_numel: int32 is enough
-        tl.store(mine + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+        rows = tl.load(x_ptr + offs, mask=mask)
+        if PUSH:
+            for q in tl.static_range(WORLD):
+                if q != RANK:
+                    peer = tl.load(buffer_ptrs + q).to(tl.pointer_type(dtype)) + slot
+                    tl.store(peer + RANK * slot_numel + offs, rows, mask=mask)
+        else:
+            tl.store(mine + RANK * slot_numel + offs, rows, mask=mask)
     tl.debug_barrier()  # every thread's rows are written before the flag says so
 
     for q in tl.static_range(WORLD):
@@ -111,8 +130,13 @@ def _peer_all_reduce_kernel(
         offs = row * hidden + cols  # < slot_numel: int32 is enough
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for q in tl.static_range(WORLD):
-            part = tl.load(buffer_ptrs + q).to(tl.pointer_type(dtype)) + slot
-            acc += tl.load(part + offs, mask=mask, other=0.0, cache_modifier=".cv").to(tl.float32)
+            if PUSH and q == RANK:
+                acc += tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            else:  # .cv: not an L1 copy left from when this slot last held other rows
+                part = mine if PUSH else tl.load(buffer_ptrs + q).to(tl.pointer_type(dtype)) + slot
+                acc += tl.load(part + q * slot_numel + offs, mask=mask, other=0.0, cache_modifier=".cv").to(
+                    tl.float32
+                )
         total = acc.to(dtype)
         if HAS_RESIDUAL:  # as rms_norm's residual path: the add rounded to the input dtype
             res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
@@ -139,8 +163,10 @@ def peer_all_reduce_triton(
     slot_numel: int,
     norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None,
     num_programs: int = NUM_PROGRAMS,
+    push: bool = PUSH,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Sum x (contiguous, [..., hidden], numel <= slot_numel) over the ranks in place; returns x.
+    Every rank's buffer holds [2 slots, world parts, slot_numel] elements of x's dtype.
     With norm = (weight, eps, residual or None), x becomes sum + residual and the result is
     (rms_norm(x) * weight, x): the decoder's add+norm, as `rms_norm(sum, weight, eps, residual)`.
     Every rank must call this with the same shape, in the same order as its other collectives, and the
@@ -180,5 +206,6 @@ def peer_all_reduce_triton(
         ABORT_POLL_SPINS=ABORT_POLL_SPINS,
         NORM=norm is not None,
         HAS_RESIDUAL=residual is not None,
+        PUSH=push,
     )
     return (out, x) if norm is not None else x

@@ -62,8 +62,14 @@ DECODE_NUM_STAGES = 3
 # element on the CUDA cores (~20% of the H100's fp32 rate at 3 TB/s for group 2, most of it for group 8)
 # plus cross-lane reductions, competing with the load instructions that set the pace here.
 DECODE_MIN_ROWS = 16
-# num_splits heuristic: aim for this many programs per SM, but give no split fewer keys than this.
+# num_splits heuristic: aim for this many programs per SM, but give no split fewer keys than this; and do
+# not split at all once the batch alone gives every SM DECODE_NO_SPLIT_ITEMS_PER_SM (sequence, kv head)
+# pairs. benchmarks/decode_splits.py (H100, results/decode_splits-*-124902.json): at 384-512 pairs (2.9-3.9
+# per SM) one split beats two by 10-14% on sequences of equal length (320 keys; 4-9% at 1024), and is
+# within 1% when lengths spread over 200-2000; at 256 pairs splitting still wins on spread lengths (59 vs
+# 69 us).
 DECODE_PROGRAMS_PER_SM = 4
+DECODE_NO_SPLIT_ITEMS_PER_SM = 2.5
 DECODE_MIN_KEYS_PER_SPLIT = 64  # H100: 256 left batch-1 x 1k-context decode latency-bound (86 us)
 DECODE_MAX_SPLITS = 64
 
@@ -72,10 +78,13 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms:
     """How many key ranges to cut each sequence into; a pure function of these ints.
 
     Enough (sequence, kv head, split) programs to give every SM DECODE_PROGRAMS_PER_SM of them, but no
-    more splits than leave DECODE_MIN_KEYS_PER_SPLIT keys of the longest sequence to each. For CUDA
+    more splits than leave DECODE_MIN_KEYS_PER_SPLIT keys of the longest sequence to each; one split
+    when the batch has DECODE_NO_SPLIT_ITEMS_PER_SM (sequence, kv head) pairs per SM already. For CUDA
     graphs, pass the same max_seq_len (e.g. the model's max length) at capture and replay.
     """
     work_items = max(1, batch * num_kv_heads)
+    if work_items >= DECODE_NO_SPLIT_ITEMS_PER_SM * num_sms:
+        return 1
     wanted = -(-DECODE_PROGRAMS_PER_SM * num_sms // work_items)
     useful = max_seq_len // DECODE_MIN_KEYS_PER_SPLIT
     return max(1, min(wanted, useful, DECODE_MAX_SPLITS))

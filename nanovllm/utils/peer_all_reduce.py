@@ -1,10 +1,11 @@
 """The buffers behind the one-shot peer-memory all-reduce (nanovllm/kernels/all_reduce.py), shared
 between the ranks' processes through CUDA IPC.
 
-Each rank allocates an exchange buffer (2 slots) and a flag array on its own GPU, publishes their IPC
-handles through the group's rendezvous store, and maps every other rank's into its own address space
-(on its own device: the pointers reach the peer GPU over NVLink). The kernel gets a table of those
-pointers. Small reductions (a decode step's activations) go this way; larger ones (prefill) to NCCL.
+Each rank allocates an exchange buffer (2 slots of one part per rank) and a flag array on its own GPU,
+publishes their IPC handles through the group's rendezvous store, and maps every other rank's into its
+own address space (on its own device: the pointers reach the peer GPU over NVLink). The kernel gets a
+table of those pointers. Small reductions (a decode step's activations) go this way; larger ones
+(prefill) to NCCL.
 
 Setting up is all or nothing: every rank reports through the store whether it could reach and map
 every peer, and the group uses peer memory only if all could (ranks that disagreed on the collective
@@ -19,7 +20,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from nanovllm.kernels.all_reduce import NUM_PROGRAMS, peer_all_reduce_triton
+from nanovllm.kernels.all_reduce import NUM_PROGRAMS, PUSH, peer_all_reduce_triton
 
 logger = logging.getLogger(__name__)
 
@@ -31,9 +32,10 @@ class PeerAllReduce:
     """One rank's side of the peer-memory all-reduce: its buffers and the table of everyone's.
     Build it with `connect_peers`, which every rank of the group calls."""
 
-    def __init__(self, rank: int, size: int, device: torch.device, num_programs: int):
-        self.rank, self.size, self.num_programs = rank, size, num_programs
-        self.buffer = torch.empty(2 * MAX_SLOT_BYTES, dtype=torch.uint8, device=device)
+    def __init__(self, rank: int, size: int, device: torch.device, num_programs: int, push: bool = PUSH):
+        self.rank, self.size, self.num_programs, self.push = rank, size, num_programs, push
+        # [2 slots, size parts, MAX_SLOT_BYTES]: part r of a slot holds rank r's rows
+        self.buffer = torch.empty(2 * size * MAX_SLOT_BYTES, dtype=torch.uint8, device=device)
         self.flags = torch.zeros(size * num_programs, dtype=torch.int64, device=device)
         self.epochs = torch.zeros(num_programs, dtype=torch.int64, device=device)
         self.abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
@@ -90,6 +92,7 @@ class PeerAllReduce:
             MAX_SLOT_BYTES // x.element_size(),
             norm,
             self.num_programs,
+            self.push,
         )
 
     def abort(self) -> None:
@@ -98,10 +101,15 @@ class PeerAllReduce:
 
 
 def connect_peers(
-    store: dist.Store, rank: int, size: int, device: torch.device, num_programs: int | None = None
+    store: dist.Store,
+    rank: int,
+    size: int,
+    device: torch.device,
+    num_programs: int | None = None,
+    push: bool = PUSH,
 ) -> PeerAllReduce | None:
-    """Every rank of the group calls this; all get a PeerAllReduce, or all get None (some GPU cannot
-    reach another's memory, or CUDA IPC failed somewhere)."""
+    """Every rank of the group calls this (with the same `push`); all get a PeerAllReduce, or all get None
+    (some GPU cannot reach another's memory, or CUDA IPC failed somewhere)."""
     # Rank 0 picks the grid (the flags of every rank hold num_programs entries per rank): every program
     # must be resident at once, so well under the SM count.
     if rank == 0:
@@ -113,7 +121,7 @@ def connect_peers(
     peer = None
     try:
         if all(torch.cuda.can_device_access_peer(device, d) for d in devices if d != device.index):
-            peer = PeerAllReduce(rank, size, device, num_programs)
+            peer = PeerAllReduce(rank, size, device, num_programs, push)
     except Exception:
         logger.warning(
             "rank %d: peer all-reduce buffers failed; NCCL for every all-reduce", rank, exc_info=True

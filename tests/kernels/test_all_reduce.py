@@ -1,5 +1,6 @@
 """The peer-memory all-reduce kernel, seen from rank 0 of 2, with the peer played by the test: its rows
-and flags are written into the buffers before each call (the interpreter runs one rank at a time).
+and flags are written into the buffers before each call (the interpreter runs one rank at a time), where
+the peer's kernel would put them — rank 0's buffer (push) or the peer's own (pull).
 Both ranks on two real GPUs: tests/gpu/test_peer_all_reduce_gpu.py."""
 
 import pytest
@@ -18,9 +19,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on th
 
 
 class Buffers:
-    def __init__(self, slot_numel: int, dtype: torch.dtype = torch.float16):
-        self.slot_numel = slot_numel
-        self.buffers = [torch.zeros(2 * slot_numel, dtype=dtype, device=DEVICE) for _ in range(WORLD)]
+    def __init__(self, slot_numel: int, dtype: torch.dtype = torch.float16, push: bool = True):
+        self.slot_numel, self.push = slot_numel, push
+        # every rank's [2 slots, WORLD parts, slot_numel]
+        self.buffers = [torch.zeros(2, WORLD, slot_numel, dtype=dtype, device=DEVICE) for _ in range(WORLD)]
         self.flags = [
             torch.zeros(WORLD * NUM_PROGRAMS, dtype=torch.int64, device=DEVICE) for _ in range(WORLD)
         ]
@@ -29,24 +31,41 @@ class Buffers:
         self.buffer_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], device=DEVICE)
         self.flag_ptrs = torch.tensor([f.data_ptr() for f in self.flags], device=DEVICE)
 
+    def part(self, owner: int, epoch: int, writer: int, numel: int) -> torch.Tensor:
+        """Where `writer`'s rows of call `epoch` are in `owner`'s buffer."""
+        return self.buffers[owner][epoch % 2, writer, :numel]
+
     def publish_peer(self, rows: torch.Tensor, epoch: int) -> None:
-        """What the peer's kernel does before rank 0 may read: its rows into slot epoch % 2, then flags."""
-        start = (epoch % 2) * self.slot_numel
-        self.buffers[PEER][start : start + rows.numel()] = rows.flatten()
+        """What the peer's kernel does before rank 0 may read: its rows into slot epoch % 2 (of rank 0's
+        buffer when pushing, of its own when pulling), then its flag in rank 0's flags."""
+        self.part(RANK if self.push else PEER, epoch, PEER, rows.numel())[:] = rows.flatten()
         self.flags[RANK].view(WORLD, NUM_PROGRAMS)[PEER] = epoch
+
+    def sent(self, epoch: int, numel: int) -> torch.Tensor:
+        """Rank 0's rows of call `epoch`, where its kernel put them for the peer."""
+        return self.part(PEER if self.push else RANK, epoch, RANK, numel)
 
     def reduce(self, x: torch.Tensor, norm=None):
         return peer_all_reduce_triton(
-            x, self.buffer_ptrs, self.flag_ptrs, self.epochs, self.abort, RANK, self.slot_numel, norm
+            x,
+            self.buffer_ptrs,
+            self.flag_ptrs,
+            self.epochs,
+            self.abort,
+            RANK,
+            self.slot_numel,
+            norm,
+            push=self.push,
         )
 
 
+@pytest.mark.parametrize("push", [True, False])
 @pytest.mark.parametrize(
     "rows,hidden,dtype",
     [(1, 64, torch.float16), (5, 40, torch.float32), (NUM_PROGRAMS + 3, 16, torch.float16)],
 )
-def test_sums_in_rank_order_alternating_slots(rows, hidden, dtype):
-    bufs = Buffers(slot_numel=rows * hidden + 8, dtype=dtype)
+def test_sums_in_rank_order_alternating_slots(rows, hidden, dtype, push):
+    bufs = Buffers(slot_numel=rows * hidden + 8, dtype=dtype, push=push)
     gen = torch.Generator().manual_seed(rows)
     for epoch in (1, 2, 3):
         mine, peer = (torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) for _ in range(2))
@@ -54,17 +73,18 @@ def test_sums_in_rank_order_alternating_slots(rows, hidden, dtype):
         want = all_reduce_reference([mine, peer])
         got = bufs.reduce(mine.clone())
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        # This rank's rows went to its own slot, and its flags to the peer's flag array.
-        start = (epoch % 2) * bufs.slot_numel
-        torch.testing.assert_close(bufs.buffers[RANK][start : start + mine.numel()], mine.flatten())
+        # This rank's rows went to its part of the slot (in the peer's buffer when pushing), and its
+        # flags to the peer's flag array.
+        torch.testing.assert_close(bufs.sent(epoch, mine.numel()), mine.flatten(), rtol=0, atol=0)
         assert bufs.flags[PEER].view(WORLD, NUM_PROGRAMS)[RANK].tolist() == [epoch] * NUM_PROGRAMS
         assert bufs.epochs.tolist() == [epoch] * NUM_PROGRAMS
 
 
+@pytest.mark.parametrize("push", [True, False])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_fused_add_rms_norm(with_residual):
+def test_fused_add_rms_norm(with_residual, push):
     rows, hidden, eps = 3, 48, 1e-6
-    bufs = Buffers(slot_numel=rows * hidden)
+    bufs = Buffers(slot_numel=rows * hidden, push=push)
     gen = torch.Generator().manual_seed(7)
     mine, peer, residual = (
         torch.randn(rows, hidden, generator=gen).to(DEVICE, torch.float16) for _ in range(3)

@@ -1,0 +1,133 @@
+"""How many key ranges decode attention should cut each sequence into: kernel time vs num_splits.
+
+    python benchmarks/decode_splits.py [--out DIR]     # needs a CUDA GPU; without one it says so, exits 0
+
+For kv heads 8 (Qwen3-0.6B/8B) and 4 (Qwen3-8B at TP=2), head_dim 128, bf16, block size 16, and batches of
+16-256 sequences whose lengths are all 320, all 1024, or uniform in [200, 2000], time `decode_attention`
+at num_splits 1-8: 20 calls captured in a CUDA graph (as a decode step runs it), median of 5 replays.
+Prints each case's times next to `default_num_splits` (with max_seq_len 4096, as a graph captures it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import torch  # noqa: E402
+
+from nanovllm.benchmark.common import DEFAULT_OUT_DIR, print_table, run_info, write_report  # noqa: E402
+from nanovllm.kernels.decode_attention import decode_attention, default_num_splits  # noqa: E402
+
+HEAD_DIM, BLOCK_SIZE, MAX_SEQ_LEN = 128, 16, 4096
+SPLITS = (1, 2, 3, 4, 6, 8)
+
+
+def graph_us(fn, calls: int = 20, replays: int = 5) -> float:
+    """Median microseconds per call of fn, `calls` of them captured in one CUDA graph."""
+    fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def case(num_kv_heads: int, group: int, batch: int, lengths: str, num_sms: int) -> dict:
+    rng = random.Random(batch)
+    lens = [rng.randint(200, 2000) if lengths == "200-2000" else int(lengths) for _ in range(batch)]
+    blocks = [math.ceil(n / BLOCK_SIZE) for n in lens]
+    # [num_blocks, block_size, kv heads, head_dim], blocks handed out in a random order (block 0 unused)
+    k_cache = torch.randn(
+        sum(blocks) + 1, BLOCK_SIZE, num_kv_heads, HEAD_DIM, device="cuda", dtype=torch.bfloat16
+    )
+    v_cache = torch.randn_like(k_cache)
+    order = torch.randperm(sum(blocks)) + 1
+    tables = torch.zeros(batch, MAX_SEQ_LEN // BLOCK_SIZE, dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks):
+        tables[i, :n] = order[used : used + n]
+        used += n
+    tables = tables.cuda()
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    q = torch.randn(batch, num_kv_heads * group, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty_like(q)
+    default = default_num_splits(batch, num_kv_heads, MAX_SEQ_LEN, num_sms)
+    us = {
+        s: graph_us(
+            lambda s=s: decode_attention(
+                q, k_cache, v_cache, seq_lens, tables, HEAD_DIM**-0.5, MAX_SEQ_LEN, num_splits=s, out=out
+            )
+        )
+        for s in sorted({*SPLITS, default})
+    }
+    kv_bytes = sum(lens) * num_kv_heads * HEAD_DIM * 2 * 2
+    best = min(us, key=us.get)
+    return dict(
+        num_kv_heads=num_kv_heads,
+        batch=batch,
+        lengths=lengths,
+        kv_bytes=kv_bytes,
+        us=us,
+        best=best,
+        best_gb_per_s=kv_bytes / us[best] / 1e3,
+        default=default,
+        default_us=us[default],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=os.environ.get("OUT", str(DEFAULT_OUT_DIR)), help="folder for the JSON")
+    p.add_argument("--batches", default="16,32,48,64,96,128,192,256")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("decode_splits needs a CUDA GPU; nothing measured.")
+        return 0
+    num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    results = [
+        case(kv_heads, group, batch, lengths, num_sms)
+        for kv_heads, group in ((8, 2), (4, 4))
+        for batch in (int(b) for b in args.batches.split(","))
+        for lengths in ("320", "1024", "200-2000")
+    ]
+    report = {**run_info(), "args": vars(args), "num_sms": num_sms, "results": results}
+    print_table(
+        "decode attention, us per call (CUDA graph), by num_splits; default: default_num_splits at 4096",
+        ["kv heads", "batch", "lengths", *(f"s={s}" for s in SPLITS), "default", "default us", "best"],
+        [
+            [
+                r["num_kv_heads"],
+                r["batch"],
+                r["lengths"],
+                *(r["us"][s] for s in SPLITS),
+                r["default"],
+                r["default_us"],
+                r["best"],
+            ]
+            for r in results
+        ],
+    )
+    path = write_report("decode_splits", report, args.out)
+    print(f"\n{report['card']}  {report['date']}  commit {report.get('git_commit')}  -> {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
