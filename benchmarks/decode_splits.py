@@ -49,7 +49,7 @@ def graph_us(fn, calls: int = 20, replays: int = 5) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def case(num_kv_heads: int, group: int, batch: int, lengths: str, num_sms: int) -> dict:
+def case(num_kv_heads: int, q_per_kv: int, batch: int, lengths: str, num_sms: int) -> dict:
     rng = random.Random(batch)
     lens = [rng.randint(200, 2000) if lengths == "200-2000" else int(lengths) for _ in range(batch)]
     blocks = [math.ceil(n / BLOCK_SIZE) for n in lens]
@@ -59,14 +59,15 @@ def case(num_kv_heads: int, group: int, batch: int, lengths: str, num_sms: int) 
     )
     v_cache = torch.randn_like(k_cache)
     order = torch.randperm(sum(blocks)) + 1
-    tables = torch.zeros(batch, MAX_SEQ_LEN // BLOCK_SIZE, dtype=torch.int32)
+    tables = torch.zeros(batch, MAX_SEQ_LEN // BLOCK_SIZE, dtype=torch.int32)  # [batch, max_blocks_per_seq]
     used = 0
     for i, n in enumerate(blocks):
         tables[i, :n] = order[used : used + n]
         used += n
     tables = tables.cuda()
     seq_lens = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    q = torch.randn(batch, num_kv_heads * group, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    # q: [batch, num_heads, head_dim]
+    q = torch.randn(batch, num_kv_heads * q_per_kv, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     default = default_num_splits(batch, num_kv_heads, MAX_SEQ_LEN, num_sms)
     us = {
@@ -102,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     num_sms = torch.cuda.get_device_properties(0).multi_processor_count
     results = [
-        case(kv_heads, group, batch, lengths, num_sms)
-        for kv_heads, group in ((8, 2), (4, 4))
+        case(kv_heads, q_per_kv, batch, lengths, num_sms)
+        for kv_heads, q_per_kv in ((8, 2), (4, 4))
         for batch in (int(b) for b in args.batches.split(","))
         for lengths in ("320", "1024", "200-2000")
     ]

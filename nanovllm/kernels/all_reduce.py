@@ -21,7 +21,8 @@ other):
     rows = sum over q, in rank order, of rank q's rows (fp32, one rounding: equal on every rank)
 
 Two slots make reuse safe: to reach call e+2 a rank must have seen every peer's flag of call e+1, posted
-after that peer's call e (which read slot e % 2) was complete.
+after that peer's call e was complete — the last reader of what this rank writes at e+2 (push: the peer
+read its own buffer's slot e % 2, which this rank now writes into; pull: the peer read this rank's).
 
 With NORM, the kernel goes on with the decoder's add + RMSNorm on the summed rows it already holds
 (rows are whole per program), so the norm after a row-parallel layer costs no extra launch.
@@ -94,14 +95,14 @@ def _peer_all_reduce_kernel(
     mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(dtype)) + slot  # my buffer's slot
     for row in range(pid, num_rows, NUM_PROGRAMS):
         offs = row * hidden + cols  # < slot_numel: int32 is enough
-        rows = tl.load(x_ptr + offs, mask=mask)
+        x_row = tl.load(x_ptr + offs, mask=mask)
         if PUSH:
             for q in tl.static_range(WORLD):
                 if q != RANK:
                     peer = tl.load(buffer_ptrs + q).to(tl.pointer_type(dtype)) + slot
-                    tl.store(peer + RANK * slot_numel + offs, rows, mask=mask)
+                    tl.store(peer + RANK * slot_numel + offs, x_row, mask=mask)
         else:
-            tl.store(mine + RANK * slot_numel + offs, rows, mask=mask)
+            tl.store(mine + RANK * slot_numel + offs, x_row, mask=mask)
     tl.debug_barrier()  # every thread's rows are written before the flag says so
 
     for q in tl.static_range(WORLD):
@@ -170,7 +171,7 @@ def peer_all_reduce_triton(
     With norm = (weight, eps, residual or None), x becomes sum + residual and the result is
     (rms_norm(x) * weight, x): the decoder's add+norm, as `rms_norm(sum, weight, eps, residual)`.
     Every rank must call this with the same shape, in the same order as its other collectives, and the
-    same num_programs every time (the flags and epochs hold num_programs entries per rank)."""
+    same num_programs and push every time (the flags and epochs hold num_programs entries per rank)."""
     world = buffer_ptrs.numel()
     hidden = x.shape[-1]
     if not x.is_contiguous() or x.numel() > slot_numel or hidden == 0:

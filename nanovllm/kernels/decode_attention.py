@@ -65,9 +65,10 @@ DECODE_MIN_ROWS = 16
 # num_splits heuristic: aim for this many programs per SM, but give no split fewer keys than this; and do
 # not split at all once the batch alone gives every SM DECODE_NO_SPLIT_ITEMS_PER_SM (sequence, kv head)
 # pairs. benchmarks/decode_splits.py (H100, results/decode_splits-*-124902.json): at 384-512 pairs (2.9-3.9
-# per SM) one split beats two by 10-14% on sequences of equal length (320 keys; 4-9% at 1024), and is
-# within 1% when lengths spread over 200-2000; at 256 pairs splitting still wins on spread lengths (59 vs
-# 69 us).
+# per SM) one split beats two (the old choice there) by 10-14% on sequences of equal length (320 keys; 4-9%
+# at 1024) and is within 2% of it when lengths spread over 200-2000 (where 6-8 splits would gain 4-7%:
+# the long sequences finish last); at 256 pairs splitting wins on spread lengths (59 vs 69 us). Nothing
+# was measured between 256 and 384 pairs: 2.5 is in between.
 DECODE_PROGRAMS_PER_SM = 4
 DECODE_NO_SPLIT_ITEMS_PER_SM = 2.5
 DECODE_MIN_KEYS_PER_SPLIT = 64  # H100: 256 left batch-1 x 1k-context decode latency-bound (86 us)

@@ -6,6 +6,9 @@ rope type's attention factor). The first rotary_dim dims of each head are rotate
     out[half:rotary_dim]  = x[half:rotary_dim] * cos + x[:half] * sin
 As in transformers' apply_rotary_pos_emb, cos/sin are first cast to the input dtype and each product is
 rounded to it, so bf16 results match transformers bit for bit.
+
+The Triton helper `norm_rope_heads` (one token's heads: optional per-head RMSNorm, then rope) is shared
+with the fused q/k-norm + rope + KV-store kernel (qk_norm_rope_store.py), which the engine runs.
 """
 
 import torch

@@ -34,7 +34,8 @@ class PeerAllReduce:
 
     def __init__(self, rank: int, size: int, device: torch.device, num_programs: int, push: bool = PUSH):
         self.rank, self.size, self.num_programs, self.push = rank, size, num_programs, push
-        # [2 slots, size parts, MAX_SLOT_BYTES]: part r of a slot holds rank r's rows
+        # [2 slots, size parts, MAX_SLOT_BYTES]: part r of a slot holds rank r's rows (pulling, a rank uses
+        # only part `rank` of its own: the pull variant is kept for comparison, not sized for)
         self.buffer = torch.empty(2 * size * MAX_SLOT_BYTES, dtype=torch.uint8, device=device)
         self.flags = torch.zeros(size * num_programs, dtype=torch.int64, device=device)
         self.epochs = torch.zeros(num_programs, dtype=torch.int64, device=device)
@@ -108,14 +109,17 @@ def connect_peers(
     num_programs: int | None = None,
     push: bool = PUSH,
 ) -> PeerAllReduce | None:
-    """Every rank of the group calls this (with the same `push`); all get a PeerAllReduce, or all get None
-    (some GPU cannot reach another's memory, or CUDA IPC failed somewhere)."""
+    """Every rank of the group calls this; all get a PeerAllReduce, or all get None (some GPU cannot reach
+    another's memory, or CUDA IPC failed somewhere). Rank 0's num_programs and push hold for all."""
     # Rank 0 picks the grid (the flags of every rank hold num_programs entries per rank): every program
     # must be resident at once, so well under the SM count.
+    # Rank 0 also says push or pull: ranks that disagreed would exchange flags and sum the wrong parts.
     if rank == 0:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         store.set("num_programs", str(num_programs or min(NUM_PROGRAMS, sms // 2)))
+        store.set("push", "1" if push else "0")
     num_programs = int(store.get("num_programs"))
+    push = store.get("push") == b"1"
     store.set(f"device/{rank}", str(device.index))
     devices = [int(store.get(f"device/{r}")) for r in range(size)]
     peer = None

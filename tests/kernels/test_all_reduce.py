@@ -1,6 +1,6 @@
-"""The peer-memory all-reduce kernel, seen from rank 0 of 2, with the peer played by the test: its rows
+"""The peer-memory all-reduce kernel, seen from one rank of 2, with the peer played by the test: its rows
 and flags are written into the buffers before each call (the interpreter runs one rank at a time), where
-the peer's kernel would put them — rank 0's buffer (push) or the peer's own (pull).
+the peer's kernel would put them — the tested rank's buffer (push) or the peer's own (pull).
 Both ranks on two real GPUs: tests/gpu/test_peer_all_reduce_gpu.py."""
 
 import pytest
@@ -14,13 +14,15 @@ from nanovllm.kernels.all_reduce import (
     peer_all_reduce_triton,
 )
 
-WORLD, RANK, PEER = 2, 0, 1
+WORLD = 2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
 
 
 class Buffers:
-    def __init__(self, slot_numel: int, dtype: torch.dtype = torch.float16, push: bool = True):
-        self.slot_numel, self.push = slot_numel, push
+    """Both ranks' buffers and flags; the kernel runs as `rank`, the test plays the other."""
+
+    def __init__(self, slot_numel: int, dtype: torch.dtype = torch.float16, push: bool = True, rank: int = 0):
+        self.slot_numel, self.push, self.rank, self.peer = slot_numel, push, rank, 1 - rank
         # every rank's [2 slots, WORLD parts, slot_numel]
         self.buffers = [torch.zeros(2, WORLD, slot_numel, dtype=dtype, device=DEVICE) for _ in range(WORLD)]
         self.flags = [
@@ -36,14 +38,14 @@ class Buffers:
         return self.buffers[owner][epoch % 2, writer, :numel]
 
     def publish_peer(self, rows: torch.Tensor, epoch: int) -> None:
-        """What the peer's kernel does before rank 0 may read: its rows into slot epoch % 2 (of rank 0's
-        buffer when pushing, of its own when pulling), then its flag in rank 0's flags."""
-        self.part(RANK if self.push else PEER, epoch, PEER, rows.numel())[:] = rows.flatten()
-        self.flags[RANK].view(WORLD, NUM_PROGRAMS)[PEER] = epoch
+        """What the peer's kernel does before the tested rank may read: its rows into slot epoch % 2 (of
+        the tested rank's buffer when pushing, of its own when pulling), then its flag in the rank's flags."""
+        self.part(self.rank if self.push else self.peer, epoch, self.peer, rows.numel())[:] = rows.flatten()
+        self.flags[self.rank].view(WORLD, NUM_PROGRAMS)[self.peer] = epoch
 
     def sent(self, epoch: int, numel: int) -> torch.Tensor:
-        """Rank 0's rows of call `epoch`, where its kernel put them for the peer."""
-        return self.part(PEER if self.push else RANK, epoch, RANK, numel)
+        """The tested rank's rows of call `epoch`, where its kernel put them for the peer."""
+        return self.part(self.peer if self.push else self.rank, epoch, self.rank, numel)
 
     def reduce(self, x: torch.Tensor, norm=None):
         return peer_all_reduce_triton(
@@ -52,39 +54,39 @@ class Buffers:
             self.flag_ptrs,
             self.epochs,
             self.abort,
-            RANK,
+            self.rank,
             self.slot_numel,
             norm,
             push=self.push,
         )
 
 
-@pytest.mark.parametrize("push", [True, False])
+@pytest.mark.parametrize("push,rank", [(True, 0), (True, 1), (False, 0), (False, 1)])
 @pytest.mark.parametrize(
     "rows,hidden,dtype",
     [(1, 64, torch.float16), (5, 40, torch.float32), (NUM_PROGRAMS + 3, 16, torch.float16)],
 )
-def test_sums_in_rank_order_alternating_slots(rows, hidden, dtype, push):
-    bufs = Buffers(slot_numel=rows * hidden + 8, dtype=dtype, push=push)
+def test_sums_in_rank_order_alternating_slots(rows, hidden, dtype, push, rank):
+    bufs = Buffers(slot_numel=rows * hidden + 8, dtype=dtype, push=push, rank=rank)
     gen = torch.Generator().manual_seed(rows)
     for epoch in (1, 2, 3):
         mine, peer = (torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) for _ in range(2))
         bufs.publish_peer(peer, epoch)
-        want = all_reduce_reference([mine, peer])
+        want = all_reduce_reference([mine, peer] if rank == 0 else [peer, mine])
         got = bufs.reduce(mine.clone())
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         # This rank's rows went to its part of the slot (in the peer's buffer when pushing), and its
         # flags to the peer's flag array.
         torch.testing.assert_close(bufs.sent(epoch, mine.numel()), mine.flatten(), rtol=0, atol=0)
-        assert bufs.flags[PEER].view(WORLD, NUM_PROGRAMS)[RANK].tolist() == [epoch] * NUM_PROGRAMS
+        assert bufs.flags[bufs.peer].view(WORLD, NUM_PROGRAMS)[rank].tolist() == [epoch] * NUM_PROGRAMS
         assert bufs.epochs.tolist() == [epoch] * NUM_PROGRAMS
 
 
-@pytest.mark.parametrize("push", [True, False])
+@pytest.mark.parametrize("push,rank", [(True, 1), (False, 0)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_fused_add_rms_norm(with_residual, push):
+def test_fused_add_rms_norm(with_residual, push, rank):
     rows, hidden, eps = 3, 48, 1e-6
-    bufs = Buffers(slot_numel=rows * hidden, push=push)
+    bufs = Buffers(slot_numel=rows * hidden, push=push, rank=rank)
     gen = torch.Generator().manual_seed(7)
     mine, peer, residual = (
         torch.randn(rows, hidden, generator=gen).to(DEVICE, torch.float16) for _ in range(3)
@@ -92,7 +94,7 @@ def test_fused_add_rms_norm(with_residual, push):
     weight = torch.randn(hidden, generator=gen).to(DEVICE, torch.float16)
     residual = residual if with_residual else None
     bufs.publish_peer(peer, 1)
-    want = all_reduce_rms_norm_reference([mine, peer], weight, eps, residual)
+    want = all_reduce_rms_norm_reference([mine, peer] if rank == 0 else [peer, mine], weight, eps, residual)
     x = mine.clone()
     out, new_residual = bufs.reduce(x, norm=(weight, eps, residual))
     assert new_residual is x  # written in place

@@ -147,8 +147,9 @@ def test_default_num_splits():
     num_sms = 132
     # Large batches already fill the GPU: no split.
     assert default_num_splits(256, 8, 1024, num_sms) == 1
-    assert default_num_splits(42, 8, 1024, num_sms) == 1  # 336 pairs: 2.5 per SM
-    assert default_num_splits(41, 8, 1024, num_sms) == 2  # 328: two splits give 656 programs
+    assert default_num_splits(165, 2, 1024, num_sms) == 1  # 330 (sequence, kv head) pairs: 2.5 per SM
+    assert default_num_splits(164, 2, 1024, num_sms) == 2  # 328: two splits give 656 programs
+    assert default_num_splits(42, 8, 1024, num_sms) == 1
     # Small batch, long context: split (up to the cap), but keep DECODE_MIN_KEYS_PER_SPLIT keys per split.
     assert default_num_splits(1, 8, 4096, num_sms) == min(66, 4096 // DECODE_MIN_KEYS_PER_SPLIT, 64)
     assert default_num_splits(16, 8, 1024, num_sms) == min(5, 1024 // DECODE_MIN_KEYS_PER_SPLIT)
