@@ -1,6 +1,7 @@
 """Everything a GPU check needs, in one call: GPU-marked tests, kernel micro-benchmarks, throughput,
-latency and serving benchmarks. Each step runs as a subprocess with its own time limit; results land
-as JSON in --out (default $OUT), the full log in suite.log, and a short table is printed last.
+latency and serving benchmarks (and, on 2 GPUs, tensor-parallel scaling and the all-reduce). Each step
+runs as a subprocess with its own time limit; results land as JSON in --out (default $OUT), the full log
+in suite.log, and a short table is printed last.
 
     PYTHONPATH=. python scripts/gpu_suite.py --out "$OUT" [--steps tests,kernels,throughput,latency]
 """
@@ -63,7 +64,9 @@ STEPS = {
         ],
         240,
     ),
-    "tp": ([sys.executable, "benchmarks/tp_scaling.py"], 420),
+    "decode_splits": ([sys.executable, "benchmarks/decode_splits.py"], 150),
+    "tp": ([sys.executable, "benchmarks/tp_scaling.py"], 420),  # 2 GPUs
+    "all_reduce": ([sys.executable, "benchmarks/all_reduce.py"], 120),  # 2 GPUs
     "profile": ([sys.executable, "scripts/profile_step.py"], 300),
 }
 
