@@ -20,7 +20,7 @@ import torch
 
 from nanovllm.kernels.backend import tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
-from nanovllm.kernels.rope import apply_rope_torch, norm_rope_heads
+from nanovllm.kernels.rope import apply_rope_torch
 from nanovllm.kernels.store_kvcache import check_kv_cache, check_triton_device, store_kvcache_ref
 
 # ---------------------------------------------------------------- torch reference
@@ -55,6 +55,62 @@ def qk_norm_rope_store_ref(
 
 
 # ---------------------------------------------------------------- Triton kernel
+
+
+@triton.jit
+def _norm_rope_heads(
+    src_ptr,
+    dst_ptr,
+    weight_ptr,
+    eps,
+    cos,
+    sin,
+    NUM_HEADS: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    # All NUM_HEADS heads of one token, each HEAD_DIM long at src_ptr (read) and dst_ptr (written). The heads
+    # are held as three tiles: the rotated halves x1, x2 [BLOCK_HEADS, BLOCK_HALF] and the pass-through tail
+    # xp [BLOCK_HEADS, BLOCK_PASS] (partial rotary only). cos, sin: [1, BLOCK_HALF] fp32, rounded to dtype.
+    half: tl.constexpr = ROTARY_DIM // 2
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < NUM_HEADS) & (dims < half)
+    src = src_ptr + heads * HEAD_DIM
+    dst = dst_ptr + heads * HEAD_DIM
+    x1 = tl.load(src + dims, mask=mask, other=0.0)
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = tl.load(src + half + dims, mask=mask, other=0.0).to(tl.float32)
+    if BLOCK_PASS > 0:
+        pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
+        pass_mask = (heads < NUM_HEADS) & (pass_dims < HEAD_DIM)
+        xp = tl.load(src + pass_dims, mask=pass_mask, other=0.0).to(tl.float32)
+    if HAS_NORM:
+        # As rms_norm_torch: normed = (x * rsqrt(mean(x^2) + eps)) rounded to dtype, then weight * normed
+        # rounded to dtype. Masked lanes hold 0 and add nothing to the sum.
+        sum_sq = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
+        if BLOCK_PASS > 0:
+            sum_sq += tl.sum(xp * xp, axis=1)
+        rstd = tl.rsqrt(sum_sq / HEAD_DIM + eps)[:, None]  # [BLOCK_HEADS, 1]
+        w1 = tl.load(weight_ptr + dims, mask=dims < half, other=0.0).to(tl.float32)
+        w2 = tl.load(weight_ptr + half + dims, mask=dims < half, other=0.0).to(tl.float32)
+        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
+        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
+        if BLOCK_PASS > 0:
+            wp = tl.load(weight_ptr + pass_dims, mask=pass_dims < HEAD_DIM, other=0.0).to(tl.float32)
+            xp = ((xp * rstd).to(dtype).to(tl.float32) * wp).to(dtype).to(tl.float32)
+    # As apply_rope_torch: each product rounded to dtype, then the sum.
+    out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
+    out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+    tl.store(dst + dims, out1.to(dtype), mask=mask)
+    tl.store(dst + half + dims, out2.to(dtype), mask=mask)
+    if BLOCK_PASS > 0:
+        tl.store(dst + pass_dims, xp.to(dtype), mask=pass_mask)
 
 
 @triton.jit
@@ -97,15 +153,15 @@ def _qk_norm_rope_store_kernel(
     q_src = qkv_ptr + token * qkv_token_stride
     k_src = q_src + NUM_HEADS * HEAD_DIM
     v_src = k_src + NUM_KV_HEADS * HEAD_DIM
-    norm_rope_heads(
-        q_src, HEAD_DIM, q_out_ptr + token * (NUM_HEADS * HEAD_DIM), q_norm_weight_ptr, eps, cos, sin,
+    _norm_rope_heads(
+        q_src, q_out_ptr + token * (NUM_HEADS * HEAD_DIM), q_norm_weight_ptr, eps, cos, sin,
         NUM_HEADS, HAS_NORM, HEAD_DIM, ROTARY_DIM, BLOCK_HEADS, BLOCK_HALF, BLOCK_PASS,
     )  # fmt: skip
     if slot >= 0:
         # The cache is contiguous: a slot's row is NUM_KV_HEADS * HEAD_DIM elements long.
         cache_row = slot * (NUM_KV_HEADS * HEAD_DIM)
-        norm_rope_heads(
-            k_src, HEAD_DIM, k_cache_ptr + cache_row, k_norm_weight_ptr, eps, cos, sin,
+        _norm_rope_heads(
+            k_src, k_cache_ptr + cache_row, k_norm_weight_ptr, eps, cos, sin,
             NUM_KV_HEADS, HAS_NORM, HEAD_DIM, ROTARY_DIM, BLOCK_KV_HEADS, BLOCK_HALF, BLOCK_PASS,
         )  # fmt: skip
         heads = tl.arange(0, BLOCK_KV_HEADS)[:, None]

@@ -6,9 +6,6 @@ rope type's attention factor). The first rotary_dim dims of each head are rotate
     out[half:rotary_dim]  = x[half:rotary_dim] * cos + x[:half] * sin
 As in transformers' apply_rotary_pos_emb, cos/sin are first cast to the input dtype and each product is
 rounded to it, so bf16 results match transformers bit for bit.
-
-The Triton helper `norm_rope_heads` (one token's heads: optional per-head RMSNorm, then rope) is shared
-with the fused q/k-norm + rope + KV-store kernel (qk_norm_rope_store.py), which the engine runs.
 """
 
 import torch
@@ -37,61 +34,41 @@ def apply_rope_torch(
 
 
 @triton.jit
-def norm_rope_heads(
-    src_ptr,
-    src_head_stride,
-    dst_ptr,
-    weight_ptr,
-    eps,
+def _rope_heads(
+    x_ptr,
+    x_token_stride,
+    x_head_stride,
+    out_ptr,
+    token,
     cos,
     sin,
-    NUM_HEADS: tl.constexpr,
-    HAS_NORM: tl.constexpr,
+    num_heads,
     HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
 ):
-    # All NUM_HEADS heads of one token, each HEAD_DIM long: head h read at src_ptr + h * src_head_stride,
-    # RMS-normed if HAS_NORM (weight_ptr, eps), rotated, and written at dst_ptr + h * HEAD_DIM. The heads
-    # are held as three tiles: the rotated halves x1, x2 [BLOCK_HEADS, BLOCK_HALF] and the pass-through tail
-    # xp [BLOCK_HEADS, BLOCK_PASS] (partial rotary only). cos, sin: [1, BLOCK_HALF] fp32, rounded to dtype.
+    # Rotates all heads of one token of q or k. cos, sin: [1, BLOCK_HALF] fp32, already rounded to x's dtype.
     half: tl.constexpr = ROTARY_DIM // 2
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     dims = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < NUM_HEADS) & (dims < half)
-    src = src_ptr + heads * src_head_stride
-    dst = dst_ptr + heads * HEAD_DIM
+    mask = (heads < num_heads) & (dims < half)
+    src = x_ptr + token * x_token_stride + heads * x_head_stride
+    dst = out_ptr + token * num_heads * HEAD_DIM + heads * HEAD_DIM
     x1 = tl.load(src + dims, mask=mask, other=0.0)
+    x2 = tl.load(src + half + dims, mask=mask, other=0.0)
     dtype = x1.dtype
     x1 = x1.to(tl.float32)
-    x2 = tl.load(src + half + dims, mask=mask, other=0.0).to(tl.float32)
-    if BLOCK_PASS > 0:
-        pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
-        pass_mask = (heads < NUM_HEADS) & (pass_dims < HEAD_DIM)
-        xp = tl.load(src + pass_dims, mask=pass_mask, other=0.0).to(tl.float32)
-    if HAS_NORM:
-        # As rms_norm_torch: normed = (x * rsqrt(mean(x^2) + eps)) rounded to dtype, then weight * normed
-        # rounded to dtype. Masked lanes hold 0 and add nothing to the sum.
-        sum_sq = tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)
-        if BLOCK_PASS > 0:
-            sum_sq += tl.sum(xp * xp, axis=1)
-        rstd = tl.rsqrt(sum_sq / HEAD_DIM + eps)[:, None]  # [BLOCK_HEADS, 1]
-        w1 = tl.load(weight_ptr + dims, mask=dims < half, other=0.0).to(tl.float32)
-        w2 = tl.load(weight_ptr + half + dims, mask=dims < half, other=0.0).to(tl.float32)
-        x1 = ((x1 * rstd).to(dtype).to(tl.float32) * w1).to(dtype).to(tl.float32)
-        x2 = ((x2 * rstd).to(dtype).to(tl.float32) * w2).to(dtype).to(tl.float32)
-        if BLOCK_PASS > 0:
-            wp = tl.load(weight_ptr + pass_dims, mask=pass_dims < HEAD_DIM, other=0.0).to(tl.float32)
-            xp = ((xp * rstd).to(dtype).to(tl.float32) * wp).to(dtype).to(tl.float32)
-    # As apply_rope_torch: each product rounded to dtype, then the sum.
+    x2 = x2.to(tl.float32)
     out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
     out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
     tl.store(dst + dims, out1.to(dtype), mask=mask)
     tl.store(dst + half + dims, out2.to(dtype), mask=mask)
     if BLOCK_PASS > 0:
-        tl.store(dst + pass_dims, xp.to(dtype), mask=pass_mask)
+        pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
+        pass_mask = (heads < num_heads) & (pass_dims < HEAD_DIM)
+        tl.store(dst + pass_dims, tl.load(src + pass_dims, mask=pass_mask), mask=pass_mask)
 
 
 @triton.jit
@@ -107,8 +84,8 @@ def _rope_kernel(
     cos_sin_ptr,
     cos_sin_stride,
     positions_ptr,
-    NUM_Q_HEADS: tl.constexpr,
-    NUM_KV_HEADS: tl.constexpr,
+    num_q_heads,
+    num_kv_heads,
     HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
     BLOCK_Q_HEADS: tl.constexpr,
@@ -125,15 +102,13 @@ def _rope_kernel(
     dtype = q_ptr.dtype.element_ty
     cos = tl.load(row + dims, mask=dims_mask, other=0.0).to(dtype).to(tl.float32)
     sin = tl.load(row + ROTARY_DIM // 2 + dims, mask=dims_mask, other=0.0).to(dtype).to(tl.float32)
-    q_out = q_out_ptr + token * (NUM_Q_HEADS * HEAD_DIM)
-    k_out = k_out_ptr + token * (NUM_KV_HEADS * HEAD_DIM)
-    norm_rope_heads(
-        q_ptr + token * q_token_stride, q_head_stride, q_out, q_ptr, 0.0, cos, sin,
-        NUM_Q_HEADS, False, HEAD_DIM, ROTARY_DIM, BLOCK_Q_HEADS, BLOCK_HALF, BLOCK_PASS,
+    _rope_heads(
+        q_ptr, q_token_stride, q_head_stride, q_out_ptr, token, cos, sin, num_q_heads,
+        HEAD_DIM, ROTARY_DIM, BLOCK_Q_HEADS, BLOCK_HALF, BLOCK_PASS,
     )  # fmt: skip
-    norm_rope_heads(
-        k_ptr + token * k_token_stride, k_head_stride, k_out, k_ptr, 0.0, cos, sin,
-        NUM_KV_HEADS, False, HEAD_DIM, ROTARY_DIM, BLOCK_KV_HEADS, BLOCK_HALF, BLOCK_PASS,
+    _rope_heads(
+        k_ptr, k_token_stride, k_head_stride, k_out_ptr, token, cos, sin, num_kv_heads,
+        HEAD_DIM, ROTARY_DIM, BLOCK_KV_HEADS, BLOCK_HALF, BLOCK_PASS,
     )  # fmt: skip
 
 
@@ -168,8 +143,7 @@ def apply_rope_triton(
             q_out, k_out,
             cos_sin_cache, cos_sin_cache.stride(0),
             positions.contiguous(),
-            NUM_Q_HEADS=num_q_heads,
-            NUM_KV_HEADS=num_kv_heads,
+            num_q_heads, num_kv_heads,
             HEAD_DIM=head_dim,
             ROTARY_DIM=rotary_dim,
             BLOCK_Q_HEADS=triton.next_power_of_2(num_q_heads),
