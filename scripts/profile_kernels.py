@@ -34,7 +34,7 @@ KINDS = [
     ("norm", r"rmsnorm|rms_norm|layer_norm"),
     ("activation", r"silu|act_and_mul|gelu"),
     ("sampling", r"gumbel|sampl|softmax|argmax|topk|top_k|penalt"),
-    ("gemm", r"gemm|nvjet|xmma|cutlass|sm90|matmul|cublas"),
+    ("gemm", r"gemm|gemv|nvjet|xmma|cutlass|sm90|matmul|cublas"),
     ("copy", r"[Mm]emcpy|[Mm]emset|copy_|index_select|index_copy|gather|scatter"),
 ]
 

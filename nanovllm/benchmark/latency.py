@@ -2,16 +2,18 @@
 
     python benchmarks/latency.py [--model qwen3-0.6b] [--out DIR]      # or: nanovllm bench latency
 
-Method: the engine is driven directly (`LLMEngine.add_request` / `step`), and a measurement is the host
-clock (`time.perf_counter`) around those calls after `torch.cuda.synchronize()` — every `step()` already
-waits for its sampled tokens, so a step's time is what a caller sees: scheduling, input preparation,
-forward, sampling and bookkeeping. Prompts are fresh random token ids each time (no prefix-cache hits).
+Method: the engine is driven directly (`LLMEngine.add_request` / `step`) and timed with the host clock
+(`time.perf_counter`). Prompts are fresh random token ids each time (no prefix-cache hits).
 
-- TTFT (batch 1): add one request with a C-token prompt and max_tokens=1, step until its token arrives;
-  median of --ttft-repeats runs after one warm-up run.
+- TTFT (batch 1): add one request with a C-token prompt and max_tokens=1, step until its token arrives,
+  between two `torch.cuda.synchronize()`; median of --ttft-repeats runs after one warm-up run.
 - TPOT (batch 1 and batch B): add B requests with C-token prompts, step until every one has its first
-  token (prefill, possibly in chunks), then time --decode-steps steps in which all B decode together;
-  TPOT = median step time (the mean is recorded too). One shorter warm-up pass first.
+  token (prefill, possibly in chunks), then time --decode-steps steps in which all B decode together,
+  back to back as `generate` runs them: with overlapped scheduling a `step()` launches the next forward
+  and then waits for the previous one, so the interval between two returns is one step of the steady
+  state. TPOT = median interval (the mean, from one synchronize to the next around all the steps, is
+  recorded too). One shorter warm-up pass first. (Up to commit 5502795 every step was timed between
+  two synchronizes, which serialized host and GPU work: those TPOTs are higher by the host's share.)
 
 Floors, from the measured peaks of the card in docs (H100: 3.0 TB/s, 804 bf16 TFLOP/s):
 - decode step: (weight bytes + KV bytes the step reads) / bandwidth, KV at the mean context of the
@@ -232,14 +234,18 @@ def measure_tpot(engine, prompts: _Prompts, batch: int, context: int, steps: int
             engine.step()
         context_before = statistics.mean(s.num_tokens for s in seqs)
         step_ms = []
+        start = last = now()
         for _ in range(steps):
             before = sum(s.num_output_tokens for s in seqs)
-            start = now()
-            engine.step()
-            step_ms.append((now() - start) * 1e3)
+            engine.step()  # no synchronize: it would stop the next step's launch from overlapping this one
+            t = time.perf_counter()
+            step_ms.append((t - last) * 1e3)
+            last = t
             served = sum(s.num_output_tokens for s in seqs) - before
             if served != batch:
                 raise RuntimeError(f"a decode step served {served} of {batch} requests (KV cache too small?)")
+        engine.sync()
+        total_ms = (now() - start) * 1e3
     finally:
         for rid in ids:
             engine.abort(rid)
@@ -249,7 +255,7 @@ def measure_tpot(engine, prompts: _Prompts, batch: int, context: int, steps: int
         "decode_steps": steps,
         "mean_context": context_before + (steps - 1) / 2,  # tokens in the cache, averaged over the steps
         "tpot_ms_median": statistics.median(step_ms),
-        "tpot_ms_mean": statistics.mean(step_ms),
+        "tpot_ms_mean": total_ms / steps,
         "tok_per_s": batch / (statistics.median(step_ms) / 1e3),
         "num_preemptions": engine.scheduler.num_preemptions - preemptions,
     }

@@ -32,11 +32,16 @@ class IncrementalDetokenizer:
             self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True
         )
         full = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        if full.endswith("\ufffd"):
             return None  # an incomplete UTF-8 sequence: wait for more tokens
+        if len(full) <= len(prefix):
+            # Tokens that decode to nothing (special tokens, ids the tokenizer does not know): nothing to
+            # emit, but move on, or every later step would re-decode a window that keeps growing.
+            self._advance()
+            return None
         old_len = len(self.text)
         self.text += full[len(prefix) :]
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        self._advance()
         if not check_stop:
             return None
         for stop in self.stop:
@@ -45,6 +50,14 @@ class IncrementalDetokenizer:
                 self.text = self.text[:idx]
                 return stop
         return None
+
+    def _advance(self) -> None:
+        """The tokens read so far are final: the next decode window starts at the last read ones."""
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.tokens)
+        if self.prefix_offset > 4 * _CONTEXT_TOKENS:  # drop tokens no window will read again
+            del self.tokens[: self.prefix_offset]
+            self.read_offset -= self.prefix_offset
+            self.prefix_offset = 0
 
     @property
     def stable_text(self) -> str:

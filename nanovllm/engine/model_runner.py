@@ -84,6 +84,9 @@ class ModelRunner:
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Single rank: the LM head runs inside the decode graphs too (one host launch less per step);
+        # under TP its logits gather is a collective, which stays outside.
+        self.graph_logits: dict[int, torch.Tensor] = {}  # size -> [size, vocab_size], the graph's output
         max_bs = min(config.max_num_seqs, 512)
         self.graph_sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs, 16)] if s < max_bs} | {max_bs})
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -267,8 +270,9 @@ class ModelRunner:
         dev = self.device
         to = lambda x: x.to(dev, non_blocking=True)  # noqa: E731
         with kernel_backend(self.config.kernel_backend):
+            logits = None
             if inp.is_decode and self._graph_size(inp.num_seqs) is not None:
-                hidden = self._replay(inp)
+                hidden, logits = self._replay(inp)
             else:
                 meta = AttentionMetadata(
                     slot_mapping=to(inp.slot_mapping),
@@ -283,9 +287,10 @@ class ModelRunner:
                 hidden = self.model(self._input_ids(to(inp.input_ids), inp), to(inp.positions), meta)
             if inp.logits_indices.numel() == 0:  # prefill chunks only: nothing to sample yet
                 return None
-            # Every rank computes its vocabulary shard's logits: the LM head's gather is collective.
-            # Only rank 0 gets the logits back, and only rank 0 has sampling requests.
-            logits = self.model.compute_logits(hidden[to(inp.logits_indices)])
+            if logits is None:
+                # Every rank computes its vocabulary shard's logits: the LM head's gather is collective.
+                # Only rank 0 gets the logits back, and only rank 0 has sampling requests.
+                logits = self.model.compute_logits(hidden[to(inp.logits_indices)])
         if logits is None or not requests:  # a tensor-parallel rank other than 0
             return None
         return self.sampler(
@@ -354,16 +359,22 @@ class ModelRunner:
                 self._graph_forward(size, meta)  # warm up (compiles kernels) outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
-                    self._graph_forward(size, meta)
+                    logits = self._graph_forward(size, meta)
                 pool = graph.pool()
                 self.graphs[size] = graph
+                if logits is not None:
+                    self.graph_logits[size] = logits
                 torch.cuda.synchronize()
 
-    def _graph_forward(self, size: int, meta: AttentionMetadata) -> None:
+    def _graph_forward(self, size: int, meta: AttentionMetadata) -> torch.Tensor | None:
         b = self.graph_bufs
-        b["hidden"][:size] = self.model(b["input_ids"][:size], b["positions"][:size], meta)
+        hidden = self.model(b["input_ids"][:size], b["positions"][:size], meta)  # [size, hidden_size]
+        b["hidden"][:size] = hidden
+        return self.model.compute_logits(hidden) if self.tp_size == 1 else None  # [size, vocab_size]
 
-    def _replay(self, inp: ModelInput) -> torch.Tensor:
+    def _replay(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Replay the decode graph of the step's padded size: (hidden [n, hidden_size], and when the graph
+        ran the LM head and every row samples, logits [n, vocab_size]; else None)."""
         n = inp.num_seqs
         size = self._graph_size(n)
         b = self.graph_bufs
@@ -376,4 +387,7 @@ class ModelRunner:
         b["seq_lens"][n:size].zero_()
         b["block_tables"][:n, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
         self.graphs[size].replay()
-        return b["hidden"][:n]
+        logits = self.graph_logits.get(size)
+        if logits is None or inp.logits_indices.numel() != n:  # (a 1-token prefill chunk samples nothing)
+            return b["hidden"][:n], None
+        return b["hidden"][:n], logits[:n]

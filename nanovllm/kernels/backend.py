@@ -5,6 +5,8 @@ paths) scope the choice with `kernel_backend(...)`. Triton is optional: on a CPU
 every op runs its torch reference.
 """
 
+import functools
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -15,12 +17,19 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     HAS_TRITON = True
 except ImportError:  # the kernels below still get defined, as plain functions that are never launched
     triton = SimpleNamespace(jit=lambda fn=None, **options: fn if fn is not None else (lambda f: f))
     tl = SimpleNamespace(constexpr=None)
+    gdc_launch_dependents = gdc_wait = None
     HAS_TRITON = False
+
+# Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel
+# before it still runs, and calls gdc_wait() before it reads anything that kernel wrote. NANOVLLM_PDL=0
+# turns it off (to measure what it buys); the interpreter never uses it.
+PDL_ENABLED = os.environ.get("NANOVLLM_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 
@@ -51,3 +60,15 @@ def use_triton(x: torch.Tensor) -> bool:
             raise RuntimeError("kernel backend 'triton' was requested but triton is not installed")
         return False
     return True
+
+
+@functools.cache
+def _device_has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def check_pdl(x: torch.Tensor) -> bool:
+    """True when a kernel on `x` should be launched with programmatic dependent launch. Such a kernel
+    must call gdc_wait() in every program before it reads or writes memory that earlier kernels use (only
+    inputs no kernel writes, like weights, may be read before)."""
+    return PDL_ENABLED and x.is_cuda and _device_has_pdl(x.device.index or 0)

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait
 from nanovllm.kernels.paged_attention import (
     check_kernel_args,
     check_paged_args,
@@ -126,16 +127,23 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,  # KV-cache block size
         DOT_PRECISION: tl.constexpr,
+        USE_PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the K/V store
     ):
+        if USE_PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         seq = tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
         num_heads = tl.num_programs(1) * GROUP
         seq_len = tl.load(seq_lens_ptr + seq)
-        # This split's key range, from the actual length: tile-aligned, the last split may be short or
-        # empty (then the loop does not run and the split writes zeros and lse = -inf).
+        # This split's key range, from the actual length: tile-aligned, so short sequences leave the last
+        # splits empty. Those return at once (the reduce pass skips them), except split 0, which writes
+        # zeros and lse = -inf for an empty sequence (a padded row of a CUDA graph).
         keys_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
         start = split * keys_per_split
+        if split > 0 and start >= seq_len:
+            return
         end = tl.minimum(start + keys_per_split, seq_len)
 
         rows = tl.arange(0, BLOCK_H)  # [BLOCK_H]
@@ -194,13 +202,19 @@ if HAS_TRITON:
     def _decode_reduce_kernel(
         partial_out_ptr,  # [batch, num_heads, num_splits, HEAD_DIM] fp32
         partial_lse_ptr,  # [batch, num_heads, num_splits] fp32, log2 domain
+        seq_lens_ptr,
         out_ptr,
         num_splits,
         stride_ob,
         stride_oh,
         HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr,  # the split kernel's key tile: splits are cut as it cuts them
         SPLITS_P2: tl.constexpr,  # num_splits rounded up to a power of two
+        USE_PDL: tl.constexpr,
     ):
+        if USE_PDL:
+            gdc_launch_dependents()
+            gdc_wait()
         # One program per (sequence, query head): weigh each split's output by its share of the total
         # softmax mass, exp2(lse_s - max_lse), and renormalize.
         seq = tl.program_id(0)
@@ -208,7 +222,11 @@ if HAS_TRITON:
         first_row = (seq.to(tl.int64) * tl.num_programs(1) + head) * num_splits
         offs_s = tl.arange(0, SPLITS_P2)  # [SPLITS_P2]
         offs_d = tl.arange(0, HEAD_DIM)  # [HEAD_DIM]
-        split_valid = offs_s < num_splits
+        # Only the splits that got keys wrote partials (and split 0, always).
+        seq_len = tl.load(seq_lens_ptr + seq)
+        keys_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        num_written = tl.maximum(tl.cdiv(seq_len, tl.maximum(keys_per_split, 1)), 1)
+        split_valid = offs_s < num_written
         lse = tl.load(partial_lse_ptr + first_row + offs_s, mask=split_valid, other=float("-inf"))
         max_lse = tl.max(lse, 0)
         max_lse = tl.where(max_lse == float("-inf"), 0.0, max_lse)  # all splits empty: weights all 0
@@ -258,6 +276,7 @@ def decode_attention(
         return out
 
     group = num_heads // num_kv_heads
+    use_pdl = check_pdl(q)
     one_split = num_splits == 1  # (large batches) the split kernel writes `out` itself
     if one_split:  # no partials: `out` stands in for their pointers (unread with ONE_SPLIT)
         partial_out = partial_lse = out
@@ -293,20 +312,26 @@ def decode_attention(
         BLOCK_N=DECODE_BLOCK_N,
         BLOCK_SIZE=block_size,
         DOT_PRECISION=dot_precision(q.dtype),
+        USE_PDL=use_pdl,
         num_warps=DECODE_NUM_WARPS,
         num_stages=DECODE_NUM_STAGES,
+        launch_pdl=use_pdl,
     )
     if one_split:
         return out
     _decode_reduce_kernel[(batch, num_heads)](
         partial_out,
         partial_lse,
+        seq_lens,
         out,
         num_splits,
         out.stride(0),
         out.stride(1),
         HEAD_DIM=head_dim,
+        BLOCK_N=DECODE_BLOCK_N,
         SPLITS_P2=triton.next_power_of_2(num_splits),
+        USE_PDL=use_pdl,
         num_warps=1 if head_dim <= 64 else 2,
+        launch_pdl=use_pdl,
     )
     return out

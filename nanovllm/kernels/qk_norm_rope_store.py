@@ -18,7 +18,7 @@ by the fp32 order of the variance sum. The reference below is the plain composit
 
 import torch
 
-from nanovllm.kernels.backend import tl, triton
+from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 from nanovllm.kernels.rope import apply_rope_torch
 from nanovllm.kernels.store_kvcache import check_kv_cache, check_triton_device, store_kvcache_ref
@@ -137,9 +137,13 @@ def _qk_norm_rope_store_kernel(
     BLOCK_HALF: tl.constexpr,  # next power of two >= ROTARY_DIM // 2
     BLOCK_PASS: tl.constexpr,  # next power of two >= HEAD_DIM - ROTARY_DIM, or 0
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
+    USE_PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the qkv projection
 ):
     # One program per token: its cos/sin row once, then all q heads into q_out and, unless the token is
     # padding, all k heads and the raw v heads into their cache slot.
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()
     token = tl.program_id(0).to(tl.int64)  # int64: token * stride can pass 2**31 in long prefills
     position = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -204,6 +208,7 @@ def qk_norm_rope_store(
     has_norm = q_norm_weight is not None
     pass_dim = head_dim - rotary_dim
     cos_sin_cache = cos_sin_cache if cos_sin_cache.stride(-1) == 1 else cos_sin_cache.contiguous()
+    use_pdl = check_pdl(qkv)
     _qk_norm_rope_store_kernel[(num_tokens,)](
         qkv, qkv.stride(0),
         positions.contiguous(), cos_sin_cache, cos_sin_cache.stride(0),
@@ -221,7 +226,9 @@ def qk_norm_rope_store(
         BLOCK_HALF=triton.next_power_of_2(rotary_dim // 2),
         BLOCK_PASS=triton.next_power_of_2(pass_dim) if pass_dim > 0 else 0,
         BLOCK_D=triton.next_power_of_2(head_dim),
+        USE_PDL=use_pdl,
         num_warps=4,
+        launch_pdl=use_pdl,
     )  # fmt: skip
     return q_out
 

@@ -14,12 +14,15 @@ import torch
 from torch import nn
 from transformers import PretrainedConfig
 
+from nanovllm.kernels.backend import use_triton
+from nanovllm.kernels.gemv import GEMV_MAX_K, GEMV_MAX_ROWS, gemv
 from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import AddRMSNorm, RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import get_rope, rope_parameters_from_config
+from nanovllm.utils.distributed import get_tp_size
 
 
 @dataclass(frozen=True)
@@ -85,9 +88,13 @@ class DecoderAttention(nn.Module):
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # hidden: [num_tokens, hidden_size]
         qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        return self.o_proj(self.attend(positions, qkv, meta))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """Attention from the qkv projection: [num_tokens, num_heads * head_dim], o_proj's input."""
         qk_norm = (self.q_norm, self.k_norm) if self.qk_norm else None
         out = self.attn(qkv, positions, meta, self.rotary_emb, qk_norm)  # [num_tokens, num_heads, head_dim]
-        return self.o_proj(out.flatten(1))
+        return out.flatten(1)
 
 
 class DecoderMLP(nn.Module):
@@ -109,6 +116,11 @@ class DecoderLayer(nn.Module):
         self.mlp = DecoderMLP(config, opts)
         self.input_layernorm = AddRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = AddRMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Small decode batches fold the norms and SiLU into the matmuls (kernels/gemv.py). Not under TP:
+        # there the norm's input is a partial sum that the all-reduce kernel completes first.
+        o_proj_k = config.num_attention_heads * head_dim_of(config)
+        max_k = max(config.hidden_size, config.intermediate_size, o_proj_k)
+        self.gemv_decode = get_tp_size() == 1 and max_k <= GEMV_MAX_K
 
     def forward(
         self,
@@ -119,10 +131,32 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # The residual add is fused into the next norm: norm(hidden + residual) and the new residual.
         # Under TP, hidden arrives as each rank's partial sum, and the norm all-reduces it first.
+        if self.gemv_decode and meta.is_decode and hidden.shape[0] <= GEMV_MAX_ROWS and use_triton(hidden):
+            return self._forward_gemv(positions, hidden, residual, meta)
         hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, meta)
         hidden, residual = self.post_attention_layernorm(hidden, residual)
         return self.mlp(hidden), residual
+
+    def _forward_gemv(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Same ops as forward, six kernels: qkv (add + norm inside), q/k-norm + rope + KV store, attention,
+        # o_proj, gate_up (add + norm and SiLU-and-mul inside), down_proj.
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv_proj, gate_up_proj = attn.qkv_proj, mlp.gate_up_proj
+        qkv, residual = gemv(hidden, qkv_proj.weight, qkv_proj.bias, residual, norm1.weight, norm1.eps)
+        hidden, _ = gemv(attn.attend(positions, qkv, meta), attn.o_proj.weight, attn.o_proj.bias)
+        act, residual = gemv(
+            hidden, gate_up_proj.weight, gate_up_proj.bias, residual, norm2.weight, norm2.eps, silu_mul=True
+        )  # [num_tokens, intermediate_size]
+        hidden, _ = gemv(act, mlp.down_proj.weight, mlp.down_proj.bias)
+        return hidden, residual
 
 
 class DecoderModel(nn.Module):

@@ -70,6 +70,19 @@ def test_random_token_streams_match_a_full_decode(tok, seed):
     assert all(expected.startswith(t) for t in texts)  # emitted text is final: never retracted
 
 
+def test_tokens_without_text_do_not_grow_the_decode_window(tok):
+    # Special tokens (skipped) and ids past the tokenizer's vocabulary (random-weight presets sample from
+    # the model's larger one) decode to nothing. Each step must still decode a window of bounded size:
+    # re-decoding every token since the last text made long generations quadratic.
+    silent = [tok.eos_token_id, len(tok) + 5, len(tok) + 100_000]
+    assert all(tok.decode([t], skip_special_tokens=True) == "" for t in silent)
+    detok = IncrementalDetokenizer(tok, tok.encode("Hi"), None)
+    ids = silent * 300 + tok.encode(" done")
+    texts, stop = feed(detok, ids)
+    assert stop is None and detok.text == " done" == tok.decode(ids, skip_special_tokens=True)
+    assert len(detok.tokens) <= 40
+
+
 @pytest.mark.parametrize(
     "stop, expected_text",
     [
