@@ -28,6 +28,8 @@ With NORM, the kernel goes on with the decoder's add + RMSNorm on the summed row
 (rows are whole per program), so the norm after a row-parallel layer costs no extra launch.
 """
 
+import os
+
 import torch
 
 from nanovllm.kernels.backend import tl, triton
@@ -83,6 +85,7 @@ def _peer_all_reduce_kernel(
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
     PUSH: tl.constexpr,
+    SYS_FENCE: tl.constexpr,  # False only in the interpreter, which has no inline PTX
 ):
     pid = tl.program_id(0)
     dtype = x_ptr.dtype.element_ty
@@ -103,6 +106,13 @@ def _peer_all_reduce_kernel(
                     tl.store(peer + RANK * slot_numel + offs, x_row, mask=mask)
         else:
             tl.store(mine + RANK * slot_numel + offs, x_row, mask=mask)
+    if SYS_FENCE:
+        # Every thread makes its own stores visible to the other GPUs: the release of the flag below orders
+        # the posting thread's stores, and a CTA barrier alone did not always carry the others' (the 2-GPU
+        # test saw stale rows once at commit 1198c57).
+        tl.inline_asm_elementwise(
+            "fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
+        )
     tl.debug_barrier()  # every thread's rows are written before the flag says so
 
     for q in tl.static_range(WORLD):
@@ -208,5 +218,6 @@ def peer_all_reduce_triton(
         NORM=norm is not None,
         HAS_RESIDUAL=residual is not None,
         PUSH=push,
+        SYS_FENCE=os.environ.get("TRITON_INTERPRET") != "1",
     )
     return (out, x) if norm is not None else x
