@@ -123,6 +123,10 @@ def main() -> int:
     sizes = [int(b) for b in args.batches.split(",")]
     llm = LLM(args.model, max_model_len=2048)
     engine, rng = llm.engine, random.Random(0)
+    missing = sorted(set(sizes) - set(engine.runner.graphs))
+    if missing:
+        print(f"--batches {missing}: no decode graph of that size; captured: {sorted(engine.runner.graphs)}")
+        return 2
     host = {b: host_phases(engine, b, args.steps, rng) for b in sizes}
     graphs = time_graphs(engine.runner, sizes, args.replays)
     report = {"benchmark": "decode_breakdown", **run_info(), "model": args.model}

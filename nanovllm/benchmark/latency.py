@@ -291,7 +291,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         **run_info(),
         "model": args.model,
         "engine_args": kwargs,
-        "method": "host clock around LLMEngine.add_request/step after torch.cuda.synchronize; fresh prompts",
+        "method": "host clock; TTFT between two torch.cuda.synchronize; TPOT: interval between the returns "
+        "of back-to-back LLMEngine.step calls (no synchronize between steps); fresh prompts",
         "params": {
             "contexts": args.contexts,
             "batches": args.batches,

@@ -34,11 +34,13 @@ class IncrementalDetokenizer:
         full = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
         if full.endswith("\ufffd"):
             return None  # an incomplete UTF-8 sequence: wait for more tokens
-        if len(full) <= len(prefix):
+        if full == prefix:
             # Tokens that decode to nothing (special tokens, ids the tokenizer does not know): nothing to
             # emit, but move on, or every later step would re-decode a window that keeps growing.
             self._advance()
             return None
+        if len(full) <= len(prefix):
+            return None  # the new token changed the text before it (clean-up of spaces): wait
         old_len = len(self.text)
         self.text += full[len(prefix) :]
         self._advance()

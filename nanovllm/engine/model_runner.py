@@ -84,8 +84,8 @@ class ModelRunner:
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # Single rank: the LM head runs inside the decode graphs too (one host launch less per step);
-        # under TP its logits gather is a collective, which stays outside.
+        # Single rank: the LM head runs inside the decode graphs too (one host launch less per step), into
+        # one buffer that every graph shares; under TP its logits gather is a collective, which stays outside.
         self.graph_logits: dict[int, torch.Tensor] = {}  # size -> [size, vocab_size], the graph's output
         max_bs = min(config.max_num_seqs, 512)
         self.graph_sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs, 16)] if s < max_bs} | {max_bs})
@@ -342,6 +342,10 @@ class ModelRunner:
             "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
             "hidden": torch.zeros(max_bs, hidden_size, dtype=self.config.torch_dtype, device=dev),
         }
+        if self.tp_size == 1:  # [max_bs, vocab rows of the LM head]
+            vocab_rows = self.model.lm_head.weight.shape[0]
+            dtype = self.config.torch_dtype
+            self.graph_bufs["logits"] = torch.zeros(max_bs, vocab_rows, dtype=dtype, device=dev)
         b = self.graph_bufs
         pool = None
         with kernel_backend(self.config.kernel_backend), torch.inference_mode():
@@ -370,7 +374,9 @@ class ModelRunner:
         b = self.graph_bufs
         hidden = self.model(b["input_ids"][:size], b["positions"][:size], meta)  # [size, hidden_size]
         b["hidden"][:size] = hidden
-        return self.model.compute_logits(hidden) if self.tp_size == 1 else None  # [size, vocab_size]
+        if self.tp_size > 1:
+            return None
+        return self.model.compute_logits(hidden, out=b["logits"][:size])  # [size, vocab_size]
 
     def _replay(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replay the decode graph of the step's padded size: (hidden [n, hidden_size], and when the graph

@@ -17,19 +17,27 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     HAS_TRITON = True
 except ImportError:  # the kernels below still get defined, as plain functions that are never launched
     triton = SimpleNamespace(jit=lambda fn=None, **options: fn if fn is not None else (lambda f: f))
     tl = SimpleNamespace(constexpr=None)
-    gdc_launch_dependents = gdc_wait = None
     HAS_TRITON = False
+try:  # (a Triton without grid dependency control still runs every kernel, without PDL)
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAS_PDL = True
+except ImportError:
+    gdc_launch_dependents = gdc_wait = None
+    HAS_PDL = False
 
 # Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel
 # before it still runs, and calls gdc_wait() before it reads anything that kernel wrote. NANOVLLM_PDL=0
 # turns it off (to measure what it buys); the interpreter never uses it.
-PDL_ENABLED = os.environ.get("NANOVLLM_PDL", "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1"
+_PDL_SWITCH = os.environ.get("NANOVLLM_PDL", "1")
+if _PDL_SWITCH not in ("0", "1"):
+    raise ValueError(f"NANOVLLM_PDL must be 0 or 1, got {_PDL_SWITCH!r}")
+PDL_ENABLED = HAS_PDL and _PDL_SWITCH == "1" and os.environ.get("TRITON_INTERPRET") != "1"
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 

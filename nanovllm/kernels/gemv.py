@@ -10,7 +10,7 @@ At decode batch 1 a layer's matmuls read 4-12 MB of weights each, and cuBLAS spe
 - Fewer kernels: the add + RMSNorm before qkv_proj and gate_up_proj and the SiLU-and-mul after gate_up_proj
   run inside the matmul (every program recomputes the norm of the M input rows: M x K values, far less than
   its slice of W), so a layer is qkv, q/k-norm + rope + store, attention, o, gate_up, down.
-- Weights before the wait: with programmatic dependent launch (`backend.use_pdl`), a program loads its
+- Weights before the wait: with programmatic dependent launch (`backend.check_pdl`), a program loads its
   whole [BLOCK_N, K] slice of W, which no earlier kernel writes, *then* waits for the previous kernel
   (`gdc_wait`) before reading x. The weight stream of the next matmul thus overlaps the kernels before
   it; each program holds its slice in registers (BLOCK_N * BLOCK_K <= GEMV_TILE_ELEMENTS).
@@ -31,8 +31,12 @@ from nanovllm.kernels.activation import silu_and_mul_torch
 from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 
-# Decode batches up to this size take the GEMV path (NANOVLLM_GEMV_MAX_ROWS=0: never, to measure it).
-GEMV_MAX_ROWS = int(os.environ.get("NANOVLLM_GEMV_MAX_ROWS", "2"))
+# Decode batches up to this size take the GEMV path: at 4 rows it ties cuBLAS, at 8 it loses (it redoes the
+# norm and the conversions per row). NANOVLLM_GEMV_MAX_ROWS=0 turns it off, to measure what it buys.
+_MAX_ROWS_SWITCH = os.environ.get("NANOVLLM_GEMV_MAX_ROWS", "2")
+if not _MAX_ROWS_SWITCH.isdigit():
+    raise ValueError(f"NANOVLLM_GEMV_MAX_ROWS must be a non-negative integer, got {_MAX_ROWS_SWITCH!r}")
+GEMV_MAX_ROWS = int(_MAX_ROWS_SWITCH)
 GEMV_MAX_K = 8192  # a program holds a whole row of W: larger K (8B's down_proj, 12288) stays on cuBLAS
 GEMV_TILE_ELEMENTS = 16384  # weights per program (32 KB in bf16), so two kernels' tiles fit one SM
 GEMV_NUM_WARPS = 4
@@ -141,7 +145,8 @@ def _gemv_kernel(
 
 
 def gemv_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `gemv` takes these shapes (the caller uses the unfused ops otherwise)."""
+    """Whether `gemv` takes these shapes. (DecoderLayer checks the same two limits itself: K once, when
+    it is built, and the rows every step.)"""
     return x.dim() == 2 and 0 < x.shape[0] <= GEMV_MAX_ROWS and weight.shape[1] <= GEMV_MAX_K
 
 
@@ -161,7 +166,9 @@ def gemv(
     if weight.shape[1] != k or weight.stride(1) != 1:
         raise ValueError(f"weight must be [N, {k}] with contiguous rows, got {tuple(weight.shape)}")
     if not gemv_supported(x, weight):
-        raise ValueError(f"gemv takes 1..{GEMV_MAX_ROWS} rows and K <= {GEMV_MAX_K}, got {tuple(x.shape)}")
+        raise ValueError(
+            f"gemv takes x of 1..{GEMV_MAX_ROWS} rows and K <= {GEMV_MAX_K}, got {tuple(x.shape)}"
+        )
     if silu_mul and n % 2:
         raise ValueError(f"silu_mul needs an even number of weight rows (gate, up), got {n}")
     for name, t, shape in (("residual", residual, x.shape), ("norm_weight", norm_weight, (k,)),

@@ -48,8 +48,13 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        # hidden: [num_seqs, hidden_size] -> logits [num_seqs, vocab_size] on rank 0, None elsewhere
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """hidden: [num_seqs, hidden_size] -> logits [num_seqs, vocab_size] on rank 0, None elsewhere.
+        out ([num_seqs, shard_size], single rank only): where to write them, e.g. a CUDA graph's buffer."""
+        if out is not None:
+            if self.tp_size > 1:
+                raise ValueError("ParallelLMHead takes `out` on a single rank only (TP gathers the logits)")
+            return torch.mm(hidden, self.weight.t(), out=out)[:, : self.vocab_size]  # F.linear's matmul
         logits = F.linear(hidden, self.weight)  # [num_seqs, shard_size]
         if self.tp_size > 1:
             parts = self.tp_group.gather(logits, dst=0)  # collective: every rank calls it

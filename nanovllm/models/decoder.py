@@ -145,11 +145,12 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # Same ops as forward, six kernels: qkv (add + norm inside), q/k-norm + rope + KV store, attention,
-        # o_proj, gate_up (add + norm and SiLU-and-mul inside), down_proj.
+        # Same ops as forward in six or seven kernels: qkv (add + norm inside), q/k-norm + rope + KV store,
+        # attention (split, and reduce when split), o_proj, gate_up (add + norm, SiLU-and-mul inside), down.
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv_proj, gate_up_proj = attn.qkv_proj, mlp.gate_up_proj
+        # qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]; residual, hidden: [num_tokens, hidden]
         qkv, residual = gemv(hidden, qkv_proj.weight, qkv_proj.bias, residual, norm1.weight, norm1.eps)
         hidden, _ = gemv(attn.attend(positions, qkv, meta), attn.o_proj.weight, attn.o_proj.bias)
         act, residual = gemv(
@@ -214,8 +215,8 @@ class DecoderForCausalLM(nn.Module):
     ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [num_tokens, hidden_size]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        return self.lm_head(hidden)  # [num_seqs, vocab_size] (None on ranks other than 0)
+    def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
+        return self.lm_head(hidden, out)  # [num_seqs, vocab_size] (None on ranks other than 0)
 
     @classmethod
     def checkpoint_shapes(cls, config: PretrainedConfig) -> dict[str, tuple[int, ...]]:

@@ -279,6 +279,22 @@ def test_lm_head_gathers_full_logits_on_rank0_only(vocab, size):
     assert all(o is None for o in outs[1:])
 
 
+def test_lm_head_writes_into_a_given_buffer_on_one_rank():
+    # What the decode CUDA graphs do: logits into rows of one buffer that every graph shares.
+    w, hidden = torch.randn(1001, 8), torch.randn(3, 8)
+    (layer,) = build_ranks(1, lambda: ParallelLMHead(1001, 8))
+    load([layer], "weight", w)
+    buffer = torch.full((5, layer.weight.shape[0]), float("nan"))
+    with torch.no_grad():  # (the engine runs under inference_mode)
+        logits = layer(hidden, out=buffer[:3])
+        assert logits.data_ptr() == buffer.data_ptr()
+        assert torch.equal(logits, layer(hidden))  # the same matmul as without `out`
+        assert buffer[3:].isnan().all()
+        (layer2, _) = build_ranks(2, lambda: ParallelLMHead(1001, 8))
+        with pytest.raises(ValueError, match="single rank"):
+            layer2(hidden, out=buffer[:3])
+
+
 # ---- loading a whole checkpoint: each rank reads only its shards --------------------------------
 
 
