@@ -21,7 +21,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
-from nanovllm.benchmark.common import DEFAULT_OUT_DIR, print_table, run_info, write_report  # noqa: E402
+from nanovllm.benchmark.common import DEFAULT_OUT_DIR, graph_replay_ms, print_table, run_info, write_report  # noqa: E402
 from nanovllm.kernels.rmsnorm import rms_norm  # noqa: E402
 from nanovllm.utils.distributed import connect_rendezvous, create_rendezvous, new_tp_group  # noqa: E402
 from nanovllm.utils.peer_all_reduce import connect_peers  # noqa: E402
@@ -54,13 +54,7 @@ def time_graph(reduce, x: torch.Tensor, ops: int, replays: int) -> float:
                 reduce(x.mul_(0.5))  # keep the values bounded
     graph.replay()
     torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) * 1000 / (replays * ops)
+    return graph_replay_ms(graph, replays) * 1000 / ops
 
 
 def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]:

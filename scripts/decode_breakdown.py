@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.benchmark.common import run_info, write_report  # noqa: E402
+from nanovllm.benchmark.common import graph_replay_ms, run_info, write_report  # noqa: E402
 from nanovllm.engine import step_input  # noqa: E402
 
 
@@ -35,19 +35,13 @@ def time_graphs(runner, sizes: list[int], replays: int) -> dict:
         graph = runner.graphs[size]
         for _ in range(10):
             graph.replay()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(replays):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
+        gpu_ms = graph_replay_ms(graph, replays)
         host = []
         for _ in range(20):  # the GPU is busy with the replays before: this is the launch alone
             t = time.perf_counter()
             graph.replay()
             host.append(time.perf_counter() - t)
         torch.cuda.synchronize()
-        gpu_ms = start.elapsed_time(end) / replays
         out[size] = {"gpu_ms": gpu_ms, "host_ms_per_call": statistics.median(host) * 1e3}
     return out
 

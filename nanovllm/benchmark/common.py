@@ -168,6 +168,18 @@ def now() -> float:
     return time.perf_counter()
 
 
+def graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    """GPU milliseconds per replay of a captured CUDA graph, `replays` of them back to back between two
+    CUDA events (warm it up first)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
+
+
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -84,9 +84,6 @@ class ModelRunner:
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         self.num_kvcache_blocks = self._allocate_kv_cache()
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        # Single rank: the LM head runs inside the decode graphs too (one host launch less per step), into
-        # one buffer that every graph shares; under TP its logits gather is a collective, which stays outside.
-        self.graph_logits: dict[int, torch.Tensor] = {}  # size -> [size, vocab_size], the graph's output
         max_bs = min(config.max_num_seqs, 512)
         self.graph_sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs, 16)] if s < max_bs} | {max_bs})
         if self.device.type == "cuda" and not config.enforce_eager:
@@ -342,6 +339,8 @@ class ModelRunner:
             "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
             "hidden": torch.zeros(max_bs, hidden_size, dtype=self.config.torch_dtype, device=dev),
         }
+        # Single rank: the LM head runs inside the decode graphs too (one host launch less per step), into
+        # one buffer that every graph shares; under TP its logits gather is a collective, which stays outside.
         if self.tp_size == 1:  # [max_bs, vocab rows of the LM head]
             vocab_rows = self.model.lm_head.weight.shape[0]
             dtype = self.config.torch_dtype
@@ -363,20 +362,17 @@ class ModelRunner:
                 self._graph_forward(size, meta)  # warm up (compiles kernels) outside the capture
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):
-                    logits = self._graph_forward(size, meta)
+                    self._graph_forward(size, meta)
                 pool = graph.pool()
                 self.graphs[size] = graph
-                if logits is not None:
-                    self.graph_logits[size] = logits
                 torch.cuda.synchronize()
 
-    def _graph_forward(self, size: int, meta: AttentionMetadata) -> torch.Tensor | None:
+    def _graph_forward(self, size: int, meta: AttentionMetadata) -> None:
         b = self.graph_bufs
         hidden = self.model(b["input_ids"][:size], b["positions"][:size], meta)  # [size, hidden_size]
         b["hidden"][:size] = hidden
-        if self.tp_size > 1:
-            return None
-        return self.model.compute_logits(hidden, out=b["logits"][:size])  # [size, vocab_size]
+        if "logits" in b:
+            self.model.compute_logits(hidden, out=b["logits"][:size])
 
     def _replay(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replay the decode graph of the step's padded size: (hidden [n, hidden_size], and when the graph
@@ -393,7 +389,6 @@ class ModelRunner:
         b["seq_lens"][n:size].zero_()
         b["block_tables"][:n, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
         self.graphs[size].replay()
-        logits = self.graph_logits.get(size)
-        if logits is None or inp.logits_indices.numel() != n:  # (a 1-token prefill chunk samples nothing)
+        if "logits" not in b or inp.logits_indices.numel() != n:  # (a 1-token prefill chunk samples nothing)
             return b["hidden"][:n], None
-        return b["hidden"][:n], logits[:n]
+        return b["hidden"][:n], b["logits"][:n, : self.config.hf_config.vocab_size]

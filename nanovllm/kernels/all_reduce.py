@@ -28,11 +28,9 @@ With NORM, the kernel goes on with the decoder's add + RMSNorm on the summed row
 (rows are whole per program), so the norm after a row-parallel layer costs no extra launch.
 """
 
-import os
-
 import torch
 
-from nanovllm.kernels.backend import tl, triton
+from nanovllm.kernels.backend import INTERPRETER, tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 
 NUM_PROGRAMS = 64  # the grid (at most half the SMs: all resident at once); fixed for every call of a group
@@ -218,6 +216,6 @@ def peer_all_reduce_triton(
         NORM=norm is not None,
         HAS_RESIDUAL=residual is not None,
         PUSH=push,
-        SYS_FENCE=os.environ.get("TRITON_INTERPRET") != "1",
+        SYS_FENCE=not INTERPRETER,
     )
     return (out, x) if norm is not None else x

@@ -37,7 +37,8 @@ except ImportError:
 _PDL_SWITCH = os.environ.get("NANOVLLM_PDL", "1")
 if _PDL_SWITCH not in ("0", "1"):
     raise ValueError(f"NANOVLLM_PDL must be 0 or 1, got {_PDL_SWITCH!r}")
-PDL_ENABLED = HAS_PDL and _PDL_SWITCH == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # (Triton reads it when a kernel is decorated)
+PDL_ENABLED = HAS_PDL and _PDL_SWITCH == "1" and not INTERPRETER
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 
