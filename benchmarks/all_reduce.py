@@ -37,9 +37,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ops", type=int, default=64, help="all-reduces per graph")
     p.add_argument("--replays", type=int, default=10)
     p.add_argument("--programs", default="64", help="peer kernel grid sizes to compare")
-    p.add_argument(
-        "--modes", default="push,pull", help="peer kernel ways of moving the rows (see kernels/all_reduce.py)"
-    )
     return p.parse_args(argv)
 
 
@@ -62,16 +59,8 @@ def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]
     torch.cuda.set_device(device)
     group = new_tp_group(store, rank, WORLD, device, 60, custom_all_reduce=False)  # NCCL: the baseline
     peers = {
-        f"{mode}{n}": connect_peers(
-            dist.PrefixStore(f"bench-{mode}{n}", store),
-            rank,
-            WORLD,
-            device,
-            num_programs=n,
-            push=mode == "push",
-        )
+        f"peer{n}": connect_peers(dist.PrefixStore(f"peer{n}", store), rank, WORLD, device, num_programs=n)
         for n in (int(p) for p in args.programs.split(","))
-        for mode in args.modes.split(",")
     }
     if None in peers.values():
         raise RuntimeError("the GPUs cannot reach each other's memory (no NVLink/P2P): no peer all-reduce")
@@ -137,10 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         "nccl_env": nccl_env,
         "results": results,
     }
-    names = [f"{mode}{n}" for n in args.programs.split(",") for mode in args.modes.split(",")]
+    names = [f"peer{n}" for n in args.programs.split(",")]
     keys = ["rows", "nccl_us", "nccl_norm_us"] + [f"{name}{k}" for name in names for k in ("_us", "_norm_us")]
     print_table(
-        f"all-reduce us, bf16, 2 GPUs (+norm: then add + RMSNorm; pushN/pullN: peer kernel, N programs), "
+        f"all-reduce us, bf16, 2 GPUs (+norm: then add + RMSNorm; peerN: peer kernel, N programs), "
         f"{nccl_env or 'NCCL'}",
         ["rows", "NCCL", "NCCL+norm"] + [f"{name}{k}" for name in names for k in ("", "+norm")],
         [[r[k] for k in keys] for r in results],

@@ -1,28 +1,24 @@
-"""One-shot all-reduce through peer memory: every rank gets every rank's partial sums over NVLink and adds
-them itself, in one kernel.
+"""One-shot all-reduce through peer memory: every rank writes its partial sums into every peer's buffer over
+NVLink and adds what the peers wrote into its own, in one kernel, with no flags: the rows signal themselves.
 
 NCCL's ring all-reduce of the ~0.5-2 MB a decode step reduces costs ~15 us, mostly protocol latency. Here
-each rank's exchange buffer has, per slot, one part per rank (part r holds rank r's rows), and the rows
-travel one of two ways (the constexpr PUSH):
-
-    push (default)  write my rows into part RANK of every peer's buffer (NVLink stores: posted, so many are
-                    in flight at once), then add my own rows and the parts the peers wrote into my buffer
-                    (local reads)
-    pull            copy my rows into part RANK of my own buffer, then read part q of every peer q's buffer
-                    (NVLink loads: each waits a round trip, so fewer bytes are in flight)
-
-The protocol, per program p (a fixed number of programs, so program p of every rank meets program p of every
-other):
+each rank's exchange buffer has, per slot, one part per rank (part r holds rank r's rows). Every 16-bit half
+of a buffer holds EMPTY (0x8000, the bits of a 16-bit -0.0) wherever no row is waiting. Per program p (a
+fixed number of programs, so program p of every rank meets program p of every other):
 
     epoch = ++epochs[p]                       this rank's call count (device memory: CUDA graphs replay it)
-    put my rows into slot (epoch % 2), part RANK (push: of every peer's buffer; pull: of mine)
-    flags_of_rank_q[my_rank, p] = epoch       for every other rank q (system-scope release: rows first)
-    wait until my_flags[q, p] >= epoch        for every other rank q (volatile loads, then acquire)
+    store my rows into slot (epoch % 3), part RANK, of every peer's buffer
+                                              (NVLink stores, posted: all of them are in flight at once)
+    for every other rank q: poll part q of my slot until no element of the row is EMPTY (volatile loads),
+                            take the row, and put EMPTY back
     rows = sum over q, in rank order, of rank q's rows (fp32, one rounding: equal on every rank)
 
-Two slots make reuse safe: to reach call e+2 a rank must have seen every peer's flag of call e+1, posted
-after that peer's call e was complete — the last reader of what this rank writes at e+2 (push: the peer
-read its own buffer's slot e % 2, which this rank now writes into; pull: the peer read this rank's).
+A value whose bits are EMPTY is sent as a neighbour that adds the same (or within 5e-41): a 16-bit -0.0 as
++0.0, the fp32 denormal -4.6e-41 (0x80008000) as -0.0. Each element is its own arrival signal, so no store
+needs ordering against another: no memory fence, no flag, and no round trip after the data (a flag
+protocol must fence every writer thread at system scope before it posts the flag). Three slots make reuse
+safe: a peer writes slot e % 3 again only in call e+3, which it reaches after taking this rank's rows of
+call e+2, which this rank stores after its call e (the one that emptied slot e % 3) completed.
 
 With NORM, the kernel goes on with the decoder's add + RMSNorm on the summed rows it already holds
 (rows are whole per program), so the norm after a row-parallel layer costs no extra launch.
@@ -30,12 +26,15 @@ With NORM, the kernel goes on with the decoder's add + RMSNorm on the summed row
 
 import torch
 
-from nanovllm.kernels.backend import INTERPRETER, tl, triton
+from nanovllm.kernels.backend import tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 
 NUM_PROGRAMS = 64  # the grid (at most half the SMs: all resident at once); fixed for every call of a group
 ABORT_POLL_SPINS = 1024  # spins between looks at the host's abort flag (over PCIe, slow)
-PUSH = True  # write rows into the peers' buffers (True) or read them from there (False); see above
+NUM_SLOTS = 3
+EMPTY_16 = -32768  # int16 0x8000: a buffer's every 16-bit half between calls
+EMPTY_32 = -2147450880  # int32 0x80008000: two EMPTY_16 halves, the empty word of a 32-bit row
+NEG_ZERO_32 = -2147483648  # int32 0x80000000, the bits of fp32 -0.0: what an fp32 EMPTY value is sent as
 
 # ---------------------------------------------------------------- torch reference
 
@@ -64,8 +63,7 @@ def all_reduce_rms_norm_reference(
 @triton.jit(do_not_specialize=["num_rows"])
 def _peer_all_reduce_kernel(
     x_ptr,  # [num_rows, hidden] this rank's part; the sum (or, with NORM, sum + residual) is written here
-    buffer_ptrs,  # [world] int64: every rank's exchange buffer, [2 slots, world parts, slot_numel]
-    flag_ptrs,  # [world] int64: every rank's flags, [world, NUM_PROGRAMS] int64
+    buffer_ptrs,  # [world] int64: every rank's exchange buffer, [NUM_SLOTS, world parts, slot_numel] BITS
     epoch_ptr,  # [NUM_PROGRAMS] int64: this rank's call count, per program
     abort_ptr,  # [1] int32 in pinned host memory: nonzero makes waiting programs give up
     residual_ptr,  # [num_rows, hidden] (HAS_RESIDUAL)
@@ -73,7 +71,7 @@ def _peer_all_reduce_kernel(
     out_ptr,  # [num_rows, hidden] rms_norm(sum + residual) * weight (NORM)
     num_rows,
     hidden,
-    slot_numel,
+    slot_numel,  # elements of x's dtype per part
     eps,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
@@ -82,70 +80,49 @@ def _peer_all_reduce_kernel(
     ABORT_POLL_SPINS: tl.constexpr,
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    PUSH: tl.constexpr,
-    SYS_FENCE: tl.constexpr,  # False only in the interpreter, which has no inline PTX
+    BITS: tl.constexpr,  # tl.int16 or tl.int32: x's elements as integers
+    EMPTY: tl.constexpr,  # EMPTY_16 or EMPTY_32
+    EMPTY_SENT_AS: tl.constexpr,  # what a value with EMPTY's bits is sent as: 0 or NEG_ZERO_32
+    NUM_SLOTS: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    dtype = x_ptr.dtype.element_ty
     epoch = tl.load(epoch_ptr + pid) + 1
     tl.store(epoch_ptr + pid, epoch)
-    slot = (epoch % 2) * WORLD * slot_numel
+    slot = (epoch % NUM_SLOTS) * WORLD * slot_numel
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
-
-    mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(dtype)) + slot  # my buffer's slot
-    for row in range(pid, num_rows, NUM_PROGRAMS):
-        offs = row * hidden + cols  # < slot_numel: int32 is enough
-        x_row = tl.load(x_ptr + offs, mask=mask)
-        if PUSH:
-            for q in tl.static_range(WORLD):
-                if q != RANK:
-                    peer = tl.load(buffer_ptrs + q).to(tl.pointer_type(dtype)) + slot
-                    tl.store(peer + RANK * slot_numel + offs, x_row, mask=mask)
-        else:
-            tl.store(mine + RANK * slot_numel + offs, x_row, mask=mask)
-    if SYS_FENCE:
-        # Every thread makes its own stores visible to the other GPUs: the release of the flag below orders
-        # the posting thread's stores, and a CTA barrier alone did not always carry the others' (the 2-GPU
-        # test saw stale rows once at commit 1198c57).
-        tl.inline_asm_elementwise(
-            "fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
-        )
-    tl.debug_barrier()  # every thread's rows are written before the flag says so
-
-    for q in tl.static_range(WORLD):
-        if q != RANK:
-            flags = tl.load(flag_ptrs + q).to(tl.pointer_type(tl.int64))
-            tl.atomic_xchg(flags + RANK * NUM_PROGRAMS + pid, epoch, sem="release", scope="sys")
-    my_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int64))
-    for q in tl.static_range(WORLD):
-        if q != RANK:
-            flag = my_flags + q * NUM_PROGRAMS + pid
-            # Spin on volatile loads (uncached: they see the peer's write as soon as it lands), then one
-            # acquire read, so that the rows read below are ordered after the flag.
-            seen = tl.load(flag, volatile=True)
-            spins = 0
-            while seen < epoch:
-                spins += 1
-                if spins % ABORT_POLL_SPINS == 0:
-                    if tl.load(abort_ptr, volatile=True) != 0:
-                        seen = epoch  # the group is being torn down: stop waiting, the result is dropped
-                if seen < epoch:
-                    seen = tl.load(flag, volatile=True)
-            tl.atomic_add(flag, 0, sem="acquire", scope="sys")
-    tl.debug_barrier()  # no thread reads a peer's rows before the flags said they are there
+    mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(BITS)) + slot
 
     for row in range(pid, num_rows, NUM_PROGRAMS):
         offs = row * hidden + cols  # < slot_numel: int32 is enough
+        bits = tl.load(x_ptr + offs, mask=mask).to(BITS, bitcast=True)
+        bits = tl.where(bits == EMPTY, EMPTY_SENT_AS, bits)
+        for q in tl.static_range(WORLD):
+            if q != RANK:
+                peer = tl.load(buffer_ptrs + q).to(tl.pointer_type(BITS)) + slot
+                tl.store(peer + RANK * slot_numel + offs, bits, mask=mask)
+
+    dtype = x_ptr.dtype.element_ty
+    for row in range(pid, num_rows, NUM_PROGRAMS):
+        offs = row * hidden + cols
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for q in tl.static_range(WORLD):
-            if PUSH and q == RANK:
+            if q == RANK:
                 acc += tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            else:  # .cv: not an L1 copy left from when this slot last held other rows
-                part = mine if PUSH else tl.load(buffer_ptrs + q).to(tl.pointer_type(dtype)) + slot
-                acc += tl.load(part + q * slot_numel + offs, mask=mask, other=0.0, cache_modifier=".cv").to(
-                    tl.float32
-                )
+            else:
+                part = mine + q * slot_numel + offs
+                # volatile: uncached loads, which see the peer's stores as they land
+                bits = tl.load(part, mask=mask, other=0, volatile=True)
+                spins = 0
+                while tl.sum((bits == EMPTY).to(tl.int32), axis=0) > 0:
+                    spins += 1
+                    if spins % ABORT_POLL_SPINS == 0:
+                        if tl.load(abort_ptr, volatile=True) != 0:
+                            bits = tl.zeros_like(bits)  # torn down: stop waiting, the result is dropped
+                    if tl.sum((bits == EMPTY).to(tl.int32), axis=0) > 0:
+                        bits = tl.load(part, mask=mask, other=0, volatile=True)
+                tl.store(part, tl.full([BLOCK_H], EMPTY, BITS), mask=mask)
+                acc += bits.to(dtype, bitcast=True).to(tl.float32)
         total = acc.to(dtype)
         if HAS_RESIDUAL:  # as rms_norm's residual path: the add rounded to the input dtype
             res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
@@ -165,23 +142,23 @@ def _peer_all_reduce_kernel(
 def peer_all_reduce_triton(
     x: torch.Tensor,
     buffer_ptrs: torch.Tensor,
-    flag_ptrs: torch.Tensor,
     epochs: torch.Tensor,
     abort_flag: torch.Tensor,
     rank: int,
     slot_numel: int,
     norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None,
     num_programs: int = NUM_PROGRAMS,
-    push: bool = PUSH,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Sum x (contiguous, [..., hidden], numel <= slot_numel) over the ranks in place; returns x.
-    Every rank's buffer holds [2 slots, world parts, slot_numel] elements of x's dtype.
+    """Sum x (contiguous, [..., hidden], 16- or 32-bit floats, numel <= slot_numel) over the ranks in place;
+    returns x. Every rank's buffer holds [NUM_SLOTS, world parts, slot_numel] elements of x's size, all
+    EMPTY before the first call (they are again after every call).
     With norm = (weight, eps, residual or None), x becomes sum + residual and the result is
     (rms_norm(x) * weight, x): the decoder's add+norm, as `rms_norm(sum, weight, eps, residual)`.
     Every rank must call this with the same shape, in the same order as its other collectives, and the
-    same num_programs and push every time (the flags and epochs hold num_programs entries per rank)."""
-    world = buffer_ptrs.numel()
+    same num_programs every time (the epochs hold num_programs entries)."""
     hidden = x.shape[-1]
+    if x.element_size() not in (2, 4) or not x.is_floating_point():
+        raise ValueError(f"the peer all-reduce takes 16- or 32-bit floats, got {x.dtype}")
     if not x.is_contiguous() or x.numel() > slot_numel or hidden == 0:
         raise ValueError(f"x must be contiguous with 0 < numel <= {slot_numel}, got {tuple(x.shape)}")
     weight, eps, residual = norm if norm is not None else (x, 0.0, None)
@@ -194,11 +171,10 @@ def peer_all_reduce_triton(
     out = x
     if norm is not None:
         out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    block_h = triton.next_power_of_2(hidden)
+    wide = x.element_size() == 4
     _peer_all_reduce_kernel[(num_programs,)](
         x,
         buffer_ptrs,
-        flag_ptrs,
         epochs,
         abort_flag,
         residual.contiguous() if residual is not None else x,
@@ -209,13 +185,15 @@ def peer_all_reduce_triton(
         slot_numel,
         eps,
         RANK=rank,
-        WORLD=world,
-        BLOCK_H=block_h,
+        WORLD=buffer_ptrs.numel(),
+        BLOCK_H=triton.next_power_of_2(hidden),
         NUM_PROGRAMS=num_programs,
         ABORT_POLL_SPINS=ABORT_POLL_SPINS,
         NORM=norm is not None,
         HAS_RESIDUAL=residual is not None,
-        PUSH=push,
-        SYS_FENCE=not INTERPRETER,
+        BITS=tl.int32 if wide else tl.int16,
+        EMPTY=EMPTY_32 if wide else EMPTY_16,
+        EMPTY_SENT_AS=NEG_ZERO_32 if wide else 0,
+        NUM_SLOTS=NUM_SLOTS,
     )
     return (out, x) if norm is not None else x

@@ -1,8 +1,8 @@
 """The buffers behind the one-shot peer-memory all-reduce (nanovllm/kernels/all_reduce.py), shared
 between the ranks' processes through CUDA IPC.
 
-Each rank allocates an exchange buffer (2 slots of one part per rank) and a flag array on its own GPU,
-publishes their IPC handles through the group's rendezvous store, and maps every other rank's into its
+Each rank allocates an exchange buffer (3 slots of one part per rank, every 16-bit half EMPTY) on its own
+GPU, publishes its IPC handle through the group's rendezvous store, and maps every other rank's into its
 own address space (on its own device: the pointers reach the peer GPU over NVLink). The kernel gets a
 table of those pointers. Small reductions (a decode step's activations) go this way; larger ones
 (prefill) to NCCL.
@@ -20,7 +20,7 @@ import pickle
 import torch
 import torch.distributed as dist
 
-from nanovllm.kernels.all_reduce import NUM_PROGRAMS, PUSH, peer_all_reduce_triton
+from nanovllm.kernels.all_reduce import EMPTY_16, NUM_PROGRAMS, NUM_SLOTS, peer_all_reduce_triton
 
 logger = logging.getLogger(__name__)
 
@@ -32,36 +32,32 @@ class PeerAllReduce:
     """One rank's side of the peer-memory all-reduce: its buffers and the table of everyone's.
     Build it with `connect_peers`, which every rank of the group calls."""
 
-    def __init__(self, rank: int, size: int, device: torch.device, num_programs: int, push: bool = PUSH):
-        self.rank, self.size, self.num_programs, self.push = rank, size, num_programs, push
-        # [2 slots, size parts, MAX_SLOT_BYTES]: part r of a slot holds rank r's rows (pulling, a rank uses
-        # only part `rank` of its own: the pull variant is kept for comparison, not sized for)
-        self.buffer = torch.empty(2 * size * MAX_SLOT_BYTES, dtype=torch.uint8, device=device)
-        self.flags = torch.zeros(size * num_programs, dtype=torch.int64, device=device)
+    def __init__(self, rank: int, size: int, device: torch.device, num_programs: int):
+        self.rank, self.size, self.num_programs = rank, size, num_programs
+        # [NUM_SLOTS, size parts, MAX_SLOT_BYTES]: part r of a slot holds rank r's rows; EMPTY (16-bit
+        # halves 0x8000) wherever no row is waiting, as the kernel leaves it after every call
+        halves = NUM_SLOTS * size * MAX_SLOT_BYTES // 2
+        self.buffer = torch.full((halves,), EMPTY_16, dtype=torch.int16, device=device)
         self.epochs = torch.zeros(num_programs, dtype=torch.int64, device=device)
         self.abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        torch.cuda.synchronize(device)  # the zeroed flags are in place before any peer can write them
+        torch.cuda.synchronize(device)  # the buffer is EMPTY before any peer can write into it
         self._mapped: list[torch.UntypedStorage] = []  # peers' storages, kept open while in use
         self.buffer_ptrs: torch.Tensor | None = None  # [size] int64, set by _map
-        self.flag_ptrs: torch.Tensor | None = None
 
     def handles(self) -> tuple:
-        return _share(self.buffer), _share(self.flags)
+        return _share(self.buffer)
 
     def _map(self, handles: list[tuple | None], device: torch.device) -> None:
-        """Open every peer's buffers (handles[rank] is ignored) and build the pointer tables."""
-        buffer_ptrs, flag_ptrs = [], []
-        for peer, shared in enumerate(handles):
+        """Open every peer's buffer (handles[rank] is ignored) and build the pointer table."""
+        buffer_ptrs = []
+        for peer, handle in enumerate(handles):
             if peer == self.rank:
                 buffer_ptrs.append(self.buffer.data_ptr())
-                flag_ptrs.append(self.flags.data_ptr())
                 continue
-            for ptrs, handle in zip((buffer_ptrs, flag_ptrs), shared, strict=True):
-                storage = _open(handle, device)
-                self._mapped.append(storage)
-                ptrs.append(storage.data_ptr())
+            storage = _open(handle, device)
+            self._mapped.append(storage)
+            buffer_ptrs.append(storage.data_ptr())
         self.buffer_ptrs = torch.tensor(buffer_ptrs, dtype=torch.int64, device=device)
-        self.flag_ptrs = torch.tensor(flag_ptrs, dtype=torch.int64, device=device)
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether x goes through peer memory (else NCCL): a small, contiguous [..., hidden] tensor."""
@@ -86,14 +82,12 @@ class PeerAllReduce:
         return peer_all_reduce_triton(
             x,
             self.buffer_ptrs,
-            self.flag_ptrs,
             self.epochs,
             self.abort_flag,
             self.rank,
             MAX_SLOT_BYTES // x.element_size(),
             norm,
             self.num_programs,
-            self.push,
         )
 
     def abort(self) -> None:
@@ -107,25 +101,21 @@ def connect_peers(
     size: int,
     device: torch.device,
     num_programs: int | None = None,
-    push: bool = PUSH,
 ) -> PeerAllReduce | None:
     """Every rank of the group calls this; all get a PeerAllReduce, or all get None (some GPU cannot reach
-    another's memory, or CUDA IPC failed somewhere). Rank 0's num_programs and push hold for all."""
-    # Rank 0 picks the grid (the flags of every rank hold num_programs entries per rank): every program
+    another's memory, or CUDA IPC failed somewhere). Rank 0's num_programs holds for all."""
+    # Rank 0 picks the grid (program p of a rank exchanges rows with program p of the others): every program
     # must be resident at once, so well under the SM count.
-    # Rank 0 also says push or pull: ranks that disagreed would exchange flags and sum the wrong parts.
     if rank == 0:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
         store.set("num_programs", str(num_programs or min(NUM_PROGRAMS, sms // 2)))
-        store.set("push", "1" if push else "0")
     num_programs = int(store.get("num_programs"))
-    push = store.get("push") == b"1"
     store.set(f"device/{rank}", str(device.index))
     devices = [int(store.get(f"device/{r}")) for r in range(size)]
     peer = None
     try:
         if all(torch.cuda.can_device_access_peer(device, d) for d in devices if d != device.index):
-            peer = PeerAllReduce(rank, size, device, num_programs, push)
+            peer = PeerAllReduce(rank, size, device, num_programs)
     except Exception:
         logger.warning(
             "rank %d: peer all-reduce buffers failed; NCCL for every all-reduce", rank, exc_info=True

@@ -92,7 +92,7 @@ def test_peer_all_reduce_is_exact_on_both_ranks_and_under_cuda_graphs():
 
     # The watcher is the only thread that joins (reaps) the worker: had the main thread joined too, the
     # one that lost the race would read exit code None from a worker that exited fine.
-    def abort_if_worker_fails() -> None:  # or rank 0 would wait for its flags forever
+    def abort_if_worker_fails() -> None:  # or rank 0 would wait for its rows forever
         worker.join()
         if worker.exitcode != 0 and groups:
             groups[0].abort()
