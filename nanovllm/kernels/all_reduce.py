@@ -14,11 +14,14 @@ fixed number of programs, so program p of every rank meets program p of every ot
     rows = sum over q, in rank order, of rank q's rows (fp32, one rounding: equal on every rank)
 
 A value whose bits are EMPTY is sent as a neighbour that adds the same (or within 5e-41): a 16-bit -0.0 as
-+0.0, the fp32 denormal -4.6e-41 (0x80008000) as -0.0. Each element is its own arrival signal, so no store
-needs ordering against another: no memory fence, no flag, and no round trip after the data (a flag
-protocol must fence every writer thread at system scope before it posts the flag). Three slots make reuse
-safe: a peer writes slot e % 3 again only in call e+3, which it reaches after taking this rank's rows of
-call e+2, which this rank stores after its call e (the one that emptied slot e % 3) completed.
++0.0, the fp32 denormal -4.6e-41 (0x80008000) as -0.0; a rank adds its own rows swapped the same way, so
+every rank sums the same values. Each element is its own arrival signal, so no store needs ordering
+against another: no memory fence, no flag, and no round trip after the data (a flag protocol must fence
+every writer thread at system scope before it posts the flag). Reuse is safe: a peer writes slot e % 3
+again only in call e+3, which it reaches after taking this rank's rows of call e+2, which this rank stores
+after its call e (the one that emptied slot e % 3) completed. (Two slots would do by the same argument;
+the third is margin.) Every call must have at least one row on every rank: a call without rows exchanges
+nothing, so it would not hold the ranks together.
 
 With NORM, the kernel goes on with the decoder's add + RMSNorm on the summed rows it already holds
 (rows are whole per program), so the norm after a row-parallel layer costs no extra launch.
@@ -63,7 +66,7 @@ def all_reduce_rms_norm_reference(
 @triton.jit(do_not_specialize=["num_rows"])
 def _peer_all_reduce_kernel(
     x_ptr,  # [num_rows, hidden] this rank's part; the sum (or, with NORM, sum + residual) is written here
-    buffer_ptrs,  # [world] int64: every rank's exchange buffer, [NUM_SLOTS, world parts, slot_numel] BITS
+    buffer_ptrs,  # [world] int64: every rank's buffer, [NUM_SLOTS, world parts, slot_numel] INT_DTYPE
     epoch_ptr,  # [NUM_PROGRAMS] int64: this rank's call count, per program
     abort_ptr,  # [1] int32 in pinned host memory: nonzero makes waiting programs give up
     residual_ptr,  # [num_rows, hidden] (HAS_RESIDUAL)
@@ -80,7 +83,7 @@ def _peer_all_reduce_kernel(
     ABORT_POLL_SPINS: tl.constexpr,
     NORM: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr,
-    BITS: tl.constexpr,  # tl.int16 or tl.int32: x's elements as integers
+    INT_DTYPE: tl.constexpr,  # tl.int16 or tl.int32: x's elements as integers
     EMPTY: tl.constexpr,  # EMPTY_16 or EMPTY_32
     EMPTY_SENT_AS: tl.constexpr,  # what a value with EMPTY's bits is sent as: 0 or NEG_ZERO_32
     NUM_SLOTS: tl.constexpr,
@@ -91,15 +94,15 @@ def _peer_all_reduce_kernel(
     slot = (epoch % NUM_SLOTS) * WORLD * slot_numel
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
-    mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(BITS)) + slot
+    mine = tl.load(buffer_ptrs + RANK).to(tl.pointer_type(INT_DTYPE)) + slot
 
     for row in range(pid, num_rows, NUM_PROGRAMS):
         offs = row * hidden + cols  # < slot_numel: int32 is enough
-        bits = tl.load(x_ptr + offs, mask=mask).to(BITS, bitcast=True)
+        bits = tl.load(x_ptr + offs, mask=mask).to(INT_DTYPE, bitcast=True)
         bits = tl.where(bits == EMPTY, EMPTY_SENT_AS, bits)
         for q in tl.static_range(WORLD):
             if q != RANK:
-                peer = tl.load(buffer_ptrs + q).to(tl.pointer_type(BITS)) + slot
+                peer = tl.load(buffer_ptrs + q).to(tl.pointer_type(INT_DTYPE)) + slot
                 tl.store(peer + RANK * slot_numel + offs, bits, mask=mask)
 
     dtype = x_ptr.dtype.element_ty
@@ -107,21 +110,23 @@ def _peer_all_reduce_kernel(
         offs = row * hidden + cols
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for q in tl.static_range(WORLD):
-            if q == RANK:
-                acc += tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            if q == RANK:  # as sent to the peers (an EMPTY value swapped), so that every rank adds the same
+                own = tl.load(x_ptr + offs, mask=mask, other=0.0).to(INT_DTYPE, bitcast=True)
+                own = tl.where(own == EMPTY, EMPTY_SENT_AS, own)
+                acc += own.to(dtype, bitcast=True).to(tl.float32)
             else:
                 part = mine + q * slot_numel + offs
                 # volatile: uncached loads, which see the peer's stores as they land
                 bits = tl.load(part, mask=mask, other=0, volatile=True)
-                spins = 0
+                num_spins = 0
                 while tl.sum((bits == EMPTY).to(tl.int32), axis=0) > 0:
-                    spins += 1
-                    if spins % ABORT_POLL_SPINS == 0:
+                    num_spins += 1
+                    if num_spins % ABORT_POLL_SPINS == 0:
                         if tl.load(abort_ptr, volatile=True) != 0:
                             bits = tl.zeros_like(bits)  # torn down: stop waiting, the result is dropped
                     if tl.sum((bits == EMPTY).to(tl.int32), axis=0) > 0:
                         bits = tl.load(part, mask=mask, other=0, volatile=True)
-                tl.store(part, tl.full([BLOCK_H], EMPTY, BITS), mask=mask)
+                tl.store(part, tl.full([BLOCK_H], EMPTY, INT_DTYPE), mask=mask)
                 acc += bits.to(dtype, bitcast=True).to(tl.float32)
         total = acc.to(dtype)
         if HAS_RESIDUAL:  # as rms_norm's residual path: the add rounded to the input dtype
@@ -159,7 +164,8 @@ def peer_all_reduce_triton(
     hidden = x.shape[-1]
     if x.element_size() not in (2, 4) or not x.is_floating_point():
         raise ValueError(f"the peer all-reduce takes 16- or 32-bit floats, got {x.dtype}")
-    if not x.is_contiguous() or x.numel() > slot_numel or hidden == 0:
+    if not x.is_contiguous() or not 0 < x.numel() <= slot_numel:
+        # (zero rows would exchange nothing, and a peer could then run two calls ahead into a live slot)
         raise ValueError(f"x must be contiguous with 0 < numel <= {slot_numel}, got {tuple(x.shape)}")
     weight, eps, residual = norm if norm is not None else (x, 0.0, None)
     if norm is not None and weight.shape != (hidden,):
@@ -191,7 +197,7 @@ def peer_all_reduce_triton(
         ABORT_POLL_SPINS=ABORT_POLL_SPINS,
         NORM=norm is not None,
         HAS_RESIDUAL=residual is not None,
-        BITS=tl.int32 if wide else tl.int16,
+        INT_DTYPE=tl.int32 if wide else tl.int16,
         EMPTY=EMPTY_32 if wide else EMPTY_16,
         EMPTY_SENT_AS=NEG_ZERO_32 if wide else 0,
         NUM_SLOTS=NUM_SLOTS,

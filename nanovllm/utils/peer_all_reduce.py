@@ -29,15 +29,15 @@ MAX_HIDDEN = 16384  # a program holds one whole row in registers
 
 
 class PeerAllReduce:
-    """One rank's side of the peer-memory all-reduce: its buffers and the table of everyone's.
+    """One rank's side of the peer-memory all-reduce: its buffer and the table of everyone's.
     Build it with `connect_peers`, which every rank of the group calls."""
 
     def __init__(self, rank: int, size: int, device: torch.device, num_programs: int):
         self.rank, self.size, self.num_programs = rank, size, num_programs
         # [NUM_SLOTS, size parts, MAX_SLOT_BYTES]: part r of a slot holds rank r's rows; EMPTY (16-bit
         # halves 0x8000) wherever no row is waiting, as the kernel leaves it after every call
-        halves = NUM_SLOTS * size * MAX_SLOT_BYTES // 2
-        self.buffer = torch.full((halves,), EMPTY_16, dtype=torch.int16, device=device)
+        num_halves = NUM_SLOTS * size * MAX_SLOT_BYTES // 2
+        self.buffer = torch.full((num_halves,), EMPTY_16, dtype=torch.int16, device=device)
         self.epochs = torch.zeros(num_programs, dtype=torch.int64, device=device)
         self.abort_flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
         torch.cuda.synchronize(device)  # the buffer is EMPTY before any peer can write into it
@@ -67,7 +67,7 @@ class PeerAllReduce:
             and x.dim() >= 1
             and 0 < x.shape[-1] <= MAX_HIDDEN
             and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and x.numel() * x.element_size() <= MAX_SLOT_BYTES
+            and 0 < x.numel() * x.element_size() <= MAX_SLOT_BYTES
         )
 
     def __call__(

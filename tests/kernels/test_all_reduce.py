@@ -19,37 +19,59 @@ from nanovllm.kernels.all_reduce import (
 
 WORLD = 2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
-BITS = {2: torch.int16, 4: torch.int32}
+INT_DTYPES = {2: torch.int16, 4: torch.int32}
+
+
+@pytest.fixture(autouse=True)
+def _give_up_at_once(monkeypatch):
+    # With the abort flag up (Buffers sets it), a kernel that finds no row where it looks gives up after one
+    # spin, so a test fails instead of hanging; with the rows in place it never spins.
+    monkeypatch.setattr(all_reduce, "ABORT_POLL_SPINS", 1)
 
 
 class Buffers:
-    """Both ranks' exchange buffers; the kernel runs as `rank`, the test plays the other."""
+    """Both ranks' exchange buffers (slot_bytes per part, as PeerAllReduce sizes them); the kernel runs as
+    `rank`, the test plays the other."""
 
-    def __init__(self, slot_numel: int, dtype: torch.dtype = torch.float16, rank: int = 0):
-        self.slot_numel, self.dtype, self.rank, self.peer = slot_numel, dtype, rank, 1 - rank
-        size = torch.empty((), dtype=dtype).element_size()
-        # every rank's [NUM_SLOTS, WORLD parts, slot_numel] elements, every 16-bit half EMPTY
-        halves = NUM_SLOTS * WORLD * slot_numel * size // 2
-        self.raw = [torch.full((halves,), EMPTY_16, dtype=torch.int16, device=DEVICE) for _ in range(WORLD)]
-        self.bits = [r.view(BITS[size]).view(NUM_SLOTS, WORLD, slot_numel) for r in self.raw]
-        self.empty = EMPTY_16 if size == 2 else EMPTY_32
+    def __init__(self, slot_bytes: int, rank: int = 0):
+        self.slot_bytes, self.rank, self.peer = slot_bytes, rank, 1 - rank
+        num_halves = NUM_SLOTS * WORLD * slot_bytes // 2  # every 16-bit half EMPTY, as allocated
+        self.raw = [
+            torch.full((num_halves,), EMPTY_16, dtype=torch.int16, device=DEVICE) for _ in range(WORLD)
+        ]
         self.epochs = torch.zeros(NUM_PROGRAMS, dtype=torch.int64, device=DEVICE)
-        self.abort = torch.zeros(1, dtype=torch.int32, device=DEVICE)
+        self.abort = torch.ones(1, dtype=torch.int32, device=DEVICE)  # see _give_up_at_once
         self.buffer_ptrs = torch.tensor([r.data_ptr() for r in self.raw], device=DEVICE)
 
-    def part(self, owner: int, epoch: int, writer: int, numel: int) -> torch.Tensor:
-        """The bits of `writer`'s rows of call `epoch` in `owner`'s buffer."""
-        return self.bits[owner][epoch % NUM_SLOTS, writer, :numel]
+    def bits(self, owner: int, dtype: torch.dtype) -> torch.Tensor:
+        """`owner`'s buffer as [NUM_SLOTS, WORLD parts, slot_numel] integers of dtype's size."""
+        int_dtype = INT_DTYPES[dtype.itemsize]
+        return self.raw[owner].view(int_dtype).view(NUM_SLOTS, WORLD, self.slot_bytes // dtype.itemsize)
+
+    @staticmethod
+    def empty(dtype: torch.dtype) -> int:
+        return EMPTY_16 if dtype.itemsize == 2 else EMPTY_32
 
     def publish_peer(self, rows: torch.Tensor, epoch: int) -> None:
         """What the peer's kernel does before the tested rank may read: its rows into slot epoch % 3, part
         `peer`, of the tested rank's buffer."""
-        self.part(self.rank, epoch, self.peer, rows.numel())[:] = rows.flatten().view(self.bits[0].dtype)
+        part = self.bits(self.rank, rows.dtype)[epoch % NUM_SLOTS, self.peer]
+        part[: rows.numel()] = rows.flatten().view(part.dtype)
 
-    def reduce(self, x: torch.Tensor, norm=None):
+    def reduce(self, x: torch.Tensor, norm=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        slot_numel = self.slot_bytes // x.element_size()
         return peer_all_reduce_triton(
-            x, self.buffer_ptrs, self.epochs, self.abort, self.rank, self.slot_numel, norm
+            x, self.buffer_ptrs, self.epochs, self.abort, self.rank, slot_numel, norm
         )
+
+    def check_after(self, mine: torch.Tensor, epoch: int) -> None:
+        """After call `epoch`: this rank's rows are in its part of the slot in the peer's buffer, and its own
+        buffer is all EMPTY again (the peer's part restored, its own part never written)."""
+        n, dtype = mine.numel(), mine.dtype
+        sent = self.bits(self.peer, dtype)[epoch % NUM_SLOTS, self.rank]
+        assert torch.equal(sent[:n], mine.flatten().view(sent.dtype))
+        assert (sent[n:] == self.empty(dtype)).all()
+        assert (self.bits(self.rank, dtype) == self.empty(dtype)).all()
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -58,7 +80,7 @@ class Buffers:
     [(1, 64, torch.float16), (5, 40, torch.float32), (NUM_PROGRAMS + 3, 16, torch.float16)],
 )
 def test_sums_in_rank_order_rotating_slots(rows, hidden, dtype, rank):
-    bufs = Buffers(slot_numel=rows * hidden + 8, dtype=dtype, rank=rank)
+    bufs = Buffers(slot_bytes=(rows * hidden + 8) * dtype.itemsize, rank=rank)
     gen = torch.Generator().manual_seed(rows)
     for epoch in (1, 2, 3, 4):  # every slot, then the first again
         mine, peer = (torch.randn(rows, hidden, generator=gen).to(DEVICE, dtype) for _ in range(2))
@@ -66,38 +88,60 @@ def test_sums_in_rank_order_rotating_slots(rows, hidden, dtype, rank):
         want = all_reduce_reference([mine, peer] if rank == 0 else [peer, mine])
         got = bufs.reduce(mine.clone())
         torch.testing.assert_close(got, want, rtol=0, atol=0)
-        n = mine.numel()
-        # This rank's rows went to its part of the slot in the peer's buffer; the peer's part of its own
-        # buffer is EMPTY again (and nothing past the rows was touched).
-        assert torch.equal(bufs.part(bufs.peer, epoch, rank, n), mine.flatten().view(bufs.bits[0].dtype))
-        assert (bufs.bits[rank][:, bufs.peer] == bufs.empty).all()
-        assert (bufs.bits[bufs.peer][:, rank, n:] == bufs.empty).all()
+        bufs.check_after(mine, epoch)
         assert bufs.epochs.tolist() == [epoch] * NUM_PROGRAMS
+
+
+def test_16_and_32_bit_calls_share_one_buffer():
+    bufs = Buffers(slot_bytes=4 * 64)
+    gen = torch.Generator().manual_seed(3)
+    for epoch, dtype in enumerate(
+        (torch.float16, torch.float32, torch.float32, torch.float16, torch.float32), 1
+    ):
+        mine, peer = (torch.randn(3, 16, generator=gen).to(DEVICE, dtype) for _ in range(2))
+        bufs.publish_peer(peer, epoch)
+        torch.testing.assert_close(
+            bufs.reduce(mine.clone()), all_reduce_reference([mine, peer]), rtol=0, atol=0
+        )
+        bufs.check_after(mine, epoch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_values_with_the_empty_bits_travel_as_values_that_add_the_same(dtype):
     # A value whose bits are EMPTY would read as "not arrived yet": fp16 -0.0 goes as +0.0, the fp32 denormal
-    # 0x80008000 (-4.6e-41) as -0.0. The sum is what it would be (to within that denormal).
-    bufs = Buffers(slot_numel=32, dtype=dtype)
-    int_dtype = bufs.bits[0].dtype
-    mine = torch.ones(2, 16, dtype=dtype, device=DEVICE)
-    mine.view(int_dtype)[0, :4] = bufs.empty
-    peer = torch.full((2, 16), 2.0, dtype=dtype, device=DEVICE)
-    bufs.publish_peer(peer, 1)
-    want = all_reduce_reference([mine, peer])
-    got = bufs.reduce(mine.clone())
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-40)
-    sent = bufs.part(bufs.peer, 1, 0, mine.numel()).view(2, 16)
-    assert sent[0, :4].tolist() == [0 if dtype == torch.float16 else NEG_ZERO_32] * 4
-    assert torch.equal(sent[1], mine[1].view(int_dtype))
+    # 0x80008000 (-4.6e-41) as -0.0. Both ranks must still get the same bits (each adds its own rows swapped
+    # the same way), next to a peer value of 0.0 that would show a difference.
+    empty = Buffers.empty(dtype)
+    int_dtype = INT_DTYPES[dtype.itemsize]
+
+    def as_sent(t: torch.Tensor) -> torch.Tensor:  # what the peer's kernel stores for t
+        bits = t.view(int_dtype)
+        return bits.masked_fill(bits == empty, 0 if dtype == torch.float16 else NEG_ZERO_32).view(dtype)
+
+    a = torch.ones(2, 16, dtype=dtype, device=DEVICE)
+    a.view(int_dtype)[0, :4] = empty
+    b = torch.full((2, 16), 2.0, dtype=dtype, device=DEVICE)
+    b[0] = 0.0
+    results = []
+    for rank, (mine, peer) in enumerate([(a, b), (b, a)]):
+        bufs = Buffers(slot_bytes=32 * dtype.itemsize, rank=rank)
+        bufs.publish_peer(
+            peer.clone().view(int_dtype).masked_fill(peer.view(int_dtype) == empty, 0).view(dtype), 1
+        )
+        results.append(bufs.reduce(mine.clone()))
+        if rank == 0:
+            sent = bufs.bits(bufs.peer, dtype)[1, 0, : mine.numel()].view(2, 16)
+            assert sent[0, :4].tolist() == [0 if dtype == torch.float16 else NEG_ZERO_32] * 4
+            assert torch.equal(sent[1], mine[1].view(int_dtype))
+    assert torch.equal(results[0].view(int_dtype), results[1].view(int_dtype))
+    torch.testing.assert_close(results[0], all_reduce_reference([a, b]), rtol=0, atol=1e-40)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_add_rms_norm(with_residual, rank):
     rows, hidden, eps = 3, 48, 1e-6
-    bufs = Buffers(slot_numel=rows * hidden, rank=rank)
+    bufs = Buffers(slot_bytes=rows * hidden * 2, rank=rank)
     gen = torch.Generator().manual_seed(7)
     mine, peer, residual = (
         torch.randn(rows, hidden, generator=gen).to(DEVICE, torch.float16) for _ in range(3)
@@ -114,7 +158,7 @@ def test_fused_add_rms_norm(with_residual, rank):
 
 
 def test_launcher_rejects_what_does_not_fit():
-    bufs = Buffers(slot_numel=64)
+    bufs = Buffers(slot_bytes=64 * 2)
     x = torch.zeros(4, 16, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="numel"):
         bufs.reduce(torch.zeros(5, 16, dtype=torch.float16, device=DEVICE))  # 80 > 64 elements
@@ -124,14 +168,16 @@ def test_launcher_rejects_what_does_not_fit():
         bufs.reduce(x, norm=(torch.ones(8, dtype=torch.float16, device=DEVICE), 1e-6, None))
     with pytest.raises(ValueError, match="residual"):
         bufs.reduce(x, norm=(torch.ones(16, dtype=torch.float16, device=DEVICE), 1e-6, x.float()))
+    with pytest.raises(ValueError, match="numel"):
+        bufs.reduce(
+            torch.zeros(0, 16, dtype=torch.float16, device=DEVICE)
+        )  # no rows: nothing would be exchanged
     with pytest.raises(ValueError, match="16- or 32-bit floats"):
         bufs.reduce(torch.zeros(4, 16, dtype=torch.float64, device=DEVICE))
     assert bufs.epochs.tolist() == [0] * NUM_PROGRAMS  # nothing was launched
 
 
-def test_abort_flag_releases_a_rank_waiting_for_a_peer_that_never_comes(monkeypatch):
-    monkeypatch.setattr(all_reduce, "ABORT_POLL_SPINS", 1)  # look at once (the interpreter is slow)
-    bufs = Buffers(slot_numel=64)
-    bufs.abort.fill_(1)  # the peer never stores its rows; without the abort flag this would spin forever
+def test_abort_flag_releases_a_rank_waiting_for_a_peer_that_never_comes():
+    bufs = Buffers(slot_bytes=64 * 2)  # abort flag up; the peer never stores its rows
     bufs.reduce(torch.ones(1, 16, dtype=torch.float16, device=DEVICE))
     assert bufs.epochs.tolist() == [1] * NUM_PROGRAMS  # it ran, and came back
