@@ -63,6 +63,13 @@ def all_reduce_rms_norm_reference(
 # ---------------------------------------------------------------- Triton kernel
 
 
+@triton.jit
+def _as_sent(x_ptr, offs, mask, INT_DTYPE: tl.constexpr, EMPTY: tl.constexpr, EMPTY_SENT_AS: tl.constexpr):
+    """This rank's elements at offs as integers, as it sends them (and adds them itself): EMPTY swapped."""
+    bits = tl.load(x_ptr + offs, mask=mask, other=0.0).to(INT_DTYPE, bitcast=True)
+    return tl.where(bits == EMPTY, EMPTY_SENT_AS, bits)
+
+
 @triton.jit(do_not_specialize=["num_rows"])
 def _peer_all_reduce_kernel(
     x_ptr,  # [num_rows, hidden] this rank's part; the sum (or, with NORM, sum + residual) is written here
@@ -98,8 +105,7 @@ def _peer_all_reduce_kernel(
 
     for row in range(pid, num_rows, NUM_PROGRAMS):
         offs = row * hidden + cols  # < slot_numel: int32 is enough
-        bits = tl.load(x_ptr + offs, mask=mask).to(INT_DTYPE, bitcast=True)
-        bits = tl.where(bits == EMPTY, EMPTY_SENT_AS, bits)
+        bits = _as_sent(x_ptr, offs, mask, INT_DTYPE, EMPTY, EMPTY_SENT_AS)
         for q in tl.static_range(WORLD):
             if q != RANK:
                 peer = tl.load(buffer_ptrs + q).to(tl.pointer_type(INT_DTYPE)) + slot
@@ -111,8 +117,7 @@ def _peer_all_reduce_kernel(
         acc = tl.zeros([BLOCK_H], dtype=tl.float32)
         for q in tl.static_range(WORLD):
             if q == RANK:  # as sent to the peers (an EMPTY value swapped), so that every rank adds the same
-                own = tl.load(x_ptr + offs, mask=mask, other=0.0).to(INT_DTYPE, bitcast=True)
-                own = tl.where(own == EMPTY, EMPTY_SENT_AS, own)
+                own = _as_sent(x_ptr, offs, mask, INT_DTYPE, EMPTY, EMPTY_SENT_AS)
                 acc += own.to(dtype, bitcast=True).to(tl.float32)
             else:
                 part = mine + q * slot_numel + offs
