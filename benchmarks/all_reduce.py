@@ -22,6 +22,7 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 from nanovllm.benchmark.common import DEFAULT_OUT_DIR, graph_replay_ms, print_table, run_info, write_report  # noqa: E402
+from nanovllm.kernels.all_reduce import NUM_PROGRAMS  # noqa: E402
 from nanovllm.kernels.rmsnorm import rms_norm  # noqa: E402
 from nanovllm.utils.distributed import connect_rendezvous, create_rendezvous, new_tp_group  # noqa: E402
 from nanovllm.utils.peer_all_reduce import connect_peers  # noqa: E402
@@ -36,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=4096)
     p.add_argument("--ops", type=int, default=64, help="all-reduces per graph")
     p.add_argument("--replays", type=int, default=10)
-    p.add_argument("--programs", default="64", help="peer kernel grid sizes to compare")
+    p.add_argument("--programs", default=str(NUM_PROGRAMS), help="peer kernel grid sizes to compare")
     return p.parse_args(argv)
 
 

@@ -32,7 +32,11 @@ import torch
 from nanovllm.kernels.backend import tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 
-NUM_PROGRAMS = 64  # the grid (at most half the SMs: all resident at once); fixed for every call of a group
+# The grid: one program per SM at most, so that all are resident at once (each waits for its peer's program
+# of the same index); fixed for every call of a group. At 256 rows x 4096 (2 MiB), 128 programs of 8 warps
+# reduce in 13.7 us and 64 programs in 15.6-17.0 (2 x H100); from 1 to 128 rows they tie.
+NUM_PROGRAMS = 128
+NUM_WARPS = 8  # 5-10% faster than 4 from 1 to 128 rows
 ABORT_POLL_SPINS = 1024  # spins between looks at the host's abort flag (over PCIe, slow)
 NUM_SLOTS = 3
 EMPTY_16 = -32768  # int16 0x8000: a buffer's every 16-bit half between calls
@@ -206,5 +210,6 @@ def peer_all_reduce_triton(
         EMPTY=EMPTY_32 if wide else EMPTY_16,
         EMPTY_SENT_AS=NEG_ZERO_32 if wide else 0,
         NUM_SLOTS=NUM_SLOTS,
+        num_warps=NUM_WARPS,
     )
     return (out, x) if norm is not None else x

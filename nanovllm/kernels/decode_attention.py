@@ -69,9 +69,14 @@ DECODE_MIN_ROWS = 16
 # per SM) one split beats two (the old choice there) by 10-14% on sequences of equal length (320 keys; 4-9%
 # at 1024) and is within 2% of it when lengths spread over 200-2000 (where 6-8 splits would gain 4-7%:
 # the long sequences finish last); at 256 pairs splitting wins on spread lengths (59 vs 69 us). Nothing
-# was measured between 256 and 384 pairs: 2.5 is in between.
+# was measured between 256 and 384 pairs: 2.5 is in between. At 256 pairs (1.9 per SM: qwen3-8b at TP=2,
+# batch 64) two splits beat three, the programs-per-SM aim, on every length mix (14.8-15.9 vs 18.1-20.1 us
+# at 320 keys, 52.5-53.6 vs 52.4-54.2 at 1024, 58.3-61.1 vs 59.1-61.7 spread) and are within 7% of one
+# split on equal lengths; at 192 pairs three splits still win on spread lengths. So from
+# DECODE_TWO_SPLITS_ITEMS_PER_SM pairs per SM (between the two) at most two splits.
 DECODE_PROGRAMS_PER_SM = 4
 DECODE_NO_SPLIT_ITEMS_PER_SM = 2.5
+DECODE_TWO_SPLITS_ITEMS_PER_SM = 1.75
 DECODE_MIN_KEYS_PER_SPLIT = 64  # H100: 256 left batch-1 x 1k-context decode latency-bound (86 us)
 DECODE_MAX_SPLITS = 64
 
@@ -81,13 +86,16 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms:
 
     Enough (sequence, kv head, split) programs to give every SM DECODE_PROGRAMS_PER_SM of them, but no
     more splits than leave DECODE_MIN_KEYS_PER_SPLIT keys of the longest sequence to each; one split
-    when the batch has DECODE_NO_SPLIT_ITEMS_PER_SM (sequence, kv head) pairs per SM already. For CUDA
-    graphs, pass the same max_seq_len (e.g. the model's max length) at capture and replay.
+    when the batch has DECODE_NO_SPLIT_ITEMS_PER_SM (sequence, kv head) pairs per SM already, at most two
+    from DECODE_TWO_SPLITS_ITEMS_PER_SM. For CUDA graphs, pass the same max_seq_len (e.g. the model's
+    max length) at capture and replay.
     """
     work_items = max(1, batch * num_kv_heads)
     if work_items >= DECODE_NO_SPLIT_ITEMS_PER_SM * num_sms:
         return 1
     wanted = -(-DECODE_PROGRAMS_PER_SM * num_sms // work_items)
+    if work_items >= DECODE_TWO_SPLITS_ITEMS_PER_SM * num_sms:
+        wanted = min(wanted, 2)
     useful = max_seq_len // DECODE_MIN_KEYS_PER_SPLIT
     return max(1, min(wanted, useful, DECODE_MAX_SPLITS))
 

@@ -105,10 +105,10 @@ def connect_peers(
     """Every rank of the group calls this; all get a PeerAllReduce, or all get None (some GPU cannot reach
     another's memory, or CUDA IPC failed somewhere). Rank 0's num_programs holds for all."""
     # Rank 0 picks the grid (program p of a rank exchanges rows with program p of the others): every program
-    # must be resident at once, so well under the SM count.
+    # must be resident at once, so no more programs than SMs.
     if rank == 0:
         sms = torch.cuda.get_device_properties(device).multi_processor_count
-        store.set("num_programs", str(num_programs or min(NUM_PROGRAMS, sms // 2)))
+        store.set("num_programs", str(num_programs or min(NUM_PROGRAMS, sms)))
     num_programs = int(store.get("num_programs"))
     store.set(f"device/{rank}", str(device.index))
     devices = [int(store.get(f"device/{r}")) for r in range(size)]

@@ -150,6 +150,10 @@ def test_default_num_splits():
     assert default_num_splits(165, 2, 1024, num_sms) == 1  # 330 (sequence, kv head) pairs: 2.5 per SM
     assert default_num_splits(164, 2, 1024, num_sms) == 2  # 328: two splits give 656 programs
     assert default_num_splits(42, 8, 1024, num_sms) == 1
+    # From 1.75 pairs per SM at most two splits (three would be the programs-per-SM aim).
+    assert default_num_splits(64, 4, 1024, num_sms) == 2  # 256 pairs
+    assert default_num_splits(58, 4, 1024, num_sms) == 2  # 232 pairs: 1.76 per SM
+    assert default_num_splits(57, 4, 1024, num_sms) == 3  # 228 pairs: 1.73 per SM
     # Small batch, long context: split (up to the cap), but keep DECODE_MIN_KEYS_PER_SPLIT keys per split.
     assert default_num_splits(1, 8, 4096, num_sms) == min(66, 4096 // DECODE_MIN_KEYS_PER_SPLIT, 64)
     assert default_num_splits(16, 8, 1024, num_sms) == min(5, 1024 // DECODE_MIN_KEYS_PER_SPLIT)
