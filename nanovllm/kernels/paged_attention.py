@@ -85,6 +85,7 @@ def _cdiv(a: int, b: int) -> int:
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 32
 PREFILL_NUM_STAGES = 3
+MAX_GRID_Z = 65535  # CUDA limit on the grid's second and third axes
 
 
 def _prefill_num_warps(head_dim: int) -> int:
@@ -172,11 +173,13 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,  # KV-cache block size
         DOT_PRECISION: tl.constexpr,
     ):
-        # Program (tile, seq, kv_head): BLOCK_Q query tokens of one sequence x the GROUP query heads
+        # Program (seq, kv_head, tile): BLOCK_Q query tokens of one sequence x the GROUP query heads
         # that share kv_head. Row r of the tile is token r // GROUP_P2, head r % GROUP_P2 of the group.
-        tile = tl.program_id(0)
-        seq = tl.program_id(1)
-        kv_head = tl.program_id(2)
+        # Tiles run last-first: a causal tile's work grows with its index, and the GPU starts programs in
+        # grid order (axis 0 fastest), so the longest start first and the last to start are the shortest.
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        tile = tl.num_programs(2) - 1 - tl.program_id(2)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
         if tile * BLOCK_Q >= q_len:
@@ -257,7 +260,12 @@ def paged_prefill_attention(
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
     block_q = max(1, PREFILL_BLOCK_M // group_p2)
-    grid = (triton.cdiv(max_query_len, block_q), num_seqs, num_kv_heads)
+    num_tiles = triton.cdiv(max_query_len, block_q)
+    if num_tiles > MAX_GRID_Z:
+        raise ValueError(
+            f"max_query_len {max_query_len} needs {num_tiles} query tiles; one launch takes {MAX_GRID_Z}"
+        )
+    grid = (num_seqs, num_kv_heads, num_tiles)  # [num_seqs, num_kv_heads, num_tiles]
     _paged_prefill_kernel[grid](
         q,
         k_cache,
