@@ -85,6 +85,13 @@ def _cdiv(a: int, b: int) -> int:
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 32
 PREFILL_NUM_STAGES = 3
+# Long prompts: run each sequence's query tiles last-first, so that the longest causal tiles (a tile's work
+# grows with its index) start first and the last programs to start are the shortest. The GPU starts
+# programs in grid order, axis 0 fastest, so the tile index goes on the last axis, reversed. H100, bf16,
+# Qwen3-0.6B heads (2026-11-27, scratch A/B): 1 x 16384 348-372 -> 400-405 TFLOP/s, 4 x 4096 341-343 ->
+# 363-364, 16 x 1024 (16 tiles) unchanged at 266, but 64 x 256 (4 tiles) 140 -> 125: there the tiles of
+# one (sequence, kv head), which read the same K/V, are better kept side by side (axis 0).
+PREFILL_LONGEST_FIRST_TILES = 32
 MAX_GRID_Z = 65535  # CUDA limit on the grid's second and third axes
 
 
@@ -172,14 +179,18 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,  # KV-cache block size
         DOT_PRECISION: tl.constexpr,
+        LONGEST_FIRST: tl.constexpr,
     ):
-        # Program (seq, kv_head, tile): BLOCK_Q query tokens of one sequence x the GROUP query heads
-        # that share kv_head. Row r of the tile is token r // GROUP_P2, head r % GROUP_P2 of the group.
-        # Tiles run last-first: a causal tile's work grows with its index, and the GPU starts programs in
-        # grid order (axis 0 fastest), so the longest start first and the last to start are the shortest.
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
-        tile = tl.num_programs(2) - 1 - tl.program_id(2)
+        # One program: BLOCK_Q query tokens of one sequence x the GROUP query heads that share kv_head.
+        # Row r of the tile is token r // GROUP_P2, head r % GROUP_P2 of the group.
+        if LONGEST_FIRST:  # grid (seq, kv_head, tile), tiles last-first (see PREFILL_LONGEST_FIRST_TILES)
+            seq = tl.program_id(0)
+            kv_head = tl.program_id(1)
+            tile = tl.num_programs(2) - 1 - tl.program_id(2)
+        else:  # grid (tile, seq, kv_head): the tiles of one (sequence, kv head) run side by side
+            tile = tl.program_id(0)
+            seq = tl.program_id(1)
+            kv_head = tl.program_id(2)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
         if tile * BLOCK_Q >= q_len:
@@ -261,11 +272,12 @@ def paged_prefill_attention(
     group_p2 = triton.next_power_of_2(group)
     block_q = max(1, PREFILL_BLOCK_M // group_p2)
     num_tiles = triton.cdiv(max_query_len, block_q)
-    if num_tiles > MAX_GRID_Z:
+    longest_first = num_tiles >= PREFILL_LONGEST_FIRST_TILES
+    if longest_first and num_tiles > MAX_GRID_Z:
         raise ValueError(
             f"max_query_len {max_query_len} needs {num_tiles} query tiles; one launch takes {MAX_GRID_Z}"
         )
-    grid = (num_seqs, num_kv_heads, num_tiles)  # [num_seqs, num_kv_heads, num_tiles]
+    grid = (num_seqs, num_kv_heads, num_tiles) if longest_first else (num_tiles, num_seqs, num_kv_heads)
     _paged_prefill_kernel[grid](
         q,
         k_cache,
@@ -290,6 +302,7 @@ def paged_prefill_attention(
         BLOCK_N=PREFILL_BLOCK_N,
         BLOCK_SIZE=block_size,
         DOT_PRECISION=dot_precision(q.dtype),
+        LONGEST_FIRST=longest_first,
         num_warps=_prefill_num_warps(head_dim),
         num_stages=PREFILL_NUM_STAGES,
     )

@@ -4,6 +4,7 @@ paged_prefill_attention (Triton) matches it for every way a batch can mix prefil
 import pytest
 import torch
 
+from nanovllm.kernels import paged_attention
 from nanovllm.kernels.paged_attention import paged_attention_ref, paged_prefill_attention
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -88,6 +89,24 @@ def test_prefill_kernel_matches_ref(make_paged_inputs, tol, case, dtype):
     out, ref = run_both(inputs)
     assert not ref.isnan().any()
     torch.testing.assert_close(out, ref, **tol(dtype))
+
+
+def test_prefill_kernel_longest_tiles_first(make_paged_inputs, tol, monkeypatch):
+    # Long prompts take the other grid (tiles last-first on the last axis); force it at small sizes.
+    # Group 4: 32 query tokens per tile, so these sequences have 1 to 5 tiles (a prompt, a later chunk,
+    # a prefix hit, decodes).
+    monkeypatch.setattr(paged_attention, "PREFILL_LONGEST_FIRST_TILES", 1)
+    inputs = make_paged_inputs(
+        [(150, 150), (70, 130), (1, 45), (40, 72), (1, 1)],
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=16,
+        block_size=16,
+        dtype=torch.float32,
+        seed=7,
+    )
+    out, ref = run_both(inputs)
+    torch.testing.assert_close(out, ref, **tol(torch.float32))
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])
