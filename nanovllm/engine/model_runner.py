@@ -30,6 +30,10 @@ from nanovllm.utils.loader import iter_checkpoint, iter_random_weights, load_wei
 logger = logging.getLogger("nanovllm")
 
 CPU_KV_CACHE_MAX_BYTES = 4 << 30  # the CPU path sizes its cache from this, not from free memory
+# Token counts of the one-sequence prefill graphs (a prompt, or a chunk of one, pads to the next size).
+# Eager, a prefill forward is ~9 launches per layer from Python, which on a slow host costs more than
+# the GPU work below a few thousand tokens; a replay is one launch.
+PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
 @contextmanager
@@ -82,12 +86,17 @@ class ModelRunner:
         self._memory_note = ""  # how the KV budget was found, for the error message
         cuda = self.device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
-        self.num_kvcache_blocks = self._allocate_kv_cache()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode: batch size -> graph
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # one-sequence prefill: tokens -> graph
+        self.num_kvcache_blocks = self._allocate_kv_cache()  # (runs an eager step: no graphs yet)
         max_bs = min(config.max_num_seqs, 512)
         self.graph_sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs, 16)] if s < max_bs} | {max_bs})
+        max_tokens = min(config.max_num_batched_tokens, config.max_model_len)
+        self.prefill_graph_sizes = [t for t in PREFILL_GRAPH_TOKENS if t <= max_tokens]
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_cuda_graphs()
+            pool = self._capture_cuda_graphs()
+            if config.kernel_backend != "torch":  # (the reference attention reads lengths on the host)
+                self._capture_prefill_graphs(pool)
 
     # ---- KV cache ---------------------------------------------------------------------------
 
@@ -270,6 +279,8 @@ class ModelRunner:
             logits = None
             if inp.is_decode and self._graph_size(inp.num_seqs) is not None:
                 hidden, logits = self._replay(inp)
+            elif (size := self._prefill_graph_size(inp)) is not None:
+                hidden = self._replay_prefill(inp, size)
             else:
                 meta = AttentionMetadata(
                     slot_mapping=to(inp.slot_mapping),
@@ -322,8 +333,9 @@ class ModelRunner:
         size = self._padded_size(num_seqs) or num_seqs
         return default_num_splits(size, self.num_kv_heads, self.config.max_model_len, self.num_sms)
 
-    def _capture_cuda_graphs(self) -> None:
-        """Capture one decode forward per batch size; a step pads to the next captured size."""
+    def _capture_cuda_graphs(self):
+        """Capture one decode forward per batch size; a step pads to the next captured size. Returns
+        the graphs' memory pool."""
         max_bs = min(self.config.max_num_seqs, 512)
         self.graph_sizes = sorted(
             {s for s in [1, 2, 4, 8, *range(16, max_bs + 1, 16)] if s <= max_bs} | {max_bs}
@@ -366,6 +378,7 @@ class ModelRunner:
                 pool = graph.pool()
                 self.graphs[size] = graph
                 torch.cuda.synchronize()
+        return pool
 
     def _graph_forward(self, size: int, meta: AttentionMetadata) -> None:
         b = self.graph_bufs
@@ -392,3 +405,65 @@ class ModelRunner:
         if "logits" not in b or inp.logits_indices.numel() != n:  # (a 1-token prefill chunk samples nothing)
             return b["hidden"][:n], None
         return b["hidden"][:n], b["logits"][:n, : self.config.hf_config.vocab_size]
+
+    # ---- CUDA graphs for one-sequence prefill -----------------------------------------------
+
+    def _prefill_graph_size(self, inp: ModelInput) -> int | None:
+        """The captured token count a prefill step of one sequence pads to (None: run it eagerly)."""
+        if not self.prefill_graphs or inp.num_seqs != 1 or inp.is_decode:
+            return None
+        n = inp.input_ids.numel()
+        return next((size for size in self.prefill_graph_sizes if size >= n), None)
+
+    def _capture_prefill_graphs(self, pool) -> None:
+        """Capture the forward of one sequence's prefill (a whole prompt, or a chunk of one after its
+        cached or computed prefix) per size in `prefill_graph_sizes`, in the decode graphs' pool. The
+        attention grid is sized for `size` query tokens; the tiles past the real ones return at once, and
+        padding tokens have no cache slot (-1). The LM head runs outside, on the rows that sample."""
+        dev, max_tokens = self.device, self.prefill_graph_sizes[-1]
+        hidden_size = self.config.hf_config.hidden_size
+        self.prefill_bufs = b = {
+            "input_ids": torch.zeros(max_tokens, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(max_tokens, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.int64, device=dev),
+            "cu_seqlens_q": torch.zeros(2, dtype=torch.int32, device=dev),
+            "seq_lens": torch.zeros(1, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros(1, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+            "hidden": torch.zeros(max_tokens, hidden_size, dtype=self.config.torch_dtype, device=dev),
+        }
+        with kernel_backend(self.config.kernel_backend), torch.inference_mode():
+            for size in reversed(self.prefill_graph_sizes):
+                meta = AttentionMetadata(
+                    slot_mapping=b["slot_mapping"][:size],
+                    cu_seqlens_q=b["cu_seqlens_q"],
+                    seq_lens=b["seq_lens"],
+                    block_tables=b["block_tables"],
+                    max_query_len=size,
+                    max_seq_len=self.config.max_model_len,
+                    is_decode=False,
+                )
+                self._prefill_graph_forward(size, meta)  # warm up (compiles kernels) outside the capture
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    self._prefill_graph_forward(size, meta)
+                pool = graph.pool()
+                self.prefill_graphs[size] = graph
+                torch.cuda.synchronize()
+
+    def _prefill_graph_forward(self, size: int, meta: AttentionMetadata) -> None:
+        b = self.prefill_bufs  # hidden: [size, hidden_size]
+        b["hidden"][:size] = self.model(b["input_ids"][:size], b["positions"][:size], meta)
+
+    def _replay_prefill(self, inp: ModelInput, size: int) -> torch.Tensor:
+        """Replay the prefill graph of `size` tokens for this one-sequence step: hidden [n, hidden_size]."""
+        n, b = inp.input_ids.numel(), self.prefill_bufs
+        b["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
+        self._input_ids(b["input_ids"][:n], inp)
+        b["positions"][:n].copy_(inp.positions, non_blocking=True)
+        b["slot_mapping"][:n].copy_(inp.slot_mapping, non_blocking=True)
+        b["slot_mapping"][n:size].fill_(-1)
+        b["cu_seqlens_q"].copy_(inp.cu_seqlens_q, non_blocking=True)
+        b["seq_lens"].copy_(inp.seq_lens, non_blocking=True)
+        b["block_tables"][:, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
+        self.prefill_graphs[size].replay()
+        return b["hidden"][:n]

@@ -84,6 +84,37 @@ def test_cuda_graphs_equal_eager(fast):
     assert _tokens(fast, prompts) == expected
 
 
+def test_prefill_graphs_equal_torch_reference():
+    """A prefill step of one sequence replays a captured graph padded to the next token size: prompts
+    sent one at a time, a long one in chunks (each after its computed prefix), and a prefix-cache hit.
+    float32 greedy tokens must equal the torch reference ops run eagerly (see the first test)."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(10000) for _ in range(n)] for n in (7, 100, 700, 1500, 5000)]
+    prompts.append(prompts[2][:600] + prompts[0])  # the first 592 tokens are cached blocks
+    args = dict(dtype="float32", max_model_len=8192, max_num_batched_tokens=2048, num_kvcache_blocks=2000)
+    ref = LLM("qwen3-0.6b", kernel_backend="torch", enforce_eager=True, **args)
+    try:
+        expected = [_tokens(ref, [p])[0] for p in prompts]
+    finally:
+        ref.shutdown()
+    llm = LLM("qwen3-0.6b", **args)
+    try:
+        runner = llm.engine.runner
+        assert sorted(runner.prefill_graphs) == [16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048]
+        replays = []
+        replay = runner._replay_prefill
+        runner._replay_prefill = lambda inp, size: replays.append(size) or replay(inp, size)
+        got = [_tokens(llm, [p])[0] for p in prompts]
+        cached = llm.generate([prompts[-1]], GREEDY, use_tqdm=False)[0].num_cached_tokens
+    finally:
+        llm.shutdown()
+    assert got == expected
+    # 7 -> 16, 100 -> 128, 700 -> 768, 1500 -> 1536, 5000 in chunks of 2048, 2048, 904, the last prompt's
+    # 15 uncached tokens (twice: the second run hits the cache of the first) -> 16
+    assert replays == [16, 128, 768, 1536, 2048, 2048, 1024, 16, 16], replays
+    assert cached == 592
+
+
 def test_prefix_cache_and_preemption_on_gpu():
     """float32 so that recomputation after preemption and cached prefixes give the same tokens."""
     prompts = _prompts(16, seed=2)
