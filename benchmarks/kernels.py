@@ -22,6 +22,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
@@ -166,7 +167,11 @@ def sweep_decode_configs(dec, run, block_size, kv_bytes):
 
 
 def bench_prefill(varlen_attn, notes):
-    from nanovllm.kernels.paged_attention import paged_prefill_attention
+    from nanovllm.kernels.paged_attention import (
+        paged_prefill_attention,
+        prefill_tile_tokens,
+        prefill_work_items,
+    )
 
     scale = HEAD_DIM**-0.5
     gen = torch.Generator().manual_seed(0)
@@ -191,10 +196,23 @@ def bench_prefill(varlen_attn, notes):
                 varlen_attn, q, keys, values, cu, cu, max_len, max_len, scale=scale, window_size=(-1, 0)
             )
             expected, varlen_ms = time_varlen(run, notes)
+        # The work list, built on the host as the engine does with each step's inputs (not timed).
+        items = prefill_work_items(np.array(lens), prefill_tile_tokens(NUM_HEADS, NUM_KV_HEADS))
+        work = tuple(torch.from_numpy(a).cuda() for a in items)
         for block_size in BLOCK_SIZES:
             k_cache, v_cache, tables = paged_cache(keys, values, lens, block_size, gen)
             run = partial(
-                paged_prefill_attention, q, k_cache, v_cache, cu, seq_lens, tables, max_len, max_len, scale
+                paged_prefill_attention,
+                q,
+                k_cache,
+                v_cache,
+                cu,
+                seq_lens,
+                tables,
+                max_len,
+                max_len,
+                scale,
+                work=work,
             )
             ms = bench_ms(run)
             rows.append(

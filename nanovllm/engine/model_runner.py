@@ -15,9 +15,10 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
+from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput, max_work_items
 from nanovllm.kernels.backend import kernel_backend
 from nanovllm.kernels.decode_attention import default_num_splits
+from nanovllm.kernels.paged_attention import prefill_tile_tokens
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.sampler import Sampler, SamplerOutput
 from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest, SamplingStaging
@@ -71,7 +72,9 @@ class ModelRunner:
         self.num_kv_heads = max(1, num_kv_heads_of(hf) // self.tp_size)
         self.head_dim = head_dim_of(hf)
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
-        self.inputs = HostInputs(config, self.device, self.max_blocks_per_seq)
+        attn = self.attention_layers[0]
+        self.tile_tokens = prefill_tile_tokens(attn.num_heads, attn.num_kv_heads)
+        self.inputs = HostInputs(config, self.device, self.max_blocks_per_seq, self.tile_tokens)
         # Sampled ids: the last launched step's on the device (the next step's pending inputs), and
         # two pinned host buffers they are copied back into, in turn (see launch).
         max_seqs = config.max_num_seqs
@@ -291,6 +294,7 @@ class ModelRunner:
                     max_seq_len=inp.max_seq_len,
                     is_decode=inp.is_decode,
                     decode_num_splits=self._decode_num_splits(inp.num_seqs) if inp.is_decode else None,
+                    prefill_work=None if inp.work_seq is None else (to(inp.work_seq), to(inp.work_tile)),
                 )
                 hidden = self.model(self._input_ids(to(inp.input_ids), inp), to(inp.positions), meta)
             if inp.logits_indices.numel() == 0:  # prefill chunks only: nothing to sample yet
@@ -406,41 +410,53 @@ class ModelRunner:
             return b["hidden"][:n], None
         return b["hidden"][:n], b["logits"][:n, : self.config.hf_config.vocab_size]
 
-    # ---- CUDA graphs for one-sequence prefill -----------------------------------------------
+    # ---- CUDA graphs for prefill and mixed steps ---------------------------------------------
 
     def _prefill_graph_size(self, inp: ModelInput) -> int | None:
-        """The captured token count a prefill step of one sequence pads to (None: run it eagerly)."""
-        if not self.prefill_graphs or inp.num_seqs != 1 or inp.is_decode:
+        """The captured token count a prefill or mixed step pads to (None: run it eagerly)."""
+        if not self.prefill_graphs or inp.is_decode:
             return None
         n = inp.input_ids.numel()
         return next((size for size in self.prefill_graph_sizes if size >= n), None)
 
+    def _prefill_graph_shape(self, size: int) -> tuple[int, int]:
+        """(sequences, attention work items) a graph of `size` tokens is recorded for: the most a step of
+        that many tokens can have."""
+        num_seqs = min(size, self.config.max_num_seqs)
+        return num_seqs, max_work_items(size, num_seqs, self.tile_tokens)
+
     def _capture_prefill_graphs(self, pool) -> None:
-        """Capture the forward of one sequence's prefill (a whole prompt, or a chunk of one after its
-        cached or computed prefix) per size in `prefill_graph_sizes`, in the decode graphs' pool. The
-        attention grid is sized for `size` query tokens; the tiles past the real ones return at once, and
-        padding tokens have no cache slot (-1). The LM head runs outside, on the rows that sample."""
+        """Capture the forward of a step that is not all decode (prompts, chunks of prompts after their
+        computed or cached prefix, mixed with decode tokens) per size in `prefill_graph_sizes`, in the
+        decode graphs' pool. The graph of `size` tokens holds room for every sequence and prefill
+        attention work item such a step can have; the spare items are -1 (skipped) and padding tokens
+        have no cache slot (-1). The LM head runs outside, on the rows that sample."""
         dev, max_tokens = self.device, self.prefill_graph_sizes[-1]
+        max_seqs, max_items = self._prefill_graph_shape(max_tokens)
         hidden_size = self.config.hf_config.hidden_size
         self.prefill_bufs = b = {
             "input_ids": torch.zeros(max_tokens, dtype=torch.int64, device=dev),
             "positions": torch.zeros(max_tokens, dtype=torch.int64, device=dev),
             "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.int64, device=dev),
-            "cu_seqlens_q": torch.zeros(2, dtype=torch.int32, device=dev),
-            "seq_lens": torch.zeros(1, dtype=torch.int32, device=dev),
-            "block_tables": torch.zeros(1, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+            "cu_seqlens_q": torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev),
+            "seq_lens": torch.zeros(max_seqs, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros(max_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
+            "work_seq": torch.full((max_items,), -1, dtype=torch.int32, device=dev),
+            "work_tile": torch.zeros(max_items, dtype=torch.int32, device=dev),
             "hidden": torch.zeros(max_tokens, hidden_size, dtype=self.config.torch_dtype, device=dev),
         }
         with kernel_backend(self.config.kernel_backend), torch.inference_mode():
             for size in reversed(self.prefill_graph_sizes):
+                num_seqs, num_items = self._prefill_graph_shape(size)
                 meta = AttentionMetadata(
                     slot_mapping=b["slot_mapping"][:size],
-                    cu_seqlens_q=b["cu_seqlens_q"],
-                    seq_lens=b["seq_lens"],
-                    block_tables=b["block_tables"],
+                    cu_seqlens_q=b["cu_seqlens_q"][: num_seqs + 1],
+                    seq_lens=b["seq_lens"][:num_seqs],
+                    block_tables=b["block_tables"][:num_seqs],
                     max_query_len=size,
                     max_seq_len=self.config.max_model_len,
                     is_decode=False,
+                    prefill_work=(b["work_seq"][:num_items], b["work_tile"][:num_items]),
                 )
                 self._prefill_graph_forward(size, meta)  # warm up (compiles kernels) outside the capture
                 graph = torch.cuda.CUDAGraph()
@@ -455,15 +471,19 @@ class ModelRunner:
         b["hidden"][:size] = self.model(b["input_ids"][:size], b["positions"][:size], meta)
 
     def _replay_prefill(self, inp: ModelInput, size: int) -> torch.Tensor:
-        """Replay the prefill graph of `size` tokens for this one-sequence step: hidden [n, hidden_size]."""
-        n, b = inp.input_ids.numel(), self.prefill_bufs
+        """Replay the graph of `size` tokens for this prefill or mixed step: hidden [n, hidden_size]."""
+        n, s, k, b = inp.input_ids.numel(), inp.num_seqs, inp.work_seq.numel(), self.prefill_bufs
+        num_seqs, num_items = self._prefill_graph_shape(size)
         b["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
         self._input_ids(b["input_ids"][:n], inp)
         b["positions"][:n].copy_(inp.positions, non_blocking=True)
         b["slot_mapping"][:n].copy_(inp.slot_mapping, non_blocking=True)
         b["slot_mapping"][n:size].fill_(-1)
-        b["cu_seqlens_q"].copy_(inp.cu_seqlens_q, non_blocking=True)
-        b["seq_lens"].copy_(inp.seq_lens, non_blocking=True)
-        b["block_tables"][:, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
+        b["cu_seqlens_q"][: s + 1].copy_(inp.cu_seqlens_q, non_blocking=True)
+        b["seq_lens"][:s].copy_(inp.seq_lens, non_blocking=True)
+        b["block_tables"][:s, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
+        b["work_seq"][:k].copy_(inp.work_seq, non_blocking=True)
+        b["work_seq"][k:num_items].fill_(-1)
+        b["work_tile"][:k].copy_(inp.work_tile, non_blocking=True)
         self.prefill_graphs[size].replay()
         return b["hidden"][:n]

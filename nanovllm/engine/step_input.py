@@ -13,6 +13,7 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.kernels.paged_attention import prefill_work_items
 from nanovllm.layers.sampler import SamplerOutput
 
 
@@ -33,6 +34,10 @@ class ModelInput:
     # forward takes input_ids[pending_rows] from that step's sampled ids [pending_src], on the device.
     pending_rows: torch.Tensor | None = None  # [num_pending] int64
     pending_src: torch.Tensor | None = None  # [num_pending] int64
+    # The prefill attention kernel's (sequence, query tile) items (kernels/paged_attention.py); None for
+    # decode steps, which use the decode kernel.
+    work_seq: torch.Tensor | None = None  # [num_items] int32
+    work_tile: torch.Tensor | None = None  # [num_items] int32
 
     @property
     def is_decode(self) -> bool:
@@ -58,15 +63,22 @@ class LaunchedStep:
         return (self.token_ids.tolist() if self.token_ids is not None else []), self.output
 
 
+def max_work_items(num_tokens: int, num_seqs: int, tile_tokens: int) -> int:
+    """The most prefill attention work items (query tiles) a step of up to num_tokens tokens over up to
+    num_seqs sequences can have: every full tile, plus one partial tile per sequence."""
+    return num_tokens // tile_tokens + num_seqs
+
+
 class HostInputs:
     """Two sets of host arrays for step inputs (pinned on CUDA, so the copies to the device are
     asynchronous), used in turn instead of allocating tensors every step. After each `build` or
     `stage`, call `record()` once the step's copies are queued (ModelRunner.launch / mirror do)."""
 
-    def __init__(self, config: Config, device: torch.device, max_blocks_per_seq: int):
+    def __init__(self, config: Config, device: torch.device, max_blocks_per_seq: int, tile_tokens: int = 64):
         self.config = config
         self.block_size = config.block_size
         self.max_blocks_per_seq = max_blocks_per_seq
+        self.tile_tokens = tile_tokens  # query tokens per prefill attention program (prefill_tile_tokens)
         self.pinned = device.type == "cuda"
         self._sets: list[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]] = []
         self._turn = 0
@@ -94,6 +106,8 @@ class HostInputs:
                 "logits_indices": (max_seqs, torch.int64),
                 "pending_rows": (max_seqs, torch.int64),
                 "pending_src": (max_seqs, torch.int64),
+                "work_seq": (max_work_items(max_tokens, max_seqs, self.tile_tokens), torch.int32),
+                "work_tile": (max_work_items(max_tokens, max_seqs, self.tile_tokens), torch.int32),
             }
             for _ in range(2):
                 tensors = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in shapes.items()}
@@ -143,6 +157,12 @@ class HostInputs:
         cu_seqlens = h["cu_seqlens_q"][: num_seqs + 1]
         sample_rows = [i for i, samples in enumerate(batch.samples) if samples]
         h["logits_indices"][: len(sample_rows)] = cu_seqlens[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
+        work_seq = work_tile = None
+        if num_tokens != num_seqs:
+            seq, tile = prefill_work_items(np.asarray(num_new), self.tile_tokens)
+            k = seq.size
+            h["work_seq"][:k], h["work_tile"][:k] = seq, tile
+            work_seq, work_tile = t["work_seq"][:k], t["work_tile"][:k]
         pending_rows = pending_src = None
         if pending:
             rows, src = zip(*pending)
@@ -162,6 +182,8 @@ class HostInputs:
             max_seq_len=int(h["seq_lens"][:num_seqs].max()),
             pending_rows=pending_rows,
             pending_src=pending_src,
+            work_seq=work_seq,
+            work_tile=work_tile,
         )
 
     def stage(self, inp: ModelInput) -> ModelInput:

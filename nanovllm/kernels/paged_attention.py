@@ -12,10 +12,16 @@ Query j of sequence i (q_len_i tokens) sits at position seq_lens[i] - q_len_i + 
 positions 0..that position: the causal mask is aligned to the end of the context, which covers a plain
 prefill (q_len == seq_len), a later chunk of a chunked prefill or a prefill after a prefix-cache hit
 (q_len < seq_len), and decode (q_len == 1). GQA: query head h reads kv head h // (num_heads // num_kv_heads).
+
+The Triton kernel's programs come from a work list of (sequence, query tile) items that the caller builds
+on the host (`prefill_work_items`; the engine does it with the other step inputs), so the grid holds
+exactly the tiles the batch has, whatever its mix of long prompts and single decode tokens, and a CUDA
+graph can record it for a bounded number of items.
 """
 
 import math
 
+import numpy as np
 import torch
 
 from nanovllm.kernels.store_kvcache import check_kv_cache, check_triton_device
@@ -85,14 +91,33 @@ def _cdiv(a: int, b: int) -> int:
 PREFILL_BLOCK_M = 128
 PREFILL_BLOCK_N = 32
 PREFILL_NUM_STAGES = 3
-# Long prompts: run each sequence's query tiles last-first, so that the longest causal tiles (a tile's work
-# grows with its index) start first and the last programs to start are the shortest. The GPU starts
-# programs in grid order, axis 0 fastest, so the tile index goes on the last axis, reversed. H100, bf16,
-# Qwen3-0.6B heads (2026-11-27, scratch A/B): 1 x 16384 348-372 -> 400-405 TFLOP/s, 4 x 4096 341-343 ->
-# 363-364, 16 x 1024 (16 tiles) unchanged at 266, but 64 x 256 (4 tiles) 140 -> 125: there the tiles of
-# one (sequence, kv head), which read the same K/V, are better kept side by side (axis 0).
-PREFILL_LONGEST_FIRST_TILES = 32
-MAX_GRID_Z = 65535  # CUDA limit on the grid's second and third axes
+MAX_GRID_Y = 65535  # CUDA limit on the grid's second axis (the work items)
+
+
+def prefill_tile_tokens(num_heads: int, num_kv_heads: int) -> int:
+    """Query tokens per program of the prefill kernel: BLOCK_M rows = tokens x the kv group (padded)."""
+    return max(1, PREFILL_BLOCK_M // triton_next_power_of_2(num_heads // num_kv_heads))
+
+
+def prefill_work_items(q_lens: np.ndarray, tile_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """The prefill kernel's work list: (sequence, query tile) of every tile the batch has, as two int32
+    arrays [num_items]. Longest first, because a causal tile's work grows with its index and the GPU starts
+    programs in grid order: sequences by decreasing query length, each one's tiles last-first. Each
+    sequence's tiles stay side by side, so the programs that read the same K/V run close together (H100,
+    bf16, Qwen3-0.6B heads, 2026-11-27, against tiles-first-to-last: 1 x 16384 348-372 -> 400-405 TFLOP/s,
+    4 x 4096 341-343 -> 363-364; with each sequence's tiles scattered instead, 64 x 256 fell 140 -> 125).
+    """
+    q_lens = np.asarray(q_lens, dtype=np.int64)  # [num_seqs]
+    order = np.argsort(-q_lens, kind="stable")  # [num_seqs]
+    tiles = -(-q_lens[order] // tile_tokens)  # [num_seqs] in that order
+    ends = np.cumsum(tiles)  # [num_seqs]
+    seq = np.repeat(order, tiles).astype(np.int32)  # [num_items]
+    tile = (np.repeat(ends, tiles) - np.arange(ends[-1] if len(ends) else 0) - 1).astype(np.int32)
+    return seq, tile
+
+
+def triton_next_power_of_2(n: int) -> int:  # (triton.next_power_of_2, without needing triton)
+    return 1 << max(0, n - 1).bit_length()
 
 
 def _prefill_num_warps(head_dim: int) -> int:
@@ -163,6 +188,8 @@ if HAS_TRITON:
         cu_seqlens_q_ptr,
         seq_lens_ptr,
         block_tables_ptr,
+        work_seq_ptr,  # [num_items] int32: sequence of each work item; -1: padding (a graph's spare items)
+        work_tile_ptr,  # [num_items] int32: its query tile
         scale_log2,
         stride_qt,
         stride_qh,
@@ -179,22 +206,20 @@ if HAS_TRITON:
         BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,  # KV-cache block size
         DOT_PRECISION: tl.constexpr,
-        LONGEST_FIRST: tl.constexpr,
     ):
-        # One program: BLOCK_Q query tokens of one sequence x the GROUP query heads that share kv_head.
-        # Row r of the tile is token r // GROUP_P2, head r % GROUP_P2 of the group.
-        if LONGEST_FIRST:  # grid (seq, kv_head, tile), tiles last-first (see PREFILL_LONGEST_FIRST_TILES)
-            seq = tl.program_id(0)
-            kv_head = tl.program_id(1)
-            tile = tl.num_programs(2) - 1 - tl.program_id(2)
-        else:  # grid (tile, seq, kv_head): the tiles of one (sequence, kv head) run side by side
-            tile = tl.program_id(0)
-            seq = tl.program_id(1)
-            kv_head = tl.program_id(2)
+        # Program (kv_head, item): BLOCK_Q query tokens of one sequence x the GROUP query heads that share
+        # kv_head, for work item (sequence, query tile). Row r of the tile is token r // GROUP_P2, head
+        # r % GROUP_P2 of the group. kv_head is the fast axis, so items start in work-list order.
+        kv_head = tl.program_id(0)
+        item = tl.program_id(1)
+        seq = tl.load(work_seq_ptr + item)
+        if seq < 0:
+            return
+        tile = tl.load(work_tile_ptr + item)
         q_start = tl.load(cu_seqlens_q_ptr + seq)
         q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
         if tile * BLOCK_Q >= q_len:
-            return  # the grid is sized for the longest query; shorter sequences have fewer tiles
+            return  # (never, for a work list built from these lengths)
         seq_len = tl.load(seq_lens_ptr + seq)
         num_cached = seq_len - q_len  # keys before this sequence's first new token
 
@@ -251,11 +276,15 @@ def paged_prefill_attention(
     max_seq_len: int,
     scale: float,
     out: torch.Tensor | None = None,  # [num_tokens, num_heads, head_dim]
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([num_items], [num_items]) int32
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """FlashAttention over the paged cache for variable-length queries (see the module docstring).
 
-    max_query_len sizes the grid and must be >= every sequence's query length. max_seq_len is accepted
-    for symmetry with decode_attention and not needed here. fp32 inputs use exact fp32 dot products.
+    work: the (sequence, query tile) items to run, from `prefill_work_items(q_lens,
+    prefill_tile_tokens(num_heads, num_kv_heads))` on the device, optionally padded with sequence -1
+    (skipped). Without it they are built here from cu_seqlens_q, which waits for the device. max_query_len
+    (0: nothing to do) and max_seq_len are accepted for symmetry with decode_attention. fp32 inputs use
+    exact fp32 dot products.
     """
     check_paged_args(q, k_cache, v_cache, seq_lens, block_tables, cu_seqlens_q)
     check_triton_device(q, "paged_prefill_attention")
@@ -270,14 +299,19 @@ def paged_prefill_attention(
 
     group = num_heads // num_kv_heads
     group_p2 = triton.next_power_of_2(group)
-    block_q = max(1, PREFILL_BLOCK_M // group_p2)
-    num_tiles = triton.cdiv(max_query_len, block_q)
-    longest_first = num_tiles >= PREFILL_LONGEST_FIRST_TILES
-    if longest_first and num_tiles > MAX_GRID_Z:
+    block_q = prefill_tile_tokens(num_heads, num_kv_heads)
+    if work is None:
+        cu = cu_seqlens_q.to("cpu", torch.int64).numpy()
+        work = tuple(torch.from_numpy(a).to(q.device) for a in prefill_work_items(np.diff(cu), block_q))
+    work_seq, work_tile = work
+    if not (work_seq.shape == work_tile.shape and work_seq.dim() == 1 and work_seq.dtype == torch.int32):
         raise ValueError(
-            f"max_query_len {max_query_len} needs {num_tiles} query tiles; one launch takes {MAX_GRID_Z}"
+            f"work must be two [num_items] int32 tensors, got {tuple(work_seq.shape)} {work_seq.dtype} and "
+            f"{tuple(work_tile.shape)} {work_tile.dtype}"
         )
-    grid = (num_seqs, num_kv_heads, num_tiles) if longest_first else (num_tiles, num_seqs, num_kv_heads)
+    if not 0 < work_seq.numel() <= MAX_GRID_Y:
+        raise ValueError(f"the work list must hold 1 to {MAX_GRID_Y} items, got {work_seq.numel()}")
+    grid = (num_kv_heads, work_seq.numel())
     _paged_prefill_kernel[grid](
         q,
         k_cache,
@@ -286,6 +320,8 @@ def paged_prefill_attention(
         cu_seqlens_q,
         seq_lens,
         block_tables,
+        work_seq,
+        work_tile,
         scale * math.log2(math.e),
         q.stride(0),
         q.stride(1),
@@ -302,7 +338,6 @@ def paged_prefill_attention(
         BLOCK_N=PREFILL_BLOCK_N,
         BLOCK_SIZE=block_size,
         DOT_PRECISION=dot_precision(q.dtype),
-        LONGEST_FIRST=longest_first,
         num_warps=_prefill_num_warps(head_dim),
         num_stages=PREFILL_NUM_STAGES,
     )

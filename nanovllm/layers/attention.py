@@ -30,6 +30,9 @@ class AttentionMetadata:
     max_seq_len: int
     is_decode: bool  # every sequence computes exactly one token (the CUDA-graph case)
     decode_num_splits: int | None = None  # fixed split-KV count when replaying a captured graph
+    # The prefill kernel's ([num_items], [num_items]) int32 (sequence, query tile) items; None: built by
+    # the kernel's launcher (a host sync)
+    prefill_work: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -100,6 +103,7 @@ class Attention(nn.Module):
                 meta.max_query_len,
                 meta.max_seq_len,
                 self.scale,
+                work=meta.prefill_work,
             )
         return paged_attention_ref(
             q, self.k_cache, self.v_cache, meta.cu_seqlens_q, meta.seq_lens, meta.block_tables, self.scale

@@ -115,6 +115,40 @@ def test_prefill_graphs_equal_torch_reference():
     assert cached == 592
 
 
+def test_mixed_step_graphs_equal_torch_reference():
+    """Prompts arriving while others decode: each mixed step (a prompt, or a chunk of one, beside the
+    running requests' decode tokens) replays a prefill graph too, its attention over a padded work list.
+    float32 greedy tokens must equal each prompt's tokens from the eager torch reference."""
+    rng = random.Random(6)
+    prompts = [[rng.randrange(10000) for _ in range(n)] for n in (300, 100, 37, 1500, 5, 60)]
+    args = dict(dtype="float32", max_model_len=4096, max_num_batched_tokens=1024, num_kvcache_blocks=2000)
+    ref = LLM("qwen3-0.6b", kernel_backend="torch", enforce_eager=True, **args)
+    try:
+        expected = [_tokens(ref, [p])[0] for p in prompts]
+    finally:
+        ref.shutdown()
+    llm = LLM("qwen3-0.6b", **args)
+    try:
+        engine, runner = llm.engine, llm.engine.runner
+        replays = []
+        replay = runner._replay_prefill
+        runner._replay_prefill = lambda inp, size: replays.append((inp.num_seqs, size)) or replay(inp, size)
+        done = {}
+        ids = []
+        for prompt in prompts:
+            ids.append(engine.add_request(prompt, GREEDY))
+            for _ in range(3):
+                done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+        while engine.has_unfinished():
+            done.update((o.request_id, o.outputs[0].token_ids) for o in engine.step() if o.finished)
+    finally:
+        llm.shutdown()
+    assert [done[rid] for rid in ids] == expected
+    assert any(num_seqs > 1 for num_seqs, _ in replays), replays  # mixed steps were replayed
+    # the 1,500-token prompt's first chunk fills the 1,024-token budget beside the decodes
+    assert any(num_seqs > 1 and size == 1024 for num_seqs, size in replays), replays
+
+
 def test_prefix_cache_and_preemption_on_gpu():
     """float32 so that recomputation after preemption and cached prefixes give the same tokens."""
     prompts = _prompts(16, seed=2)

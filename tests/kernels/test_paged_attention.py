@@ -1,11 +1,12 @@
 """paged_attention_ref is causal attention aligned to the end of the context, read through block tables;
 paged_prefill_attention (Triton) matches it for every way a batch can mix prefill, chunks and decode."""
 
+import numpy as np
 import pytest
 import torch
 
 from nanovllm.kernels import paged_attention
-from nanovllm.kernels.paged_attention import paged_attention_ref, paged_prefill_attention
+from nanovllm.kernels.paged_attention import paged_attention_ref, paged_prefill_attention, prefill_work_items
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -91,11 +92,21 @@ def test_prefill_kernel_matches_ref(make_paged_inputs, tol, case, dtype):
     torch.testing.assert_close(out, ref, **tol(dtype))
 
 
-def test_prefill_kernel_longest_tiles_first(make_paged_inputs, tol, monkeypatch):
-    # Long prompts take the other grid (tiles last-first on the last axis); force it at small sizes.
-    # Group 4: 32 query tokens per tile, so these sequences have 1 to 5 tiles (a prompt, a later chunk,
-    # a prefix hit, decodes).
-    monkeypatch.setattr(paged_attention, "PREFILL_LONGEST_FIRST_TILES", 1)
+def test_prefill_work_items_cover_every_tile_longest_first():
+    seq, tile = prefill_work_items(np.array([70, 1, 150, 0, 64]), 32)
+    # by decreasing query length (150: 5 tiles, 70: 3, 64: 2, 1: 1, 0: none), each one's tiles last-first
+    assert seq.tolist() == [2] * 5 + [0] * 3 + [4] * 2 + [1]
+    assert tile.tolist() == [4, 3, 2, 1, 0, 2, 1, 0, 1, 0, 0]
+    assert seq.dtype == tile.dtype == np.int32
+    assert [a.size for a in prefill_work_items(np.array([0, 0]), 32)] == [0, 0]
+    assert paged_attention.prefill_tile_tokens(16, 8) == 64  # Qwen3-0.6B: group 2 -> 64 tokens x 2 heads
+    assert paged_attention.prefill_tile_tokens(14, 2) == 16  # group 7 pads to 8
+
+
+def test_prefill_kernel_runs_a_given_work_list(make_paged_inputs, tol):
+    # The engine passes the work list (built on the host with the step's inputs), padded with -1 items in
+    # a CUDA graph; any order of the items gives the same output. Group 4: 32 query tokens per tile, so
+    # these sequences have 1 to 5 tiles (a prompt, a later chunk, decodes, a prefix hit).
     inputs = make_paged_inputs(
         [(150, 150), (70, 130), (1, 45), (40, 72), (1, 1)],
         num_heads=8,
@@ -105,8 +116,19 @@ def test_prefill_kernel_longest_tiles_first(make_paged_inputs, tol, monkeypatch)
         dtype=torch.float32,
         seed=7,
     )
-    out, ref = run_both(inputs)
+    args = inputs.paged_args
+    ref = paged_attention_ref(*args, inputs.scale)
+    q_lens = np.diff(inputs.paged_args[3].cpu().numpy())
+    seq, tile = prefill_work_items(q_lens, paged_attention.prefill_tile_tokens(8, 2))
+    order = np.random.default_rng(0).permutation(seq.size)
+    seq = np.concatenate([seq[order], np.full(3, -1, np.int32)])  # shuffled, then three spare items
+    tile = np.concatenate([tile[order], np.zeros(3, np.int32)])
+    work = (torch.from_numpy(seq), torch.from_numpy(tile))
+    out = paged_prefill_attention(*args, inputs.max_query_len, inputs.max_seq_len, inputs.scale, work=work)
     torch.testing.assert_close(out, ref, **tol(torch.float32))
+    with pytest.raises(ValueError, match="int32"):
+        bad = (work[0].long(), work[1].long())
+        paged_prefill_attention(*args, inputs.max_query_len, inputs.max_seq_len, inputs.scale, work=bad)
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 64, 128, 256])

@@ -116,6 +116,8 @@ def _step_input(**pending) -> ModelInput:
         logits_indices=torch.tensor([1, 2]),
         max_query_len=2,
         max_seq_len=10,
+        work_seq=torch.tensor([0, 1], dtype=torch.int32),
+        work_tile=torch.tensor([0, 0], dtype=torch.int32),
         **pending,
     )
 
@@ -124,7 +126,8 @@ def test_step_message_round_trip():
     inp = _step_input()
     kind, got = decode_message(encode_message("step", inp))
     assert kind == "step" and (got.max_query_len, got.max_seq_len) == (2, 10)
-    for name in ("input_ids", "positions", "slot_mapping", "cu_seqlens_q", "seq_lens", "block_tables"):
+    names = ("input_ids", "positions", "slot_mapping", "cu_seqlens_q", "seq_lens", "block_tables", "work_seq")
+    for name in names:
         a, b = getattr(inp, name), getattr(got, name)
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert decode_message(encode_message("shutdown")) == ("shutdown", None)

@@ -1,0 +1,38 @@
+"""HostInputs.build: the prefill attention work list travels with every step that is not all decode."""
+
+import numpy as np
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.kernels.paged_attention import prefill_tile_tokens, prefill_work_items
+
+
+def test_steps_carry_the_prefill_work_list():
+    llm = LLM("qwen3-tiny", device="cpu", max_num_seqs=4, max_num_batched_tokens=64, max_model_len=256)
+    try:
+        runner = llm.engine.runner
+        hf = llm.engine.config.hf_config
+        assert runner.tile_tokens == prefill_tile_tokens(hf.num_attention_heads, hf.num_key_value_heads)
+        steps = []
+        prepare = runner.prepare
+
+        def record(batch):  # (checked at once: the host buffers are reused two steps later)
+            inp = prepare(batch)
+            num_new = list(batch.num_new_tokens)
+            if inp.is_decode:
+                assert inp.work_seq is None and inp.work_tile is None
+            else:
+                seq, tile = prefill_work_items(np.array(num_new), runner.tile_tokens)
+                assert inp.work_seq.dtype == inp.work_tile.dtype == torch.int32
+                assert inp.work_seq.tolist() == seq.tolist() and inp.work_tile.tolist() == tile.tolist()
+            steps.append((num_new, inp.is_decode))
+            return inp
+
+        runner.prepare = record
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        llm.generate([list(range(3, 43)), list(range(200, 300))], params, use_tqdm=False)  # 40 and 100 tokens
+    finally:
+        llm.shutdown()
+    # the 40-token prompt and a 24-token chunk of the other; its sampled token and 63 more; then the rest
+    assert steps[:3] == [([40, 24], False), ([1, 63], False), ([1, 13], False)]
+    assert steps[-1][1]  # decode steps after
