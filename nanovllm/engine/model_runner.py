@@ -9,16 +9,18 @@ tokens; `launch` queues both and returns a `LaunchedStep` without waiting.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
+from functools import partial
 
 import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput, max_work_items
-from nanovllm.kernels.backend import kernel_backend
+from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
+from nanovllm.kernels.backend import HAS_TRITON, kernel_backend
 from nanovllm.kernels.decode_attention import default_num_splits
-from nanovllm.kernels.paged_attention import prefill_tile_tokens
+from nanovllm.kernels.paged_attention import MAX_GRID_Y, max_work_items, prefill_tile_tokens
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.sampler import Sampler, SamplerOutput
 from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest, SamplingStaging
@@ -31,9 +33,9 @@ from nanovllm.utils.loader import iter_checkpoint, iter_random_weights, load_wei
 logger = logging.getLogger("nanovllm")
 
 CPU_KV_CACHE_MAX_BYTES = 4 << 30  # the CPU path sizes its cache from this, not from free memory
-# Token counts of the one-sequence prefill graphs (a prompt, or a chunk of one, pads to the next size).
-# Eager, a prefill forward is ~9 launches per layer from Python, which on a slow host costs more than
-# the GPU work below a few thousand tokens; a replay is one launch.
+# Token counts of the graphs for steps that are not all decode (prompts, chunks of prompts, mixed with
+# decode tokens; a step pads to the next size). Eager, such a forward is ~9 launches per layer from
+# Python, which on a slow host costs more than the GPU work below a few thousand tokens; a replay is one.
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 
 
@@ -74,6 +76,12 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
         attn = self.attention_layers[0]
         self.tile_tokens = prefill_tile_tokens(attn.num_heads, attn.num_kv_heads)
+        if max_work_items(config.max_num_batched_tokens, config.max_num_seqs, self.tile_tokens) > MAX_GRID_Y:
+            raise ValueError(
+                f"max_num_batched_tokens={config.max_num_batched_tokens} is too large for the prefill "
+                f"attention kernel's grid with {attn.num_heads // attn.num_kv_heads} query heads per kv "
+                f"head (at most {MAX_GRID_Y} query tiles of {self.tile_tokens} tokens per step)"
+            )
         self.inputs = HostInputs(config, self.device, self.max_blocks_per_seq, self.tile_tokens)
         # Sampled ids: the last launched step's on the device (the next step's pending inputs), and
         # two pinned host buffers they are copied back into, in turn (see launch).
@@ -90,15 +98,15 @@ class ModelRunner:
         cuda = self.device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode: batch size -> graph
-        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # one-sequence prefill: tokens -> graph
+        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps: tokens -> graph
         self.num_kvcache_blocks = self._allocate_kv_cache()  # (runs an eager step: no graphs yet)
         max_bs = min(config.max_num_seqs, 512)
         self.graph_sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs, 16)] if s < max_bs} | {max_bs})
-        max_tokens = min(config.max_num_batched_tokens, config.max_model_len)
-        self.prefill_graph_sizes = [t for t in PREFILL_GRAPH_TOKENS if t <= max_tokens]
+        self.prefill_graph_sizes = [t for t in PREFILL_GRAPH_TOKENS if t <= config.max_num_batched_tokens]
         if self.device.type == "cuda" and not config.enforce_eager:
             pool = self._capture_cuda_graphs()
-            if config.kernel_backend != "torch":  # (the reference attention reads lengths on the host)
+            # (not with the torch reference ops: their attention reads the lengths on the host)
+            if self.prefill_graph_sizes and config.kernel_backend != "torch" and HAS_TRITON:
                 self._capture_prefill_graphs(pool)
 
     # ---- KV cache ---------------------------------------------------------------------------
@@ -375,14 +383,19 @@ class ModelRunner:
                     is_decode=True,
                     decode_num_splits=self._decode_num_splits(size),
                 )
-                self._graph_forward(size, meta)  # warm up (compiles kernels) outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    self._graph_forward(size, meta)
+                self.graphs[size] = graph = self._capture(partial(self._graph_forward, size, meta), pool)
                 pool = graph.pool()
-                self.graphs[size] = graph
-                torch.cuda.synchronize()
         return pool
+
+    @staticmethod
+    def _capture(forward: Callable[[], None], pool) -> torch.cuda.CUDAGraph:
+        """A graph of forward(), recorded into the memory pool (None: a new one)."""
+        forward()  # warm up (compiles kernels, moves tables to the device) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool):
+            forward()
+        torch.cuda.synchronize()
+        return graph
 
     def _graph_forward(self, size: int, meta: AttentionMetadata) -> None:
         b = self.graph_bufs
@@ -458,13 +471,16 @@ class ModelRunner:
                     is_decode=False,
                     prefill_work=(b["work_seq"][:num_items], b["work_tile"][:num_items]),
                 )
-                self._prefill_graph_forward(size, meta)  # warm up (compiles kernels) outside the capture
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    self._prefill_graph_forward(size, meta)
+                forward = partial(self._prefill_graph_forward, size, meta)
+                self.prefill_graphs[size] = graph = self._capture(forward, pool)
                 pool = graph.pool()
-                self.prefill_graphs[size] = graph
-                torch.cuda.synchronize()
+        logger.info(
+            "CUDA graphs: %d decode, %d prefill (up to %d tokens); %.2f GiB reserved after capture",
+            len(self.graphs),
+            len(self.prefill_graphs),
+            max_tokens,
+            torch.cuda.memory_reserved(dev) / 2**30,
+        )
 
     def _prefill_graph_forward(self, size: int, meta: AttentionMetadata) -> None:
         b = self.prefill_bufs  # hidden: [size, hidden_size]
@@ -473,7 +489,11 @@ class ModelRunner:
     def _replay_prefill(self, inp: ModelInput, size: int) -> torch.Tensor:
         """Replay the graph of `size` tokens for this prefill or mixed step: hidden [n, hidden_size]."""
         n, s, k, b = inp.input_ids.numel(), inp.num_seqs, inp.work_seq.numel(), self.prefill_bufs
-        num_seqs, num_items = self._prefill_graph_shape(size)
+        _, num_items = self._prefill_graph_shape(size)
+        if k > num_items:  # (max_work_items bounds it; a graph must never drop tiles silently)
+            raise RuntimeError(
+                f"a step of {n} tokens has {k} attention work items; graph {size} holds {num_items}"
+            )
         b["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
         self._input_ids(b["input_ids"][:n], inp)
         b["positions"][:n].copy_(inp.positions, non_blocking=True)

@@ -13,7 +13,7 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.kernels.paged_attention import prefill_work_items
+from nanovllm.kernels.paged_attention import max_work_items, prefill_work_items
 from nanovllm.layers.sampler import SamplerOutput
 
 
@@ -63,18 +63,12 @@ class LaunchedStep:
         return (self.token_ids.tolist() if self.token_ids is not None else []), self.output
 
 
-def max_work_items(num_tokens: int, num_seqs: int, tile_tokens: int) -> int:
-    """The most prefill attention work items (query tiles) a step of up to num_tokens tokens over up to
-    num_seqs sequences can have: every full tile, plus one partial tile per sequence."""
-    return num_tokens // tile_tokens + num_seqs
-
-
 class HostInputs:
     """Two sets of host arrays for step inputs (pinned on CUDA, so the copies to the device are
     asynchronous), used in turn instead of allocating tensors every step. After each `build` or
     `stage`, call `record()` once the step's copies are queued (ModelRunner.launch / mirror do)."""
 
-    def __init__(self, config: Config, device: torch.device, max_blocks_per_seq: int, tile_tokens: int = 64):
+    def __init__(self, config: Config, device: torch.device, max_blocks_per_seq: int, tile_tokens: int):
         self.config = config
         self.block_size = config.block_size
         self.max_blocks_per_seq = max_blocks_per_seq
@@ -159,9 +153,9 @@ class HostInputs:
         h["logits_indices"][: len(sample_rows)] = cu_seqlens[np.asarray(sample_rows, dtype=np.int64) + 1] - 1
         work_seq = work_tile = None
         if num_tokens != num_seqs:
-            seq, tile = prefill_work_items(np.asarray(num_new), self.tile_tokens)
-            k = seq.size
-            h["work_seq"][:k], h["work_tile"][:k] = seq, tile
+            item_seqs, item_tiles = prefill_work_items(np.asarray(num_new), self.tile_tokens)
+            k = item_seqs.size
+            h["work_seq"][:k], h["work_tile"][:k] = item_seqs, item_tiles
             work_seq, work_tile = t["work_seq"][:k], t["work_tile"][:k]
         pending_rows = pending_src = None
         if pending:

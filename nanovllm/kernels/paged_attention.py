@@ -99,6 +99,12 @@ def prefill_tile_tokens(num_heads: int, num_kv_heads: int) -> int:
     return max(1, PREFILL_BLOCK_M // triton_next_power_of_2(num_heads // num_kv_heads))
 
 
+def max_work_items(num_tokens: int, num_seqs: int, tile_tokens: int) -> int:
+    """The most work items (query tiles) a batch of up to num_tokens tokens over up to num_seqs sequences
+    can have: every full tile, plus one partial tile per sequence."""
+    return num_tokens // tile_tokens + num_seqs
+
+
 def prefill_work_items(q_lens: np.ndarray, tile_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """The prefill kernel's work list: (sequence, query tile) of every tile the batch has, as two int32
     arrays [num_items]. Longest first, because a causal tile's work grows with its index and the GPU starts
@@ -304,7 +310,11 @@ def paged_prefill_attention(
         cu = cu_seqlens_q.to("cpu", torch.int64).numpy()
         work = tuple(torch.from_numpy(a).to(q.device) for a in prefill_work_items(np.diff(cu), block_q))
     work_seq, work_tile = work
-    if not (work_seq.shape == work_tile.shape and work_seq.dim() == 1 and work_seq.dtype == torch.int32):
+    if not (
+        work_seq.shape == work_tile.shape
+        and work_seq.dim() == 1
+        and work_seq.dtype == work_tile.dtype == torch.int32
+    ):
         raise ValueError(
             f"work must be two [num_items] int32 tensors, got {tuple(work_seq.shape)} {work_seq.dtype} and "
             f"{tuple(work_tile.shape)} {work_tile.dtype}"

@@ -137,7 +137,7 @@ def test_worker_stages_the_step_in_its_host_buffers():
     """What a GPU worker does with the decoded step (HostInputs.stage): every tensor copied into the
     next buffer set (pinned on a GPU; here the CPU buffers stand in), same values, dtypes and shapes."""
     config = Config("qwen3-tiny", device="cpu", max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64)
-    inputs = HostInputs(config, torch.device("cpu"), max_blocks_per_seq=4)
+    inputs = HostInputs(config, torch.device("cpu"), max_blocks_per_seq=4, tile_tokens=64)
     inputs._next_set()  # allocate the (unpinned) sets, then take the path a pinned worker takes
     inputs.pinned = True
     inp = _step_input(pending_rows=torch.tensor([2]), pending_src=torch.tensor([0]))

@@ -1,6 +1,7 @@
 """HostInputs.build: the prefill attention work list travels with every step that is not all decode."""
 
 import numpy as np
+import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
@@ -36,3 +37,9 @@ def test_steps_carry_the_prefill_work_list():
     # the 40-token prompt and a 24-token chunk of the other; its sampled token and 63 more; then the rest
     assert steps[:3] == [([40, 24], False), ([1, 63], False), ([1, 13], False)]
     assert steps[-1][1]  # decode steps after
+
+
+def test_a_token_budget_beyond_the_prefill_grid_is_refused():
+    # group 2: 64-token tiles; 65,535 work items per step at most (the grid's second axis)
+    with pytest.raises(ValueError, match="max_num_batched_tokens=4194304 is too large"):
+        LLM("qwen3-tiny", device="cpu", max_num_batched_tokens=4194304, max_model_len=256)
