@@ -469,7 +469,7 @@ def prefill_tiling() -> None:
         0.3,
         12.8,
         "seq_len 256, 192 new tokens (positions 64-255), keys 0-63 already in the cache;"
-        " BLOCK_N = 64 keys per inner step",
+        " key tiles drawn 64 wide (the kernel steps BLOCK_N = 32 keys)",
         fontsize=10.5,
         color=GREY,
     )
@@ -503,8 +503,8 @@ def prefill_tiling() -> None:
     below = [
         "rows of a program: BLOCK_M = 128 = 64 tokens x GROUP_P2 (2) heads,",
         "so each K/V tile is loaded once for all query heads of its kv head",
-        "grid: (query tiles of the longest sequence, num_seqs, num_kv_heads);",
-        "a program past its sequence's queries returns at once",
+        "grid: (num_kv_heads, work items): one item per (sequence, query tile),",
+        "built on the host, longest first; spare items (-1) return at once",
     ]
     for i, line in enumerate(below):
         ax.text(0.3, gy - 0.8 - i * 0.6, line, fontsize=10, va="center")
