@@ -23,7 +23,12 @@ from nanovllm.kernels.decode_attention import default_num_splits
 from nanovllm.kernels.paged_attention import MAX_GRID_Y, max_work_items, prefill_tile_tokens
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.sampler import Sampler, SamplerOutput
-from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest, SamplingStaging
+from nanovllm.layers.sampling_batch import (
+    SamplingBatch,
+    SamplingRequest,
+    SamplingStaging,
+    takes_plain_argmax,
+)
 from nanovllm.models import get_model_class
 from nanovllm.models.decoder import head_dim_of, num_kv_heads_of
 from nanovllm.sampling_params import SamplingParams
@@ -234,7 +239,9 @@ class ModelRunner:
         """Queue the step's forward and sampling on the device and return without waiting: the host
         can schedule the next step meanwhile. Its sampled ids are copied back behind the sampler."""
         inp = self.prepare(batch)
-        out = self.execute(inp, self.sampling_requests(batch))
+        requests = self.sampling_requests(batch)
+        inp.plain_argmax = self.tp_size > 1 and takes_plain_argmax(requests)
+        out = self.execute(inp, requests)
         self.inputs.record()  # the copies from this input set are queued
         self.keep_sampled(out.token_ids if out is not None else None, inp.logits_indices.numel())
         if out is None:
@@ -307,6 +314,9 @@ class ModelRunner:
                 hidden = self.model(self._input_ids(to(inp.input_ids), inp), to(inp.positions), meta)
             if inp.logits_indices.numel() == 0:  # prefill chunks only: nothing to sample yet
                 return None
+            if logits is None and inp.plain_argmax:  # (tensor parallel) a collective, as the gather is
+                token_ids = self.model.lm_head.greedy(hidden[to(inp.logits_indices)])
+                return SamplerOutput(token_ids, None, None, None) if token_ids is not None else None
             if logits is None:
                 # Every rank computes its vocabulary shard's logits: the LM head's gather is collective.
                 # Only rank 0 gets the logits back, and only rank 0 has sampling requests.

@@ -38,6 +38,9 @@ class ModelInput:
     # decode steps, which use the decode kernel.
     work_seq: torch.Tensor | None = None  # [num_items] int32
     work_tile: torch.Tensor | None = None  # [num_items] int32
+    # Every sampling row takes the plain argmax (rank 0 decides, the workers follow): under tensor
+    # parallelism the ranks then exchange their best (logit, id) per row, not the logits.
+    plain_argmax: bool = False
 
     @property
     def is_decode(self) -> bool:

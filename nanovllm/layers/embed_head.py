@@ -3,7 +3,9 @@
 The vocabulary is split into equal contiguous ranges, one per rank (padded so it divides evenly).
 Embedding: each rank looks up the ids in its range, writes zeros elsewhere, then all-reduce (or, with
 reduce_results=False as in the decoder, the first AddRMSNorm reduces it).
-LM head: each rank computes logits for its range; rank 0 gathers them and drops the padding.
+LM head: each rank computes logits for its range; rank 0 gathers them and drops the padding. For a step
+whose every row takes the plain argmax (greedy, nothing that needs the whole row), `greedy` gathers only
+each rank's best (logit, token id) per row instead of [rows, vocab / ranks] logits.
 """
 
 from __future__ import annotations
@@ -62,3 +64,23 @@ class ParallelLMHead(VocabParallelEmbedding):
                 return None
             logits = torch.cat(parts, dim=-1)
         return logits[:, : self.vocab_size]
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """hidden: [num_seqs, hidden_size] -> [num_seqs] int64 token ids on rank 0 (None elsewhere): the
+        argmax of each row's logits, the first one on ties, as `logits.argmax(-1)` on the gathered logits
+        gives. Each rank takes its range's maximum (padding rows excluded) and rank 0 picks the largest,
+        the lowest rank on ties (the lower token id). A collective: every rank calls it."""
+        logits = F.linear(hidden, self.weight)  # [num_seqs, shard_size]
+        size = max(0, min(self.shard_size, self.vocab_size - self.vocab_start))
+        if size < self.shard_size:  # the last range's padding rows never win
+            logits[:, size:] = float("-inf")
+        ids = logits.argmax(dim=-1, keepdim=True)  # [num_seqs, 1]
+        values = logits.gather(1, ids).squeeze(1)  # [num_seqs]
+        # fp64 holds every bf16/fp32 logit and every token id exactly: one gather of [2, num_seqs]
+        best = torch.stack([values.to(torch.float64), (ids.squeeze(1) + self.vocab_start).to(torch.float64)])
+        parts = self.tp_group.gather(best, dst=0)
+        if parts is None:
+            return None
+        ranks = torch.stack(parts)  # [size, 2, num_seqs]
+        winner = ranks[:, 0].argmax(dim=0)  # [num_seqs]: the first rank with the largest logit
+        return ranks[winner, 1, torch.arange(ranks.shape[2], device=ranks.device)].to(torch.int64)

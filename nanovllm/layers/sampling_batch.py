@@ -87,6 +87,18 @@ class SamplingRequest:
         return cls(params, prompt, output, eos_token_ids, len(token_ids) - num_prompt_tokens)
 
 
+def takes_plain_argmax(requests: list[SamplingRequest]) -> bool:
+    """Whether the sampler would take each row's argmax over its raw logits (`SamplingBatch.build`'s
+    all_greedy with no penalties, no min_tokens ban and no logprobs): then the argmax is all it needs."""
+    return all(
+        r.params.temperature < GREEDY_EPS
+        and not r.params.has_penalties
+        and r.params.logprobs is None
+        and r.num_output_tokens >= r.params.min_tokens
+        for r in requests
+    )
+
+
 @dataclass
 class SamplingBatch:
     """Device tensors for one step. A `None` tensor means no row needs that stage."""

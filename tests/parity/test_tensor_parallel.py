@@ -24,6 +24,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
 from nanovllm.engine.step_input import HostInputs, ModelInput
 from nanovllm.engine.tp_worker import decode_message, encode_message
+from nanovllm.layers.embed_head import ParallelLMHead
 from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model, mixed_prompts
 
 MAX_TOKENS = 8
@@ -162,10 +163,16 @@ def test_tensor_parallel_size_must_fit_the_heads(ckpts):
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
-def test_tp2_greedy_equals_tp1_and_transformers(arch, ckpts, expected, engines, prompts):
+def test_tp2_greedy_equals_tp1_and_transformers(arch, ckpts, expected, engines, prompts, monkeypatch):
     tp1 = _tokens(LLM(str(ckpts[arch]), **CHUNKED), prompts)
     assert tp1 == expected[arch]
+    # Greedy steps exchange each rank's best (logit, id) instead of gathering the logits (rank 0 is
+    # this process, so its calls are counted; the workers make the same collective calls).
+    calls = []
+    greedy = ParallelLMHead.greedy
+    monkeypatch.setattr(ParallelLMHead, "greedy", lambda self, h: calls.append(len(h)) or greedy(self, h))
     assert _tokens(engines[arch], prompts) == expected[arch]
+    assert sum(calls) == len(prompts) * MAX_TOKENS
 
 
 def test_tp2_overlapped_steps_feed_every_rank_the_sampled_ids(engines, prompts):

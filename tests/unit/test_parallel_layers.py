@@ -279,6 +279,35 @@ def test_lm_head_gathers_full_logits_on_rank0_only(vocab, size):
     assert all(o is None for o in outs[1:])
 
 
+@pytest.mark.parametrize("vocab,size", [(1001, 1), (1001, 2), (1001, 4), (5, 4)])
+def test_lm_head_greedy_is_the_argmax_of_the_full_logits(vocab, size):
+    # Row 0: random logits. Row 1: every logit negative, so a padding row (logit 0) would win if it were
+    # not excluded. Row 2: a tie between the first and the last token (other ranks when size > 1): the
+    # lower id wins, as argmax over the gathered row takes the first maximum.
+    eye = torch.eye(8)
+    hidden = torch.stack([torch.randn(8), eye[0], eye[1]])
+    w = torch.randn(vocab, 8) * 0.1
+    w[:, 0] = -(w[:, 0].abs() + 1)  # row 1 reads column 0: every logit <= -1
+    w[0, 1] = w[vocab - 1, 1] = 5.0  # row 2 reads column 1: tokens 0 and vocab-1 tie at 5
+    layers = build_ranks(size, lambda: ParallelLMHead(vocab, 8))
+    load(layers, "weight", w)
+    outs = run_ranks([_Greedy(layer) for layer in layers], hidden)
+    want = (hidden @ w.T).argmax(dim=-1)
+    assert (hidden[1] @ w.T).max() < 0 and want[2] == 0
+    assert torch.equal(outs[0], want)
+    assert outs[0].dtype == torch.int64
+    assert all(o is None for o in outs[1:])
+
+
+class _Greedy(torch.nn.Module):
+    def __init__(self, head: ParallelLMHead):
+        super().__init__()
+        self.head = head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        return self.head.greedy(hidden)
+
+
 def test_lm_head_writes_into_a_given_buffer_on_one_rank():
     # What the decode CUDA graphs do: logits into rows of one buffer that every graph shares.
     w, hidden = torch.randn(1001, 8), torch.randn(3, 8)

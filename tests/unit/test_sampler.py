@@ -23,7 +23,13 @@ from hypothesis import strategies as st
 
 from nanovllm.layers import sampler as sampler_module
 from nanovllm.layers.sampler import Sampler, apply_penalties, apply_top_k_top_p
-from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest, row_seed, row_seed_array
+from nanovllm.layers.sampling_batch import (
+    SamplingBatch,
+    SamplingRequest,
+    row_seed,
+    row_seed_array,
+    takes_plain_argmax,
+)
 from nanovllm.sampling_params import SamplingParams
 from tests.stats import assert_matches
 
@@ -465,3 +471,20 @@ def test_staging_buffers_are_reused_and_change_nothing(draw_path):
         pointers = now
     with pytest.raises(ValueError, match="more than the staging buffers"):
         SamplingBatch.build(rows * 3, VOCAB, CPU, staging)
+
+
+def test_takes_plain_argmax_only_when_the_sampler_would():
+    def req(num_output=5, **kw):
+        return SamplingRequest(SamplingParams(**{"temperature": 0, **kw}), [], [], (2,), num_output)
+
+    assert takes_plain_argmax([req(), req(max_tokens=3, ignore_eos=True)])
+    assert takes_plain_argmax([])
+    for other in (
+        req(temperature=0.7),
+        req(logprobs=0),
+        req(repetition_penalty=1.1),
+        req(presence_penalty=0.5),
+        req(num_output=2, min_tokens=3),  # EOS still banned
+    ):
+        assert not takes_plain_argmax([req(), other])
+    assert takes_plain_argmax([req(num_output=3, min_tokens=3)])
