@@ -358,10 +358,7 @@ class ModelRunner:
     def _capture_cuda_graphs(self):
         """Capture one decode forward per batch size; a step pads to the next captured size. Returns
         the graphs' memory pool."""
-        max_bs = min(self.config.max_num_seqs, 512)
-        self.graph_sizes = sorted(
-            {s for s in [1, 2, 4, 8, *range(16, max_bs + 1, 16)] if s <= max_bs} | {max_bs}
-        )
+        max_bs = self.graph_sizes[-1]  # (the sizes: set in __init__, eager steps pad by them too)
         dev = self.device
         hidden_size = self.config.hf_config.hidden_size
         self.graph_bufs = {
@@ -420,18 +417,24 @@ class ModelRunner:
         n = inp.num_seqs
         size = self._graph_size(n)
         b = self.graph_bufs
+        self._stage_graph_inputs(b, inp, size)
+        b["seq_lens"][n:size].zero_()
+        self.graphs[size].replay()
+        if "logits" not in b or inp.logits_indices.numel() != n:  # (a 1-token prefill chunk samples nothing)
+            return b["hidden"][:n], None
+        return b["hidden"][:n], b["logits"][:n, : self.config.hf_config.vocab_size]
+
+    def _stage_graph_inputs(self, b: dict[str, torch.Tensor], inp: ModelInput, size: int) -> None:
+        """Copy the step's tokens (ids, pending ones filled in, positions, cache slots) and sequences
+        (lengths, block tables) into a graph's static buffers b; tokens n..size are padding (slot -1)."""
+        n, s = inp.input_ids.numel(), inp.num_seqs
         b["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
         self._input_ids(b["input_ids"][:n], inp)
         b["positions"][:n].copy_(inp.positions, non_blocking=True)
         b["slot_mapping"][:n].copy_(inp.slot_mapping, non_blocking=True)
         b["slot_mapping"][n:size].fill_(-1)
-        b["seq_lens"][:n].copy_(inp.seq_lens, non_blocking=True)
-        b["seq_lens"][n:size].zero_()
-        b["block_tables"][:n, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
-        self.graphs[size].replay()
-        if "logits" not in b or inp.logits_indices.numel() != n:  # (a 1-token prefill chunk samples nothing)
-            return b["hidden"][:n], None
-        return b["hidden"][:n], b["logits"][:n, : self.config.hf_config.vocab_size]
+        b["seq_lens"][:s].copy_(inp.seq_lens, non_blocking=True)
+        b["block_tables"][:s, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
 
     # ---- CUDA graphs for prefill and mixed steps ---------------------------------------------
 
@@ -504,14 +507,8 @@ class ModelRunner:
             raise RuntimeError(
                 f"a step of {n} tokens has {k} attention work items; graph {size} holds {num_items}"
             )
-        b["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
-        self._input_ids(b["input_ids"][:n], inp)
-        b["positions"][:n].copy_(inp.positions, non_blocking=True)
-        b["slot_mapping"][:n].copy_(inp.slot_mapping, non_blocking=True)
-        b["slot_mapping"][n:size].fill_(-1)
+        self._stage_graph_inputs(b, inp, size)
         b["cu_seqlens_q"][: s + 1].copy_(inp.cu_seqlens_q, non_blocking=True)
-        b["seq_lens"][:s].copy_(inp.seq_lens, non_blocking=True)
-        b["block_tables"][:s, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
         b["work_seq"][:k].copy_(inp.work_seq, non_blocking=True)
         b["work_seq"][k:num_items].fill_(-1)
         b["work_tile"][:k].copy_(inp.work_tile, non_blocking=True)

@@ -92,6 +92,7 @@ class HostInputs:
         if not self._sets:
             cfg, pin = self.config, self.pinned
             max_tokens, max_seqs = cfg.max_num_batched_tokens, cfg.max_num_seqs
+            max_items = max_work_items(max_tokens, max_seqs, self.tile_tokens)
             shapes = {
                 "input_ids": (max_tokens, torch.int64),
                 "positions": (max_tokens, torch.int64),
@@ -103,8 +104,8 @@ class HostInputs:
                 "logits_indices": (max_seqs, torch.int64),
                 "pending_rows": (max_seqs, torch.int64),
                 "pending_src": (max_seqs, torch.int64),
-                "work_seq": (max_work_items(max_tokens, max_seqs, self.tile_tokens), torch.int32),
-                "work_tile": (max_work_items(max_tokens, max_seqs, self.tile_tokens), torch.int32),
+                "work_seq": (max_items, torch.int32),
+                "work_tile": (max_items, torch.int32),
             }
             for _ in range(2):
                 tensors = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in shapes.items()}

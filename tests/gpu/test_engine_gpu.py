@@ -26,6 +26,23 @@ def _tokens(llm: LLM, prompts) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
 
 
+def _reference_tokens_one_by_one(prompts, **args) -> list[list[int]]:
+    """Each prompt's greedy tokens alone, from the torch reference ops run eagerly."""
+    ref = LLM("qwen3-0.6b", kernel_backend="torch", enforce_eager=True, **args)
+    try:
+        return [_tokens(ref, [p])[0] for p in prompts]
+    finally:
+        ref.shutdown()
+
+
+def _record_prefill_replays(runner) -> list[tuple[int, int]]:
+    """(sequences, graph size) of every prefill-graph replay the runner makes from now on."""
+    replays = []
+    replay = runner._replay_prefill
+    runner._replay_prefill = lambda inp, size: replays.append((inp.num_seqs, size)) or replay(inp, size)
+    return replays
+
+
 @pytest.fixture(scope="module")
 def fast():
     llm = LLM("qwen3-0.6b", gpu_memory_utilization=0.3, max_model_len=4096)
@@ -92,18 +109,12 @@ def test_prefill_graphs_equal_torch_reference():
     prompts = [[rng.randrange(10000) for _ in range(n)] for n in (7, 100, 700, 1500, 5000)]
     prompts.append(prompts[2][:600] + prompts[0])  # the first 592 tokens are cached blocks
     args = dict(dtype="float32", max_model_len=8192, max_num_batched_tokens=2048, num_kvcache_blocks=2000)
-    ref = LLM("qwen3-0.6b", kernel_backend="torch", enforce_eager=True, **args)
-    try:
-        expected = [_tokens(ref, [p])[0] for p in prompts]
-    finally:
-        ref.shutdown()
+    expected = _reference_tokens_one_by_one(prompts, **args)
     llm = LLM("qwen3-0.6b", **args)
     try:
         runner = llm.engine.runner
         assert sorted(runner.prefill_graphs) == [16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048]
-        replays = []
-        replay = runner._replay_prefill
-        runner._replay_prefill = lambda inp, size: replays.append(size) or replay(inp, size)
+        replays = _record_prefill_replays(runner)
         got = [_tokens(llm, [p])[0] for p in prompts]
         cached = llm.generate([prompts[-1]], GREEDY, use_tqdm=False)[0].num_cached_tokens
     finally:
@@ -111,7 +122,7 @@ def test_prefill_graphs_equal_torch_reference():
     assert got == expected
     # 7 -> 16, 100 -> 128, 700 -> 768, 1500 -> 1536, 5000 in chunks of 2048, 2048, 904, the last prompt's
     # 15 uncached tokens (twice: the second run hits the cache of the first) -> 16
-    assert replays == [16, 128, 768, 1536, 2048, 2048, 1024, 16, 16], replays
+    assert replays == [(1, size) for size in (16, 128, 768, 1536, 2048, 2048, 1024, 16, 16)], replays
     assert cached == 592
 
 
@@ -122,17 +133,11 @@ def test_mixed_step_graphs_equal_torch_reference():
     rng = random.Random(6)
     prompts = [[rng.randrange(10000) for _ in range(n)] for n in (300, 100, 37, 1500, 5, 60)]
     args = dict(dtype="float32", max_model_len=4096, max_num_batched_tokens=1024, num_kvcache_blocks=2000)
-    ref = LLM("qwen3-0.6b", kernel_backend="torch", enforce_eager=True, **args)
-    try:
-        expected = [_tokens(ref, [p])[0] for p in prompts]
-    finally:
-        ref.shutdown()
+    expected = _reference_tokens_one_by_one(prompts, **args)
     llm = LLM("qwen3-0.6b", **args)
     try:
-        engine, runner = llm.engine, llm.engine.runner
-        replays = []
-        replay = runner._replay_prefill
-        runner._replay_prefill = lambda inp, size: replays.append((inp.num_seqs, size)) or replay(inp, size)
+        engine = llm.engine
+        replays = _record_prefill_replays(engine.runner)
         done = {}
         ids = []
         for prompt in prompts:

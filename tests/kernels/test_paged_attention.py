@@ -118,7 +118,7 @@ def test_prefill_kernel_runs_a_given_work_list(make_paged_inputs, tol):
     )
     args = inputs.paged_args
     ref = paged_attention_ref(*args, inputs.scale)
-    q_lens = np.diff(inputs.paged_args[3].cpu().numpy())
+    q_lens = np.diff(args[3].cpu().numpy())  # from cu_seqlens_q
     seq, tile = prefill_work_items(q_lens, paged_attention.prefill_tile_tokens(8, 2))
     order = np.random.default_rng(0).permutation(seq.size)
     seq = np.concatenate([seq[order], np.full(3, -1, np.int32)])  # shuffled, then three spare items
