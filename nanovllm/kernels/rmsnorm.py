@@ -9,7 +9,7 @@ bit wherever the fp32 reduction order allows:
 
 import torch
 
-from nanovllm.kernels.backend import tl, triton, use_triton
+from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton, use_triton
 
 # ---------------------------------------------------------------- torch reference
 
@@ -42,12 +42,17 @@ def _rms_norm_kernel(
     hidden_size,
     eps,
     HAS_RESIDUAL: tl.constexpr,
+    USE_PDL: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
     # One program normalizes one row; BLOCK_SIZE >= hidden_size, so the whole row sits in registers.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_SIZE)
     mask = cols < hidden_size
+    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # no kernel writes it
+    if USE_PDL:
+        gdc_launch_dependents()
+        gdc_wait()  # x and residual come from the kernel before
     x = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     in_dtype = x.dtype
     if HAS_RESIDUAL:
@@ -57,7 +62,6 @@ def _rms_norm_kernel(
     x = x.to(tl.float32)
     variance = tl.sum(x * x, axis=0) / hidden_size
     normed = (x * tl.rsqrt(variance + eps)).to(in_dtype).to(tl.float32)
-    weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     out = normed * weight
     tl.store(out_ptr + row * hidden_size + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -89,6 +93,7 @@ def rms_norm_triton(
     if num_rows > 0:
         residual_rows = _as_rows(residual) if residual is not None else x_rows
         block_size = triton.next_power_of_2(hidden_size)
+        use_pdl = check_pdl(x)
         _rms_norm_kernel[(num_rows,)](
             x_rows,
             x_rows.stride(0),
@@ -100,8 +105,10 @@ def rms_norm_triton(
             hidden_size,
             eps,
             HAS_RESIDUAL=residual is not None,
+            USE_PDL=use_pdl,
             BLOCK_SIZE=block_size,
             num_warps=min(max(block_size // 256, 1), 16),
+            launch_pdl=use_pdl,
         )
     return out if residual_out is None else (out, residual_out)
 

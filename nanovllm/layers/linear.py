@@ -14,7 +14,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.kernels.activation import silu_and_mul
+from nanovllm.kernels.decode_linear import decode_linear, takes_decode_linear
 from nanovllm.utils.distributed import get_tp_group, get_tp_rank, get_tp_size
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; decode-sized batches on the GPU run kernels/decode_linear.py instead, whose weight reads
+    start under the kernels before it."""
+    if takes_decode_linear(x, weight):
+        return decode_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def load_shard(loaded, dim: int, start: int, size: int) -> torch.Tensor:
@@ -51,7 +61,7 @@ class ReplicatedLinear(nn.Module):
         _copy(param, load_full(loaded))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -75,7 +85,7 @@ class ColumnParallelLinear(nn.Module):
         _copy(param, load_shard(loaded, 0, self.tp_rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -95,6 +105,15 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         _copy(param.data.narrow(0, offset, size), load_shard(loaded, 0, self.tp_rank * size, size))
+
+    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of a [gate; up] projection (gate_up_proj): [M, K] -> [M, I / tp_size]. Decode-sized
+        batches do the SiLU-and-mul in the matmul's epilogue."""
+        if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
+            raise ValueError(f"forward_silu_mul needs two equal outputs (gate, up), got {self.output_sizes}")
+        if takes_decode_linear(x, self.weight):
+            return decode_linear(x, self.weight, self.bias, silu_mul=True)
+        return silu_and_mul(F.linear(x, self.weight, self.bias))
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -159,6 +178,6 @@ class RowParallelLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is counted once: after the reduction, or (partial sums) in rank 0's part only.
         if not self.reduce_results and self.tp_size > 1:
-            return F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        y = self.tp_group.all_reduce(F.linear(x, self.weight))
+            return linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        y = self.tp_group.all_reduce(linear(x, self.weight))
         return y + self.bias if self.bias is not None else y

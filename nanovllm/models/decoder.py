@@ -16,7 +16,6 @@ from transformers import PretrainedConfig
 
 from nanovllm.kernels.backend import use_triton
 from nanovllm.kernels.gemv import GEMV_MAX_K, GEMV_MAX_ROWS, gemv
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import AddRMSNorm, RMSNorm
@@ -103,10 +102,9 @@ class DecoderMLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=opts.mlp_bias)
         self.down_proj = RowParallelLinear(size, config.hidden_size, bias=opts.mlp_bias, reduce_results=False)
-        self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        return self.down_proj(self.gate_up_proj.forward_silu_mul(x))  # SiLU(gate) * up in between
 
 
 class DecoderLayer(nn.Module):

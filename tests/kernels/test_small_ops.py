@@ -3,7 +3,6 @@ CPU, the real thing under the `gpu` marker), and the layers against transformers
 
 import pytest
 import torch
-import torch.nn.functional as F
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
 from nanovllm.kernels import backend
@@ -11,7 +10,6 @@ from nanovllm.kernels.activation import silu_and_mul, silu_and_mul_torch, silu_a
 from nanovllm.kernels.backend import kernel_backend, use_triton
 from nanovllm.kernels.rmsnorm import rms_norm, rms_norm_torch, rms_norm_triton
 from nanovllm.kernels.rope import apply_rope, apply_rope_torch, apply_rope_triton
-from nanovllm.layers.activation import SiluAndMul
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.rotary_embedding import get_rope
 
@@ -143,11 +141,6 @@ def test_rms_norm_layer_matches_transformers() -> None:
         assert torch.equal(out, theirs(x + residual)) and torch.equal(residual_out, x + residual)
         # The Triton kernel, on the same weights.
         torch.testing.assert_close(rms_norm_triton(x, ours.weight, 1e-5), theirs(x), rtol=1e-5, atol=1e-5)
-
-
-def test_silu_and_mul_layer() -> None:
-    x = randn(4, 2 * 40, dtype=torch.float32)
-    assert torch.equal(SiluAndMul()(x), F.silu(x[:, :40]) * x[:, 40:])
 
 
 def test_kernel_backend_switch() -> None:

@@ -137,11 +137,19 @@ def test_merged_column_packs_gate_and_up_shards(size):
     s = 12 // size
     outs = run_ranks(layers, x)
     for r, layer in enumerate(layers):
-        # rank r holds [gate shard r | up shard r]: SiluAndMul splits it in halves locally
+        # rank r holds [gate shard r | up shard r]: forward_silu_mul splits it in halves locally
         assert torch.equal(layer.weight, torch.cat([gate[r * s : (r + 1) * s], up[r * s : (r + 1) * s]]))
     local_gates, local_ups = zip(*(o.chunk(2, dim=-1) for o in outs))
     torch.testing.assert_close(torch.cat(local_gates, -1), x @ gate.T)
     torch.testing.assert_close(torch.cat(local_ups, -1), x @ up.T)
+    # forward_silu_mul: each rank's slice of silu(gate) * up, [5, 12 / size]
+    acts = [layer.forward_silu_mul(x) for layer in layers]
+    torch.testing.assert_close(torch.cat(acts, -1), F.silu(x @ gate.T) * (x @ up.T))
+
+
+def test_forward_silu_mul_needs_two_equal_parts():
+    with building_with(ThreadGroup(0, 1, {})), pytest.raises(ValueError, match="two equal outputs"):
+        MergedColumnParallelLinear(8, [12, 4]).forward_silu_mul(torch.randn(2, 8))
 
 
 def test_merged_column_rejects_parts_not_divisible():

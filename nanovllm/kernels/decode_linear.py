@@ -1,0 +1,236 @@
+"""Decode-sized linear layer on tensor cores, for decode batches of 1..256 rows.
+
+    y = linear(x, W, b)          x: [M, K], W: [N, K] (nn.Linear layout), M <= DECODE_LINEAR_MAX_ROWS
+    epilogue (optional, silu_mul): W holds [gate; up] rows, y = silu(gate) * up: [M, N / 2]
+
+It does what cuBLAS does for these shapes, with two things cuBLAS cannot do:
+
+- Weights before the wait: launched with programmatic dependent launch (`backend.check_pdl`), a program
+  loads the first K chunk of its W tile, which no earlier kernel writes, *then* waits for the previous
+  kernel (`gdc_wait`) before reading x; so the next matmul's weight stream starts under the tail of the
+  kernels before it.
+- The SiLU-and-mul after gate_up_proj runs in the epilogue, so the [M, N] gate_up output is never written.
+
+"Swap AB": a program computes acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the large N is the tensor-core
+MMA's M dimension (64 rows per warpgroup on Hopper) and the few decode rows are its N dimension (16..64);
+the output tile is stored transposed. Unlike kernels/gemv.py (a whole row of W per program, for M <= 2,
+on the CUDA cores) it loops over K in BLOCK_K chunks that Triton software-pipelines.
+
+Numerics follow the unfused ops, as in kernels/gemv.py: the matmul accumulates in fp32 (plus the bias) and
+rounds once; the SiLU epilogue rounds gate and up first, as kernels/activation.py does on the rounded
+gate_up output.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from nanovllm.kernels.activation import silu_and_mul_torch
+from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton, use_triton
+from nanovllm.kernels.paged_attention import dot_precision
+
+DECODE_LINEAR_MAX_ROWS = 256  # the kernel's limit; larger batches are prefill-like
+# Batches up to this many rows take this kernel in the model (layers/linear.py). In Qwen3-0.6B's decode graphs
+# on an H100 it beats cuBLAS at 4 and 16 rows (-8% graph time: the PDL overlap and the fused SiLU) and loses
+# from 64 (+1% at 64, +2% at 256: cuBLAS's large-M tiles). NANOVLLM_DECODE_LINEAR_ROWS=0 leaves every matmul
+# to cuBLAS, 256 takes every decode batch, to measure what it buys.
+_ROWS_SWITCH = os.environ.get("NANOVLLM_DECODE_LINEAR_ROWS", "16")
+if not _ROWS_SWITCH.isdigit() or int(_ROWS_SWITCH) > DECODE_LINEAR_MAX_ROWS:
+    raise ValueError(
+        f"NANOVLLM_DECODE_LINEAR_ROWS must be an integer in 0..{DECODE_LINEAR_MAX_ROWS}, got {_ROWS_SWITCH!r}"
+    )
+DECODE_LINEAR_ROWS = int(_ROWS_SWITCH)
+DECODE_LINEAR_NUM_SMS = 132  # H100 SXM: the N tile shrinks when the grid would leave SMs idle
+DECODE_LINEAR_MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
+DECODE_LINEAR_MAX_BLOCK_M = 64  # more rows per tile would raise the MMA's N beyond what 4 warps hold well
+DECODE_LINEAR_STAGE_BYTES = 48 * 1024  # W + x tile bytes of one pipeline stage for BLOCK_K = 128 to be taken
+DECODE_LINEAR_SMEM_BYTES = 160 * 1024  # all stages together (H100: 227 KB a block; the epilogue needs some)
+DECODE_LINEAR_NUM_WARPS = 4  # one warpgroup: a wgmma of 64 W rows
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+DecodeLinearConfig = tuple[int, int, int, int, int]
+
+# ---------------------------------------------------------------- torch reference
+
+
+def decode_linear_ref(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    silu_mul: bool = False,
+) -> torch.Tensor:  # [M, N] or [M, N / 2]
+    """The unfused ops `decode_linear` replaces: linear, (SiLU-and-mul)."""
+    y = F.linear(x, weight, bias)
+    return silu_and_mul_torch(y) if silu_mul else y
+
+
+# ---------------------------------------------------------------- Triton kernel
+
+
+@triton.jit(do_not_specialize=["num_rows"])
+def _decode_linear_kernel(
+    x_ptr,  # [M, K], rows x_row_stride apart, contiguous along K
+    x_row_stride,
+    w_ptr,  # [N, K], rows contiguous
+    w_row_stride,
+    bias_ptr,  # [N]
+    out_ptr,  # [M, N_OUT], contiguous
+    num_rows,  # M: not specialized, so a new decode batch size reuses the compiled kernel
+    n_out,  # N_OUT: N, or N / 2 with SILU_MUL
+    k,
+    HAS_BIAS: tl.constexpr,
+    SILU_MUL: tl.constexpr,  # W rows [0, N_OUT) are gate, [N_OUT, 2 N_OUT) up; a program does both
+    USE_PDL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # Grid: (cdiv(N_OUT, BLOCK_N), cdiv(M, BLOCK_M)); a program owns out[rows, cols].
+    if USE_PDL:
+        gdc_launch_dependents()  # the next kernel may start loading its own weights now
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N] output columns = rows of W
+    rows = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M] rows of x and out
+    col_mask = cols < n_out
+    row_mask = rows < num_rows
+    ks = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * w_row_stride + ks[None, :]  # [BLOCK_N, BLOCK_K]
+    x_ptrs = x_ptr + rows[:, None].to(tl.int64) * x_row_stride + ks[None, :]  # [BLOCK_M, BLOCK_K]
+    if SILU_MUL:
+        w_up_ptrs = w_ptr + (n_out + cols)[:, None].to(tl.int64) * w_row_stride + ks[None, :]
+
+    # The first K chunk of the weights: nothing before this kernel writes them, so they load before the wait.
+    k_mask = ks < k
+    w = tl.load(w_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+    if SILU_MUL:
+        w_up = tl.load(w_up_ptrs, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+    if USE_PDL:
+        gdc_wait()  # x (and the output buffer) belong to earlier kernels
+    x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+    acc = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M] fp32
+    if SILU_MUL:
+        acc_up = tl.dot(w_up, tl.trans(x), input_precision=DOT_PRECISION)
+
+    for k0 in range(BLOCK_K, k, BLOCK_K):
+        k_mask = k0 + ks < k
+        w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        acc = tl.dot(w, tl.trans(x), acc, input_precision=DOT_PRECISION)
+        if SILU_MUL:
+            w_up = tl.load(w_up_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            acc_up = tl.dot(w_up, tl.trans(x), acc_up, input_precision=DOT_PRECISION)
+
+    dtype = out_ptr.dtype.element_ty
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+        if SILU_MUL:
+            acc_up += tl.load(bias_ptr + n_out + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
+    if SILU_MUL:
+        gate = acc.to(dtype).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        acc = silu * acc_up.to(dtype).to(tl.float32)
+    out_ptrs = out_ptr + rows[None, :].to(tl.int64) * n_out + cols[:, None]  # [BLOCK_N, BLOCK_M]
+    tl.store(out_ptrs, acc.to(dtype), mask=col_mask[:, None] & row_mask[None, :])
+
+
+# ---------------------------------------------------------------- launcher
+
+
+def decode_linear_config(
+    num_rows: int, n_out: int, k: int, silu_mul: bool, element_bytes: int = 2
+) -> DecodeLinearConfig:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an H100, chosen by reasoning, not measurement.
+
+    BLOCK_M: the rows, as a power of two in [16, 64]. BLOCK_N: 128 when that still gives every SM a program,
+    else 64 (the weight read is the whole cost, so idle SMs are idle bandwidth). BLOCK_K: 128 when a stage's
+    W and x tiles fit DECODE_LINEAR_STAGE_BYTES, else 64; as many stages (2..4) as fit the shared memory.
+    """
+    block_m = min(max(triton.next_power_of_2(num_rows), DECODE_LINEAR_MIN_BLOCK), DECODE_LINEAR_MAX_BLOCK_M)
+    num_m_tiles = triton.cdiv(num_rows, block_m)
+    block_n = 128 if triton.cdiv(n_out, 128) * num_m_tiles >= DECODE_LINEAR_NUM_SMS else 64
+    tile_rows = block_n * (2 if silu_mul else 1) + block_m  # W rows (gate and up) plus x rows per stage
+    fits_128 = tile_rows * 128 * element_bytes <= DECODE_LINEAR_STAGE_BYTES
+    block_k = 128 if k >= 128 and fits_128 else 64
+    block_k = max(DECODE_LINEAR_MIN_BLOCK, min(block_k, triton.next_power_of_2(k)))
+    num_stages = min(4, max(2, DECODE_LINEAR_SMEM_BYTES // (tile_rows * block_k * element_bytes)))
+    return block_m, block_n, block_k, DECODE_LINEAR_NUM_WARPS, num_stages
+
+
+def takes_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the model should run this matmul here rather than in cuBLAS: a CUDA tensor with Triton
+    (`use_triton`), up to DECODE_LINEAR_ROWS rows, the layouts the kernel takes."""
+    return (
+        x.dim() == 2
+        and 0 < x.shape[0] <= DECODE_LINEAR_ROWS
+        and x.dtype == weight.dtype
+        and weight.stride(1) == 1
+        and use_triton(x)
+    )
+
+
+def _check_config(config: tuple) -> DecodeLinearConfig:
+    names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    if len(config) != 5 or not all(isinstance(v, int) and v > 0 for v in config):
+        raise ValueError(f"config must be 5 positive ints {names}, got {config!r}")
+    for name, value in zip(names[:4], config):
+        min_value = 1 if name == "num_warps" else DECODE_LINEAR_MIN_BLOCK
+        if value & (value - 1) or value < min_value:
+            raise ValueError(f"config {name} must be a power of two >= {min_value}, got {value}")
+    return tuple(config)
+
+
+def decode_linear(
+    x: torch.Tensor,  # [M, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,  # [N]
+    silu_mul: bool = False,
+    config: DecodeLinearConfig | None = None,
+) -> torch.Tensor:  # [M, N] or [M, N / 2]
+    """Triton version of `decode_linear_ref`. `config` overrides `decode_linear_config` (for sweeps)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
+    num_rows, k = x.shape
+    if not 1 <= num_rows <= DECODE_LINEAR_MAX_ROWS:
+        raise ValueError(f"decode_linear takes x of 1..{DECODE_LINEAR_MAX_ROWS} rows, got {num_rows}")
+    if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0 or weight.stride(1) != 1:
+        raise ValueError(
+            f"weight must be [N, {k}] with N >= 1 and contiguous rows, got {tuple(weight.shape)} "
+            f"with strides {weight.stride()}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight dtype must match x ({x.dtype}), got {weight.dtype}")
+    n = weight.shape[0]
+    if silu_mul and n % 2:
+        raise ValueError(f"silu_mul needs an even number of weight rows (gate, up), got {n}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    n_out = n // 2 if silu_mul else n
+    if config is None:
+        config = decode_linear_config(num_rows, n_out, k, silu_mul, x.element_size())
+    block_m, block_n, block_k, num_warps, num_stages = _check_config(config)
+    use_pdl = check_pdl(x)
+    x = x if x.stride(1) == 1 else x.contiguous()
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()
+    out = torch.empty(num_rows, n_out, dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(n_out, block_n), triton.cdiv(num_rows, block_m))
+    _decode_linear_kernel[grid](
+        x, x.stride(0),
+        weight, weight.stride(0),
+        bias if bias is not None else x,
+        out, num_rows, n_out, k,
+        HAS_BIAS=bias is not None,
+        SILU_MUL=silu_mul,
+        USE_PDL=use_pdl,
+        DOT_PRECISION=dot_precision(x.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        launch_pdl=use_pdl,
+    )  # fmt: skip
+    return out

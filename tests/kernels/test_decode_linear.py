@@ -1,0 +1,207 @@
+"""The decode-sized tensor-core linear with its SiLU-and-mul epilogue against the unfused torch ops (the
+interpreter on CPU in fp32/fp16 with small explicit tiles, the compiled kernel under `gpu` in bf16 too)."""
+
+import pytest
+import torch
+
+from nanovllm.kernels.decode_linear import (
+    DECODE_LINEAR_MAX_ROWS,
+    DECODE_LINEAR_ROWS,
+    DECODE_LINEAR_SMEM_BYTES,
+    decode_linear,
+    decode_linear_config,
+    decode_linear_ref,
+    takes_decode_linear,
+)
+
+TOLERANCE = {
+    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2},
+}
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def randn(*shape: int, dtype: torch.dtype, device: str, seed: int, scale: float = 1.0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(*shape, generator=generator)).to(dtype).to(device)
+
+
+def check_decode_linear(
+    rows: int,
+    n: int,
+    k: int,
+    dtype: torch.dtype,
+    device: str,
+    *,
+    bias: bool = False,
+    silu_mul: bool = False,
+    config: tuple | None = None,
+    x_row_stride: int | None = None,
+) -> None:
+    if x_row_stride is None:
+        x = randn(rows, k, dtype=dtype, device=device, seed=1)
+    else:  # a column slice of a wider tensor: rows x_row_stride apart
+        x = randn(rows, x_row_stride, dtype=dtype, device=device, seed=1)[:, 3 : 3 + k]
+        assert x.stride() == (x_row_stride, 1)
+    weight = randn(n, k, dtype=dtype, device=device, seed=2, scale=k**-0.5)
+    b = randn(n, dtype=dtype, device=device, seed=3) if bias else None
+    inputs = [t for t in (x, weight, b) if t is not None]
+    before = [t.clone() for t in inputs]
+    out = decode_linear(x, weight, b, silu_mul=silu_mul, config=config)
+    expected = decode_linear_ref(x, weight, b, silu_mul=silu_mul)
+    assert all(torch.equal(t, saved) for t, saved in zip(inputs, before))  # inputs are never written
+    assert out.shape == (rows, n // 2 if silu_mul else n) and out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
+
+
+# (rows, n, k, config): one row to several row tiles (the last one partial), n and k not multiples of their
+# tiles (k = 24 smaller than one), tiles kept small so the interpreter stays fast
+SHAPES = [
+    (1, 48, 80, (16, 16, 64, 4, 2)),
+    (3, 72, 200, (16, 32, 64, 4, 2)),
+    (17, 40, 24, (16, 16, 32, 4, 2)),
+    (64, 56, 96, (64, 16, 32, 4, 3)),
+    (100, 50, 144, (32, 16, 64, 4, 2)),
+]
+
+
+@pytest.mark.parametrize("rows,n,k,config", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias,silu_mul", [(False, False), (True, True)])
+def test_shapes(rows, n, k, config, dtype, bias, silu_mul):
+    check_decode_linear(rows, n, k, dtype, "cpu", bias=bias, silu_mul=silu_mul, config=config)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("silu_mul", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_bias_and_silu_epilogue(bias, silu_mul, dtype):
+    # n_out = 40 or 20: the up half starts inside a BLOCK_N tile of the gate half
+    check_decode_linear(17, 80, 80, dtype, "cpu", bias=bias, silu_mul=silu_mul, config=(16, 16, 32, 4, 2))
+
+
+def test_silu_epilogue_rounds_where_silu_and_mul_does():
+    # With one-hot weight rows the matmul is exact (gate = x[:, :32], up = x[:, 32:]), so the fp16 result
+    # depends only on the epilogue's rounding points: gate and up to fp16, silu(gate) to fp16, the product.
+    # Keeping silu in fp32 for the multiply moves about a third of these outputs by an ulp.
+    x = randn(5, 64, dtype=torch.float16, device="cpu", seed=21, scale=4.0)
+    weight = torch.eye(64, dtype=torch.float16)  # [gate; up] = [eye[:32]; eye[32:]]
+    out = decode_linear(x, weight, silu_mul=True, config=(16, 16, 32, 4, 2))
+    assert torch.equal(out, decode_linear_ref(x, weight, silu_mul=True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_x_rows_with_a_stride(dtype):
+    check_decode_linear(
+        20, 48, 80, dtype, "cpu", bias=True, silu_mul=True, config=(16, 16, 64, 4, 2), x_row_stride=96
+    )
+
+
+@pytest.mark.parametrize("rows", [1, 100])
+def test_default_config(rows):
+    check_decode_linear(rows, 96, 200, torch.float16, "cpu", silu_mul=True)
+
+
+def test_config_heuristic():
+    # BLOCK_M: the rows as a power of two in [16, 64]
+    assert [decode_linear_config(m, 4096, 1024, False)[0] for m in (1, 16, 17, 100, 256)] == [
+        16,
+        16,
+        32,
+        64,
+        64,
+    ]
+    # BLOCK_N: 64 while 128 would leave SMs idle (Qwen3-0.6B's qkv: 32 tiles), 128 once it fills them
+    assert decode_linear_config(1, 4096, 1024, False)[1] == 64
+    assert decode_linear_config(1, 32768, 1024, False)[1] == 128
+    assert decode_linear_config(256, 6144, 4096, False)[1] == 128  # 48 column tiles x 4 row tiles
+    # BLOCK_K: 128 unless the stage gets too big (gate and up tiles of 128 rows plus 64 x rows)
+    assert decode_linear_config(64, 4096, 4096, True)[2] == 128
+    assert decode_linear_config(64, 32768, 4096, True)[1:3] == (128, 64)
+    assert decode_linear_config(1, 1024, 48, False)[2] == 64  # never more than K rounded up
+    for rows in (1, 8, 32, 64, 256):
+        for n_out in (1024, 4096, 32768):
+            for silu_mul in (False, True):
+                for element_bytes in (2, 4):
+                    block_m, block_n, block_k, _, num_stages = decode_linear_config(
+                        rows, n_out, 4096, silu_mul, element_bytes
+                    )
+                    tile_rows = block_n * (2 if silu_mul else 1) + block_m
+                    assert 2 <= num_stages <= 4
+                    assert num_stages * tile_rows * block_k * element_bytes <= DECODE_LINEAR_SMEM_BYTES
+
+
+def test_rejects_what_it_cannot_run():
+    w = torch.zeros(8, 16)
+    with pytest.raises(ValueError, match="rows"):
+        decode_linear(torch.zeros(DECODE_LINEAR_MAX_ROWS + 1, 16), w)
+    with pytest.raises(ValueError, match="rows"):
+        decode_linear(torch.zeros(0, 16), w)
+    with pytest.raises(ValueError, match="x must be"):
+        decode_linear(torch.zeros(16), w)
+    with pytest.raises(ValueError, match="weight must be"):
+        decode_linear(torch.zeros(1, 16), torch.zeros(8, 12))
+    with pytest.raises(ValueError, match="weight must be"):
+        decode_linear(torch.zeros(1, 16), torch.zeros(16, 8).t())  # K not contiguous
+    with pytest.raises(ValueError, match="dtype"):
+        decode_linear(torch.zeros(1, 16), w.half())
+    with pytest.raises(ValueError, match="even"):
+        decode_linear(torch.zeros(1, 16), torch.zeros(7, 16), silu_mul=True)
+    with pytest.raises(ValueError, match="bias"):
+        decode_linear(torch.zeros(1, 16), w, torch.zeros(4))
+    with pytest.raises(ValueError, match="5 positive ints"):
+        decode_linear(torch.zeros(1, 16), w, config=(16, 16, 16, 4))
+    with pytest.raises(ValueError, match="BLOCK_N"):
+        decode_linear(torch.zeros(1, 16), w, config=(16, 8, 16, 4, 2))  # tl.dot needs >= 16
+    with pytest.raises(ValueError, match="BLOCK_K"):
+        decode_linear(torch.zeros(1, 16), w, config=(16, 16, 48, 4, 2))
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 64, 100, 256])
+def test_gpu_model_shapes(dtype, rows):
+    # Qwen3-0.6B's four matmuls: qkv, o, gate_up (SiLU epilogue), down (K = 3072), with the default configs
+    check_decode_linear(rows, 4096, 1024, dtype, "cuda")
+    check_decode_linear(rows, 1024, 2048, dtype, "cuda")
+    check_decode_linear(rows, 6144, 1024, dtype, "cuda", silu_mul=True)
+    check_decode_linear(rows, 1024, 3072, dtype, "cuda", bias=True)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_chained_decode_linears_in_a_graph_wait_for_their_input():
+    # Under PDL the second matmul may start while the first still runs (the first lets it launch at once):
+    # it must read its input only after gdc_wait(). Replayed with new inputs each time, a read before the
+    # wait would see the previous replay's (or a half-written) y.
+    torch.manual_seed(0)
+    x0 = torch.zeros(32, 1024, device="cuda", dtype=torch.bfloat16)
+    w1 = (torch.randn(6144, 1024, device="cuda") / 32).to(torch.bfloat16)
+    w2 = (torch.randn(1024, 3072, device="cuda") / 55).to(torch.bfloat16)
+
+    def chain():
+        y = decode_linear(x0, w1, silu_mul=True)  # [32, 3072]
+        return decode_linear(y, w2)  # [32, 1024]
+
+    chain()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        z = chain()
+    for i in range(20):
+        x0.copy_(torch.randn(32, 1024, device="cuda") * (i + 1))
+        graph.replay()
+        z_ref = decode_linear_ref(decode_linear_ref(x0, w1, silu_mul=True), w2)
+        torch.testing.assert_close(z, z_ref, **TOLERANCE[torch.bfloat16])
+
+
+def test_model_takes_it_only_on_the_gpu_within_its_rows():
+    # layers/linear.py asks this for every matmul: never on CPU tensors (the torch path), never past the rows
+    w = torch.zeros(8, 16)
+    assert not takes_decode_linear(torch.zeros(4, 16), w)
+    if torch.cuda.is_available():
+        w, rows = w.cuda(), DECODE_LINEAR_ROWS
+        assert takes_decode_linear(torch.zeros(rows, 16, device="cuda"), w) == (rows > 0)
+        assert not takes_decode_linear(torch.zeros(rows + 1, 16, device="cuda"), w)
+        assert not takes_decode_linear(torch.zeros(4, 16, device="cuda", dtype=torch.float16), w)  # dtypes
