@@ -3,7 +3,10 @@ transformers baseline really is the same model: same weights, and a paged attent
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,3 +174,19 @@ def test_reset_prefix_cache_forgets_free_blocks_only():
     bm.check_consistency()
     assert bm.find_cached_prefix(Sequence(list(range(9)), GREEDY)) == []  # forgotten
     assert len(bm.find_cached_prefix(Sequence(list(range(100, 109)), GREEDY))) == 2  # still in use: kept
+
+
+def test_decode_linear_chain_benchmark_without_a_gpu(tmp_path, capsys, monkeypatch):
+    # GPU-only: on a CPU it says so and writes nothing; its tile sweep stays within what the launcher accepts
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_linear_chain.py"
+    spec = importlib.util.spec_from_file_location("decode_linear_chain", path)
+    chain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(chain)
+    candidates = chain.tile_candidates(5)
+    assert candidates and all(c[0] == 16 for c in candidates)  # 5 rows: BLOCK_M 16 only
+    wide = chain.tile_candidates(256)
+    assert max(c[0] for c in wide) == 256 and all(c[0] * c[1] <= 128 * 128 for c in wide)
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(sys, "argv", ["decode_linear_chain.py", "--out", str(tmp_path)])
+        chain.main()
+        assert "needs a CUDA GPU" in capsys.readouterr().out and not list(tmp_path.iterdir())

@@ -76,6 +76,11 @@ def _device_has_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+def hopper_or_later(x: torch.Tensor) -> bool:
+    """True for a CUDA tensor on a GPU of compute capability 9 or later (kernels tuned for an H100 ask)."""
+    return x.is_cuda and _device_has_pdl(x.device.index or 0)
+
+
 def check_pdl(x: torch.Tensor) -> bool:
     """True when a kernel on `x` should be launched with programmatic dependent launch. Such a kernel
     must call gdc_wait() in every program before it reads or writes memory that earlier kernels use (only

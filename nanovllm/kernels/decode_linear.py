@@ -1,6 +1,6 @@
-"""Decode-sized linear layer on tensor cores, for decode batches of 1..256 rows.
+"""Decode-sized linear layer on tensor cores, for batches of 1..256 rows (decode steps, short prefill chunks).
 
-    y = linear(x, W, b)          x: [M, K], W: [N, K] (nn.Linear layout), M <= DECODE_LINEAR_MAX_ROWS
+    y = linear(x, W, b)          x: [M, K], W: [N, K] (nn.Linear layout), M <= DECODE_LINEAR_KERNEL_MAX_ROWS
     epilogue (optional, silu_mul): W holds [gate; up] rows, y = silu(gate) * up: [M, N / 2]
 
 It does what cuBLAS does for these shapes, with two things cuBLAS cannot do:
@@ -23,27 +23,38 @@ gate_up output.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
 from nanovllm.kernels.activation import silu_and_mul_torch
-from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton, use_triton
+from nanovllm.kernels.backend import (
+    check_pdl,
+    gdc_launch_dependents,
+    gdc_wait,
+    hopper_or_later,
+    tl,
+    triton,
+    use_triton,
+)
 from nanovllm.kernels.paged_attention import dot_precision
 
-DECODE_LINEAR_MAX_ROWS = 256  # the kernel's limit; larger batches are prefill-like
-# Batches up to this many rows take this kernel in the model (layers/linear.py). In Qwen3-0.6B's decode graphs
-# on an H100 it beats cuBLAS up to 32 rows (graph time -7% at 8 and 16 rows, -4% at 32: the PDL overlap and
-# the fused SiLU), ties at 48 and loses from 64 (+1% at 64, +2% at 256: cuBLAS's large-M tiles).
+DECODE_LINEAR_KERNEL_MAX_ROWS = 256  # the kernel's limit; larger batches are prefill-like
+# Matmuls of up to this many rows take this kernel in the model (layers/linear.py), on Hopper or later (the
+# tiles below are sized for an H100's shared memory, and the gain is PDL's). In Qwen3-0.6B's decode graphs on
+# an H100 it beats cuBLAS up to 32 rows (graph time -7% at 8 and 16 rows, -4% at 32: the PDL overlap and the
+# fused SiLU), ties at 48 and loses from 64 (+1% at 64, +2% at 256: cuBLAS's large-M tiles).
 # NANOVLLM_DECODE_LINEAR_ROWS=0 leaves every matmul to cuBLAS, 256 takes every decode batch.
 _ROWS_SWITCH = os.environ.get("NANOVLLM_DECODE_LINEAR_ROWS", "32")
-if not _ROWS_SWITCH.isdigit() or int(_ROWS_SWITCH) > DECODE_LINEAR_MAX_ROWS:
+if not _ROWS_SWITCH.isdecimal() or int(_ROWS_SWITCH) > DECODE_LINEAR_KERNEL_MAX_ROWS:
     raise ValueError(
-        f"NANOVLLM_DECODE_LINEAR_ROWS must be an integer in 0..{DECODE_LINEAR_MAX_ROWS}, got {_ROWS_SWITCH!r}"
+        f"NANOVLLM_DECODE_LINEAR_ROWS must be an integer in 0..{DECODE_LINEAR_KERNEL_MAX_ROWS}, "
+        f"got {_ROWS_SWITCH!r}"
     )
-DECODE_LINEAR_ROWS = int(_ROWS_SWITCH)
-DECODE_LINEAR_NUM_SMS = 132  # H100 SXM: the N tile shrinks when the grid would leave SMs idle
+DECODE_LINEAR_MAX_ROWS = int(_ROWS_SWITCH)
+DECODE_LINEAR_NUM_SMS = 132  # (H100 SXM) the default SM count: the N tile shrinks when SMs would idle
 DECODE_LINEAR_MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 DECODE_LINEAR_MAX_BLOCK_M = 64  # more rows per tile would raise the MMA's N beyond what 4 warps hold well
 DECODE_LINEAR_STAGE_BYTES = 48 * 1024  # W + x tile bytes of one pipeline stage for BLOCK_K = 128 to be taken
@@ -140,17 +151,23 @@ def _decode_linear_kernel(
 
 
 def decode_linear_config(
-    num_rows: int, n_out: int, k: int, silu_mul: bool, element_bytes: int = 2
+    num_rows: int,
+    n_out: int,
+    k: int,
+    silu_mul: bool,
+    element_bytes: int = 2,
+    num_sms: int = DECODE_LINEAR_NUM_SMS,
 ) -> DecodeLinearConfig:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for an H100, chosen by reasoning, not measurement.
 
-    BLOCK_M: the rows, as a power of two in [16, 64]. BLOCK_N: 128 when that still gives every SM a program,
-    else 64 (the weight read is the whole cost, so idle SMs are idle bandwidth). BLOCK_K: 128 when a stage's
-    W and x tiles fit DECODE_LINEAR_STAGE_BYTES, else 64; as many stages (2..4) as fit the shared memory.
+    BLOCK_M: the rows, as a power of two in [16, 64]. BLOCK_N: 128 when that still gives each of the device's
+    num_sms SMs a program, else 64 (the weight read is the whole cost, so idle SMs are idle bandwidth).
+    BLOCK_K: 128 when a stage's W and x tiles fit DECODE_LINEAR_STAGE_BYTES, else 64; as many stages (2..4)
+    as fit the shared memory.
     """
     block_m = min(max(triton.next_power_of_2(num_rows), DECODE_LINEAR_MIN_BLOCK), DECODE_LINEAR_MAX_BLOCK_M)
     num_m_tiles = triton.cdiv(num_rows, block_m)
-    block_n = 128 if triton.cdiv(n_out, 128) * num_m_tiles >= DECODE_LINEAR_NUM_SMS else 64
+    block_n = 128 if triton.cdiv(n_out, 128) * num_m_tiles >= num_sms else 64
     tile_rows = block_n * (2 if silu_mul else 1) + block_m  # W rows (gate and up) plus x rows per stage
     fits_128 = tile_rows * 128 * element_bytes <= DECODE_LINEAR_STAGE_BYTES
     block_k = 128 if k >= 128 and fits_128 else 64
@@ -161,14 +178,20 @@ def decode_linear_config(
 
 def takes_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the model should run this matmul here rather than in cuBLAS: a CUDA tensor with Triton
-    (`use_triton`), up to DECODE_LINEAR_ROWS rows, the layouts the kernel takes."""
+    (`use_triton`) on Hopper or later, up to DECODE_LINEAR_MAX_ROWS rows, the layouts the kernel takes."""
     return (
         x.dim() == 2
-        and 0 < x.shape[0] <= DECODE_LINEAR_ROWS
+        and 0 < x.shape[0] <= DECODE_LINEAR_MAX_ROWS
         and x.dtype == weight.dtype
         and weight.stride(1) == 1
         and use_triton(x)
+        and hopper_or_later(x)
     )
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _check_config(config: tuple) -> DecodeLinearConfig:
@@ -193,8 +216,8 @@ def decode_linear(
     if x.dim() != 2:
         raise ValueError(f"x must be [M, K], got shape {tuple(x.shape)}")
     num_rows, k = x.shape
-    if not 1 <= num_rows <= DECODE_LINEAR_MAX_ROWS:
-        raise ValueError(f"decode_linear takes x of 1..{DECODE_LINEAR_MAX_ROWS} rows, got {num_rows}")
+    if not 1 <= num_rows <= DECODE_LINEAR_KERNEL_MAX_ROWS:
+        raise ValueError(f"decode_linear takes x of 1..{DECODE_LINEAR_KERNEL_MAX_ROWS} rows, got {num_rows}")
     if weight.dim() != 2 or weight.shape[1] != k or weight.shape[0] == 0 or weight.stride(1) != 1:
         raise ValueError(
             f"weight must be [N, {k}] with N >= 1 and contiguous rows, got {tuple(weight.shape)} "
@@ -209,7 +232,8 @@ def decode_linear(
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     n_out = n // 2 if silu_mul else n
     if config is None:
-        config = decode_linear_config(num_rows, n_out, k, silu_mul, x.element_size())
+        num_sms = _num_sms(x.device.index or 0) if x.is_cuda else DECODE_LINEAR_NUM_SMS
+        config = decode_linear_config(num_rows, n_out, k, silu_mul, x.element_size(), num_sms)
     block_m, block_n, block_k, num_warps, num_stages = _check_config(config)
     use_pdl = check_pdl(x)
     x = x if x.stride(1) == 1 else x.contiguous()

@@ -4,15 +4,17 @@ interpreter on CPU in fp32/fp16 with small explicit tiles, the compiled kernel u
 import pytest
 import torch
 
+from nanovllm.kernels.backend import check_pdl, kernel_backend
 from nanovllm.kernels.decode_linear import (
+    DECODE_LINEAR_KERNEL_MAX_ROWS,
     DECODE_LINEAR_MAX_ROWS,
-    DECODE_LINEAR_ROWS,
     DECODE_LINEAR_SMEM_BYTES,
     decode_linear,
     decode_linear_config,
     decode_linear_ref,
     takes_decode_linear,
 )
+from nanovllm.kernels.rmsnorm import rms_norm, rms_norm_torch
 
 TOLERANCE = {
     torch.float32: {"rtol": 1e-4, "atol": 1e-4},
@@ -135,7 +137,7 @@ def test_config_heuristic():
 def test_rejects_what_it_cannot_run():
     w = torch.zeros(8, 16)
     with pytest.raises(ValueError, match="rows"):
-        decode_linear(torch.zeros(DECODE_LINEAR_MAX_ROWS + 1, 16), w)
+        decode_linear(torch.zeros(DECODE_LINEAR_KERNEL_MAX_ROWS + 1, 16), w)
     with pytest.raises(ValueError, match="rows"):
         decode_linear(torch.zeros(0, 16), w)
     with pytest.raises(ValueError, match="x must be"):
@@ -172,6 +174,8 @@ def test_gpu_model_shapes(dtype, rows):
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.skipif(not (torch.cuda.is_available() and check_pdl(torch.zeros(1, device="cuda"))),
+                    reason="without PDL nothing overlaps: the test would pass trivially")  # fmt: skip
 def test_gpu_chained_decode_linears_in_a_graph_wait_for_their_input():
     # Under PDL the second matmul may start while the first still runs (the first lets it launch at once):
     # it must read its input only after gdc_wait(). Replayed with new inputs each time, a read before the
@@ -181,8 +185,11 @@ def test_gpu_chained_decode_linears_in_a_graph_wait_for_their_input():
     w1 = (torch.randn(6144, 1024, device="cuda") / 32).to(torch.bfloat16)
     w2 = (torch.randn(1024, 3072, device="cuda") / 55).to(torch.bfloat16)
 
-    def chain():
-        y = decode_linear(x0, w1, silu_mul=True)  # [32, 3072]
+    norm_weight = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
+
+    def chain():  # as in the model: a PDL RMSNorm, then the matmuls
+        h = rms_norm(x0, norm_weight, 1e-6)
+        y = decode_linear(h, w1, silu_mul=True)  # [32, 3072]
         return decode_linear(y, w2)  # [32, 1024]
 
     chain()  # compile outside the capture
@@ -192,7 +199,9 @@ def test_gpu_chained_decode_linears_in_a_graph_wait_for_their_input():
     for i in range(20):
         x0.copy_(torch.randn(32, 1024, device="cuda") * (i + 1))
         graph.replay()
-        z_ref = decode_linear_ref(decode_linear_ref(x0, w1, silu_mul=True), w2)
+        z_ref = decode_linear_ref(
+            decode_linear_ref(rms_norm_torch(x0, norm_weight, 1e-6), w1, silu_mul=True), w2
+        )
         torch.testing.assert_close(z, z_ref, **TOLERANCE[torch.bfloat16])
 
 
@@ -201,7 +210,9 @@ def test_model_takes_it_only_on_the_gpu_within_its_rows():
     w = torch.zeros(8, 16)
     assert not takes_decode_linear(torch.zeros(4, 16), w)
     if torch.cuda.is_available():
-        w, rows = w.cuda(), DECODE_LINEAR_ROWS
+        w, rows = w.cuda(), DECODE_LINEAR_MAX_ROWS
         assert takes_decode_linear(torch.zeros(rows, 16, device="cuda"), w) == (rows > 0)
         assert not takes_decode_linear(torch.zeros(rows + 1, 16, device="cuda"), w)
         assert not takes_decode_linear(torch.zeros(4, 16, device="cuda", dtype=torch.float16), w)  # dtypes
+        with kernel_backend("torch"):  # the reference ops everywhere: F.linear
+            assert not takes_decode_linear(torch.zeros(4, 16, device="cuda"), w)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoConfig
 
+import nanovllm.layers.linear as linear_layers
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import AddRMSNorm
@@ -389,3 +390,23 @@ def test_each_rank_reads_only_its_shards_from_safetensors(tmp_path, arch, rank, 
     q_rows = qkv.num_heads * qkv.head_dim
     wq = full["model.layers.0.self_attn.q_proj.weight"]
     assert torch.equal(qkv.weight[:q_rows], wq[rank * q_rows : (rank + 1) * q_rows])
+
+
+def test_layers_take_f_linear_on_the_cpu(monkeypatch):
+    # On CPU tensors (CI) every linear layer must run F.linear, not the kernel (which would run in the
+    # interpreter and hide a dispatch bug behind equal numbers)
+    def fail(*args, **kwargs):
+        raise AssertionError("decode_linear launched on a CPU tensor")
+
+    monkeypatch.setattr(linear_layers, "decode_linear", fail)
+    x = torch.randn(3, 8)
+    makers = (lambda: ColumnParallelLinear(8, 6, bias=True), lambda: RowParallelLinear(8, 6, bias=True),
+              lambda: MergedColumnParallelLinear(8, [4, 4]))  # fmt: skip
+    layers = [build_ranks(1, make)[0] for make in makers]
+    for layer in layers:
+        for p in layer.parameters():
+            torch.nn.init.normal_(p)
+        torch.testing.assert_close(run_ranks([layer], x)[0], F.linear(x, layer.weight, layer.bias))
+    merged = layers[2]
+    gate, up = F.linear(x, merged.weight).chunk(2, dim=-1)
+    torch.testing.assert_close(merged.forward_silu_mul(x), F.silu(gate) * up)
