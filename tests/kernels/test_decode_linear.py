@@ -1,6 +1,10 @@
 """The decode-sized tensor-core linear with its SiLU-and-mul epilogue against the unfused torch ops (the
 interpreter on CPU in fp32/fp16 with small explicit tiles, the compiled kernel under `gpu` in bf16 too)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -98,6 +102,26 @@ def test_x_rows_with_a_stride(dtype):
     check_decode_linear(
         20, 48, 80, dtype, "cpu", bias=True, silu_mul=True, config=(16, 16, 64, 4, 2), x_row_stride=96
     )
+
+
+def test_weight_rows_with_a_stride():
+    # W as a row slice of a wider matrix (rows 112 apart, K = 80): the kernel reads rows by their stride
+    x = torch.randn(5, 80, dtype=torch.float32)
+    wide = torch.randn(64, 112, dtype=torch.float32) / 9
+    weight = wide[:, 16:96]
+    out = decode_linear(x, weight, silu_mul=True, config=(16, 16, 64, 4, 2))
+    torch.testing.assert_close(
+        out, decode_linear_ref(x, weight.contiguous(), silu_mul=True), **TOLERANCE[torch.float32]
+    )
+
+
+def test_rows_switch_is_checked_at_import():
+    # A bad NANOVLLM_DECODE_LINEAR_ROWS fails loudly when the module loads, not with a late odd error
+    for bad in ("-1", "257", "x", "²"):
+        env = {**os.environ, "NANOVLLM_DECODE_LINEAR_ROWS": bad}
+        result = subprocess.run([sys.executable, "-c", "import nanovllm.kernels.decode_linear"], env=env,
+                                capture_output=True, text=True)  # fmt: skip
+        assert result.returncode != 0 and "NANOVLLM_DECODE_LINEAR_ROWS must be an integer" in result.stderr
 
 
 @pytest.mark.parametrize("rows", [1, 100])
