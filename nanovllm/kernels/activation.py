@@ -21,6 +21,16 @@ def silu_and_mul_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def silu_mul_rounded(gate, up, dtype: tl.constexpr):
+    """silu(gate) * up in fp32, rounding as silu_and_mul_torch does on dtype tensors: gate and up to dtype
+    first (fp32 matmul accumulators in the fused kernels, already dtype here), then silu. Round the result
+    to dtype when storing it."""
+    gate = gate.to(dtype).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    return silu * up.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _silu_and_mul_kernel(x_ptr, x_row_stride, out_ptr, intermediate_size, BLOCK_SIZE: tl.constexpr):
     # Grid: (num_rows, cdiv(intermediate_size, BLOCK_SIZE)); each program handles one slice of one row.
     row = tl.program_id(0).to(tl.int64)
@@ -28,9 +38,7 @@ def _silu_and_mul_kernel(x_ptr, x_row_stride, out_ptr, intermediate_size, BLOCK_
     mask = cols < intermediate_size
     gate = tl.load(x_ptr + row * x_row_stride + cols, mask=mask, other=0.0)
     up = tl.load(x_ptr + row * x_row_stride + intermediate_size + cols, mask=mask, other=0.0)
-    gate_fp32 = gate.to(tl.float32)
-    silu = (gate_fp32 / (1.0 + tl.exp(-gate_fp32))).to(gate.dtype)
-    out = silu.to(tl.float32) * up.to(tl.float32)
+    out = silu_mul_rounded(gate, up, gate.dtype)
     tl.store(out_ptr + row * intermediate_size + cols, out.to(gate.dtype), mask=mask)
 
 

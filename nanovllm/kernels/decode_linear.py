@@ -29,7 +29,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels.activation import silu_and_mul_torch
+from nanovllm.kernels.activation import silu_and_mul_torch, silu_mul_rounded
 from nanovllm.kernels.backend import (
     check_pdl,
     gdc_launch_dependents,
@@ -140,9 +140,7 @@ def _decode_linear_kernel(
         if SILU_MUL:
             acc_up += tl.load(bias_ptr + n_out + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
     if SILU_MUL:
-        gate = acc.to(dtype).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        acc = silu * acc_up.to(dtype).to(tl.float32)
+        acc = silu_mul_rounded(acc, acc_up, dtype)
     out_ptrs = out_ptr + rows[None, :].to(tl.int64) * n_out + cols[:, None]  # [BLOCK_N, BLOCK_M]
     tl.store(out_ptrs, acc.to(dtype), mask=col_mask[:, None] & row_mask[None, :])
 

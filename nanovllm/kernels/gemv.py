@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nanovllm.kernels.activation import silu_and_mul_torch
+from nanovllm.kernels.activation import silu_and_mul_torch, silu_mul_rounded
 from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
 
@@ -135,9 +135,7 @@ def _gemv_kernel(
             acc_up = tl.sum(w_up.to(tl.float32) * xf, axis=1)
             if HAS_BIAS:
                 acc_up += bias_up
-            gate = acc.to(dtype).to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-            acc = silu * acc_up.to(dtype).to(tl.float32)
+            acc = silu_mul_rounded(acc, acc_up, dtype)
         tl.store(out_ptr + row * n_out + cols, acc.to(dtype), mask=col_mask)
 
 
