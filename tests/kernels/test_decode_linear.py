@@ -19,18 +19,7 @@ from nanovllm.kernels.decode_linear import (
     takes_decode_linear,
 )
 from nanovllm.kernels.rmsnorm import rms_norm, rms_norm_torch
-
-TOLERANCE = {
-    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
-    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
-    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1.6e-2},
-}
-gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-
-
-def randn(*shape: int, dtype: torch.dtype, device: str, seed: int, scale: float = 1.0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return (scale * torch.randn(*shape, generator=generator)).to(dtype).to(device)
+from tests.kernels.matmul_inputs import TOLERANCE, gpu, randn
 
 
 def check_decode_linear(
