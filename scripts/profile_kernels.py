@@ -28,7 +28,7 @@ from nanovllm import LLM, SamplingParams
 
 # (kind, regex on the kernel name), first match wins
 KINDS = [
-    ("communication", r"nccl|AllReduce|Broadcast|allreduce"),
+    ("communication", r"nccl|AllReduce|Broadcast|allreduce|all_reduce"),
     ("attention", r"decode_split|decode_reduce|paged_attention|_attn|flash"),
     ("qk-norm/rope/kv-store", r"qk_norm|rope|store_kv|kvcache"),
     ("norm", r"rmsnorm|rms_norm|layer_norm"),
