@@ -1,5 +1,6 @@
 """The peer-memory all-reduce on 2 GPUs: exact sums on both ranks, back-to-back calls of changing sizes,
-and replays of a CUDA graph that captured it (run by scripts/gpu_suite.py on a 2-GPU machine)."""
+replays of a CUDA graph that captured it, and those replays mixed with small reductions and NCCL
+collectives as a TP engine's steps mix them (run by scripts/gpu_suite.py on a 2-GPU machine)."""
 
 from __future__ import annotations
 
@@ -76,6 +77,29 @@ def _rank(rank: int, store, groups: list) -> None:
         graph.replay()
         for x, want in zip(static, wanted, strict=True):
             torch.testing.assert_close(x, want, rtol=0, atol=0)
+
+    # A greedy TP step's pattern, many times over: a graph of reductions, a small fp32 reduction, then the
+    # NCCL collectives of a sampling step (the logits gather to rank 0, the sampled ids' broadcast). A
+    # deadlock of the peer all-reduce inside a TP engine showed up with such a mix (performance.md,
+    # "Session 10"); this runs it without the engine.
+    ids = torch.zeros(8, dtype=torch.int64, device=device)
+    for step in range(300):
+        call += 1
+        for x in static:
+            x.zero_()
+        graph.replay()
+        small = _parts((4, 8), torch.float32, call, device)
+        x = small[rank].clone()
+        group.all_reduce(x)
+        torch.testing.assert_close(x, all_reduce_reference(small), rtol=0, atol=0)
+        if step % 3 == 0:  # a sampling step: gather to rank 0, broadcast from it
+            parts = group.gather(x, dst=0)
+            if rank == 0:
+                torch.testing.assert_close(parts[1], x, rtol=0, atol=0)
+            ids.fill_(step if rank == 0 else -1)
+            group.broadcast(ids, src=0)
+            if ids.tolist() != [step] * 8:
+                raise AssertionError(f"step {step}: broadcast gave {ids.tolist()}")
     torch.cuda.synchronize(device)
     group.destroy()
 
