@@ -76,6 +76,12 @@ def _device_has_pdl(device_index: int) -> bool:
     return torch.cuda.get_device_capability(device_index)[0] >= 9
 
 
+@functools.cache
+def device_num_sms(device_index: int) -> int:
+    """The CUDA device's SM count (grids are sized by it)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def hopper_or_later(x: torch.Tensor) -> bool:
     """True for a CUDA tensor on a GPU of compute capability 9 or later (kernels tuned for an H100 ask)."""
     return x.is_cuda and _device_has_pdl(x.device.index or 0)

@@ -11,12 +11,11 @@ each program reads from `seq_lens` itself; so one launch can be captured in a CU
 with other lengths. A sequence with seq_len 0 (CUDA-graph padding) gets an all-zero output.
 """
 
-import functools
 import math
 
 import torch
 
-from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait
+from nanovllm.kernels.backend import check_pdl, device_num_sms, gdc_launch_dependents, gdc_wait
 from nanovllm.kernels.paged_attention import (
     check_kernel_args,
     check_paged_args,
@@ -98,11 +97,6 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms:
         wanted = min(wanted, 2)
     useful = max_seq_len // DECODE_MIN_KEYS_PER_SPLIT
     return max(1, min(wanted, useful, DECODE_MAX_SPLITS))
-
-
-@functools.lru_cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 if HAS_TRITON:
@@ -274,7 +268,7 @@ def decode_attention(
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     if num_splits is None:
-        num_sms = _num_sms(q.device.index or 0) if q.device.type == "cuda" else 132
+        num_sms = device_num_sms(q.device.index or 0) if q.device.type == "cuda" else 132
         num_splits = default_num_splits(batch, num_kv_heads, max_seq_len, num_sms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")

@@ -23,7 +23,6 @@ gate_up output.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -32,6 +31,7 @@ import torch.nn.functional as F
 from nanovllm.kernels.activation import silu_and_mul_torch, silu_mul_rounded
 from nanovllm.kernels.backend import (
     check_pdl,
+    device_num_sms,
     gdc_launch_dependents,
     gdc_wait,
     hopper_or_later,
@@ -187,11 +187,6 @@ def takes_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _check_config(config: tuple) -> DecodeLinearConfig:
     names = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
     if len(config) != 5 or not all(isinstance(v, int) and v > 0 for v in config):
@@ -230,7 +225,7 @@ def decode_linear(
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     n_out = n // 2 if silu_mul else n
     if config is None:
-        num_sms = _num_sms(x.device.index or 0) if x.is_cuda else DECODE_LINEAR_NUM_SMS
+        num_sms = device_num_sms(x.device.index or 0) if x.is_cuda else DECODE_LINEAR_NUM_SMS
         config = decode_linear_config(num_rows, n_out, k, silu_mul, x.element_size(), num_sms)
     block_m, block_n, block_k, num_warps, num_stages = _check_config(config)
     use_pdl = check_pdl(x)

@@ -17,11 +17,9 @@ materialised: the kernel reads each logit once, in its own dtype, and keeps a ru
   every token's probability is exact to about 1e-7.
 """
 
-import functools
-
 import torch
 
-from nanovllm.kernels.backend import tl, triton, use_triton
+from nanovllm.kernels.backend import device_num_sms, tl, triton, use_triton
 
 _MASK_64 = (1 << 64) - 1
 
@@ -205,11 +203,6 @@ def _block_quads(vocab_size: int) -> int:
     return min(SAMPLING_BLOCK_QUADS, triton.next_power_of_2(-(-vocab_size // 4)))
 
 
-@functools.lru_cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _check_args(
     logits: torch.Tensor,
     inv_temperature: torch.Tensor | None,
@@ -256,7 +249,7 @@ def gumbel_argmax_triton(
     num_row_blocks = -(-num_rows // block_rows)
     num_tiles = -(-vocab_size // block_cols)
     if num_splits is None:
-        num_sms = _num_sms(logits.device.index or 0) if logits.is_cuda else 132
+        num_sms = device_num_sms(logits.device.index or 0) if logits.is_cuda else 132
         num_splits = -(-SAMPLING_PROGRAMS_PER_SM * num_sms // num_row_blocks)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
