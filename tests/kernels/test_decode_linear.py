@@ -19,7 +19,7 @@ from nanovllm.kernels.decode_linear import (
     takes_decode_linear,
 )
 from nanovllm.kernels.rmsnorm import rms_norm, rms_norm_torch
-from tests.kernels.matmul_inputs import TOLERANCE, gpu, randn
+from tests.kernels.matmul_inputs import TOLERANCE, check_graph_replays, gpu, randn
 
 
 def check_decode_linear(
@@ -205,17 +205,12 @@ def test_gpu_chained_decode_linears_in_a_graph_wait_for_their_input():
         y = decode_linear(h, w1, silu_mul=True)  # [32, 3072]
         return decode_linear(y, w2)  # [32, 1024]
 
-    chain()  # compile outside the capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        z = chain()
-    for i in range(20):
-        x0.copy_(torch.randn(32, 1024, device="cuda") * (i + 1))
-        graph.replay()
-        z_ref = decode_linear_ref(
+    def reference():
+        return decode_linear_ref(
             decode_linear_ref(rms_norm_torch(x0, norm_weight, 1e-6), w1, silu_mul=True), w2
         )
-        torch.testing.assert_close(z, z_ref, **TOLERANCE[torch.bfloat16])
+
+    check_graph_replays(chain, x0, reference)
 
 
 def test_model_takes_it_only_on_the_gpu_within_its_rows():
