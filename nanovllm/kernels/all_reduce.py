@@ -37,6 +37,12 @@ from nanovllm.kernels.rmsnorm import rms_norm_torch
 # reduce in 13.7 us and 64 programs in 15.6-17.0 (2 x H100); from 1 to 128 rows they tie.
 NUM_PROGRAMS = 128
 NUM_WARPS = 8  # 5-10% faster than 4 from 1 to 128 rows
+# A program's row block is never narrower than its threads. In a narrower one, several warps hold copies of
+# the same elements and each polls on its own, with no cross-warp reduction in tl.sum to make them agree:
+# one warp could see the whole row, put EMPTY back, and leave another polling forever for rows that came
+# and went (the 2-GPU test's rows of 8 hung both ranks that way). With every element in one thread, tl.sum
+# reduces across all warps, so they all leave the wait in the same spin.
+MIN_BLOCK_H = 32 * NUM_WARPS
 ABORT_POLL_SPINS = 1024  # spins between looks at the host's abort flag (over PCIe, slow)
 NUM_SLOTS = 3
 EMPTY_16 = -32768  # int16 0x8000: a buffer's every 16-bit half between calls
@@ -153,6 +159,11 @@ def _peer_all_reduce_kernel(
 # ---------------------------------------------------------------- launcher
 
 
+def row_block(hidden: int) -> int:
+    """BLOCK_H for rows of `hidden` elements: a power of two, and no fewer than a program's threads."""
+    return max(triton.next_power_of_2(hidden), MIN_BLOCK_H)
+
+
 def peer_all_reduce_triton(
     x: torch.Tensor,
     buffer_ptrs: torch.Tensor,
@@ -201,7 +212,7 @@ def peer_all_reduce_triton(
         eps,
         RANK=rank,
         WORLD=buffer_ptrs.numel(),
-        BLOCK_H=triton.next_power_of_2(hidden),
+        BLOCK_H=row_block(hidden),
         NUM_PROGRAMS=num_programs,
         ABORT_POLL_SPINS=ABORT_POLL_SPINS,
         NORM=norm is not None,

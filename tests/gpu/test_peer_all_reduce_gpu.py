@@ -1,5 +1,5 @@
 """The peer-memory all-reduce on 2 GPUs: exact sums on both ranks, back-to-back calls of changing sizes,
-replays of a CUDA graph that captured it, and those replays mixed with small reductions and NCCL
+replays of a CUDA graph that captured it, and those replays mixed with narrow reductions and NCCL
 collectives as a TP engine's steps mix them (run by scripts/gpu_suite.py on a 2-GPU machine)."""
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def _rank(rank: int, store, groups: list) -> None:
         for x, want in zip(static, wanted, strict=True):
             torch.testing.assert_close(x, want, rtol=0, atol=0)
 
-    # A greedy TP step's pattern, many times over: a graph of reductions, a small fp32 reduction, then the
-    # NCCL collectives of a sampling step (the logits gather to rank 0, the sampled ids' broadcast). A
-    # deadlock of the peer all-reduce inside a TP engine showed up with such a mix (performance.md,
-    # "Session 10"); this runs it without the engine.
+    # A TP engine's steps, many times over: a graph of reductions, a narrow fp32 reduction (rows of 8, fewer
+    # elements than a program has threads: this hung both ranks until the launcher widened such row blocks,
+    # see MIN_BLOCK_H in kernels/all_reduce.py), and every third step the NCCL collectives of a sampling
+    # step (the logits gather to rank 0, the sampled ids' broadcast).
     ids = torch.zeros(8, dtype=torch.int64, device=device)
     for step in range(300):
         call += 1

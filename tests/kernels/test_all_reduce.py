@@ -2,6 +2,10 @@
 written into the tested rank's buffer before each call (the interpreter runs one rank at a time), where the
 peer's kernel would store them. Both ranks on two real GPUs: tests/gpu/test_peer_all_reduce_gpu.py."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -181,3 +185,43 @@ def test_abort_flag_releases_a_rank_waiting_for_a_peer_that_never_comes():
     bufs = Buffers(slot_bytes=64 * 2)  # abort flag up; the peer never stores its rows
     bufs.reduce(torch.ones(1, 16, dtype=torch.float16, device=DEVICE))
     assert bufs.epochs.tolist() == [1] * NUM_PROGRAMS  # it ran, and came back
+
+
+# Compiled for an H100 (sm_90) on any machine, outside the interpreter: how many barriers the wait loop's
+# tl.sum has, for rows of a given width as the launcher blocks them (or as given).
+_BARRIERS = """
+import re, sys
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nanovllm.kernels import all_reduce as ar
+
+hidden, block_h = int(sys.argv[1]), int(sys.argv[2]) or ar.row_block(int(sys.argv[1]))
+kernel = ar._peer_all_reduce_kernel
+constants = dict(RANK=0, WORLD=2, BLOCK_H=block_h, NUM_PROGRAMS=ar.NUM_PROGRAMS, ABORT_POLL_SPINS=1024,
+                 NORM=False, HAS_RESIDUAL=False, INT_DTYPE=tl.int32, EMPTY=ar.EMPTY_32,
+                 EMPTY_SENT_AS=ar.NEG_ZERO_32, NUM_SLOTS=ar.NUM_SLOTS)
+types = ["*fp32", "*i64", "*i64", "*i32", "*fp32", "*fp32", "*fp32", "i32", "i32", "i32", "fp32"]
+signature = dict(zip(kernel.arg_names, types + ["constexpr"] * len(constants)))
+source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constants.items()})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": ar.NUM_WARPS})
+print(len(re.findall(r"bar\\.sync", compiled.asm["ptx"])))
+"""
+
+
+def _barriers(hidden: int, block_h: int = 0) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", _BARRIERS, str(hidden), str(block_h)], env=env,
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.split()[-1])
+
+
+def test_every_warp_of_a_program_leaves_the_wait_together():
+    # In a row block narrower than the program's 256 threads, every warp holds a copy of the row and its
+    # tl.sum reduces within the warp (no barrier): one warp could take the rows and put EMPTY back while
+    # another still waits for them, forever (tests/gpu/test_peer_all_reduce_gpu.py's rows of 8 hung both GPUs
+    # so). The launcher blocks rows at least as wide as the threads, so the sum crosses the warps.
+    assert _barriers(8, block_h=8) == 0  # the old block for 8-wide rows: each warp on its own
+    assert all(_barriers(hidden) > 0 for hidden in (8, 100))
