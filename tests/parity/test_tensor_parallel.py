@@ -193,6 +193,21 @@ def test_tp2_overlapped_steps_feed_every_rank_the_sampled_ids(engines, prompts):
     assert overlapped == waited
 
 
+def test_tp2_greedy_and_sampled_steps_mixed_and_in_turn(engines, expected, prompts):
+    """A step whose every row is greedy gathers each rank's best (logit, id) to rank 0; a step with a sampled
+    row gathers the logits. Either way rank 0 broadcasts the ids every rank feeds to the next step. Steps of
+    both kinds, within one batch and from one generate call to the next, give the greedy rows the tokens
+    of an all-greedy run."""
+    llm = engines["qwen3"]
+    sampled = SamplingParams(temperature=0.8, seed=3, max_tokens=MAX_TOKENS, ignore_eos=True)
+    mixed = [GREEDY if i % 2 == 0 else sampled for i in range(len(prompts))]
+    for _ in range(2):
+        out = llm.generate(prompts, mixed, use_tqdm=False)
+        for i in range(0, len(prompts), 2):
+            assert out[i].outputs[0].token_ids == expected["qwen3"][i]
+        assert _tokens(llm, prompts) == expected["qwen3"]
+
+
 @pytest.mark.parametrize("arch", ["qwen3", "llama"])
 def test_tp2_greedy_with_prefix_cache_hits(arch, expected, engines, prompts):
     llm = engines[arch]
