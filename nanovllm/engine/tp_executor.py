@@ -14,12 +14,13 @@ forward. Every rank binds one device (cuda:rank, or the CPU), loads only its sha
 and keeps its own KV cache (its KV heads) at the same block ids. The protocol is in tp_worker.py.
 
 Failure handling: the driver checks its workers are alive before every step, and a watcher thread
-aborts the group when one dies mid-step (NCCL would wait forever for it). Either way a RuntimeError
-naming the worker is raised — by the next launch, or when the step is read back (`_CheckedStep.wait`)
-— and by every later step: the engine must be recreated. Workers are shut down by `shutdown()`, when
-the executor is garbage-collected, and at interpreter exit (Ctrl-C too: a step it interrupts stops the
-workers at once, since they may wait in a collective rank 0 has left); they exit by themselves when the
-driver dies (SIGTERM, SIGKILL).
+aborts the group when one dies mid-step (NCCL would wait forever for it), or when rank 0 has waited
+COLLECTIVE_TIMEOUT_S for a step (a collective that never completes: the peer all-reduce has no timeout of
+its own). Either way a RuntimeError naming the cause is raised — by the next launch, or when the step is
+read back (`_CheckedStep.wait`) — and by every later step: the engine must be recreated. Workers are shut
+down by `shutdown()`, when the executor is garbage-collected, and at interpreter exit (Ctrl-C too: a step
+it interrupts stops the workers at once, since they may wait in a collective rank 0 has left); they exit
+by themselves when the driver dies (SIGTERM, SIGKILL).
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class WorkerSet:
         self.closing = False
         self.aborted = False  # the watcher aborted the group
         self.step_sent = False  # whether the workers were sent the current step
+        self.waiting_since: float | None = None  # when rank 0 began to wait for a step's result (monotonic)
+        self.step_timeout_s = COLLECTIVE_TIMEOUT_S
 
     def dead(self) -> list[int]:
         """Indices of the workers that have exited."""
@@ -104,10 +107,19 @@ class WorkerSet:
 
     def watch(self) -> None:
         """Watcher thread. A worker that exits while the engine runs may leave rank 0 waiting in a
-        collective: abort the group so the wait fails (the main thread then says which worker)."""
+        collective, and so may a collective that never completes: abort the group so the wait ends (the
+        main thread then says why)."""
         sentinels = [p.sentinel for p in self.procs]
         while not self.closing:
-            if wait(sentinels, timeout=WATCH_INTERVAL_S) and not self.closing:
+            died = wait(sentinels, timeout=WATCH_INTERVAL_S)
+            since = self.waiting_since
+            if since is not None and time.monotonic() - since > self.step_timeout_s and not self.closing:
+                self.failure = self.failure or (
+                    f"a tensor-parallel step did not finish within {self.step_timeout_s:.0f} s: "
+                    "a collective is stuck (every worker is alive)"
+                )
+                died = True
+            if died and not self.closing:
                 self.aborted = True
                 if self.group is not None:
                     self.group.abort()
@@ -164,7 +176,11 @@ class _CheckedStep(LaunchedStep):
     def wait(self) -> tuple[list[int], SamplerOutput | None]:
         workers = self.executor.workers
         try:
-            result = super().wait()
+            workers.waiting_since = time.monotonic()  # (the watcher ends a wait that never would)
+            try:
+                result = super().wait()
+            finally:
+                workers.waiting_since = None
             if workers.aborted or workers.failure:
                 raise RuntimeError(workers.failure or "a worker left the group during the step")
             return result

@@ -22,7 +22,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
-from nanovllm.engine.step_input import HostInputs, ModelInput
+from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
 from nanovllm.engine.tp_worker import decode_message, encode_message
 from nanovllm.layers.embed_head import ParallelLMHead
 from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model, mixed_prompts
@@ -293,6 +293,34 @@ def test_killed_worker_mid_step_raises_runtime_error(ckpts, prompts):
             llm.generate(prompts[:2], GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
+
+
+def test_step_stuck_in_a_collective_raises_runtime_error_not_hang(ckpts, prompts, monkeypatch):
+    """A step whose collective never completes (every worker alive; on GPUs, a peer all-reduce waiting for
+    rows that never come) fails after the step timeout: the watcher aborts the group, which ends the wait."""
+    llm = LLM(str(ckpts["qwen3"]), tensor_parallel_size=2)
+    try:
+        workers = llm.engine.runner.workers
+        assert len(_tokens(llm, prompts[:2])) == 2
+        workers.step_timeout_s = 1.0
+        read_back = LaunchedStep.wait
+
+        def stuck(step):  # as a device sync on a step that cannot finish until the group is aborted
+            give_up = time.monotonic() + 20  # (so that a missing watchdog fails the test, not hangs it)
+            while not workers.aborted and time.monotonic() < give_up:
+                time.sleep(0.05)
+            return read_back(step)
+
+        monkeypatch.setattr(LaunchedStep, "wait", stuck)
+        start = time.monotonic()
+        with pytest.raises(RuntimeError, match=r"did not finish within 1 s: a collective is stuck"):
+            llm.generate(prompts[:2], GREEDY, use_tqdm=False)
+        assert time.monotonic() - start < 30
+        with pytest.raises(RuntimeError, match="unusable"):
+            llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    finally:
+        llm.shutdown()
+    assert not set(_workers(llm)) & set(mp.active_children())
 
 
 def test_workers_exit_when_the_driver_is_killed(ckpts):
