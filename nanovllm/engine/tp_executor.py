@@ -113,13 +113,13 @@ class WorkerSet:
         while not self.closing:
             died = wait(sentinels, timeout=WATCH_INTERVAL_S)
             since = self.waiting_since
-            if since is not None and time.monotonic() - since > self.step_timeout_s and not self.closing:
-                self.failure = self.failure or (
-                    f"a tensor-parallel step did not finish within {self.step_timeout_s:.0f} s: "
-                    "a collective is stuck (every worker is alive)"
-                )
-                died = True
-            if died and not self.closing:
+            stuck = since is not None and time.monotonic() - since > self.step_timeout_s
+            if (died or stuck) and not self.closing:
+                if not died:  # (a death is described by the main thread, which knows which worker)
+                    self.failure = self.failure or (
+                        f"a tensor-parallel step did not finish within {self.step_timeout_s:.0f} s: "
+                        "a collective is stuck (every worker is alive)"
+                    )
                 self.aborted = True
                 if self.group is not None:
                     self.group.abort()
