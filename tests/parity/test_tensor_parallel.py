@@ -323,6 +323,38 @@ def test_step_stuck_in_a_collective_raises_runtime_error_not_hang(ckpts, prompts
     assert not set(_workers(llm)) & set(mp.active_children())
 
 
+def end_script_without_shutdown(model: str, timeout_s: float, **llm_kwargs) -> tuple[float, list[int]]:
+    """Run a script that builds a TP=2 LLM, generates, and ends without shutting it down (the finalizer
+    stops the workers at interpreter exit); returns (seconds from its last line to its exit, the
+    workers' pids). Fails if the script fails or does not exit within timeout_s."""
+    script = textwrap.dedent(
+        f"""
+        import time
+        from nanovllm import LLM, SamplingParams
+        if __name__ == "__main__":
+            llm = LLM({model!r}, tensor_parallel_size=2, **{llm_kwargs!r})
+            llm.generate([[5, 6, 7]] * 3, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+            print(*[p.pid for p in llm.engine.runner.workers.procs], flush=True)
+            print(time.time(), flush=True)
+        """
+    )
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+    )
+    exited = time.time()
+    assert out.returncode == 0, out.stderr[-2000:]
+    pids, last_line = out.stdout.splitlines()[-2:]
+    return exited - float(last_line), [int(p) for p in pids.split()]
+
+
+def test_script_ending_without_shutdown_exits_and_stops_its_workers(ckpts):
+    seconds, pids = end_script_without_shutdown(str(ckpts["qwen3"]), timeout_s=120)
+    assert len(pids) == 1
+    assert _wait_gone(pids), f"workers {pids} outlived their driver"
+    assert seconds < 30
+
+
 def test_workers_exit_when_the_driver_is_killed(ckpts):
     script = textwrap.dedent(
         f"""
