@@ -64,15 +64,15 @@ DECODE_NUM_STAGES = 3
 DECODE_MIN_ROWS = 16
 # num_splits heuristic: aim for this many programs per SM, but give no split fewer keys than this; and do
 # not split at all once the batch alone gives every SM DECODE_NO_SPLIT_ITEMS_PER_SM (sequence, kv head)
-# pairs. benchmarks/decode_splits.py (H100, results/decode_splits-*-124902.json): at 384-512 pairs (2.9-3.9
-# per SM) one split beats two (the old choice there) by 10-14% on sequences of equal length (320 keys; 4-9%
-# at 1024) and is within 2% of it when lengths spread over 200-2000 (where 6-8 splits would gain 4-7%:
-# the long sequences finish last); at 256 pairs splitting wins on spread lengths (59 vs 69 us). Nothing
-# was measured between 256 and 384 pairs: 2.5 is in between. At 256 pairs (1.9 per SM: qwen3-8b at TP=2,
-# batch 64) two splits beat three, the programs-per-SM aim, on every length mix (14.8-15.9 vs 18.1-20.1 us
-# at 320 keys, 52.5-53.6 vs 52.4-54.2 at 1024, 58.3-61.1 vs 59.1-61.7 spread) and are within 7% of one
-# split on equal lengths; at 192 pairs three splits still win on spread lengths. So from
-# DECODE_TWO_SPLITS_ITEMS_PER_SM pairs per SM (between the two) at most two splits.
+# pairs; at most two splits from DECODE_TWO_SPLITS_ITEMS_PER_SM. Chosen on benchmarks/decode_splits.py
+# runs that read the KV cache from L2 (results/decode_splits-*-124902.json); its cold-cache rerun, as a
+# decode step reads it (results/decode_splits-*-2026-11-28-004924.json), keeps the rule, as a trade-off:
+# from 256 pairs (1.9 per SM) one split wins on equal lengths (4 kv heads x 64 x 320 keys: 20.4 vs 24.2 us
+# with two; 53.8 vs 56.9 at 1024) and loses on lengths spread over 200-2000 (71.7 vs 61.6), where the
+# longest sequences set the time; from 384 pairs spread lengths still gain 3-8% from 4-8 splits. At 128-192
+# pairs fewer splits than the programs-per-SM aim win at 4096 keys (2 instead of 3 at 192 pairs: 143.5 vs
+# 166.2 us) and lose a little at 320. What would take the best of both: splits decided per sequence from
+# the step's lengths, with no second kernel when nothing is split (docs/performance.md, "Session 12").
 DECODE_PROGRAMS_PER_SM = 4
 DECODE_NO_SPLIT_ITEMS_PER_SM = 2.5
 DECODE_TWO_SPLITS_ITEMS_PER_SM = 1.75
