@@ -85,12 +85,22 @@ def case(num_kv_heads: int, q_per_kv: int, batch: int, lengths: str, num_sms: in
     # q: [batch, num_heads, head_dim]
     q = torch.randn(batch, num_kv_heads * q_per_kv, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
+    counters = torch.zeros(batch * num_kv_heads, dtype=torch.int32, device="cuda")  # as the model runner's
     default = default_num_splits(batch, num_kv_heads, MAX_SEQ_LEN, num_sms)
 
     def calls(s: int) -> list:
         return [
             lambda t=t: decode_attention(
-                q, k_cache, v_cache, seq_lens, t, HEAD_DIM**-0.5, MAX_SEQ_LEN, num_splits=s, out=out
+                q,
+                k_cache,
+                v_cache,
+                seq_lens,
+                t,
+                HEAD_DIM**-0.5,
+                MAX_SEQ_LEN,
+                num_splits=s,
+                out=out,
+                counters=counters,
             )
             for t in all_tables
         ]

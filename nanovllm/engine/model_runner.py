@@ -102,6 +102,10 @@ class ModelRunner:
         self._memory_note = ""  # how the KV budget was found, for the error message
         cuda = self.device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
+        # Two-way decode splits count themselves in here (kernels/decode_attention.py); zeros between calls.
+        self.decode_counters = torch.zeros(
+            max_seqs * self.num_kv_heads, dtype=torch.int32, device=self.device
+        )  # [max_num_seqs * kv heads]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode: batch size -> graph
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps: tokens -> graph
         self.num_kvcache_blocks = self._allocate_kv_cache()  # (runs an eager step: no graphs yet)
@@ -309,6 +313,7 @@ class ModelRunner:
                     max_seq_len=inp.max_seq_len,
                     is_decode=inp.is_decode,
                     decode_num_splits=self._decode_num_splits(inp.num_seqs) if inp.is_decode else None,
+                    decode_counters=self.decode_counters,
                     prefill_work=None if inp.work_seq is None else (to(inp.work_seq), to(inp.work_tile)),
                 )
                 hidden = self.model(self._input_ids(to(inp.input_ids), inp), to(inp.positions), meta)
@@ -389,6 +394,7 @@ class ModelRunner:
                     max_seq_len=self.config.max_model_len,
                     is_decode=True,
                     decode_num_splits=self._decode_num_splits(size),
+                    decode_counters=self.decode_counters,
                 )
                 self.graphs[size] = graph = self._capture(partial(self._graph_forward, size, meta), pool)
                 pool = graph.pool()

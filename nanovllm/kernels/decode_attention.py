@@ -4,7 +4,11 @@ Decode is memory-bound: each step reads every cached key and value once. One pro
 kv head) leaves the GPU idle for small batches with long contexts, so each sequence's keys are also cut
 into `num_splits` ranges handled by separate programs; each writes a partial output plus its
 log-sum-exp, and a second small kernel combines them. With one split (large batches: enough programs
-already) the split kernel writes the normalized output itself and the second kernel is skipped.
+already) the split kernel writes the normalized output itself and the second kernel is skipped. With two
+(mid-sized batches), the two programs of a sequence combine themselves: the second to finish, counted by
+an atomic, reads the other's partial. There, from DECODE_TWO_SPLITS_ITEMS_PER_SM pairs per SM, only
+sequences longer than the batch's mean are cut at all (decided in the kernel from the step's lengths): with
+equal lengths one program per pair is faster, with spread ones the longest would otherwise finish last.
 
 The grid is (batch, num_kv_heads, num_splits) and never depends on the actual sequence lengths, which
 each program reads from `seq_lens` itself; so one launch can be captured in a CUDA graph and replayed
@@ -71,8 +75,10 @@ DECODE_MIN_ROWS = 16
 # with two; 53.8 vs 56.9 at 1024) and loses on lengths spread over 200-2000 (71.7 vs 61.6), where the
 # longest sequences set the time; from 384 pairs spread lengths still gain 3-8% from 4-8 splits. At 128-192
 # pairs fewer splits than the programs-per-SM aim win at 4096 keys (2 instead of 3 at 192 pairs: 143.5 vs
-# 166.2 us) and lose a little at 320. What would take the best of both: splits decided per sequence from
-# the step's lengths, with no second kernel when nothing is split (docs/performance.md, "Session 12").
+# 166.2 us) and lose a little at 320. Two splits now take the best of both at 256 pairs: they combine
+# themselves (no reduce kernel) and cut only the sequences longer than the mean, so equal lengths run as
+# one split (21.0 vs 24.2 us before, one split 21.2) and spread ones as two (60.6 vs 61.6)
+# (results/decode_splits-*-2026-11-28-010906.json).
 DECODE_PROGRAMS_PER_SM = 4
 DECODE_NO_SPLIT_ITEMS_PER_SM = 2.5
 DECODE_TWO_SPLITS_ITEMS_PER_SM = 1.75
@@ -112,6 +118,7 @@ if HAS_TRITON:
         partial_out_ptr,  # [batch, num_heads, num_splits, HEAD_DIM] fp32
         partial_lse_ptr,  # [batch, num_heads, num_splits] fp32, log2 domain
         out_ptr,  # [batch, num_heads, HEAD_DIM]: written directly when there is one split
+        counters_ptr,  # (TWO_SPLITS) [>= batch * num_kv_heads] int32, 0 between calls
         scale_log2,  # softmax scale * log2(e): scores live in the log2 domain so exp2 can be used
         num_splits,
         stride_qb,
@@ -130,6 +137,9 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,  # KV-cache block size
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the K/V store
+        TWO_SPLITS: tl.constexpr,  # num_splits == 2: the splits combine themselves, no reduce pass
+        BY_LENGTH: tl.constexpr,  # (TWO_SPLITS) split only the sequences longer than the batch's mean
+        BATCH_P2: tl.constexpr,  # (BY_LENGTH) the batch rounded up to a power of two
     ):
         if USE_PDL:
             gdc_launch_dependents()
@@ -139,10 +149,19 @@ if HAS_TRITON:
         split = tl.program_id(2)
         num_heads = tl.num_programs(1) * GROUP
         seq_len = tl.load(seq_lens_ptr + seq)
+        split_this = num_splits > 1
+        if BY_LENGTH:
+            # Cut in two only a sequence 1/8 longer than the batch's mean (and of 3+ key tiles): with equal
+            # lengths nothing is split (one program per pair is faster there), with spread ones the
+            # longest are, which would otherwise finish last. Every program of the sequence decides alike.
+            batch = tl.num_programs(0)
+            offs_b = tl.arange(0, BATCH_P2)
+            total = tl.sum(tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0).to(tl.int64), axis=0)
+            split_this = (seq_len.to(tl.int64) * batch * 8 > total * 9) & (seq_len > 2 * BLOCK_N)
         # This split's key range, from the actual length: tile-aligned, so short sequences leave the last
         # splits empty. Those return at once (the reduce pass skips them), except split 0, which writes
         # zeros and lse = -inf for an empty sequence (a padded row of a CUDA graph).
-        keys_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+        keys_per_split = tl.cdiv(tl.cdiv(seq_len, tl.where(split_this, num_splits, 1)), BLOCK_N) * BLOCK_N
         start = split * keys_per_split
         if split > 0 and start >= seq_len:
             return
@@ -184,19 +203,48 @@ if HAS_TRITON:
         # A non-empty split has l_i >= 1 (its maximum contributes exp2(0)), so max(l_i, 1) changes
         # nothing there, and turns an empty split (m_i = -inf, l_i = 0) into out = 0, lse = -inf.
         l_safe = tl.maximum(l_i, 1.0)
+        out = acc / l_safe[:, None]  # [BLOCK_H, HEAD_DIM]
+        out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         if ONE_SPLIT:
-            out_offs = seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-            out = acc / l_safe[:, None]  # [BLOCK_H, HEAD_DIM]
-            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-        else:
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+        elif split_this:
             lse = m_i + tl.log2(l_safe)  # [BLOCK_H]
-            partial_row = (seq.to(tl.int64) * num_heads + heads) * num_splits + split  # [BLOCK_H]
-            tl.store(partial_lse_ptr + partial_row, lse, mask=row_valid)
-            tl.store(
-                partial_out_ptr + partial_row[:, None] * HEAD_DIM + offs_d[None, :],
-                acc / l_safe[:, None],
-                mask=row_valid[:, None],
-            )
+            first_row = (seq.to(tl.int64) * num_heads + heads) * num_splits  # [BLOCK_H]
+            tl.store(partial_lse_ptr + first_row + split, lse, mask=row_valid)
+            partial_ptrs = partial_out_ptr + (first_row + split)[:, None] * HEAD_DIM + offs_d[None, :]
+            tl.store(partial_ptrs, out, mask=row_valid[:, None])
+            if TWO_SPLITS:
+                if seq_len > keys_per_split:  # both splits have keys: the second to finish combines
+                    other_row = first_row + 1 - split  # [BLOCK_H]
+                    _combine_two_splits(
+                        counters_ptr + seq * tl.num_programs(1) + kv_head,
+                        partial_lse_ptr + other_row,
+                        partial_out_ptr + other_row[:, None] * HEAD_DIM + offs_d[None, :],
+                        lse,
+                        out,
+                        out_ptrs,
+                        row_valid,
+                    )
+                else:  # (split 0: split 1 got no keys and returned)
+                    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+        else:
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+
+    @triton.jit
+    def _combine_two_splits(counter_ptr, other_lse_ptrs, other_out_ptrs, lse, out, out_ptrs, row_valid):
+        """Of a sequence's two splits, the second to get here combines both, as the reduce pass would.
+        Each counts itself in once its partials are stored (the barrier orders every thread's stores
+        before the count, which releases them); the one that counts second reads the other's (acquired;
+        volatile loads, past this SM's L1), writes the output and resets the count for the next call."""
+        tl.debug_barrier()
+        if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == 1:
+            tl.store(counter_ptr, 0)
+            other_lse = tl.load(other_lse_ptrs, mask=row_valid, other=float("-inf"), volatile=True)
+            other = tl.load(other_out_ptrs, mask=row_valid[:, None], other=0.0, volatile=True)
+            top = tl.maximum(lse, other_lse)  # [BLOCK_H], finite: both splits have keys
+            w, other_w = tl.exp2(lse - top), tl.exp2(other_lse - top)  # [BLOCK_H]
+            out = (w[:, None] * out + other_w[:, None] * other) / (w + other_w)[:, None]
+            tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=row_valid[:, None])
 
     # (SPLITS_P2 still compiles one variant per power of two; CUDA graphs fix num_splits per padded
     # batch size, so those variants are all compiled at capture.)
@@ -246,6 +294,18 @@ if HAS_TRITON:
         )
 
 
+def _check_counters(counters: torch.Tensor | None, needed: int, device: torch.device) -> torch.Tensor:
+    """The two-split kernel's arrival counts: a fresh zeroed buffer, or the caller's, checked."""
+    if counters is None:
+        return torch.zeros(needed, dtype=torch.int32, device=device)
+    if counters.dtype != torch.int32 or counters.device != device or counters.numel() < needed:
+        raise ValueError(
+            f"counters must be int32 on {device} with >= {needed} elements, got {counters.dtype} on "
+            f"{counters.device} with {counters.numel()}"
+        )
+    return counters
+
+
 def decode_attention(
     q: torch.Tensor,  # [batch, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -256,11 +316,17 @@ def decode_attention(
     max_seq_len: int,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,  # [batch, num_heads, head_dim]
+    counters: torch.Tensor | None = None,  # [>= batch * num_kv_heads] int32, zeros (left so)
+    split_by_length: bool | None = None,
 ) -> torch.Tensor:  # [batch, num_heads, head_dim]
     """Split-KV decode attention; the new token is the last of its sequence's seq_lens[i] positions.
 
     max_seq_len only feeds the default num_splits (any seq_lens value up to the block table's capacity
     is handled correctly). The grid depends on (batch, num_kv_heads, num_splits) only.
+    Two splits combine themselves through `counters` (a zeroed buffer the caller keeps, as the model
+    runner does; None: one is made per call); split_by_length (default: from
+    DECODE_TWO_SPLITS_ITEMS_PER_SM (sequence, kv head) pairs per SM) cuts only the sequences longer than
+    the batch's mean.
     """
     check_paged_args(q, k_cache, v_cache, seq_lens, block_tables)
     check_triton_device(q, "decode_attention")
@@ -280,6 +346,12 @@ def decode_attention(
     group = num_heads // num_kv_heads
     use_pdl = check_pdl(q)
     one_split = num_splits == 1  # (large batches) the split kernel writes `out` itself
+    two_splits = num_splits == 2  # the split kernel combines the two itself
+    if two_splits:
+        counters = _check_counters(counters, batch * num_kv_heads, q.device)
+        if split_by_length is None:
+            num_sms = device_num_sms(q.device.index or 0) if q.device.type == "cuda" else 132
+            split_by_length = batch * num_kv_heads >= DECODE_TWO_SPLITS_ITEMS_PER_SM * num_sms
     if one_split:  # no partials: `out` stands in for their pointers (unread with ONE_SPLIT)
         partial_out = partial_lse = out
     else:
@@ -297,6 +369,7 @@ def decode_attention(
         partial_out,
         partial_lse,
         out,
+        counters if two_splits else seq_lens,  # (unread unless TWO_SPLITS)
         scale * math.log2(math.e),
         num_splits,
         q.stride(0),
@@ -315,11 +388,14 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         DOT_PRECISION=dot_precision(q.dtype),
         USE_PDL=use_pdl,
+        TWO_SPLITS=two_splits,
+        BY_LENGTH=two_splits and bool(split_by_length),
+        BATCH_P2=triton.next_power_of_2(batch),
         num_warps=DECODE_NUM_WARPS,
         num_stages=DECODE_NUM_STAGES,
         launch_pdl=use_pdl,
     )
-    if one_split:
+    if one_split or two_splits:
         return out
     _decode_reduce_kernel[(batch, num_heads)](
         partial_out,

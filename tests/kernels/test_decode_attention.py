@@ -143,6 +143,39 @@ def test_decode_reads_strided_q(make_paged_inputs, tol, num_splits):
     torch.testing.assert_close(out, decode_attention_ref(q_view, *rest), **tol(torch.float32))
 
 
+@pytest.mark.parametrize("split_by_length", [False, True])
+def test_two_splits_combine_themselves_and_reset_the_counts(make_paged_inputs, tol, split_by_length):
+    # Two splits: the second of a sequence's splits to finish combines both. By length, only sequences 1/8
+    # longer than the mean and of 3+ key tiles are split (in the first call 200 and 390 of mean 138; none
+    # of the equal ones; in the last, the two 390s); the rest run whole. Calls reuse one counter buffer.
+    inputs = make_paged_inputs(
+        [(1, n) for n in (150, 390, 150, 390, 390, 150, 150)],
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        block_size=16,
+        dtype=torch.float32,
+    )
+    args = inputs.decode_args
+    counters = torch.zeros(7 * 2 + 3, dtype=torch.int32)
+    out = torch.empty_like(inputs.q)
+    for seq_lens in ([45, 200, 1, 130, 390, 64, 133], [150] * 7, [1, 390, 7, 390, 2, 129, 1]):
+        inputs.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
+        kwargs = dict(num_splits=2, out=out, counters=counters, split_by_length=split_by_length)
+        decode_attention(*args, 400, **kwargs)
+        torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.float32))
+        assert not counters.any(), "every count is back to 0 for the next call"
+
+
+def test_two_splits_reject_a_bad_counter_buffer(make_paged_inputs):
+    inputs = make_paged_inputs(
+        [(1, 3), (1, 5)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
+    )
+    for bad in (torch.zeros(1, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="counters must be int32"):
+            decode_attention(*inputs.decode_args, 8, num_splits=2, counters=bad)
+
+
 def test_default_num_splits():
     num_sms = 132
     # Large batches already fill the GPU: no split.
