@@ -352,6 +352,7 @@ def decode_attention(
         if split_by_length is None:
             num_sms = device_num_sms(q.device.index or 0) if q.device.type == "cuda" else 132
             split_by_length = batch * num_kv_heads >= DECODE_TWO_SPLITS_ITEMS_PER_SM * num_sms
+    by_length = two_splits and bool(split_by_length)
     if one_split:  # no partials: `out` stands in for their pointers (unread with ONE_SPLIT)
         partial_out = partial_lse = out
     else:
@@ -389,8 +390,8 @@ def decode_attention(
         DOT_PRECISION=dot_precision(q.dtype),
         USE_PDL=use_pdl,
         TWO_SPLITS=two_splits,
-        BY_LENGTH=two_splits and bool(split_by_length),
-        BATCH_P2=triton.next_power_of_2(batch),
+        BY_LENGTH=by_length,
+        BATCH_P2=triton.next_power_of_2(batch) if by_length else 1,  # (no variant per batch otherwise)
         num_warps=DECODE_NUM_WARPS,
         num_stages=DECODE_NUM_STAGES,
         launch_pdl=use_pdl,
