@@ -19,7 +19,7 @@ from nanovllm.config import Config
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
 from nanovllm.kernels.backend import HAS_TRITON, kernel_backend
-from nanovllm.kernels.decode_attention import default_num_splits
+from nanovllm.kernels.decode_attention import default_num_splits, default_split_by_length
 from nanovllm.kernels.paged_attention import MAX_GRID_Y, max_work_items, prefill_tile_tokens
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.sampler import Sampler, SamplerOutput
@@ -313,6 +313,7 @@ class ModelRunner:
                     max_seq_len=inp.max_seq_len,
                     is_decode=inp.is_decode,
                     decode_num_splits=self._decode_num_splits(inp.num_seqs) if inp.is_decode else None,
+                    decode_split_by_length=self._decode_split_by_length(inp.num_seqs),
                     decode_counters=self.decode_counters,
                     prefill_work=None if inp.work_seq is None else (to(inp.work_seq), to(inp.work_tile)),
                 )
@@ -360,6 +361,14 @@ class ModelRunner:
         size = self._padded_size(num_seqs) or num_seqs
         return default_num_splits(size, self.num_kv_heads, self.config.max_model_len, self.num_sms)
 
+    def _decode_split_by_length(self, num_seqs: int) -> bool | None:
+        """Whether two decode splits cut only the longer sequences: from the padded batch size too, so
+        that eager steps and graph replays decide alike."""
+        if self.device.type != "cuda":
+            return None
+        size = self._padded_size(num_seqs) or num_seqs
+        return default_split_by_length(size, self.num_kv_heads, self.num_sms)
+
     def _capture_cuda_graphs(self):
         """Capture one decode forward per batch size; a step pads to the next captured size. Returns
         the graphs' memory pool."""
@@ -394,6 +403,7 @@ class ModelRunner:
                     max_seq_len=self.config.max_model_len,
                     is_decode=True,
                     decode_num_splits=self._decode_num_splits(size),
+                    decode_split_by_length=self._decode_split_by_length(size),
                     decode_counters=self.decode_counters,
                 )
                 self.graphs[size] = graph = self._capture(partial(self._graph_forward, size, meta), pool)

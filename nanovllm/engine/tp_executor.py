@@ -152,7 +152,7 @@ class WorkerSet:
             conn.close()
         if self.group is not None and release_group:
             self.group.destroy()
-        self.group = None
+        self.group = None  # (unreleased at exit: the process tears NCCL down; a GPU test covers that path)
 
 
 class _Rank0Runner(ModelRunner):

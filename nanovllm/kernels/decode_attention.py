@@ -7,8 +7,9 @@ log-sum-exp, and a second small kernel combines them. With one split (large batc
 already) the split kernel writes the normalized output itself and the second kernel is skipped. With two
 (mid-sized batches), the two programs of a sequence combine themselves: the second to finish, counted by
 an atomic, reads the other's partial. There, from DECODE_TWO_SPLITS_ITEMS_PER_SM pairs per SM, only
-sequences longer than the batch's mean are cut at all (decided in the kernel from the step's lengths): with
-equal lengths one program per pair is faster, with spread ones the longest would otherwise finish last.
+sequences 1/8 longer than the mean of the batch's non-empty rows (and of 3+ key tiles) are cut at all,
+decided in the kernel from the step's lengths: with equal lengths one program per pair is faster, with
+spread ones the longest would otherwise finish last.
 
 The grid is (batch, num_kv_heads, num_splits) and never depends on the actual sequence lengths, which
 each program reads from `seq_lens` itself; so one launch can be captured in a CUDA graph and replayed
@@ -107,7 +108,8 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms:
 
 if HAS_TRITON:
     # Per-step arguments (split count, block-table width) are not specialized on: a value that happens
-    # to be 1 or a multiple of 16 would otherwise compile a new variant mid-run (~1 s).
+    # to be 1 or a multiple of 16 would otherwise compile a new variant mid-run (~1 s). (BATCH_P2 is
+    # compiled in: eager steps that split by length compile one variant per power of two of the batch.)
     @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
     def _decode_split_kernel(
         q_ptr,
@@ -117,7 +119,7 @@ if HAS_TRITON:
         block_tables_ptr,
         partial_out_ptr,  # [batch, num_heads, num_splits, HEAD_DIM] fp32
         partial_lse_ptr,  # [batch, num_heads, num_splits] fp32, log2 domain
-        out_ptr,  # [batch, num_heads, HEAD_DIM]: written directly when there is one split
+        out_ptr,  # [batch, num_heads, HEAD_DIM]: written here unless a reduce pass follows (3+ splits)
         counters_ptr,  # (TWO_SPLITS) [>= batch * num_kv_heads] int32, 0 between calls
         scale_log2,  # softmax scale * log2(e): scores live in the log2 domain so exp2 can be used
         num_splits,
@@ -151,16 +153,18 @@ if HAS_TRITON:
         seq_len = tl.load(seq_lens_ptr + seq)
         split_this = num_splits > 1
         if BY_LENGTH:
-            # Cut in two only a sequence 1/8 longer than the batch's mean (and of 3+ key tiles): with equal
-            # lengths nothing is split (one program per pair is faster there), with spread ones the
-            # longest are, which would otherwise finish last. Every program of the sequence decides alike.
-            batch = tl.num_programs(0)
+            # Cut in two only a sequence 1/8 longer than the mean of the non-empty rows (CUDA-graph padding
+            # rows have length 0) and of 3+ key tiles: with equal lengths nothing is split (one program per
+            # pair is faster there), with spread ones the longest are, which would otherwise finish last.
+            # Both programs of a sequence decide alike (the same exact sums).
             offs_b = tl.arange(0, BATCH_P2)
-            total = tl.sum(tl.load(seq_lens_ptr + offs_b, mask=offs_b < batch, other=0).to(tl.int64), axis=0)
-            split_this = (seq_len.to(tl.int64) * batch * 8 > total * 9) & (seq_len > 2 * BLOCK_N)
+            lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < tl.num_programs(0), other=0)  # [BATCH_P2]
+            total = tl.sum(lens.to(tl.int64), axis=0)
+            num_live = tl.sum((lens > 0).to(tl.int64), axis=0)
+            split_this = (seq_len.to(tl.int64) * num_live * 8 > total * 9) & (seq_len > 2 * BLOCK_N)
         # This split's key range, from the actual length: tile-aligned, so short sequences leave the last
-        # splits empty. Those return at once (the reduce pass skips them), except split 0, which writes
-        # zeros and lse = -inf for an empty sequence (a padded row of a CUDA graph).
+        # splits empty. Those return at once, except split 0, which writes zeros (lse = -inf) for an empty
+        # sequence (a padded row of a CUDA graph): the reduce pass or the combine skips the empty splits.
         keys_per_split = tl.cdiv(tl.cdiv(seq_len, tl.where(split_this, num_splits, 1)), BLOCK_N) * BLOCK_N
         start = split * keys_per_split
         if split > 0 and start >= seq_len:
@@ -227,7 +231,7 @@ if HAS_TRITON:
                     )
                 else:  # (split 0: split 1 got no keys and returned)
                     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-        else:
+        else:  # (BY_LENGTH: a sequence not cut, all in split 0)
             tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
 
     @triton.jit
@@ -294,14 +298,26 @@ if HAS_TRITON:
         )
 
 
+def default_split_by_length(batch: int, num_kv_heads: int, num_sms: int) -> bool:
+    """Whether two splits cut only the longer sequences (see the module docstring): from
+    DECODE_TWO_SPLITS_ITEMS_PER_SM (sequence, kv head) pairs per SM. For CUDA graphs, pass the padded batch
+    at capture and in eager steps alike, as for default_num_splits."""
+    return batch * num_kv_heads >= DECODE_TWO_SPLITS_ITEMS_PER_SM * num_sms
+
+
 def _check_counters(counters: torch.Tensor | None, needed: int, device: torch.device) -> torch.Tensor:
     """The two-split kernel's arrival counts: a fresh zeroed buffer, or the caller's, checked."""
     if counters is None:
         return torch.zeros(needed, dtype=torch.int32, device=device)
-    if counters.dtype != torch.int32 or counters.device != device or counters.numel() < needed:
+    if (
+        counters.dtype != torch.int32
+        or counters.device != device
+        or counters.numel() < needed
+        or counters.stride(0) != 1
+    ):
         raise ValueError(
-            f"counters must be int32 on {device} with >= {needed} elements, got {counters.dtype} on "
-            f"{counters.device} with {counters.numel()}"
+            f"counters must be contiguous int32 on {device} with >= {needed} elements, got {counters.dtype} "
+            f"on {counters.device} with {counters.numel()} (stride {counters.stride(0)})"
         )
     return counters
 
@@ -324,9 +340,8 @@ def decode_attention(
     max_seq_len only feeds the default num_splits (any seq_lens value up to the block table's capacity
     is handled correctly). The grid depends on (batch, num_kv_heads, num_splits) only.
     Two splits combine themselves through `counters` (a zeroed buffer the caller keeps, as the model
-    runner does; None: one is made per call); split_by_length (default: from
-    DECODE_TWO_SPLITS_ITEMS_PER_SM (sequence, kv head) pairs per SM) cuts only the sequences longer than
-    the batch's mean.
+    runner does; None: one is made per call); with split_by_length (default: `default_split_by_length`
+    of this batch) they cut only the sequences 1/8 longer than the mean of the non-empty rows.
     """
     check_paged_args(q, k_cache, v_cache, seq_lens, block_tables)
     check_triton_device(q, "decode_attention")
@@ -351,7 +366,7 @@ def decode_attention(
         counters = _check_counters(counters, batch * num_kv_heads, q.device)
         if split_by_length is None:
             num_sms = device_num_sms(q.device.index or 0) if q.device.type == "cuda" else 132
-            split_by_length = batch * num_kv_heads >= DECODE_TWO_SPLITS_ITEMS_PER_SM * num_sms
+            split_by_length = default_split_by_length(batch, num_kv_heads, num_sms)
     by_length = two_splits and bool(split_by_length)
     if one_split:  # no partials: `out` stands in for their pointers (unread with ONE_SPLIT)
         partial_out = partial_lse = out
@@ -391,7 +406,8 @@ def decode_attention(
         USE_PDL=use_pdl,
         TWO_SPLITS=two_splits,
         BY_LENGTH=by_length,
-        BATCH_P2=triton.next_power_of_2(batch) if by_length else 1,  # (no variant per batch otherwise)
+        # (one variant per power of two of the batch, by length only: CUDA graphs compile theirs at capture)
+        BATCH_P2=triton.next_power_of_2(batch) if by_length else 1,
         num_warps=DECODE_NUM_WARPS,
         num_stages=DECODE_NUM_STAGES,
         launch_pdl=use_pdl,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.parity.test_tensor_parallel import end_script_without_shutdown
+from tests.parity.test_tensor_parallel import _wait_gone, end_script_without_shutdown
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu]
 
@@ -18,4 +18,5 @@ def test_tp_script_ending_without_shutdown_exits_promptly():
     kwargs = dict(max_model_len=1024, max_num_seqs=16, num_kvcache_blocks=1024)
     seconds, pids = end_script_without_shutdown("qwen3-0.6b", timeout_s=300, **kwargs)
     assert len(pids) == 1
+    assert _wait_gone(pids), f"worker {pids} outlived its driver"
     assert seconds < 30, f"the script took {seconds:.1f} s to exit after its last line"

@@ -1,10 +1,13 @@
 """decode_attention (split-KV Triton kernel + reduction) matches decode_attention_ref for any number of
 splits, including splits left empty, and its launch does not depend on the sequence lengths."""
 
+import math
+
 import pytest
 import torch
 
 from nanovllm.kernels.decode_attention import (
+    DECODE_BLOCK_N,
     DECODE_MIN_KEYS_PER_SPLIT,
     decode_attention,
     decode_attention_ref,
@@ -143,11 +146,23 @@ def test_decode_reads_strided_q(make_paged_inputs, tol, num_splits):
     torch.testing.assert_close(out, decode_attention_ref(q_view, *rest), **tol(torch.float32))
 
 
+def cut_in_two(seq_lens: list[int], by_length: bool, block_n: int = DECODE_BLOCK_N) -> list[bool]:
+    """Which sequences two splits cut (both halves get keys), by the kernel's documented rule."""
+    total, num_live = sum(seq_lens), sum(n > 0 for n in seq_lens)
+    cut = []
+    for n in seq_lens:
+        half = math.ceil(math.ceil(n / 2) / block_n) * block_n  # keys of split 0
+        long = n * num_live * 8 > total * 9 and n > 2 * block_n
+        cut.append(n > half and (long or not by_length))
+    return cut
+
+
 @pytest.mark.parametrize("split_by_length", [False, True])
 def test_two_splits_combine_themselves_and_reset_the_counts(make_paged_inputs, tol, split_by_length):
     # Two splits: the second of a sequence's splits to finish combines both. By length, only sequences 1/8
-    # longer than the mean and of 3+ key tiles are split (in the first call 200 and 390 of mean 138; none
-    # of the equal ones; in the last, the two 390s); the rest run whole. Calls reuse one counter buffer.
+    # longer than the mean of the non-empty rows and of 3+ key tiles are cut (first call: 200 and 390 of
+    # mean 138; none of the equal ones; last: the two 390s, with two padding rows of length 0). The counts
+    # of the pairs that are not cut hold a sentinel the kernel must not touch; the others end at 0.
     inputs = make_paged_inputs(
         [(1, n) for n in (150, 390, 150, 390, 390, 150, 150)],
         num_heads=4,
@@ -157,22 +172,37 @@ def test_two_splits_combine_themselves_and_reset_the_counts(make_paged_inputs, t
         dtype=torch.float32,
     )
     args = inputs.decode_args
-    counters = torch.zeros(7 * 2 + 3, dtype=torch.int32)
     out = torch.empty_like(inputs.q)
-    for seq_lens in ([45, 200, 1, 130, 390, 64, 133], [150] * 7, [1, 390, 7, 390, 2, 129, 1]):
+    # (the last: by the mean of the live rows nothing is long; counting the padding rows, all would be)
+    for seq_lens in (
+        [45, 200, 1, 130, 390, 64, 133],
+        [150] * 7,
+        [0, 390, 7, 390, 2, 129, 0],
+        [0, 0] + [150] * 5,
+    ):
+        cut = cut_in_two(seq_lens, split_by_length)
+        counters = torch.tensor([0 if c else 5 for c in cut for _ in range(2)], dtype=torch.int32)
         inputs.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
         kwargs = dict(num_splits=2, out=out, counters=counters, split_by_length=split_by_length)
         decode_attention(*args, 400, **kwargs)
-        torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.float32))
-        assert not counters.any(), "every count is back to 0 for the next call"
+        live = [i for i, n in enumerate(seq_lens) if n > 0]  # (the reference takes no empty rows)
+        ref = decode_attention_ref(*(a[live] if i in (0, 3, 4) else a for i, a in enumerate(args)))
+        torch.testing.assert_close(out[live], ref, **tol(torch.float32))
+        assert not out[[i for i, n in enumerate(seq_lens) if n == 0]].any()
+        assert counters.tolist() == [0 if c else 5 for c in cut for _ in range(2)]
+    expected = [False, True, False, False, True, False, False]
+    assert cut_in_two([45, 200, 1, 130, 390, 64, 133], True) == expected
 
 
 def test_two_splits_reject_a_bad_counter_buffer(make_paged_inputs):
     inputs = make_paged_inputs(
         [(1, 3), (1, 5)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
     )
-    for bad in (torch.zeros(1, dtype=torch.int32), torch.zeros(4, dtype=torch.int64)):
-        with pytest.raises(ValueError, match="counters must be int32"):
+    too_small, wide, strided = (
+        torch.zeros(n, dtype=d) for n, d in ((1, torch.int32), (4, torch.int64), (8, torch.int32))
+    )
+    for bad in (too_small, wide, strided[::2]):
+        with pytest.raises(ValueError, match="counters must be contiguous int32"):
             decode_attention(*inputs.decode_args, 8, num_splits=2, counters=bad)
 
 
@@ -216,7 +246,7 @@ def test_decode_rejects_bad_arguments(make_paged_inputs):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("block_size", [16, 256])
-@pytest.mark.parametrize("num_splits", [None, 1, 7])
+@pytest.mark.parametrize("num_splits", [None, 1, 2, 7])
 def test_decode_matches_ref_gpu(make_paged_inputs, tol, dtype, block_size, num_splits):
     gen = torch.Generator().manual_seed(block_size)
     seq_lens = torch.randint(1, 4097, (64,), generator=gen).tolist()
@@ -235,7 +265,8 @@ def test_decode_matches_ref_gpu(make_paged_inputs, tol, dtype, block_size, num_s
 
 @pytest.mark.gpu
 @needs_cuda
-def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol):
+@pytest.mark.parametrize("num_splits,split_by_length", [(None, None), (2, False), (2, True)])
+def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_length):
     inputs = make_paged_inputs(
         [(1, 4000)] * 8,
         num_heads=16,
@@ -247,11 +278,16 @@ def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol):
     )
     args = inputs.decode_args
     out = torch.empty_like(inputs.q)
-    decode_attention(*args, max_seq_len=4096, out=out)  # compile outside the capture
+    counters = torch.zeros(8 * 8, dtype=torch.int32, device="cuda")
+    kwargs = dict(max_seq_len=4096, out=out, num_splits=num_splits, split_by_length=split_by_length)
+    if num_splits == 2:
+        kwargs["counters"] = counters
+    decode_attention(*args, **kwargs)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_attention(*args, max_seq_len=4096, out=out)
+        decode_attention(*args, **kwargs)
     for lens in ([4000] * 8, [1, 17, 300, 4000, 2048, 16, 15, 999]):
         inputs.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
         torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.bfloat16))
+        assert not counters.any()  # (two splits: every count back to 0 after each replay)

@@ -349,6 +349,7 @@ def end_script_without_shutdown(model: str, timeout_s: float, **llm_kwargs) -> t
 
 
 def test_script_ending_without_shutdown_exits_and_stops_its_workers(ckpts):
+    # (The exit hang this guards against was NCCL's, tests/gpu/test_tp_exit_gpu.py; here, the lifecycle.)
     seconds, pids = end_script_without_shutdown(str(ckpts["qwen3"]), timeout_s=120)
     assert len(pids) == 1
     assert _wait_gone(pids), f"workers {pids} outlived their driver"
