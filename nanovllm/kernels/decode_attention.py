@@ -77,7 +77,7 @@ DECODE_MIN_ROWS = 16
 # longest sequences set the time; from 384 pairs spread lengths still gain 3-8% from 4-8 splits. At 128-192
 # pairs fewer splits than the programs-per-SM aim win at 4096 keys (2 instead of 3 at 192 pairs: 143.5 vs
 # 166.2 us) and lose a little at 320. Two splits now take the best of both at 256 pairs: they combine
-# themselves (no reduce kernel) and cut only the sequences longer than the mean, so equal lengths run as
+# themselves (no reduce kernel) and cut only the sequences above the mean, so equal lengths run as
 # one split (21.0 vs 24.2 us before, one split 21.2) and spread ones as two (60.6 vs 61.6)
 # (results/decode_splits-*-2026-11-28-010906.json).
 DECODE_PROGRAMS_PER_SM = 4
@@ -140,7 +140,7 @@ if HAS_TRITON:
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the K/V store
         TWO_SPLITS: tl.constexpr,  # num_splits == 2: the splits combine themselves, no reduce pass
-        BY_LENGTH: tl.constexpr,  # (TWO_SPLITS) split only the sequences longer than the batch's mean
+        BY_LENGTH: tl.constexpr,  # (TWO_SPLITS) split only the sequences 1/8 longer than the live mean
         BATCH_P2: tl.constexpr,  # (BY_LENGTH) the batch rounded up to a power of two
     ):
         if USE_PDL:
