@@ -304,6 +304,8 @@ class ModelRunner:
             elif (size := self._prefill_graph_size(inp)) is not None:
                 hidden = self._replay_prefill(inp, size)
             else:
+                splits = self._decode_splits(inp.num_seqs) if inp.is_decode else (None, None)
+                num_splits, split_by_length = splits
                 meta = AttentionMetadata(
                     slot_mapping=to(inp.slot_mapping),
                     cu_seqlens_q=to(inp.cu_seqlens_q),
@@ -312,8 +314,8 @@ class ModelRunner:
                     max_query_len=inp.max_query_len,
                     max_seq_len=inp.max_seq_len,
                     is_decode=inp.is_decode,
-                    decode_num_splits=self._decode_num_splits(inp.num_seqs) if inp.is_decode else None,
-                    decode_split_by_length=self._decode_split_by_length(inp.num_seqs),
+                    decode_num_splits=num_splits,
+                    decode_split_by_length=split_by_length,
                     decode_counters=self.decode_counters,
                     prefill_work=None if inp.work_seq is None else (to(inp.work_seq), to(inp.work_tile)),
                 )
@@ -353,21 +355,17 @@ class ModelRunner:
     def _padded_size(self, num_seqs: int) -> int | None:
         return next((size for size in self.graph_sizes if size >= num_seqs), None)
 
-    def _decode_num_splits(self, num_seqs: int) -> int | None:
-        """Split-KV count for a decode step, from the padded batch size and max_model_len only, so
-        eager steps and graph replays of the same batch cut the keys the same way (same tokens)."""
+    def _decode_splits(self, num_seqs: int) -> tuple[int | None, bool | None]:
+        """(split-KV count, whether two splits cut only the longer sequences) for a decode step, from the
+        padded batch size and max_model_len only, so eager steps and graph replays of the same batch cut
+        the keys the same way (same tokens). (None, None) off CUDA: the kernel's defaults."""
         if self.device.type != "cuda":
-            return None
+            return None, None
         size = self._padded_size(num_seqs) or num_seqs
-        return default_num_splits(size, self.num_kv_heads, self.config.max_model_len, self.num_sms)
-
-    def _decode_split_by_length(self, num_seqs: int) -> bool | None:
-        """Whether two decode splits cut only the longer sequences: from the padded batch size too, so
-        that eager steps and graph replays decide alike."""
-        if self.device.type != "cuda":
-            return None
-        size = self._padded_size(num_seqs) or num_seqs
-        return default_split_by_length(size, self.num_kv_heads, self.num_sms)
+        return (
+            default_num_splits(size, self.num_kv_heads, self.config.max_model_len, self.num_sms),
+            default_split_by_length(size, self.num_kv_heads, self.num_sms),
+        )
 
     def _capture_cuda_graphs(self):
         """Capture one decode forward per batch size; a step pads to the next captured size. Returns
@@ -394,6 +392,7 @@ class ModelRunner:
         pool = None
         with kernel_backend(self.config.kernel_backend), torch.inference_mode():
             for size in reversed(self.graph_sizes):
+                num_splits, split_by_length = self._decode_splits(size)
                 meta = AttentionMetadata(
                     slot_mapping=b["slot_mapping"][:size],
                     cu_seqlens_q=b["cu_seqlens_q"][: size + 1],
@@ -402,8 +401,8 @@ class ModelRunner:
                     max_query_len=1,
                     max_seq_len=self.config.max_model_len,
                     is_decode=True,
-                    decode_num_splits=self._decode_num_splits(size),
-                    decode_split_by_length=self._decode_split_by_length(size),
+                    decode_num_splits=num_splits,
+                    decode_split_by_length=split_by_length,
                     decode_counters=self.decode_counters,
                 )
                 self.graphs[size] = graph = self._capture(partial(self._graph_forward, size, meta), pool)

@@ -348,8 +348,8 @@ def decode_attention(
     check_kernel_args(q, k_cache, out)
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_sms = device_num_sms(q.device.index or 0) if q.device.type == "cuda" else 132  # (for the defaults)
     if num_splits is None:
-        num_sms = device_num_sms(q.device.index or 0) if q.device.type == "cuda" else 132
         num_splits = default_num_splits(batch, num_kv_heads, max_seq_len, num_sms)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
@@ -365,7 +365,6 @@ def decode_attention(
     if two_splits:
         counters = _check_counters(counters, batch * num_kv_heads, q.device)
         if split_by_length is None:
-            num_sms = device_num_sms(q.device.index or 0) if q.device.type == "cuda" else 132
             split_by_length = default_split_by_length(batch, num_kv_heads, num_sms)
     by_length = two_splits and bool(split_by_length)
     if one_split:  # no partials: `out` stands in for their pointers (unread with ONE_SPLIT)
