@@ -55,15 +55,21 @@ def _allocated() -> int:
 
 
 def _hog_memory() -> list[torch.Tensor]:
-    """Take all but MARGIN_BYTES of the GPU's free memory (in chunks: one huge block may not fit)."""
+    """Take all of the memory a new tensor could get but MARGIN_BYTES: the driver's free memory *and* the
+    caching allocator's free blocks (an engine's earlier steps can leave those in segments that
+    `empty_cache` cannot release, and the step would allocate from them). Chunks halve on each failure
+    down to 1 MB; then the smallest chunks are given back, up to MARGIN_BYTES."""
     torch.cuda.empty_cache()
-    hog = []
-    while True:
-        free, _ = torch.cuda.mem_get_info()
-        size = min(CHUNK_BYTES, free - MARGIN_BYTES)
-        if size < 1 << 20:
-            return hog
-        hog.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+    hog, size = [], CHUNK_BYTES
+    while size >= 1 << 20:
+        try:
+            hog.append(torch.empty(size, dtype=torch.uint8, device="cuda"))
+        except torch.cuda.OutOfMemoryError:
+            size //= 2
+    freed = 0
+    while hog and freed + hog[-1].numel() <= MARGIN_BYTES:
+        freed += hog.pop().numel()
+    return hog
 
 
 @pytest.mark.parametrize("how", ["memory taken before the step", "a layer allocating too much"])
