@@ -29,12 +29,12 @@ from nanovllm import LLM, SamplingParams
 # (kind, regex on the kernel name), first match wins
 KINDS = [
     ("communication", r"nccl|AllReduce|Broadcast|allreduce|all_reduce"),
-    ("attention", r"decode_split|decode_reduce|paged_attention|_attn|flash"),
+    ("attention", r"decode_split|decode_reduce|paged_attention|paged_prefill|_attn|flash"),
     ("qk-norm/rope/kv-store", r"qk_norm|rope|store_kv|kvcache"),
     ("norm", r"rmsnorm|rms_norm|layer_norm"),
     ("activation", r"silu|act_and_mul|gelu"),
     ("sampling", r"gumbel|sampl|softmax|argmax|topk|top_k|penalt"),
-    ("gemm", r"gemm|gemv|nvjet|xmma|cutlass|sm90|matmul|cublas"),
+    ("gemm", r"gemm|gemv|decode_linear|nvjet|xmma|cutlass|sm90|matmul|cublas"),
     ("copy", r"[Mm]emcpy|[Mm]emset|copy_|index_select|index_copy|gather|scatter"),
 ]
 
