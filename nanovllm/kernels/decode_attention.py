@@ -54,11 +54,12 @@ def decode_attention_ref(
 
 # Launch shapes for an H100, chosen by reasoning, not measurement (benchmarks/kernels.py sweeps a few
 # alternatives; change them here). A 64-key tile of K or V at head_dim 128 in bf16 is 16 KB, fetched with
-# 16-byte cp.async copies. Compiled offline for sm_90: 106 registers/thread and 38 KB of shared memory, so
-# 4 programs of 4 warps fit on an SM. Triton's pipeliner issues the next tile's K/V right after the current
-# tile's math (the block-table gather one tile earlier still; num_stages > 3 changes nothing here), so one
-# program does not overlap its own loads and math: the latency is hidden across programs instead, and
-# 4 programs x 32 KB in flight per SM is several times what HBM needs (~3 TB/s x ~1 us / 132 SMs).
+# 16-byte cp.async copies. Compiled for sm_90 (bf16, head_dim 128): 128 registers/thread, exactly the most
+# that lets 4 programs of 4 warps share an SM's 64K registers (a test keeps it so), and 38 KB of shared
+# memory. Triton's pipeliner issues the next tile's K/V right after the current tile's math (the block-table
+# gather one tile earlier still; num_stages > 3 changes nothing here), so one program does not overlap its
+# own loads and math: the latency is hidden across programs instead, and 4 programs x 32 KB in flight per
+# SM is several times what HBM needs (~3 TB/s x ~1 us / 132 SMs).
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3

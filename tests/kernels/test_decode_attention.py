@@ -2,6 +2,9 @@
 splits, including splits left empty, and its launch does not depend on the sequence lengths."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -291,3 +294,54 @@ def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_l
         graph.replay()
         torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.bfloat16))
         assert not counters.any()  # (two splits: every count back to 0 after each replay)
+
+
+# ---------------------------------------------------------------- registers (an H100 build, any machine)
+
+# Compiled for sm_90 outside the interpreter, with the 16-divisible pointers and strides a real launch
+# specializes on: the registers a thread of the split kernel uses (cuobjdump -res-usage).
+_REGISTERS = """
+import os, re, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from nanovllm.kernels import decode_attention as da
+
+one_split, two_splits = (bool(int(a)) for a in sys.argv[1:3])
+kernel = da._decode_split_kernel
+names = kernel.arg_names
+constants = dict(ONE_SPLIT=one_split, GROUP=2, BLOCK_H=da.DECODE_MIN_ROWS, HEAD_DIM=128,
+                 BLOCK_N=da.DECODE_BLOCK_N, BLOCK_SIZE=256, DOT_PRECISION="tf32", USE_PDL=True,
+                 TWO_SPLITS=two_splits, BY_LENGTH=two_splits, BATCH_P2=256 if two_splits else 1)
+types = {"seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "counters_ptr": "*i32",
+         "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "scale_log2": "fp32"}
+pointers = {n for n in names if n.endswith("_ptr")}
+signature = {n: "constexpr" if n in constants else types.get(n, "*bf16" if n in pointers else "i32")
+             for n in names}
+aligned = [n for n in names if n in pointers or "stride" in n]
+source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()},
+                   {(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": da.DECODE_NUM_WARPS, "num_stages": da.DECODE_NUM_STAGES})
+cubin = os.path.join(os.environ["TMP_DIR"], "k.cubin")
+open(cubin, "wb").write(compiled.asm["cubin"])
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+print(re.search(r"REG:(\\d+)", usage).group(1), re.search(r"STACK:(\\d+)", usage).group(1))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("one_split,two_splits", [(True, False), (False, True), (False, False)])
+def test_split_kernel_keeps_four_programs_per_sm(tmp_path, one_split, two_splits):
+    # Decode attention keeps its loads in flight across 4 programs of 128 threads per SM (DECODE_NUM_WARPS),
+    # which needs <= 128 registers a thread. (Session 14 fused the q/k norm, rope and K/V store into this
+    # kernel: its first version took 168 in the split variants, 3 programs per SM, and lost ~3% of the
+    # default workload's throughput on an H100; docs/performance.md.)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TMP_DIR": str(tmp_path)}
+    args = [str(int(v)) for v in (one_split, two_splits)]
+    result = subprocess.run([sys.executable, "-c", _REGISTERS, *args], env=env, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    registers, stack = (int(v) for v in result.stdout.split()[-2:])
+    assert registers <= 128 and stack == 0, (registers, stack)
