@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.sm90 import run_outside_interpreter
 
 PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gluon_decode_matmul.py"
 
@@ -88,13 +87,8 @@ print(json.dumps(out))
 @pytest.mark.slow
 def test_two_configs_compile_for_sm90(bench, tmp_path):
     # TRITON_INTERPRET must be unset to compile; a fresh cache so the compiler really runs.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {
-        "TRITON_CACHE_DIR": str(tmp_path)
-    }
-    result = subprocess.run([sys.executable, "-c", _COMPILE, str(PATH)], env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    compiled = json.loads(result.stdout.strip().splitlines()[-1])
+    stdout = run_outside_interpreter(_COMPILE, str(PATH), env={"TRITON_CACHE_DIR": str(tmp_path)})
+    compiled = json.loads(stdout.strip().splitlines()[-1])
     splits = [c["plan"]["split"] for c in compiled]
     assert splits[0] > 1 and splits[1] == 1  # the split-K reduction and the direct store are both built
     for c in compiled:

@@ -2,10 +2,6 @@
 written into the tested rank's buffer before each call (the interpreter runs one rank at a time), where the
 peer's kernel would store them. Both ranks on two real GPUs: tests/gpu/test_peer_all_reduce_gpu.py."""
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
@@ -20,6 +16,7 @@ from nanovllm.kernels.all_reduce import (
     all_reduce_rms_norm_reference,
     peer_all_reduce_triton,
 )
+from tests.sm90 import run_outside_interpreter
 
 WORLD = 2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
@@ -211,11 +208,7 @@ print(len(re.findall(r"bar\\.sync", compiled.asm["ptx"])))
 
 
 def _barriers(hidden: int, block_h: int = 0) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", _BARRIERS, str(hidden), str(block_h)], env=env,
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    return int(result.stdout.split()[-1])
+    return int(run_outside_interpreter(_BARRIERS, str(hidden), str(block_h)).split()[-1])
 
 
 def test_every_warp_of_a_program_leaves_the_wait_together():

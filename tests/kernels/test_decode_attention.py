@@ -2,9 +2,6 @@
 splits, including splits left empty, and its launch does not depend on the sequence lengths."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,6 +14,7 @@ from nanovllm.kernels.decode_attention import (
     default_num_splits,
 )
 from nanovllm.kernels.paged_attention import paged_prefill_attention
+from tests.sm90 import run_outside_interpreter
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -338,10 +336,7 @@ def test_split_kernel_keeps_four_programs_per_sm(tmp_path, one_split, two_splits
     # which needs <= 128 registers a thread. (Session 14 fused the q/k norm, rope and K/V store into this
     # kernel: its first version took 168 in the split variants, 3 programs per SM, and lost ~3% of the
     # default workload's throughput on an H100; docs/performance.md.)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TMP_DIR": str(tmp_path)}
     args = [str(int(v)) for v in (one_split, two_splits)]
-    result = subprocess.run([sys.executable, "-c", _REGISTERS, *args], env=env, capture_output=True,
-                            text=True, timeout=300)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    registers, stack = (int(v) for v in result.stdout.split()[-2:])
+    stdout = run_outside_interpreter(_REGISTERS, *args, env={"TMP_DIR": str(tmp_path)})
+    registers, stack = (int(v) for v in stdout.split()[-2:])
     assert registers <= 128 and stack == 0, (registers, stack)
