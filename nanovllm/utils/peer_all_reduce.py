@@ -43,6 +43,7 @@ class PeerAllReduce:
         torch.cuda.synchronize(device)  # the buffer is EMPTY before any peer can write into it
         self._mapped: list[torch.UntypedStorage] = []  # peers' storages, kept open while in use
         self.buffer_ptrs: torch.Tensor | None = None  # [size] int64, set by _map
+        self.buffers_aligned = False  # every buffer_ptrs address a multiple of 16, set by _map
 
     def handles(self) -> tuple:
         return _share(self.buffer)
@@ -58,6 +59,7 @@ class PeerAllReduce:
             self._mapped.append(storage)
             buffer_ptrs.append(storage.data_ptr())
         self.buffer_ptrs = torch.tensor(buffer_ptrs, dtype=torch.int64, device=device)
+        self.buffers_aligned = all(ptr % 16 == 0 for ptr in buffer_ptrs)  # (allocations always are)
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether x goes through peer memory (else NCCL): a small, contiguous [..., hidden] tensor."""
@@ -88,6 +90,7 @@ class PeerAllReduce:
             MAX_SLOT_BYTES // x.element_size(),
             norm,
             self.num_programs,
+            self.buffers_aligned,
         )
 
     def abort(self) -> None:
