@@ -3,6 +3,7 @@ the test conftests switch on for this process, so the compiling script runs in a
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -16,3 +17,54 @@ def run_outside_interpreter(code: str, *args: str, env: dict[str, str] | None = 
                             timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+# A kernel compiled for sm_90 with the 16-divisible arguments a real launch specializes on. The spec travels
+# as JSON; a constant written "tl.<name>" is that triton.language attribute (a dtype).
+_COMPILE = """
+import collections, importlib, json, os, re, subprocess, sys, tempfile
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+spec = json.loads(sys.argv[1])
+kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
+names = kernel.arg_names
+constants = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
+             for k, v in spec["constants"].items()}
+signature = {n: "constexpr" if n in constants else spec["types"][n] for n in names}
+source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()},
+                   {(names.index(n),): [["tt.divisibility", 16]] for n in spec["divisible"]})
+compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=spec["options"])
+ptx = compiled.asm["ptx"]
+with tempfile.TemporaryDirectory() as tmp:
+    cubin = os.path.join(tmp, "k.cubin")
+    open(cubin, "wb").write(compiled.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+memory_ops = re.findall(r"\\b(?:ld|st)\\.(?:volatile\\.)?global[.a-z0-9]*", ptx)
+print(json.dumps({
+    "registers": int(re.search(r"REG:(\\d+)", usage).group(1)),
+    "stack": int(re.search(r"STACK:(\\d+)", usage).group(1)),
+    "barriers": len(re.findall(r"bar\\.sync", ptx)),
+    "memory_ops": collections.Counter(memory_ops),
+}))
+"""
+
+
+def compile_sm90(
+    module: str,
+    kernel: str,
+    types: dict[str, str],
+    constants: dict[str, object],
+    divisible: list[str],
+    **options: int,
+) -> dict:
+    """Compile module.kernel for an H100: types maps every non-constexpr argument to its Triton type
+    ("*bf16", "i32", ...), `divisible` names those a launch would see as multiples of 16, options are
+    num_warps etc. -> {"registers", "stack", "barriers" (bar.sync in the PTX),
+    "memory_ops" (global loads and stores by PTX instruction: {"ld.global.v4.b32": n, ...})}"""
+    spec = dict(module=module, kernel=kernel, types=types, constants=constants, divisible=divisible)
+    spec["options"] = options
+    return json.loads(run_outside_interpreter(_COMPILE, json.dumps(spec)).strip().splitlines()[-1])

@@ -136,9 +136,13 @@ def _gumbel_argmax_split_kernel(
     best = tl.full([BLOCK_ROWS, BLOCK_QUADS], float("-inf"), tl.float32)
     best_col = tl.broadcast_to(start + tl.arange(0, BLOCK_QUADS)[None, :], [BLOCK_ROWS, BLOCK_QUADS])
     top_logit = tl.full([BLOCK_ROWS], float("-inf"), tl.float32)  # largest scaled logit so far
-    for tile_start in range(start, end, 4 * BLOCK_QUADS):
+    for tile_offset in range(0, end - start, 4 * BLOCK_QUADS):
+        # A tile never crosses its split's end (cols_per_split is whole tiles), so the vocabulary is the only
+        # column bound; with it and the tile's alignment stated (on a sum: a hint on the loop variable itself
+        # is lost), a thread loads its 8 columns of a lane in one 16-byte load instead of 8 2-byte ones.
+        tile_start = tl.multiple_of(start + tile_offset, 4 * BLOCK_QUADS)
         cols = tile_start + lanes * BLOCK_QUADS + quads  # [1, 4, Q]
-        mask = row_ok[:, None, None] & (cols < end)
+        mask = row_ok[:, None, None] & (cols < vocab_size)
         x = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale  # [R, 4, Q]
         tile_top = tl.max(tl.max(x, axis=1), axis=1)  # [R]
         draw = (tile_top > top_logit - NOISE_SPREAD) & ~greedy  # random rows that can win here
@@ -185,8 +189,9 @@ def _gumbel_argmax_reduce_kernel(
 
 # Launch shape, chosen by reasoning, not measurement (no GPU was at hand; compiled offline for sm_90).
 # A tile is 4 x 1024 = 4096 columns; with 4 warps each thread holds 8 adjacent columns of each lane
-# (16-byte loads of bf16 when the row stride is a multiple of 16) and makes 8 Philox calls per tile.
-# bf16 at 151936 columns: ~120 registers, no spills, so 4 programs fit on an SM. In SASS a tile that
+# (16-byte loads of bf16 when the row stride and the vocabulary are multiples of 16; a CPU test compiles it
+# for sm_90 and checks) and makes 8 Philox calls per tile. bf16 at 151936 columns: 110 registers, no spills,
+# so 4 programs fit on an SM. In SASS a tile that
 # draws noise costs ~64 instructions per logit (Philox ~25, the accurate inner log ~20), one that is
 # skipped ~11: compute-bound where rows are flat, memory-bound where they are peaked. So the grid
 # wants every SM busy: enough splits of the vocabulary to give each SM SAMPLING_PROGRAMS_PER_SM

@@ -2,8 +2,6 @@
 written into the tested rank's buffer before each call (the interpreter runs one rank at a time), where the
 peer's kernel would store them. Both ranks on two real GPUs: tests/gpu/test_peer_all_reduce_gpu.py."""
 
-import json
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from nanovllm.kernels.all_reduce import (
     all_reduce_rms_norm_reference,
     peer_all_reduce_triton,
 )
-from tests.sm90 import run_outside_interpreter
+from tests.sm90 import compile_sm90
 
 WORLD = 2
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
@@ -186,61 +184,47 @@ def test_abort_flag_releases_a_rank_waiting_for_a_peer_that_never_comes():
     assert bufs.epochs.tolist() == [1] * NUM_PROGRAMS  # it ran, and came back
 
 
-# Compiled for an H100 (sm_90) on any machine, outside the interpreter, as a launch with 16-byte aligned
-# pointers would be: how many barriers the wait loop's tl.sum has, for rows of a given width as the launcher
-# blocks them (or as given), and the widths of its global stores and volatile loads (rows sent, polls).
-_COMPILED = """
-import collections, json, re, sys
-import triton
-import triton.language as tl
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from nanovllm.kernels import all_reduce as ar
-
-hidden, block_h = int(sys.argv[1]), int(sys.argv[2]) or ar.row_block(int(sys.argv[1]))
-wide, aligned = sys.argv[3] == "fp32", sys.argv[4] == "1"
-kernel = ar._peer_all_reduce_kernel
-constants = dict(RANK=0, WORLD=2, BLOCK_H=block_h, NUM_PROGRAMS=ar.NUM_PROGRAMS, ABORT_POLL_SPINS=1024,
-                 NORM=False, HAS_RESIDUAL=False, INT_DTYPE=tl.int32 if wide else tl.int16,
-                 EMPTY=ar.EMPTY_32 if wide else ar.EMPTY_16, EMPTY_SENT_AS=ar.NEG_ZERO_32 if wide else 0,
-                 NUM_SLOTS=ar.NUM_SLOTS, ALIGNED=aligned)
-dtype = "*fp32" if wide else "*bf16"
-types = [dtype, "*i64", "*i64", "*i32", dtype, dtype, dtype, "i32", "i32", "i32", "fp32"]
-names = kernel.arg_names
-signature = dict(zip(names, types + ["constexpr"] * len(constants)))
-# as Triton specializes a launch: pointers (allocations) and integers that are multiples of 16
-divisible = [i for i, t in enumerate(types) if t.startswith("*")]
-divisible += [names.index("slot_numel")] + ([names.index("hidden")] if hidden % 16 == 0 else [])
-attrs = {(i,): [["tt.divisibility", 16]] for i in divisible}
-source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()}, attrs)
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": ar.NUM_WARPS})
-ptx = compiled.asm["ptx"]
-print(len(re.findall(r"bar\\.sync", ptx)))
-print(json.dumps(collections.Counter(re.findall(r"(?:st\\.global|ld\\.volatile\\.global)[.a-z0-9]*", ptx))))
-"""
-
-
-def _compiled(hidden: int, block_h: int = 0, dtype: str = "fp32", aligned: bool = False) -> tuple[int, dict]:
-    """(bar.sync count, {PTX global store / volatile load instruction: count})"""
-    out = run_outside_interpreter(_COMPILED, str(hidden), str(block_h), dtype, str(int(aligned)))
-    barriers, widths = out.strip().splitlines()[-2:]
-    return int(barriers), json.loads(widths)
+# Compiled for an H100 (sm_90) on any machine, as a launch with 16-byte aligned pointers would be: the wait
+# loop's barriers for rows of a given width as the launcher blocks them (or as given), and the widths of the
+# kernel's global stores and volatile loads (rows sent, polls).
+def _compiled(hidden: int, block_h: int = 0, dtype: str = "fp32", aligned: bool = False) -> dict:
+    wide = dtype == "fp32"
+    constants = dict(
+        RANK=0,
+        WORLD=2,
+        BLOCK_H=block_h or all_reduce.row_block(hidden),
+        NUM_PROGRAMS=NUM_PROGRAMS,
+        ABORT_POLL_SPINS=1024,
+        NORM=False,
+        HAS_RESIDUAL=False,
+        INT_DTYPE="tl.int32" if wide else "tl.int16",
+        EMPTY=EMPTY_32 if wide else EMPTY_16,
+        EMPTY_SENT_AS=NEG_ZERO_32 if wide else 0,
+        NUM_SLOTS=NUM_SLOTS,
+        ALIGNED=aligned,
+    )
+    pointers = ("x_ptr", "buffer_ptrs", "epoch_ptr", "abort_ptr", "residual_ptr", "weight_ptr", "out_ptr")
+    types = dict.fromkeys(pointers, "*fp32" if wide else "*bf16") | dict(buffer_ptrs="*i64", epoch_ptr="*i64")
+    types |= dict(abort_ptr="*i32", num_rows="i32", hidden="i32", slot_numel="i32", eps="fp32")
+    divisible = [*pointers, "slot_numel"] + ["hidden"] * (hidden % 16 == 0)
+    kernel = ("nanovllm.kernels.all_reduce", "_peer_all_reduce_kernel")
+    return compile_sm90(*kernel, types, constants, divisible, num_warps=all_reduce.NUM_WARPS)
 
 
 def _barriers(hidden: int, block_h: int = 0) -> int:
-    return _compiled(hidden, block_h)[0]
+    return _compiled(hidden, block_h)["barriers"]
 
 
 def test_aligned_rows_move_in_16_byte_stores_and_polls():
     # The buffers' addresses come from a table, so Triton cannot see their alignment; without the ALIGNED
     # hint a bf16 row crossed NVLink in 2-byte stores and was polled 2 bytes at a time (the all-reduce took
     # 1.4-1.6 us longer per call on 2 x H200 at 1-256 rows x 4096).
-    _, plain = _compiled(4096, dtype="bf16", aligned=False)
+    plain = _compiled(4096, dtype="bf16", aligned=False)["memory_ops"]
     assert plain.get("st.global.b16", 0) > 0 and plain.get("ld.volatile.global.b16", 0) > 0
     for dtype in ("bf16", "fp32"):
-        _, widths = _compiled(4096, dtype=dtype, aligned=True)
-        narrow = {op: n for op, n in widths.items() if not op.endswith(".v4.b32") and op != "st.global.b64"}
-        # what is left narrow: the epoch (b64) and the abort flag's poll (one b32)
+        widths = _compiled(4096, dtype=dtype, aligned=True)["memory_ops"]
+        narrow = {op: n for op, n in widths.items() if not op.endswith((".v4.b32", ".b64"))}
+        # what is left narrow: the epoch and the buffer table (b64), and the abort flag's poll (one b32)
         assert narrow == {"ld.volatile.global.b32": 1}, widths
         assert widths["st.global.v4.b32"] > 0 and widths["ld.volatile.global.v4.b32"] > 0
 

@@ -9,12 +9,16 @@ import torch
 from nanovllm.kernels.decode_attention import (
     DECODE_BLOCK_N,
     DECODE_MIN_KEYS_PER_SPLIT,
+    DECODE_MIN_ROWS,
+    DECODE_NUM_STAGES,
+    DECODE_NUM_WARPS,
+    _decode_split_kernel,
     decode_attention,
     decode_attention_ref,
     default_num_splits,
 )
 from nanovllm.kernels.paged_attention import paged_prefill_attention
-from tests.sm90 import run_outside_interpreter
+from tests.sm90 import compile_sm90
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -296,47 +300,30 @@ def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_l
 
 # ---------------------------------------------------------------- registers (an H100 build, any machine)
 
+
 # Compiled for sm_90 outside the interpreter, with the 16-divisible pointers and strides a real launch
 # specializes on: the registers a thread of the split kernel uses (cuobjdump -res-usage).
-_REGISTERS = """
-import os, re, subprocess, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from nanovllm.kernels import decode_attention as da
-
-one_split, two_splits = (bool(int(a)) for a in sys.argv[1:3])
-kernel = da._decode_split_kernel
-names = kernel.arg_names
-constants = dict(ONE_SPLIT=one_split, GROUP=2, BLOCK_H=da.DECODE_MIN_ROWS, HEAD_DIM=128,
-                 BLOCK_N=da.DECODE_BLOCK_N, BLOCK_SIZE=256, DOT_PRECISION="tf32", USE_PDL=True,
-                 TWO_SPLITS=two_splits, BY_LENGTH=two_splits, BATCH_P2=256 if two_splits else 1)
-types = {"seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "counters_ptr": "*i32",
-         "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "scale_log2": "fp32"}
-pointers = {n for n in names if n.endswith("_ptr")}
-signature = {n: "constexpr" if n in constants else types.get(n, "*bf16" if n in pointers else "i32")
-             for n in names}
-aligned = [n for n in names if n in pointers or "stride" in n]
-source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()},
-                   {(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
-compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": da.DECODE_NUM_WARPS, "num_stages": da.DECODE_NUM_STAGES})
-cubin = os.path.join(os.environ["TMP_DIR"], "k.cubin")
-open(cubin, "wb").write(compiled.asm["cubin"])
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-print(re.search(r"REG:(\\d+)", usage).group(1), re.search(r"STACK:(\\d+)", usage).group(1))
-"""
+def _split_kernel_usage(one_split: bool, two_splits: bool) -> dict:
+    names = _decode_split_kernel.arg_names
+    constants = dict(ONE_SPLIT=one_split, GROUP=2, BLOCK_H=DECODE_MIN_ROWS, HEAD_DIM=128,
+                     BLOCK_N=DECODE_BLOCK_N, BLOCK_SIZE=256, DOT_PRECISION="tf32", USE_PDL=True,
+                     TWO_SPLITS=two_splits, BY_LENGTH=two_splits)  # fmt: skip
+    constants["BATCH_P2"] = 256 if two_splits else 1
+    types = {"seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "counters_ptr": "*i32",
+             "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "scale_log2": "fp32"}  # fmt: skip
+    types = {n: types.get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names if n not in constants}
+    divisible = [n for n in types if n.endswith("_ptr") or "stride" in n]
+    kernel = ("nanovllm.kernels.decode_attention", "_decode_split_kernel")
+    options = dict(num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
+    return compile_sm90(*kernel, types, constants, divisible, **options)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("one_split,two_splits", [(True, False), (False, True), (False, False)])
-def test_split_kernel_keeps_four_programs_per_sm(tmp_path, one_split, two_splits):
+def test_split_kernel_keeps_four_programs_per_sm(one_split, two_splits):
     # Decode attention keeps its loads in flight across 4 programs of 128 threads per SM (DECODE_NUM_WARPS),
     # which needs <= 128 registers a thread. (Session 14 fused the q/k norm, rope and K/V store into this
     # kernel: its first version took 168 in the split variants, 3 programs per SM, and lost ~3% of the
     # default workload's throughput on an H100; docs/performance.md.)
-    args = [str(int(v)) for v in (one_split, two_splits)]
-    stdout = run_outside_interpreter(_REGISTERS, *args, env={"TMP_DIR": str(tmp_path)})
-    registers, stack = (int(v) for v in stdout.split()[-2:])
-    assert registers <= 128 and stack == 0, (registers, stack)
+    usage = _split_kernel_usage(one_split, two_splits)
+    assert usage["registers"] <= 128 and usage["stack"] == 0, usage

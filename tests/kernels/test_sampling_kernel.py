@@ -26,6 +26,7 @@ from nanovllm.layers import sampler as sampler_module
 from nanovllm.layers.sampler import Sampler
 from nanovllm.layers.sampling_batch import SamplingBatch, SamplingRequest
 from nanovllm.sampling_params import SamplingParams
+from tests.sm90 import compile_sm90
 from tests.stats import assert_matches
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -300,3 +301,29 @@ def test_sampler_gpu_path_matches_cpu_path_distribution_gpu(settings, backend):
     with kernel_backend(backend):
         assert_matches(sampler_distribution("cuda", settings, num_rows=50_000), expected)
     assert_matches(sampler_distribution("cpu", settings, num_rows=50_000), expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_split_kernel_reads_logits_in_16_byte_loads(dtype):
+    # Compiled for an H100 as a launch on a 151,936-wide vocabulary specializes it. Each thread holds 8
+    # adjacent columns of a lane; they come in one 16-byte load only if Triton can see the tile's alignment
+    # and a column mask that is constant over them. Before session 15 it saw neither (the hint sat on the
+    # loop variable, where Triton drops it; the mask's bound was the split's end) and read bf16 logits 2 bytes
+    # at a time (32 loads of a tile per thread).
+    constants = dict(HAS_TEMPERATURE=True, HAS_GREEDY=True, FAST_LOG=True, NOISE_SPREAD=_NOISE_SPREAD,
+                     BLOCK_ROWS=1, BLOCK_QUADS=sampling.SAMPLING_BLOCK_QUADS)  # fmt: skip
+    types = dict(logits_ptr="*" + dtype, row_stride="i32", inv_temperature_ptr="*fp32", seeds_ptr="*i64",
+                 greedy_ptr="*u8", partial_max_ptr="*fp32", partial_idx_ptr="*i64", num_rows="i32",
+                 vocab_size="i32", cols_per_split="i32", num_splits="i32")  # fmt: skip
+    divisible = [n for n in types if n.endswith("_ptr")] + ["row_stride", "vocab_size"]  # as at 151,936
+    kernel = ("nanovllm.kernels.sampling", "_gumbel_argmax_split_kernel")
+    usage = compile_sm90(*kernel, types, constants, divisible, num_warps=sampling.SAMPLING_NUM_WARPS)
+    loads = usage["memory_ops"]
+    per_thread = 4 * sampling.SAMPLING_BLOCK_QUADS // (32 * sampling.SAMPLING_NUM_WARPS)  # logits of a tile
+    vectors = per_thread * (2 if dtype == "bf16" else 4) // 16
+    assert loads.get("ld.global.v4.b32") == vectors, loads
+    # the rest: a row's seed (b64), temperature (b32) and greedy flag (b8, twice)
+    assert {op: n for op, n in loads.items() if op.startswith("ld") and op != "ld.global.v4.b32"} == {
+        "ld.global.b64": 1, "ld.global.b32": 1, "ld.global.b8": 2}, loads  # fmt: skip
+    assert usage["registers"] <= 128 and usage["stack"] == 0, usage  # 4 programs per SM
