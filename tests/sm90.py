@@ -54,17 +54,21 @@ print(json.dumps({
 
 
 def compile_sm90(
-    module: str,
-    kernel: str,
-    types: dict[str, str],
+    kernel,  # a @triton.jit function
     constants: dict[str, object],
-    divisible: list[str],
+    types: dict[str, str] | None = None,
+    divisible: list[str] | None = None,
     **options: int,
 ) -> dict:
-    """Compile module.kernel for an H100: types maps every non-constexpr argument to its Triton type
-    ("*bf16", "i32", ...), `divisible` names those a launch would see as multiples of 16, options are
-    num_warps etc. -> {"registers", "stack", "barriers" (bar.sync in the PTX),
+    """Compile `kernel` for an H100 with `constants` as its constexprs. Its other arguments are "*bf16" if
+    named *_ptr, else "i32", unless `types` says otherwise ("*fp32", "fp32", ...); `divisible` names those a
+    launch would see as multiples of 16 (default: the pointers and the strides); options are num_warps etc.
+    -> {"registers", "stack", "barriers" (bar.sync in the PTX),
     "memory_ops" (global loads and stores by PTX instruction: {"ld.global.v4.b32": n, ...})}"""
-    spec = dict(module=module, kernel=kernel, types=types, constants=constants, divisible=divisible)
-    spec["options"] = options
+    names = [n for n in kernel.arg_names if n not in constants]
+    types = {n: (types or {}).get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names}
+    if divisible is None:
+        divisible = [n for n, t in types.items() if t.startswith("*") or "stride" in n]
+    spec = dict(module=kernel.fn.__module__, kernel=kernel.fn.__name__, types=types, constants=constants)
+    spec |= dict(divisible=divisible, options=options)
     return json.loads(run_outside_interpreter(_COMPILE, json.dumps(spec)).strip().splitlines()[-1])

@@ -90,7 +90,7 @@ class PeerAllReduce:
             MAX_SLOT_BYTES // x.element_size(),
             norm,
             self.num_programs,
-            self.buffers_aligned,
+            buffers_aligned=self.buffers_aligned,
         )
 
     def abort(self) -> None:

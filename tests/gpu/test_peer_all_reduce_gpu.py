@@ -21,7 +21,8 @@ if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
 
 WORLD = 2
 WORKER_EXIT_S = 60  # the worker's whole exit, once both ranks are done
-SHAPES = [(1, 1024), (3, 1000), (64, 4096), (128, 4096), (256, 4096), (7, 5120)]
+# (3, 1004): bf16 rows of 2,008 bytes, not 16-byte aligned, go element by element (fp32 ones are aligned)
+SHAPES = [(1, 1024), (3, 1000), (3, 1004), (64, 4096), (128, 4096), (256, 4096), (7, 5120)]
 
 
 def _parts(shape, dtype, call: int, device) -> list[torch.Tensor]:

@@ -203,22 +203,30 @@ def _compiled(hidden: int, block_h: int = 0, dtype: str = "fp32", aligned: bool 
         NUM_SLOTS=NUM_SLOTS,
         ALIGNED=aligned,
     )
-    pointers = ("x_ptr", "buffer_ptrs", "epoch_ptr", "abort_ptr", "residual_ptr", "weight_ptr", "out_ptr")
-    types = dict.fromkeys(pointers, "*fp32" if wide else "*bf16") | dict(buffer_ptrs="*i64", epoch_ptr="*i64")
-    types |= dict(abort_ptr="*i32", num_rows="i32", hidden="i32", slot_numel="i32", eps="fp32")
-    divisible = [*pointers, "slot_numel"] + ["hidden"] * (hidden % 16 == 0)
-    kernel = ("nanovllm.kernels.all_reduce", "_peer_all_reduce_kernel")
-    return compile_sm90(*kernel, types, constants, divisible, num_warps=all_reduce.NUM_WARPS)
+    pointer = "*fp32" if wide else "*bf16"
+    types = dict(x_ptr=pointer, residual_ptr=pointer, weight_ptr=pointer, out_ptr=pointer, buffer_ptrs="*i64",
+                 epoch_ptr="*i64", abort_ptr="*i32", eps="fp32")  # fmt: skip
+    divisible = [n for n, t in types.items() if t.startswith("*")] + ["slot_numel"]
+    divisible += ["hidden"] * (hidden % 16 == 0)  # as a launch specializes it
+    kernel = all_reduce._peer_all_reduce_kernel
+    return compile_sm90(kernel, constants, types, divisible, num_warps=all_reduce.NUM_WARPS)
 
 
 def _barriers(hidden: int, block_h: int = 0) -> int:
     return _compiled(hidden, block_h)["barriers"]
 
 
+def test_rows_are_aligned_only_where_every_offset_keeps_16_bytes():
+    assert all_reduce.rows_aligned(True, 4096, 1 << 20, 2) and all_reduce.rows_aligned(True, 1004, 1 << 20, 4)
+    assert not all_reduce.rows_aligned(False, 4096, 1 << 20, 2)  # a buffer address off 16 bytes
+    assert not all_reduce.rows_aligned(True, 1004, 1 << 20, 2)  # 2,008-byte rows
+    assert not all_reduce.rows_aligned(True, 4096, (1 << 20) + 4, 2)  # parts of odd size
+
+
+@pytest.mark.slow
 def test_aligned_rows_move_in_16_byte_stores_and_polls():
     # The buffers' addresses come from a table, so Triton cannot see their alignment; without the ALIGNED
-    # hint a bf16 row crossed NVLink in 2-byte stores and was polled 2 bytes at a time (the all-reduce took
-    # 1.4-1.6 us longer per call on 2 x H200 at 1-256 rows x 4096).
+    # hint a bf16 row crossed NVLink in 2-byte stores and was polled 2 bytes at a time (see rows_aligned).
     plain = _compiled(4096, dtype="bf16", aligned=False)["memory_ops"]
     assert plain.get("st.global.b16", 0) > 0 and plain.get("ld.volatile.global.b16", 0) > 0
     for dtype in ("bf16", "fp32"):
@@ -229,6 +237,7 @@ def test_aligned_rows_move_in_16_byte_stores_and_polls():
         assert widths["st.global.v4.b32"] > 0 and widths["ld.volatile.global.v4.b32"] > 0
 
 
+@pytest.mark.slow
 def test_every_warp_of_a_program_leaves_the_wait_together():
     # In a row block narrower than the program's 256 threads, every warp holds a copy of the row and its
     # tl.sum reduces within the warp (no barrier): one warp could take the rows and put EMPTY back while

@@ -304,18 +304,14 @@ def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_l
 # Compiled for sm_90 outside the interpreter, with the 16-divisible pointers and strides a real launch
 # specializes on: the registers a thread of the split kernel uses (cuobjdump -res-usage).
 def _split_kernel_usage(one_split: bool, two_splits: bool) -> dict:
-    names = _decode_split_kernel.arg_names
     constants = dict(ONE_SPLIT=one_split, GROUP=2, BLOCK_H=DECODE_MIN_ROWS, HEAD_DIM=128,
                      BLOCK_N=DECODE_BLOCK_N, BLOCK_SIZE=256, DOT_PRECISION="tf32", USE_PDL=True,
                      TWO_SPLITS=two_splits, BY_LENGTH=two_splits)  # fmt: skip
     constants["BATCH_P2"] = 256 if two_splits else 1
     types = {"seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "counters_ptr": "*i32",
              "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "scale_log2": "fp32"}  # fmt: skip
-    types = {n: types.get(n, "*bf16" if n.endswith("_ptr") else "i32") for n in names if n not in constants}
-    divisible = [n for n in types if n.endswith("_ptr") or "stride" in n]
-    kernel = ("nanovllm.kernels.decode_attention", "_decode_split_kernel")
     options = dict(num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
-    return compile_sm90(*kernel, types, constants, divisible, **options)
+    return compile_sm90(_decode_split_kernel, constants, types, **options)
 
 
 @pytest.mark.slow

@@ -313,17 +313,17 @@ def test_split_kernel_reads_logits_in_16_byte_loads(dtype):
     # at a time (32 loads of a tile per thread).
     constants = dict(HAS_TEMPERATURE=True, HAS_GREEDY=True, FAST_LOG=True, NOISE_SPREAD=_NOISE_SPREAD,
                      BLOCK_ROWS=1, BLOCK_QUADS=sampling.SAMPLING_BLOCK_QUADS)  # fmt: skip
-    types = dict(logits_ptr="*" + dtype, row_stride="i32", inv_temperature_ptr="*fp32", seeds_ptr="*i64",
-                 greedy_ptr="*u8", partial_max_ptr="*fp32", partial_idx_ptr="*i64", num_rows="i32",
-                 vocab_size="i32", cols_per_split="i32", num_splits="i32")  # fmt: skip
-    divisible = [n for n in types if n.endswith("_ptr")] + ["row_stride", "vocab_size"]  # as at 151,936
-    kernel = ("nanovllm.kernels.sampling", "_gumbel_argmax_split_kernel")
-    usage = compile_sm90(*kernel, types, constants, divisible, num_warps=sampling.SAMPLING_NUM_WARPS)
+    types = dict(logits_ptr="*" + dtype, inv_temperature_ptr="*fp32", seeds_ptr="*i64", greedy_ptr="*u8",
+                 partial_max_ptr="*fp32", partial_idx_ptr="*i64")  # fmt: skip
+    divisible = [*types, "row_stride", "vocab_size"]  # as at 151,936 columns
+    kernel = sampling._gumbel_argmax_split_kernel
+    usage = compile_sm90(kernel, constants, types, divisible, num_warps=sampling.SAMPLING_NUM_WARPS)
     loads = usage["memory_ops"]
     per_thread = 4 * sampling.SAMPLING_BLOCK_QUADS // (32 * sampling.SAMPLING_NUM_WARPS)  # logits of a tile
     vectors = per_thread * (2 if dtype == "bf16" else 4) // 16
     assert loads.get("ld.global.v4.b32") == vectors, loads
-    # the rest: a row's seed (b64), temperature (b32) and greedy flag (b8, twice)
+    # the rest: a row's seed (b64), temperature (b32) and greedy flag (b8: once for each of the two layouts
+    # it is used in)
     assert {op: n for op, n in loads.items() if op.startswith("ld") and op != "ld.global.v4.b32"} == {
         "ld.global.b64": 1, "ld.global.b32": 1, "ld.global.b8": 2}, loads  # fmt: skip
     assert usage["registers"] <= 128 and usage["stack"] == 0, usage  # 4 programs per SM
