@@ -44,7 +44,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -74,6 +73,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor  # noqa: E4
 
 from nanovllm.benchmark.common import DEFAULT_OUT_DIR, print_table, run_info, write_report  # noqa: E402
 from nanovllm.benchmark.common import graph_replay_ms as _graph_replay_ms  # noqa: E402
+from nanovllm.benchmark.kernel_audit import cuda_tool, resource_usage  # noqa: E402
 
 BLOCK_N = 64  # W rows per program = wgmma M of one warpgroup (4 warps)
 BLOCK_K = 64  # K per chunk: 64 bf16 = 128 bytes = one 128B-swizzled TMA box row
@@ -337,8 +337,6 @@ class GluonLinear:
 
 # ---- compile only (CPU): sm_90 cubin for every config, shared memory and registers -------------------------
 
-_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-
 
 def compile_sm90(n, k, m, split=None, pdl=True, res_usage=True, smem_kb=None) -> tuple:
     """Compiles the kernel for (n, k, m) exactly as a launch would specialize it (same binder, options and
@@ -386,17 +384,13 @@ def compile_sm90(n, k, m, split=None, pdl=True, res_usage=True, smem_kb=None) ->
     regs = stack = None
     if res_usage:
         try:
+            usage = resource_usage(compiled.asm["cubin"])
+            regs, stack = usage["REG"], usage["STACK"]
             with tempfile.TemporaryDirectory() as d:
                 cubin = os.path.join(d, "k.cubin")
                 Path(cubin).write_bytes(compiled.asm["cubin"])
-                usage, sass = (
-                    subprocess.run(
-                        [os.path.join(_BIN, tool), flag, cubin], capture_output=True, text=True, check=True
-                    ).stdout
-                    for tool, flag in (("cuobjdump", "-res-usage"), ("nvdisasm", "-c"))
-                )
-            regs = int(re.search(r"REG:(\d+)", usage).group(1))
-            stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+                sass = subprocess.run([cuda_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True,
+                                      check=True).stdout  # fmt: skip
             # griddepcontrol.wait is ACQBULK in SASS: every weight TMA (UTMALDG) must be issued before it
             pre = sass.split("ACQBULK")[0] if "ACQBULK" in sass else ""
             checks["sass_tma_before_wait"] = pre.count("UTMALDG")

@@ -3,7 +3,7 @@ latency and serving benchmarks (and, on 2 GPUs, tensor-parallel scaling and the 
 runs as a subprocess with its own time limit; results land as JSON in --out (default $OUT), the full log
 in suite.log, and a short table is printed last.
 
-    PYTHONPATH=. python scripts/gpu_suite.py --out "$OUT" [--steps tests,kernels,throughput,latency]
+    PYTHONPATH=. python scripts/gpu_suite.py --out "$OUT" [--steps tests,throughput,...]  (default: --help)
 """
 
 from __future__ import annotations
@@ -69,6 +69,8 @@ STEPS = {
     "tp": ([sys.executable, "benchmarks/tp_scaling.py"], 420),  # 2 GPUs
     "all_reduce": ([sys.executable, "benchmarks/all_reduce.py"], 120),  # 2 GPUs
     "profile": ([sys.executable, "scripts/profile_step.py"], 300),
+    # last: what the compiler made of every kernel the steps before compiled (Triton's cache)
+    "kernel_audit": ([sys.executable, "-m", "nanovllm.benchmark.kernel_audit"], 120),
 }
 
 
@@ -123,7 +125,7 @@ def write_test_report(junit: Path, out_dir: Path, command: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=os.environ.get("OUT", "out"))
-    parser.add_argument("--steps", default="tests,kernels,throughput,latency")
+    parser.add_argument("--steps", default="tests,kernels,throughput,latency,kernel_audit")
     for name in STEPS:
         parser.add_argument(f"--{name}-args", default="", help=f"extra arguments for the {name} step")
     args = parser.parse_args()

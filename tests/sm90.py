@@ -22,11 +22,12 @@ def run_outside_interpreter(code: str, *args: str, env: dict[str, str] | None = 
 # A kernel compiled for sm_90 with the 16-divisible arguments a real launch specializes on. The spec travels
 # as JSON; a constant written "tl.<name>" is that triton.language attribute (a dtype).
 _COMPILE = """
-import collections, importlib, json, os, re, subprocess, sys, tempfile
+import importlib, json, re, sys
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from nanovllm.benchmark.kernel_audit import memory_ops, resource_usage
 
 spec = json.loads(sys.argv[1])
 kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
@@ -37,18 +38,12 @@ signature = {n: "constexpr" if n in constants else spec["types"][n] for n in nam
 source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()},
                    {(names.index(n),): [["tt.divisibility", 16]] for n in spec["divisible"]})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=spec["options"])
-ptx = compiled.asm["ptx"]
-with tempfile.TemporaryDirectory() as tmp:
-    cubin = os.path.join(tmp, "k.cubin")
-    open(cubin, "wb").write(compiled.asm["cubin"])
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([tool, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-memory_ops = re.findall(r"\\b(?:ld|st)\\.(?:volatile\\.)?global[.a-z0-9]*", ptx)
+usage = resource_usage(compiled.asm["cubin"])
 print(json.dumps({
-    "registers": int(re.search(r"REG:(\\d+)", usage).group(1)),
-    "stack": int(re.search(r"STACK:(\\d+)", usage).group(1)),
-    "barriers": len(re.findall(r"bar\\.sync", ptx)),
-    "memory_ops": collections.Counter(memory_ops),
+    "registers": usage["REG"],
+    "stack": usage["STACK"],
+    "barriers": len(re.findall(r"bar\\.sync", compiled.asm["ptx"])),
+    "memory_ops": memory_ops(compiled.asm["ptx"]),
 }))
 """
 
@@ -58,11 +53,13 @@ def compile_sm90(
     constants: dict[str, object],
     types: dict[str, str] | None = None,
     divisible: list[str] | None = None,
+    cache_dir: str | None = None,
     **options: int,
 ) -> dict:
     """Compile `kernel` for an H100 with `constants` as its constexprs. Its other arguments are "*bf16" if
     named *_ptr, else "i32", unless `types` says otherwise ("*fp32", "fp32", ...); `divisible` names those a
-    launch would see as multiples of 16 (default: the pointers and the strides); options are num_warps etc.
+    launch would see as multiples of 16 (default: the pointers and the strides); options are num_warps etc.;
+    cache_dir: the Triton cache the build lands in (default: the usual one).
     -> {"registers", "stack", "barriers" (bar.sync in the PTX),
     "memory_ops" (global loads and stores by PTX instruction: {"ld.global.v4.b32": n, ...})}"""
     names = [n for n in kernel.arg_names if n not in constants]
@@ -71,4 +68,5 @@ def compile_sm90(
         divisible = [n for n, t in types.items() if t.startswith("*") or "stride" in n]
     spec = dict(module=kernel.fn.__module__, kernel=kernel.fn.__name__, types=types, constants=constants)
     spec |= dict(divisible=divisible, options=options)
-    return json.loads(run_outside_interpreter(_COMPILE, json.dumps(spec)).strip().splitlines()[-1])
+    env = {"TRITON_CACHE_DIR": cache_dir} if cache_dir else None
+    return json.loads(run_outside_interpreter(_COMPILE, json.dumps(spec), env=env).strip().splitlines()[-1])
