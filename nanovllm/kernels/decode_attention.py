@@ -68,6 +68,7 @@ DECODE_NUM_STAGES = 3
 # element on the CUDA cores (~20% of the H100's fp32 rate at 3 TB/s for group 2, most of it for group 8)
 # plus cross-lane reductions, competing with the load instructions that set the pace here.
 DECODE_MIN_ROWS = 16
+DECODE_MIN_BATCH_P2 = 64  # the by-length split kernel's smallest batch block (see the launch)
 # num_splits heuristic: aim for this many programs per SM, but give no split fewer keys than this; and do
 # not split at all once the batch alone gives every SM DECODE_NO_SPLIT_ITEMS_PER_SM (sequence, kv head)
 # pairs; at most two splits from DECODE_TWO_SPLITS_ITEMS_PER_SM. Chosen on benchmarks/decode_splits.py
@@ -406,8 +407,9 @@ def decode_attention(
         USE_PDL=use_pdl,
         TWO_SPLITS=two_splits,
         BY_LENGTH=by_length,
-        # (one variant per power of two of the batch, by length only: CUDA graphs compile theirs at capture)
-        BATCH_P2=triton.next_power_of_2(batch) if by_length else 1,
+        # (one variant per power of two of the batch, by length only: CUDA graphs compile theirs at capture;
+        # from 64: at 16 and 32 the kernel takes 168 registers, 3 programs per SM instead of 4)
+        BATCH_P2=max(triton.next_power_of_2(batch), DECODE_MIN_BATCH_P2) if by_length else 1,
         num_warps=DECODE_NUM_WARPS,
         num_stages=DECODE_NUM_STAGES,
         launch_pdl=use_pdl,

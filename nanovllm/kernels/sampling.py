@@ -189,8 +189,8 @@ def _gumbel_argmax_reduce_kernel(
 
 # Launch shape, chosen by reasoning (the kernel was first compiled offline for sm_90). A tile is 4 x 1024 =
 # 4096 columns; with 4 warps each thread holds 8 adjacent columns of each lane, read in 16-byte loads when
-# the row stride and the vocabulary are multiples of 16, and makes 8 Philox calls per tile. Under 128
-# registers, no spills (a CPU test compiles it for sm_90 and checks both), so 4 programs fit on an SM. In
+# the row stride and the vocabulary are multiples of 16, and makes 8 Philox calls per tile. At most 128
+# registers (SAMPLING_MAX_REGISTERS), so 4 programs fit on an SM. In
 # SASS a tile that draws noise costs ~64 instructions per logit (Philox ~25, the accurate inner log ~20),
 # one that is skipped ~11: compute-bound where rows are flat, memory-bound where they are peaked (on an
 # H100 at batch 256 and temperature 0.6 the 16-byte loads changed nothing: ~0.115 ms a step either way).
@@ -199,6 +199,10 @@ def _gumbel_argmax_reduce_kernel(
 SAMPLING_BLOCK_QUADS = 1024
 SAMPLING_NUM_WARPS = 4
 SAMPLING_PROGRAMS_PER_SM = 4
+# 4 programs of 128 threads per SM need <= 128 registers a thread. Left to itself ptxas takes 141-149 for the
+# variants without greedy rows (the common ones) and 109-117 with; capped, it fits all in 109-122 with no
+# spills (a CPU test compiles every variant for sm_90 and checks).
+SAMPLING_MAX_REGISTERS = 128
 SAMPLING_TILE_ELEMENTS = 4 * SAMPLING_BLOCK_QUADS  # a small vocabulary packs rows into a tile this big
 
 
@@ -282,6 +286,7 @@ def gumbel_argmax_triton(
         BLOCK_ROWS=block_rows,
         BLOCK_QUADS=block_quads,
         num_warps=SAMPLING_NUM_WARPS,
+        maxnreg=SAMPLING_MAX_REGISTERS,
     )
     if num_splits == 1:
         return partial_idx.view(num_rows)
