@@ -384,13 +384,13 @@ def compile_sm90(n, k, m, split=None, pdl=True, res_usage=True, smem_kb=None) ->
     regs = stack = None
     if res_usage:
         try:
-            usage = resource_usage(compiled.asm["cubin"])
-            regs, stack = usage["REG"], usage["STACK"]
             with tempfile.TemporaryDirectory() as d:
                 cubin = os.path.join(d, "k.cubin")
                 Path(cubin).write_bytes(compiled.asm["cubin"])
+                usage = resource_usage(cubin)
                 sass = subprocess.run([cuda_tool("nvdisasm"), "-c", cubin], capture_output=True, text=True,
                                       check=True).stdout  # fmt: skip
+            regs, stack = usage["REG"], usage["STACK"]
             # griddepcontrol.wait is ACQBULK in SASS: every weight TMA (UTMALDG) must be issued before it
             pre = sass.split("ACQBULK")[0] if "ACQBULK" in sass else ""
             checks["sass_tma_before_wait"] = pre.count("UTMALDG")

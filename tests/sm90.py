@@ -22,7 +22,7 @@ def run_outside_interpreter(code: str, *args: str, env: dict[str, str] | None = 
 # A kernel compiled for sm_90 with the 16-divisible arguments a real launch specializes on. The spec travels
 # as JSON; a constant written "tl.<name>" is that triton.language attribute (a dtype).
 _COMPILE = """
-import importlib, json, re, sys
+import importlib, json, os, re, sys, tempfile
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -38,7 +38,10 @@ signature = {n: "constexpr" if n in constants else spec["types"][n] for n in nam
 source = ASTSource(kernel, signature, {(names.index(k),): v for k, v in constants.items()},
                    {(names.index(n),): [["tt.divisibility", 16]] for n in spec["divisible"]})
 compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=spec["options"])
-usage = resource_usage(compiled.asm["cubin"])
+with tempfile.TemporaryDirectory() as tmp:
+    cubin = os.path.join(tmp, "k.cubin")
+    open(cubin, "wb").write(compiled.asm["cubin"])
+    usage = resource_usage(cubin)
 print(json.dumps({
     "registers": usage["REG"],
     "stack": usage["STACK"],

@@ -8,7 +8,7 @@ import pytest
 
 from nanovllm.benchmark import kernel_audit
 from nanovllm.kernels import all_reduce
-from tests.sm90 import compile_sm90
+from tests.kernels.test_all_reduce import _compiled as compiled_all_reduce
 
 PTX = """
     ld.global.v4.b32 {%r1, %r2, %r3, %r4}, [%rd1];
@@ -32,13 +32,7 @@ def test_memory_ops_counts_global_accesses_by_instruction():
 @pytest.mark.slow
 def test_audit_reads_a_triton_cache(tmp_path):
     cache, out = tmp_path / "cache", tmp_path / "out"
-    constants = dict(RANK=0, WORLD=2, BLOCK_H=4096, NUM_PROGRAMS=all_reduce.NUM_PROGRAMS,
-                     ABORT_POLL_SPINS=1024, NORM=False, HAS_RESIDUAL=False, INT_DTYPE="tl.int16",
-                     EMPTY=all_reduce.EMPTY_16,
-                     EMPTY_SENT_AS=0, NUM_SLOTS=all_reduce.NUM_SLOTS, ALIGNED=False)  # fmt: skip
-    types = dict(buffer_ptrs="*i64", epoch_ptr="*i64", abort_ptr="*i32", eps="fp32")
-    built = compile_sm90(all_reduce._peer_all_reduce_kernel, constants, types, cache_dir=str(cache),
-                         num_warps=all_reduce.NUM_WARPS)  # fmt: skip
+    built = compiled_all_reduce(4096, dtype="bf16", aligned=False, cache_dir=str(cache))
     assert kernel_audit.main(["--cache", str(cache), "--out", str(out)]) == 0
     (report,) = [json.loads(p.read_text()) for p in out.glob("kernel_audit-*.json")]
     (kernel,) = report["kernels"]

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +45,11 @@ def cuda_tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
-    """cuobjdump -res-usage of one kernel's cubin: {"REG": 110, "STACK": 0, "SHARED": 1024, "LOCAL": 0, ..}"""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "k.cubin"
-        path.write_bytes(cubin)
-        usage = subprocess.run(
-            [cuda_tool("cuobjdump"), "-res-usage", str(path)], capture_output=True, text=True, check=True
-        ).stdout
+def resource_usage(cubin_path: str | Path) -> dict[str, int]:
+    """cuobjdump -res-usage of a cubin file: {"REG": 110, "STACK": 0, "SHARED": 1024, "LOCAL": 0, ...}"""
+    usage = subprocess.run(
+        [cuda_tool("cuobjdump"), "-res-usage", str(cubin_path)], capture_output=True, text=True, check=True
+    ).stdout
     return {key: int(value) for key, value in re.findall(r"([A-Z]+(?:\[\d+\])?):(\d+)", usage)}
 
 
@@ -65,7 +61,7 @@ def audit(cache_dir: str | Path) -> list[dict[str, Any]]:
         meta_path = ptx_path.with_suffix(".json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
         cubin_path = ptx_path.with_suffix(".cubin")
-        usage = resource_usage(cubin_path.read_bytes()) if cubin_path.exists() else {}
+        usage = resource_usage(cubin_path) if cubin_path.exists() else {}
         ops = memory_ops(ptx)
         records.append(
             {

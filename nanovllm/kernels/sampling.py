@@ -190,12 +190,12 @@ def _gumbel_argmax_reduce_kernel(
 # Launch shape, chosen by reasoning (the kernel was first compiled offline for sm_90). A tile is 4 x 1024 =
 # 4096 columns; with 4 warps each thread holds 8 adjacent columns of each lane, read in 16-byte loads when
 # the row stride and the vocabulary are multiples of 16, and makes 8 Philox calls per tile. At most 128
-# registers (SAMPLING_MAX_REGISTERS), so 4 programs fit on an SM. In
-# SASS a tile that draws noise costs ~64 instructions per logit (Philox ~25, the accurate inner log ~20),
-# one that is skipped ~11: compute-bound where rows are flat, memory-bound where they are peaked (on an
-# H100 at batch 256 and temperature 0.6 the 16-byte loads changed nothing: ~0.115 ms a step either way).
-# So the grid wants every SM busy: enough splits of the vocabulary to give each SM
-# SAMPLING_PROGRAMS_PER_SM programs (B=256: 3 splits; B=1: one tile per split).
+# registers (SAMPLING_MAX_REGISTERS), so 4 programs fit on an SM. In SASS a tile that draws noise costs ~64
+# instructions per logit (Philox ~25, the accurate inner log ~20), one that is skipped ~11: compute-bound
+# where rows are flat, memory-bound where they are peaked (on an H100 at batch 256 and temperature 0.6 the
+# 16-byte loads changed nothing: ~0.115 ms a step either way). So the grid wants every SM busy: enough
+# splits of the vocabulary to give each SM SAMPLING_PROGRAMS_PER_SM programs (B=256: 3 splits; B=1: one
+# tile per split).
 SAMPLING_BLOCK_QUADS = 1024
 SAMPLING_NUM_WARPS = 4
 SAMPLING_PROGRAMS_PER_SM = 4

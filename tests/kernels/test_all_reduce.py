@@ -187,7 +187,9 @@ def test_abort_flag_releases_a_rank_waiting_for_a_peer_that_never_comes():
 # Compiled for an H100 (sm_90) on any machine, as a launch with 16-byte aligned pointers would be: the wait
 # loop's barriers for rows of a given width as the launcher blocks them (or as given), and the widths of the
 # kernel's global stores and volatile loads (rows sent, polls).
-def _compiled(hidden: int, block_h: int = 0, dtype: str = "fp32", aligned: bool = False) -> dict:
+def _compiled(
+    hidden: int, block_h: int = 0, dtype: str = "fp32", aligned: bool = False, cache_dir: str | None = None
+) -> dict:
     wide = dtype == "fp32"
     constants = dict(
         RANK=0,
@@ -209,7 +211,7 @@ def _compiled(hidden: int, block_h: int = 0, dtype: str = "fp32", aligned: bool 
     divisible = [n for n, t in types.items() if t.startswith("*")] + ["slot_numel"]
     divisible += ["hidden"] * (hidden % 16 == 0)  # as a launch specializes it
     kernel = all_reduce._peer_all_reduce_kernel
-    return compile_sm90(kernel, constants, types, divisible, num_warps=all_reduce.NUM_WARPS)
+    return compile_sm90(kernel, constants, types, divisible, cache_dir, num_warps=all_reduce.NUM_WARPS)
 
 
 def _barriers(hidden: int, block_h: int = 0) -> int:
