@@ -23,8 +23,6 @@ gate_up output.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +38,7 @@ from nanovllm.kernels.backend import (
     use_triton,
 )
 from nanovllm.kernels.paged_attention import dot_precision
+from nanovllm.utils.env import env_int
 
 DECODE_LINEAR_KERNEL_MAX_ROWS = 256  # the kernel's limit; larger batches are prefill-like
 # Matmuls of up to this many rows take this kernel in the model (layers/linear.py), on Hopper or later (the
@@ -47,13 +46,7 @@ DECODE_LINEAR_KERNEL_MAX_ROWS = 256  # the kernel's limit; larger batches are pr
 # an H100 it beats cuBLAS up to 32 rows (graph time -7% at 8 and 16 rows, -4% at 32: the PDL overlap and the
 # fused SiLU), ties at 48 and loses from 64 (+1% at 64, +2% at 256: cuBLAS's large-M tiles).
 # NANOVLLM_DECODE_LINEAR_ROWS=0 leaves every matmul to cuBLAS, 256 takes every decode batch.
-_ROWS_SWITCH = os.environ.get("NANOVLLM_DECODE_LINEAR_ROWS", "32")
-if not _ROWS_SWITCH.isdecimal() or int(_ROWS_SWITCH) > DECODE_LINEAR_KERNEL_MAX_ROWS:
-    raise ValueError(
-        f"NANOVLLM_DECODE_LINEAR_ROWS must be an integer in 0..{DECODE_LINEAR_KERNEL_MAX_ROWS}, "
-        f"got {_ROWS_SWITCH!r}"
-    )
-DECODE_LINEAR_MAX_ROWS = int(_ROWS_SWITCH)
+DECODE_LINEAR_MAX_ROWS = env_int("NANOVLLM_DECODE_LINEAR_ROWS", 32, DECODE_LINEAR_KERNEL_MAX_ROWS)
 DECODE_LINEAR_NUM_SMS = 132  # (H100 SXM) the default SM count: the N tile shrinks when SMs would idle
 DECODE_LINEAR_MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 DECODE_LINEAR_MAX_BLOCK_M = 64  # more rows per tile would raise the MMA's N beyond what 4 warps hold well

@@ -22,21 +22,17 @@ kernels/activation.py does on the rounded gate_up output.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from nanovllm.kernels.activation import silu_and_mul_torch, silu_mul_rounded
 from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch
+from nanovllm.utils.env import env_int
 
 # Decode batches up to this size take the GEMV path: at 4 rows it ties cuBLAS, at 8 it loses (it redoes the
 # norm and the conversions per row). NANOVLLM_GEMV_MAX_ROWS=0 turns it off, to measure what it buys.
-_MAX_ROWS_SWITCH = os.environ.get("NANOVLLM_GEMV_MAX_ROWS", "2")
-if not _MAX_ROWS_SWITCH.isdigit():
-    raise ValueError(f"NANOVLLM_GEMV_MAX_ROWS must be a non-negative integer, got {_MAX_ROWS_SWITCH!r}")
-GEMV_MAX_ROWS = int(_MAX_ROWS_SWITCH)
+GEMV_MAX_ROWS = env_int("NANOVLLM_GEMV_MAX_ROWS", 2)
 GEMV_MAX_K = 8192  # a program holds a whole row of W: larger K (8B's down_proj, 12288) stays on cuBLAS
 GEMV_TILE_ELEMENTS = 16384  # weights per program (32 KB in bf16), so two kernels' tiles fit one SM
 GEMV_NUM_WARPS = 4

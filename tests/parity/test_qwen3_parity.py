@@ -102,3 +102,19 @@ def test_greedy_with_prefix_cache_hits(ckpt, prompts, expected):
     for o in second:  # the last prompt token is always computed
         assert o.num_cached_tokens <= len(o.prompt_token_ids) - 1
     assert llm.engine.scheduler.block_manager.hit_rate > 0
+
+
+def test_greedy_decode_in_two_halves(ckpt, prompts, expected):
+    """Decode batches cut in two halves (a GPU's graphs run them on two streams; here one after the other):
+    each half's rows, lengths, block tables and split counters must still give transformers' tokens."""
+    llm = LLM(str(ckpt))
+    runner = llm.engine.runner
+    runner.two_stream_sizes = range(2, 257)  # (a single GPU's default: 16..112)
+    cuts = []
+    forward = runner._decode_forward
+    runner._decode_forward = lambda ids, pos, parts, *a: (
+        cuts.append([p[:2] for p in parts]) or forward(ids, pos, parts, *a)
+    )
+    for n in (8, 7, 3):  # padded to 8, 8 and 4 sequences
+        assert _tokens(llm, prompts[:n]) == expected[:n]
+    assert [(0, 4), (4, 8)] in cuts and [(0, 4), (4, 7)] in cuts and [(0, 2), (2, 3)] in cuts
