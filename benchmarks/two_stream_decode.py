@@ -3,8 +3,9 @@ does from TWO_STREAM_MIN_BATCH to TWO_STREAM_MAX_BATCH sequences): GPU time per 
 
     PYTHONPATH=. python benchmarks/two_stream_decode.py [--batches 16,32,64] [--ctx 800,2000] [--out DIR]
 
-Each batch gets random context lengths in --ctx on blocks of its own; both graphs are captured from the
-runner's own `_decode_parts` / `_graph_forward` and replayed on the same inputs.
+Each batch gets random context lengths in --ctx on blocks of its own; both graphs are captured through
+the runner's own `_graph_forward` (its `two_stream_sizes` set for the one size) and replayed on the same
+inputs.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from nanovllm import LLM  # noqa: E402
 from nanovllm.benchmark.common import graph_replay_ms, run_info, write_report  # noqa: E402
 from nanovllm.kernels.backend import kernel_backend  # noqa: E402
-
-BUFFERS = ("slot_mapping", "cu_seqlens_q", "seq_lens", "block_tables")
 
 
 def stage(runner, lens: list[int], rng: random.Random) -> None:
@@ -45,10 +44,8 @@ def capture(runner, size: int, halves: bool) -> torch.cuda.CUDAGraph:
     saved = runner.two_stream_sizes
     runner.two_stream_sizes = range(size, size + 1) if halves else range(0)
     try:
-        b = runner.graph_bufs
-        parts = runner._decode_parts(size, size, *(b[k] for k in BUFFERS), runner.config.max_model_len)
         with kernel_backend(runner.config.kernel_backend), torch.inference_mode():
-            return runner._capture(partial(runner._graph_forward, size, parts), None)
+            return runner._capture(partial(runner._graph_forward, size), None)
     finally:
         runner.two_stream_sizes = saved
 
@@ -65,10 +62,15 @@ def main() -> int:
         print("two_stream_decode needs a CUDA GPU (it times CUDA graphs)", file=sys.stderr)
         return 1
     sizes = [int(s) for s in args.batches.split(",")]
+    if not all(2 <= s <= 512 for s in sizes):
+        p.error(f"--batches must be in 2..512 (the most a decode graph holds), got {sizes}")
     lo, hi = map(int, args.ctx.split(","))
-    blocks = max(sizes) * -(-hi // 16) + 16
-    llm = LLM(args.model, max_model_len=max(4096, hi), num_kvcache_blocks=blocks, max_num_seqs=max(sizes))
+    llm = LLM(args.model, max_model_len=max(4096, hi), max_num_seqs=max(sizes), block_size=16,
+              num_kvcache_blocks=max(sizes) * -(-hi // 16))  # fmt: skip
     runner, rng = llm.engine.runner, random.Random(0)
+    if runner.side_stream is None:
+        print("two_stream_decode needs NANOVLLM_TWO_STREAM_MAX_BATCH >= 16", file=sys.stderr)
+        return 1
     rows = {}
     for size in sizes:
         stage(runner, [rng.randint(lo, hi) for _ in range(size)], rng)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from functools import partial
 from typing import NamedTuple
 
@@ -46,20 +46,32 @@ CPU_KV_CACHE_MAX_BYTES = 4 << 30  # the CPU path sizes its cache from this, not 
 PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
 # Decode graphs of 16..112 sequences (single GPU) run the batch as two halves on two CUDA streams: at these
 # sizes a step is a chain of latency-bound kernels, and two independent chains fill each other's gaps
-# (one half's matmuls run beside the other half's attention). H100, Qwen3-0.6B, 800-2000-token contexts:
-# graph GPU time -5.5/-7/-6/-4.5/-6/-3.6/-2.4% at 16/32/48/64/80/96/112 sequences, -1% at 128; from 192 the
-# second pass over the weights costs more than the overlap saves (+4% at 256). Eager steps cut the batch
-# the same way (same tokens). NANOVLLM_TWO_STREAM_MAX_BATCH=0 turns it off.
+# (one half's matmuls run beside the other half's attention). H100, Qwen3-0.6B, 800-2000-token contexts
+# (benchmarks/two_stream_decode.py, results/two_stream_decode-...-080911.json): graph GPU time -6.4/-8.0/
+# -7.1/-4.2/-5.8/-3.4/-2.1% at 16/32/48/64/80/96/112 sequences, -1.2% at 128; at 192 and 256 the second pass
+# over the weights costs more than the overlap saves (+1.5/+1.2%). Eager steps pad and cut the batch the
+# same way (same kernels, same tokens). NANOVLLM_TWO_STREAM_MAX_BATCH below 16 (e.g. 0) turns it off.
 TWO_STREAM_MIN_BATCH = 16
 TWO_STREAM_MAX_BATCH = env_int("NANOVLLM_TWO_STREAM_MAX_BATCH", 112)
+# A decode step's per-sequence tensors, as `_decode_parts` and `_decode_forward` take them (a dict of these)
+DECODE_TENSORS = ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")
 
 
 class DecodePart(NamedTuple):
-    """Rows lo:hi of a decode step and their attention metadata."""
+    """Rows start:end of a decode step and their attention metadata."""
 
-    lo: int
-    hi: int
+    start: int
+    end: int
     meta: AttentionMetadata
+
+
+def _pad_rows(t: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """A decode step's tensors with rows added up to `size` that every kernel skips (cache slot -1, length 0),
+    as a graph replay pads its static buffers."""
+    return {
+        k: torch.cat([v, v.new_full((size - v.shape[0], *v.shape[1:]), -1 if k == "slot_mapping" else 0)])
+        for k, v in t.items()
+    }
 
 
 @contextmanager
@@ -130,6 +142,9 @@ class ModelRunner:
         self.two_stream_sizes = (
             range(TWO_STREAM_MIN_BATCH, TWO_STREAM_MAX_BATCH + 1) if two_streams else range(0)
         )
+        self.side_stream = torch.cuda.Stream(self.device) if two_streams else None  # a graph's second half
+        # Decode steps' cu_seqlens_q: 0, 1, ..., max_num_seqs (one new token per sequence)
+        self.decode_cu_seqlens = torch.arange(max_seqs + 1, dtype=torch.int32, device=self.device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode: batch size -> graph
         self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps: tokens -> graph
         self.num_kvcache_blocks = self._allocate_kv_cache()  # (runs an eager step: no graphs yet)
@@ -328,17 +343,15 @@ class ModelRunner:
             elif (size := self._prefill_graph_size(inp)) is not None:
                 hidden = self._replay_prefill(inp, size)
             else:
-                tensors = [
-                    to(t) for t in (inp.slot_mapping, inp.cu_seqlens_q, inp.seq_lens, inp.block_tables)
-                ]
                 input_ids, positions = self._input_ids(to(inp.input_ids), inp), to(inp.positions)
                 if inp.is_decode:
-                    size = self._padded_size(inp.num_seqs) or inp.num_seqs
-                    parts = self._decode_parts(inp.num_seqs, size, *tensors, inp.max_seq_len)
-                    hidden = self._decode_forward(input_ids, positions, parts)
+                    hidden = self._eager_decode(inp, input_ids, positions)
                 else:
                     meta = AttentionMetadata(
-                        *tensors,
+                        slot_mapping=to(inp.slot_mapping),
+                        cu_seqlens_q=to(inp.cu_seqlens_q),
+                        seq_lens=to(inp.seq_lens),
+                        block_tables=to(inp.block_tables),
                         max_query_len=inp.max_query_len,
                         max_seq_len=inp.max_seq_len,
                         is_decode=False,
@@ -392,76 +405,78 @@ class ModelRunner:
             default_split_by_length(size, self.num_kv_heads, self.num_sms),
         )
 
-    def _decode_parts(
-        self,
-        rows: int,
-        size: int,
-        slot_mapping: torch.Tensor,  # [rows] (the graphs' static buffers: [size])
-        cu_seqlens_q: torch.Tensor,  # [rows + 1]: 0, 1, ..., rows (one token per sequence)
-        seq_lens: torch.Tensor,  # [rows]
-        block_tables: torch.Tensor,  # [rows, max_blocks_per_seq]
-        max_seq_len: int,
-    ) -> list[DecodePart]:
-        """A decode step's row ranges and their attention metadata, for `rows` sequences padded to `size`:
-        the whole batch, or for sizes in `two_stream_sizes` the two halves of the padded batch that its
-        graph runs side by side. Each part's split-KV count comes from its padded row count, so an eager
-        step and a replay of the same batch cut the keys the same way."""
-        half = size // 2
-        bounds = (
-            [(0, half, half), (half, rows, size - half)]
-            if size in self.two_stream_sizes
-            else [(0, rows, size)]
-        )
+    def _eager_decode(
+        self, inp: ModelInput, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:  # [num_seqs, hidden_size]
+        """A decode step without a graph, cut as its graph would be: a batch whose graph size is cut in
+        halves is padded to that size first, so that each half runs the same kernels (row counts pick
+        them: GEMV, decode_linear, cuBLAS) and gives the same tokens as a replay."""
+        n = inp.num_seqs
+        t = {"input_ids": input_ids, "positions": positions}
+        for k in ("slot_mapping", "seq_lens", "block_tables"):
+            t[k] = getattr(inp, k).to(self.device, non_blocking=True)
+        size = self._padded_size(n) or n
+        halves = size in self.two_stream_sizes
+        if halves and size > n:
+            t = _pad_rows(t, size)
+        return self._decode_forward(t, self._decode_parts(t, inp.max_seq_len, halves))[:n]
+
+    def _decode_parts(self, t: dict[str, torch.Tensor], max_seq_len: int, halves: bool) -> list[DecodePart]:
+        """A decode step's row ranges and their attention metadata, from its DECODE_TENSORS t (a graph's
+        static buffers, or an eager step's): the whole batch, or its two halves. A part's split-KV count is
+        that of a batch of its rows (so a half of 24 rows is split as the graph of 32 is)."""
+        rows = t["seq_lens"].shape[0]
+        cuts = [0, rows // 2, rows] if halves else [0, rows]
         parts = []
-        for lo, hi, padded in bounds:
-            hi = min(hi, rows)
-            if hi <= lo:
-                continue
-            num_splits, split_by_length = self._decode_splits(padded)
+        for start, end in zip(cuts, cuts[1:]):
+            num_splits, split_by_length = self._decode_splits(end - start)
             meta = AttentionMetadata(
-                slot_mapping=slot_mapping[lo:hi],
-                cu_seqlens_q=cu_seqlens_q[: hi - lo + 1],
-                seq_lens=seq_lens[lo:hi],
-                block_tables=block_tables[lo:hi],
+                slot_mapping=t["slot_mapping"][start:end],
+                cu_seqlens_q=self.decode_cu_seqlens[: end - start + 1],
+                seq_lens=t["seq_lens"][start:end],
+                block_tables=t["block_tables"][start:end],
                 max_query_len=1,
                 max_seq_len=max_seq_len,
                 is_decode=True,
                 decode_num_splits=num_splits,
                 decode_split_by_length=split_by_length,
-                decode_counters=self.decode_counters[lo * self.num_kv_heads :],  # (the parts' own)
+                # two-split arrival counts: each part its own (the halves of a graph run at once)
+                decode_counters=self.decode_counters[start * self.num_kv_heads :],
             )
-            parts.append(DecodePart(lo, hi, meta))
+            parts.append(DecodePart(start, end, meta))
         return parts
 
     def _decode_forward(
         self,
-        input_ids: torch.Tensor,  # [rows]
-        positions: torch.Tensor,  # [rows]
+        t: dict[str, torch.Tensor],  # DECODE_TENSORS of the step's rows
         parts: list[DecodePart],
         hidden: torch.Tensor | None = None,  # [rows, hidden_size], written (None: a new one)
         side: torch.cuda.Stream | None = None,
     ) -> torch.Tensor:  # [rows, hidden_size]
-        """The model's forward of each part's rows into hidden. With `side`, the second part runs on that
-        stream, forked from the current one before the first part starts and joined back after it; else
-        the parts run one after the other."""
-        if len(parts) == 1 and hidden is None:
-            return self.model(input_ids, positions, parts[0].meta)
+        """The model's forward of each part's rows. The parts run one after the other; with `side` (graph
+        capture) two halves run at once, the second on that stream, forked from the current stream before
+        the first half starts and joined back after it."""
+
+        def forward(part: DecodePart) -> torch.Tensor:  # [end - start, hidden_size]
+            rows = slice(part.start, part.end)
+            return self.model(t["input_ids"][rows], t["positions"][rows], part.meta)
+
+        if hidden is None and len(parts) == 1:
+            return forward(parts[0])
         if hidden is None:
-            hidden = torch.empty(
-                input_ids.shape[0],
-                self.config.hf_config.hidden_size,
-                dtype=self.config.torch_dtype,
-                device=input_ids.device,
-            )
-        side = side if len(parts) > 1 else None
-        main = torch.cuda.current_stream() if side is not None else None
-        if side is not None:
-            side.wait_stream(main)
-        for i, (lo, hi, meta) in enumerate(parts):
-            with torch.cuda.stream(side) if side is not None and i else nullcontext():
-                hidden[lo:hi] = self.model(input_ids[lo:hi], positions[lo:hi], meta)
-        if side is not None:
-            main.wait_stream(side)
+            hidden = torch.empty(t["input_ids"].shape[0], self.config.hf_config.hidden_size,
+                                 dtype=self.config.torch_dtype, device=self.device)  # fmt: skip
+        if side is None or len(parts) == 1:
+            for part in parts:
+                hidden[part.start : part.end] = forward(part)
+            return hidden
+        first, second = parts
+        main = torch.cuda.current_stream(self.device)
+        side.wait_stream(main)  # fork: the second half starts with the step
+        hidden[first.start : first.end] = forward(first)
+        with torch.cuda.stream(side):
+            hidden[second.start : second.end] = forward(second)
+        main.wait_stream(side)  # join: the LM head reads both halves
         return hidden
 
     def _capture_cuda_graphs(self):
@@ -475,7 +490,6 @@ class ModelRunner:
             "positions": torch.zeros(max_bs, dtype=torch.int64, device=dev),
             "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
             "seq_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
-            "cu_seqlens_q": torch.arange(max_bs + 1, dtype=torch.int32, device=dev),
             "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
             "hidden": torch.zeros(max_bs, hidden_size, dtype=self.config.torch_dtype, device=dev),
         }
@@ -485,14 +499,10 @@ class ModelRunner:
             vocab_rows = self.model.lm_head.weight.shape[0]
             dtype = self.config.torch_dtype
             self.graph_bufs["logits"] = torch.zeros(max_bs, vocab_rows, dtype=dtype, device=dev)
-        b = self.graph_bufs
-        self.side_stream = torch.cuda.Stream(dev)  # the second half of a two-stream decode graph
         pool = None
         with kernel_backend(self.config.kernel_backend), torch.inference_mode():
             for size in reversed(self.graph_sizes):
-                names = ("slot_mapping", "cu_seqlens_q", "seq_lens", "block_tables")
-                parts = self._decode_parts(size, size, *(b[k] for k in names), self.config.max_model_len)
-                self.graphs[size] = graph = self._capture(partial(self._graph_forward, size, parts), pool)
+                self.graphs[size] = graph = self._capture(partial(self._graph_forward, size), pool)
                 pool = graph.pool()
         return pool
 
@@ -506,10 +516,12 @@ class ModelRunner:
         torch.cuda.synchronize()
         return graph
 
-    def _graph_forward(self, size: int, parts: list[DecodePart]) -> None:
+    def _graph_forward(self, size: int) -> None:
         b = self.graph_bufs
+        t = {k: b[k][:size] for k in DECODE_TENSORS}
         hidden = b["hidden"][:size]  # [size, hidden_size]
-        self._decode_forward(b["input_ids"][:size], b["positions"][:size], parts, hidden, self.side_stream)
+        parts = self._decode_parts(t, self.config.max_model_len, halves=size in self.two_stream_sizes)
+        self._decode_forward(t, parts, hidden, self.side_stream)
         if "logits" in b:
             self.model.compute_logits(hidden, out=b["logits"][:size])
 

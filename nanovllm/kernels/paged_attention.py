@@ -59,6 +59,9 @@ def paged_attention_ref(
         q_len = q_end - q_start
         if q_len == 0:
             continue
+        if seq_len == 0:  # a padding row of a decode batch (slot -1): zeros, as the decode kernel gives
+            out[q_start:q_end] = 0
+            continue
         if not q_len <= seq_len <= block_tables.shape[1] * block_size:
             raise ValueError(
                 f"sequence {i}: seq_len {seq_len} must be >= its {q_len} query tokens and fit its "

@@ -101,6 +101,32 @@ def test_cuda_graphs_equal_eager(fast):
     assert _tokens(fast, prompts) == expected
 
 
+def test_two_stream_halves_equal_one_piece_and_eager():
+    """Decode graphs of 16..112 sequences run two halves on two streams (engine/model_runner.py). In float32
+    their greedy tokens must equal an eager run's (cut and padded the same way) and the batch's in one
+    piece. 40 prompts decode as graph 48: halves of 24, split in two by length, each half counting its two
+    splits in its own slice of the counters while both run at once."""
+    prompts = _prompts(40, seed=5)
+    args = dict(dtype="float32", max_model_len=4096, num_kvcache_blocks=3000)
+    graphs = LLM("qwen3-0.6b", **args)
+    try:
+        runner = graphs.engine.runner
+        assert 48 in runner.two_stream_sizes and runner.side_stream is not None and runner.graphs
+        assert runner._decode_splits(24) == (2, True), "the halves no longer take the two-split path"
+        two_streams = _tokens(graphs, prompts)
+    finally:
+        graphs.shutdown()
+    eager = LLM("qwen3-0.6b", enforce_eager=True, **args)
+    try:
+        eager_halves = _tokens(eager, prompts)
+        eager.engine.runner.two_stream_sizes = range(0)
+        one_piece = _tokens(eager, prompts)
+    finally:
+        eager.shutdown()
+    assert two_streams == eager_halves
+    assert two_streams == one_piece
+
+
 def test_prefill_graphs_equal_torch_reference():
     """A prefill step of one sequence replays a captured graph padded to the next token size: prompts
     sent one at a time, a long one in chunks (each after its computed prefix), and a prefix-cache hit.

@@ -18,7 +18,7 @@ from nanovllm.kernels.decode_attention import (
     decode_attention_ref,
     default_num_splits,
 )
-from nanovllm.kernels.paged_attention import paged_prefill_attention
+from nanovllm.kernels.paged_attention import paged_attention_ref, paged_prefill_attention
 from tests.sm90 import compile_sm90
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -113,6 +113,13 @@ def test_decode_zero_length_padding_rows_give_zeros(make_paged_inputs, tol, num_
     )
     torch.testing.assert_close(out[:2], ref, **tol(torch.float32))
     assert torch.equal(out[2:], torch.zeros_like(out[2:]))
+    # the torch reference (the CPU path's, and eager steps padded as a graph pads them) agrees
+    cu = torch.arange(5, dtype=torch.int32)
+    torch.testing.assert_close(
+        paged_attention_ref(padded_q, *cache, cu, padded_lens, padded_tables, inputs.scale),
+        out,
+        **tol(torch.float32),
+    )
 
 
 @pytest.mark.parametrize("num_splits", [1, 4])
