@@ -40,6 +40,7 @@ STEPS = {
         ],
         420,  # ~200 s on one H100; a 2-GPU machine runs the 2-GPU tests too (more than 260 s on 2 x H200)
     ),
+    "card_peaks": ([sys.executable, "scripts/card_peaks.py"], 60),
     "kernels": ([sys.executable, "benchmarks/kernels.py"], 200),
     "throughput": ([sys.executable, "benchmarks/throughput.py"], 420),
     "latency": ([sys.executable, "benchmarks/latency.py"], 240),

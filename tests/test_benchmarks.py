@@ -13,7 +13,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.benchmark import hf_baseline
-from nanovllm.benchmark.common import make_workload
+from nanovllm.benchmark.common import CARD_PEAKS, card_peaks, make_workload, throughput_floor_tok_per_s
 
 ENGINE = ["--model", "qwen3-tiny", "--device", "cpu", "--num-kvcache-blocks", "256", "--max-num-seqs", "8"]
 
@@ -36,6 +36,16 @@ def test_workload_is_nano_vllm_bench():
     w = make_workload(256, 100, 1024, 100, 1024, max_token_id=10_000, seed=0)
     assert (w.num_output_tokens, w.num_prompt_tokens) == (133_966, 142_827)
     assert w.head(64).prompts == w.prompts[:64] and w.head(64).max_tokens == w.max_tokens[:64]
+
+
+def test_throughput_floor_per_card():
+    # The H100's floor is issue 8's 25,747 tok/s; another card's is the same work at its measured rates.
+    assert throughput_floor_tok_per_s(CARD_PEAKS["H100"]) == pytest.approx(25_747, abs=0.5)
+    h200 = CARD_PEAKS["H200"]
+    assert card_peaks("NVIDIA H200") == ("H200", h200) and card_peaks("cpu")[0] == "H100"
+    # decode (5.03 s on the H100) scales with the bandwidth, prefill (0.17 s) with the matmul rate
+    expected_s = 0.17 * 804e12 / h200.bf16_flop_per_s + (133_966 / 25_747 - 0.17) * 3.0e12 / 4.27e12
+    assert throughput_floor_tok_per_s(h200) == pytest.approx(133_966 / expected_s)
 
 
 def test_throughput_benchmark(tmp_path):

@@ -21,12 +21,46 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_OUT_DIR = REPO_ROOT / "benchmarks" / "results"
 
-# The H100 numbers of docs/GPU conventions (measured on the benchmark machine, 2026-11-27): the floors
-# printed beside our numbers are computed from these, whatever card runs (the report names the card).
-PEAK_BANDWIDTH_BYTES_PER_S = 3.0e12  # device-to-device copy, read + write counted
-PEAK_BF16_FLOP_PER_S = 804e12  # bf16 matmul
-# Physical floor of nano-vllm's bench.py workload on Qwen3-0.6B shapes (H100): 5.20 s for 133,966 tokens.
+
+@dataclass(frozen=True)
+class CardPeaks:
+    """The ceilings a card's floors are computed from, as measured by scripts/card_peaks.py."""
+
+    bandwidth_bytes_per_s: float  # device-to-device copy, read + write counted
+    bf16_flop_per_s: float  # bf16 matmul, random data
+    source: str
+
+
+# By the name torch gives the card. H100: shared/GPU.md (2026-11-27); H200: card_peaks-nvidia-h200-2026-11-28-
+# 090743.json. Any other card (or none) is measured against the H100's numbers, and the report says so.
+CARD_PEAKS = {
+    "H100": CardPeaks(3.0e12, 804e12, "H100 80GB HBM3, shared/GPU.md, 2026-11-27"),
+    "H200": CardPeaks(4.27e12, 788e12, "H200, scripts/card_peaks.py, 2026-11-28"),
+}
+PEAK_BANDWIDTH_BYTES_PER_S = CARD_PEAKS["H100"].bandwidth_bytes_per_s
+PEAK_BF16_FLOP_PER_S = CARD_PEAKS["H100"].bf16_flop_per_s
+
+# Physical floor of nano-vllm's bench.py workload on Qwen3-0.6B shapes on the H100 (issue 8, shared/GPU.md):
+# 5.20 s for 133,966 tokens = 0.17 s of compute-bound prefill + 5.03 s of bandwidth-bound decode reads.
 THROUGHPUT_FLOOR_TOK_PER_S = 25_747
+_WORKLOAD_OUTPUT_TOKENS = 133_966
+_WORKLOAD_PREFILL_FLOP = 0.17 * 804e12
+_WORKLOAD_DECODE_BYTES = (_WORKLOAD_OUTPUT_TOKENS / THROUGHPUT_FLOOR_TOK_PER_S - 0.17) * 3.0e12
+
+
+def card_peaks(card: str) -> tuple[str, CardPeaks]:
+    """(key, peaks) of the card named `card` (torch.cuda.get_device_name()); the H100's when unknown."""
+    for key, peaks in CARD_PEAKS.items():
+        if key in card.upper():
+            return key, peaks
+    return "H100", CARD_PEAKS["H100"]
+
+
+def throughput_floor_tok_per_s(peaks: CardPeaks) -> float:
+    """The default workload's floor on a card with these peaks: the same FLOPs and bytes as the H100's
+    5.20 s, at this card's rates (25,747 tok/s for the H100 itself)."""
+    prefill_s = _WORKLOAD_PREFILL_FLOP / peaks.bf16_flop_per_s
+    return _WORKLOAD_OUTPUT_TOKENS / (prefill_s + _WORKLOAD_DECODE_BYTES / peaks.bandwidth_bytes_per_s)
 
 
 @dataclass(frozen=True)

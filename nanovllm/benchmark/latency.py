@@ -15,7 +15,7 @@ Method: the engine is driven directly (`LLMEngine.add_request` / `step`) and tim
   recorded too). One shorter warm-up pass first. (Up to commit 5502795 every step was timed between
   two synchronizes, which serialized host and GPU work: those TPOTs are higher by the host's share.)
 
-Floors, from the measured peaks of the card in docs (H100: 3.0 TB/s, 804 bf16 TFLOP/s):
+Floors, from the measured peaks of the card (common.CARD_PEAKS; H100: 3.0 TB/s, 804 bf16 TFLOP/s):
 - decode step: (weight bytes + KV bytes the step reads) / bandwidth, KV at the mean context of the
   timed steps; the weight-only floor is printed too.
 - prefill: max(weight bytes / bandwidth, FLOPs / peak FLOP/s); FLOPs = 2 x matmul params x tokens
@@ -36,8 +36,7 @@ from typing import Any
 
 from nanovllm.benchmark.common import (
     DEFAULT_OUT_DIR,
-    PEAK_BANDWIDTH_BYTES_PER_S,
-    PEAK_BF16_FLOP_PER_S,
+    card_peaks,
     fmt,
     gib,
     memory_stats,
@@ -91,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=[(16, 1024), (4, 4096)],
         help="prompts x length of each prefill-throughput batch, e.g. 16x1024,4x4096 (16k tokens each)",
     )
-    p.add_argument("--bandwidth-tbs", type=float, default=PEAK_BANDWIDTH_BYTES_PER_S / 1e12)
-    p.add_argument("--peak-tflops", type=float, default=PEAK_BF16_FLOP_PER_S / 1e12)
+    p.add_argument("--bandwidth-tbs", type=float, default=None, help="default: the card's (CARD_PEAKS)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="default: the card's (CARD_PEAKS)")
     p.add_argument("--prompt-seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--out", default=str(DEFAULT_OUT_DIR), help="directory for the JSON report")
     add_engine_args(p)
@@ -283,7 +282,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llm = LLM(args.model, **kwargs)
     init_s = time.perf_counter() - start
     engine, config = llm.engine, llm.config
-    bandwidth, flops = args.bandwidth_tbs * 1e12, args.peak_tflops * 1e12
+    card_key, peaks = card_peaks(run_info()["card"])
+    bandwidth = args.bandwidth_tbs * 1e12 if args.bandwidth_tbs else peaks.bandwidth_bytes_per_s
+    flops = args.peak_tflops * 1e12 if args.peak_tflops else peaks.bf16_flop_per_s
     sizes = model_sizes(config)
     prompts = _Prompts(config.hf_config.vocab_size, args.prompt_seed)
     report: dict[str, Any] = {
@@ -301,7 +302,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ttft_repeats": args.ttft_repeats,
             "sampling": "greedy, ignore_eos",
         },
-        "floor_basis": {"bandwidth_bytes_per_s": bandwidth, "peak_flop_per_s": flops},
+        "floor_basis": {"card": card_key, "bandwidth_bytes_per_s": bandwidth, "peak_flop_per_s": flops},
         "model_sizes": sizes,
         "init_seconds": init_s,
     }

@@ -28,13 +28,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import asdict
 from typing import Any
 
 from nanovllm.benchmark import hf_baseline
 from nanovllm.benchmark.common import (
     DEFAULT_OUT_DIR,
-    THROUGHPUT_FLOOR_TOK_PER_S,
     Workload,
+    card_peaks,
     fmt,
     free_device_memory,
     gib,
@@ -45,6 +46,7 @@ from nanovllm.benchmark.common import (
     print_table,
     reset_peak_memory,
     run_info,
+    throughput_floor_tok_per_s,
     write_report,
 )
 from nanovllm.config import DEFAULT_MODEL, preset_names
@@ -216,7 +218,9 @@ def run(args: argparse.Namespace, tuned: dict[str, dict[str, Any]]) -> dict[str,
         nano["num_preemptions"] = llm.engine.stats()["num_preemptions"]
         nano.update(memory_stats())  # peak over init (profiling, graphs) and all runs
         if is_nano_vllm_bench and args.model == DEFAULT_MODEL:
-            nano["pct_of_floor"] = 100 * nano["full"]["tok_per_s"] / THROUGHPUT_FLOOR_TOK_PER_S
+            key, peaks = card_peaks(report["card"])
+            nano["floor"] = {"card": key, **asdict(peaks), "tok_per_s": throughput_floor_tok_per_s(peaks)}
+            nano["pct_of_floor"] = 100 * nano["full"]["tok_per_s"] / nano["floor"]["tok_per_s"]
     finally:
         llm.shutdown()
         del llm
@@ -400,6 +404,6 @@ def print_summary(report: dict[str, Any]) -> None:
     print_table("Memory", ["engine", "peak allocated GiB", "KV-cache tokens"], mem)
     if nano.get("pct_of_floor") is not None:
         print(
-            f"\nnanovllm: {nano['pct_of_floor']:.1f}% of the {THROUGHPUT_FLOOR_TOK_PER_S:,} tok/s floor "
-            "(H100, this workload)."
+            f"\nnanovllm: {nano['pct_of_floor']:.1f}% of the {nano['floor']['tok_per_s']:,.0f} tok/s floor "
+            f"({nano['floor']['card']} peaks, this workload)."
         )
