@@ -4,8 +4,8 @@ does from TWO_STREAM_MIN_BATCH to TWO_STREAM_MAX_BATCH sequences): GPU time per 
     PYTHONPATH=. python benchmarks/two_stream_decode.py [--batches 16,32,64] [--ctx 800,2000] [--out DIR]
 
 Each batch gets random context lengths in --ctx on blocks of its own; both graphs are captured through
-the runner's own `_graph_forward` (its `two_stream_sizes` set for the one size) and replayed on the same
-inputs.
+the engine's own `CudaGraphs.decode_forward` (engine/cuda_graphs.py; `DecodeStep.two_stream_sizes` set for
+the one size) and replayed on the same inputs.
 """
 
 from __future__ import annotations
@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nanovllm import LLM  # noqa: E402
 from nanovllm.benchmark.common import graph_replay_ms, run_info, write_report  # noqa: E402
+from nanovllm.engine.cuda_graphs import CudaGraphs, capture  # noqa: E402
 from nanovllm.kernels.backend import kernel_backend  # noqa: E402
 
 
-def stage(runner, lens: list[int], rng: random.Random) -> None:
+def stage(graphs: CudaGraphs, block_size: int, lens: list[int], rng: random.Random) -> None:
     """Sequence i of the batch at context lens[i] on blocks of its own; its new token is the last one."""
-    b, bs, size = runner.graph_bufs, runner.block_size, len(lens)
+    b, bs, size = graphs.decode_bufs, block_size, len(lens)
     per_seq = -(-max(lens) // bs)
     tables = torch.arange(size * per_seq, dtype=torch.int32).view(size, per_seq)  # [size, per_seq]
     b["block_tables"][:size].zero_()
@@ -39,15 +40,16 @@ def stage(runner, lens: list[int], rng: random.Random) -> None:
     b["input_ids"][:size] = torch.tensor([rng.randrange(10000) for _ in lens])
 
 
-def capture(runner, size: int, halves: bool) -> torch.cuda.CUDAGraph:
+def capture_one(graphs: CudaGraphs, size: int, halves: bool) -> torch.cuda.CUDAGraph:
     """The decode graph of `size` sequences, cut in two halves or not, into its own memory pool."""
-    saved = runner.two_stream_sizes
-    runner.two_stream_sizes = range(size, size + 1) if halves else range(0)
+    step = graphs.decode_step
+    saved = step.two_stream_sizes
+    step.two_stream_sizes = range(size, size + 1) if halves else range(0)
     try:
-        with kernel_backend(runner.config.kernel_backend), torch.inference_mode():
-            return runner._capture(partial(runner._graph_forward, size), None)
+        with kernel_backend(graphs.config.kernel_backend), torch.inference_mode():
+            return capture(partial(graphs.decode_forward, size), None)
     finally:
-        runner.two_stream_sizes = saved
+        step.two_stream_sizes = saved
 
 
 def main() -> int:
@@ -68,19 +70,20 @@ def main() -> int:
     llm = LLM(args.model, max_model_len=max(4096, hi), max_num_seqs=max(sizes), block_size=16,
               num_kvcache_blocks=max(sizes) * -(-hi // 16))  # fmt: skip
     runner, rng = llm.engine.runner, random.Random(0)
-    if runner.side_stream is None:
+    graphs = runner.cuda_graphs
+    if runner.decode.side_stream is None:
         print("two_stream_decode needs NANOVLLM_TWO_STREAM_MAX_BATCH >= 16", file=sys.stderr)
         return 1
     rows = {}
     for size in sizes:
-        stage(runner, [rng.randint(lo, hi) for _ in range(size)], rng)
+        stage(graphs, runner.block_size, [rng.randint(lo, hi) for _ in range(size)], rng)
         row, argmax = {}, {}
         for name, halves in (("one_piece", False), ("two_halves", True)):
-            graph = capture(runner, size, halves)
+            graph = capture_one(graphs, size, halves)
             for _ in range(3):
                 graph.replay()
             row[f"{name}_ms"] = graph_replay_ms(graph, args.replays)
-            argmax[name] = runner.graph_bufs["logits"][:size].argmax(-1)  # [size]
+            argmax[name] = graphs.decode_bufs["logits"][:size].argmax(-1)  # [size]
             del graph
         row["two_halves_vs_one_piece"] = row["two_halves_ms"] / row["one_piece_ms"]
         # (each half's matmuls have another shape: bf16 rounding differs, and on random weights near-tied

@@ -32,7 +32,7 @@ from nanovllm.engine import step_input  # noqa: E402
 def time_graphs(runner, sizes: list[int], replays: int) -> dict:
     out = {}
     for size in sizes:
-        graph = runner.graphs[size]
+        graph = runner.cuda_graphs.decode[size]
         for _ in range(10):
             graph.replay()
         gpu_ms = graph_replay_ms(graph, replays)
@@ -64,8 +64,8 @@ def wrap(obj, name: str, key: str, times: dict) -> object:
 def host_phases(engine, batch: int, steps: int, rng: random.Random) -> dict:
     times: dict[str, list[float]] = defaultdict(list)
     runner = engine.runner
-    targets = [(engine.scheduler, "schedule"), (runner, "prepare"), (runner, "execute"), (runner, "_replay"),
-               (runner, "sampler"), (runner, "launch")]  # fmt: skip
+    targets = [(engine.scheduler, "schedule"), (runner, "prepare"), (runner, "execute"),
+               (runner.cuda_graphs, "replay_decode"), (runner, "sampler"), (runner, "launch")]  # fmt: skip
     originals = [(obj, name, wrap(obj, name, name.strip("_"), times)) for obj, name in targets]
     original_wait = step_input.LaunchedStep.wait
 
@@ -117,9 +117,10 @@ def main() -> int:
     sizes = [int(b) for b in args.batches.split(",")]
     llm = LLM(args.model, max_model_len=2048)
     engine, rng = llm.engine, random.Random(0)
-    missing = sorted(set(sizes) - set(engine.runner.graphs))
+    captured = engine.runner.cuda_graphs.decode if engine.runner.cuda_graphs else {}
+    missing = sorted(set(sizes) - set(captured))
     if missing:
-        print(f"--batches {missing}: no decode graph of that size; captured: {sorted(engine.runner.graphs)}")
+        print(f"--batches {missing}: no decode graph of that size; captured: {sorted(captured)}")
         return 2
     host = {b: host_phases(engine, b, args.steps, rng) for b in sizes}
     graphs = time_graphs(engine.runner, sizes, args.replays)

@@ -9,18 +9,16 @@ tokens; `launch` queues both and returns a `LaunchedStep` without waiting.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from contextlib import contextmanager
-from functools import partial
-from typing import NamedTuple
 
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.cuda_graphs import CudaGraphs
+from nanovllm.engine.decode_step import DecodeStep
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
-from nanovllm.kernels.backend import HAS_TRITON, kernel_backend
-from nanovllm.kernels.decode_attention import default_num_splits, default_split_by_length
+from nanovllm.kernels.backend import kernel_backend
 from nanovllm.kernels.paged_attention import MAX_GRID_Y, max_work_items, prefill_tile_tokens
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.sampler import Sampler, SamplerOutput
@@ -34,44 +32,11 @@ from nanovllm.models import get_model_class
 from nanovllm.models.decoder import head_dim_of, num_kv_heads_of
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.distributed import get_tp_group
-from nanovllm.utils.env import env_int
 from nanovllm.utils.loader import iter_checkpoint, iter_random_weights, load_weights
 
 logger = logging.getLogger("nanovllm")
 
 CPU_KV_CACHE_MAX_BYTES = 4 << 30  # the CPU path sizes its cache from this, not from free memory
-# Token counts of the graphs for steps that are not all decode (prompts, chunks of prompts, mixed with
-# decode tokens; a step pads to the next size). Eager, such a forward is ~9 launches per layer from
-# Python, which on a slow host costs more than the GPU work below a few thousand tokens; a replay is one.
-PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 4096)
-# Decode graphs of 16..112 sequences (single GPU) run the batch as two halves on two CUDA streams: at these
-# sizes a step is a chain of latency-bound kernels, and two independent chains fill each other's gaps
-# (one half's matmuls run beside the other half's attention). H100, Qwen3-0.6B, 800-2000-token contexts
-# (benchmarks/two_stream_decode.py, results/two_stream_decode-...-080911.json): graph GPU time -6.4/-8.0/
-# -7.1/-4.2/-5.8/-3.4/-2.1% at 16/32/48/64/80/96/112 sequences, -1.2% at 128; at 192 and 256 the second pass
-# over the weights costs more than the overlap saves (+1.5/+1.2%). Eager steps pad and cut the batch the
-# same way (same kernels, same tokens). NANOVLLM_TWO_STREAM_MAX_BATCH below 16 (e.g. 0) turns it off.
-TWO_STREAM_MIN_BATCH = 16
-TWO_STREAM_MAX_BATCH = env_int("NANOVLLM_TWO_STREAM_MAX_BATCH", 112)
-# A decode step's per-sequence tensors, as `_decode_parts` and `_decode_forward` take them (a dict of these)
-DECODE_TENSORS = ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")
-
-
-class DecodePart(NamedTuple):
-    """Rows start:end of a decode step and their attention metadata."""
-
-    start: int
-    end: int
-    meta: AttentionMetadata
-
-
-def _pad_rows(t: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
-    """A decode step's tensors with rows added up to `size` that every kernel skips (cache slot -1, length 0),
-    as a graph replay pads its static buffers."""
-    return {
-        k: torch.cat([v, v.new_full((size - v.shape[0], *v.shape[1:]), -1 if k == "slot_mapping" else 0)])
-        for k, v in t.items()
-    }
 
 
 @contextmanager
@@ -130,32 +95,20 @@ class ModelRunner:
         self._out_events = [torch.cuda.Event(), torch.cuda.Event()] if pin else []
         self._out_turn = 0
         self._memory_note = ""  # how the KV budget was found, for the error message
-        cuda = self.device.type == "cuda"
-        self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if cuda else 0
-        # Two-way decode splits count themselves in here (kernels/decode_attention.py); zeros between calls.
-        self.decode_counters = torch.zeros(
-            max_seqs * self.num_kv_heads, dtype=torch.int32, device=self.device
-        )  # [max_num_seqs * kv heads]
-        # Padded decode batch sizes cut in two halves (see TWO_STREAM_MAX_BATCH); not under TP, where the
-        # halves' all-reduces would share the peer buffers.
-        two_streams = cuda and self.tp_size == 1 and TWO_STREAM_MAX_BATCH >= TWO_STREAM_MIN_BATCH
-        self.two_stream_sizes = (
-            range(TWO_STREAM_MIN_BATCH, TWO_STREAM_MAX_BATCH + 1) if two_streams else range(0)
-        )
-        self.side_stream = torch.cuda.Stream(self.device) if two_streams else None  # a graph's second half
-        # Decode steps' cu_seqlens_q: 0, 1, ..., max_num_seqs (one new token per sequence)
-        self.decode_cu_seqlens = torch.arange(max_seqs + 1, dtype=torch.int32, device=self.device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # decode: batch size -> graph
-        self.prefill_graphs: dict[int, torch.cuda.CUDAGraph] = {}  # other steps: tokens -> graph
+        # how a decode batch is cut and run, eager or in a graph (engine/decode_step.py)
+        self.decode = DecodeStep(self.model, config, self.device, self.num_kv_heads, self.tp_size)
         self.num_kvcache_blocks = self._allocate_kv_cache()  # (runs an eager step: no graphs yet)
-        max_bs = min(config.max_num_seqs, 512)
-        self.graph_sizes = sorted({s for s in [1, 2, 4, 8, *range(16, max_bs, 16)] if s < max_bs} | {max_bs})
-        self.prefill_graph_sizes = [t for t in PREFILL_GRAPH_TOKENS if t <= config.max_num_batched_tokens]
+        self.cuda_graphs: CudaGraphs | None = None  # (engine/cuda_graphs.py)
         if self.device.type == "cuda" and not config.enforce_eager:
-            pool = self._capture_cuda_graphs()
-            # (not with the torch reference ops: their attention reads the lengths on the host)
-            if self.prefill_graph_sizes and config.kernel_backend != "torch" and HAS_TRITON:
-                self._capture_prefill_graphs(pool)
+            self.cuda_graphs = CudaGraphs(
+                self.model,
+                config,
+                self.decode,
+                self._fill_pending,
+                self.max_blocks_per_seq,
+                self.tile_tokens,
+                self.tp_size,
+            )
 
     # ---- KV cache ---------------------------------------------------------------------------
 
@@ -304,7 +257,7 @@ class ModelRunner:
 
     def keep_sampled(self, token_ids: torch.Tensor | None, num_sampled: int) -> None:
         """Keep a step's sampled ids on the device: the next step's pending input rows read them
-        (`_input_ids`). Under tensor parallelism only rank 0 samples (token_ids: None elsewhere); it
+        (`_fill_pending`). Under tensor parallelism only rank 0 samples (token_ids: None elsewhere); it
         broadcasts them, queued behind the sampler with no host sync, so every rank feeds the same
         inputs to the next step."""
         if num_sampled and token_ids is None and self.rank == 0:
@@ -337,15 +290,15 @@ class ModelRunner:
         dev = self.device
         to = lambda x: x.to(dev, non_blocking=True)  # noqa: E731
         with kernel_backend(self.config.kernel_backend):
-            logits = None
-            if inp.is_decode and self._graph_size(inp.num_seqs) is not None:
-                hidden, logits = self._replay(inp)
-            elif (size := self._prefill_graph_size(inp)) is not None:
-                hidden = self._replay_prefill(inp, size)
+            logits, graphs = None, self.cuda_graphs
+            if graphs is not None and inp.is_decode and graphs.decode_size(inp.num_seqs) is not None:
+                hidden, logits = graphs.replay_decode(inp)
+            elif graphs is not None and (size := graphs.prefill_size(inp)) is not None:
+                hidden = graphs.replay_prefill(inp, size)
             else:
-                input_ids, positions = self._input_ids(to(inp.input_ids), inp), to(inp.positions)
+                input_ids, positions = self._fill_pending(to(inp.input_ids), inp), to(inp.positions)
                 if inp.is_decode:
-                    hidden = self._eager_decode(inp, input_ids, positions)
+                    hidden = self.decode.eager(inp, input_ids, positions)
                 else:
                     meta = AttentionMetadata(
                         slot_mapping=to(inp.slot_mapping),
@@ -373,7 +326,7 @@ class ModelRunner:
             logits, SamplingBatch.build(requests, logits.shape[-1], dev, self.sampling_staging)
         )
 
-    def _input_ids(self, input_ids: torch.Tensor, inp: ModelInput) -> torch.Tensor:
+    def _fill_pending(self, input_ids: torch.Tensor, inp: ModelInput) -> torch.Tensor:
         """Fill in (on the device) the input tokens the previous step sampled but the host has not
         read back yet."""
         if inp.pending_rows is not None:
@@ -384,247 +337,3 @@ class ModelRunner:
             src = prev.index_select(0, inp.pending_src.to(dev, non_blocking=True))
             input_ids.index_copy_(0, inp.pending_rows.to(dev, non_blocking=True), src)
         return input_ids
-
-    # ---- CUDA graphs for decode -------------------------------------------------------------
-
-    def _graph_size(self, num_seqs: int) -> int | None:
-        return self._padded_size(num_seqs) if self.graphs else None
-
-    def _padded_size(self, num_seqs: int) -> int | None:
-        return next((size for size in self.graph_sizes if size >= num_seqs), None)
-
-    def _decode_splits(self, num_seqs: int) -> tuple[int | None, bool | None]:
-        """(split-KV count, whether two splits cut only the longer sequences) for a decode step, from the
-        padded batch size and max_model_len only, so eager steps and graph replays of the same batch cut
-        the keys the same way (same tokens). (None, None) off CUDA: the kernel's defaults."""
-        if self.device.type != "cuda":
-            return None, None
-        size = self._padded_size(num_seqs) or num_seqs
-        return (
-            default_num_splits(size, self.num_kv_heads, self.config.max_model_len, self.num_sms),
-            default_split_by_length(size, self.num_kv_heads, self.num_sms),
-        )
-
-    def _eager_decode(
-        self, inp: ModelInput, input_ids: torch.Tensor, positions: torch.Tensor
-    ) -> torch.Tensor:  # [num_seqs, hidden_size]
-        """A decode step without a graph, cut as its graph would be: a batch whose graph size is cut in
-        halves is padded to that size first, so that each half runs the same kernels (row counts pick
-        them: GEMV, decode_linear, cuBLAS) and gives the same tokens as a replay."""
-        n = inp.num_seqs
-        t = {"input_ids": input_ids, "positions": positions}
-        for k in ("slot_mapping", "seq_lens", "block_tables"):
-            t[k] = getattr(inp, k).to(self.device, non_blocking=True)
-        size = self._padded_size(n) or n
-        halves = size in self.two_stream_sizes
-        if halves and size > n:
-            t = _pad_rows(t, size)
-        return self._decode_forward(t, self._decode_parts(t, inp.max_seq_len, halves))[:n]
-
-    def _decode_parts(self, t: dict[str, torch.Tensor], max_seq_len: int, halves: bool) -> list[DecodePart]:
-        """A decode step's row ranges and their attention metadata, from its DECODE_TENSORS t (a graph's
-        static buffers, or an eager step's): the whole batch, or its two halves. A part's split-KV count is
-        that of a batch of its rows (so a half of 24 rows is split as the graph of 32 is)."""
-        rows = t["seq_lens"].shape[0]
-        cuts = [0, rows // 2, rows] if halves else [0, rows]
-        parts = []
-        for start, end in zip(cuts, cuts[1:]):
-            num_splits, split_by_length = self._decode_splits(end - start)
-            meta = AttentionMetadata(
-                slot_mapping=t["slot_mapping"][start:end],
-                cu_seqlens_q=self.decode_cu_seqlens[: end - start + 1],
-                seq_lens=t["seq_lens"][start:end],
-                block_tables=t["block_tables"][start:end],
-                max_query_len=1,
-                max_seq_len=max_seq_len,
-                is_decode=True,
-                decode_num_splits=num_splits,
-                decode_split_by_length=split_by_length,
-                # two-split arrival counts: each part its own (the halves of a graph run at once)
-                decode_counters=self.decode_counters[start * self.num_kv_heads :],
-            )
-            parts.append(DecodePart(start, end, meta))
-        return parts
-
-    def _decode_forward(
-        self,
-        t: dict[str, torch.Tensor],  # DECODE_TENSORS of the step's rows
-        parts: list[DecodePart],
-        hidden: torch.Tensor | None = None,  # [rows, hidden_size], written (None: a new one)
-        side: torch.cuda.Stream | None = None,
-    ) -> torch.Tensor:  # [rows, hidden_size]
-        """The model's forward of each part's rows. The parts run one after the other; with `side` (graph
-        capture) two halves run at once, the second on that stream, forked from the current stream before
-        the first half starts and joined back after it."""
-
-        def forward(part: DecodePart) -> torch.Tensor:  # [end - start, hidden_size]
-            rows = slice(part.start, part.end)
-            return self.model(t["input_ids"][rows], t["positions"][rows], part.meta)
-
-        if hidden is None and len(parts) == 1:
-            return forward(parts[0])
-        if hidden is None:
-            hidden = torch.empty(t["input_ids"].shape[0], self.config.hf_config.hidden_size,
-                                 dtype=self.config.torch_dtype, device=self.device)  # fmt: skip
-        if side is None or len(parts) == 1:
-            for part in parts:
-                hidden[part.start : part.end] = forward(part)
-            return hidden
-        first, second = parts
-        main = torch.cuda.current_stream(self.device)
-        side.wait_stream(main)  # fork: the second half starts with the step
-        hidden[first.start : first.end] = forward(first)
-        with torch.cuda.stream(side):
-            hidden[second.start : second.end] = forward(second)
-        main.wait_stream(side)  # join: the LM head reads both halves
-        return hidden
-
-    def _capture_cuda_graphs(self):
-        """Capture one decode forward per batch size; a step pads to the next captured size. Returns
-        the graphs' memory pool."""
-        max_bs = self.graph_sizes[-1]  # (the sizes: set in __init__, eager steps pad by them too)
-        dev = self.device
-        hidden_size = self.config.hf_config.hidden_size
-        self.graph_bufs = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
-            "seq_lens": torch.zeros(max_bs, dtype=torch.int32, device=dev),
-            "block_tables": torch.zeros(max_bs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-            "hidden": torch.zeros(max_bs, hidden_size, dtype=self.config.torch_dtype, device=dev),
-        }
-        # Single rank: the LM head runs inside the decode graphs too (one host launch less per step), into
-        # one buffer that every graph shares; under TP its logits gather is a collective, which stays outside.
-        if self.tp_size == 1:  # [max_bs, vocab rows of the LM head]
-            vocab_rows = self.model.lm_head.weight.shape[0]
-            dtype = self.config.torch_dtype
-            self.graph_bufs["logits"] = torch.zeros(max_bs, vocab_rows, dtype=dtype, device=dev)
-        pool = None
-        with kernel_backend(self.config.kernel_backend), torch.inference_mode():
-            for size in reversed(self.graph_sizes):
-                self.graphs[size] = graph = self._capture(partial(self._graph_forward, size), pool)
-                pool = graph.pool()
-        return pool
-
-    @staticmethod
-    def _capture(forward: Callable[[], None], pool) -> torch.cuda.CUDAGraph:
-        """A graph of forward(), recorded into the memory pool (None: a new one)."""
-        forward()  # warm up (compiles kernels, moves tables to the device) outside the capture
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool):
-            forward()
-        torch.cuda.synchronize()
-        return graph
-
-    def _graph_forward(self, size: int) -> None:
-        b = self.graph_bufs
-        t = {k: b[k][:size] for k in DECODE_TENSORS}
-        hidden = b["hidden"][:size]  # [size, hidden_size]
-        parts = self._decode_parts(t, self.config.max_model_len, halves=size in self.two_stream_sizes)
-        self._decode_forward(t, parts, hidden, self.side_stream)
-        if "logits" in b:
-            self.model.compute_logits(hidden, out=b["logits"][:size])
-
-    def _replay(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Replay the decode graph of the step's padded size: (hidden [n, hidden_size], and when the graph
-        ran the LM head and every row samples, logits [n, vocab_size]; else None)."""
-        n = inp.num_seqs
-        size = self._graph_size(n)
-        b = self.graph_bufs
-        self._stage_graph_inputs(b, inp, size)
-        b["seq_lens"][n:size].zero_()
-        self.graphs[size].replay()
-        if "logits" not in b or inp.logits_indices.numel() != n:  # (a 1-token prefill chunk samples nothing)
-            return b["hidden"][:n], None
-        return b["hidden"][:n], b["logits"][:n, : self.config.hf_config.vocab_size]
-
-    def _stage_graph_inputs(self, b: dict[str, torch.Tensor], inp: ModelInput, size: int) -> None:
-        """Copy the step's tokens (ids, pending ones filled in, positions, cache slots) and sequences
-        (lengths, block tables) into a graph's static buffers b; tokens n..size are padding (slot -1)."""
-        n, s = inp.input_ids.numel(), inp.num_seqs
-        b["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
-        self._input_ids(b["input_ids"][:n], inp)
-        b["positions"][:n].copy_(inp.positions, non_blocking=True)
-        b["slot_mapping"][:n].copy_(inp.slot_mapping, non_blocking=True)
-        b["slot_mapping"][n:size].fill_(-1)
-        b["seq_lens"][:s].copy_(inp.seq_lens, non_blocking=True)
-        b["block_tables"][:s, : inp.block_tables.shape[1]].copy_(inp.block_tables, non_blocking=True)
-
-    # ---- CUDA graphs for prefill and mixed steps ---------------------------------------------
-
-    def _prefill_graph_size(self, inp: ModelInput) -> int | None:
-        """The captured token count a prefill or mixed step pads to (None: run it eagerly)."""
-        if not self.prefill_graphs or inp.is_decode:
-            return None
-        n = inp.input_ids.numel()
-        return next((size for size in self.prefill_graph_sizes if size >= n), None)
-
-    def _prefill_graph_shape(self, size: int) -> tuple[int, int]:
-        """(sequences, attention work items) a graph of `size` tokens is recorded for: the most a step of
-        that many tokens can have."""
-        num_seqs = min(size, self.config.max_num_seqs)
-        return num_seqs, max_work_items(size, num_seqs, self.tile_tokens)
-
-    def _capture_prefill_graphs(self, pool) -> None:
-        """Capture the forward of a step that is not all decode (prompts, chunks of prompts after their
-        computed or cached prefix, mixed with decode tokens) per size in `prefill_graph_sizes`, in the
-        decode graphs' pool. The graph of `size` tokens holds room for every sequence and prefill
-        attention work item such a step can have; the spare items are -1 (skipped) and padding tokens
-        have no cache slot (-1). The LM head runs outside, on the rows that sample."""
-        dev, max_tokens = self.device, self.prefill_graph_sizes[-1]
-        max_seqs, max_items = self._prefill_graph_shape(max_tokens)
-        hidden_size = self.config.hf_config.hidden_size
-        self.prefill_bufs = b = {
-            "input_ids": torch.zeros(max_tokens, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(max_tokens, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.int64, device=dev),
-            "cu_seqlens_q": torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev),
-            "seq_lens": torch.zeros(max_seqs, dtype=torch.int32, device=dev),
-            "block_tables": torch.zeros(max_seqs, self.max_blocks_per_seq, dtype=torch.int32, device=dev),
-            "work_seq": torch.full((max_items,), -1, dtype=torch.int32, device=dev),
-            "work_tile": torch.zeros(max_items, dtype=torch.int32, device=dev),
-            "hidden": torch.zeros(max_tokens, hidden_size, dtype=self.config.torch_dtype, device=dev),
-        }
-        with kernel_backend(self.config.kernel_backend), torch.inference_mode():
-            for size in reversed(self.prefill_graph_sizes):
-                num_seqs, num_items = self._prefill_graph_shape(size)
-                meta = AttentionMetadata(
-                    slot_mapping=b["slot_mapping"][:size],
-                    cu_seqlens_q=b["cu_seqlens_q"][: num_seqs + 1],
-                    seq_lens=b["seq_lens"][:num_seqs],
-                    block_tables=b["block_tables"][:num_seqs],
-                    max_query_len=size,
-                    max_seq_len=self.config.max_model_len,
-                    is_decode=False,
-                    prefill_work=(b["work_seq"][:num_items], b["work_tile"][:num_items]),
-                )
-                forward = partial(self._prefill_graph_forward, size, meta)
-                self.prefill_graphs[size] = graph = self._capture(forward, pool)
-                pool = graph.pool()
-        logger.info(
-            "CUDA graphs: %d decode, %d prefill (up to %d tokens); %.2f GiB reserved after capture",
-            len(self.graphs),
-            len(self.prefill_graphs),
-            max_tokens,
-            torch.cuda.memory_reserved(dev) / 2**30,
-        )
-
-    def _prefill_graph_forward(self, size: int, meta: AttentionMetadata) -> None:
-        b = self.prefill_bufs  # hidden: [size, hidden_size]
-        b["hidden"][:size] = self.model(b["input_ids"][:size], b["positions"][:size], meta)
-
-    def _replay_prefill(self, inp: ModelInput, size: int) -> torch.Tensor:
-        """Replay the graph of `size` tokens for this prefill or mixed step: hidden [n, hidden_size]."""
-        n, s, k, b = inp.input_ids.numel(), inp.num_seqs, inp.work_seq.numel(), self.prefill_bufs
-        _, num_items = self._prefill_graph_shape(size)
-        if k > num_items:  # (max_work_items bounds it; a graph must never drop tiles silently)
-            raise RuntimeError(
-                f"a step of {n} tokens has {k} attention work items; graph {size} holds {num_items}"
-            )
-        self._stage_graph_inputs(b, inp, size)
-        b["cu_seqlens_q"][: s + 1].copy_(inp.cu_seqlens_q, non_blocking=True)
-        b["work_seq"][:k].copy_(inp.work_seq, non_blocking=True)
-        b["work_seq"][k:num_items].fill_(-1)
-        b["work_tile"][:k].copy_(inp.work_tile, non_blocking=True)
-        self.prefill_graphs[size].replay()
-        return b["hidden"][:n]

@@ -38,8 +38,9 @@ def _reference_tokens_one_by_one(prompts, **args) -> list[list[int]]:
 def _record_prefill_replays(runner) -> list[tuple[int, int]]:
     """(sequences, graph size) of every prefill-graph replay the runner makes from now on."""
     replays = []
-    replay = runner._replay_prefill
-    runner._replay_prefill = lambda inp, size: replays.append((inp.num_seqs, size)) or replay(inp, size)
+    graphs = runner.cuda_graphs
+    replay = graphs.replay_prefill
+    graphs.replay_prefill = lambda inp, size: replays.append((inp.num_seqs, size)) or replay(inp, size)
     return replays
 
 
@@ -64,7 +65,7 @@ def test_triton_graph_path_equals_torch_reference():
     finally:
         ref.shutdown()
     fast32 = LLM("qwen3-0.6b", num_kvcache_blocks=2000, **args)
-    assert fast32.engine.runner.graphs, "no CUDA graphs were captured"
+    assert fast32.engine.runner.cuda_graphs.decode, "no CUDA graphs were captured"
     got = _tokens(fast32, prompts)
     mismatched = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
     assert not mismatched, f"sequences {mismatched} differ: {[(got[i], expected[i]) for i in mismatched[:2]]}"
@@ -97,12 +98,12 @@ def test_cuda_graphs_equal_eager(fast):
         expected = _tokens(eager, prompts)
     finally:
         eager.shutdown()
-    assert fast.engine.runner.graphs, "no CUDA graphs were captured"
+    assert fast.engine.runner.cuda_graphs.decode, "no CUDA graphs were captured"
     assert _tokens(fast, prompts) == expected
 
 
 def test_two_stream_halves_equal_one_piece_and_eager():
-    """Decode graphs of 16..112 sequences run two halves on two streams (engine/model_runner.py). In float32
+    """Decode graphs of 16..112 sequences run two halves on two streams (engine/decode_step.py). In float32
     their greedy tokens must equal an eager run's (cut and padded the same way) and the batch's in one
     piece. 40 prompts decode as graph 48: halves of 24, split in two by length, each half counting its two
     splits in its own slice of the counters while both run at once."""
@@ -110,16 +111,16 @@ def test_two_stream_halves_equal_one_piece_and_eager():
     args = dict(dtype="float32", max_model_len=4096, num_kvcache_blocks=3000)
     graphs = LLM("qwen3-0.6b", **args)
     try:
-        runner = graphs.engine.runner
-        assert 48 in runner.two_stream_sizes and runner.side_stream is not None and runner.graphs
-        assert runner._decode_splits(24) == (2, True), "the halves no longer take the two-split path"
+        step, captured = graphs.engine.runner.decode, graphs.engine.runner.cuda_graphs.decode
+        assert 48 in step.two_stream_sizes and step.side_stream is not None and 48 in captured
+        assert step.splits(24) == (2, True), "the halves no longer take the two-split path"
         two_streams = _tokens(graphs, prompts)
     finally:
         graphs.shutdown()
     eager = LLM("qwen3-0.6b", enforce_eager=True, **args)
     try:
         eager_halves = _tokens(eager, prompts)
-        eager.engine.runner.two_stream_sizes = range(0)
+        eager.engine.runner.decode.two_stream_sizes = range(0)
         one_piece = _tokens(eager, prompts)
     finally:
         eager.shutdown()
@@ -139,7 +140,7 @@ def test_prefill_graphs_equal_torch_reference():
     llm = LLM("qwen3-0.6b", **args)
     try:
         runner = llm.engine.runner
-        assert sorted(runner.prefill_graphs) == [16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048]
+        assert sorted(runner.cuda_graphs.prefill) == [16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048]
         replays = _record_prefill_replays(runner)
         got = [_tokens(llm, [p])[0] for p in prompts]
         cached = llm.generate([prompts[-1]], GREEDY, use_tqdm=False)[0].num_cached_tokens

@@ -109,11 +109,11 @@ def test_greedy_decode_in_two_halves(ckpt, prompts, expected):
     other): each half's rows, lengths and block tables must still give transformers' tokens. (Split counts
     and the two-split counters are CUDA-only: tests/gpu/test_engine_gpu.py.)"""
     llm = LLM(str(ckpt))
-    runner = llm.engine.runner
-    runner.two_stream_sizes = range(2, 257)  # (a single GPU's default: 16..112)
+    step = llm.engine.runner.decode  # engine/decode_step.py
+    step.two_stream_sizes = range(2, 257)  # (a single GPU's default: 16..112)
     cuts = []
-    forward = runner._decode_forward
-    runner._decode_forward = lambda t, parts, *a: (
+    forward = step.forward
+    step.forward = lambda t, parts, *a: (
         cuts.append((t["seq_lens"].tolist(), [p[:2] for p in parts])) or forward(t, parts, *a)
     )
     for n in (8, 7, 3):  # padded (as a graph replay pads) to 8, 8 and 4 sequences
