@@ -70,11 +70,10 @@ class CudaGraphs:
         self.decode: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> graph
         self.prefill: dict[int, torch.cuda.CUDAGraph] = {}  # tokens -> graph
         self.prefill_sizes = [t for t in PREFILL_GRAPH_TOKENS if t <= config.max_num_batched_tokens]
-        with kernel_backend(config.kernel_backend), torch.inference_mode():
-            pool = self._capture_decode(with_lm_head=tp_size == 1)
-            # (not with the torch reference ops: their attention reads the lengths on the host)
-            if self.prefill_sizes and config.kernel_backend != "torch" and HAS_TRITON:
-                self._capture_prefill(pool)
+        pool = self._capture_decode(with_lm_head=tp_size == 1)
+        # (not with the torch reference ops: their attention reads the lengths on the host)
+        if self.prefill_sizes and config.kernel_backend != "torch" and HAS_TRITON:
+            self._capture_prefill(pool)
         logger.info(
             "CUDA graphs: %d decode, %d prefill (up to %d tokens); %.2f GiB reserved after capture",
             len(self.decode),
@@ -119,9 +118,10 @@ class CudaGraphs:
             dtype = self.config.torch_dtype
             self.decode_bufs["logits"] = torch.zeros(max_bs, vocab_rows, dtype=dtype, device=self.device)
         pool = None
-        for size in reversed(self.decode_step.sizes):
-            self.decode[size] = graph = capture(partial(self.decode_forward, size), pool)
-            pool = graph.pool()
+        with kernel_backend(self.config.kernel_backend), torch.inference_mode():
+            for size in reversed(self.decode_step.sizes):
+                self.decode[size] = graph = capture(partial(self.decode_forward, size), pool)
+                pool = graph.pool()
         return pool
 
     def decode_forward(self, size: int) -> None:
@@ -169,24 +169,30 @@ class CudaGraphs:
         b["cu_seqlens_q"] = torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev)
         b["work_seq"] = torch.full((max_items,), -1, dtype=torch.int32, device=dev)
         b["work_tile"] = torch.zeros(max_items, dtype=torch.int32, device=dev)
-        for size in reversed(self.prefill_sizes):
-            num_seqs, num_items = self._prefill_shape(size)
-            meta = AttentionMetadata(
-                slot_mapping=b["slot_mapping"][:size],
-                cu_seqlens_q=b["cu_seqlens_q"][: num_seqs + 1],
-                seq_lens=b["seq_lens"][:num_seqs],
-                block_tables=b["block_tables"][:num_seqs],
-                max_query_len=size,
-                max_seq_len=self.config.max_model_len,
-                is_decode=False,
-                prefill_work=(b["work_seq"][:num_items], b["work_tile"][:num_items]),
-            )
-            self.prefill[size] = graph = capture(partial(self._prefill_forward, size, meta), pool)
-            pool = graph.pool()
+        with kernel_backend(self.config.kernel_backend), torch.inference_mode():
+            for size in reversed(self.prefill_sizes):
+                self.prefill[size] = graph = capture(self._prefill_forward_of(size), pool)
+                pool = graph.pool()
 
-    def _prefill_forward(self, size: int, meta: AttentionMetadata) -> None:
-        b = self.prefill_bufs  # hidden: [size, hidden_size]
-        b["hidden"][:size] = self.model(b["input_ids"][:size], b["positions"][:size], meta)
+    def _prefill_forward_of(self, size: int) -> Callable[[], None]:
+        """What the prefill graph of `size` tokens records, on the buffers' first rows."""
+        b = self.prefill_bufs
+        num_seqs, num_items = self._prefill_shape(size)
+        meta = AttentionMetadata(
+            slot_mapping=b["slot_mapping"][:size],
+            cu_seqlens_q=b["cu_seqlens_q"][: num_seqs + 1],
+            seq_lens=b["seq_lens"][:num_seqs],
+            block_tables=b["block_tables"][:num_seqs],
+            max_query_len=size,
+            max_seq_len=self.config.max_model_len,
+            is_decode=False,
+            prefill_work=(b["work_seq"][:num_items], b["work_tile"][:num_items]),
+        )
+
+        def forward() -> None:  # hidden: [size, hidden_size]
+            b["hidden"][:size] = self.model(b["input_ids"][:size], b["positions"][:size], meta)
+
+        return forward
 
     def prefill_size(self, inp: ModelInput) -> int | None:
         """The captured token count a prefill or mixed step pads to (None: run it eagerly)."""

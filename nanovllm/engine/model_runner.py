@@ -97,8 +97,8 @@ class ModelRunner:
         self._memory_note = ""  # how the KV budget was found, for the error message
         # how a decode batch is cut and run, eager or in a graph (engine/decode_step.py)
         self.decode = DecodeStep(self.model, config, self.device, self.num_kv_heads, self.tp_size)
+        self.cuda_graphs: CudaGraphs | None = None  # (engine/cuda_graphs.py; captured after the KV cache)
         self.num_kvcache_blocks = self._allocate_kv_cache()  # (runs an eager step: no graphs yet)
-        self.cuda_graphs: CudaGraphs | None = None  # (engine/cuda_graphs.py)
         if self.device.type == "cuda" and not config.enforce_eager:
             self.cuda_graphs = CudaGraphs(
                 self.model,
