@@ -100,6 +100,7 @@ def parity(args: argparse.Namespace, dtype: str) -> dict[str, Any]:
             max_model_len=args.max_model_len,
             max_num_seqs=16,
         )
+        print(f"parity {dtype}: TP={tp} engine ready", flush=True)  # (progress: where a hang stopped)
         try:
             outs = llm.generate(prompts, params, use_tqdm=False)
             tokens[tp] = [o.outputs[0].token_ids for o in outs]
@@ -170,6 +171,7 @@ def decode_scaling(args: argparse.Namespace, batch_sizes: list[int]) -> dict[str
             enable_prefix_caching=False,  # the 1-token and the full run must prefill alike
             disable_custom_all_reduce=not custom_all_reduce,
         )
+        print(f"{label}: engine ready", flush=True)
         try:
             for batch in batch_sizes:
                 timed_generate(llm, random_prompts(args.model, batch, args.input_len, args.input_len, 0), 4)

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -82,18 +83,25 @@ def run_step(name: str, extra: list[str], out_dir: Path, log) -> dict:
     cmd = [*cmd, *extra] + (
         ["--junitxml", str(step_dir / "junit.xml")] if name == "tests" else ["--out", str(step_dir)]
     )
+    # PYTHONFAULTHANDLER: a step that runs past its limit gets SIGABRT first, and every Python process of
+    # it (tensor-parallel workers included: its own process group) prints where each thread was.
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONFAULTHANDLER"] = "1"
     log.write(f"\n===== {name}: {' '.join(cmd)}\n")
     log.flush()
     start = time.perf_counter()
-    try:
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=limit
+    output_file = step_dir / "output.log"  # written as the step runs: kept whatever happens to it
+    with open(output_file, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-        rc, output = proc.returncode, proc.stdout.decode(errors="replace")
-    except subprocess.TimeoutExpired as e:
-        rc, output = "timeout", (e.stdout or b"").decode(errors="replace")
+        try:
+            rc = proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+            stop_group(proc)
     elapsed = time.perf_counter() - start
+    output = output_file.read_text(errors="replace")
     log.write(output)
     log.write(f"\n===== {name}: rc={rc} in {elapsed:.1f} s\n")
     log.flush()
@@ -105,6 +113,20 @@ def run_step(name: str, extra: list[str], out_dir: Path, log) -> dict:
         shutil.copy(f, out_dir / f.name)
     tail = output.strip().splitlines()[-25:]
     return {"rc": rc, "seconds": round(elapsed, 1), "tail": tail, "results": results}
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """SIGABRT to the step's process group (faulthandler prints every thread's stack), ten seconds for the
+    dumps, then SIGKILL to whatever of the group is left."""
+    for sig in (signal.SIGABRT, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the group is gone
+            break
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def write_test_report(junit: Path, out_dir: Path, command: str) -> None:
