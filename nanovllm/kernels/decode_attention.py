@@ -211,30 +211,30 @@ if HAS_TRITON:
         l_safe = tl.maximum(l_i, 1.0)
         out = acc / l_safe[:, None]  # [BLOCK_H, HEAD_DIM]
         out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        if ONE_SPLIT:
+        # The whole sequence in this program (one split; BY_LENGTH did not cut it; or two splits where the
+        # second got no keys and returned): the output is final.
+        whole = not split_this
+        if TWO_SPLITS:
+            whole = whole or seq_len <= keys_per_split
+        if ONE_SPLIT or whole:
             tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-        elif split_this:
+        else:  # partials for the reduce pass, or, of two splits, for the second to finish, which combines
             lse = m_i + tl.log2(l_safe)  # [BLOCK_H]
             first_row = (seq.to(tl.int64) * num_heads + heads) * num_splits  # [BLOCK_H]
             tl.store(partial_lse_ptr + first_row + split, lse, mask=row_valid)
             partial_ptrs = partial_out_ptr + (first_row + split)[:, None] * HEAD_DIM + offs_d[None, :]
             tl.store(partial_ptrs, out, mask=row_valid[:, None])
             if TWO_SPLITS:
-                if seq_len > keys_per_split:  # both splits have keys: the second to finish combines
-                    other_row = first_row + 1 - split  # [BLOCK_H]
-                    _combine_two_splits(
-                        counters_ptr + seq * tl.num_programs(1) + kv_head,
-                        partial_lse_ptr + other_row,
-                        partial_out_ptr + other_row[:, None] * HEAD_DIM + offs_d[None, :],
-                        lse,
-                        out,
-                        out_ptrs,
-                        row_valid,
-                    )
-                else:  # (split 0: split 1 got no keys and returned)
-                    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-        else:  # (BY_LENGTH: a sequence not cut, all in split 0)
-            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
+                other_row = first_row + 1 - split  # [BLOCK_H]
+                _combine_two_splits(
+                    counters_ptr + seq * tl.num_programs(1) + kv_head,
+                    partial_lse_ptr + other_row,
+                    partial_out_ptr + other_row[:, None] * HEAD_DIM + offs_d[None, :],
+                    lse,
+                    out,
+                    out_ptrs,
+                    row_valid,
+                )
 
     @triton.jit
     def _combine_two_splits(counter_ptr, other_lse_ptrs, other_out_ptrs, lse, out, out_ptrs, row_valid):
