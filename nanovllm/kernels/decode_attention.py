@@ -63,6 +63,12 @@ def decode_attention_ref(
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
+# 4 programs of 128 threads per SM need <= 128 registers a thread. Every variant the engine's graphs run
+# compiles to 128 by itself; the two-split variant not cut by length (eager steps whose longest sequence
+# allows just two key tiles) took 168, 3 programs per SM, and is capped at this: 128, no spills. (Capping the
+# others makes ptxas spill 8 bytes in the one-split variant; sm_90, checked on the CPU by
+# tests/kernels/test_decode_attention.py.)
+DECODE_MAX_REGISTERS = 128
 # tl.dot needs >= 16 rows, and a group of query heads is usually 1-8: pad it to 16 rows. The padded
 # tensor-core dot is nearly free, whereas a broadcast-multiply-sum would put group * 2 FMAs per cached
 # element on the CUDA cores (~20% of the H100's fp32 rate at 3 TB/s for group 2, most of it for group 8)
@@ -412,6 +418,7 @@ def decode_attention(
         BATCH_P2=max(triton.next_power_of_2(batch), DECODE_MIN_BATCH_P2) if by_length else 1,
         num_warps=DECODE_NUM_WARPS,
         num_stages=DECODE_NUM_STAGES,
+        maxnreg=DECODE_MAX_REGISTERS if two_splits and not by_length else None,
         launch_pdl=use_pdl,
     )
     if one_split or two_splits:

@@ -8,6 +8,7 @@ import torch
 
 from nanovllm.kernels.decode_attention import (
     DECODE_BLOCK_N,
+    DECODE_MAX_REGISTERS,
     DECODE_MIN_BATCH_P2,
     DECODE_MIN_KEYS_PER_SPLIT,
     DECODE_MIN_ROWS,
@@ -311,28 +312,32 @@ def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_l
 
 # Compiled for sm_90 outside the interpreter, with the 16-divisible pointers and strides a real launch
 # specializes on: the registers a thread of the split kernel uses (cuobjdump -res-usage).
-def _split_kernel_usage(one_split: bool, two_splits: bool, batch_p2: int, group: int = 2) -> dict:
+def _split_kernel_usage(one_split: bool, two_splits: bool, batch_p2: int, group: int, by_length: bool):
     # as the engine launches it: KV blocks of 16, a group of 2 (Qwen3-0.6B) or 4 (Qwen3-8B) query heads
     constants = dict(ONE_SPLIT=one_split, GROUP=group, BLOCK_H=DECODE_MIN_ROWS, HEAD_DIM=128,
                      BLOCK_N=DECODE_BLOCK_N, BLOCK_SIZE=16, DOT_PRECISION="tf32", USE_PDL=True,
-                     TWO_SPLITS=two_splits, BY_LENGTH=two_splits, BATCH_P2=batch_p2)  # fmt: skip
+                     TWO_SPLITS=two_splits, BY_LENGTH=by_length, BATCH_P2=batch_p2)  # fmt: skip
     types = {"seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "counters_ptr": "*i32",
              "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "scale_log2": "fp32"}  # fmt: skip
     options = dict(num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
+    if two_splits and not by_length:  # (capped at launch: uncapped it took 168)
+        options["maxnreg"] = DECODE_MAX_REGISTERS
     return compile_sm90(_decode_split_kernel, constants, types, **options)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "one_split,two_splits,batch_p2,group",
-    [(True, False, 1, 2), (True, False, 1, 4), (False, False, 1, 2), (False, True, DECODE_MIN_BATCH_P2, 2),
-     (False, True, DECODE_MIN_BATCH_P2, 4), (False, True, 256, 2)],
+    "one_split,two_splits,batch_p2,group,by_length",
+    [(True, False, 1, 2, False), (True, False, 1, 4, False), (False, False, 1, 2, False),
+     (False, True, DECODE_MIN_BATCH_P2, 2, True), (False, True, DECODE_MIN_BATCH_P2, 4, True),
+     (False, True, 256, 2, True), (False, True, 1, 2, False)],
 )  # fmt: skip
-def test_split_kernel_keeps_four_programs_per_sm(one_split, two_splits, batch_p2, group):
+def test_split_kernel_keeps_four_programs_per_sm(one_split, two_splits, batch_p2, group, by_length):
     # Decode attention keeps its loads in flight across 4 programs of 128 threads per SM (DECODE_NUM_WARPS),
     # which needs <= 128 registers a thread. (Session 14 fused the q/k norm, rope and K/V store into this
     # kernel: its first version took 168 in the split variants, 3 programs per SM, and lost ~3% of the
     # default workload's throughput on an H100; docs/performance.md. Session 15 found the by-length variant
-    # at 168 for batches of 16 and 32 (BATCH_P2 below 64), hence DECODE_MIN_BATCH_P2.)
-    usage = _split_kernel_usage(one_split, two_splits, batch_p2, group)
+    # at 168 for batches of 16 and 32 (BATCH_P2 below 64), hence DECODE_MIN_BATCH_P2.
+    # Session 17 capped the launch at DECODE_MAX_REGISTERS: the two-split variant not cut by length took 168.)
+    usage = _split_kernel_usage(one_split, two_splits, batch_p2, group, by_length)
     assert usage["registers"] <= 128 and usage["stack"] == 0, usage
