@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import torch
 
+from nanovllm.utils.env import env_int
+
 try:
     import triton
     import triton.language as tl
@@ -34,11 +36,8 @@ except ImportError:
 # Programmatic dependent launch (Hopper and later): a kernel launched with it may start while the kernel
 # before it still runs, and calls gdc_wait() before it reads anything that kernel wrote. NANOVLLM_PDL=0
 # turns it off (to measure what it buys); the interpreter never uses it.
-_PDL_SWITCH = os.environ.get("NANOVLLM_PDL", "1")
-if _PDL_SWITCH not in ("0", "1"):
-    raise ValueError(f"NANOVLLM_PDL must be 0 or 1, got {_PDL_SWITCH!r}")
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1"  # (Triton reads it when a kernel is decorated)
-PDL_ENABLED = HAS_PDL and _PDL_SWITCH == "1" and not INTERPRETER
+PDL_ENABLED = HAS_PDL and env_int("NANOVLLM_PDL", 1, maximum=1) == 1 and not INTERPRETER
 
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 
