@@ -36,6 +36,7 @@ from typing import Any
 
 from nanovllm.benchmark.common import (
     DEFAULT_OUT_DIR,
+    card_name,
     card_peaks,
     fmt,
     gib,
@@ -282,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     llm = LLM(args.model, **kwargs)
     init_s = time.perf_counter() - start
     engine, config = llm.engine, llm.config
-    card_key, peaks = card_peaks(run_info()["card"])
+    card_key, peaks = card_peaks(card_name())
     bandwidth = args.bandwidth_tbs * 1e12 if args.bandwidth_tbs else peaks.bandwidth_bytes_per_s
     flops = args.peak_tflops * 1e12 if args.peak_tflops else peaks.bf16_flop_per_s
     sizes = model_sizes(config)
