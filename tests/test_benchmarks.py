@@ -59,6 +59,8 @@ def test_throughput_benchmark(tmp_path):
     nano = r["nanovllm"]
     assert nano["full"]["output_tokens"] == r["workload"]["num_output_tokens"]
     assert nano["full"]["tok_per_s"] > 0 and nano["kv_cache_tokens"] == 256 * nano["block_size"]
+    speeds = sorted(x["tok_per_s"] for x in nano["full_runs"])  # --repeats 3 by default: the median
+    assert len(speeds) == 3 and nano["full"]["tok_per_s"] == speeds[1]
     assert set(nano["subsets"]) == {"2", "3"}
     hf = r["hf"]
     for key in ("default", "static", "tuned"):  # a number, or the reason there is none
@@ -75,9 +77,19 @@ def test_throughput_no_hf(tmp_path):
     from nanovllm.cli import main
 
     args = ["--num-requests", "2", "--max-input-len", "8", "--max-output-len", "4", "--hf-mode", "none"]
-    assert main(["bench", *ENGINE, *args, "--out", str(tmp_path)]) == 0
+    assert main(["bench", *ENGINE, *args, "--repeats", "1", "--out", str(tmp_path)]) == 0
     r = _report(tmp_path, "throughput")
     assert r["hf"] == {} and r["nanovllm"]["subsets"] == {}
+    assert r["nanovllm"]["full_runs"] == [r["nanovllm"]["full"]]
+    assert main(["bench", *ENGINE, *args, "--repeats", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_median_run():
+    from nanovllm.benchmark.throughput import median_run
+
+    runs = [{"tok_per_s": v} for v in (3.0, 1.0, 2.0, 5.0)]
+    assert median_run(runs)["tok_per_s"] == 2.0  # the slower middle one of an even count
+    assert median_run(runs[:3])["tok_per_s"] == 2.0 and median_run(runs[:1]) is runs[0]
 
 
 def test_latency_benchmark(tmp_path):
