@@ -3,9 +3,9 @@
 Decode is memory-bound: each step reads every cached key and value once. One program per (sequence,
 kv head) leaves the GPU idle for small batches with long contexts, so each sequence's keys are also cut
 into `num_splits` ranges handled by separate programs; each writes a partial output plus its
-log-sum-exp, and a second small kernel combines them. With one split (large batches: enough programs
-already) the split kernel writes the normalized output itself and the second kernel is skipped. With two
-(mid-sized batches), the two programs of a sequence combine themselves: the second to finish, counted by
+log-sum-exp, and a second small kernel combines them. With one split (contexts too short to cut) the
+split kernel writes the normalized output itself and the second kernel is skipped. With two (mid-sized
+and large batches), the two programs of a sequence combine themselves: the second to finish, counted by
 an atomic, reads the other's partial. There, from DECODE_TWO_SPLITS_ITEMS_PER_SM pairs per SM, only
 sequences 1/8 longer than the mean of the batch's non-empty rows (and of 3+ key tiles) are cut at all,
 decided in the kernel from the step's lengths: with equal lengths one program per pair is faster, with
@@ -75,21 +75,19 @@ DECODE_MAX_REGISTERS = 128
 # plus cross-lane reductions, competing with the load instructions that set the pace here.
 DECODE_MIN_ROWS = 16
 DECODE_MIN_BATCH_P2 = 64  # the by-length split kernel's smallest batch block (see the launch)
-# num_splits heuristic: aim for this many programs per SM, but give no split fewer keys than this; and do
-# not split at all once the batch alone gives every SM DECODE_NO_SPLIT_ITEMS_PER_SM (sequence, kv head)
-# pairs; at most two splits from DECODE_TWO_SPLITS_ITEMS_PER_SM. Chosen on benchmarks/decode_splits.py
-# runs that read the KV cache from L2 (results/decode_splits-*-124902.json); its cold-cache rerun, as a
-# decode step reads it (results/decode_splits-*-2026-11-28-004924.json), keeps the rule, as a trade-off:
-# from 256 pairs (1.9 per SM) one split wins on equal lengths (4 kv heads x 64 x 320 keys: 20.4 vs 24.2 us
-# with two; 53.8 vs 56.9 at 1024) and loses on lengths spread over 200-2000 (71.7 vs 61.6), where the
-# longest sequences set the time; from 384 pairs spread lengths still gain 3-8% from 4-8 splits. At 128-192
-# pairs fewer splits than the programs-per-SM aim win at 4096 keys (2 instead of 3 at 192 pairs: 143.5 vs
-# 166.2 us) and lose a little at 320. Two splits now take the best of both at 256 pairs: they combine
-# themselves (no reduce kernel) and cut only the sequences above the mean, so equal lengths run as
-# one split (21.0 vs 24.2 us before, one split 21.2) and spread ones as two (60.6 vs 61.6)
-# (results/decode_splits-*-2026-11-28-010906.json).
+# num_splits heuristic: below DECODE_TWO_SPLITS_ITEMS_PER_SM (sequence, kv head) pairs per SM, aim for
+# DECODE_PROGRAMS_PER_SM programs per SM, giving no split fewer than DECODE_MIN_KEYS_PER_SPLIT keys of the
+# longest sequence; from there on, two splits that cut only the sequences above the mean length. With
+# equal lengths those run as one split (one program per pair; the second exits at once) at 1-2% of kernel
+# time for the idle programs; with lengths spread over 200-2000 they gain 2.5-10% at 48-256 sequences x 8
+# kv heads (H200, KV cold: 8 x 128: 153.7 vs 163.5 us with one split; 8 x 256: 276.6 vs 283.8;
+# results/decode_splits-nvidia-h200-2026-11-28-103309.json), and the default workload, whose lengths
+# spread so, went 70.2 -> 70.5% of the H200 floor (steady runs of one process each, same machine:
+# results/throughput-nvidia-h200-2026-11-28-105110-a.json, -105143-b.json). Until session 18 batches from
+# 2.5 pairs per SM ran one split (chosen on H100 sweeps with the KV cache in L2, where one split beat two
+# by 10-14% on equal lengths, before two splits learned to cut by length). Below 1.75 pairs per SM more
+# splits win (e.g. 8 x 16, spread: 28.5 us with 5 vs 57.2 with one).
 DECODE_PROGRAMS_PER_SM = 4
-DECODE_NO_SPLIT_ITEMS_PER_SM = 2.5
 DECODE_TWO_SPLITS_ITEMS_PER_SM = 1.75
 DECODE_MIN_KEYS_PER_SPLIT = 64  # H100: 256 left batch-1 x 1k-context decode latency-bound (86 us)
 DECODE_MAX_SPLITS = 64
@@ -98,18 +96,17 @@ DECODE_MAX_SPLITS = 64
 def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
     """How many key ranges to cut each sequence into; a pure function of these ints.
 
-    Enough (sequence, kv head, split) programs to give every SM DECODE_PROGRAMS_PER_SM of them, but no
-    more splits than leave DECODE_MIN_KEYS_PER_SPLIT keys of the longest sequence to each; one split
-    when the batch has DECODE_NO_SPLIT_ITEMS_PER_SM (sequence, kv head) pairs per SM already, at most two
-    from DECODE_TWO_SPLITS_ITEMS_PER_SM. For CUDA graphs, pass the same max_seq_len (e.g. the model's
-    max length) at capture and replay.
+    Two (cut by length: `default_split_by_length`) from DECODE_TWO_SPLITS_ITEMS_PER_SM (sequence, kv
+    head) pairs per SM; below, enough (sequence, kv head, split) programs to give every SM
+    DECODE_PROGRAMS_PER_SM of them. Never more splits than leave DECODE_MIN_KEYS_PER_SPLIT keys of the
+    longest sequence to each. For CUDA graphs, pass the same max_seq_len (e.g. the model's max length)
+    at capture and replay.
     """
     work_items = max(1, batch * num_kv_heads)
-    if work_items >= DECODE_NO_SPLIT_ITEMS_PER_SM * num_sms:
-        return 1
-    wanted = -(-DECODE_PROGRAMS_PER_SM * num_sms // work_items)
     if work_items >= DECODE_TWO_SPLITS_ITEMS_PER_SM * num_sms:
-        wanted = min(wanted, 2)
+        wanted = 2
+    else:
+        wanted = -(-DECODE_PROGRAMS_PER_SM * num_sms // work_items)
     useful = max_seq_len // DECODE_MIN_KEYS_PER_SPLIT
     return max(1, min(wanted, useful, DECODE_MAX_SPLITS))
 

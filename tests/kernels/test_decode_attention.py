@@ -18,6 +18,7 @@ from nanovllm.kernels.decode_attention import (
     decode_attention,
     decode_attention_ref,
     default_num_splits,
+    default_split_by_length,
 )
 from nanovllm.kernels.paged_attention import paged_attention_ref, paged_prefill_attention
 from tests.sm90 import compile_sm90
@@ -222,15 +223,13 @@ def test_two_splits_reject_a_bad_counter_buffer(make_paged_inputs):
 
 def test_default_num_splits():
     num_sms = 132
-    # Large batches already fill the GPU: no split.
-    assert default_num_splits(256, 8, 1024, num_sms) == 1
-    assert default_num_splits(165, 2, 1024, num_sms) == 1  # 330 (sequence, kv head) pairs: 2.5 per SM
-    assert default_num_splits(164, 2, 1024, num_sms) == 2  # 328: two splits give 656 programs
-    assert default_num_splits(42, 8, 1024, num_sms) == 1
-    # From 1.75 pairs per SM at most two splits (three would be the programs-per-SM aim).
-    assert default_num_splits(64, 4, 1024, num_sms) == 2  # 256 pairs
-    assert default_num_splits(58, 4, 1024, num_sms) == 2  # 232 pairs: 1.76 per SM
-    assert default_num_splits(57, 4, 1024, num_sms) == 3  # 228 pairs: 1.73 per SM
+    # From 1.75 (sequence, kv head) pairs per SM: two splits (cut by length), however large the batch.
+    for batch, heads in ((512, 8), (256, 8), (165, 2), (42, 8), (64, 4), (58, 4)):  # 58 x 4: 1.76 per SM
+        assert default_num_splits(batch, heads, 1024, num_sms) == 2
+        assert default_split_by_length(batch, heads, num_sms)
+    assert default_num_splits(57, 4, 1024, num_sms) == 3  # 228 pairs: 1.73 per SM, 4 programs per SM
+    assert not default_split_by_length(57, 4, num_sms)
+    assert default_num_splits(256, 8, 2 * DECODE_MIN_KEYS_PER_SPLIT - 1, num_sms) == 1  # too short to cut
     # Small batch, long context: split (up to the cap), but keep DECODE_MIN_KEYS_PER_SPLIT keys per split.
     assert default_num_splits(1, 8, 4096, num_sms) == min(66, 4096 // DECODE_MIN_KEYS_PER_SPLIT, 64)
     assert default_num_splits(16, 8, 1024, num_sms) == min(5, 1024 // DECODE_MIN_KEYS_PER_SPLIT)
@@ -330,7 +329,7 @@ def _split_kernel_usage(one_split: bool, two_splits: bool, batch_p2: int, group:
     "one_split,two_splits,batch_p2,group,by_length",
     [(True, False, 1, 2, False), (True, False, 1, 4, False), (False, False, 1, 2, False),
      (False, True, DECODE_MIN_BATCH_P2, 2, True), (False, True, DECODE_MIN_BATCH_P2, 4, True),
-     (False, True, 256, 2, True), (False, True, 1, 2, False)],
+     (False, True, 256, 2, True), (False, True, 512, 4, True), (False, True, 1, 2, False)],
 )  # fmt: skip
 def test_split_kernel_keeps_four_programs_per_sm(one_split, two_splits, batch_p2, group, by_length):
     # Decode attention keeps its loads in flight across 4 programs of 128 threads per SM (DECODE_NUM_WARPS),
