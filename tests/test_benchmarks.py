@@ -3,10 +3,8 @@ transformers baseline really is the same model: same weights, and a paged attent
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.benchmark import hf_baseline
 from nanovllm.benchmark.common import CARD_PEAKS, card_peaks, make_workload, throughput_floor_tok_per_s
+from tests.scripts import load_script
 
 ENGINE = ["--model", "qwen3-tiny", "--device", "cpu", "--num-kvcache-blocks", "256", "--max-num-seqs", "8"]
 
@@ -200,10 +199,7 @@ def test_reset_prefix_cache_forgets_free_blocks_only():
 
 def test_decode_linear_chain_benchmark_without_a_gpu(tmp_path, capsys, monkeypatch):
     # GPU-only: on a CPU it says so and writes nothing; its tile sweep stays within what the launcher accepts
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_linear_chain.py"
-    spec = importlib.util.spec_from_file_location("decode_linear_chain", path)
-    chain = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(chain)
+    chain = load_script("benchmarks/decode_linear_chain.py")
     candidates = chain.tile_candidates(5)
     assert candidates and all(c[0] == 16 for c in candidates)  # 5 rows: BLOCK_M 16 only
     wide = chain.tile_candidates(256)

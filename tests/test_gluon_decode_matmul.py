@@ -5,23 +5,20 @@ GPU it says so and writes nothing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.scripts import ROOT, load_script
 from tests.sm90 import run_outside_interpreter
 
-PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "gluon_decode_matmul.py"
+SCRIPT = "benchmarks/gluon_decode_matmul.py"
+PATH = ROOT / SCRIPT
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("gluon_decode_matmul", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 @pytest.fixture(scope="module")

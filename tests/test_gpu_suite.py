@@ -3,7 +3,6 @@ processes (its own and a child's) in the log, and none of them outlives it."""
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import os
 import sys
@@ -11,14 +10,11 @@ import textwrap
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.scripts import load_script
 
 
 def _suite():
-    spec = importlib.util.spec_from_file_location("gpu_suite", ROOT / "scripts" / "gpu_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("scripts/gpu_suite.py")
 
 
 def _alive(pid: int) -> bool:

@@ -4,15 +4,14 @@ all along. The GPU run of 10,000 requests uses the same code (see docs/reliabili
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.scripts import load_script
+
 ENGINE = [
     "--model",
     "qwen3-tiny",
@@ -29,15 +28,7 @@ ENGINE = [
 ]
 
 
-def _load_soak():
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "scripts" / "soak.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["soak"] = module  # (dataclasses look their module up there)
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load_soak()
+soak = load_script("scripts/soak.py")
 
 
 @pytest.fixture(autouse=True)

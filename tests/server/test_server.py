@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib.util
 import json
 import os
 import re
@@ -21,15 +20,14 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "tiny"
 MAX_MODEL_LEN = 256
 EOS = 2
 
-_spec = importlib.util.spec_from_file_location("serving_benchmark", ROOT / "benchmarks" / "serving.py")
-serving = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(serving)
+serving = load_script("benchmarks/serving.py", "serving_benchmark")
 
 
 @pytest.fixture(scope="module")
