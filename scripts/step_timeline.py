@@ -18,10 +18,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import triton
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.benchmark.common import make_workload
+from nanovllm.benchmark.common import make_workload, recording_triton_compiles
 from nanovllm.benchmark.latency import model_sizes
 
 BANDWIDTH, FLOPS = 3.0e12, 804e12
@@ -55,51 +54,45 @@ def main() -> None:
     work = make_workload(args.num_requests, 100, 1024, 100, 1024, max_token_id=vocab)
     for prompt, m in zip(work.prompts, work.max_tokens):
         engine.add_request(prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m))
-    compiles: list[str] = []  # Triton JIT compiles (new specializations) during the timed run
-
-    def on_compile(*args, **kwargs) -> None:
-        compiles.append(kwargs.get("repr", "?")[:600])
-
-    triton.knobs.runtime.jit_post_compile_hook = on_compile
     steps, stamps = [], []
     sync()
     start = time.perf_counter()
-    while engine.has_unfinished():
-        seen = len(compiles)
-        engine.step()
-        stamps.append(time.perf_counter())
-        if len(compiles) > seen:
-            print(f"step {len(stamps) - 1}: compiled {compiles[seen:]}", flush=True)
-        inflight = engine._inflight
-        if inflight is None:
-            steps.append(None)
-            continue
-        batch = inflight.batch
-        num_new = batch.num_new_tokens
-        prefill_tokens = sum(n for n in num_new if n > 1)
-        context = sum(s + n for s, n in zip(inflight.starts, num_new))
-        attn_flops = sum(4 * n * (s + n / 2) for s, n in zip(inflight.starts, num_new) if n > 1)
-        steps.append(
-            dict(
-                seqs=len(num_new),
-                tokens=batch.num_tokens,
-                prefill_tokens=prefill_tokens,
-                context=context,
-                floor_ms=1e3
-                * (
-                    max(
-                        sizes["weight_bytes"] / BANDWIDTH,
-                        2 * sizes["matmul_params"] * batch.num_tokens / FLOPS,
-                    )
-                    + context * kv_bytes_per_token / BANDWIDTH
-                    + attn_flops * sizes["num_heads"] * sizes["head_dim"] * sizes["num_layers"] / FLOPS
-                ),
+    with recording_triton_compiles() as compiles:  # new specializations during the timed run
+        while engine.has_unfinished():
+            seen = len(compiles)
+            engine.step()
+            stamps.append(time.perf_counter())
+            if len(compiles) > seen:
+                print(f"step {len(stamps) - 1}: compiled {compiles[seen:]}", flush=True)
+            inflight = engine._inflight
+            if inflight is None:
+                steps.append(None)
+                continue
+            batch = inflight.batch
+            num_new = batch.num_new_tokens
+            prefill_tokens = sum(n for n in num_new if n > 1)
+            context = sum(s + n for s, n in zip(inflight.starts, num_new))
+            attn_flops = sum(4 * n * (s + n / 2) for s, n in zip(inflight.starts, num_new) if n > 1)
+            steps.append(
+                dict(
+                    seqs=len(num_new),
+                    tokens=batch.num_tokens,
+                    prefill_tokens=prefill_tokens,
+                    context=context,
+                    floor_ms=1e3
+                    * (
+                        max(
+                            sizes["weight_bytes"] / BANDWIDTH,
+                            2 * sizes["matmul_params"] * batch.num_tokens / FLOPS,
+                        )
+                        + context * kv_bytes_per_token / BANDWIDTH
+                        + attn_flops * sizes["num_heads"] * sizes["head_dim"] * sizes["num_layers"] / FLOPS
+                    ),
+                )
             )
-        )
-    engine.sync()
-    sync()
+        engine.sync()
+        sync()
     total = time.perf_counter() - start
-    triton.knobs.runtime.jit_post_compile_hook = None
     # interval i (between returns i-1 and i) belongs to the step launched at call i-1
     records = []
     for i in range(1, len(stamps)):

@@ -60,6 +60,7 @@ def test_throughput_benchmark(tmp_path):
     assert nano["full"]["tok_per_s"] > 0 and nano["kv_cache_tokens"] == 256 * nano["block_size"]
     speeds = sorted(x["tok_per_s"] for x in nano["full_runs"])  # --repeats 3 by default: the median
     assert len(speeds) == 3 and nano["full"]["tok_per_s"] == speeds[1]
+    assert nano["triton_compiles_in_timed_runs"] == []  # (the CPU path runs no Triton kernel)
     assert set(nano["subsets"]) == {"2", "3"}
     hf = r["hf"]
     for key in ("default", "static", "tuned"):  # a number, or the reason there is none
@@ -81,6 +82,24 @@ def test_throughput_no_hf(tmp_path):
     assert r["hf"] == {} and r["nanovllm"]["subsets"] == {}
     assert r["nanovllm"]["full_runs"] == [r["nanovllm"]["full"]]
     assert main(["bench", *ENGINE, *args, "--repeats", "0", "--out", str(tmp_path)]) == 2
+
+
+def test_recording_triton_compiles():
+    # Triton calls its post-compile hook with these keywords after each new specialization (never on a
+    # cache hit); a CPU cannot compile, so the call is made here as Triton's JIT makes it.
+    from nanovllm.benchmark.common import recording_triton_compiles
+
+    triton = pytest.importorskip("triton")
+    hooks = triton.knobs.runtime
+    before = hooks.jit_post_compile_hook
+    name = "_decode_split_kernel[num_warps=4, num_ctas=1](q_ptr: *bf16)"
+    with recording_triton_compiles() as compiled:
+        hook = hooks.jit_post_compile_hook
+        hook(key=None, repr=name, fn=None, compile={}, is_manual_warmup=False, already_compiled=False)
+    assert compiled == [name] and hooks.jit_post_compile_hook is before
+    with pytest.raises(RuntimeError), recording_triton_compiles():
+        raise RuntimeError  # the hook is put back on the way out of a failing block too
+    assert hooks.jit_post_compile_hook is before
 
 
 def test_median_run():

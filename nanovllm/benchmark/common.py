@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -11,7 +12,7 @@ import re
 import subprocess
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -212,6 +213,31 @@ def graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / replays
+
+
+@contextlib.contextmanager
+def recording_triton_compiles() -> Iterator[list[str]]:
+    """Yields a list that collects, for each Triton kernel compiled inside the block (a new specialization,
+    not a cache hit), its name, launch options and argument types; empty without Triton. A compile inside
+    a timed run costs it ~0.2-1 s, so the benchmarks record them (session 12 found sampling kernels
+    recompiling mid-run)."""
+    compiled: list[str] = []
+    try:
+        import triton
+    except ImportError:
+        yield compiled
+        return
+
+    def record(*args, **kwargs) -> None:
+        compiled.append(kwargs.get("repr", "?")[:300])  # "name[num_warps=..., ...](argument types)"
+
+    hooks = triton.knobs.runtime
+    previous = hooks.jit_post_compile_hook
+    hooks.jit_post_compile_hook = record
+    try:
+        yield compiled
+    finally:
+        hooks.jit_post_compile_hook = previous
 
 
 def reset_peak_memory() -> None:

@@ -46,6 +46,7 @@ from nanovllm.benchmark.common import (
     memory_stats,
     now,
     print_table,
+    recording_triton_compiles,
     reset_peak_memory,
     run_info,
     throughput_floor_tok_per_s,
@@ -218,7 +219,9 @@ def run(args: argparse.Namespace, tuned: dict[str, dict[str, Any]]) -> dict[str,
         start = now()
         _generate(llm, warmup, args.temperature)
         nano["warmup_seconds"] = now() - start
-        runs = [_timed_generate(llm, workload, args.temperature) for _ in range(args.repeats)]
+        with recording_triton_compiles() as compiled:
+            runs = [_timed_generate(llm, workload, args.temperature) for _ in range(args.repeats)]
+        nano["triton_compiles_in_timed_runs"] = compiled
         nano["full_runs"] = runs
         nano["full"] = median_run(runs)
         nano["subsets"] = {str(n): _timed_generate(llm, workload.head(n), args.temperature) for n in subsets}
@@ -423,6 +426,8 @@ def print_summary(report: dict[str, Any]) -> None:
                 ]
             )
     print_table("Memory", ["engine", "peak allocated GiB", "KV-cache tokens"], mem)
+    if nano.get("triton_compiles_in_timed_runs"):
+        print(f"\nWARNING: Triton compiled inside the timed runs: {nano['triton_compiles_in_timed_runs']}")
     if len(runs) > 1:
         print(f"\nnanovllm runs of the full workload, tok/s: {', '.join(fmt(r['tok_per_s']) for r in runs)}")
     if nano.get("pct_of_floor") is not None:
