@@ -1,12 +1,17 @@
 """Where the throughput benchmark's wall time goes, step by step: every engine step of the default
 workload (nano-vllm bench.py, qwen3-0.6b preset) with its batch (sequences, new tokens, context read)
-and its wall time, against that step's own floor (weights + KV bytes at 3.0 TB/s, prefill FLOPs at
-804 TFLOP/s). Buckets the excess over the floor by kind of step and batch size.
+and its wall time, against that step's own floor (weights + KV bytes at the card's bandwidth, prefill
+FLOPs at its matmul rate: nanovllm/benchmark/common.py CARD_PEAKS). Buckets the excess over the floor by
+kind of step and batch size.
 
-    PYTHONPATH=. python scripts/step_timeline.py --out DIR
+    PYTHONPATH=. python scripts/step_timeline.py --out DIR [--runs 2]
 
 With overlapped scheduling the interval between two step() returns is the GPU time of the step
 launched one call earlier (the host waits for it), so each interval is charged to that step.
+
+--runs N runs the same workload N times on one engine (prefix cache emptied in between) and prints
+each run's buckets: the first timed run of a process is slower than the next ones, in its prefill
+steps (docs/performance.md, "Session 18"), and this shows by how much, step by step.
 """
 
 from __future__ import annotations
@@ -16,14 +21,14 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.benchmark.common import make_workload, recording_triton_compiles
+from nanovllm.benchmark.common import card_name, card_peaks, make_workload, recording_triton_compiles
 from nanovllm.benchmark.latency import model_sizes
 
-BANDWIDTH, FLOPS = 3.0e12, 804e12
 BUCKETS = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 256)]
 
 
@@ -32,28 +37,12 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", default="qwen3-0.6b")
-    p.add_argument("--num-requests", type=int, default=256)
-    p.add_argument("--out", default="out")
-    args = p.parse_args()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    llm = LLM(args.model, max_model_len=4096)
-    engine = llm.engine
-    sizes = model_sizes(engine.config)
-    kv_bytes_per_token = sizes["kv_bytes_per_token"]
-    vocab = min(10_000, engine.config.hf_config.vocab_size - 1)
-    warm = make_workload(16, 100, 1024, 100, 300, max_token_id=vocab, seed=1)
-    llm.generate(
-        warm.prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in warm.max_tokens], use_tqdm=False
-    )
-    engine.scheduler.block_manager.reset_prefix_cache()
-
-    work = make_workload(args.num_requests, 100, 1024, 100, 1024, max_token_id=vocab)
+def timeline(engine, work, sizes: dict[str, Any], bandwidth: float, flops: float) -> dict[str, Any]:
+    """Run `work` through engine.step() to the end; each step's batch, floor and wall time, bucketed."""
+    engine.scheduler.block_manager.reset_prefix_cache()  # no run reuses another's prompts
     for prompt, m in zip(work.prompts, work.max_tokens):
         engine.add_request(prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m))
+    kv_bytes_per_token = sizes["kv_bytes_per_token"]
     steps, stamps = [], []
     sync()
     start = time.perf_counter()
@@ -73,21 +62,17 @@ def main() -> None:
             prefill_tokens = sum(n for n in num_new if n > 1)
             context = sum(s + n for s, n in zip(inflight.starts, num_new))
             attn_flops = sum(4 * n * (s + n / 2) for s, n in zip(inflight.starts, num_new) if n > 1)
+            attn_flops *= sizes["num_heads"] * sizes["head_dim"] * sizes["num_layers"]
+            matmul_flops = 2 * sizes["matmul_params"] * batch.num_tokens
+            weights_s = max(sizes["weight_bytes"] / bandwidth, matmul_flops / flops)
+            floor_s = weights_s + context * kv_bytes_per_token / bandwidth + attn_flops / flops
             steps.append(
                 dict(
                     seqs=len(num_new),
                     tokens=batch.num_tokens,
                     prefill_tokens=prefill_tokens,
                     context=context,
-                    floor_ms=1e3
-                    * (
-                        max(
-                            sizes["weight_bytes"] / BANDWIDTH,
-                            2 * sizes["matmul_params"] * batch.num_tokens / FLOPS,
-                        )
-                        + context * kv_bytes_per_token / BANDWIDTH
-                        + attn_flops * sizes["num_heads"] * sizes["head_dim"] * sizes["num_layers"] / FLOPS
-                    ),
+                    floor_ms=1e3 * floor_s,
                 )
             )
         engine.sync()
@@ -106,8 +91,7 @@ def main() -> None:
         buckets[key]["steps"] += 1
         buckets[key]["ms"] += r["ms"]
         buckets[key]["floor_ms"] += r["floor_ms"]
-    report = {
-        "card": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+    return {
         "total_s": total,
         "output_tokens": work.num_output_tokens,
         "tok_per_s": work.num_output_tokens / total,
@@ -117,13 +101,47 @@ def main() -> None:
         "buckets": {k: dict(v) for k, v in sorted(buckets.items())},
         "steps": records,
     }
-    (out / "step_timeline.json").write_text(json.dumps(report, indent=1))
-    tok_s, floor_s = report["tok_per_s"], report["sum_floor_s"]
-    print(f"total {total:.2f} s, {tok_s:.0f} tok/s; sum of step floors {floor_s:.2f} s")
+
+
+def print_run(name: str, run: dict[str, Any]) -> None:
+    tok_s, floor_s = run["tok_per_s"], run["sum_floor_s"]
+    print(f"\n{name}: total {run['total_s']:.2f} s, {tok_s:.0f} tok/s; sum of step floors {floor_s:.2f} s")
     print(f"{'bucket':28} {'steps':>6} {'s':>7} {'floor s':>8} {'excess s':>9} {'floor/time':>10}")
-    for k, v in report["buckets"].items():
+    for k, v in run["buckets"].items():
         secs, floor = v["ms"] / 1e3, v["floor_ms"] / 1e3
         print(f"{k:28} {v['steps']:6.0f} {secs:7.3f} {floor:8.3f} {secs - floor:9.3f} {floor / secs:10.0%}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="qwen3-0.6b")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--runs", type=int, default=1, help="timed runs of the workload on one engine")
+    p.add_argument("--out", default="out")
+    args = p.parse_args()
+    if args.runs < 1:
+        p.error(f"--runs must be >= 1, got {args.runs}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    card = card_name()
+    peaks_key, peaks = card_peaks(card)
+    llm = LLM(args.model, max_model_len=4096)
+    engine = llm.engine
+    sizes = model_sizes(engine.config)
+    vocab = min(10_000, engine.config.hf_config.vocab_size - 1)
+    warm = make_workload(16, 100, 1024, 100, 300, max_token_id=vocab, seed=1)
+    llm.generate(
+        warm.prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in warm.max_tokens], use_tqdm=False
+    )
+    work = make_workload(args.num_requests, 100, 1024, 100, 1024, max_token_id=vocab)
+    rates = (peaks.bandwidth_bytes_per_s, peaks.bf16_flop_per_s)
+    runs = [timeline(engine, work, sizes, *rates) for _ in range(args.runs)]
+    llm.shutdown()
+    # the first run at the top level (as before --runs), the later ones after it
+    report = {"card": card, "floor_peaks": peaks_key, **runs[0], "later_runs": runs[1:]}
+    (out / "step_timeline.json").write_text(json.dumps(report, indent=1))
+    for i, run in enumerate(runs):
+        print_run(f"run {i + 1} of {len(runs)}", run)
 
 
 if __name__ == "__main__":

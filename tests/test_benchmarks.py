@@ -102,6 +102,27 @@ def test_recording_triton_compiles():
     assert hooks.jit_post_compile_hook is before
 
 
+def test_step_timeline_runs_twice_on_one_engine():
+    # scripts/step_timeline.py --runs 2 (a GPU script) on the tiny preset: both runs see every step,
+    # the second prefills its prompts again (prefix cache emptied), each step has its floor.
+    from nanovllm.benchmark.latency import model_sizes
+
+    timeline = load_script("scripts/step_timeline.py").timeline
+    llm = LLM("qwen3-tiny", device="cpu", num_kvcache_blocks=256, max_num_seqs=8)
+    try:
+        work = make_workload(6, 8, 40, 2, 6, max_token_id=100, seed=0)
+        sizes = model_sizes(llm.engine.config)
+        runs = [timeline(llm.engine, work, sizes, 3.0e12, 804e12) for _ in range(2)]
+    finally:
+        llm.shutdown()
+    for run in runs:
+        assert run["output_tokens"] == work.num_output_tokens and run["tok_per_s"] > 0
+        assert sum(v["steps"] for v in run["buckets"].values()) == len(run["steps"]) > 0
+        assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in run["steps"])
+        assert sum(r["prefill_tokens"] for r in run["steps"]) == work.num_prompt_tokens  # no cache hit
+        assert run["triton_compiles"] == []
+
+
 def test_median_run():
     from nanovllm.benchmark.throughput import median_run
 
