@@ -26,8 +26,15 @@ from typing import Any
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.benchmark.common import card_name, card_peaks, make_workload, recording_triton_compiles
+from nanovllm.benchmark.common import (
+    Workload,
+    card_name,
+    card_peaks,
+    make_workload,
+    recording_triton_compiles,
+)
 from nanovllm.benchmark.latency import model_sizes
+from nanovllm.engine.llm_engine import LLMEngine
 
 BUCKETS = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 256)]
 
@@ -37,7 +44,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def timeline(engine, work, sizes: dict[str, Any], bandwidth: float, flops: float) -> dict[str, Any]:
+def timeline(
+    engine: LLMEngine, work: Workload, sizes: dict[str, Any], bandwidth: float, flops: float
+) -> dict[str, Any]:
     """Run `work` through engine.step() to the end; each step's batch, floor and wall time, bucketed."""
     engine.scheduler.block_manager.reset_prefix_cache()  # no run reuses another's prompts
     for prompt, m in zip(work.prompts, work.max_tokens):

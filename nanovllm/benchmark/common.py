@@ -217,21 +217,22 @@ def graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
 
 @contextlib.contextmanager
 def recording_triton_compiles() -> Iterator[list[str]]:
-    """Yields a list that collects, for each Triton kernel compiled inside the block (a new specialization,
-    not a cache hit), its name, launch options and argument types; empty without Triton. A compile inside
-    a timed run costs it ~0.2-1 s, so the benchmarks record them (session 12 found sampling kernels
-    recompiling mid-run)."""
+    """Yields a list that collects, for each new Triton specialization inside the block (one not yet in
+    the process's memory: compiled, or loaded from Triton's disk cache), its name, launch options and
+    argument types; empty without Triton's hooks (`triton.knobs`). A compile inside a timed run costs it
+    ~0.2-1 s, so the benchmarks record them (session 12 found sampling kernels recompiling mid-run)."""
     compiled: list[str] = []
     try:
         import triton
-    except ImportError:
+
+        hooks = triton.knobs.runtime
+    except (ImportError, AttributeError):  # no Triton, or one without its knobs
         yield compiled
         return
 
     def record(*args, **kwargs) -> None:
-        compiled.append(kwargs.get("repr", "?")[:300])  # "name[num_warps=..., ...](argument types)"
+        compiled.append(kwargs.get("repr", "?"))  # "name[num_warps=..., ...](argument types and values)"
 
-    hooks = triton.knobs.runtime
     previous = hooks.jit_post_compile_hook
     hooks.jit_post_compile_hook = record
     try:

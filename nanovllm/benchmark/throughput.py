@@ -433,6 +433,6 @@ def print_summary(report: dict[str, Any]) -> None:
     if nano.get("pct_of_floor") is not None:
         each = ", ".join(f"{p:.1f}" for p in nano["pct_of_floor_runs"])
         print(
-            f"nanovllm: {nano['pct_of_floor']:.1f}% of the {nano['floor']['tok_per_s']:,.0f} tok/s floor "
+            f"\nnanovllm: {nano['pct_of_floor']:.1f}% of the {nano['floor']['tok_per_s']:,.0f} tok/s floor "
             f"({nano['floor']['card']} peaks, this workload; runs: {each}%)."
         )

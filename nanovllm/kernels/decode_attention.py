@@ -365,7 +365,7 @@ def decode_attention(
 
     group = num_heads // num_kv_heads
     use_pdl = check_pdl(q)
-    one_split = num_splits == 1  # (large batches) the split kernel writes `out` itself
+    one_split = num_splits == 1  # (contexts too short to cut) the split kernel writes `out` itself
     two_splits = num_splits == 2  # the split kernel combines the two itself
     if two_splits:
         counters = _check_counters(counters, batch * num_kv_heads, q.device)

@@ -329,7 +329,8 @@ def _split_kernel_usage(one_split: bool, two_splits: bool, batch_p2: int, group:
     "one_split,two_splits,batch_p2,group,by_length",
     [(True, False, 1, 2, False), (True, False, 1, 4, False), (False, False, 1, 2, False),
      (False, True, DECODE_MIN_BATCH_P2, 2, True), (False, True, DECODE_MIN_BATCH_P2, 4, True),
-     (False, True, 256, 2, True), (False, True, 512, 4, True), (False, True, 1, 2, False)],
+     (False, True, 256, 2, True), (False, True, 512, 4, True), (False, True, 1024, 2, True),
+     (False, True, 1, 2, False)],
 )  # fmt: skip
 def test_split_kernel_keeps_four_programs_per_sm(one_split, two_splits, batch_p2, group, by_length):
     # Decode attention keeps its loads in flight across 4 programs of 128 threads per SM (DECODE_NUM_WARPS),
