@@ -17,10 +17,8 @@ steps (docs/performance.md, "Session 18"), and this shows by how much, step by s
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +26,11 @@ import torch
 from nanovllm import LLM, SamplingParams
 from nanovllm.benchmark.common import (
     Workload,
-    card_name,
     card_peaks,
     make_workload,
     recording_triton_compiles,
+    run_info,
+    write_report,
 )
 from nanovllm.benchmark.latency import model_sizes
 from nanovllm.engine.llm_engine import LLMEngine
@@ -130,10 +129,8 @@ def main() -> None:
     args = p.parse_args()
     if args.runs < 1:
         p.error(f"--runs must be >= 1, got {args.runs}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    card = card_name()
-    peaks_key, peaks = card_peaks(card)
+    info = run_info()
+    peaks_key, peaks = card_peaks(info["card"])
     llm = LLM(args.model, max_model_len=4096)
     engine = llm.engine
     sizes = model_sizes(engine.config)
@@ -147,10 +144,12 @@ def main() -> None:
     runs = [timeline(engine, work, sizes, *rates) for _ in range(args.runs)]
     llm.shutdown()
     # the first run at the top level (as before --runs), the later ones after it
-    report = {"card": card, "floor_peaks": peaks_key, **runs[0], "later_runs": runs[1:]}
-    (out / "step_timeline.json").write_text(json.dumps(report, indent=1))
+    report = {"benchmark": "step_timeline", **info, "model": args.model, "floor_peaks": peaks_key}
+    report.update(**runs[0], later_runs=runs[1:])
+    path = write_report("step_timeline", report, args.out)
     for i, run in enumerate(runs):
         print_run(f"run {i + 1} of {len(runs)}", run)
+    print(f"\n-> {path}")
 
 
 if __name__ == "__main__":
