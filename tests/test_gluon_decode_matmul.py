@@ -17,14 +17,10 @@ SCRIPT = "benchmarks/gluon_decode_matmul.py"
 PATH = ROOT / SCRIPT
 
 
-def _load():
-    return load_script(SCRIPT)
-
-
 @pytest.fixture(scope="module")
 def bench():
     pytest.importorskip("triton.experimental.gluon")
-    return _load()
+    return load_script(SCRIPT)
 
 
 def _fits(g, chunks: int, split: int, mp: int, smem_kb: int) -> bool:

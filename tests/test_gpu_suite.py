@@ -13,10 +13,6 @@ from pathlib import Path
 from tests.scripts import load_script
 
 
-def _suite():
-    return load_script("scripts/gpu_suite.py")
-
-
 def _alive(pid: int) -> bool:
     """Running (a zombie waiting for a parent that never reaps it is not)."""
     try:
@@ -28,7 +24,7 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_hanging_step_is_dumped_and_stopped(tmp_path, monkeypatch):
-    suite = _suite()
+    suite = load_script("scripts/gpu_suite.py")
     # The step prints its child's pid, then parent and child wait forever (as two TP ranks in a collective).
     script = textwrap.dedent(
         """

@@ -38,15 +38,16 @@ CARD_PEAKS = {
     "H100": CardPeaks(3.0e12, 804e12, "H100 80GB HBM3, shared/GPU.md, 2026-11-27"),
     "H200": CardPeaks(4.27e12, 788e12, "H200, scripts/card_peaks.py, 2026-11-28"),
 }
-PEAK_BANDWIDTH_BYTES_PER_S = CARD_PEAKS["H100"].bandwidth_bytes_per_s
-PEAK_BF16_FLOP_PER_S = CARD_PEAKS["H100"].bf16_flop_per_s
 
 # Physical floor of nano-vllm's bench.py workload on Qwen3-0.6B shapes on the H100 (issue 8, shared/GPU.md):
 # 5.20 s for 133,966 tokens = 0.17 s of compute-bound prefill + 5.03 s of bandwidth-bound decode reads.
 THROUGHPUT_FLOOR_TOK_PER_S = 25_747
 _WORKLOAD_OUTPUT_TOKENS = 133_966
-_WORKLOAD_PREFILL_FLOP = 0.17 * 804e12
-_WORKLOAD_DECODE_BYTES = (_WORKLOAD_OUTPUT_TOKENS / THROUGHPUT_FLOOR_TOK_PER_S - 0.17) * 3.0e12
+_H100 = CARD_PEAKS["H100"]
+_WORKLOAD_PREFILL_S = 0.17
+_WORKLOAD_PREFILL_FLOP = _WORKLOAD_PREFILL_S * _H100.bf16_flop_per_s
+_WORKLOAD_DECODE_S = _WORKLOAD_OUTPUT_TOKENS / THROUGHPUT_FLOOR_TOK_PER_S - _WORKLOAD_PREFILL_S
+_WORKLOAD_DECODE_BYTES = _WORKLOAD_DECODE_S * _H100.bandwidth_bytes_per_s
 
 
 def card_peaks(card: str) -> tuple[str, CardPeaks]:
