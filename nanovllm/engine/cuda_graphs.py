@@ -59,12 +59,13 @@ class CudaGraphs:
         model: torch.nn.Module,
         config: Config,
         decode: DecodeStep,
-        fill_pending: FillPending,
         max_blocks_per_seq: int,
         tile_tokens: int,  # the prefill attention kernel's query tile
         tp_size: int,
     ):
-        self.model, self.config, self.decode_step, self.fill_pending = model, config, decode, fill_pending
+        # (nothing here refers back to the runner: a cycle would keep the graphs alive after the runner is
+        # dropped, and under TP the group's abort waits for graphs that captured NCCL calls to be freed)
+        self.model, self.config, self.decode_step = model, config, decode
         self.device = decode.device
         self.max_blocks_per_seq, self.tile_tokens = max_blocks_per_seq, tile_tokens
         self.decode: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> graph
@@ -94,12 +95,13 @@ class CudaGraphs:
             "hidden": torch.zeros(rows, hidden_size, dtype=self.config.torch_dtype, device=dev),
         }
 
-    def _stage(self, b: dict[str, torch.Tensor], inp: ModelInput, size: int) -> None:
+    @staticmethod
+    def _stage(b: dict[str, torch.Tensor], inp: ModelInput, size: int, fill_pending: FillPending) -> None:
         """Copy the step's tokens (ids, pending ones filled in, positions, cache slots) and sequences
         (lengths, block tables) into static buffers b; tokens n..size are padding (slot -1)."""
         n, s = inp.input_ids.numel(), inp.num_seqs
         b["input_ids"][:n].copy_(inp.input_ids, non_blocking=True)
-        self.fill_pending(b["input_ids"][:n], inp)
+        fill_pending(b["input_ids"][:n], inp)
         b["positions"][:n].copy_(inp.positions, non_blocking=True)
         b["slot_mapping"][:n].copy_(inp.slot_mapping, non_blocking=True)
         b["slot_mapping"][n:size].fill_(-1)
@@ -138,13 +140,15 @@ class CudaGraphs:
         """The graph a decode step of num_seqs sequences replays (None: none fits)."""
         return self.decode_step.padded_size(num_seqs)
 
-    def replay_decode(self, inp: ModelInput) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def replay_decode(
+        self, inp: ModelInput, fill_pending: FillPending
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Replay the decode graph of the step's padded size: (hidden [n, hidden_size], and when the graph
         ran the LM head and every row samples, logits [n, vocab_size]; else None)."""
         n = inp.num_seqs
         size = self.decode_size(n)
         b = self.decode_bufs
-        self._stage(b, inp, size)
+        self._stage(b, inp, size, fill_pending)
         b["seq_lens"][n:size].zero_()
         self.decode[size].replay()
         if "logits" not in b or inp.logits_indices.numel() != n:  # (a 1-token prefill chunk samples nothing)
@@ -201,7 +205,7 @@ class CudaGraphs:
         n = inp.input_ids.numel()
         return next((size for size in self.prefill_sizes if size >= n), None)
 
-    def replay_prefill(self, inp: ModelInput, size: int) -> torch.Tensor:
+    def replay_prefill(self, inp: ModelInput, size: int, fill_pending: FillPending) -> torch.Tensor:
         """Replay the graph of `size` tokens for this prefill or mixed step: hidden [n, hidden_size]."""
         n, s, k, b = inp.input_ids.numel(), inp.num_seqs, inp.work_seq.numel(), self.prefill_bufs
         _, num_items = self._prefill_shape(size)
@@ -209,7 +213,7 @@ class CudaGraphs:
             raise RuntimeError(
                 f"a step of {n} tokens has {k} attention work items; graph {size} holds {num_items}"
             )
-        self._stage(b, inp, size)
+        self._stage(b, inp, size, fill_pending)
         b["cu_seqlens_q"][: s + 1].copy_(inp.cu_seqlens_q, non_blocking=True)
         b["work_seq"][:k].copy_(inp.work_seq, non_blocking=True)
         b["work_seq"][k:num_items].fill_(-1)

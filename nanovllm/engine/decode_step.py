@@ -28,8 +28,20 @@ from nanovllm.utils.env import env_int
 # (e.g. 0) turns it off.
 TWO_STREAM_MIN_BATCH = 16
 TWO_STREAM_MAX_BATCH = env_int("NANOVLLM_TWO_STREAM_MAX_BATCH", 112)
+# The halves read the weights twice: worth it only where a pass over them is short next to the rest of the
+# step. Qwen3-0.6B (1.2 GB in bf16, 2.4 GB in float32) gains as above; Qwen3-8B (16 GB) lost 30% at batch 64
+# on an H200 (7.8k decode tok/s against 10.8-11.1k in one piece, results/tp_scaling-...-123114.json, TP=1).
+# Models between (Qwen3-1.7B: 3.4 GB) are unmeasured and stay in one piece.
+TWO_STREAM_MAX_WEIGHT_BYTES = 3 * 2**30
 # A decode step's per-sequence tensors, as `DecodeStep.parts` and `DecodeStep.forward` take them (a dict)
 DECODE_TENSORS = ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")
+
+
+def two_stream_sizes(cuda: bool, tp_size: int, weight_bytes: int) -> range:
+    """The padded decode batch sizes cut in two halves: 16..112 on a single GPU for a model of at most
+    TWO_STREAM_MAX_WEIGHT_BYTES; none under TP, where the halves' all-reduces would share the peer buffers."""
+    on = cuda and tp_size == 1 and weight_bytes <= TWO_STREAM_MAX_WEIGHT_BYTES
+    return range(TWO_STREAM_MIN_BATCH, TWO_STREAM_MAX_BATCH + 1 if on else 0)
 
 
 class DecodePart(NamedTuple):
@@ -73,10 +85,9 @@ class DecodeStep:
         self.counters = torch.zeros(max_seqs * num_kv_heads, dtype=torch.int32, device=device)
         # cu_seqlens_q of a decode step: 0, 1, ..., max_num_seqs (one new token per sequence)
         self.cu_seqlens = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)
-        # Sizes cut in halves; not under TP, where the halves' all-reduces would share the peer buffers.
-        two_streams = cuda and tp_size == 1 and TWO_STREAM_MAX_BATCH >= TWO_STREAM_MIN_BATCH
-        self.two_stream_sizes = range(TWO_STREAM_MIN_BATCH, TWO_STREAM_MAX_BATCH + 1 if two_streams else 0)
-        self.side_stream = torch.cuda.Stream(device) if two_streams else None  # a graph's second half
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # this rank's
+        self.two_stream_sizes = two_stream_sizes(cuda, tp_size, weight_bytes)  # sizes cut in halves
+        self.side_stream = torch.cuda.Stream(device) if self.two_stream_sizes else None  # a graph's 2nd half
 
     def padded_size(self, num_seqs: int) -> int | None:
         """The decode batch size a step of num_seqs sequences pads to (None: more than the largest)."""

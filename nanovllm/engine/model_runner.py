@@ -104,7 +104,6 @@ class ModelRunner:
                 self.model,
                 config,
                 self.decode,
-                self._fill_pending,
                 self.max_blocks_per_seq,
                 self.tile_tokens,
                 self.tp_size,
@@ -292,9 +291,9 @@ class ModelRunner:
         with kernel_backend(self.config.kernel_backend):
             logits, graphs = None, self.cuda_graphs
             if graphs is not None and inp.is_decode and graphs.decode_size(inp.num_seqs) is not None:
-                hidden, logits = graphs.replay_decode(inp)
+                hidden, logits = graphs.replay_decode(inp, self._fill_pending)
             elif graphs is not None and (size := graphs.prefill_size(inp)) is not None:
-                hidden = graphs.replay_prefill(inp, size)
+                hidden = graphs.replay_prefill(inp, size, self._fill_pending)
             else:
                 input_ids, positions = self._fill_pending(to(inp.input_ids), inp), to(inp.positions)
                 if inp.is_decode:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import logging
 import multiprocessing as mp
 import os
@@ -336,7 +337,15 @@ class TensorParallelExecutor:
 
     def shutdown(self) -> None:
         """Stop the workers and release this rank's model, KV cache and group. Idempotent."""
-        self.driver = None  # its CUDA graphs and KV cache first, then the group they use
+        # The runner's CUDA graphs go first, then the group they use: NCCL's abort waits until every graph
+        # that captured one of its calls is freed (2 x H200: shutdown hung in it for minutes while a
+        # reference cycle kept the graphs alive).
+        driver, self.driver = self.driver, None
+        if driver is not None:
+            alive = weakref.ref(driver)
+            del driver
+            if alive() is not None:  # held by a reference cycle: collect it now
+                gc.collect()
         self._finalizer()
         self._store = None
 

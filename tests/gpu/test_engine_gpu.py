@@ -40,7 +40,9 @@ def _record_prefill_replays(runner) -> list[tuple[int, int]]:
     replays = []
     graphs = runner.cuda_graphs
     replay = graphs.replay_prefill
-    graphs.replay_prefill = lambda inp, size: replays.append((inp.num_seqs, size)) or replay(inp, size)
+    graphs.replay_prefill = lambda inp, size, fill: (
+        replays.append((inp.num_seqs, size)) or replay(inp, size, fill)
+    )
     return replays
 
 
