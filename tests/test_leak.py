@@ -112,8 +112,9 @@ def test_no_gpu_memory_leak_across_rounds():
     ],
 )
 def test_runner_is_freed_without_the_garbage_collector(device):
-    """Dropping the engine frees its model runner at once, CUDA graphs included (no reference cycle): under
-    TP the group's NCCL abort waits for graphs that captured NCCL calls, so a cycle there hung shutdown."""
+    """Dropping the engine frees its model runner at once (no reference cycle). On a GPU this covers the CUDA
+    graphs, where a cycle (the graphs holding a method of the runner) once kept them, and with them their
+    memory pool, alive until the next collection; on the CPU (no graphs) the rest of the runner."""
     llm = LLM("qwen3-tiny", device=device, max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
     llm.generate([[5, 6, 7], list(range(3, 40))], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     if device == "cuda":

@@ -83,6 +83,12 @@ class CudaGraphs:
             torch.cuda.memory_reserved(self.device) / 2**30,
         )
 
+    def release(self) -> None:
+        """Free every graph now, whoever still holds this object (a traceback's frame, a test's wrapper). No
+        sync: CUDA frees a graph still running once it ends (a sync here could wait on a dead peer)."""
+        self.decode.clear()
+        self.prefill.clear()
+
     def _static(self, rows: int, seqs: int) -> dict[str, torch.Tensor]:
         """Zeroed static buffers for steps of up to `rows` tokens and `seqs` sequences (no cache slot: -1)."""
         dev, hidden_size = self.device, self.config.hf_config.hidden_size

@@ -2,11 +2,11 @@
 
 Every sequence of a decode step computes one token, and the rows of the batch never meet before the
 logits. At 16-112 sequences a step is a chain of ~260 latency-bound kernels, so on a single GPU the batch
-runs as two halves whose chains fill each other's gaps: one half's matmuls run beside the other half's
-attention (docs/cuda_graphs.md, "Two halves on two streams"). `DecodeStep` decides how a batch is cut and
-what each part's attention metadata is, and runs the parts. Eager steps and the decode graphs
-(engine/cuda_graphs.py) both go through it, so that a batch runs the same kernels on the same rows either
-way, and gives the same tokens.
+of a small model (whose second pass over the weights is cheap) runs as two halves whose chains fill each
+other's gaps: one half's matmuls run beside the other half's attention (docs/cuda_graphs.md, "Two halves on
+two streams"). `DecodeStep` decides how a batch is cut and what each part's attention metadata is, and runs
+the parts. Eager steps and the decode graphs (engine/cuda_graphs.py) both go through it, so that a batch runs
+the same kernels on the same rows either way, and gives the same tokens.
 """
 
 from __future__ import annotations
@@ -37,7 +37,12 @@ TWO_STREAM_MAX_WEIGHT_BYTES = 3 * 2**30
 DECODE_TENSORS = ("input_ids", "positions", "slot_mapping", "seq_lens", "block_tables")
 
 
-def two_stream_sizes(cuda: bool, tp_size: int, weight_bytes: int) -> range:
+def model_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the model's weights on this rank (a tied weight once: `parameters()` lists it once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def two_stream_sizes(*, cuda: bool, tp_size: int, weight_bytes: int) -> range:
     """The padded decode batch sizes cut in two halves: 16..112 on a single GPU for a model of at most
     TWO_STREAM_MAX_WEIGHT_BYTES; none under TP, where the halves' all-reduces would share the peer buffers."""
     on = cuda and tp_size == 1 and weight_bytes <= TWO_STREAM_MAX_WEIGHT_BYTES
@@ -85,8 +90,8 @@ class DecodeStep:
         self.counters = torch.zeros(max_seqs * num_kv_heads, dtype=torch.int32, device=device)
         # cu_seqlens_q of a decode step: 0, 1, ..., max_num_seqs (one new token per sequence)
         self.cu_seqlens = torch.arange(max_seqs + 1, dtype=torch.int32, device=device)
-        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # this rank's
-        self.two_stream_sizes = two_stream_sizes(cuda, tp_size, weight_bytes)  # sizes cut in halves
+        weight_bytes = model_weight_bytes(model)
+        self.two_stream_sizes = two_stream_sizes(cuda=cuda, tp_size=tp_size, weight_bytes=weight_bytes)
         self.side_stream = torch.cuda.Stream(device) if self.two_stream_sizes else None  # a graph's 2nd half
 
     def padded_size(self, num_seqs: int) -> int | None:

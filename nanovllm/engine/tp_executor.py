@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import gc
 import logging
 import multiprocessing as mp
 import os
@@ -42,6 +41,7 @@ from typing import NoReturn
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.cuda_graphs import CudaGraphs
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.step_input import LaunchedStep, ModelInput
@@ -73,6 +73,9 @@ class WorkerSet:
         self.procs: list[mp.process.BaseProcess] = []
         self.conns: list[Connection] = []
         self.group: TensorParallelGroup | None = None
+        # Rank 0's CUDA graphs, freed before the group is: NCCL's abort waits until every graph that captured
+        # one of its calls is gone (2 x H200: shutdown hung in it while a reference cycle kept them alive).
+        self.graphs: CudaGraphs | None = None
         self.failure: str | None = None  # why the engine is unusable, once it is
         self.closing = False
         self.aborted = False  # the watcher aborted the group
@@ -152,6 +155,8 @@ class WorkerSet:
         for conn in self.conns:
             conn.close()
         if self.group is not None and release_group:
+            if self.graphs is not None:
+                self.graphs.release()
             self.group.destroy()
         self.group = None  # (unreleased at exit: the process tears NCCL down; a GPU test covers that path)
 
@@ -229,6 +234,7 @@ class TensorParallelExecutor:
             try:
                 with building_with(group):
                     self.driver = _Rank0Runner(config, worker_device(config, 0))
+                self.workers.graphs = self.driver.cuda_graphs
             except Exception as e:  # a worker that died mid-collective is the likelier cause
                 dead = self._wait_for_death(timeout_s=2.0)
                 if dead is None:
@@ -336,16 +342,9 @@ class TensorParallelExecutor:
     # ---- shutdown ---------------------------------------------------------------------------
 
     def shutdown(self) -> None:
-        """Stop the workers and release this rank's model, KV cache and group. Idempotent."""
-        # The runner's CUDA graphs go first, then the group they use: NCCL's abort waits until every graph
-        # that captured one of its calls is freed (2 x H200: shutdown hung in it for minutes while a
-        # reference cycle kept the graphs alive).
-        driver, self.driver = self.driver, None
-        if driver is not None:
-            alive = weakref.ref(driver)
-            del driver
-            if alive() is not None:  # held by a reference cycle: collect it now
-                gc.collect()
+        """Stop the workers and release this rank's model, KV cache and group (its CUDA graphs first:
+        `WorkerSet.shutdown`). Idempotent."""
+        self.driver = None
         self._finalizer()
         self._store = None
 

@@ -5,16 +5,13 @@ there never returned)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import json
 import textwrap
 
 import pytest
 import torch
 
-from tests.parity.test_tensor_parallel import _wait_gone, end_script_without_shutdown
-from tests.scripts import ROOT
+from tests.parity.test_tensor_parallel import _wait_gone, end_script_without_shutdown, run_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multi_gpu]
 
@@ -31,32 +28,24 @@ def test_tp_script_ending_without_shutdown_exits_promptly():
 
 
 def test_tp_shutdown_after_cuda_graphs_is_prompt():
-    # Prompts of up to 300 tokens: their prefill steps replay graphs of 1,024+ tokens, whose all-reduces
-    # are too large for peer memory and were captured as NCCL calls.
+    # The prefill graphs of 1,536+ tokens hold all-reduces too large for peer memory: NCCL calls, captured.
+    # A hang prints the driver's stacks after 100 s and exits (its worker follows it).
     script = textwrap.dedent(
         """
-        import random, time
+        import faulthandler, json, time
         from nanovllm import LLM, SamplingParams
         if __name__ == "__main__":
+            faulthandler.dump_traceback_later(100, exit=True)
             llm = LLM("qwen3-0.6b", tensor_parallel_size=2, max_model_len=1024, max_num_seqs=16,
                       num_kvcache_blocks=1024)
-            assert llm.engine.runner.driver.cuda_graphs.prefill, "no prefill graphs were captured"
-            rng = random.Random(0)
-            prompts = [[rng.randrange(3, 9000) for _ in range(rng.randint(16, 300))] for _ in range(8)]
-            params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-            llm.generate(prompts, params, use_tqdm=False)
+            assert max(llm.engine.runner.driver.cuda_graphs.prefill) >= 1536, "no NCCL-sized prefill graph"
+            llm.generate([[5, 6, 7]] * 3, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
             pids = [p.pid for p in llm.engine.runner.workers.procs]
             start = time.monotonic()
             llm.shutdown()
-            print(*pids, flush=True)
-            print(time.monotonic() - start, flush=True)
+            print(json.dumps({"pids": pids, "shutdown_s": time.monotonic() - start}), flush=True)
         """
     )
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    out = subprocess.run(
-        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    pids, seconds = out.stdout.splitlines()[-2:]
-    assert float(seconds) < 30, f"llm.shutdown() took {float(seconds):.1f} s"
-    assert _wait_gone([int(p) for p in pids.split()])
+    result = json.loads(run_script(script, timeout_s=150)[-1])
+    assert result["shutdown_s"] < 30, f"llm.shutdown() took {result['shutdown_s']:.1f} s"
+    assert _wait_gone(result["pids"])

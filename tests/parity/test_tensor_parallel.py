@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -260,6 +261,24 @@ def test_garbage_collected_engine_stops_its_workers(ckpts):
     assert not set(procs) & set(mp.active_children())
 
 
+@pytest.mark.parametrize("end", ["shutdown", "collected"])
+def test_cuda_graphs_are_freed_before_the_group(ckpts, end):
+    """NCCL's abort waits for every graph that captured one of its calls: rank 0's graphs must be freed before
+    its group is released, however the engine ends. (A CPU engine has no graphs: a stand-in records it.)"""
+    llm = LLM(str(ckpts["qwen3"]), tensor_parallel_size=2)
+    events = []
+    workers = llm.engine.runner.workers
+    workers.graphs = SimpleNamespace(release=lambda: events.append("graphs released"))
+    destroy = workers.group.destroy
+    workers.group.destroy = lambda: events.append("group released") or destroy()
+    if end == "shutdown":
+        llm.shutdown()
+    else:
+        del llm
+        gc.collect()
+    assert events == ["graphs released", "group released"]
+
+
 def test_killed_worker_raises_runtime_error_not_hang(ckpts, prompts):
     llm = LLM(str(ckpts["qwen3"]), tensor_parallel_size=2)
     try:
@@ -338,14 +357,19 @@ def end_script_without_shutdown(model: str, timeout_s: float, **llm_kwargs) -> t
             print(time.time(), flush=True)
         """
     )
+    pids, last_line = run_script(script, timeout_s)[-2:]
+    return time.time() - float(last_line), [int(p) for p in pids.split()]
+
+
+def run_script(script: str, timeout_s: float) -> list[str]:
+    """Run `script` in a fresh Python that imports this checkout; its stdout lines. Fails if the script fails
+    or runs past timeout_s."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
     )
-    exited = time.time()
     assert out.returncode == 0, out.stderr[-2000:]
-    pids, last_line = out.stdout.splitlines()[-2:]
-    return exited - float(last_line), [int(p) for p in pids.split()]
+    return out.stdout.splitlines()
 
 
 def test_script_ending_without_shutdown_exits_and_stops_its_workers(ckpts):
