@@ -27,26 +27,33 @@ def test_tp_script_ending_without_shutdown_exits_promptly():
     assert seconds < 30, f"the script took {seconds:.1f} s to exit after its last line"
 
 
-def test_tp_shutdown_after_cuda_graphs_is_prompt():
-    # The prefill graphs of 1,536+ tokens hold all-reduces too large for peer memory: NCCL calls, captured.
-    # A hang prints the driver's stacks after 100 s and exits (its worker follows it).
-    script = textwrap.dedent(
-        """
-        import faulthandler, json, time
+def _run_tp2(body: str, **llm_kwargs) -> dict:
+    """Run `body` in a fresh Python once it has built `llm`, a TP=2 engine on qwen3-0.6b with llm_kwargs;
+    `body` sets `result`, which comes back. A hang prints the driver's stacks after 100 s and exits (its
+    worker follows it)."""
+    head = f"""
+        import faulthandler, json, os, signal, time
         from nanovllm import LLM, SamplingParams
         if __name__ == "__main__":
             faulthandler.dump_traceback_later(100, exit=True)
-            llm = LLM("qwen3-0.6b", tensor_parallel_size=2, max_model_len=1024, max_num_seqs=16,
-                      num_kvcache_blocks=1024)
-            assert max(llm.engine.runner.driver.cuda_graphs.prefill) >= 1536, "no NCCL-sized prefill graph"
-            llm.generate([[5, 6, 7]] * 3, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
-            pids = [p.pid for p in llm.engine.runner.workers.procs]
-            start = time.monotonic()
-            llm.shutdown()
-            print(json.dumps({"pids": pids, "shutdown_s": time.monotonic() - start}), flush=True)
+            llm = LLM("qwen3-0.6b", tensor_parallel_size=2, **{llm_kwargs!r})
         """
-    )
-    result = json.loads(run_script(script, timeout_s=150)[-1])
+    tail = "print(json.dumps(result), flush=True)\n"
+    script = textwrap.dedent(head) + textwrap.indent(textwrap.dedent(body) + tail, "    ")
+    return json.loads(run_script(script, timeout_s=150)[-1])
+
+
+def test_tp_shutdown_after_cuda_graphs_is_prompt():
+    # The prefill graphs of 1,536+ tokens hold all-reduces too large for peer memory: NCCL calls, captured.
+    body = """
+        assert max(llm.engine.runner.driver.cuda_graphs.prefill) >= 1536, "no NCCL-sized prefill graph"
+        llm.generate([[5, 6, 7]] * 3, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        pids = [p.pid for p in llm.engine.runner.workers.procs]
+        start = time.monotonic()
+        llm.shutdown()
+        result = {"pids": pids, "shutdown_s": time.monotonic() - start}
+        """
+    result = _run_tp2(body, max_model_len=1024, max_num_seqs=16, num_kvcache_blocks=1024)
     assert result["shutdown_s"] < 30, f"llm.shutdown() took {result['shutdown_s']:.1f} s"
     assert _wait_gone(result["pids"])
 
@@ -55,40 +62,30 @@ def test_tp_worker_killed_mid_step_with_cuda_graphs_raises_not_hangs():
     # On the CPU (tests/parity/test_tensor_parallel.py) a killed worker surfaces as a RuntimeError. Here the
     # step is a decode graph's replay whose all-reduces wait for the dead peer, after a prefill graph that
     # captured NCCL calls: the group's abort must still end the wait, and shutdown must still return.
-    script = textwrap.dedent(
-        """
-        import faulthandler, json, os, signal, time
-        from nanovllm import LLM, SamplingParams
-        if __name__ == "__main__":
-            faulthandler.dump_traceback_later(100, exit=True)
-            llm = LLM("qwen3-0.6b", tensor_parallel_size=2, max_model_len=4096, max_num_seqs=16,
-                      num_kvcache_blocks=1024)
-            (proc,) = llm.engine.runner.workers.procs
-            driver = llm.engine.runner.driver
-            send, steps = driver.send, []
+    body = """
+        (proc,) = llm.engine.runner.workers.procs
+        driver = llm.engine.runner.driver
+        send, steps = driver.send, []
 
-            def send_then_kill(inp):
-                send(inp)
-                steps.append(inp.is_decode)
-                if len(steps) == 3:  # a decode step: rank 0 is about to replay its graph
-                    os.kill(proc.pid, signal.SIGKILL)
+        def send_then_kill(inp):
+            send(inp)
+            steps.append(inp.is_decode)
+            if len(steps) == 3:  # a decode step: rank 0 is about to replay its graph
+                os.kill(proc.pid, signal.SIGKILL)
 
-            driver.send = send_then_kill
-            start = time.monotonic()
-            try:
-                llm.generate([[5, 6, 7] * 600], SamplingParams(max_tokens=50), use_tqdm=False)
-                error = None
-            except RuntimeError as e:
-                error = str(e)
-            raised_s = time.monotonic() - start
-            start = time.monotonic()
-            llm.shutdown()
-            shutdown_s = time.monotonic() - start
-            result = dict(error=error, raised_s=raised_s, shutdown_s=shutdown_s, steps=steps)
-            print(json.dumps(result), flush=True)
+        driver.send = send_then_kill
+        start = time.monotonic()
+        try:
+            llm.generate([[5, 6, 7] * 600], SamplingParams(max_tokens=50), use_tqdm=False)
+            error = None
+        except RuntimeError as e:
+            error = str(e)
+        raised_s = time.monotonic() - start
+        start = time.monotonic()
+        llm.shutdown()
+        result = dict(error=error, raised_s=raised_s, shutdown_s=time.monotonic() - start, steps=steps)
         """
-    )
-    result = json.loads(run_script(script, timeout_s=150)[-1])
+    result = _run_tp2(body, max_model_len=4096, max_num_seqs=16, num_kvcache_blocks=1024)
     assert result["error"] is not None and "SIGKILL" in result["error"], result
     assert result["steps"][0] is False and result["steps"][2] is True, result  # a 1,800-token prefill first
     assert result["raised_s"] < 60 and result["shutdown_s"] < 30, result
