@@ -17,7 +17,7 @@ All are captured largest first into one memory pool.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 
 import torch
@@ -28,6 +28,7 @@ from nanovllm.engine.step_input import ModelInput
 from nanovllm.kernels.backend import HAS_TRITON, kernel_backend
 from nanovllm.kernels.paged_attention import max_work_items
 from nanovllm.layers.attention import AttentionMetadata
+from nanovllm.utils.distributed import TensorParallelGroup
 
 logger = logging.getLogger("nanovllm")
 
@@ -39,6 +40,16 @@ PREFILL_GRAPH_TOKENS = (16, 32, 64, 128, 256, 512, 768, 1024, 1536, 2048, 3072, 
 # Fills in (on the device) a step's input ids that the previous step sampled but the host has not read back:
 # (input_ids [n] on the device, the step's input) -> input_ids
 FillPending = Callable[[torch.Tensor, ModelInput], torch.Tensor]
+
+
+def graph_sizes(
+    sizes: Iterable[int], tp_group: TensorParallelGroup, hidden_size: int, dtype: torch.dtype
+) -> list[int]:
+    """The sizes (tokens of a step) a runner captures graphs for: all of them on one rank or with NCCL only;
+    under TP with the peer all-reduce, those whose [size, hidden_size] all-reduces it takes (2 MiB: 1,024
+    tokens of Qwen3-0.6B in bf16, 256 of Qwen3-8B), so that no graph holds an NCCL call
+    (`TensorParallelGroup.graph_may_capture`); larger steps run eagerly."""
+    return [s for s in sizes if tp_group.graph_may_capture(s, hidden_size, dtype)]
 
 
 def capture(forward: Callable[[], None], pool) -> torch.cuda.CUDAGraph:
@@ -61,7 +72,7 @@ class CudaGraphs:
         decode: DecodeStep,
         max_blocks_per_seq: int,
         tile_tokens: int,  # the prefill attention kernel's query tile
-        tp_size: int,
+        tp_group: TensorParallelGroup,
     ):
         # (nothing here refers back to the runner: a cycle would keep the graphs alive after the runner is
         # dropped, and under TP the group's abort waits for graphs that captured NCCL calls to be freed)
@@ -70,8 +81,13 @@ class CudaGraphs:
         self.max_blocks_per_seq, self.tile_tokens = max_blocks_per_seq, tile_tokens
         self.decode: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> graph
         self.prefill: dict[int, torch.cuda.CUDAGraph] = {}  # tokens -> graph
-        self.prefill_sizes = [t for t in PREFILL_GRAPH_TOKENS if t <= config.max_num_batched_tokens]
-        pool = self._capture_decode(with_lm_head=tp_size == 1)
+        hidden_size, dtype = config.hf_config.hidden_size, config.torch_dtype
+        may_capture = partial(graph_sizes, tp_group=tp_group, hidden_size=hidden_size, dtype=dtype)
+        self.decode_sizes = may_capture(decode.sizes)
+        self.prefill_sizes = may_capture(
+            t for t in PREFILL_GRAPH_TOKENS if t <= config.max_num_batched_tokens
+        )
+        pool = self._capture_decode(with_lm_head=tp_group.size == 1) if self.decode_sizes else None
         # (not with the torch reference ops: their attention reads the lengths on the host)
         if self.prefill_sizes and config.kernel_backend != "torch" and HAS_TRITON:
             self._capture_prefill(pool)
@@ -119,7 +135,7 @@ class CudaGraphs:
     def _capture_decode(self, with_lm_head: bool):
         """One graph per decode batch size, largest first; returns the memory pool. With the LM head (single
         rank; under TP its logits gather is a collective, which stays outside), into one shared buffer."""
-        max_bs = self.decode_step.sizes[-1]
+        max_bs = self.decode_sizes[-1]
         self.decode_bufs = self._static(max_bs, max_bs)
         if with_lm_head:  # [max_bs, vocab rows of the LM head]
             vocab_rows = self.model.lm_head.weight.shape[0]
@@ -127,7 +143,7 @@ class CudaGraphs:
             self.decode_bufs["logits"] = torch.zeros(max_bs, vocab_rows, dtype=dtype, device=self.device)
         pool = None
         with kernel_backend(self.config.kernel_backend), torch.inference_mode():
-            for size in reversed(self.decode_step.sizes):
+            for size in reversed(self.decode_sizes):
                 self.decode[size] = graph = capture(partial(self.decode_forward, size), pool)
                 pool = graph.pool()
         return pool
@@ -143,8 +159,10 @@ class CudaGraphs:
             self.model.compute_logits(hidden, out=b["logits"][:size])
 
     def decode_size(self, num_seqs: int) -> int | None:
-        """The graph a decode step of num_seqs sequences replays (None: none fits)."""
-        return self.decode_step.padded_size(num_seqs)
+        """The graph a decode step of num_seqs sequences replays (None: none fits; the step runs eagerly,
+        padded to the same size)."""
+        size = self.decode_step.padded_size(num_seqs)
+        return size if size in self.decode else None
 
     def replay_decode(
         self, inp: ModelInput, fill_pending: FillPending

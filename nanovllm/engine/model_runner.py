@@ -106,7 +106,7 @@ class ModelRunner:
                 self.decode,
                 self.max_blocks_per_seq,
                 self.tile_tokens,
-                self.tp_size,
+                self.tp_group,
             )
 
     # ---- KV cache ---------------------------------------------------------------------------

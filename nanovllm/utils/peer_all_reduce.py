@@ -28,6 +28,15 @@ MAX_SLOT_BYTES = 2 * 1024 * 1024  # 256 rows of a 4096-wide bf16 hidden state (a
 MAX_HIDDEN = 16384  # a program holds one whole row in registers
 
 
+def fits_shape(numel: int, hidden: int, dtype: torch.dtype) -> bool:
+    """Whether a contiguous CUDA tensor of numel elements in rows of `hidden` fits the peer buffers."""
+    return (
+        0 < hidden <= MAX_HIDDEN
+        and dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and 0 < numel * dtype.itemsize <= MAX_SLOT_BYTES
+    )
+
+
 class PeerAllReduce:
     """One rank's side of the peer-memory all-reduce: its buffer and the table of everyone's.
     Build it with `connect_peers`, which every rank of the group calls."""
@@ -63,14 +72,8 @@ class PeerAllReduce:
 
     def fits(self, x: torch.Tensor) -> bool:
         """Whether x goes through peer memory (else NCCL): a small, contiguous [..., hidden] tensor."""
-        return (
-            x.is_cuda
-            and x.is_contiguous()
-            and x.dim() >= 1
-            and 0 < x.shape[-1] <= MAX_HIDDEN
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-            and 0 < x.numel() * x.element_size() <= MAX_SLOT_BYTES
-        )
+        contiguous_cuda = x.is_cuda and x.is_contiguous() and x.dim() >= 1
+        return contiguous_cuda and fits_shape(x.numel(), x.shape[-1], x.dtype)
 
     def __call__(
         self, x: torch.Tensor, norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None

@@ -44,25 +44,32 @@ def _run_tp2(body: str, **llm_kwargs) -> dict:
 
 
 def test_tp_shutdown_after_cuda_graphs_is_prompt():
-    # The prefill graphs of 1,536+ tokens hold all-reduces too large for peer memory: NCCL calls, captured.
+    # Without the peer all-reduce the graphs capture NCCL's all-reduces (with it, TP keeps NCCL out of every
+    # graph: engine/cuda_graphs.py `graph_sizes`).
     body = """
-        assert max(llm.engine.runner.driver.cuda_graphs.prefill) >= 1536, "no NCCL-sized prefill graph"
+        driver = llm.engine.runner.driver
+        assert driver.tp_group.peer_all_reduce is None and driver.cuda_graphs.decode, "no NCCL in a graph"
         llm.generate([[5, 6, 7]] * 3, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         pids = [p.pid for p in llm.engine.runner.workers.procs]
         start = time.monotonic()
         llm.shutdown()
         result = {"pids": pids, "shutdown_s": time.monotonic() - start}
         """
-    result = _run_tp2(body, max_model_len=1024, max_num_seqs=16, num_kvcache_blocks=1024)
+    result = _run_tp2(
+        body, max_model_len=1024, max_num_seqs=16, num_kvcache_blocks=1024, disable_custom_all_reduce=True
+    )
     assert result["shutdown_s"] < 30, f"llm.shutdown() took {result['shutdown_s']:.1f} s"
     assert _wait_gone(result["pids"])
 
 
 def test_tp_worker_killed_mid_step_with_cuda_graphs_raises_not_hangs():
     # On the CPU (tests/parity/test_tensor_parallel.py) a killed worker surfaces as a RuntimeError. Here the
-    # step is a decode graph's replay whose all-reduces wait for the dead peer, after a prefill graph that
-    # captured NCCL calls: the group's abort must still end the wait, and shutdown must still return.
+    # step is a decode graph's replay whose all-reduces wait for the dead peer, or the sampled ids' NCCL
+    # broadcast, after a 1,800-token prefill step. That step once ran in a graph holding NCCL all-reduces, and
+    # NCCL's abort then waited for the graph to be freed while rank 0 waited in the broadcast: a hang. Now no
+    # graph holds an NCCL call: the abort ends the wait, and shutdown returns.
     body = """
+        assert max(llm.engine.runner.driver.cuda_graphs.prefill) == 1024, "a prefill graph holds NCCL calls"
         (proc,) = llm.engine.runner.workers.procs
         driver = llm.engine.runner.driver
         send, steps = driver.send, []
