@@ -32,7 +32,8 @@ STEPS = {
             "pytest",
             "-m",
             "gpu",
-            "-q",
+            "-v",  # a line per test as it ends: a step killed at its limit still shows which failed
+            "-rfE",
             "-p",
             "no:cacheprovider",
             "tests/gpu",

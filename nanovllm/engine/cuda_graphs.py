@@ -5,13 +5,14 @@ launches each kernel from Python. The price: a replay reuses the recorded pointe
 inputs are copied into static buffers and the step is padded to the next captured size (padding rows: cache
 slot -1, length 0, which every kernel skips). docs/cuda_graphs.md walks through it.
 
-- Decode graphs, one per size of `DecodeStep.sizes` (1, 2, 4, 8, 16, 32, 48, ...), record
-  `DecodeStep.forward` (two halves on two streams where `DecodeStep.two_stream_sizes` says so) and, on a
-  single GPU, the LM head into a shared logits buffer.
-- Prefill graphs, one per size of PREFILL_GRAPH_TOKENS, record the forward of any step that is not all
-  decode (prompts, chunks of prompts, mixed with decode tokens), with room for the most sequences and
-  prefill attention work items a step of that many tokens can have; the LM head runs outside.
-All are captured largest first into one memory pool.
+- Decode graphs, one per size of `DecodeStep.sizes` (1, 2, 4, 8, 16, 32, 48, ...), record `DecodeStep.forward`
+  (two halves on two streams where `DecodeStep.two_stream_sizes` says so) and, on a single GPU, the LM head
+  into a shared logits buffer.
+- Prefill graphs, one per size of PREFILL_GRAPH_TOKENS within the token budget, record the forward of any step
+  that is not all decode (prompts, chunks of prompts, mixed with decode tokens), with room for the most
+  sequences and prefill attention work items a step of that many tokens can have; the LM head runs outside.
+All are captured largest first into one memory pool. Under TP with the peer all-reduce, only the sizes whose
+all-reduces it takes get a graph (`graph_sizes`: no graph holds an NCCL call); larger steps run eagerly.
 """
 
 from __future__ import annotations
@@ -43,13 +44,14 @@ FillPending = Callable[[torch.Tensor, ModelInput], torch.Tensor]
 
 
 def graph_sizes(
-    sizes: Iterable[int], tp_group: TensorParallelGroup, hidden_size: int, dtype: torch.dtype
+    sizes: Iterable[int], tp_group: TensorParallelGroup, hidden_size: int, dtype: torch.dtype, triton: bool
 ) -> list[int]:
-    """The sizes (tokens of a step) a runner captures graphs for: all of them on one rank or with NCCL only;
-    under TP with the peer all-reduce, those whose [size, hidden_size] all-reduces it takes (2 MiB: 1,024
-    tokens of Qwen3-0.6B in bf16, 256 of Qwen3-8B), so that no graph holds an NCCL call
-    (`TensorParallelGroup.graph_may_capture`); larger steps run eagerly."""
-    return [s for s in sizes if tp_group.graph_may_capture(s, hidden_size, dtype)]
+    """The sizes (tokens of a step) a runner captures graphs for: all of them on one rank, or when NCCL does
+    every all-reduce; under TP with the peer all-reduce in use (Triton kernels), those whose [size,
+    hidden_size] all-reduces it takes (2 MiB: 1,024 tokens of Qwen3-0.6B in bf16, 256 of Qwen3-8B), so that no
+    graph holds an NCCL call (`TensorParallelGroup.graph_may_capture`); larger steps run eagerly. A prefix of
+    sorted sizes: a step larger than one that does not fit does not fit either."""
+    return [s for s in sizes if tp_group.graph_may_capture(s, hidden_size, dtype, triton)]
 
 
 def capture(forward: Callable[[], None], pool) -> torch.cuda.CUDAGraph:
@@ -81,12 +83,15 @@ class CudaGraphs:
         self.max_blocks_per_seq, self.tile_tokens = max_blocks_per_seq, tile_tokens
         self.decode: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> graph
         self.prefill: dict[int, torch.cuda.CUDAGraph] = {}  # tokens -> graph
-        hidden_size, dtype = config.hf_config.hidden_size, config.torch_dtype
-        may_capture = partial(graph_sizes, tp_group=tp_group, hidden_size=hidden_size, dtype=dtype)
-        self.decode_sizes = may_capture(decode.sizes)
-        self.prefill_sizes = may_capture(
-            t for t in PREFILL_GRAPH_TOKENS if t <= config.max_num_batched_tokens
+        capturable = partial(
+            graph_sizes,
+            tp_group=tp_group,
+            hidden_size=config.hf_config.hidden_size,
+            dtype=config.torch_dtype,
+            triton=config.kernel_backend != "torch" and HAS_TRITON,
         )
+        self.decode_sizes = capturable(decode.sizes)  # a prefix of decode.sizes
+        self.prefill_sizes = capturable(t for t in PREFILL_GRAPH_TOKENS if t <= config.max_num_batched_tokens)
         pool = self._capture_decode(with_lm_head=tp_group.size == 1) if self.decode_sizes else None
         # (not with the torch reference ops: their attention reads the lengths on the host)
         if self.prefill_sizes and config.kernel_backend != "torch" and HAS_TRITON:
@@ -101,7 +106,8 @@ class CudaGraphs:
 
     def release(self) -> None:
         """Free every graph now, whoever still holds this object (a traceback's frame, a test's wrapper). No
-        sync: CUDA frees a graph still running once it ends (a sync here could wait on a dead peer)."""
+        sync of its own (one could wait on a dead peer), though freeing a graph may still wait for work in
+        flight: called from the TP watcher while rank 0 sat in an NCCL collective, it hung (session 20)."""
         self.decode.clear()
         self.prefill.clear()
 
@@ -159,18 +165,17 @@ class CudaGraphs:
             self.model.compute_logits(hidden, out=b["logits"][:size])
 
     def decode_size(self, num_seqs: int) -> int | None:
-        """The graph a decode step of num_seqs sequences replays (None: none fits; the step runs eagerly,
-        padded to the same size)."""
+        """The graph a decode step of num_seqs sequences replays (None: none fits, or none was captured for
+        its padded size; the step then runs eagerly, its attention split as the padded size's would be)."""
         size = self.decode_step.padded_size(num_seqs)
         return size if size in self.decode else None
 
     def replay_decode(
-        self, inp: ModelInput, fill_pending: FillPending
+        self, inp: ModelInput, size: int, fill_pending: FillPending
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Replay the decode graph of the step's padded size: (hidden [n, hidden_size], and when the graph
-        ran the LM head and every row samples, logits [n, vocab_size]; else None)."""
+        """Replay the decode graph of `size` (`decode_size`) for this step: (hidden [n, hidden_size], and when
+        the graph ran the LM head and every row samples, logits [n, vocab_size]; else None)."""
         n = inp.num_seqs
-        size = self.decode_size(n)
         b = self.decode_bufs
         self._stage(b, inp, size, fill_pending)
         b["seq_lens"][n:size].zero_()

@@ -290,8 +290,9 @@ class ModelRunner:
         to = lambda x: x.to(dev, non_blocking=True)  # noqa: E731
         with kernel_backend(self.config.kernel_backend):
             logits, graphs = None, self.cuda_graphs
-            if graphs is not None and inp.is_decode and graphs.decode_size(inp.num_seqs) is not None:
-                hidden, logits = graphs.replay_decode(inp, self._fill_pending)
+            decode_size = graphs.decode_size(inp.num_seqs) if graphs is not None and inp.is_decode else None
+            if decode_size is not None:
+                hidden, logits = graphs.replay_decode(inp, decode_size, self._fill_pending)
             elif graphs is not None and (size := graphs.prefill_size(inp)) is not None:
                 hidden = graphs.replay_prefill(inp, size, self._fill_pending)
             else:

@@ -63,14 +63,15 @@ class TensorParallelGroup:
         x = self.all_reduce(x)
         return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
 
-    def graph_may_capture(self, rows: int, hidden: int, dtype: torch.dtype) -> bool:
-        """Whether a CUDA graph may capture a step whose all-reduces are [rows, hidden] of dtype (with the
-        Triton kernels): always on one rank or with NCCL only; with the peer all-reduce, only where it takes
-        them. NCCL's abort waits until every graph holding one of its calls is freed, and freeing a graph
-        waits for the device: a worker dying while rank 0 waits in an NCCL collective then hangs rank 0
-        (session 20, docs/tensor_parallel.md). With NCCL only that risk stays, for the graphs' speed."""
-        peer = self.peer_all_reduce
-        return self.size == 1 or peer is None or fits_shape(rows * hidden, hidden, dtype)
+    def graph_may_capture(self, rows: int, hidden: int, dtype: torch.dtype, triton: bool) -> bool:
+        """Whether a CUDA graph may capture a step whose all-reduces are [rows, hidden] of dtype, run with the
+        Triton kernels or not: always on one rank or when NCCL does every all-reduce (no peer all-reduce, or
+        the torch reference ops); with the peer all-reduce in use, only where it takes them. NCCL's abort
+        waits until every graph holding one of its calls is freed, and freeing a graph waits for the device:
+        a worker dying while rank 0 waits in an NCCL collective then hangs rank 0 (session 20,
+        docs/tensor_parallel.md). With NCCL doing everything that risk stays, for the graphs' speed."""
+        peer_in_use = self.peer_all_reduce is not None and triton
+        return self.size == 1 or not peer_in_use or fits_shape(rows * hidden, hidden, dtype)
 
     def _takes_peer(self, x: torch.Tensor) -> bool:
         """Whether x goes through peer memory rather than NCCL (the same answer on every rank: it

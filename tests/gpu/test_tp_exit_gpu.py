@@ -69,7 +69,9 @@ def test_tp_worker_killed_mid_step_with_cuda_graphs_raises_not_hangs():
     # NCCL's abort then waited for the graph to be freed while rank 0 waited in the broadcast: a hang. Now no
     # graph holds an NCCL call: the abort ends the wait, and shutdown returns.
     body = """
-        assert max(llm.engine.runner.driver.cuda_graphs.prefill) == 1024, "a prefill graph holds NCCL calls"
+        group, graphs = llm.engine.runner.driver.tp_group, llm.engine.runner.driver.cuda_graphs
+        assert group.peer_all_reduce is not None, "no peer all-reduce on these GPUs"
+        assert max(graphs.prefill) == 1024, "a prefill graph holds NCCL calls"  # 2 MiB / (1,024 x 2 bytes)
         (proc,) = llm.engine.runner.workers.procs
         driver = llm.engine.runner.driver
         send, steps = driver.send, []

@@ -224,6 +224,7 @@ def test_model_takes_it_only_on_the_gpu_within_its_rows():
         assert takes_decode_linear(torch.zeros(rows, 16, device="cuda"), w) == (rows > 0)
         assert not takes_decode_linear(torch.zeros(rows + 1, 16, device="cuda"), w)
         assert takes_decode_linear(torch.zeros(64, 16, device="cuda"), w, max_rows=64)  # gate_up's own limit
+        assert not takes_decode_linear(torch.zeros(65, 16, device="cuda"), w, max_rows=64)
         assert not takes_decode_linear(torch.zeros(4, 16, device="cuda", dtype=torch.float16), w)  # dtypes
         with kernel_backend("torch"):  # the reference ops everywhere: F.linear
             assert not takes_decode_linear(torch.zeros(4, 16, device="cuda"), w)
