@@ -28,38 +28,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from nanovllm.benchmark.common import DEFAULT_OUT_DIR, print_table, run_info, write_report  # noqa: E402
+from nanovllm.benchmark.common import (  # noqa: E402
+    DEFAULT_OUT_DIR,
+    median_graph_us,
+    print_table,
+    run_info,
+    write_report,
+)
 from nanovllm.kernels.decode_attention import decode_attention, default_num_splits  # noqa: E402
 
 HEAD_DIM, BLOCK_SIZE, MAX_SEQ_LEN = 128, 16, 4096
 SPLITS = (1, 2, 3, 4, 6, 8)
 COLD_BYTES = 150e6  # K/V bytes other calls read between two reads of one copy: 3 x an H100's L2
 MIN_CALLS = 20
-
-
-def graph_us(fns: list, replays: int = 5) -> float:
-    """Median microseconds per call of the calls in fns, cycled through at least MIN_CALLS times in one
-    CUDA graph."""
-    rounds = -(-MIN_CALLS // len(fns))
-    for fn in fns:
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(rounds):
-            for fn in fns:
-                fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / (rounds * len(fns)))
-    return sorted(times)[len(times) // 2]
 
 
 def case(num_kv_heads: int, q_per_kv: int, batch: int, lengths: str, num_sms: int) -> dict:
@@ -105,7 +86,7 @@ def case(num_kv_heads: int, q_per_kv: int, batch: int, lengths: str, num_sms: in
             for t in all_tables
         ]
 
-    us = {s: graph_us(calls(s)) for s in sorted({*SPLITS, default})}
+    us = {s: median_graph_us(calls(s), MIN_CALLS) for s in sorted({*SPLITS, default})}
     best = min(us, key=us.get)
     return dict(
         num_kv_heads=num_kv_heads,

@@ -41,23 +41,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from nanovllm.benchmark.common import DEFAULT_OUT_DIR, print_table, run_info, write_report  # noqa: E402
-from nanovllm.kernels.backend import device_num_sms, tl, triton  # noqa: E402
+from nanovllm.benchmark.common import (  # noqa: E402
+    DEFAULT_OUT_DIR,
+    median_graph_us,
+    print_table,
+    run_info,
+    write_report,
+)
+from nanovllm.kernels.backend import tl, triton  # noqa: E402
 from nanovllm.kernels.sampling import (  # noqa: E402
     SAMPLING_MAX_REGISTERS,
     SAMPLING_NUM_WARPS,
-    SAMPLING_PROGRAMS_PER_SM,
-    SAMPLING_TILE_ELEMENTS,
     _block_quads,
-    _check_args,
     _gumbel_noise,
+    _launch_plan,
+    _prepared_args,
+    _row_scale_and_greedy,
     gumbel_argmax_triton,
 )
 
 # The within-tile draw's Philox key is the row's seed XOR this odd 64-bit constant (0x9E3779B97F4A7C15, the
 # golden-ratio constant, as a signed int64), so its noise is independent of the tile choice's (key = seed).
 DRAW_KEY_XOR = -0x61C8864680B583EB
-LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------- Triton kernels
 
@@ -89,14 +94,9 @@ def _tile_choice_split_kernel(
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
     row_ok = rows < num_rows
     seeds = tl.load(seeds_ptr + rows, mask=row_ok, other=0)  # [R] int64
-    if HAS_TEMPERATURE:  # scores in log2 units: times log2(e)
-        scale = tl.load(inv_temperature_ptr + rows, mask=row_ok, other=1.0) * 1.4426950408889634
-    else:
-        scale = tl.full([BLOCK_ROWS], 1.4426950408889634, tl.float32)
-    if HAS_GREEDY:
-        greedy = tl.load(greedy_ptr + rows, mask=row_ok, other=0) != 0  # [R]
-    else:
-        greedy = tl.zeros([BLOCK_ROWS], tl.int1)
+    scale, greedy = _row_scale_and_greedy(
+        inv_temperature_ptr, greedy_ptr, rows, row_ok, HAS_TEMPERATURE, HAS_GREEDY, BLOCK_ROWS
+    )
     scale = tl.where(greedy, 1.0, scale)[:, None, None]  # greedy: the logits themselves, exactly
     row_ptrs = logits_ptr + rows.to(tl.int64)[:, None, None] * row_stride  # [R, 1, 1]
     zeros = tl.zeros([BLOCK_ROWS], tl.int32)  # [R]: Philox word 0, and a broadcast helper
@@ -171,14 +171,9 @@ def _tile_draw_kernel(
     first_split = tl.min(tl.where(scores == top[:, None], splits, SPLITS_P2), axis=1)  # [R]
     chosen = tl.load(partial_col_ptr + rows * num_splits + first_split, mask=row_ok, other=0)  # [R] int32
 
-    if HAS_GREEDY:
-        greedy = tl.load(greedy_ptr + rows, mask=row_ok, other=0) != 0  # [R]
-    else:
-        greedy = tl.zeros([BLOCK_ROWS], tl.int1)
-    if HAS_TEMPERATURE:
-        scale = tl.load(inv_temperature_ptr + rows, mask=row_ok, other=1.0) * 1.4426950408889634
-    else:
-        scale = tl.full([BLOCK_ROWS], 1.4426950408889634, tl.float32)
+    scale, greedy = _row_scale_and_greedy(
+        inv_temperature_ptr, greedy_ptr, rows, row_ok, HAS_TEMPERATURE, HAS_GREEDY, BLOCK_ROWS
+    )
     # The within-tile draw's key: the seed XOR a constant, a stream independent of the tile choice's.
     keys = (tl.load(seeds_ptr + rows, mask=row_ok, other=0) ^ DRAW_KEY_XOR)[:, None, None]  # [R, 1, 1]
     lanes = tl.arange(0, 4)[None, :, None]  # [1, 4, 1]
@@ -210,28 +205,15 @@ def tiled_gumbel_argmax_triton(
     """One token per row, a sample from softmax(logits * inv_temperature) (greedy rows: argmax), drawn by a
     Gumbel-max over tiles and then within the chosen tile. Same arguments and checks as the engine's
     gumbel_argmax_triton, other draws."""
-    _check_args(logits, inv_temperature, seeds, greedy)
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    seeds = seeds.contiguous()
-    inv_temperature = inv_temperature.contiguous() if inv_temperature is not None else None
-    greedy = greedy.contiguous() if greedy is not None else None
+    logits, inv_temperature, seeds, greedy = _prepared_args(logits, inv_temperature, seeds, greedy)
     num_rows, vocab_size = logits.shape
     if num_rows == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
-
-    block_quads = _block_quads(vocab_size)
+    # the engine kernel's tiles and splits
+    block_quads, block_rows, num_row_blocks, num_tiles, tiles_per_split, num_splits = _launch_plan(
+        logits, num_splits
+    )
     block_cols = 4 * block_quads
-    block_rows = min(max(SAMPLING_TILE_ELEMENTS // block_cols, 1), triton.next_power_of_2(num_rows))
-    num_row_blocks = -(-num_rows // block_rows)
-    num_tiles = -(-vocab_size // block_cols)
-    if num_splits is None:
-        num_sms = device_num_sms(logits.device.index or 0) if logits.is_cuda else 132
-        num_splits = -(-SAMPLING_PROGRAMS_PER_SM * num_sms // num_row_blocks)
-    if num_splits < 1:
-        raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    tiles_per_split = -(-num_tiles // min(num_splits, num_tiles))
-    num_splits = -(-num_tiles // tiles_per_split)  # no empty split
 
     partial_score = torch.empty(num_rows, num_splits, dtype=torch.float32, device=logits.device)
     partial_col = torch.empty(num_rows, num_splits, dtype=torch.int32, device=logits.device)
@@ -281,27 +263,6 @@ DRAWS = 200_000  # rows of the distribution checks
 FAILURE_PROB = 1e-9
 
 
-def graph_us(fn, replays: int = 5) -> float:
-    """Median microseconds per call of fn, captured MIN_CALLS times in one CUDA graph."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(MIN_CALLS):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / MIN_CALLS)
-    return sorted(times)[len(times) // 2]
-
-
 def seeds_for(num_rows: int, salt: int) -> torch.Tensor:  # [num_rows] int64 on the GPU
     gen = torch.Generator().manual_seed(salt)
     return torch.randint(-(2**62), 2**62, (num_rows,), generator=gen).to(DEVICE)
@@ -314,8 +275,8 @@ def timing_case(kind: str, batch: int) -> dict:
     logits = (torch.randn(batch, VOCAB_SIZE, generator=gen, device=DEVICE) * std).to(torch.bfloat16)
     inv_t = torch.full((batch,), 1 / TEMPERATURE, device=DEVICE)
     seeds = seeds_for(batch, salt=batch)
-    engine_us = graph_us(lambda: gumbel_argmax_triton(logits, inv_t, seeds))
-    tiled_us = graph_us(lambda: tiled_gumbel_argmax_triton(logits, inv_t, seeds))
+    engine_us = median_graph_us([lambda: gumbel_argmax_triton(logits, inv_t, seeds)], MIN_CALLS)
+    tiled_us = median_graph_us([lambda: tiled_gumbel_argmax_triton(logits, inv_t, seeds)], MIN_CALLS)
     logit_bytes = logits.numel() * logits.element_size()
     return dict(
         logits=kind,

@@ -204,6 +204,31 @@ def now() -> float:
     return time.perf_counter()
 
 
+def median_graph_us(fns: list, min_calls: int, replays: int = 5) -> float:
+    """Median microseconds per call of the calls in fns, cycled through at least min_calls times in one CUDA
+    graph (each warmed up once before the capture), over `replays` replays."""
+    rounds = -(-min_calls // len(fns))
+    for fn in fns:
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(rounds):
+            for fn in fns:
+                fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1000 / (rounds * len(fns)))
+    return sorted(times)[len(times) // 2]
+
+
 def graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     """GPU milliseconds per replay of a captured CUDA graph, `replays` of them back to back between two
     CUDA events (warm it up first)."""

@@ -83,18 +83,19 @@ class CudaGraphs:
         self.max_blocks_per_seq, self.tile_tokens = max_blocks_per_seq, tile_tokens
         self.decode: dict[int, torch.cuda.CUDAGraph] = {}  # batch size -> graph
         self.prefill: dict[int, torch.cuda.CUDAGraph] = {}  # tokens -> graph
+        triton = config.kernel_backend != "torch" and HAS_TRITON
         capturable = partial(
             graph_sizes,
             tp_group=tp_group,
             hidden_size=config.hf_config.hidden_size,
             dtype=config.torch_dtype,
-            triton=config.kernel_backend != "torch" and HAS_TRITON,
+            triton=triton,
         )
         self.decode_sizes = capturable(decode.sizes)  # a prefix of decode.sizes
         self.prefill_sizes = capturable(t for t in PREFILL_GRAPH_TOKENS if t <= config.max_num_batched_tokens)
         pool = self._capture_decode(with_lm_head=tp_group.size == 1) if self.decode_sizes else None
         # (not with the torch reference ops: their attention reads the lengths on the host)
-        if self.prefill_sizes and config.kernel_backend != "torch" and HAS_TRITON:
+        if self.prefill_sizes and triton:
             self._capture_prefill(pool)
         logger.info(
             "CUDA graphs: %d decode, %d prefill (up to %d tokens); %.2f GiB reserved after capture",

@@ -17,6 +17,8 @@ materialised: the kernel reads each logit once, in its own dtype, and keeps a ru
   every token's probability is exact to about 1e-7.
 """
 
+from typing import NamedTuple
+
 import torch
 
 from nanovllm.kernels.backend import device_num_sms, tl, triton, use_triton
@@ -71,6 +73,28 @@ def _log2_approx(x, FAST_LOG: tl.constexpr):
 
 
 @triton.jit
+def _row_scale_and_greedy(
+    inv_temperature_ptr,  # [num_rows] fp32
+    greedy_ptr,  # [num_rows] uint8 (bool)
+    rows,  # [R] row indices
+    row_ok,  # [R]
+    HAS_TEMPERATURE: tl.constexpr,
+    HAS_GREEDY: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    # ([R] fp32 the factor that puts a row's logits in log2 units: inv_temperature * log2(e), [R] greedy rows)
+    if HAS_TEMPERATURE:
+        scale = tl.load(inv_temperature_ptr + rows, mask=row_ok, other=1.0) * 1.4426950408889634
+    else:
+        scale = tl.full([BLOCK_ROWS], 1.4426950408889634, tl.float32)
+    if HAS_GREEDY:
+        greedy = tl.load(greedy_ptr + rows, mask=row_ok, other=0) != 0
+    else:
+        greedy = tl.zeros([BLOCK_ROWS], tl.int1)
+    return scale, greedy
+
+
+@triton.jit
 def _gumbel_noise(seeds, counters, lanes, FAST_LOG: tl.constexpr):
     # seeds: [R, 1, 1] int64; counters: [R, 1, Q] int32; lanes: [1, 4, 1]. One Philox call gives four
     # 32-bit words, one for each lane. Returns [R, 4, Q] fp32.
@@ -113,14 +137,9 @@ def _gumbel_argmax_split_kernel(
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # [R]
     row_ok = rows < num_rows
     seeds = tl.load(seeds_ptr + rows, mask=row_ok, other=0)[:, None, None]  # [R, 1, 1]
-    if HAS_TEMPERATURE:  # scores in log2 units: times log2(e)
-        scale = tl.load(inv_temperature_ptr + rows, mask=row_ok, other=1.0) * 1.4426950408889634
-    else:
-        scale = tl.full([BLOCK_ROWS], 1.4426950408889634, tl.float32)
-    if HAS_GREEDY:
-        greedy = tl.load(greedy_ptr + rows, mask=row_ok, other=0) != 0  # [R]
-    else:
-        greedy = tl.zeros([BLOCK_ROWS], tl.int1)
+    scale, greedy = _row_scale_and_greedy(
+        inv_temperature_ptr, greedy_ptr, rows, row_ok, HAS_TEMPERATURE, HAS_GREEDY, BLOCK_ROWS
+    )
     scale = tl.where(greedy, 1.0, scale)[:, None, None]  # greedy: the logits themselves, exactly
     greedy_3d = greedy[:, None, None]
     row_ptrs = logits_ptr + rows.to(tl.int64)[:, None, None] * row_stride  # [R, 1, 1]
@@ -235,23 +254,36 @@ def _check_args(
             )
 
 
-def gumbel_argmax_triton(
-    logits: torch.Tensor,  # [B, V], any float dtype, any row stride
-    inv_temperature: torch.Tensor | None,  # [B] fp32; None: 1
-    seeds: torch.Tensor,  # [B] int64
-    greedy: torch.Tensor | None = None,  # [B] bool; None: no greedy row
-    num_splits: int | None = None,  # column ranges per row; None: enough to fill the GPU
-) -> torch.Tensor:  # [B] int64
+class LaunchPlan(NamedTuple):
+    """How a sampling launch cuts its [B, V] logits: a function of the vocabulary size and the batch only."""
+
+    block_quads: int  # a tile is 4 x block_quads columns (`_block_quads`)
+    block_rows: int  # rows a program takes: 1 for a vocabulary of more than one tile
+    num_row_blocks: int
+    num_tiles: int
+    tiles_per_split: int
+    num_splits: int  # column ranges per row, none of them empty
+
+
+def _prepared_args(
+    logits: torch.Tensor,  # [B, V]
+    inv_temperature: torch.Tensor | None,  # [B]
+    seeds: torch.Tensor,  # [B]
+    greedy: torch.Tensor | None,  # [B]
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """The arguments checked (`_check_args`) and in the layouts the kernels read: unit column stride, the rest
+    contiguous."""
     _check_args(logits, inv_temperature, seeds, greedy)
     if logits.stride(1) != 1:
         logits = logits.contiguous()
-    seeds = seeds.contiguous()
     inv_temperature = inv_temperature.contiguous() if inv_temperature is not None else None
     greedy = greedy.contiguous() if greedy is not None else None
-    num_rows, vocab_size = logits.shape
-    if num_rows == 0:
-        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    return logits, inv_temperature, seeds.contiguous(), greedy
 
+
+def _launch_plan(logits: torch.Tensor, num_splits: int | None) -> LaunchPlan:
+    """The launch shape for logits [B, V] (B > 0); num_splits None: enough programs to fill the GPU."""
+    num_rows, vocab_size = logits.shape
     block_quads = _block_quads(vocab_size)
     block_cols = 4 * block_quads
     block_rows = min(max(SAMPLING_TILE_ELEMENTS // block_cols, 1), triton.next_power_of_2(num_rows))
@@ -264,6 +296,24 @@ def gumbel_argmax_triton(
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     tiles_per_split = -(-num_tiles // min(num_splits, num_tiles))
     num_splits = -(-num_tiles // tiles_per_split)  # no empty split
+    return LaunchPlan(block_quads, block_rows, num_row_blocks, num_tiles, tiles_per_split, num_splits)
+
+
+def gumbel_argmax_triton(
+    logits: torch.Tensor,  # [B, V], any float dtype, any row stride
+    inv_temperature: torch.Tensor | None,  # [B] fp32; None: 1
+    seeds: torch.Tensor,  # [B] int64
+    greedy: torch.Tensor | None = None,  # [B] bool; None: no greedy row
+    num_splits: int | None = None,  # column ranges per row; None: enough to fill the GPU
+) -> torch.Tensor:  # [B] int64
+    logits, inv_temperature, seeds, greedy = _prepared_args(logits, inv_temperature, seeds, greedy)
+    num_rows, vocab_size = logits.shape
+    if num_rows == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    block_quads, block_rows, num_row_blocks, num_tiles, tiles_per_split, num_splits = _launch_plan(
+        logits, num_splits
+    )
+    block_cols = 4 * block_quads
 
     partial_max = torch.empty(num_rows, num_splits, dtype=torch.float32, device=logits.device)
     partial_idx = torch.empty(num_rows, num_splits, dtype=torch.int64, device=logits.device)

@@ -19,31 +19,18 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.sampling import _gumbel_noise
+from tests.kernels.test_sampling_kernel import LOG2E, LOGITS, seeds_for, softmax
 from tests.scripts import ROOT, load_script
 from tests.sm90 import compile_sm90
 from tests.stats import assert_matches
 
 SCRIPT = "benchmarks/sampler_tiles.py"
-LOG2E = 1.4426950408889634
-# Eleven tokens (not a multiple of 4 or of a tile), two of them filtered out (as test_sampling_kernel.py).
-LOGITS = [1.2, 0.9, float("-inf"), 2.0, -0.3, 0.4, -1.5, 0.0, 1.6, float("-inf"), -0.7]
 TILE = 4096  # columns of a tile for any vocabulary of more than 4096
 
 
 @pytest.fixture(scope="module")
 def tiles():
     return load_script(SCRIPT)
-
-
-def seeds_for(num_rows: int, salt: int = 0) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(salt)
-    return torch.randint(-(2**62), 2**62, (num_rows,), generator=gen)
-
-
-def softmax(logits: list[float], inv_temperature: float) -> list[float]:
-    m = max(logits)
-    weights = [math.exp((x - m) * inv_temperature) for x in logits]
-    return [w / sum(weights) for w in weights]
 
 
 # ---------------------------------------------------------------- the kernels' own noise
