@@ -71,7 +71,7 @@ STEPS = {
     "decode_breakdown": ([sys.executable, "scripts/decode_breakdown.py"], 200),
     "step_timeline": ([sys.executable, "scripts/step_timeline.py", "--runs", "2"], 200),
     "two_stream_decode": ([sys.executable, "benchmarks/two_stream_decode.py"], 200),
-    "sampler_tiles": ([sys.executable, "benchmarks/sampler_tiles.py"], 150),  # experimental, not the engine's
+    "sampling": ([sys.executable, "benchmarks/sampling.py"], 120),
     "tp": ([sys.executable, "benchmarks/tp_scaling.py"], 420),  # 2 GPUs
     "all_reduce": ([sys.executable, "benchmarks/all_reduce.py"], 120),  # 2 GPUs
     "profile": ([sys.executable, "scripts/profile_step.py"], 300),

@@ -47,12 +47,9 @@ DECODE_LINEAR_KERNEL_MAX_ROWS = 256  # the kernel's limit; larger batches are pr
 # fused SiLU), ties at 48 and loses from 64 (+1% at 64, +2% at 256: cuBLAS's large-M tiles).
 # NANOVLLM_DECODE_LINEAR_ROWS=0 leaves every matmul to cuBLAS, 256 takes every decode batch.
 DECODE_LINEAR_MAX_ROWS = env_int("NANOVLLM_DECODE_LINEAR_ROWS", 32, DECODE_LINEAR_KERNEL_MAX_ROWS)
-# gate_up_proj's own limit (layers/linear.py `forward_silu_mul`): with the SiLU-and-mul in its epilogue this
-# matmul saves a kernel and the [M, 2 I] gate_up output, which may pay above the rows where the plain matmul
-# ties cuBLAS. Not yet measured on a GPU: NANOVLLM_DECODE_LINEAR_GATE_UP_ROWS=64..256 is the A/B to run.
-DECODE_LINEAR_GATE_UP_MAX_ROWS = env_int(
-    "NANOVLLM_DECODE_LINEAR_GATE_UP_ROWS", DECODE_LINEAR_MAX_ROWS, DECODE_LINEAR_KERNEL_MAX_ROWS
-)
+# gate_up_proj takes the same limit although its SiLU-and-mul epilogue saves a kernel and the [M, 2 I]
+# output: letting it alone take up to 128 or 256 rows did not pay (session 21, H200, throughput benchmark:
+# 70.4 / 70.2% of the floor at 32 rows, 70.2% at 128, 69.5 / 69.7% at 256).
 DECODE_LINEAR_NUM_SMS = 132  # (H100 SXM) the default SM count: the N tile shrinks when SMs would idle
 DECODE_LINEAR_MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 DECODE_LINEAR_MAX_BLOCK_M = 64  # more rows per tile would raise the MMA's N beyond what 4 warps hold well
@@ -173,14 +170,12 @@ def decode_linear_config(
     return block_m, block_n, block_k, DECODE_LINEAR_NUM_WARPS, num_stages
 
 
-def takes_decode_linear(
-    x: torch.Tensor, weight: torch.Tensor, max_rows: int = DECODE_LINEAR_MAX_ROWS
-) -> bool:
+def takes_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the model should run this matmul here rather than in cuBLAS: a CUDA tensor with Triton
-    (`use_triton`) on Hopper or later, up to max_rows rows, the layouts the kernel takes."""
+    (`use_triton`) on Hopper or later, up to DECODE_LINEAR_MAX_ROWS rows, the layouts the kernel takes."""
     return (
         x.dim() == 2
-        and 0 < x.shape[0] <= max_rows
+        and 0 < x.shape[0] <= DECODE_LINEAR_MAX_ROWS
         and x.dtype == weight.dtype
         and weight.stride(1) == 1
         and use_triton(x)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.kernels.activation import silu_and_mul
-from nanovllm.kernels.decode_linear import DECODE_LINEAR_GATE_UP_MAX_ROWS, decode_linear, takes_decode_linear
+from nanovllm.kernels.decode_linear import decode_linear, takes_decode_linear
 from nanovllm.utils.distributed import get_tp_group, get_tp_rank, get_tp_size
 
 
@@ -111,7 +111,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         batches do the SiLU-and-mul in the matmul's epilogue."""
         if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
             raise ValueError(f"forward_silu_mul needs two equal outputs (gate, up), got {self.output_sizes}")
-        if takes_decode_linear(x, self.weight, DECODE_LINEAR_GATE_UP_MAX_ROWS):
+        if takes_decode_linear(x, self.weight):
             return decode_linear(x, self.weight, self.bias, silu_mul=True)
         return silu_and_mul(F.linear(x, self.weight, self.bias))
 
