@@ -167,17 +167,20 @@ def _tile_choice_split_kernel(
         mask = row_ok[:, None, None] & (cols < vocab_size)
         x = tl.load(row_ptrs + cols, mask=mask, other=float("-inf")).to(tl.float32) * scale  # [R, 4, Q]
         tile_max = tl.max(tl.max(x, axis=2), axis=1)  # [R]
-        # L_t = m + log2(sum 2^(x - m)); the sum is >= 1 (the max's own term) unless the tile is all -inf,
-        # which gets L_t = -inf (shifting by 0, not by -inf, keeps NaN out).
-        shift = tl.where(tile_max == float("-inf"), 0.0, tile_max)
+        # L_t = m + log2(sum 2^(x - m)); the sum is >= 1 (the max's own term). A tile that is all -inf gets
+        # L_t = -inf, one with a +inf logit L_t = +inf, as the reference's argmax would treat them (shifting
+        # by 0, not by an infinity, keeps NaN out). NaN logits are not supported (the model never makes them).
+        finite = (tile_max != float("-inf")) & (tile_max != float("inf"))  # [R]
+        shift = tl.where(finite, tile_max, 0.0)  # [R]
         total = tl.sum(tl.sum(tl.exp2(x - shift[:, None, None]), axis=2), axis=1)  # [R]
-        lse = tl.where(tile_max == float("-inf"), float("-inf"), shift + tl.log2(tl.maximum(total, 1.0)))
+        lse = tl.where(finite, shift + tl.log2(tl.maximum(total, 1.0)), tile_max)  # [R]
         # One Gumbel value per (row, tile): word 0 of Philox counter = the tile's index, key = the seed.
         tile_noise = _gumbel_noise(seeds, zeros + tile_start // (4 * BLOCK_QUADS), zeros, FAST_LOG)  # [R]
-        score = lse + tile_noise
-        col = zeros + tile_start
+        score = lse + tile_noise  # [R]
+        col = zeros + tile_start  # [R]
         if HAS_GREEDY:  # greedy rows: the tile's first column with its largest logit
-            first = tl.min(tl.min(tl.where(x == tile_max[:, None, None], cols, 2147483647), axis=2), axis=1)
+            at_max = tl.where(x == tile_max[:, None, None], cols, 2147483647)  # [R, 4, Q]: else int32 max
+            first = tl.min(tl.min(at_max, axis=2), axis=1)  # [R]
             score = tl.where(greedy, tile_max, score)
             col = tl.where(greedy, first, col)
         better = score > best
@@ -229,7 +232,10 @@ def _tile_draw_kernel(
     keys = (tl.load(seeds_ptr + rows, mask=row_ok, other=0) ^ DRAW_KEY_XOR)[:, None, None]  # [R, 1, 1]
     lanes = tl.arange(0, 4)[None, :, None]  # [1, 4, 1]
     quads = tl.arange(0, BLOCK_QUADS)[None, None, :]  # [1, 1, Q]
-    tile_start = tl.multiple_of(chosen, 4 * BLOCK_QUADS)[:, None, None]  # [R, 1, 1] (greedy: unused)
+    first_col = chosen  # [R]: the chosen tile's first column
+    if HAS_GREEDY:  # a greedy row's `chosen` is its token: it reads nothing below, and 0 keeps the hint
+        first_col = tl.where(greedy, 0, chosen)
+    tile_start = tl.multiple_of(first_col, 4 * BLOCK_QUADS)[:, None, None]  # [R, 1, 1]
     cols = tile_start + lanes * BLOCK_QUADS + quads  # [R, 4, Q]
     mask = (row_ok & ~greedy)[:, None, None] & (cols < vocab_size)  # greedy rows read nothing here
     row_ptrs = logits_ptr + rows.to(tl.int64)[:, None, None] * row_stride  # [R, 1, 1]
@@ -298,6 +304,8 @@ def gumbel_argmax_triton(
     greedy: torch.Tensor | None = None,  # [B] bool; None: no greedy row
     num_splits: int | None = None,  # column ranges per row in the split kernel; None: enough to fill the GPU
 ) -> torch.Tensor:  # [B] int64
+    """gumbel_argmax in two Triton kernels (the module docstring): a tile per row, then a column of it. The
+    tokens do not depend on num_splits."""
     _check_args(logits, inv_temperature, seeds, greedy)
     if num_splits is not None and num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
@@ -321,8 +329,9 @@ def gumbel_argmax_triton(
     tiles_per_split = -(-num_tiles // min(num_splits, num_tiles))
     num_splits = -(-num_tiles // tiles_per_split)  # no empty split
 
-    partial_score = torch.empty(num_rows, num_splits, dtype=torch.float32, device=logits.device)
-    partial_col = torch.empty(num_rows, num_splits, dtype=torch.int32, device=logits.device)
+    # per row and split: the best tile's L_t + g_t (greedy rows: the best logit) and its first column
+    partial_score = torch.empty(num_rows, num_splits, dtype=torch.float32, device=logits.device)  # [B, S]
+    partial_col = torch.empty(num_rows, num_splits, dtype=torch.int32, device=logits.device)  # [B, S]
     flags = dict(
         HAS_TEMPERATURE=inv_temperature is not None,
         HAS_GREEDY=greedy is not None,

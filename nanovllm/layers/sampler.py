@@ -7,8 +7,8 @@ the rest.
 
 The random draw has two implementations that sample the same distribution from different random
 streams (a seed gives different tokens on the two):
-- CUDA with Triton: one Gumbel-max kernel pass over the logits in their own dtype
-  (kernels/sampling.py), each row with its own Philox seed;
+- CUDA with Triton: Gumbel-max in two kernels (a tile of the vocabulary, then a column of it) over the
+  logits in their own dtype (kernels/sampling.py), each row with its own Philox seed;
 - elsewhere (CPU, or kernel backend "torch"): an exponential race over the probabilities, with torch
   generators.
 """
@@ -102,7 +102,7 @@ class Sampler(nn.Module):
         return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
 
     def _gumbel_draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        # One kernel pass: temperature, noise and argmax (greedy rows: plain argmax). Top-p and min-p
+        # The kernels do temperature, noise and argmax (greedy rows: plain argmax). Top-p and min-p
         # act on the tempered distribution, so with filters the temperature is applied before them.
         inv_temperatures = None
         if batch.has_filters:

@@ -28,7 +28,8 @@ from tests.stats import assert_matches
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 LOG2E = 1.4426950408889634
-TILE = 4096  # columns of a tile for any vocabulary of more than 4096
+QUADS = sampling.SAMPLING_BLOCK_QUADS  # a tile is 4 lanes of QUADS columns
+TILE = 4 * QUADS  # columns of a tile for any vocabulary of more than one tile
 # Eleven tokens (not a multiple of 4 or of a tile), two of them filtered out.
 LOGITS = [1.2, 0.9, float("-inf"), 2.0, -0.3, 0.4, -1.5, 0.0, 1.6, float("-inf"), -0.7]
 
@@ -98,11 +99,11 @@ def expected_tokens(logits: torch.Tensor, inv_temperature: torch.Tensor, seeds: 
     ranked = tile_score.sort(dim=1, descending=True).values
     gaps = ranked[:, 0] - ranked[:, 1] if num_tiles > 1 else torch.full((num_rows,), math.inf)
     tile = tile_score.argmax(dim=1)  # [B]
-    # Column tile_start + lane * 1024 + q takes word `lane` of counter tile_start / 4 + q, key = seed ^ C.
+    # Column tile_start + lane * QUADS + q takes word `lane` of counter tile_start / 4 + q, key = seed ^ C.
     offsets = torch.arange(TILE, device=logits.device)
-    counters = (tile * TILE // 4)[:, None] + offsets % 1024  # [B, TILE]
+    counters = (tile * TILE // 4)[:, None] + offsets % QUADS  # [B, TILE]
     noise = philox_noise(seeds ^ sampling.DRAW_KEY_XOR, num_tiles * TILE // 4)  # [B, counters, 4]
-    tile_noise = noise[rows[:, None], counters, offsets // 1024]  # [B, TILE]
+    tile_noise = noise[rows[:, None], counters, offsets // QUADS]  # [B, TILE]
     in_tile = per_tile[rows, tile] + tile_noise.double()  # [B, TILE]
     return tile * TILE + in_tile.argmax(dim=1), gaps
 
@@ -177,8 +178,15 @@ def test_same_seed_same_token_whatever_the_batch_and_splits():
     order = torch.randperm(8, generator=torch.Generator().manual_seed(2))
     assert torch.equal(gumbel_argmax_triton(logits[order], inv_t[order], seeds[order]), tokens[order])
     assert torch.equal(gumbel_argmax_triton(logits[5:7], inv_t[5:7], seeds[5:7]), tokens[5:7])
-    for num_splits in (1, 2):
+    for num_splits in (1, 2, 3):  # (3 over four tiles: splits of 2 and 2)
         assert torch.equal(gumbel_argmax_triton(logits, inv_t, seeds, num_splits=num_splits), tokens)
+    # The compiled variants the sampler switches between by what else is in the batch: no greedy row
+    # (greedy=None) or all False, no temperature (None) or all 1.
+    no_greedy = torch.zeros(8, dtype=torch.bool)
+    assert torch.equal(gumbel_argmax_triton(logits, inv_t, seeds, no_greedy), tokens)
+    assert torch.equal(
+        gumbel_argmax_triton(logits, torch.ones(8), seeds), gumbel_argmax_triton(logits, None, seeds)
+    )
     # One tile (rows packed into a program): the same, whatever the batch.
     small = logits[:, :1500].clone()
     small_tokens = gumbel_argmax_triton(small, inv_t, seeds)
@@ -222,20 +230,20 @@ def test_distribution_matches_softmax(draw, inv_temperature):
 
 
 def test_tiles_are_drawn_with_their_mass():
-    # Two real tiles of about equal mass: one strong column in the first (the rest filtered), 4,076 flat and
-    # weaker ones in the second (ragged, a few filtered). Choosing a tile by its largest logit would take the
-    # first almost always, a natural log in place of log2 in L_t 9 times in 10; the fraction drawn in each
-    # tile must be its exact softmax mass.
-    num_rows, vocab_size = 150, 2 * TILE - 20
+    # Two real tiles: one strong column in the first (the rest filtered; ~12% of the mass), 4,076 flat and
+    # weaker ones in the second (ragged, a few filtered; ~88%). Choosing a tile by its largest logit would
+    # take the first always, a natural log in place of log2 in L_t ~64% of the time; the fraction drawn in
+    # each tile must be its exact softmax mass (at 300 rows the bound allows about +-0.15).
+    num_rows, vocab_size = 300, 2 * TILE - 20
     gen = torch.Generator().manual_seed(3)
     row = torch.full((vocab_size,), float("-inf"))
-    row[2000] = 5.0
+    row[2000] = 3.8
     row[TILE:] = torch.randn(vocab_size - TILE, generator=gen) * 0.2
     row[TILE + 5 :: 50] = float("-inf")
     row = row.bfloat16().float()  # what the kernel reads, exactly
     probs = torch.softmax(row.double() / 0.6, dim=0)
     mass = [probs[:TILE].sum().item(), probs[TILE:].sum().item()]
-    assert 0.45 < mass[1] < 0.55, mass
+    assert 0.08 < mass[0] < 0.16, mass
     logits = row.bfloat16()[None].expand(num_rows, -1)
     inv_t = torch.full((num_rows,), 1 / 0.6)
     tokens = gumbel_argmax_triton(logits, inv_t, seeds_for(num_rows, 9))
@@ -258,6 +266,26 @@ def test_many_small_tiles_draw_softmax(monkeypatch):
         inv_t = torch.full((num_rows,), inv_temperature)
         tokens = gumbel_argmax_triton(logits, inv_t, seeds_for(num_rows, salt), None, num_splits)
         assert_matches(tokens, softmax(values, inv_temperature))
+    # Greedy rows among packed random rows (and a temperature): the largest logit, 2.5 at column 11, over the
+    # third tile's 2.2, whatever the splits.
+    rows = logits[:64]
+    greedy = torch.arange(64) % 3 == 0
+    for num_splits in (None, 1, 2):
+        tokens = gumbel_argmax_triton(rows, torch.full((64,), 1.7), seeds_for(64, 13), greedy, num_splits)
+        assert (tokens[greedy] == values.index(max(values))).all()
+
+
+def test_infinite_logits_win_as_in_the_reference():
+    # A +inf logit on a random row: its tile's L_t is +inf and the draw in it takes the (first) +inf column,
+    # as argmax(logits / T + noise) does in the reference. Rows: one +inf; two in different tiles; two in one.
+    logits = torch.randn(3, 3 * TILE, generator=torch.Generator().manual_seed(4))
+    logits[0, TILE + 9] = float("inf")
+    logits[1, [2 * TILE + 1, 10]] = float("inf")
+    logits[2, [TILE + 8, TILE + 3]] = float("inf")
+    expected = torch.tensor([TILE + 9, 10, TILE + 3])
+    seeds = seeds_for(3, salt=14)
+    assert torch.equal(gumbel_argmax_triton(logits, torch.full((3,), 1.3), seeds), expected)
+    assert torch.equal(gumbel_argmax_torch(logits, torch.full((3,), 1.3), seeds), expected)
 
 
 def test_reference_is_deterministic_per_row():
