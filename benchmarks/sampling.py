@@ -8,7 +8,9 @@ bf16 logits [batch, 151936] (Qwen3's vocabulary), temperature 0.6, flat (randn *
 benchmark's rows, every tile in play) and peaked (randn * 8: a trained model's), each call captured MIN_CALLS
 times in one CUDA graph (as a decode step runs it), median of 5 replays. The logits stay hot in L2 where they
 fit (up to batch ~128 on an H100). GB/s is the logits' bytes over the time: reading them once at the card's
-bandwidth is the floor. Prints a table and writes sampling-<card>-<date>.json.
+bandwidth is the floor. On flat logits it also times the split kernel's grid at SPLIT_SWEEP column ranges per
+row beside the default (`gumbel_argmax_triton`'s num_splits: at batch 256 the default, 3, makes 768 programs
+for 528 slots, 1.45 waves). Prints tables and writes sampling-<card>-<date>.json.
 
 Session 21 (H200, 87df15e) timed the two-level kernels against the kernel before them (Gumbel noise for every
 logit): 45.7 vs 113.0 us at batch 256, 20.7 vs 57.6 at 128, 6.0 vs 5.2 at 1
@@ -38,6 +40,7 @@ from nanovllm.kernels.sampling import gumbel_argmax_triton  # noqa: E402
 VOCAB_SIZE = 151_936
 TEMPERATURE = 0.6
 MIN_CALLS = 20
+SPLIT_SWEEP = (1, 2, 3, 4, 6, 8, 16)
 SPREAD = {"flat": 0.5, "peaked": 8.0}  # std of the logits
 
 
@@ -59,6 +62,12 @@ def timing_case(kind: str, batch: int) -> dict:
         print(f"torch baseline not timed at batch {batch}: {exc!r}"[:300])
         torch_us = None
     logit_bytes = logits.numel() * logits.element_size()
+    splits_us = {}
+    if kind == "flat":
+        for n in SPLIT_SWEEP:
+            splits_us[n] = median_graph_us(
+                [lambda n=n: gumbel_argmax_triton(logits, inv_t, seeds, num_splits=n)], MIN_CALLS
+            )
     return dict(
         logits=kind,
         batch=batch,
@@ -66,6 +75,7 @@ def timing_case(kind: str, batch: int) -> dict:
         torch_us=torch_us,
         speedup=torch_us / kernel_us if torch_us else None,
         kernel_gb_per_s=logit_bytes / kernel_us / 1e3,
+        splits_us=splits_us,
     )
 
 
@@ -89,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             [t["logits"], t["batch"], t["kernel_us"], t["torch_us"], t["speedup"], t["kernel_gb_per_s"]]
             for t in timings
         ],  # fmt: skip
+    )
+    swept = [t for t in timings if t["splits_us"]]
+    print_table(
+        "flat logits: us per call at num_splits (column ranges per row; the default above)",
+        ["batch", "default", *[str(n) for n in SPLIT_SWEEP]],
+        [[t["batch"], t["kernel_us"], *t["splits_us"].values()] for t in swept],
     )
     path = write_report("sampling", report, args.out)
     print(f"\n{report['card']}  {report['date']}  commit {report.get('git_commit')}  -> {path}")
