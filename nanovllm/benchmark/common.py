@@ -218,15 +218,8 @@ def median_graph_us(fns: list, min_calls: int, replays: int = 5) -> float:
                 fn()
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / (rounds * len(fns)))
-    return sorted(times)[len(times) // 2]
+    times = sorted(graph_replay_ms(graph, 1) * 1000 / (rounds * len(fns)) for _ in range(replays))
+    return times[len(times) // 2]
 
 
 def graph_replay_ms(graph: torch.cuda.CUDAGraph, replays: int) -> float:
