@@ -235,24 +235,32 @@ if HAS_TRITON:
                     partial_out_ptr + other_row[:, None] * HEAD_DIM + offs_d[None, :],
                     lse,
                     out,
+                    split == 0,
                     out_ptrs,
                     row_valid,
                 )
 
     @triton.jit
-    def _combine_two_splits(counter_ptr, other_lse_ptrs, other_out_ptrs, lse, out, out_ptrs, row_valid):
+    def _combine_two_splits(
+        counter_ptr, other_lse_ptrs, other_out_ptrs, lse, out, is_first, out_ptrs, row_valid
+    ):
         """Of a sequence's two splits, the second to get here combines both, as the reduce pass would.
         Each counts itself in once its partials are stored (the barrier orders every thread's stores
         before the count, which releases them); the one that counts second reads the other's (acquired;
-        volatile loads, past this SM's L1), writes the output and resets the count for the next call."""
+        volatile loads, past this SM's L1), writes the output and resets the count for the next call.
+        The sum is taken in split order whichever split combines: compiled, w0 * o0 + w1 * o1 is one
+        fma(w0, o0, w1 * o1), which rounds differently with the terms swapped, so an order that followed
+        the finishing order would make a run's tokens depend on timing."""
         tl.debug_barrier()
         if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == 1:
             tl.store(counter_ptr, 0)
             other_lse = tl.load(other_lse_ptrs, mask=row_valid, other=float("-inf"), volatile=True)
             other = tl.load(other_out_ptrs, mask=row_valid[:, None], other=0.0, volatile=True)
-            top = tl.maximum(lse, other_lse)  # [BLOCK_H], finite: both splits have keys
-            w, other_w = tl.exp2(lse - top), tl.exp2(other_lse - top)  # [BLOCK_H]
-            out = (w[:, None] * out + other_w[:, None] * other) / (w + other_w)[:, None]
+            lse0, lse1 = tl.where(is_first, lse, other_lse), tl.where(is_first, other_lse, lse)  # [BLOCK_H]
+            out0, out1 = tl.where(is_first, out, other), tl.where(is_first, other, out)  # [BLOCK_H, HEAD_DIM]
+            top = tl.maximum(lse0, lse1)  # [BLOCK_H], finite: both splits have keys
+            w0, w1 = tl.exp2(lse0 - top), tl.exp2(lse1 - top)  # [BLOCK_H]
+            out = (w0[:, None] * out0 + w1[:, None] * out1) / (w0 + w1)[:, None]
             tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=row_valid[:, None])
 
     # (SPLITS_P2 still compiles one variant per power of two; CUDA graphs fix num_splits per padded

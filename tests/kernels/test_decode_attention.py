@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from nanovllm.kernels.backend import tl, triton
 from nanovllm.kernels.decode_attention import (
     DECODE_BLOCK_N,
     DECODE_MAX_REGISTERS,
@@ -14,6 +15,7 @@ from nanovllm.kernels.decode_attention import (
     DECODE_MIN_ROWS,
     DECODE_NUM_STAGES,
     DECODE_NUM_WARPS,
+    _combine_two_splits,
     _decode_split_kernel,
     decode_attention,
     decode_attention_ref,
@@ -304,6 +306,43 @@ def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_l
         graph.replay()
         torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.bfloat16))
         assert not counters.any()  # (two splits: every count back to 0 after each replay)
+
+
+@triton.jit
+def _combine_as_split_kernel(
+    lse_ptr, part_ptr, counter_ptr, out_ptr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr
+):
+    # One program of 16 heads, holding split SPLIT's partial (lse [16, 2], part [16, 2, HEAD_DIM] fp32); the
+    # counter says the other split has counted in, so this one combines.
+    heads, offs_d = tl.arange(0, 16), tl.arange(0, HEAD_DIM)
+    own, other = heads * 2 + SPLIT, heads * 2 + 1 - SPLIT  # [16]
+    lse = tl.load(lse_ptr + own)
+    out = tl.load(part_ptr + own[:, None] * HEAD_DIM + offs_d[None, :])  # [16, HEAD_DIM]
+    other_out_ptrs = part_ptr + other[:, None] * HEAD_DIM + offs_d[None, :]
+    out_ptrs = out_ptr + heads[:, None] * HEAD_DIM + offs_d[None, :]
+    valid = heads < 16  # [16], all
+    _combine_two_splits(counter_ptr, lse_ptr + other, other_out_ptrs, lse, out, SPLIT == 0, out_ptrs, valid)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_two_splits_combine_to_the_same_bits_whichever_finishes_second(device):
+    # Which of a sequence's two splits combines them is a race between its two programs. Compiled, the
+    # weighted sum is one fma, which rounds differently with its terms swapped: summed in finishing order, a
+    # run's tokens depended on timing (greedy tokens of one workload differed between processes on an H200).
+    # (The interpreter does not fuse: on the CPU this checks the pairing of each split's lse and partial.)
+    gen = torch.Generator(device=device).manual_seed(0)
+    lse = torch.randn(16, 2, device=device, generator=gen) * 4  # [heads, split] log2 domain
+    part = torch.randn(16, 2, 128, device=device, generator=gen)  # [heads, split, HEAD_DIM]
+    outs = []
+    for split in (0, 1):
+        counter = torch.ones(1, dtype=torch.int32, device=device)
+        out = torch.empty(16, 128, device=device)
+        _combine_as_split_kernel[(1,)](lse, part, counter, out, SPLIT=split, HEAD_DIM=128)
+        assert counter.item() == 0  # reset for the next call
+        outs.append(out)
+    assert torch.equal(outs[0], outs[1])
+    w = torch.softmax(lse * math.log(2), dim=1)  # [heads, split]
+    torch.testing.assert_close(outs[0], (w[:, :, None] * part).sum(1), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- registers (an H100 build, any machine)
