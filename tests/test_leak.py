@@ -131,3 +131,41 @@ def test_runner_is_freed_without_the_garbage_collector(device):
         assert runner() is None, [type(r).__name__ for r in gc.get_referrers(runner())]
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize(
+    "device",
+    [
+        "cpu",
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
+        ),
+    ],
+)
+def test_shutdown_frees_the_engine_while_the_llm_is_still_held(device):
+    """`shutdown()` releases the model, KV cache and graphs though the `LLM` is still referenced (as a
+    notebook's kept traceback would hold it): on a GPU the allocated memory is back where it was before the
+    engine, so the next one can have it. Using the engine after is a clear error; a second shutdown does
+    nothing."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+    llm = LLM("qwen3-tiny", device=device, max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    llm.generate([[5, 6, 7], list(range(3, 40))], greedy, use_tqdm=False)
+    gc.disable()
+    try:
+        runner = weakref.ref(llm.engine.runner)
+        llm.shutdown()
+        assert runner() is None
+        if device == "cuda":
+            assert torch.cuda.memory_allocated() == before
+    finally:
+        gc.enable()
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.generate([[5, 6, 7]], greedy, use_tqdm=False)
+    with pytest.raises(RuntimeError, match="shut down"):
+        llm.engine.step()
+    llm.shutdown()

@@ -16,6 +16,8 @@ import logging
 import time
 from dataclasses import dataclass
 
+import torch
+
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner
@@ -127,6 +129,7 @@ class LLMEngine:
     ) -> str:
         """Queue a request. `incremental=True` detokenizes as tokens arrive (for streaming);
         otherwise text is decoded once, unless stop strings need it earlier."""
+        self._check_open()
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt, params)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
@@ -169,6 +172,7 @@ class LLMEngine:
         Tokens the host has not read yet are pending (Sequence.num_pending_tokens); the next step's
         forward takes them from the device. Each request costs at most one extra, discarded token
         of compute when it stops on EOS / a stop string."""
+        self._check_open()
         self.dropped_request_ids = []
         if self._inflight is not None and not self._can_overlap():
             self._complete_inflight()
@@ -312,6 +316,21 @@ class LLMEngine:
         }
 
     def shutdown(self) -> None:
-        close = getattr(self.runner, "shutdown", None)
-        if close is not None:
-            close()
+        """Release the model, its KV cache and CUDA graphs now (and stop tensor-parallel workers), even while
+        something still holds this engine (a traceback kept by a notebook, say), so that the next engine
+        finds the memory free. The engine is unusable after; calling this again does nothing."""
+        runner, self.runner, self._inflight = self.runner, None, None
+        if runner is None:
+            return
+        device = self.config.torch_device
+        if hasattr(runner, "shutdown"):
+            runner.shutdown()  # (tensor parallel: stops the workers and drops rank 0's runner, no sync)
+        elif device.type == "cuda":
+            torch.cuda.synchronize(device)  # a step still in flight uses the buffers about to be freed
+        del runner
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_open(self) -> None:
+        if self.runner is None:
+            raise RuntimeError("this engine has been shut down; create a new LLM")
