@@ -148,12 +148,16 @@ def test_shutdown_frees_the_engine_while_the_llm_is_still_held(device):
     notebook's kept traceback would hold it): on a GPU the allocated memory is back where it was before the
     engine, so the next one can have it. Using the engine after is a clear error; a second shutdown does
     nothing."""
-    gc.collect()
-    if device == "cuda":
+    args = dict(device=device, max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
+    greedy = SamplingParams(temperature=0, max_tokens=4)
+    if device == "cuda":  # a first engine makes what a process keeps (cuBLAS workspaces, kernel caches)
+        with LLM("qwen3-tiny", **args) as first:
+            first.generate([[5, 6, 7]], greedy, use_tqdm=False)
+        del first
+        gc.collect()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-    llm = LLM("qwen3-tiny", device=device, max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
-    greedy = SamplingParams(temperature=0, max_tokens=4)
+    llm = LLM("qwen3-tiny", **args)
     llm.generate([[5, 6, 7], list(range(3, 40))], greedy, use_tqdm=False)
     gc.disable()
     try:

@@ -281,8 +281,9 @@ def test_cuda_graphs_are_freed_before_the_group(ckpts, end):
 
 def test_killed_worker_raises_runtime_error_not_hang(ckpts, prompts):
     llm = LLM(str(ckpts["qwen3"]), tensor_parallel_size=2)
+    procs = _workers(llm)
     try:
-        (proc,) = _workers(llm)
+        (proc,) = procs
         assert len(_tokens(llm, prompts[:2])) == 2
         os.kill(proc.pid, signal.SIGKILL)
         with pytest.raises(RuntimeError, match=r"worker rank 1 .*SIGKILL"):
@@ -292,7 +293,7 @@ def test_killed_worker_raises_runtime_error_not_hang(ckpts, prompts):
         assert not llm.engine.has_unfinished()
     finally:
         llm.shutdown()
-    assert not set(_workers(llm)) & set(mp.active_children())
+    assert not set(procs) & set(mp.active_children())
 
 
 def test_killed_worker_mid_step_raises_runtime_error(ckpts, prompts):
@@ -318,8 +319,8 @@ def test_step_stuck_in_a_collective_raises_runtime_error_not_hang(ckpts, prompts
     """A step whose collective never completes (every worker alive; on GPUs, a peer all-reduce waiting for
     rows that never come) fails after the step timeout: the watcher aborts the group, which ends the wait."""
     llm = LLM(str(ckpts["qwen3"]), tensor_parallel_size=2)
+    workers = llm.engine.runner.workers
     try:
-        workers = llm.engine.runner.workers
         assert len(_tokens(llm, prompts[:2])) == 2
         workers.step_timeout_s = 1.0
         read_back = LaunchedStep.wait
@@ -339,7 +340,7 @@ def test_step_stuck_in_a_collective_raises_runtime_error_not_hang(ckpts, prompts
             llm.generate(prompts[:1], GREEDY, use_tqdm=False)
     finally:
         llm.shutdown()
-    assert not set(_workers(llm)) & set(mp.active_children())
+    assert not set(workers.procs) & set(mp.active_children())
 
 
 def end_script_without_shutdown(model: str, timeout_s: float, **llm_kwargs) -> tuple[float, list[int]]:
