@@ -553,4 +553,5 @@ def test_serving_benchmark_runs(server, tmp_path):
         assert run["num_completed"] == 6 and run["num_failed"] == 0
         assert 6 * 2 <= run["total_output_tokens"] <= 6 * 6
         assert run["output_throughput"] > 0 and run["p99_ttft_ms"] >= run["p50_ttft_ms"] > 0
-        assert run["p50_tpot_ms"] > 0 and run["p50_itl_ms"] > 0
+        # (a loaded host can stream a short output as one chunk: then there is no gap between chunks, and 0)
+        assert run["p50_tpot_ms"] > 0 and run["p50_itl_ms"] >= 0
