@@ -116,9 +116,9 @@ def test_no_gpu_memory_leak_across_rounds():
     ],
 )
 def test_runner_is_freed_without_the_garbage_collector(device):
-    """Dropping the engine frees its model runner at once (no reference cycle). On a GPU this covers the CUDA
-    graphs, where a cycle (the graphs holding a method of the runner) once kept them, and with them their
-    memory pool, alive until the next collection; on the CPU (no graphs) the rest of the runner."""
+    """Dropping the engine frees its model runner and weights at once (no reference cycle). On a GPU this
+    covers the CUDA graphs, where a cycle (the graphs holding a method of the runner) once kept them, and with
+    them their memory pool, alive until the next collection; on the CPU (no graphs) the rest of the runner."""
     llm = LLM("qwen3-tiny", device=device, max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
     llm.generate([[5, 6, 7], list(range(3, 40))], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     if device == "cuda":
@@ -127,8 +127,12 @@ def test_runner_is_freed_without_the_garbage_collector(device):
     gc.disable()
     try:
         runner = weakref.ref(llm.engine.runner)
+        weights = [weakref.ref(p) for p in llm.engine.runner.model.parameters()]
         del llm
         assert runner() is None, [type(r).__name__ for r in gc.get_referrers(runner())]
+        # (each weight's loader, a bound method of its layer, kept the weights in a cycle until load_weights
+        # dropped the loaders: a dropped engine held its weights until the next collection)
+        assert all(w() is None for w in weights)
     finally:
         gc.enable()
 
@@ -150,21 +154,24 @@ def test_shutdown_frees_the_engine_while_the_llm_is_still_held(device):
     nothing."""
     args = dict(device=device, max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
     greedy = SamplingParams(temperature=0, max_tokens=4)
-    if device == "cuda":  # a first engine makes what a process keeps (cuBLAS workspaces, kernel caches)
+    prompts = [[5, 6, 7], list(range(3, 40))]
+    if device == "cuda":  # a first engine on the same work makes what a process keeps (cuBLAS workspaces)
         with LLM("qwen3-tiny", **args) as first:
-            first.generate([[5, 6, 7]], greedy, use_tqdm=False)
+            first.generate(prompts, greedy, use_tqdm=False)
         del first
         gc.collect()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
     llm = LLM("qwen3-tiny", **args)
-    llm.generate([[5, 6, 7], list(range(3, 40))], greedy, use_tqdm=False)
+    llm.generate(prompts, greedy, use_tqdm=False)
     gc.disable()
     try:
         runner = weakref.ref(llm.engine.runner)
+        weights = [weakref.ref(p) for p in llm.engine.runner.model.parameters()]
         llm.shutdown()
         assert runner() is None
-        if device == "cuda":
+        assert all(w() is None for w in weights)
+        if device == "cuda":  # (2 x H200, while the loaders kept the weights: 0.4 MB more, the tiny model's)
             assert torch.cuda.memory_allocated() == before
     finally:
         gc.enable()
