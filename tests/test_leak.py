@@ -15,6 +15,11 @@ import torch
 from nanovllm import LLM, SamplingParams
 
 NUM_ROUNDS = 5
+# A small cache (512 tokens for up to 8 requests of up to ~230 tokens): rounds of mixed requests preempt.
+TINY_ENGINE = dict(max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
+TWO_PROMPTS = [[5, 6, 7], list(range(3, 40))]
+NEEDS_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, NEEDS_CUDA])]
 
 
 def _round(llm: LLM, rng: random.Random, shared: list[int]) -> None:
@@ -69,8 +74,7 @@ def _run_rounds(device: str) -> list[int]:
     # it shows as memory dropping between rounds (2 x H200, after the kernel tests: 2.7 GB, then 0.3). Free it
     # first, so that only this engine's memory is measured.
     gc.collect()
-    # A small cache (512 tokens for up to 8 requests of up to ~230 tokens) forces preemptions.
-    llm = LLM("qwen3-tiny", device=device, max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
+    llm = LLM("qwen3-tiny", device=device, **TINY_ENGINE)
     rng = random.Random(0)
     shared = [rng.randrange(3, 2048) for _ in range(48)]
     allocated = []
@@ -97,7 +101,7 @@ def test_no_leak_across_rounds():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@NEEDS_CUDA
 def test_no_gpu_memory_leak_across_rounds():
     allocated = _run_rounds("cuda")
     # The first rounds may allocate lazily (workspaces, kernel caches); after them, nothing may grow:
@@ -105,22 +109,13 @@ def test_no_gpu_memory_leak_across_rounds():
     assert allocated[2:] == [allocated[1]] * (NUM_ROUNDS - 2), allocated
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_runner_is_freed_without_the_garbage_collector(device):
     """Dropping the engine frees its model runner and weights at once (no reference cycle). On a GPU this
     covers the CUDA graphs, where a cycle (the graphs holding a method of the runner) once kept them, and with
     them their memory pool, alive until the next collection; on the CPU (no graphs) the rest of the runner."""
-    llm = LLM("qwen3-tiny", device=device, max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
-    llm.generate([[5, 6, 7], list(range(3, 40))], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    llm = LLM("qwen3-tiny", device=device, **TINY_ENGINE)
+    llm.generate(TWO_PROMPTS, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
     if device == "cuda":
         assert llm.engine.runner.cuda_graphs is not None
     gc.collect()
@@ -137,33 +132,22 @@ def test_runner_is_freed_without_the_garbage_collector(device):
         gc.enable()
 
 
-@pytest.mark.parametrize(
-    "device",
-    [
-        "cpu",
-        pytest.param(
-            "cuda",
-            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")],
-        ),
-    ],
-)
+@pytest.mark.parametrize("device", DEVICES)
 def test_shutdown_frees_the_engine_while_the_llm_is_still_held(device):
     """`shutdown()` releases the model, KV cache and graphs though the `LLM` is still referenced (as a
     notebook's kept traceback would hold it): on a GPU the allocated memory is back where it was before the
     engine, so the next one can have it. Using the engine after is a clear error; a second shutdown does
     nothing."""
-    args = dict(device=device, max_model_len=256, num_kvcache_blocks=32, max_num_seqs=8)
     greedy = SamplingParams(temperature=0, max_tokens=4)
-    prompts = [[5, 6, 7], list(range(3, 40))]
     if device == "cuda":  # a first engine on the same work makes what a process keeps (cuBLAS workspaces)
-        with LLM("qwen3-tiny", **args) as first:
-            first.generate(prompts, greedy, use_tqdm=False)
+        with LLM("qwen3-tiny", device=device, **TINY_ENGINE) as first:
+            first.generate(TWO_PROMPTS, greedy, use_tqdm=False)
         del first
         gc.collect()
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
-    llm = LLM("qwen3-tiny", **args)
-    llm.generate(prompts, greedy, use_tqdm=False)
+    llm = LLM("qwen3-tiny", device=device, **TINY_ENGINE)
+    llm.generate(TWO_PROMPTS, greedy, use_tqdm=False)
     gc.disable()
     try:
         runner = weakref.ref(llm.engine.runner)
