@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from tqdm.auto import tqdm
 
 from nanovllm.config import Config
@@ -16,6 +18,7 @@ class LLM:
     llm = LLM("qwen3-0.6b")                       # a checkpoint directory or a preset name
     outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text)
+    outs = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(n=2))  # two replies, one output
     """
 
     def __init__(self, model: str, **engine_args):
@@ -32,29 +35,79 @@ class LLM:
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        """One RequestOutput per prompt, in order; with `n` > 1 its `outputs` hold the n samples."""
         prompts = _as_prompt_list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        elif len(sampling_params) != len(prompts):
-            raise ValueError(f"got {len(sampling_params)} sampling params for {len(prompts)} prompts")
+        params = _params_per_prompt(sampling_params, len(prompts))
         # Validate everything before queuing anything: a bad prompt leaves the engine untouched.
         encoded = []
-        for i, (prompt, params) in enumerate(zip(prompts, sampling_params)):
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
             try:
-                encoded.append(self.engine.encode_prompt(prompt, params))
+                encoded.append(self.engine.encode_prompt(prompt, p))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+        return self._run(prompts, encoded, params, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation ([{"role": ..., "content": ...}, ...]) or a list of them,
+        each rendered with the tokenizer's chat template (or `chat_template`) as vLLM's `LLM.chat` does.
+        chat_template_kwargs go to the template (e.g. {"enable_thinking": False} for Qwen3). Each output's
+        `prompt` is the rendered text."""
+        conversations = _as_conversation_list(messages)
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            raise ValueError("this model has no tokenizer: render the prompt yourself and call generate()")
+        if chat_template is None and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template: pass chat_template=... or call generate()")
+        params = _params_per_prompt(sampling_params, len(conversations))
+        texts, encoded = [], []
+        for i, (conversation, p) in enumerate(zip(conversations, params)):
+            try:
+                text = tokenizer.apply_chat_template(
+                    conversation,
+                    chat_template=chat_template,
+                    add_generation_prompt=add_generation_prompt,
+                    continue_final_message=continue_final_message,
+                    tokenize=False,
+                    **(chat_template_kwargs or {}),
+                )
+            except Exception as e:  # jinja and transformers raise many kinds for what a template rejects
+                raise ValueError(f"conversation {i}: the chat template failed: {e}") from None
+            # The rendered text already holds whatever special tokens the model wants.
+            token_ids = tokenizer.encode(text, add_special_tokens=False)
+            try:
+                encoded.append(self.engine.encode_prompt(token_ids, p))
+            except ValueError as e:
+                raise ValueError(f"conversation {i}: {e}") from None
+            texts.append(text)
+        return self._run(texts, encoded, params, use_tqdm)
+
+    def _run(
+        self,
+        prompts: list[Prompt],
+        encoded: list[list[int]],
+        params: list[SamplingParams],
+        use_tqdm: bool,
+    ) -> list[RequestOutput]:
+        """Queue every sample of every (validated) prompt, step until all are done, and return one
+        RequestOutput per prompt."""
         ids = [
-            self.engine.add_request(p, sp, prompt_token_ids=tok)
-            for p, sp, tok in zip(prompts, sampling_params, encoded)
-        ]
+            [self.engine.add_request(prompt, p.choice(j), prompt_token_ids=tok) for j in range(p.n)]
+            for prompt, tok, p in zip(prompts, encoded, params)
+        ]  # [num_prompts][n of that prompt]
+        wanted = {rid for sample_ids in ids for rid in sample_ids}
         results: dict[str, RequestOutput] = {}
-        wanted = set(ids)
-        bar = tqdm(total=len(ids), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        bar = tqdm(total=len(wanted), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         try:
-            while len(results) < len(ids):
+            while len(results) < len(wanted):
                 for out in self.engine.step():
                     # Requests added straight to the engine may finish here too: not ours to return.
                     if out.finished and out.request_id in wanted:
@@ -63,10 +116,9 @@ class LLM:
                 bar.set_postfix_str(f"{self.engine.num_generated_tokens} tokens", refresh=False)
         finally:
             bar.close()
-            for rid in ids:
-                if rid not in results:
-                    self.engine.abort(rid)  # after an error: leave no request behind
-        return [results[rid] for rid in ids]
+            for rid in wanted - results.keys():
+                self.engine.abort(rid)  # after an error: leave no request behind
+        return [_merge_samples([results[rid] for rid in sample_ids]) for sample_ids in ids]
 
     def shutdown(self) -> None:
         self.engine.shutdown()
@@ -76,6 +128,44 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _params_per_prompt(
+    sampling_params: SamplingParams | list[SamplingParams] | None, num_prompts: int
+) -> list[SamplingParams]:
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * num_prompts
+    if len(sampling_params) != num_prompts:
+        raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
+    return list(sampling_params)
+
+
+def _merge_samples(outs: list[RequestOutput]) -> RequestOutput:
+    """The n samples of one prompt (each run as a request of its own) as one RequestOutput: the first
+    sample's id and prompt-cache count, every sample's completion with its index."""
+    if len(outs) == 1:
+        return outs[0]
+    first = outs[0]
+    completions = [dataclasses.replace(out.outputs[0], index=i) for i, out in enumerate(outs)]
+    return dataclasses.replace(first, outputs=completions)
+
+
+def _as_conversation_list(messages: list[dict] | list[list[dict]]) -> list[list[dict]]:
+    """One conversation (a list of message dicts) or a list of them -> a list of conversations."""
+    if isinstance(messages, list | tuple) and messages and all(isinstance(m, dict) for m in messages):
+        return [list(messages)]
+    if (
+        isinstance(messages, list | tuple)
+        and messages
+        and all(isinstance(c, list | tuple) and c and all(isinstance(m, dict) for m in c) for c in messages)
+    ):
+        return [list(c) for c in messages]
+    raise ValueError(
+        "messages must be a conversation (a non-empty list of {'role': ..., 'content': ...} dicts) "
+        "or a non-empty list of them"
+    )
 
 
 def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:

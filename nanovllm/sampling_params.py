@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 # Temperatures below this are treated as greedy (argmax), as in vLLM.
@@ -24,6 +25,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top-N alternatives per generated token (0: only the sampled token)
+    n: int = 1  # samples per prompt: LLM.generate returns them as one RequestOutput's outputs
 
     def __post_init__(self) -> None:
         def bad(field: str, valid: str) -> ValueError:
@@ -53,6 +55,8 @@ class SamplingParams:
             raise bad("repetition_penalty", "a number > 0")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "None or an int in [0, 20]")
+        if not _is_int(self.n) or self.n < 1:
+            raise bad("n", "an int >= 1")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
@@ -65,6 +69,13 @@ class SamplingParams:
                 raise bad("stop_token_ids", "a list of non-negative ints or None")
             self.stop_token_ids = list(self.stop_token_ids)
 
+    def choice(self, index: int) -> SamplingParams:
+        """The params of sample `index` of an n-sample request, run as a request of its own (n=1). With a
+        seed, each sample draws from its own seed, derived from this one (sample 0 keeps it), so that the
+        samples differ and each is reproducible."""
+        seed = self.seed if self.seed is None or index == 0 else derive_seed(self.seed, index)
+        return dataclasses.replace(self, n=1, seed=seed)
+
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_EPS
@@ -76,6 +87,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+
+def derive_seed(seed: int, index: int) -> int:
+    """Distinct, deterministic per-sample seeds (sample 0 keeps the request's seed)."""
+    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
 
 
 def _is_int(x: object) -> bool:

@@ -153,6 +153,9 @@ def test_failed_constructions_leave_a_working_engine_alone(llm, reference):
         ("stop", dict(stop=[1])),
         ("stop_token_ids", dict(stop_token_ids=[-1])),
         ("stop_token_ids", dict(stop_token_ids=["a"])),
+        ("n", dict(n=0)),
+        ("n", dict(n=2.0)),
+        ("n", dict(n=True)),
     ],
 )
 def test_out_of_range_sampling_params(field, kwargs):
@@ -228,6 +231,12 @@ def test_mismatched_number_of_sampling_params(llm, reference):
     assert_healthy(llm, reference)
 
 
+def test_engine_requests_run_one_sample(llm, reference):
+    with raises(ValueError, "n=2", "params.choice(i)"):
+        llm.engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, n=2))
+    assert_healthy(llm, reference)
+
+
 def test_duplicate_request_id(llm, reference):
     engine = llm.engine
     engine.add_request([5, 6, 7], GREEDY, request_id="dup")
@@ -245,9 +254,47 @@ def test_text_prompt_without_a_tokenizer(tmp_path):
     before = _tokens(llm.generate([ids], GREEDY, use_tqdm=False))
     with raises(ValueError, "prompt 0", "no tokenizer", "token ids"):
         llm.generate("Hello", GREEDY, use_tqdm=False)
+    with raises(ValueError, "no tokenizer", "generate()"):
+        llm.chat([{"role": "user", "content": "Hello"}], GREEDY, use_tqdm=False)
     assert not llm.engine.has_unfinished()
     assert _tokens(llm.generate([ids], GREEDY, use_tqdm=False)) == before
     assert len(before[0]) == GREEDY.max_tokens
+
+
+# ---- conversations (LLM.chat) -------------------------------------------------------------------
+
+USER_HI = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize(
+    "messages, kwargs, fragments",
+    [
+        ("hi", {}, ["messages must be a conversation"]),
+        ([], {}, ["messages must be a conversation"]),
+        ([[]], {}, ["messages must be a conversation"]),
+        ([USER_HI, "hi"], {}, ["messages must be a conversation"]),
+        (
+            USER_HI,
+            dict(chat_template="{{ raise_exception('no system turn') }}"),
+            ["conversation 0", "no system"],
+        ),
+        ([USER_HI, [{"role": "user", "content": "word " * 80}]], {}, ["conversation 1", "max_model_len"]),
+    ],
+)
+def test_bad_conversations(llm, reference, messages, kwargs, fragments):
+    with raises(ValueError, *fragments):
+        llm.chat(messages, GREEDY, use_tqdm=False, **kwargs)
+    assert_healthy(llm, reference)
+
+
+def test_chat_without_a_chat_template(llm, reference, monkeypatch):
+    monkeypatch.setattr(llm.tokenizer, "chat_template", None)
+    with raises(ValueError, "no chat template", "chat_template="):
+        llm.chat(USER_HI, GREEDY, use_tqdm=False)
+    # a template of the caller's own works without one
+    out = llm.chat(USER_HI, GREEDY, use_tqdm=False, chat_template="{{ messages[0]['content'] }}:")
+    assert out[0].prompt == "hi:"
+    assert_healthy(llm, reference)
 
 
 # ---- a step that fails ---------------------------------------------------------------------------

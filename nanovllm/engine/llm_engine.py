@@ -130,6 +130,11 @@ class LLMEngine:
         """Queue a request. `incremental=True` detokenizes as tokens arrive (for streaming);
         otherwise text is decoded once, unless stop strings need it earlier."""
         self._check_open()
+        if isinstance(params, SamplingParams) and params.n != 1:
+            raise ValueError(
+                f"a request runs one sample, got n={params.n}: add one request per sample with "
+                "params.choice(i) (LLM.generate does this)"
+            )
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt, params)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:

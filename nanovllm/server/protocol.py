@@ -6,7 +6,6 @@ carries its neutral value (`echo: false`, `logit_bias: {}`, `tools: []` ...), wh
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,14 +107,7 @@ class GenerateRequest:
 
     def choice_params(self, index: int) -> SamplingParams:
         """Params of choice `index` of a prompt: with a seed, each choice gets its own, derived from it."""
-        if self.params.seed is None or index == 0:
-            return self.params
-        return dataclasses.replace(self.params, seed=derive_seed(self.params.seed, index))
-
-
-def derive_seed(seed: int, index: int) -> int:
-    """Distinct, deterministic per-choice seeds (choice 0 keeps the request's seed)."""
-    return (seed + index * 0x9E3779B97F4A7C15) % (1 << 63)
+        return self.params.choice(index)
 
 
 def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:

@@ -10,11 +10,11 @@ import httpx
 import pytest
 
 from nanovllm.config import PRESET_DIR, Config
+from nanovllm.sampling_params import derive_seed
 from nanovllm.server.api_server import build_app
 from nanovllm.server.metrics import Metrics
 from nanovllm.server.protocol import (
     RequestError,
-    derive_seed,
     parse_chat_request,
     parse_completion_request,
 )

@@ -1,0 +1,122 @@
+"""The offline API's vLLM shapes beyond one sample of one prompt: `SamplingParams(n=...)` and `LLM.chat`."""
+
+from __future__ import annotations
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.sampling_params import derive_seed
+from tests.checkpoints import build_checkpoint
+
+MAX_TOKENS = 8
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]  # > one 16-token block
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is two and two?"},
+]
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    ckpt = build_checkpoint(tmp_path_factory.mktemp("qwen3-api"), "qwen3", max_position_embeddings=256)
+    return LLM(str(ckpt), max_model_len=128)
+
+
+def _sampled(seed: int | None, n: int = 1) -> SamplingParams:
+    return SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, seed=seed, n=n)
+
+
+def _tokens(out) -> list[list[int]]:
+    return [c.token_ids for c in out.outputs]
+
+
+# ---- n samples per prompt -----------------------------------------------------------------------
+
+
+def test_greedy_samples_are_all_the_single_greedy_answer(llm):
+    single = llm.generate([PROMPT], GREEDY, use_tqdm=False)[0]
+    (out,) = llm.generate(
+        [PROMPT], SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, n=3)
+    )
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    assert _tokens(out) == _tokens(single) * 3  # the samples share the prompt's KV blocks and still agree
+    assert out.prompt_token_ids == PROMPT and out.finished
+    assert all(c.finish_reason == "length" for c in out.outputs)
+
+
+def test_seeded_samples_are_the_per_sample_seeds_requests(llm):
+    (out,) = llm.generate([PROMPT], _sampled(seed=7, n=3), use_tqdm=False)
+    alone = [llm.generate([PROMPT], _sampled(seed), use_tqdm=False)[0] for seed in (7, derive_seed(7, 1))]
+    assert _tokens(out)[:2] == [_tokens(a)[0] for a in alone]  # sample 0 keeps the seed
+    assert len({tuple(t) for t in _tokens(out)}) == 3  # distinct seeds: distinct samples
+    assert _tokens(llm.generate([PROMPT], _sampled(seed=7, n=3), use_tqdm=False)[0]) == _tokens(out)
+
+
+def test_samples_share_the_prompts_blocks(llm):
+    prompt = list(range(600, 640))  # 40 tokens not seen before: two full 16-token blocks and a partial one
+    bm = llm.engine.scheduler.block_manager
+    before = bm.num_hit_tokens
+    (out,) = llm.generate([prompt], _sampled(seed=5, n=3), use_tqdm=False)
+    assert out.num_cached_tokens == 0  # sample 0 computed the prompt ...
+    assert bm.num_hit_tokens - before == 2 * 32  # ... and samples 1 and 2 reused its two full blocks
+
+
+def test_unseeded_samples_differ(llm):
+    (out,) = llm.generate([PROMPT], _sampled(seed=None, n=4), use_tqdm=False)
+    assert len(out.outputs) == 4 and len({tuple(t) for t in _tokens(out)}) > 1
+
+
+def test_each_prompt_gets_its_own_n_in_order(llm):
+    other = [30, 31, 32]
+    outs = llm.generate([PROMPT, other, PROMPT], [_sampled(1, n=2), GREEDY, _sampled(2, n=3)], use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [2, 1, 3]
+    assert [o.prompt_token_ids for o in outs] == [PROMPT, other, PROMPT]
+    assert _tokens(outs[1]) == _tokens(llm.generate([other], GREEDY, use_tqdm=False)[0])
+    assert len({o.request_id for o in outs}) == 3
+    engine = llm.engine
+    assert not engine.has_unfinished() and engine.requests == {}
+
+
+# ---- conversations ------------------------------------------------------------------------------
+
+
+def test_chat_is_generate_on_the_rendered_conversation(llm):
+    tok = llm.tokenizer
+    text = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
+    ids = tok.encode(text, add_special_tokens=False)
+    (out,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False)
+    assert out.prompt == text and text.endswith("<|im_start|>assistant\n")
+    assert out.prompt_token_ids == ids
+    assert _tokens(out) == _tokens(llm.generate([ids], GREEDY, use_tqdm=False)[0])
+
+
+def test_chat_takes_a_list_of_conversations_and_n(llm):
+    second = [{"role": "user", "content": "And three and three?"}]
+    outs = llm.chat([CONVERSATION, second], [GREEDY, _sampled(3, n=2)], use_tqdm=False)
+    assert [len(o.outputs) for o in outs] == [1, 2]
+    assert _tokens(outs[0]) == _tokens(llm.chat(CONVERSATION, GREEDY, use_tqdm=False)[0])
+    assert "And three and three?" in outs[1].prompt
+
+
+def test_chat_template_options_reach_the_template(llm):
+    template = (
+        "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{{ mood }}{% endif %}"
+    )
+    (out,) = llm.chat(
+        CONVERSATION, GREEDY, use_tqdm=False, chat_template=template, chat_template_kwargs={"mood": " calm"}
+    )
+    assert out.prompt == "[system] Be brief.\n[user] What is two and two?\n[assistant] calm"
+    (bare,) = llm.chat(
+        CONVERSATION, GREEDY, use_tqdm=False, chat_template=template, add_generation_prompt=False
+    )
+    assert bare.prompt == "[system] Be brief.\n[user] What is two and two?\n"
+
+
+def test_chat_continues_a_final_assistant_message(llm):
+    started = [*CONVERSATION, {"role": "assistant", "content": "The answer is"}]
+    (out,) = llm.chat(
+        started, GREEDY, use_tqdm=False, add_generation_prompt=False, continue_final_message=True
+    )
+    assert out.prompt.endswith("<|im_start|>assistant\nThe answer is")
