@@ -51,7 +51,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
 def _generate(args: argparse.Namespace) -> int:
     from nanovllm import LLM, SamplingParams
 
-    llm = LLM(args.model, **engine_kwargs(args))
     prompts = args.prompt or ["Hello, my name is", "The capital of France is", "def fibonacci(n):"]
     params = SamplingParams(
         temperature=args.temperature,
@@ -60,21 +59,28 @@ def _generate(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         seed=args.sampling_seed,
         ignore_eos=args.ignore_eos,
-    )
-    if llm.config.is_preset:
-        print(
-            f"note: {args.model!r} is a preset with RANDOM weights: the text is meaningless", file=sys.stderr
-        )
-    start = time.perf_counter()
-    outputs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
-    num_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        n=args.n,
+    )  # (before the model loads: a bad value fails at once)
+    with LLM(args.model, **engine_kwargs(args)) as llm:  # shut down on the way out, errors included
+        if llm.config.is_preset:
+            print(
+                f"note: {args.model!r} is a preset with RANDOM weights: the text is meaningless",
+                file=sys.stderr,
+            )
+        start = time.perf_counter()
+        if args.chat:  # each prompt is one user turn, through the model's chat template
+            outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)
+        else:
+            outputs = llm.generate(prompts, params)
+        elapsed = time.perf_counter() - start
+    num_tokens = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     for out in outputs:
-        c = out.outputs[0]
-        print(f"--- prompt: {out.prompt!r}\n    output: {c.text!r}\n    token ids: {c.token_ids}")
-        print(f"    ({len(c.token_ids)} tokens, finish: {c.finish_reason})")
+        print(f"--- prompt: {out.prompt!r}")
+        for c in out.outputs:
+            sample = f" [sample {c.index}]" if len(out.outputs) > 1 else ""
+            print(f"    output{sample}: {c.text!r}\n    token ids: {c.token_ids}")
+            print(f"    ({len(c.token_ids)} tokens, finish: {c.finish_reason})")
     print(f"{num_tokens} tokens in {elapsed:.2f} s ({num_tokens / elapsed:.1f} tok/s)")
-    llm.shutdown()
     return 0
 
 
@@ -93,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=-1)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--n", type=int, default=1, help="samples per prompt")
+    gen.add_argument("--chat", action="store_true", help="send each prompt as a user turn of a conversation")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
 

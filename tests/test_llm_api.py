@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.cli import main
 from nanovllm.sampling_params import derive_seed
 from tests.checkpoints import build_checkpoint
 
@@ -18,8 +19,12 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    ckpt = build_checkpoint(tmp_path_factory.mktemp("qwen3-api"), "qwen3", max_position_embeddings=256)
+def ckpt(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("qwen3-api"), "qwen3", max_position_embeddings=256)
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt):
     return LLM(str(ckpt), max_model_len=128)
 
 
@@ -120,3 +125,13 @@ def test_chat_continues_a_final_assistant_message(llm):
         started, GREEDY, use_tqdm=False, add_generation_prompt=False, continue_final_message=True
     )
     assert out.prompt.endswith("<|im_start|>assistant\nThe answer is")
+
+
+def test_cli_generate_with_samples_and_chat(ckpt, capsys):
+    argv = ["generate", "--model", str(ckpt), "--max-model-len", "128", "--prompt", "hi", "--max-tokens", "3"]
+    assert main([*argv, "--ignore-eos", "--temperature", "1", "--n", "2", "--chat"]) == 0
+    printed = capsys.readouterr().out
+    assert "--- prompt: '<|im_start|>user\\nhi<|im_end|>\\n<|im_start|>assistant\\n'" in printed
+    assert "[sample 0]" in printed and "[sample 1]" in printed and "6 tokens in" in printed
+    assert main([*argv, "--n", "0"]) == 2
+    assert "n must be an int >= 1" in capsys.readouterr().err
