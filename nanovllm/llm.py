@@ -31,7 +31,7 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | list[Prompt],
+        prompts: Prompt | dict | list[Prompt | dict],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
@@ -168,13 +168,27 @@ def _as_conversation_list(messages: list[dict] | list[list[dict]]) -> list[list[
     )
 
 
-def _as_prompt_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
+def _as_prompt_list(prompts: Prompt | dict | list[Prompt | dict]) -> list[Prompt]:
+    """One prompt or a list of them; a prompt is a string, a list of token ids, or vLLM's dict forms
+    {"prompt": text} and {"prompt_token_ids": ids}."""
+    if isinstance(prompts, str | dict):
+        return [_unwrap_prompt(prompts)]
     if isinstance(prompts, list | tuple):
         if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
             return [list(prompts)]  # one prompt of token ids
-        return list(prompts)
+        return [_unwrap_prompt(p) for p in prompts]
     raise ValueError(
         f"prompts must be a string, a list of token ids, or a list of either; got {type(prompts).__name__}"
+    )
+
+
+def _unwrap_prompt(prompt: Prompt | dict) -> Prompt:
+    if not isinstance(prompt, dict):
+        return prompt  # (encode_prompt checks it)
+    if set(prompt) == {"prompt"}:
+        return prompt["prompt"]
+    if set(prompt) == {"prompt_token_ids"}:
+        return prompt["prompt_token_ids"]
+    raise ValueError(
+        f"a dict prompt must be {{'prompt': text}} or {{'prompt_token_ids': ids}}, got keys {sorted(prompt)}"
     )

@@ -83,6 +83,18 @@ def test_each_prompt_gets_its_own_n_in_order(llm):
     assert not engine.has_unfinished() and engine.requests == {}
 
 
+def test_vllm_dict_prompts(llm):
+    text = "Hello there"
+    by_text, by_ids = llm.generate([{"prompt": text}, {"prompt_token_ids": PROMPT}], GREEDY, use_tqdm=False)
+    assert by_text.prompt == text and _tokens(by_text) == _tokens(
+        llm.generate(text, GREEDY, use_tqdm=False)[0]
+    )
+    assert by_ids.prompt is None and by_ids.prompt_token_ids == PROMPT
+    assert _tokens(llm.generate({"prompt_token_ids": PROMPT}, GREEDY, use_tqdm=False)[0]) == _tokens(by_ids)
+    with pytest.raises(ValueError, match="'prompt_token_ids'"):
+        llm.generate([{"prompt": text, "extra": 1}], GREEDY, use_tqdm=False)
+
+
 # ---- conversations ------------------------------------------------------------------------------
 
 
