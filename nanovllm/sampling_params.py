@@ -26,6 +26,8 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top-N alternatives per generated token (0: only the sampled token)
     n: int = 1  # samples per prompt: LLM.generate returns them as one RequestOutput's outputs
+    skip_special_tokens: bool = True  # leave special tokens' text out of the output text
+    include_stop_str_in_output: bool = False  # keep the stop string that ended the text at its end
 
     def __post_init__(self) -> None:
         def bad(field: str, valid: str) -> ValueError:
@@ -57,6 +59,9 @@ class SamplingParams:
             raise bad("logprobs", "None or an int in [0, 20]")
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", "an int >= 1")
+        for flag in ("skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, flag), bool):
+                raise bad(flag, "a bool")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:

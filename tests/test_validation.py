@@ -156,6 +156,8 @@ def test_failed_constructions_leave_a_working_engine_alone(llm, reference):
         ("n", dict(n=0)),
         ("n", dict(n=2.0)),
         ("n", dict(n=True)),
+        ("skip_special_tokens", dict(skip_special_tokens=1)),
+        ("include_stop_str_in_output", dict(include_stop_str_in_output="no")),
     ],
 )
 def test_out_of_range_sampling_params(field, kwargs):

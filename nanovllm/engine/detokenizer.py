@@ -3,7 +3,7 @@
 Decoding one token at a time can split a multi-byte character or a word piece, so each step decodes
 a small window of trailing tokens and emits only the text that became final. Stop strings are
 searched in the new text (plus enough of the old to catch a stop string that straddles steps); the
-text is cut before the stop string, which is not returned.
+text is cut before the stop string (after it, with include_stop), and nothing later is read.
 """
 
 from __future__ import annotations
@@ -13,8 +13,17 @@ _CONTEXT_TOKENS = 6
 
 
 class IncrementalDetokenizer:
-    def __init__(self, tokenizer, prompt_token_ids: list[int], stop: list[str] | None):
+    def __init__(
+        self,
+        tokenizer,
+        prompt_token_ids: list[int],
+        stop: list[str] | None,
+        skip_special_tokens: bool = True,
+        include_stop: bool = False,
+    ):
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.include_stop = include_stop
         self.stop = stop or []
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.tokens: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
@@ -28,10 +37,8 @@ class IncrementalDetokenizer:
         self.tokens.append(token_id)
         if self.tokenizer is None:
             return None
-        prefix = self.tokenizer.decode(
-            self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True
-        )
-        full = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset :])
         if full.endswith("\ufffd"):
             return None  # an incomplete UTF-8 sequence: wait for more tokens
         if full == prefix:
@@ -49,9 +56,12 @@ class IncrementalDetokenizer:
         for stop in self.stop:
             idx = self.text.find(stop, max(0, old_len - len(stop) + 1))
             if idx != -1:
-                self.text = self.text[:idx]
+                self.text = self.text[: idx + len(stop) if self.include_stop else idx]
                 return stop
         return None
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
 
     def _advance(self) -> None:
         """The tokens read so far are final: the next decode window starts at the last read ones."""
@@ -72,9 +82,7 @@ class IncrementalDetokenizer:
         """At the end of a request, emit whatever is still held back."""
         if self.tokenizer is None or self.read_offset == len(self.tokens):
             return
-        prefix = self.tokenizer.decode(
-            self.tokens[self.prefix_offset : self.read_offset], skip_special_tokens=True
-        )
-        full = self.tokenizer.decode(self.tokens[self.prefix_offset :], skip_special_tokens=True)
+        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self._decode(self.tokens[self.prefix_offset :])
         self.text += full[len(prefix) :]
         self.read_offset = len(self.tokens)

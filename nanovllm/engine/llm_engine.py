@@ -142,7 +142,13 @@ class LLMEngine:
         seq = Sequence(token_ids, params, request_id)
         detok = None
         if incremental or params.stop:
-            detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.stop)
+            detok = IncrementalDetokenizer(
+                self.tokenizer,
+                token_ids,
+                params.stop,
+                params.skip_special_tokens,
+                params.include_stop_str_in_output,
+            )
         self.requests[request_id] = _Request(
             seq,
             prompt if isinstance(prompt, str) else None,
@@ -248,7 +254,7 @@ class LLMEngine:
             self.num_generated_tokens += 1
             if req.first_token_time is None:
                 req.first_token_time = now
-            if req.detokenizer is not None:
+            if req.detokenizer is not None and not _hides_last_token(seq):
                 num_known = seq.num_known_tokens
                 token = seq.token_ids[num_known - 1]
                 stop = req.detokenizer.add(token, num_known - seq.num_prompt_tokens >= seq.params.min_tokens)
@@ -287,7 +293,8 @@ class LLMEngine:
                 req.detokenizer.flush()  # no stop string cut the text: emit what was held back
             text = req.detokenizer.text if seq.is_finished else req.detokenizer.stable_text
         else:
-            text = self.decode(seq.output_token_ids) if seq.is_finished else ""
+            shown = seq.output_token_ids[:-1] if _hides_last_token(seq) else seq.output_token_ids
+            text = self.decode(shown, seq.params.skip_special_tokens) if seq.is_finished else ""
         reason = seq.finish_reason.value if seq.finish_reason is not None else None
         completion = CompletionOutput(0, text, seq.output_token_ids, reason, seq.stop_reason, req.logprobs)
         return RequestOutput(
@@ -299,10 +306,10 @@ class LLMEngine:
             seq.is_finished,
         )
 
-    def decode(self, token_ids: list[int]) -> str:
-        return (
-            self.tokenizer.decode(token_ids, skip_special_tokens=True) if self.tokenizer is not None else ""
-        )
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     # ---- statistics (server metrics, tests) ---------------------------------------------------
 
@@ -339,3 +346,9 @@ class LLMEngine:
     def _check_open(self) -> None:
         if self.runner is None:
             raise RuntimeError("this engine has been shut down; create a new LLM")
+
+
+def _hides_last_token(seq: Sequence) -> bool:
+    """A request ended by a stop token (EOS or one of stop_token_ids) keeps the token in its token ids
+    but not its text, unless include_stop_str_in_output (vLLM's rule)."""
+    return seq.finish_reason is FinishReason.STOP and not seq.params.include_stop_str_in_output

@@ -14,7 +14,16 @@ from nanovllm.sampling_params import SamplingParams
 MAX_N = 128  # choices per request (n x prompts): a guard against one request flooding the engine
 
 # vLLM's extra body fields, passed straight to SamplingParams.
-VLLM_EXTRA_FIELDS = ("top_k", "min_p", "repetition_penalty", "ignore_eos", "min_tokens", "stop_token_ids")
+VLLM_EXTRA_FIELDS = (
+    "top_k",
+    "min_p",
+    "repetition_penalty",
+    "ignore_eos",
+    "min_tokens",
+    "stop_token_ids",
+    "skip_special_tokens",
+    "include_stop_str_in_output",
+)
 # OpenAI fields shared by both endpoints (besides max_tokens, logprobs and the prompt/messages).
 _SHARED_FIELDS = (
     "model",

@@ -48,11 +48,14 @@ def test_completion_defaults_and_fields():
         "ignore_eos": True,
         "min_tokens": 2,
         "stop_token_ids": [7],
+        "skip_special_tokens": False,
+        "include_stop_str_in_output": True,
     }
     p = parse_completion_request(body, MAX_LEN).params
     assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.logprobs) == (5, 0, 0.5, 3, ["x"], 2)
     assert (p.presence_penalty, p.frequency_penalty, p.top_k, p.min_p) == (1, -1, 4, 0.1)
     assert (p.repetition_penalty, p.ignore_eos, p.min_tokens, p.stop_token_ids) == (1.2, True, 2, [7])
+    assert (p.skip_special_tokens, p.include_stop_str_in_output) == (False, True)
 
 
 @pytest.mark.parametrize(

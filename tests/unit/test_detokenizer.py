@@ -104,6 +104,22 @@ def test_stop_string_across_token_boundaries_is_cut(tok, stop, expected_text):
     assert stop in tok.decode(ids[: len(texts)]) and stop not in tok.decode(ids[: len(texts) - 1])
 
 
+@pytest.mark.parametrize("stop, expected_text", [("lo w", "héllo w"), ("ö", "héllo wö"), ("🎉", MULTIBYTE)])
+def test_stop_string_kept_when_asked(tok, stop, expected_text):
+    detok = IncrementalDetokenizer(tok, tok.encode("Say:"), [stop], include_stop=True)
+    _, found = feed(detok, tok.encode(MULTIBYTE))
+    assert found == stop and detok.text == expected_text
+
+
+def test_special_tokens_text_when_not_skipped(tok):
+    ids = [*tok.encode("hi"), tok.eos_token_id, *tok.encode(" there")]
+    for skip, expected in ((True, "hi there"), (False, f"hi{tok.eos_token} there")):
+        detok = IncrementalDetokenizer(tok, [], None, skip_special_tokens=skip)
+        feed(detok, ids)
+        detok.flush()
+        assert detok.text == expected == tok.decode(ids, skip_special_tokens=skip)
+
+
 @pytest.mark.parametrize("stop", ["lo w", "ö", "你好", "🎉", "rld 你", "nowhere at all"])
 def test_stable_text_only_grows_and_ends_as_the_final_text(tok, stop):
     """What a stream shows while running (stable_text) is never taken back by a later stop string."""
@@ -200,3 +216,45 @@ def test_stop_string_before_min_tokens_is_ignored_not_cut(llm):
     out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
     assert out.token_ids == full.token_ids  # min_tokens: the stop string could not end it early
     assert full.text.startswith(out.text) and len(out.text) > start + len(stop)
+
+
+def test_stop_string_kept_in_the_output_when_asked(llm):
+    free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    full = free[0].outputs[0]
+    stop, start = _first_occurrence_substring(full.text)
+    params = SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], include_stop_str_in_output=True
+    )
+    out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert (out.finish_reason, out.stop_reason) == ("stop", stop)
+    assert out.text == full.text[: start + len(stop)]
+
+
+@pytest.mark.parametrize("path", ["one decode at the end", "incremental"])
+def test_stop_token_text_is_left_out_unless_asked(llm, path):
+    """Like EOS, a token of stop_token_ids ends the request and stays in its token ids, but its text is not
+    part of the output text unless include_stop_str_in_output (vLLM's rule)."""
+    tok = llm.tokenizer
+    free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    ids = free[0].outputs[0].token_ids
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i] and tok.decode([ids[i]]).strip())
+    texts = []
+    for include in (False, True):
+        params = SamplingParams(
+            temperature=0,
+            max_tokens=24,
+            ignore_eos=True,
+            stop_token_ids=[ids[k]],
+            include_stop_str_in_output=include,
+        )
+        if path == "incremental":
+            rid = llm.engine.add_request(PROMPT, params, incremental=True)
+            while llm.engine.has_unfinished():
+                for o in llm.engine.step():
+                    if o.request_id == rid:
+                        out = o.outputs[0]
+        else:
+            out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+        assert out.token_ids == ids[: k + 1] and out.stop_reason == ids[k]
+        texts.append(out.text)
+    assert texts == [tok.decode(ids[:k]), tok.decode(ids[: k + 1])]
