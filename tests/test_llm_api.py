@@ -99,7 +99,8 @@ def test_vllm_dict_prompts(llm):
 
 
 def test_chat_is_generate_on_the_rendered_conversation(llm):
-    tok = llm.tokenizer
+    tok = llm.get_tokenizer()
+    assert tok is llm.tokenizer
     text = tok.apply_chat_template(CONVERSATION, add_generation_prompt=True, tokenize=False)
     ids = tok.encode(text, add_special_tokens=False)
     (out,) = llm.chat(CONVERSATION, GREEDY, use_tqdm=False)
