@@ -29,7 +29,7 @@ class LLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
-    def get_tokenizer(self):
+    def get_tokenizer(self):  # -> a transformers tokenizer, or None
         """The Hugging Face tokenizer (None for a checkpoint without one), as vLLM's `LLM.get_tokenizer`."""
         return self.engine.tokenizer
 
@@ -75,14 +75,13 @@ class LLM:
         texts, encoded = [], []
         for i, (conversation, p) in enumerate(zip(conversations, params)):
             try:
-                text = tokenizer.apply_chat_template(
-                    conversation,
+                options = dict(
                     chat_template=chat_template,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message,
-                    tokenize=False,
-                    **(chat_template_kwargs or {}),
                 )
+                options.update(chat_template_kwargs or {})  # (vLLM's order: the kwargs win)
+                text = tokenizer.apply_chat_template(_text_messages(conversation), tokenize=False, **options)
             except Exception as e:  # jinja and transformers raise many kinds for what a template rejects
                 raise ValueError(f"conversation {i}: the chat template failed: {e}") from None
             # The rendered text already holds whatever special tokens the model wants.
@@ -103,15 +102,18 @@ class LLM:
     ) -> list[RequestOutput]:
         """Queue every sample of every (validated) prompt, step until all are done, and return one
         RequestOutput per prompt."""
-        ids = [
-            [self.engine.add_request(prompt, p.choice(j), prompt_token_ids=tok) for j in range(p.n)]
-            for prompt, tok, p in zip(prompts, encoded, params)
-        ]  # [num_prompts][n of that prompt]
-        wanted = {rid for sample_ids in ids for rid in sample_ids}
+        ids: list[list[str]] = []  # [num_prompts][n of that prompt]
+        wanted: set[str] = set()
         results: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(wanted), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+        total = sum(p.n for p in params)
+        bar = tqdm(total=total, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         try:
-            while len(results) < len(wanted):
+            for prompt, tok, p in zip(prompts, encoded, params):
+                ids.append([])
+                for j in range(p.n):  # (recorded one by one: an error part-way aborts what was queued)
+                    ids[-1].append(self.engine.add_request(prompt, p.choice(j), prompt_token_ids=tok))
+                    wanted.add(ids[-1][-1])
+            while len(results) < total:
                 for out in self.engine.step():
                     # Requests added straight to the engine may finish here too: not ours to return.
                     if out.finished and out.request_id in wanted:
@@ -154,6 +156,23 @@ def _merge_samples(outs: list[RequestOutput]) -> RequestOutput:
     first = outs[0]
     completions = [dataclasses.replace(out.outputs[0], index=i) for i, out in enumerate(outs)]
     return dataclasses.replace(first, outputs=completions)
+
+
+def _text_messages(conversation: list[dict]) -> list[dict]:
+    """Messages as chat templates expect them: a role, and content as one string (OpenAI's lists of
+    {"type": "text", "text": ...} parts are joined, as vLLM does)."""
+    out = []
+    for i, m in enumerate(conversation):
+        content = m.get("content")
+        if isinstance(content, list) and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content
+        ):
+            content = "".join(part["text"] for part in content)
+        if not isinstance(m.get("role"), str) or not isinstance(content, str):
+            raise ValueError(f"message {i} needs a 'role' string and text 'content', got {m!r}")
+        out.append({**m, "content": content})
+    return out
 
 
 def _as_conversation_list(messages: list[dict] | list[list[dict]]) -> list[list[dict]]:

@@ -148,3 +148,15 @@ def test_cli_generate_with_samples_and_chat(ckpt, capsys):
     assert "[sample 0]" in printed and "[sample 1]" in printed and "6 tokens in" in printed
     assert main([*argv, "--n", "0"]) == 2
     assert "n must be an int >= 1" in capsys.readouterr().err
+
+
+def test_chat_takes_openai_text_parts_and_lets_kwargs_override(llm):
+    text_parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]
+    parts = [{"role": "user", "content": text_parts}]
+    (out,) = llm.chat(parts, GREEDY, use_tqdm=False)
+    (plain,) = llm.chat([{"role": "user", "content": "What is 2+2?"}], GREEDY, use_tqdm=False)
+    assert out.prompt == plain.prompt and "2+2?" in out.prompt
+    (bare,) = llm.chat(parts, GREEDY, use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False})
+    assert not bare.prompt.endswith("assistant\n")
+    with pytest.raises(ValueError, match="conversation 0.*role"):
+        llm.chat([{"content": "no role"}], GREEDY, use_tqdm=False)

@@ -76,7 +76,9 @@ class IncrementalDetokenizer:
         """The text no later token can change. A stop string completed by a later token cuts the text
         where it starts, up to max_stop_len - 1 characters back, so a running request's streamed text
         holds those back (then streamed text only ever grows, and ends equal to the final text)."""
-        return self.text[: max(0, len(self.text) - (self.max_stop_len - 1))] if self.stop else self.text
+        if not self.stop or self.include_stop:  # (kept stop strings never cut text already shown)
+            return self.text
+        return self.text[: max(0, len(self.text) - (self.max_stop_len - 1))]
 
     def flush(self) -> None:
         """At the end of a request, emit whatever is still held back."""

@@ -123,7 +123,11 @@ def test_special_tokens_text_when_not_skipped(tok):
 @pytest.mark.parametrize("stop", ["lo w", "ö", "你好", "🎉", "rld 你", "nowhere at all"])
 def test_stable_text_only_grows_and_ends_as_the_final_text(tok, stop):
     """What a stream shows while running (stable_text) is never taken back by a later stop string."""
-    detok = IncrementalDetokenizer(tok, tok.encode("Say:"), [stop])
+    _check_stable_text(IncrementalDetokenizer(tok, tok.encode("Say:"), [stop]), tok)
+    _check_stable_text(IncrementalDetokenizer(tok, tok.encode("Say:"), [stop], include_stop=True), tok)
+
+
+def _check_stable_text(detok: IncrementalDetokenizer, tok) -> None:
     shown = ""
     for token in tok.encode(MULTIBYTE):
         found = detok.add(token)
