@@ -150,7 +150,8 @@ def _params_per_prompt(
 
 def _merge_samples(outs: list[RequestOutput]) -> RequestOutput:
     """The n samples of one prompt (each run as a request of its own) as one RequestOutput: the first
-    sample's id and prompt-cache count, every sample's completion with its index."""
+    sample's id, prompt-cache count and prompt_logprobs (only it scores the prompt), every sample's
+    completion with its index."""
     if len(outs) == 1:
         return outs[0]
     first = outs[0]

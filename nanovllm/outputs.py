@@ -7,11 +7,13 @@ from dataclasses import dataclass, field
 
 @dataclass
 class Logprob:
-    """One generated position: the chosen token's logprob and the top alternatives."""
+    """One position: its token's logprob (the sampled token, or the prompt's own token for
+    prompt_logprobs) and the top alternatives."""
 
     token_id: int
     logprob: float
     top_logprobs: dict[int, float] = field(default_factory=dict)  # token id -> logprob, best first
+    rank: int | None = None  # prompt_logprobs: 1 + the number of tokens more likely than token_id
 
 
 @dataclass
@@ -32,3 +34,5 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     num_cached_tokens: int
     finished: bool
+    # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing before it)
+    prompt_logprobs: list[Logprob | None] | None = None

@@ -25,6 +25,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logprobs: int | None = None  # top-N alternatives per generated token (0: only the sampled token)
+    # top-N alternatives per prompt token, after the first (0: only the prompt token's own logprob)
+    prompt_logprobs: int | None = None
     n: int = 1  # samples per prompt: LLM.generate returns them as one RequestOutput's outputs
     skip_special_tokens: bool = True  # leave special tokens' text out of the output text
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text at its end
@@ -57,6 +59,10 @@ class SamplingParams:
             raise bad("repetition_penalty", "a number > 0")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "None or an int in [0, 20]")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= 20
+        ):
+            raise bad("prompt_logprobs", "None or an int in [0, 20]")
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", "an int >= 1")
         for flag in ("skip_special_tokens", "include_stop_str_in_output"):
@@ -77,9 +83,12 @@ class SamplingParams:
     def choice(self, index: int) -> SamplingParams:
         """The params of sample `index` of an n-sample request, run as a request of its own (n=1). With a
         seed, each sample draws from its own seed, derived from this one (sample 0 keeps it), so that the
-        samples differ and each is reproducible."""
-        seed = self.seed if self.seed is None or index == 0 else derive_seed(self.seed, index)
-        return dataclasses.replace(self, n=1, seed=seed)
+        samples differ and each is reproducible. Only sample 0 scores the prompt (prompt_logprobs): the
+        samples share one prompt."""
+        if index == 0:
+            return dataclasses.replace(self, n=1)
+        seed = None if self.seed is None else derive_seed(self.seed, index)
+        return dataclasses.replace(self, n=1, seed=seed, prompt_logprobs=None)
 
     @property
     def is_greedy(self) -> bool:

@@ -69,7 +69,7 @@ def main() -> None:
         t2 = time.perf_counter()
         reqs = runner.sampling_requests(batch)
         t3 = time.perf_counter()
-        out_ = runner.execute(inp, reqs)
+        out_, _ = runner.execute(inp, reqs)
         t4 = time.perf_counter()
         tokens = out_.token_ids.tolist()
         t5 = time.perf_counter()
@@ -88,7 +88,7 @@ def main() -> None:
         reqs = runner.sampling_requests(batch)
         torch.cuda.synchronize()
         start.record()
-        out_ = runner.execute(inp, reqs)
+        out_, _ = runner.execute(inp, reqs)
         end.record()
         tokens = out_.token_ids.tolist()
         gpu += start.elapsed_time(end) / 10

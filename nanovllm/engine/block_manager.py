@@ -78,12 +78,15 @@ class BlockManager:
 
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids that already hold the K/V of seq's leading full blocks. The block holding the
-        last known token is never taken, so that token is always computed and yields logits."""
+        last known token is never taken, so that token is always computed and yields logits; nor is a
+        block with prompt positions still to score (prompt_logprobs)."""
         self._update_hashes(seq, seq.num_tokens)
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
         max_blocks = min((seq.num_tokens - 1) // self.block_size, len(seq.block_hashes))
+        if seq.params.prompt_logprobs is not None:  # positions still to score must be computed
+            max_blocks = min(max_blocks, seq.num_scored_prompt_tokens // self.block_size)
         for i in range(max_blocks):
             block_id = self.hash_to_block.get(seq.block_hashes[i])
             if block_id is None:

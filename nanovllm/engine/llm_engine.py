@@ -24,7 +24,7 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import FinishReason, Sequence
 from nanovllm.engine.step_input import LaunchedStep
-from nanovllm.layers.sampler import SamplerOutput
+from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
 from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.tokenizer import load_tokenizer
@@ -40,6 +40,7 @@ class _Request:
     prompt: str | None
     detokenizer: IncrementalDetokenizer | None  # None: text decoded when asked for
     logprobs: list[Logprob] | None
+    prompt_logprobs: list[Logprob | None] | None  # filled as the prompt's chunks are scored
     arrival_time: float
     stream: bool  # report every new token (else only the finished output)
     first_token_time: float | None = None
@@ -154,6 +155,7 @@ class LLMEngine:
             prompt if isinstance(prompt, str) else None,
             detok,
             [] if params.logprobs is not None else None,
+            [None] if params.prompt_logprobs is not None else None,  # (the first token has none)
             time.perf_counter(),
             stream=incremental,
         )
@@ -245,6 +247,8 @@ class LLMEngine:
                 following, self._inflight = self._inflight, None
                 self._fail(following.batch, following.starts)
             raise
+        if step.launched.prompt_logprobs is not None:
+            self._record_prompt_logprobs(step.batch, step.launched.prompt_logprobs)
         updated = self.scheduler.resolve(step.sampling, tokens)
         if out is not None and out.logprobs is not None:
             self._record_logprobs(step.sampling, tokens, out)
@@ -286,6 +290,19 @@ class LLMEngine:
                 top = dict(zip(top_ids[row][:n], top_vals[row][:n]))
                 req.logprobs.append(Logprob(token, chosen[row], top))
 
+    def _record_prompt_logprobs(self, batch: ScheduledBatch, out: PromptLogprobs) -> None:
+        chosen, top_ids, top_vals = out.logprobs.tolist(), out.top_ids.tolist(), out.top_logprobs.tolist()
+        ranks = out.ranks.tolist()
+        row = 0
+        for seq, positions in zip(batch.seqs, batch.scores):
+            req = self.requests.get(seq.request_id)
+            for p in positions:  # position p's logits score prompt token p + 1
+                if req is not None:
+                    n = seq.params.prompt_logprobs
+                    top = dict(zip(top_ids[row][:n], top_vals[row][:n]))
+                    req.prompt_logprobs.append(Logprob(seq.token_ids[p + 1], chosen[row], top, ranks[row]))
+                row += 1
+
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq
         if req.detokenizer is not None:
@@ -304,6 +321,7 @@ class LLMEngine:
             [completion],
             seq.num_cached_tokens,
             seq.is_finished,
+            req.prompt_logprobs,
         )
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:

@@ -21,7 +21,7 @@ from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
 from nanovllm.kernels.backend import kernel_backend
 from nanovllm.kernels.paged_attention import MAX_GRID_Y, max_work_items, prefill_tile_tokens
 from nanovllm.layers.attention import Attention, AttentionMetadata
-from nanovllm.layers.sampler import Sampler, SamplerOutput
+from nanovllm.layers.sampler import PromptLogprobs, Sampler, SamplerOutput, gather_logprobs
 from nanovllm.layers.sampling_batch import (
     SamplingBatch,
     SamplingRequest,
@@ -167,6 +167,7 @@ class ModelRunner:
         inp.logits_indices = torch.arange(sample_rows, dtype=torch.int64)
         # The costliest sampling path too: penalties, top-k/top-p, logprobs over the full vocabulary.
         worst = SamplingParams(top_p=0.9, top_k=50, presence_penalty=0.5, repetition_penalty=1.1, logprobs=20)
+        # (prompt_logprobs scores its rows sample_rows at a time, within this step's peak)
         self.execute(inp, [SamplingRequest(worst, [0], [0], cfg.eos_token_ids)] * sample_rows)
         torch.cuda.synchronize(dev)
         peak = torch.cuda.max_memory_allocated(dev)
@@ -236,23 +237,24 @@ class ModelRunner:
         inp = self.prepare(batch)
         requests = self.sampling_requests(batch)
         inp.plain_argmax = self.tp_size > 1 and takes_plain_argmax(requests)
-        out = self.execute(inp, requests)
+        out, prompt = self.execute(inp, requests)
         self.inputs.record()  # the copies from this input set are queued
         self.keep_sampled(out.token_ids if out is not None else None, inp.logits_indices.numel())
-        if out is None:
-            return LaunchedStep(None, None, None)
-        num_sampled = out.token_ids.numel()
-        if self.device.type != "cuda":
-            return LaunchedStep(out.token_ids, None, out)
+        if self.device.type != "cuda" or (out is None and prompt is None):
+            return LaunchedStep(out.token_ids if out is not None else None, None, out, prompt)
         self._out_turn ^= 1  # two in turn: the engine waits for a step before the next-but-one launch
-        host = self._out_host[self._out_turn][:num_sampled]
-        host.copy_(out.token_ids, non_blocking=True)
-        extra = (out.logprobs, out.top_logprob_ids, out.top_logprobs)  # None unless asked for
-        # (non_blocking copies to the CPU land in pinned memory)
-        out = SamplerOutput(host, *(x if x is None else x.to("cpu", non_blocking=True) for x in extra))
+        host = None
+        if out is not None:
+            host = self._out_host[self._out_turn][: out.token_ids.numel()]
+            host.copy_(out.token_ids, non_blocking=True)
+            extra = (out.logprobs, out.top_logprob_ids, out.top_logprobs)  # None unless asked for
+            # (non_blocking copies to the CPU land in pinned memory)
+            out = SamplerOutput(host, *(x if x is None else x.to("cpu", non_blocking=True) for x in extra))
+        if prompt is not None:
+            prompt = prompt.to_host()
         event = self._out_events[self._out_turn]
         event.record()
-        return LaunchedStep(host, event, out)
+        return LaunchedStep(host, event, out, prompt)
 
     def keep_sampled(self, token_ids: torch.Tensor | None, num_sampled: int) -> None:
         """Keep a step's sampled ids on the device: the next step's pending input rows read them
@@ -272,7 +274,7 @@ class ModelRunner:
         """A tensor-parallel worker's step: rank 0's inputs, staged in this rank's pinned buffers, the
         same forward, and rank 0's sampled ids kept for the next step."""
         inp = self.inputs.stage(inp)
-        self.execute(inp, [])  # no sampling requests: rank 0 samples
+        self.execute(inp, [])  # no sampling requests: rank 0 samples (and scores)
         self.inputs.record()
         self.keep_sampled(None, inp.logits_indices.numel())
 
@@ -285,11 +287,16 @@ class ModelRunner:
         return sampled, out
 
     @torch.inference_mode()
-    def execute(self, inp: ModelInput, requests: list[SamplingRequest]) -> SamplerOutput | None:
+    def execute(
+        self, inp: ModelInput, requests: list[SamplingRequest]
+    ) -> tuple[SamplerOutput | None, PromptLogprobs | None]:
+        """The step's forward, sampling (rank 0; None when it samples nothing) and prompt_logprobs
+        (rank 0; None when it scores nothing)."""
         dev = self.device
         to = lambda x: x.to(dev, non_blocking=True)  # noqa: E731
         with kernel_backend(self.config.kernel_backend):
-            logits, graphs = None, self.cuda_graphs
+            logits, prompt = None, None
+            graphs = self.cuda_graphs if inp.score_rows is None else None  # scored rows: eager
             decode_size = graphs.decode_size(inp.num_seqs) if graphs is not None and inp.is_decode else None
             if decode_size is not None:
                 hidden, logits = graphs.replay_decode(inp, decode_size, self._fill_pending)
@@ -311,20 +318,37 @@ class ModelRunner:
                         prefill_work=None if inp.work_seq is None else (to(inp.work_seq), to(inp.work_tile)),
                     )
                     hidden = self.model(input_ids, positions, meta)
+            if inp.score_rows is not None:
+                prompt = self._score_prompt(hidden, inp)
             if inp.logits_indices.numel() == 0:  # prefill chunks only: nothing to sample yet
-                return None
+                return None, prompt
             if logits is None and inp.plain_argmax:  # (tensor parallel) a collective, as the gather is
                 token_ids = self.model.lm_head.greedy(hidden[to(inp.logits_indices)])
-                return SamplerOutput(token_ids, None, None, None) if token_ids is not None else None
+                return (SamplerOutput(token_ids, None, None, None) if token_ids is not None else None), prompt
             if logits is None:
                 # Every rank computes its vocabulary shard's logits: the LM head's gather is collective.
                 # Only rank 0 gets the logits back, and only rank 0 has sampling requests.
                 logits = self.model.compute_logits(hidden[to(inp.logits_indices)])
         if logits is None or not requests:  # a tensor-parallel rank other than 0
-            return None
-        return self.sampler(
-            logits, SamplingBatch.build(requests, logits.shape[-1], dev, self.sampling_staging)
-        )
+            return None, prompt
+        batch = SamplingBatch.build(requests, logits.shape[-1], dev, self.sampling_staging)
+        return self.sampler(logits, batch), prompt
+
+    def _score_prompt(self, hidden: torch.Tensor, inp: ModelInput) -> PromptLogprobs | None:
+        """prompt_logprobs: raw logprobs of each scored row's next prompt token, and the top alternatives.
+        The LM head takes max_num_seqs rows at a time, as the memory profile's sampling step did. A
+        collective under tensor parallelism (the logits' gather); None on the other ranks."""
+        to = lambda x: x.to(self.device, non_blocking=True)  # noqa: E731
+        rows, tokens = to(inp.score_rows), to(inp.score_tokens)  # [R], [R]
+        step, parts = self.config.max_num_seqs, []
+        for i in range(0, inp.score_rows.numel(), step):
+            logits = self.model.compute_logits(hidden[rows[i : i + step]])  # [r, vocab] on rank 0
+            if logits is not None:
+                raw = logits.log_softmax(dim=-1, dtype=torch.float32)
+                chosen, top_ids, top_logprobs = gather_logprobs(raw, tokens[i : i + step], inp.num_score_top)
+                ranks = (raw > chosen[:, None]).sum(dim=-1) + 1
+                parts.append((chosen, top_ids, top_logprobs, ranks))
+        return PromptLogprobs(*(torch.cat(p) for p in zip(*parts))) if parts else None
 
     def _fill_pending(self, input_ids: torch.Tensor, inp: ModelInput) -> torch.Tensor:
         """Fill in (on the device) the input tokens the previous step sampled but the host has not

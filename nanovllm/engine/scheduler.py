@@ -28,11 +28,16 @@ class ScheduledBatch:
     # samples[i]: seqs[i] reaches its last token this step, so the step samples its next one. Fixed
     # when the batch is made (the counts move on once it is launched).
     samples: list[bool] = field(init=False)
+    # scores[i]: the positions of seqs[i] whose logits score its prompt's next token (prompt_logprobs),
+    # empty for most; None when no sequence of the batch scores any.
+    scores: list[range] | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.samples = [
             s.num_computed_tokens + n == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens)
         ]
+        scores = [s.prompt_rows_to_score(n) for s, n in zip(self.seqs, self.num_new_tokens)]
+        self.scores = scores if any(scores) else None
 
     @property
     def num_tokens(self) -> int:
@@ -121,8 +126,10 @@ class Scheduler:
         its last token a pending token (PENDING_TOKEN) for the one the step samples. Returns those
         sequences in sampler-row order; `resolve` fills their tokens in when the step is done."""
         sampling = []
-        for seq, n, samples in zip(batch.seqs, batch.num_new_tokens, batch.samples):
+        for i, (seq, n, samples) in enumerate(zip(batch.seqs, batch.num_new_tokens, batch.samples)):
             seq.num_computed_tokens += n
+            if batch.scores is not None and batch.scores[i]:
+                seq.num_scored_prompt_tokens = batch.scores[i].stop
             if samples:
                 seq.pending_row = len(sampling)
                 seq.token_ids.append(PENDING_TOKEN)

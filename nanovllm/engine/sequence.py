@@ -49,6 +49,9 @@ class Sequence:
         # token_ids as PENDING_TOKEN until the engine reads them back (see LLMEngine.step).
         self.num_pending_tokens = 0
         self.pending_row: int | None = None  # row of the newest pending token in its step's sampler output
+        # prompt_logprobs: prompt tokens 1..k have been scored by launched steps (token t by the logits of
+        # position t - 1). Kept through preemption, so a recompute scores nothing twice.
+        self.num_scored_prompt_tokens = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -75,6 +78,14 @@ class Sequence:
     def output_token_ids(self) -> list[int]:
         """Generated tokens known on the host."""
         return self.token_ids[self.num_prompt_tokens : self.num_known_tokens]
+
+    def prompt_rows_to_score(self, num_new_tokens: int) -> range:
+        """The positions, among the next num_new_tokens computed, whose logits score a prompt token not
+        scored yet (prompt_logprobs; empty for requests without)."""
+        if self.params.prompt_logprobs is None:
+            return range(0)
+        start = max(self.num_computed_tokens, self.num_scored_prompt_tokens)
+        return range(start, min(self.num_computed_tokens + num_new_tokens, self.num_prompt_tokens - 1))
 
     @property
     def is_finished(self) -> bool:

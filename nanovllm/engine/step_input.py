@@ -14,7 +14,7 @@ import torch
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.kernels.paged_attention import max_work_items, prefill_work_items
-from nanovllm.layers.sampler import SamplerOutput
+from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
 
 
 @dataclass
@@ -41,6 +41,11 @@ class ModelInput:
     # Every sampling row takes the plain argmax (rank 0 decides, the workers follow): under tensor
     # parallelism the ranks then exchange their best (logit, id) per row, not the logits.
     plain_argmax: bool = False
+    # prompt_logprobs: the LM head also runs on these rows, each scoring the prompt token after it. Such a
+    # step runs eagerly (the graphs return only the sampled rows' logits).
+    score_rows: torch.Tensor | None = None  # [num_scored] int64: rows of the hidden states
+    score_tokens: torch.Tensor | None = None  # [num_scored] int64: the prompt token each row scores
+    num_score_top: int = 0  # alternatives to return per scored row (the batch's largest prompt_logprobs)
 
     @property
     def is_decode(self) -> bool:
@@ -54,11 +59,12 @@ class ModelInput:
 @dataclass
 class LaunchedStep:
     """A step queued on the device. `wait()` returns its sampled ids (in sampler-row order) and the
-    sampler output (logprobs on the host)."""
+    sampler output (logprobs on the host); `prompt_logprobs` is on the host after it too."""
 
     token_ids: torch.Tensor | None  # [num_sampled] int64 on the host (pinned: filled behind the step)
     event: torch.cuda.Event | None  # recorded after the copies back; None: already complete (CPU)
     output: SamplerOutput | None
+    prompt_logprobs: PromptLogprobs | None  # the batch's `scores` rows, in order
 
     def wait(self) -> tuple[list[int], SamplerOutput | None]:
         if self.event is not None:
@@ -106,6 +112,8 @@ class HostInputs:
                 "pending_src": (max_seqs, torch.int64),
                 "work_seq": (max_items, torch.int32),
                 "work_tile": (max_items, torch.int32),
+                "score_rows": (max_tokens, torch.int64),
+                "score_tokens": (max_tokens, torch.int64),
             }
             for _ in range(2):
                 tensors = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in shapes.items()}
@@ -168,6 +176,18 @@ class HostInputs:
             h["pending_rows"][:k] = cu_seqlens[np.asarray(rows, dtype=np.int64) + 1] - 1  # token rows
             h["pending_src"][:k] = src
             pending_rows, pending_src = t["pending_rows"][:k], t["pending_src"][:k]
+        score_rows = score_tokens = None
+        num_score_top = 0
+        if batch.scores is not None:
+            k = 0
+            for i, (seq, rows) in enumerate(zip(seqs, batch.scores)):
+                if rows:
+                    first = cu_seqlens[i] + rows.start - seq.num_computed_tokens  # (the step's first row)
+                    h["score_rows"][k : k + len(rows)] = np.arange(first, first + len(rows))
+                    h["score_tokens"][k : k + len(rows)] = seq.token_ids[rows.start + 1 : rows.stop + 1]
+                    num_score_top = max(num_score_top, seq.params.prompt_logprobs)
+                    k += len(rows)
+            score_rows, score_tokens = t["score_rows"][:k], t["score_tokens"][:k]
         return ModelInput(
             input_ids=t["input_ids"][:num_tokens],
             positions=t["positions"][:num_tokens],
@@ -182,6 +202,9 @@ class HostInputs:
             pending_src=pending_src,
             work_seq=work_seq,
             work_tile=work_tile,
+            score_rows=score_rows,
+            score_tokens=score_tokens,
+            num_score_top=num_score_top,
         )
 
     def stage(self, inp: ModelInput) -> ModelInput:

@@ -46,7 +46,7 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.step_input import LaunchedStep, ModelInput
 from nanovllm.engine.tp_worker import encode_message, worker_device, worker_main
-from nanovllm.layers.sampler import SamplerOutput
+from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
 from nanovllm.layers.sampling_batch import SamplingRequest
 from nanovllm.utils.distributed import (
     RENDEZVOUS_HOST,
@@ -168,7 +168,9 @@ class _Rank0Runner(ModelRunner):
 
     send = None  # set by the executor once every rank is built
 
-    def execute(self, inp: ModelInput, requests: list[SamplingRequest]) -> SamplerOutput | None:
+    def execute(
+        self, inp: ModelInput, requests: list[SamplingRequest]
+    ) -> tuple[SamplerOutput | None, PromptLogprobs | None]:
         if self.send is not None:
             self.send(inp)
         return super().execute(inp, requests)
@@ -282,7 +284,9 @@ class TensorParallelExecutor:
             if not self.workers.step_sent:  # failed before any worker saw the step: nothing is out of step
                 raise
             self._fail_group(e)
-        return _CheckedStep(launched.token_ids, launched.event, launched.output, self)
+        return _CheckedStep(
+            launched.token_ids, launched.event, launched.output, launched.prompt_logprobs, self
+        )
 
     def _fail_group(self, e: BaseException) -> NoReturn:
         """A step the workers were sent failed. The ranks may now wait at different collectives: the

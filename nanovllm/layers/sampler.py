@@ -39,6 +39,31 @@ class SamplerOutput:
     top_logprobs: torch.Tensor | None  # [B, N] fp32
 
 
+@dataclass
+class PromptLogprobs:
+    """SamplingParams.prompt_logprobs for a step's scored rows: each row's logits score the prompt token
+    that follows it."""
+
+    logprobs: torch.Tensor  # [R] fp32: raw logprob of the prompt token
+    top_ids: torch.Tensor  # [R, N] int64, best first
+    top_logprobs: torch.Tensor  # [R, N] fp32
+    ranks: torch.Tensor  # [R] int64: 1 + the number of tokens with a larger logprob than the prompt token
+
+    def to_host(self) -> PromptLogprobs:
+        """Copies on the host, queued behind the step (pinned on CUDA, so the caller waits on an event)."""
+        return PromptLogprobs(*(x.to("cpu", non_blocking=True) for x in vars(self).values()))
+
+
+def gather_logprobs(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """raw_logprobs [B, V] fp32, token_ids [B] -> (logprob of each row's token [B], top ids [B, N], top
+    logprobs [B, N]), N = min(num_top, V)."""
+    chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+    top_logprobs, top_ids = raw_logprobs.topk(min(num_top, raw_logprobs.shape[-1]), dim=-1)
+    return chosen, top_ids, top_logprobs
+
+
 class Sampler(nn.Module):
     """Samples one token per row.
 
@@ -97,9 +122,7 @@ class Sampler(nn.Module):
 
         if raw_logprobs is None:
             return SamplerOutput(token_ids, None, None, None)
-        logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
-        top_logprobs, top_ids = raw_logprobs.topk(min(batch.max_num_logprobs, batch.vocab_size), dim=-1)
-        return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
+        return SamplerOutput(token_ids, *gather_logprobs(raw_logprobs, token_ids, batch.max_num_logprobs))
 
     def _gumbel_draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # The kernels do temperature, noise and argmax (greedy rows: plain argmax). Top-p and min-p

@@ -225,6 +225,24 @@ def test_tp2_steps_of_prefill_chunks_only(expected, engines, prompts):
     assert _tokens(engines["qwen3"], [prompts[1]]) == [expected["qwen3"][1]]
 
 
+def test_tp2_prompt_logprobs_equal_tp1(ckpts, engines, prompts):
+    """prompt_logprobs runs the LM head (a collective) over the scored rows of every chunk, on every rank,
+    also in steps that sample nothing and next to greedy rows that gather only each rank's best."""
+    scored = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2)
+    params = [scored if i % 2 else GREEDY for i in range(len(prompts))]
+    tp1 = LLM(str(ckpts["qwen3"]), **CHUNKED).generate(prompts, params, use_tqdm=False)
+    tp2 = engines["qwen3"].generate(prompts, params, use_tqdm=False)
+    for one, two in zip(tp1, tp2):
+        assert two.outputs[0].token_ids == one.outputs[0].token_ids
+        if one.prompt_logprobs is None:
+            assert two.prompt_logprobs is None
+            continue
+        assert len(two.prompt_logprobs) == len(one.prompt_token_ids) and two.prompt_logprobs[0] is None
+        for a, b in zip(one.prompt_logprobs[1:], two.prompt_logprobs[1:]):
+            assert (b.token_id, list(b.top_logprobs)) == (a.token_id, list(a.top_logprobs))
+            assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
+
+
 # ---- processes ------------------------------------------------------------------------------
 
 

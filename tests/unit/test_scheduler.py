@@ -429,3 +429,31 @@ def test_pending_tokens_advance_and_resolve():
     assert sched.resolve([b], [13]) == []  # a finished sequence ignores its late token
     assert bm.num_free_blocks == bm.num_blocks
     bm.check_consistency()
+
+
+def test_prompt_logprobs_rows_cover_each_prompt_token_once_through_preemption():
+    # A 60-token prompt in 32-token chunks, preempted after its first chunk: the recompute may reuse the
+    # cached blocks of positions already scored, never one with positions still to score.
+    sched = make_scheduler(max_num_batched_tokens=32)
+    runner = FakeRunner(16)
+    first = make_seq(60, max_tokens=2)
+    sched.add(first)
+    run_all(sched, runner)  # caches the prompt's three full blocks
+    seq = make_seq(60, max_tokens=2, prompt_logprobs=1)  # the same prompt
+    sched.add(seq)
+    scored = []
+    batch = step(sched, runner)
+    assert seq.num_cached_tokens == 0 and batch.scores == [range(0, 32)]
+    scored += batch.scores[0]
+    sched.running.remove(seq)
+    sched._preempt(seq)
+    assert seq.num_scored_prompt_tokens == 32
+    hits = sched.block_manager.num_hit_tokens
+    batch = step(sched, runner)  # readmitted: the two scored blocks come from the cache, not the third
+    assert sched.block_manager.num_hit_tokens - hits == 32 and batch.scores == [range(32, 59)]
+    scored += batch.scores[0]
+    while sched.num_unfinished:
+        assert step(sched, runner).scores is None
+    assert scored == list(range(59))  # position p scores prompt token p + 1; none twice
+    plain = make_seq(5, max_tokens=1)
+    assert ScheduledBatch([plain], [5]).scores is None
