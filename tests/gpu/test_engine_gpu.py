@@ -198,3 +198,33 @@ def test_prefix_cache_and_preemption_on_gpu():
     bm = llm.engine.scheduler.block_manager
     assert bm.num_free_blocks == bm.num_blocks
     bm.check_consistency()
+
+
+def test_prompt_logprobs_close_to_torch_reference():
+    """prompt_logprobs on the GPU (its steps run eagerly; the results come back in pinned memory behind
+    the step's event) vs the torch reference path, bf16, prompts chunked over several 256-token steps next
+    to requests that do not score."""
+    prompts = _prompts(6, seed=4)
+    scored = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=5)
+    params = [scored if i % 2 == 0 else GREEDY for i in range(len(prompts))]
+    chunked = LLM("qwen3-0.6b", gpu_memory_utilization=0.3, max_model_len=4096, max_num_batched_tokens=256)
+    try:
+        got = chunked.generate(prompts, params, use_tqdm=False)
+    finally:
+        chunked.shutdown()
+    ref = LLM(
+        "qwen3-0.6b", num_kvcache_blocks=2000, max_model_len=4096, kernel_backend="torch", enforce_eager=True
+    )
+    try:
+        expected = ref.generate(prompts[::2], scored, use_tqdm=False)
+    finally:
+        ref.shutdown()
+    assert all(o.prompt_logprobs is None for o in got[1::2])
+    errors = []
+    for a, b in zip(got[::2], expected):
+        assert len(a.prompt_logprobs) == len(a.prompt_token_ids) and a.prompt_logprobs[0] is None
+        for la, lb in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:]):
+            assert la.token_id == lb.token_id and la.rank >= 1 and len(la.top_logprobs) == 5
+            errors.append(abs(la.logprob - lb.logprob))
+    errors.sort()
+    assert errors[int(0.95 * len(errors))] < 0.05 and errors[-1] < 0.3, errors[-5:]
