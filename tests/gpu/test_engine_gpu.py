@@ -207,7 +207,7 @@ def test_prompt_logprobs_close_to_torch_reference():
     prompts = _prompts(6, seed=4)
     scored = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=5)
     params = [scored if i % 2 == 0 else GREEDY for i in range(len(prompts))]
-    chunked = LLM("qwen3-0.6b", gpu_memory_utilization=0.3, max_model_len=4096, max_num_batched_tokens=256)
+    chunked = LLM("qwen3-0.6b", num_kvcache_blocks=2000, max_model_len=4096, max_num_batched_tokens=256)
     try:
         got = chunked.generate(prompts, params, use_tqdm=False)
     finally:
