@@ -28,16 +28,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.outputs import Logprob
 from nanovllm.server import protocol
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDelta, RequestStream, SubRequest
+from nanovllm.server.logprobs import LogprobFormatter
 from nanovllm.server.metrics import Metrics
 from nanovllm.server.protocol import GenerateRequest, RequestError, error_body
 from nanovllm.utils.tokenizer import load_tokenizer
 
 logger = logging.getLogger("nanovllm.server")
-
-MIN_LOGPROB = -9999.0  # -inf is not valid JSON
 
 
 class ClientDisconnected(Exception):
@@ -53,8 +51,7 @@ class OpenAIServer:
         self.metrics = Metrics(served_model_name)
         self.engine = AsyncEngine(functools.partial(LLMEngine, config), self.metrics)  # built in its process
         self.created = int(time.time())
-        self._token_strs: dict[int, str] = {}
-        self._byte_level = self.tokenizer is not None and _is_byte_level(self.tokenizer)
+        self.logprobs = LogprobFormatter(self.tokenizer)
 
     # ---- endpoints --------------------------------------------------------------------------------
 
@@ -121,8 +118,12 @@ class OpenAIServer:
         resp = _Response(
             request_id, self.model_name, int(time.time()), chat, sum(len(ids) for _, ids in prompts)
         )
+        choice_prompts = [
+            prompt for prompt in prompts for _ in range(req.n)
+        ]  # (text or None, ids) per choice
         if req.stream:
-            return _EventStream(self._stream(stream, req, resp, len(subs)), media_type="text/event-stream")
+            events = self._stream(stream, req, resp, choice_prompts)
+            return _EventStream(events, media_type="text/event-stream")
         try:
             outputs = await _unless_disconnected(request, _collect(stream, len(subs)))
         except ClientDisconnected:
@@ -131,13 +132,26 @@ class OpenAIServer:
             raise RequestError(str(e), status_code=503, type="service_unavailable") from None
         finally:
             stream.close()
-        choices = [self._final_choice(i, out, req, chat) for i, out in enumerate(outputs)]
+        choices = [
+            self._final_choice(i, out, req, chat, prompt)
+            for i, (out, prompt) in enumerate(zip(outputs, choice_prompts))
+        ]
         num_completion = sum(len(out.token_ids) for out in outputs)
-        return JSONResponse(resp.body(choices, final=True, usage=resp.usage(num_completion)))
+        extra = {}
+        if chat and req.prompt_logprobs is not None:  # (vLLM: the response's, for chat)
+            extra["prompt_logprobs"] = self.logprobs.prompt(
+                outputs[0].prompt_logprobs or [], req.prompt_logprobs
+            )
+        return JSONResponse(resp.body(choices, final=True, usage=resp.usage(num_completion), **extra))
 
     async def _stream(
-        self, stream: RequestStream, req: GenerateRequest, resp: _Response, num_choices: int
+        self,
+        stream: RequestStream,
+        req: GenerateRequest,
+        resp: _Response,
+        choice_prompts: list[tuple[str | None, list[int]]],
     ) -> AsyncIterator[str]:
+        num_choices = len(choice_prompts)
         states = [_ChoiceState() for _ in range(num_choices)]
         usage_null = {"usage": None} if req.include_usage else {}
         try:
@@ -152,13 +166,26 @@ class OpenAIServer:
                     yield _sse(resp.body([delta], final=False, **usage_null))
             async for index, out in stream:
                 state = states[index]
+                first = state.num_tokens == 0
                 state.num_tokens += len(out.token_ids)
-                text = out.text
                 if not out.token_ids and not out.finished:  # (a chunk per new token, text or not, as vLLM)
                     continue
-                logprobs = None
-                if req.logprobs is not None:
-                    logprobs = self._logprobs(out.logprobs or [], req.logprobs, resp.chat, state)
+                text, logprobs, extra = out.text, None, {}
+                if resp.chat:
+                    if req.logprobs is not None:
+                        logprobs = self.logprobs.chat(out.logprobs or [], req.logprobs)
+                    if first and index == 0 and req.prompt_logprobs is not None:
+                        extra["prompt_logprobs"] = self.logprobs.prompt(
+                            out.prompt_logprobs or [], req.prompt_logprobs
+                        )
+                else:
+                    echo = req.echo and first
+                    if echo:
+                        text = self._prompt_text(*choice_prompts[index]) + text
+                    if req.logprobs is not None:
+                        logprobs, state.text_offset = self._completion_logprobs(
+                            out, req, choice_prompts[index][1] if echo else None, state.text_offset
+                        )
                 reason = out.finish_reason if out.finished else None
                 if resp.chat:
                     choice = {
@@ -169,9 +196,13 @@ class OpenAIServer:
                     }
                 else:
                     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+                    if first and req.prompt_logprobs is not None:
+                        choice["prompt_logprobs"] = self.logprobs.prompt(
+                            out.prompt_logprobs or [], req.prompt_logprobs
+                        )
                 if out.finished:
                     choice["stop_reason"] = out.stop_reason
-                yield _sse(resp.body([choice], final=False, **usage_null))
+                yield _sse(resp.body([choice], final=False, **extra, **usage_null))
             if req.include_usage:
                 yield _sse(resp.body([], final=False, usage=resp.usage(sum(s.num_tokens for s in states))))
         except Exception as e:  # headers are sent: report in-band, as vLLM does
@@ -181,12 +212,17 @@ class OpenAIServer:
             stream.close()  # the client went away (cancelled) or we are done: abort what runs on
         yield "data: [DONE]\n\n"
 
-    def _final_choice(self, index: int, c: RequestDelta, req: GenerateRequest, chat: bool) -> dict:
-        """c: all of a finished choice's deltas, merged."""
-        logprobs = None
-        if req.logprobs is not None:
-            logprobs = self._logprobs(c.logprobs or [], req.logprobs, chat, _ChoiceState())
+    def _final_choice(
+        self,
+        index: int,
+        c: RequestDelta,
+        req: GenerateRequest,
+        chat: bool,
+        prompt: tuple[str | None, list[int]],
+    ) -> dict:
+        """c: all of a finished choice's deltas, merged; prompt: its (text or None, token ids)."""
         if chat:
+            logprobs = None if req.logprobs is None else self.logprobs.chat(c.logprobs or [], req.logprobs)
             message = {"role": "assistant", "content": c.text}
             return {
                 "index": index,
@@ -195,63 +231,36 @@ class OpenAIServer:
                 "finish_reason": c.finish_reason,
                 "stop_reason": c.stop_reason,
             }
-        return {
+        logprobs = None
+        if req.logprobs is not None:
+            logprobs, _ = self._completion_logprobs(c, req, prompt[1] if req.echo else None, 0)
+        choice = {
             "index": index,
-            "text": c.text,
+            "text": self._prompt_text(*prompt) + c.text if req.echo else c.text,
             "logprobs": logprobs,
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
         }
+        if req.prompt_logprobs is not None:
+            choice["prompt_logprobs"] = self.logprobs.prompt(c.prompt_logprobs or [], req.prompt_logprobs)
+        return choice
 
-    # ---- logprobs ---------------------------------------------------------------------------------
+    def _completion_logprobs(
+        self, delta: RequestDelta, req: GenerateRequest, echo_ids: list[int] | None, text_offset: int
+    ) -> tuple[dict, int]:
+        """A completion choice's logprobs for `delta`; with echo_ids (the prompt, echoed before the first
+        delta) its tokens come first, the first one without a logprob."""
+        entries = delta.logprobs or []
+        if echo_ids is None:
+            return self.logprobs.completion(entries, req.logprobs, text_offset)
+        scored = (delta.prompt_logprobs or [None])[1:]
+        return self.logprobs.completion(scored + entries, req.logprobs, text_offset, first_token=echo_ids[0])
 
-    def _logprobs(self, entries: list[Logprob], num_top: int, chat: bool, state: _ChoiceState) -> dict:
-        if chat:
-            content = []
-            for lp in entries:
-                top = [self._chat_logprob(t, v) for t, v in list(lp.top_logprobs.items())[:num_top]]
-                content.append({**self._chat_logprob(lp.token_id, lp.logprob), "top_logprobs": top})
-            return {"content": content}
-        tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
-        for lp in entries:
-            token = self._token_str(lp.token_id)
-            tokens.append(token)
-            token_logprobs.append(max(lp.logprob, MIN_LOGPROB))
-            top = {
-                self._token_str(t): max(v, MIN_LOGPROB) for t, v in list(lp.top_logprobs.items())[:num_top]
-            }
-            top.setdefault(token, token_logprobs[-1])  # the sampled token is always listed, as in vLLM
-            top_logprobs.append(top)
-            offsets.append(state.text_offset)
-            state.text_offset += len(token)
-        return {
-            "tokens": tokens,
-            "token_logprobs": token_logprobs,
-            "top_logprobs": top_logprobs,
-            "text_offset": offsets,
-        }
-
-    def _chat_logprob(self, token_id: int, logprob: float) -> dict:
-        return {
-            "token": self._token_str(token_id),
-            "logprob": max(logprob, MIN_LOGPROB),
-            "bytes": self._token_bytes(token_id),
-        }
-
-    def _token_str(self, token_id: int) -> str:
-        s = self._token_strs.get(token_id)
-        if s is None:
-            s = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
-            self._token_strs[token_id] = s
-        return s
-
-    def _token_bytes(self, token_id: int) -> list[int]:
-        """The token's exact bytes (a byte-level BPE token can hold part of a UTF-8 character)."""
-        if self._byte_level:
-            piece = self.tokenizer.convert_ids_to_tokens(token_id)
-            if piece is not None and all(ch in _BYTE_DECODER for ch in piece):
-                return [_BYTE_DECODER[ch] for ch in piece]
-        return list(self._token_str(token_id).encode("utf-8"))
+    def _prompt_text(self, text: str | None, token_ids: list[int]) -> str:
+        """The prompt as echoed: its text, or its token ids decoded."""
+        if text is not None:
+            return text
+        return self.tokenizer.decode(token_ids) if self.tokenizer is not None else ""
 
     # ---- helpers ----------------------------------------------------------------------------------
 
@@ -365,29 +374,6 @@ async def _json_body(request: Request):
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table that byte-level BPE vocabularies are written in."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-_BYTE_DECODER = {ch: b for b, ch in _bytes_to_unicode().items()}
-
-
-def _is_byte_level(tokenizer) -> bool:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    return backend is not None and type(backend.decoder).__name__ == "ByteLevel"
 
 
 # ---- the app ------------------------------------------------------------------------------------------

@@ -79,6 +79,8 @@ class RequestDelta:
     finish_reason: str | None = None  # "stop" | "length" | "abort", once finished
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache: first delta only
+    # SamplingParams.prompt_logprobs (None for the first prompt token): first delta only
+    prompt_logprobs: list[Logprob | None] | None = None
 
     def merge(self, later: RequestDelta) -> RequestDelta:
         """This delta followed by `later`, as one."""
@@ -92,6 +94,7 @@ class RequestDelta:
             later.finish_reason,
             later.stop_reason,
             self.num_cached_tokens if self.num_cached_tokens is not None else later.num_cached_tokens,
+            self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
         )
 
 
@@ -102,7 +105,7 @@ class EngineMessage:
 
     stats: dict[str, float]  # engine.stats() after this iteration
     replies: list[tuple[int, BaseException | None]] = field(default_factory=list)  # (add_id, error)
-    # RequestDelta's fields as a plain tuple (logprobs as (token_id, logprob, top) tuples): 256 of
+    # RequestDelta's fields as a plain tuple (logprobs as Logprob's fields in tuples): 256 of
     # them pickle in ~60 us, 5x faster than dataclasses. `decode_deltas` turns them back.
     deltas: list[tuple] = field(default_factory=list)
     failed: list[tuple[list[str], BaseException]] = field(default_factory=list)  # a step's dropped requests
@@ -267,6 +270,12 @@ def _delta(out: RequestOutput, sent: _Sent) -> tuple:
     if c.logprobs is not None:
         new = c.logprobs[sent.num_tokens : num_tokens]
         logprobs = [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in new]
+    first = sent.num_tokens == 0
+    prompt_logprobs = None
+    if first and out.prompt_logprobs is not None:
+        prompt_logprobs = [
+            lp and (lp.token_id, lp.logprob, lp.top_logprobs, lp.rank) for lp in out.prompt_logprobs
+        ]
     delta = (
         out.request_id,
         c.token_ids[sent.num_tokens :],
@@ -275,7 +284,8 @@ def _delta(out: RequestOutput, sent: _Sent) -> tuple:
         out.finished,
         c.finish_reason if out.finished else None,
         c.stop_reason if out.finished else None,
-        out.num_cached_tokens if sent.num_tokens == 0 else None,
+        out.num_cached_tokens if first else None,
+        prompt_logprobs,
     )
     sent.num_tokens, sent.num_chars = num_tokens, len(c.text)
     return delta
@@ -286,6 +296,8 @@ def decode_deltas(message: EngineMessage) -> list[RequestDelta]:
     for d in deltas:
         if d.logprobs is not None:
             d.logprobs = [Logprob(*lp) for lp in d.logprobs]
+        if d.prompt_logprobs is not None:
+            d.prompt_logprobs = [lp and Logprob(*lp) for lp in d.prompt_logprobs]
     return deltas
 
 

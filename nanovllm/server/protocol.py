@@ -1,11 +1,12 @@
 """OpenAI request bodies -> validated, engine-ready records; OpenAI's error shape.
 
 Every accepted field is listed here. A field we do not implement is a 400 that names it, unless it
-carries its neutral value (`echo: false`, `logit_bias: {}`, `tools: []` ...), which changes nothing.
+carries its neutral value (`suffix: ""`, `logit_bias: {}`, `tools: []` ...), which changes nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ VLLM_EXTRA_FIELDS = (
     "stop_token_ids",
     "skip_special_tokens",
     "include_stop_str_in_output",
+    "prompt_logprobs",
 )
 # OpenAI fields shared by both endpoints (besides max_tokens, logprobs and the prompt/messages).
 _SHARED_FIELDS = (
@@ -38,7 +40,9 @@ _SHARED_FIELDS = (
     "frequency_penalty",
     "user",  # an end-user id for abuse tracking: it has no effect on generation
 )
-COMPLETION_FIELDS = frozenset(("prompt", "max_tokens", "logprobs", *_SHARED_FIELDS, *VLLM_EXTRA_FIELDS))
+COMPLETION_FIELDS = frozenset(
+    ("prompt", "max_tokens", "logprobs", "echo", *_SHARED_FIELDS, *VLLM_EXTRA_FIELDS)
+)
 CHAT_FIELDS = frozenset(
     ("messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs")
     + _SHARED_FIELDS
@@ -48,7 +52,6 @@ CHAT_FIELDS = frozenset(
 _empty = lambda v: v is None or v == [] or v == {} or v == ""  # noqa: E731
 # Fields we do not implement, accepted only at a value that asks for nothing.
 COMPLETION_NEUTRAL = {
-    "echo": lambda v: v is None or v is False,
     "suffix": _empty,
     "logit_bias": _empty,
     "best_of": lambda v: v is None or v == 1,
@@ -113,10 +116,17 @@ class GenerateRequest:
     fill_max_tokens: bool  # max_tokens not given (chat): whatever the context window leaves
     logprobs: int | None  # top alternatives per token; None: no logprobs
     messages: list[dict] | None = None  # chat only
+    echo: bool = False  # completions: the prompt's text (and logprobs) before each choice's
+    # the prompt_logprobs field of the response (vLLM's); params.prompt_logprobs may be larger, for echo
+    prompt_logprobs: int | None = None
 
     def choice_params(self, index: int) -> SamplingParams:
-        """Params of choice `index` of a prompt: with a seed, each choice gets its own, derived from it."""
-        return self.params.choice(index)
+        """Params of choice `index` of a prompt: with a seed, each choice gets its own, derived from it.
+        Every choice scores the prompt when the response shows its logprobs for each choice."""
+        params = self.params.choice(index)
+        if self.params.prompt_logprobs is not None:
+            params = dataclasses.replace(params, prompt_logprobs=self.params.prompt_logprobs)
+        return params
 
 
 def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
@@ -135,6 +145,13 @@ def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
         max_model_len=max_model_len,
     )
     req.prompts = prompts
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise RequestError(f"echo must be a boolean, got {echo!r}", "echo")
+    req.echo = bool(echo)
+    if req.echo and logprobs is not None:  # the prompt's logprobs come first in the choice's logprobs
+        top = max(logprobs, req.params.prompt_logprobs or 0)
+        req.params = dataclasses.replace(req.params, prompt_logprobs=top)
     if len(prompts) * req.n > MAX_N:
         raise RequestError(f"{len(prompts)} prompts x n={req.n} choices exceeds the limit of {MAX_N}", "n")
     return req
@@ -220,7 +237,9 @@ def _parse_common(
         param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(field, field)
         message = str(e) if param == field else str(e).replace(field, param, 1)
         raise RequestError(message, param) from None
-    return GenerateRequest(model, [], params, n, stream, include_usage, fill, logprobs)
+    return GenerateRequest(
+        model, [], params, n, stream, include_usage, fill, logprobs, prompt_logprobs=params.prompt_logprobs
+    )
 
 
 def _parse_stream_options(options: Any, stream: bool) -> bool:

@@ -74,7 +74,8 @@ def test_bad_prompts(prompt):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"echo": True}, "echo"),
+        ({"echo": "yes"}, "echo"),
+        ({"prompt_logprobs": 21}, "prompt_logprobs"),
         ({"best_of": 3}, "best_of"),
         ({"suffix": "s"}, "suffix"),
         ({"logit_bias": {"1": 1}}, "logit_bias"),
@@ -97,6 +98,21 @@ def test_bad_prompts(prompt):
 def test_completion_rejects(extra, param):
     e = _err(parse_completion_request, {"prompt": "x", **extra})
     assert e.param == param and e.status_code == 400 and param.split(".")[-1] in e.message
+
+
+def test_echo_and_prompt_logprobs():
+    req = parse_completion_request({"prompt": "x", "echo": True}, MAX_LEN)
+    assert req.echo and req.params.prompt_logprobs is None  # echo alone needs no scoring
+    req = parse_completion_request({"prompt": "x", "echo": True, "logprobs": 2}, MAX_LEN)
+    assert req.params.prompt_logprobs == 2 and req.prompt_logprobs is None  # scored for echo, not shown
+    req = parse_completion_request(
+        {"prompt": "x", "echo": True, "logprobs": 1, "prompt_logprobs": 4}, MAX_LEN
+    )
+    assert (req.params.prompt_logprobs, req.prompt_logprobs) == (4, 4)
+    req = parse_completion_request({"prompt": "x", "n": 3, "seed": 1, "prompt_logprobs": 0}, MAX_LEN)
+    assert all(req.choice_params(i).prompt_logprobs == 0 for i in range(3))  # each choice shows them
+    chat = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2}, MAX_LEN)
+    assert chat.prompt_logprobs == chat.params.prompt_logprobs == 2
 
 
 def test_neutral_values_accepted():

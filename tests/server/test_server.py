@@ -243,6 +243,67 @@ def test_completion_logprobs(client):
         assert logprob == pytest.approx(max(top.values()))  # greedy takes the most likely token
 
 
+def _prompt_reference(ckpt, token_ids: list[int]) -> torch.Tensor:
+    """transformers' log_softmax over the prompt's logits: row t - 1 scores token t."""
+    with torch.no_grad():
+        return load_hf_model(ckpt)(torch.tensor([token_ids])).logits[0].float().log_softmax(-1)
+
+
+def test_completion_echo_scores_the_prompt(client, ckpt, tokenizer):
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt)["input_ids"]
+    plain = _complete(client, prompt, max_tokens=4).choices[0]
+    out = _complete(client, prompt, max_tokens=4, echo=True, logprobs=2).choices[0]
+    assert out.text == prompt + plain.text
+    lp = out.logprobs
+    assert len(lp.tokens) == len(ids) + 4 and "".join(lp.tokens) == out.text
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None  # nothing before the first token
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+    ref = _prompt_reference(ckpt, ids)
+    for t in range(1, len(ids)):
+        assert lp.token_logprobs[t] == pytest.approx(ref[t - 1, ids[t]].item(), abs=1e-3)
+        assert lp.top_logprobs[t][lp.tokens[t]] == lp.token_logprobs[t] and 2 <= len(lp.top_logprobs[t]) <= 3
+    assert "prompt_logprobs" not in out.model_extra  # asked for echo, not for vLLM's field
+    chunks = list(_complete(client, prompt, max_tokens=4, echo=True, logprobs=2, stream=True))
+    assert chunks[0].choices[0].text.startswith(prompt)
+    assert "".join(ch.choices[0].text for ch in chunks) == out.text
+    streamed = [x for ch in chunks for x in ch.choices[0].logprobs.token_logprobs]
+    assert streamed == lp.token_logprobs
+    echo_only = _complete(client, [ids], max_tokens=2, echo=True).choices[0]  # token ids: decoded
+    assert echo_only.text.startswith(tokenizer.decode(ids)) and echo_only.logprobs is None
+
+
+def test_prompt_logprobs_field(client, ckpt, tokenizer):
+    prompt = "Once upon a time"
+    ids = tokenizer(prompt)["input_ids"]
+    ref = _prompt_reference(ckpt, ids)
+    out = _complete(client, prompt, max_tokens=2, n=2, seed=1, extra_body={"prompt_logprobs": 2})
+    for choice in out.choices:
+        scored = choice.model_extra["prompt_logprobs"]
+        assert len(scored) == len(ids) and scored[0] is None
+        for t in range(1, len(ids)):
+            own = scored[t][str(ids[t])]
+            assert own["logprob"] == pytest.approx(ref[t - 1, ids[t]].item(), abs=1e-3)
+            row, value = ref[t - 1], ref[t - 1, ids[t]]  # (near ties may go either way)
+            assert 1 + int((row > value + 1e-3).sum()) <= own["rank"] <= 1 + int((row > value - 1e-3).sum())
+            assert own["decoded_token"] == tokenizer.decode([ids[t]])
+            best = ref[t - 1].topk(2).indices.tolist()
+            assert [scored[t][str(b)]["rank"] for b in best] == [1, 2]
+    chunks = list(_complete(client, prompt, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 2}))
+    assert (
+        chunks[0].choices[0].model_extra["prompt_logprobs"] == out.choices[0].model_extra["prompt_logprobs"]
+    )
+    chat = _chat(client, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    rendered = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Tell me a story."}], tokenize=False, add_generation_prompt=True
+    )
+    scored = chat.model_extra["prompt_logprobs"]  # vLLM: the chat response's, not a choice's
+    assert (
+        len(scored) == len(tokenizer(rendered, add_special_tokens=False)["input_ids"]) and scored[0] is None
+    )
+    assert all(len(position) == 1 for position in scored[1:])  # prompt_logprobs=0: the token alone
+
+
 def test_chat_logprobs(client):
     out = _chat(client, max_tokens=5, logprobs=True, top_logprobs=2).choices[0]
     content = out.logprobs.content
@@ -340,7 +401,7 @@ def _error(excinfo) -> dict:
 @pytest.mark.parametrize(
     "kwargs, param",
     [
-        ({"echo": True}, "echo"),
+        ({"extra_body": {"prompt_logprobs": -1}}, "prompt_logprobs"),
         ({"best_of": 2}, "best_of"),
         ({"suffix": "x"}, "suffix"),
         ({"logit_bias": {"5": 10}}, "logit_bias"),
