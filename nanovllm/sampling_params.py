@@ -28,6 +28,8 @@ class SamplingParams:
     # top-N alternatives per prompt token, after the first (0: only the prompt token's own logprob)
     prompt_logprobs: int | None = None
     n: int = 1  # samples per prompt: LLM.generate returns them as one RequestOutput's outputs
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (in [-100, 100])
+    allowed_token_ids: list[int] | None = None  # sample only among these tokens
     skip_special_tokens: bool = True  # leave special tokens' text out of the output text
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text at its end
 
@@ -68,6 +70,17 @@ class SamplingParams:
         for flag in ("skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "a bool")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                _is_int(t) and t >= 0 and _is_real(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()
+            ):
+                raise bad("logit_bias", "a dict of token id (int >= 0) -> bias in [-100, 100], or None")
+            self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, list | tuple) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
+                raise bad("allowed_token_ids", "a non-empty list of token ids (ints >= 0), or None")
+            self.allowed_token_ids = list(ids)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
@@ -97,6 +110,15 @@ class SamplingParams:
     @property
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError if logit_bias or allowed_token_ids name a token outside [0, vocab_size)."""
+        for field, ids in (("logit_bias", self.logit_bias), ("allowed_token_ids", self.allowed_token_ids)):
+            outside = sorted(t for t in ids or () if t >= vocab_size)
+            if outside:
+                raise ValueError(
+                    f"{field} names token ids outside the vocabulary [0, {vocab_size}): {outside[:5]}"
+                )
 
     @property
     def has_penalties(self) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from nanovllm import LLM, SamplingParams
@@ -160,3 +162,32 @@ def test_chat_takes_openai_text_parts_and_lets_kwargs_override(llm):
     assert not bare.prompt.endswith("assistant\n")
     with pytest.raises(ValueError, match="conversation 0.*role"):
         llm.chat([{"content": "no role"}], GREEDY, use_tqdm=False)
+
+
+# ---- token settings: logit_bias, allowed_token_ids --------------------------------------------------
+
+
+def test_allowed_token_ids_and_logit_bias_steer_generation(llm):
+    allowed = [40, 41, 42]
+    sampled = SamplingParams(temperature=1.0, max_tokens=MAX_TOKENS, ignore_eos=True, seed=1)
+    only = llm.generate([PROMPT], [_with(GREEDY, allowed_token_ids=allowed)], use_tqdm=False)[0]
+    drawn = llm.generate([PROMPT], _with(sampled, allowed_token_ids=allowed), use_tqdm=False)[0]
+    assert set(only.outputs[0].token_ids) <= set(allowed) and set(drawn.outputs[0].token_ids) <= set(allowed)
+    forced = llm.generate([PROMPT], _with(GREEDY, logit_bias={77: 100.0}), use_tqdm=False)[0]
+    assert forced.outputs[0].token_ids == [77] * MAX_TOKENS
+    plain, bias_elsewhere = llm.generate(
+        [PROMPT, PROMPT], [GREEDY, _with(GREEDY, logit_bias={77: 100.0})], use_tqdm=False
+    )
+    assert plain.outputs[0].token_ids == _tokens(llm.generate([PROMPT], GREEDY, use_tqdm=False)[0])[0]
+    assert bias_elsewhere.outputs[0].token_ids == [77] * MAX_TOKENS  # one row's bias, not its neighbour's
+
+
+@pytest.mark.parametrize("field, value", [("logit_bias", {10**6: 1.0}), ("allowed_token_ids", [1, 10**6])])
+def test_token_settings_outside_the_vocabulary_raise(llm, field, value):
+    with pytest.raises(ValueError, match=f"{field} names token ids outside the vocabulary"):
+        llm.generate([PROMPT], _with(GREEDY, **{field: value}), use_tqdm=False)
+    assert llm.generate([PROMPT], GREEDY, use_tqdm=False)[0].outputs[0].token_ids  # still usable
+
+
+def _with(params: SamplingParams, **changes) -> SamplingParams:
+    return dataclasses.replace(params, **changes)

@@ -112,6 +112,7 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        params.check_vocab(self.vocab_size)
         limit = self.config.max_model_len
         if len(token_ids) + params.max_tokens > limit:
             raise ValueError(

@@ -1,9 +1,9 @@
 """Turn a batch of logits into next tokens (vLLM's sampling semantics).
 
-Per row, in order: min_tokens ban -> penalties -> greedy argmax, or temperature -> top-k -> top-p ->
-min-p -> a random draw. `SamplingBatch.build` (layers/sampling_batch.py) turns the per-request settings
-into device tensors once per step and records which stages any row needs, so `Sampler.forward` skips
-the rest.
+Per row, in order: allowed_token_ids -> logit_bias -> min_tokens ban -> penalties -> greedy argmax, or
+temperature -> top-k -> top-p -> min-p -> a random draw. `SamplingBatch.build` (layers/sampling_batch.py)
+turns the per-request settings into device tensors once per step and records which stages any row needs,
+so `Sampler.forward` skips the rest.
 
 The random draw has two implementations that sample the same distribution from different random
 streams (a seed gives different tokens on the two):
@@ -94,9 +94,12 @@ class Sampler(nn.Module):
             raw_logprobs = logits.log_softmax(dim=-1, dtype=torch.float32)
 
         # The fused draw and argmax read the logits in their own dtype: copy only if a stage writes.
-        writes = batch.banned_rows is not None or batch.has_penalties
-        if writes or (not batch.all_greedy and (batch.has_filters or not fused)):
+        if batch.writes_logits or (not batch.all_greedy and (batch.has_filters or not fused)):
             logits = logits.to(torch.float32, copy=True)
+        if batch.allowed is not None:
+            logits.masked_fill_(~batch.allowed, float("-inf"))
+        if batch.bias_rows is not None:
+            logits[batch.bias_rows, batch.bias_token_ids] += batch.bias_values
         if batch.banned_rows is not None:
             logits[batch.banned_rows, batch.banned_token_ids] = float("-inf")
         if batch.has_penalties:

@@ -94,6 +94,8 @@ def takes_plain_argmax(requests: list[SamplingRequest]) -> bool:
         r.params.temperature < GREEDY_EPS
         and not r.params.has_penalties
         and r.params.logprobs is None
+        and r.params.logit_bias is None
+        and r.params.allowed_token_ids is None
         and r.num_output_tokens >= r.params.min_tokens
         for r in requests
     )
@@ -119,6 +121,10 @@ class SamplingBatch:
     output_token_ids: torch.Tensor | None  # [B, max_output_len] int64, padded with vocab_size
     banned_rows: torch.Tensor | None  # [num_banned] int64 } pairs (row, token) set to -inf
     banned_token_ids: torch.Tensor | None  # [num_banned] int64 } by min_tokens
+    bias_rows: torch.Tensor | None  # [num_biased] int64    } logit_bias: (row, token) pairs and
+    bias_token_ids: torch.Tensor | None  # [num_biased] int64 } what is added to their logits
+    bias_values: torch.Tensor | None  # [num_biased] fp32     }
+    allowed: torch.Tensor | None  # [B, V] bool: False where allowed_token_ids rule a token out
     seeded_rows: list[tuple[int, int]]  # (row, row seed) for random rows with params.seed
     max_num_logprobs: int | None  # max params.logprobs over the batch; None when no row asked
     staging: SamplingStaging | None = None  # where the step's settings live (None: fresh tensors)
@@ -126,6 +132,16 @@ class SamplingBatch:
     @property
     def has_penalties(self) -> bool:
         return self.output_token_ids is not None
+
+    @property
+    def writes_logits(self) -> bool:
+        """A stage before the draw changes logits: the ban, logit_bias, allowed_token_ids, penalties."""
+        return (
+            self.banned_rows is not None
+            or self.bias_rows is not None
+            or self.allowed is not None
+            or self.has_penalties
+        )
 
     @property
     def has_filters(self) -> bool:
@@ -223,6 +239,23 @@ class SamplingBatch:
             banned_rows = to_device(ban_rows, torch.int64)
             banned_token_ids = to_device(ban_ids, torch.int64)
 
+        # logit_bias: sparse (row, token, bias) triples. allowed_token_ids: a [B, V] mask, rows without
+        # the setting all True.
+        bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+        bias_rows = bias_token_ids = bias_values = None
+        if bias:
+            rows, ids, values = zip(*bias)
+            bias_rows, bias_token_ids = to_device(rows, torch.int64), to_device(ids, torch.int64)
+            bias_values = to_device(values, torch.float32)
+        allowed = None
+        if any(p.allowed_token_ids is not None for p in params):
+            rows = [i for i, p in enumerate(params) for _ in p.allowed_token_ids or ()]
+            ids = [t for p in params for t in p.allowed_token_ids or ()]
+            allowed = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+            unrestricted = [i for i, p in enumerate(params) if p.allowed_token_ids is None]
+            allowed[to_device(unrestricted, torch.int64)] = True
+            allowed[to_device(rows, torch.int64), to_device(ids, torch.int64)] = True
+
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
             num_rows=num_rows,
@@ -241,6 +274,10 @@ class SamplingBatch:
             output_token_ids=output_ids,
             banned_rows=banned_rows,
             banned_token_ids=banned_token_ids,
+            bias_rows=bias_rows,
+            bias_token_ids=bias_token_ids,
+            bias_values=bias_values,
+            allowed=allowed,
             seeded_rows=seeded_rows,
             max_num_logprobs=max(asked) if asked else None,
             staging=staging,

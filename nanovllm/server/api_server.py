@@ -103,6 +103,10 @@ class OpenAIServer:
     async def _generate(
         self, request: Request, req: GenerateRequest, prompts: list[tuple[str | None, list[int]]], chat: bool
     ) -> Response:
+        try:
+            req.params.check_vocab(self.config.hf_config.vocab_size)
+        except ValueError as e:  # (the message starts with the field's name)
+            raise RequestError(str(e), str(e).split(" ", 1)[0]) from None
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         subs = [
             SubRequest(f"{request_id}-{p}-{i}", text, ids, req.choice_params(i), req.fill_max_tokens)

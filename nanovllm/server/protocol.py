@@ -1,7 +1,7 @@
 """OpenAI request bodies -> validated, engine-ready records; OpenAI's error shape.
 
 Every accepted field is listed here. A field we do not implement is a 400 that names it, unless it
-carries its neutral value (`suffix: ""`, `logit_bias: {}`, `tools: []` ...), which changes nothing.
+carries its neutral value (`suffix: ""`, `best_of: 1`, `tools: []` ...), which changes nothing.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ VLLM_EXTRA_FIELDS = (
     "skip_special_tokens",
     "include_stop_str_in_output",
     "prompt_logprobs",
+    "allowed_token_ids",
 )
 # OpenAI fields shared by both endpoints (besides max_tokens, logprobs and the prompt/messages).
 _SHARED_FIELDS = (
@@ -39,6 +40,7 @@ _SHARED_FIELDS = (
     "presence_penalty",
     "frequency_penalty",
     "user",  # an end-user id for abuse tracking: it has no effect on generation
+    "logit_bias",  # {"token id": bias in [-100, 100]}
 )
 COMPLETION_FIELDS = frozenset(
     ("prompt", "max_tokens", "logprobs", "echo", *_SHARED_FIELDS, *VLLM_EXTRA_FIELDS)
@@ -53,11 +55,9 @@ _empty = lambda v: v is None or v == [] or v == {} or v == ""  # noqa: E731
 # Fields we do not implement, accepted only at a value that asks for nothing.
 COMPLETION_NEUTRAL = {
     "suffix": _empty,
-    "logit_bias": _empty,
     "best_of": lambda v: v is None or v == 1,
 }
 CHAT_NEUTRAL = {
-    "logit_bias": _empty,
     "tools": _empty,
     "tool_choice": lambda v: v is None or v == "none",
     "functions": _empty,
@@ -226,6 +226,7 @@ def _parse_common(
         "max_tokens": max_model_len if fill else (default_max_tokens if max_tokens is None else max_tokens),
         "stop": stop,
         "logprobs": logprobs,
+        "logit_bias": _parse_logit_bias(body.get("logit_bias")),
     }
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", *VLLM_EXTRA_FIELDS):
         if body.get(name) is not None:
@@ -240,6 +241,22 @@ def _parse_common(
     return GenerateRequest(
         model, [], params, n, stream, include_usage, fill, logprobs, prompt_logprobs=params.prompt_logprobs
     )
+
+
+def _parse_logit_bias(bias: Any) -> dict[int, Any] | None:
+    """OpenAI's {"token id": bias} (JSON keys are strings) -> {token id: bias}; SamplingParams checks
+    the ids and values."""
+    if bias is None or bias == {}:
+        return None
+    if not isinstance(bias, dict):
+        raise RequestError(f"logit_bias must be an object of token id -> bias, got {bias!r}", "logit_bias")
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise RequestError(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+    return out
 
 
 def _parse_stream_options(options: Any, stream: bool) -> bool:

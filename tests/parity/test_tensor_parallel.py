@@ -225,11 +225,14 @@ def test_tp2_steps_of_prefill_chunks_only(expected, engines, prompts):
     assert _tokens(engines["qwen3"], [prompts[1]]) == [expected["qwen3"][1]]
 
 
-def test_tp2_prompt_logprobs_equal_tp1(ckpts, engines, prompts):
+def test_tp2_prompt_logprobs_and_token_settings_equal_tp1(ckpts, engines, prompts):
     """prompt_logprobs runs the LM head (a collective) over the scored rows of every chunk, on every rank,
     also in steps that sample nothing and next to greedy rows that gather only each rank's best."""
     scored = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=2)
-    params = [scored if i % 2 else GREEDY for i in range(len(prompts))]
+    # (and greedy rows that cannot take the shards' plain argmax: logit_bias, allowed_token_ids)
+    biased = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logit_bias={9: 5.0})
+    allowed = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, allowed_token_ids=[9, 10, 11])
+    params = [scored, biased, scored, allowed, scored, GREEDY][: len(prompts)]
     tp1 = LLM(str(ckpts["qwen3"]), **CHUNKED).generate(prompts, params, use_tqdm=False)
     tp2 = engines["qwen3"].generate(prompts, params, use_tqdm=False)
     for one, two in zip(tp1, tp2):

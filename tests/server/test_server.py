@@ -404,7 +404,9 @@ def _error(excinfo) -> dict:
         ({"extra_body": {"prompt_logprobs": -1}}, "prompt_logprobs"),
         ({"best_of": 2}, "best_of"),
         ({"suffix": "x"}, "suffix"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"logit_bias": {"5": 101}}, "logit_bias"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias"),  # outside the vocabulary
+        ({"extra_body": {"allowed_token_ids": [99999]}}, "allowed_token_ids"),
         ({"extra_body": {"guided_json": {}}}, "guided_json"),
         ({"n": 2, "best_of": 1}, "best_of"),
     ],
@@ -420,7 +422,7 @@ def test_unsupported_completion_params(client, kwargs, param):
     [
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"logit_bias": {"5": 10}}, "logit_bias"),
+        ({"logit_bias": {"five": 10}}, "logit_bias"),
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs=true
     ],
 )
@@ -428,6 +430,13 @@ def test_unsupported_chat_params(client, kwargs, param):
     with pytest.raises(openai.BadRequestError) as e:
         _chat(client, max_tokens=2, **kwargs)
     assert _error(e)["param"] == param
+
+
+def test_logit_bias_and_allowed_token_ids(client, tokenizer):
+    forced = _complete(client, max_tokens=4, logprobs=0, logit_bias={"77": 100}).choices[0]
+    assert forced.logprobs.tokens == [tokenizer.decode([77])] * 4
+    chat = _chat(client, max_tokens=4, logprobs=True, extra_body={"allowed_token_ids": [40, 41]}).choices[0]
+    assert {t.token for t in chat.logprobs.content} <= {tokenizer.decode([40]), tokenizer.decode([41])}
 
 
 def test_neutral_values_are_accepted(client):

@@ -253,6 +253,52 @@ def test_min_tokens_ban_holds_for_random_rows(draw_path):
     assert 3 not in sample(logits, [request(params)] * 2000).token_ids.tolist()
 
 
+def test_logit_bias_and_allowed_token_ids_move_greedy_rows():
+    logits = torch.tensor([LOGITS]).expand(4, -1)  # argmax: token 2
+    rows = [
+        request(SamplingParams(temperature=0.0, logit_bias={5: 4.0})),  # -1.5 + 4 = 2.5 > 2.0
+        request(SamplingParams(temperature=0.0, allowed_token_ids=[3, 4, 6])),  # best allowed: 4
+        request(SamplingParams(temperature=0.0, logit_bias={2: -100.0}, allowed_token_ids=[1, 2])),
+        request(SamplingParams(temperature=0.0)),  # untouched by its neighbours' settings
+    ]
+    out = sample(logits, rows)
+    assert out.token_ids.tolist() == [5, 4, 1, 2]
+    assert torch.equal(logits[0], torch.tensor(LOGITS))  # (the caller's logits are never modified)
+
+
+def test_logit_bias_and_allowed_token_ids_shape_the_draw(draw_path):
+    bias = {0: 1.0, 3: -2.0}
+    params = SamplingParams(logit_bias=bias, allowed_token_ids=[0, 1, 3, 6])
+    out = sample(torch.tensor([LOGITS]).expand(NUM_DRAWS, -1), [request(params)] * NUM_DRAWS)
+    target = [LOGITS[t] + bias.get(t, 0.0) if t in (0, 1, 3, 6) else -math.inf for t in range(VOCAB)]
+    assert_matches(out.token_ids, reference_probs(target))
+
+
+def test_logprobs_stay_raw_under_logit_bias():
+    logits = torch.tensor([LOGITS])
+    out = sample(logits, [request(SamplingParams(temperature=0.0, logit_bias={5: 4.0}, logprobs=1))])
+    raw = logits.log_softmax(-1)[0]
+    assert out.token_ids.tolist() == [5] and out.logprobs.item() == pytest.approx(raw[5].item())
+    assert out.top_logprob_ids.tolist() == [[2]]  # the model's own best, not the biased one
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("logit_bias", {1: 101}),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {"1": 1.0}),
+        ("logit_bias", [1, 2]),
+        ("allowed_token_ids", []),
+        ("allowed_token_ids", [1, -2]),
+        ("allowed_token_ids", [1.0]),
+    ],
+)
+def test_bad_token_settings_raise(field, value):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**{field: value})
+
+
 # --- seeds -------------------------------------------------------------------------------------------
 
 
