@@ -228,3 +228,16 @@ def test_prompt_logprobs_close_to_torch_reference():
             errors.append(abs(la.logprob - lb.logprob))
     errors.sort()
     assert errors[int(0.95 * len(errors))] < 0.05 and errors[-1] < 0.3, errors[-5:]
+
+
+def test_allowed_token_ids_and_logit_bias_on_the_fused_draw(fast):
+    """The Gumbel-max kernels draw from the masked, biased fp32 copy; greedy rows take its argmax."""
+    prompts = _prompts(8, seed=5)
+    allowed = [100, 200, 300, 400]
+    drawn = SamplingParams(temperature=0.6, max_tokens=16, ignore_eos=True, allowed_token_ids=allowed)
+    forced = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, logit_bias={4242: 100.0})
+    outs = fast.generate(prompts, [drawn, forced] * 4, use_tqdm=False)
+    for i, out in enumerate(outs):
+        tokens = out.outputs[0].token_ids
+        assert set(tokens) <= set(allowed) if i % 2 == 0 else tokens == [4242] * 16
+    assert len({t for out in outs[::2] for t in out.outputs[0].token_ids}) > 1  # still a draw
