@@ -111,14 +111,13 @@ class SamplingParams:
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
 
-    def check_vocab(self, vocab_size: int) -> None:
-        """Raise ValueError if logit_bias or allowed_token_ids name a token outside [0, vocab_size)."""
+    def vocab_error(self, vocab_size: int) -> tuple[str, str] | None:
+        """(field, message) if logit_bias or allowed_token_ids name a token outside [0, vocab_size)."""
         for field, ids in (("logit_bias", self.logit_bias), ("allowed_token_ids", self.allowed_token_ids)):
-            outside = sorted(t for t in ids or () if t >= vocab_size)
+            outside = sorted(t for t in ids or () if t >= vocab_size)[:5]
             if outside:
-                raise ValueError(
-                    f"{field} names token ids outside the vocabulary [0, {vocab_size}): {outside[:5]}"
-                )
+                return field, f"{field} names token ids outside the vocabulary [0, {vocab_size}): {outside}"
+        return None
 
     @property
     def has_penalties(self) -> bool:

@@ -84,11 +84,23 @@ def test_cached_prefix_is_recomputed_to_be_scored_and_still_shared_after(llm, re
 
 
 def test_n_samples_score_the_prompt_once(llm, reference):
+    prompt = list(range(300, 350))  # not seen before
     params = SamplingParams(temperature=1.0, max_tokens=4, seed=3, n=3, prompt_logprobs=NUM_TOP)
-    (out,) = llm.generate([PROMPT], params, use_tqdm=False)
-    assert len(out.outputs) == 3
-    _check_against(reference, PROMPT, out.prompt_logprobs)
+    bm = llm.engine.scheduler.block_manager
+    hits = bm.num_hit_tokens
+    (out,) = llm.generate([prompt], params, use_tqdm=False)
+    assert len(out.outputs) == 3 and len(out.prompt_logprobs) == len(prompt)
     assert params.choice(1).prompt_logprobs is None and params.choice(0).prompt_logprobs == NUM_TOP
+    assert bm.num_hit_tokens - hits == 2 * 48  # samples 1 and 2 take the cached blocks: they score nothing
+
+
+def test_prompt_logprobs_stay_raw_under_logit_bias_and_allowed_token_ids(llm, reference):
+    steered = SamplingParams(
+        temperature=0, max_tokens=2, prompt_logprobs=NUM_TOP, logit_bias={7: 50.0}, allowed_token_ids=[7, 8]
+    )
+    (out,) = llm.generate([PROMPT], steered, use_tqdm=False)
+    assert set(out.outputs[0].token_ids) <= {7, 8}
+    _check_against(reference, PROMPT, out.prompt_logprobs)  # the model's, not the steered sampler's
 
 
 def test_preempted_requests_score_each_prompt_token_once(ckpt, reference):

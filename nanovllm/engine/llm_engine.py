@@ -112,7 +112,8 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        params.check_vocab(self.vocab_size)
+        if (error := params.vocab_error(self.vocab_size)) is not None:
+            raise ValueError(error[1])
         limit = self.config.max_model_len
         if len(token_ids) + params.max_tokens > limit:
             raise ValueError(

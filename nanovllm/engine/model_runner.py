@@ -166,7 +166,15 @@ class ModelRunner:
         sample_rows = min(cfg.max_num_seqs, num_tokens)
         inp.logits_indices = torch.arange(sample_rows, dtype=torch.int64)
         # The costliest sampling path too: penalties, top-k/top-p, logprobs over the full vocabulary.
-        worst = SamplingParams(top_p=0.9, top_k=50, presence_penalty=0.5, repetition_penalty=1.1, logprobs=20)
+        worst = SamplingParams(
+            top_p=0.9,
+            top_k=50,
+            presence_penalty=0.5,
+            repetition_penalty=1.1,
+            logprobs=20,
+            logit_bias={0: 1.0},
+            allowed_token_ids=[0, 1],
+        )
         # (prompt_logprobs scores its rows sample_rows at a time, within this step's peak)
         self.execute(inp, [SamplingRequest(worst, [0], [0], cfg.eos_token_ids)] * sample_rows)
         torch.cuda.synchronize(dev)

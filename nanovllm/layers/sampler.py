@@ -96,8 +96,8 @@ class Sampler(nn.Module):
         # The fused draw and argmax read the logits in their own dtype: copy only if a stage writes.
         if batch.writes_logits or (not batch.all_greedy and (batch.has_filters or not fused)):
             logits = logits.to(torch.float32, copy=True)
-        if batch.allowed is not None:
-            logits.masked_fill_(~batch.allowed, float("-inf"))
+        if batch.blocked is not None:
+            logits.masked_fill_(batch.blocked, float("-inf"))
         if batch.bias_rows is not None:
             logits[batch.bias_rows, batch.bias_token_ids] += batch.bias_values
         if batch.banned_rows is not None:

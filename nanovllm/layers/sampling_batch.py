@@ -7,6 +7,7 @@ The sampler that consumes a batch is layers/sampler.py.
 from __future__ import annotations
 
 import itertools
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +45,8 @@ class SamplingStaging:
         ]
         self._device = {k: torch.zeros(max_rows, dtype=dt, device=device) for k, dt in self.DTYPES.items()}
         self._turn = 0
+        # params -> its allowed_token_ids on the device, for the requests of the last max_rows params
+        self._allowed: OrderedDict[int, tuple[SamplingParams, torch.Tensor]] = OrderedDict()
 
     def next_step(self) -> None:
         self._turn ^= 1
@@ -54,6 +57,21 @@ class SamplingStaging:
         host = self._host[self._turn][name][:n]
         host.numpy()[:] = values
         return self._device[name][:n].copy_(host, non_blocking=True)
+
+    def allowed_ids(self, params: SamplingParams) -> torch.Tensor:
+        """params.allowed_token_ids as a device tensor, copied once and reused by the request's later
+        steps (a list of 100k ids would otherwise cost ~10 ms of host time a row, every step)."""
+        hit = self._allowed.get(id(params))
+        if hit is not None and hit[0] is params:
+            self._allowed.move_to_end(id(params))
+            return hit[1]
+        ids = _host_tensor(params.allowed_token_ids, torch.int64, self.device).to(
+            self.device, non_blocking=True
+        )
+        self._allowed[id(params)] = (params, ids)  # (holding params: its id is not reused meanwhile)
+        if len(self._allowed) > self.max_rows:
+            self._allowed.popitem(last=False)
+        return ids
 
 
 @dataclass(slots=True)
@@ -124,7 +142,7 @@ class SamplingBatch:
     bias_rows: torch.Tensor | None  # [num_biased] int64    } logit_bias: (row, token) pairs and
     bias_token_ids: torch.Tensor | None  # [num_biased] int64 } what is added to their logits
     bias_values: torch.Tensor | None  # [num_biased] fp32     }
-    allowed: torch.Tensor | None  # [B, V] bool: False where allowed_token_ids rule a token out
+    blocked: torch.Tensor | None  # [B, V] bool: True where allowed_token_ids rule a token out
     seeded_rows: list[tuple[int, int]]  # (row, row seed) for random rows with params.seed
     max_num_logprobs: int | None  # max params.logprobs over the batch; None when no row asked
     staging: SamplingStaging | None = None  # where the step's settings live (None: fresh tensors)
@@ -139,7 +157,7 @@ class SamplingBatch:
         return (
             self.banned_rows is not None
             or self.bias_rows is not None
-            or self.allowed is not None
+            or self.blocked is not None
             or self.has_penalties
         )
 
@@ -170,7 +188,7 @@ class SamplingBatch:
             staging.next_step()
 
         def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype, pin_memory=pin).to(device, non_blocking=True)
+            return _host_tensor(values, dtype, device).to(device, non_blocking=True)
 
         def staged(name: str, values: list) -> torch.Tensor:
             if staging is None:
@@ -239,22 +257,27 @@ class SamplingBatch:
             banned_rows = to_device(ban_rows, torch.int64)
             banned_token_ids = to_device(ban_ids, torch.int64)
 
-        # logit_bias: sparse (row, token, bias) triples. allowed_token_ids: a [B, V] mask, rows without
-        # the setting all True.
+        # logit_bias: sparse (row, token, bias) triples. allowed_token_ids: a [B, V] mask (rows without
+        # the setting block nothing), from each request's ids kept on the device.
         bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
         bias_rows = bias_token_ids = bias_values = None
         if bias:
             rows, ids, values = zip(*bias)
             bias_rows, bias_token_ids = to_device(rows, torch.int64), to_device(ids, torch.int64)
             bias_values = to_device(values, torch.float32)
-        allowed = None
-        if any(p.allowed_token_ids is not None for p in params):
-            rows = [i for i, p in enumerate(params) for _ in p.allowed_token_ids or ()]
-            ids = [t for p in params for t in p.allowed_token_ids or ()]
-            allowed = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
-            unrestricted = [i for i, p in enumerate(params) if p.allowed_token_ids is None]
-            allowed[to_device(unrestricted, torch.int64)] = True
-            allowed[to_device(rows, torch.int64), to_device(ids, torch.int64)] = True
+        blocked = None
+        restricted = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+        if restricted:
+            blocked = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
+            blocked[to_device(restricted, torch.int64)] = True
+            for i in restricted:
+                p = params[i]
+                ids = (
+                    staging.allowed_ids(p)
+                    if staging is not None
+                    else to_device(p.allowed_token_ids, torch.int64)
+                )
+                blocked[i].index_fill_(0, ids, False)
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -277,11 +300,16 @@ class SamplingBatch:
             bias_rows=bias_rows,
             bias_token_ids=bias_token_ids,
             bias_values=bias_values,
-            allowed=allowed,
+            blocked=blocked,
             seeded_rows=seeded_rows,
             max_num_logprobs=max(asked) if asked else None,
             staging=staging,
         )
+
+
+def _host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """values on the host, pinned when bound for a GPU (so that the copy does not block)."""
+    return torch.tensor(values, dtype=dtype, pin_memory=torch.device(device).type == "cuda")
 
 
 def _pad(rows: list[list[int]], pad_id: int, pin_memory: bool = False) -> torch.Tensor:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -103,10 +104,9 @@ class OpenAIServer:
     async def _generate(
         self, request: Request, req: GenerateRequest, prompts: list[tuple[str | None, list[int]]], chat: bool
     ) -> Response:
-        try:
-            req.params.check_vocab(self.config.hf_config.vocab_size)
-        except ValueError as e:  # (the message starts with the field's name)
-            raise RequestError(str(e), str(e).split(" ", 1)[0]) from None
+        if (error := req.params.vocab_error(self.config.hf_config.vocab_size)) is not None:
+            field, message = error
+            raise RequestError(message, field)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         subs = [
             SubRequest(f"{request_id}-{p}-{i}", text, ids, req.choice_params(i), req.fill_max_tokens)
@@ -122,9 +122,7 @@ class OpenAIServer:
         resp = _Response(
             request_id, self.model_name, int(time.time()), chat, sum(len(ids) for _, ids in prompts)
         )
-        choice_prompts = [
-            prompt for prompt in prompts for _ in range(req.n)
-        ]  # (text or None, ids) per choice
+        choice_prompts = [prompt for prompt in prompts for _ in range(req.n)]  # (text or None, ids)
         if req.stream:
             events = self._stream(stream, req, resp, choice_prompts)
             return _EventStream(events, media_type="text/event-stream")
@@ -136,6 +134,9 @@ class OpenAIServer:
             raise RequestError(str(e), status_code=503, type="service_unavailable") from None
         finally:
             stream.close()
+        # Choice 0 of each prompt scored it (prompt_logprobs, echo); its choices share that.
+        scores = [outputs[i - i % req.n].prompt_logprobs for i in range(len(outputs))]
+        outputs = [_as_shown(out, req, s) for out, s in zip(outputs, scores)]
         choices = [
             self._final_choice(i, out, req, chat, prompt)
             for i, (out, prompt) in enumerate(zip(outputs, choice_prompts))
@@ -168,9 +169,9 @@ class OpenAIServer:
                         "finish_reason": None,
                     }
                     yield _sse(resp.body([delta], final=False, **usage_null))
-            async for index, out in stream:
+            async for index, out in self._with_prompt_scores(stream, req):
                 state = states[index]
-                first = state.num_tokens == 0
+                first, state.started = not state.started, True
                 state.num_tokens += len(out.token_ids)
                 if not out.token_ids and not out.finished:  # (a chunk per new token, text or not, as vLLM)
                     continue
@@ -215,6 +216,29 @@ class OpenAIServer:
         finally:
             stream.close()  # the client went away (cancelled) or we are done: abort what runs on
         yield "data: [DONE]\n\n"
+
+    @staticmethod
+    async def _with_prompt_scores(stream: RequestStream, req: GenerateRequest):
+        """The stream's (choice index, delta) pairs as shown (`_as_shown`), each with its prompt's scores
+        (prompt_logprobs, echo): only choice 0 of a prompt scores it, so the deltas of the prompt's other
+        choices wait here for choice 0's first one."""
+        if req.params.prompt_logprobs is None:
+            async for index, out in stream:
+                yield index, _as_shown(out, req, None)
+            return
+        scores: dict[int, list | None] = {}  # prompt index -> its choice 0's prompt_logprobs
+        waiting: dict[int, list[tuple[int, RequestDelta]]] = {}  # prompt index -> deltas held back
+        async for index, out in stream:
+            prompt = index // req.n
+            if prompt not in scores and index % req.n:
+                waiting.setdefault(prompt, []).append((index, out))
+                continue
+            ready = [(index, out)]
+            if prompt not in scores:  # choice 0's first delta
+                scores[prompt] = out.prompt_logprobs
+                ready += waiting.pop(prompt, [])
+            for i, delta in ready:
+                yield i, _as_shown(delta, req, scores[prompt])
 
     def _final_choice(
         self,
@@ -326,7 +350,24 @@ class _ChoiceState:
 
     def __init__(self):
         self.num_tokens = 0
+        self.started = False  # a chunk has been sent
         self.text_offset = 0  # completions logprobs: characters of token strings sent so far
+
+
+def _as_shown(delta: RequestDelta, req: GenerateRequest, prompt_scores: list | None) -> RequestDelta:
+    """A choice's delta as the response shows it: with its prompt's scores (which choice 0 of the prompt
+    computed) and, for an echo of the prompt alone (max_tokens 0), nothing generated."""
+    delta = dataclasses.replace(delta, prompt_logprobs=prompt_scores)
+    if req.prompt_only:
+        delta = dataclasses.replace(
+            delta,
+            token_ids=[],
+            text="",
+            logprobs=None if delta.logprobs is None else [],
+            finish_reason="length" if delta.finished else None,
+            stop_reason=None,
+        )
+    return delta
 
 
 async def _collect(stream: RequestStream, num_choices: int) -> list[RequestDelta]:

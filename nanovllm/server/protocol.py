@@ -117,16 +117,14 @@ class GenerateRequest:
     logprobs: int | None  # top alternatives per token; None: no logprobs
     messages: list[dict] | None = None  # chat only
     echo: bool = False  # completions: the prompt's text (and logprobs) before each choice's
+    prompt_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated, unshown)
     # the prompt_logprobs field of the response (vLLM's); params.prompt_logprobs may be larger, for echo
     prompt_logprobs: int | None = None
 
     def choice_params(self, index: int) -> SamplingParams:
         """Params of choice `index` of a prompt: with a seed, each choice gets its own, derived from it.
-        Every choice scores the prompt when the response shows its logprobs for each choice."""
-        params = self.params.choice(index)
-        if self.params.prompt_logprobs is not None:
-            params = dataclasses.replace(params, prompt_logprobs=self.params.prompt_logprobs)
-        return params
+        Only choice 0 scores the prompt (prompt_logprobs); the response shows its scores for every choice."""
+        return self.params.choice(index)
 
 
 def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
@@ -135,9 +133,15 @@ def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
         raise RequestError("best_of together with n is not supported", "best_of")
     prompts = _parse_prompt(body.get("prompt"))
     logprobs = body.get("logprobs")
+    echo = body.get("echo")
+    if echo is not None and not isinstance(echo, bool):
+        raise RequestError(f"echo must be a boolean, got {echo!r}", "echo")
+    max_tokens = body.get("max_tokens")
+    # echo with max_tokens 0 (OpenAI's prompt scoring): one token is generated and not shown, as in vLLM
+    prompt_only = bool(echo) and type(max_tokens) is int and max_tokens == 0
     req = _parse_common(
         body,
-        max_tokens=body.get("max_tokens"),
+        max_tokens=1 if prompt_only else max_tokens,
         max_tokens_param="max_tokens",
         logprobs=logprobs,
         logprobs_param="logprobs",
@@ -145,10 +149,7 @@ def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
         max_model_len=max_model_len,
     )
     req.prompts = prompts
-    echo = body.get("echo")
-    if echo is not None and not isinstance(echo, bool):
-        raise RequestError(f"echo must be a boolean, got {echo!r}", "echo")
-    req.echo = bool(echo)
+    req.echo, req.prompt_only = bool(echo), prompt_only
     if req.echo and logprobs is not None:  # the prompt's logprobs come first in the choice's logprobs
         top = max(logprobs, req.params.prompt_logprobs or 0)
         req.params = dataclasses.replace(req.params, prompt_logprobs=top)

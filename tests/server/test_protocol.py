@@ -113,7 +113,10 @@ def test_echo_and_prompt_logprobs():
     )
     assert (req.params.prompt_logprobs, req.prompt_logprobs) == (4, 4)
     req = parse_completion_request({"prompt": "x", "n": 3, "seed": 1, "prompt_logprobs": 0}, MAX_LEN)
-    assert all(req.choice_params(i).prompt_logprobs == 0 for i in range(3))  # each choice shows them
+    # choice 0 scores the prompt, for every choice of it (the server shares them)
+    assert [req.choice_params(i).prompt_logprobs for i in range(3)] == [0, None, None]
+    assert parse_completion_request({"prompt": "x", "echo": True, "max_tokens": 0}, MAX_LEN).prompt_only
+    assert _err(parse_completion_request, {"prompt": "x", "max_tokens": 0}).param == "max_tokens"  # no echo
     chat = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2}, MAX_LEN)
     assert chat.prompt_logprobs == chat.params.prompt_logprobs == 2
 

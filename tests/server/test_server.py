@@ -273,6 +273,41 @@ def test_completion_echo_scores_the_prompt(client, ckpt, tokenizer):
     assert echo_only.text.startswith(tokenizer.decode(ids)) and echo_only.logprobs is None
 
 
+def test_echo_of_the_prompt_alone_and_of_several_prompts_with_n(client, tokenizer):
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt)["input_ids"]
+    out = _complete(client, prompt, max_tokens=0, echo=True, logprobs=1)  # OpenAI's prompt scoring
+    choice = out.choices[0]
+    assert choice.text == prompt and choice.finish_reason == "length"
+    assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[0] is None
+    assert out.usage.completion_tokens == 0
+    chunks = list(_complete(client, prompt, max_tokens=0, echo=True, logprobs=1, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == prompt
+    assert [
+        x for ch in chunks for x in ch.choices[0].logprobs.token_logprobs
+    ] == choice.logprobs.token_logprobs
+    # two prompts x n=2: each choice echoes its own prompt and shares its choice 0's scores
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    kw = dict(max_tokens=2, n=2, echo=True, logprobs=0, temperature=1.0, seed=4)
+    many = _complete(client, prompts, **kw).choices
+    streamed = {}
+    for ch in _complete(client, prompts, stream=True, **kw):
+        for c in ch.choices:
+            text, lps = streamed.get(c.index, ("", []))
+            streamed[c.index] = (text + c.text, lps + c.logprobs.token_logprobs)
+    for c in many:
+        p = prompts[c.index // 2]
+        assert c.text.startswith(tokenizer.decode(p))
+        assert (
+            c.logprobs.token_logprobs[: len(p)]
+            == many[c.index - c.index % 2].logprobs.token_logprobs[: len(p)]
+        )
+        assert (
+            streamed[c.index][0] == c.text
+            and streamed[c.index][1][: len(p)] == c.logprobs.token_logprobs[: len(p)]
+        )
+
+
 def test_prompt_logprobs_field(client, ckpt, tokenizer):
     prompt = "Once upon a time"
     ids = tokenizer(prompt)["input_ids"]
@@ -293,7 +328,12 @@ def test_prompt_logprobs_field(client, ckpt, tokenizer):
     assert (
         chunks[0].choices[0].model_extra["prompt_logprobs"] == out.choices[0].model_extra["prompt_logprobs"]
     )
+    chat_chunks = list(_chat(client, max_tokens=2, stream=True, extra_body={"prompt_logprobs": 0}))
+    streamed = [
+        ch.model_extra["prompt_logprobs"] for ch in chat_chunks if ch.model_extra.get("prompt_logprobs")
+    ]
     chat = _chat(client, max_tokens=2, extra_body={"prompt_logprobs": 0})
+    assert streamed == [chat.model_extra["prompt_logprobs"]]  # once, on the first content chunk
     rendered = tokenizer.apply_chat_template(
         [{"role": "user", "content": "Tell me a story."}], tokenize=False, add_generation_prompt=True
     )
