@@ -31,7 +31,7 @@ class LLM:
 
     def get_tokenizer(self):  # -> a transformers tokenizer, or None
         """The Hugging Face tokenizer (None for a checkpoint without one), as vLLM's `LLM.get_tokenizer`."""
-        return self.engine.tokenizer
+        return self.tokenizer
 
     def generate(
         self,
