@@ -108,10 +108,12 @@ class OpenAIServer:
             field, message = error
             raise RequestError(message, field)
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        # params.choice(i): with a seed, each choice draws from its own seed; only choice 0 scores the
+        # prompt (prompt_logprobs), and the response shows its scores for every choice of that prompt.
         subs = [
-            SubRequest(f"{request_id}-{p}-{i}", text, ids, req.choice_params(i), req.fill_max_tokens)
+            SubRequest(f"{request_id}-{p}-{i}", text, ids, req.params.choice(i), req.fill_max_tokens)
             for p, (text, ids) in enumerate(prompts)
-            for i in range(req.n)
+            for i in range(req.params.n)
         ]
         try:
             stream = await self.engine.submit(subs, incremental=req.stream)
@@ -122,7 +124,7 @@ class OpenAIServer:
         resp = _Response(
             request_id, self.model_name, int(time.time()), chat, sum(len(ids) for _, ids in prompts)
         )
-        choice_prompts = [prompt for prompt in prompts for _ in range(req.n)]  # (text or None, ids)
+        choice_prompts = [prompt for prompt in prompts for _ in range(req.params.n)]  # (text or None, ids)
         if req.stream:
             events = self._stream(stream, req, resp, choice_prompts)
             return _EventStream(events, media_type="text/event-stream")
@@ -135,7 +137,7 @@ class OpenAIServer:
         finally:
             stream.close()
         # Choice 0 of each prompt scored it (prompt_logprobs, echo); its choices share that.
-        scores = [outputs[i - i % req.n].prompt_logprobs for i in range(len(outputs))]
+        scores = [outputs[i - i % req.params.n].prompt_logprobs for i in range(len(outputs))]
         outputs = [_as_shown(out, req, s) for out, s in zip(outputs, scores)]
         choices = [
             self._final_choice(i, out, req, chat, prompt)
@@ -229,8 +231,8 @@ class OpenAIServer:
         scores: dict[int, list | None] = {}  # prompt index -> its choice 0's prompt_logprobs
         waiting: dict[int, list[tuple[int, RequestDelta]]] = {}  # prompt index -> deltas held back
         async for index, out in stream:
-            prompt = index // req.n
-            if prompt not in scores and index % req.n:
+            prompt = index // req.params.n
+            if prompt not in scores and index % req.params.n:
                 waiting.setdefault(prompt, []).append((index, out))
                 continue
             ready = [(index, out)]

@@ -105,12 +105,11 @@ def error_body(message: str, type: str, param: str | None = None, code: str | No
 
 @dataclass
 class GenerateRequest:
-    """What both endpoints hand to the engine: prompts x n choices with one set of sampling params."""
+    """What both endpoints hand to the engine: prompts x params.n choices with one set of sampling params."""
 
     model: str | None
     prompts: list[str | list[int]]  # completions: one or a batch; chat: [messages] (rendered later)
     params: SamplingParams
-    n: int
     stream: bool
     include_usage: bool
     fill_max_tokens: bool  # max_tokens not given (chat): whatever the context window leaves
@@ -120,11 +119,6 @@ class GenerateRequest:
     prompt_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated, unshown)
     # the prompt_logprobs field of the response (vLLM's); params.prompt_logprobs may be larger, for echo
     prompt_logprobs: int | None = None
-
-    def choice_params(self, index: int) -> SamplingParams:
-        """Params of choice `index` of a prompt: with a seed, each choice gets its own, derived from it.
-        Only choice 0 scores the prompt (prompt_logprobs); the response shows its scores for every choice."""
-        return self.params.choice(index)
 
 
 def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
@@ -153,8 +147,9 @@ def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
     if req.echo and logprobs is not None:  # the prompt's logprobs come first in the choice's logprobs
         top = max(logprobs, req.params.prompt_logprobs or 0)
         req.params = dataclasses.replace(req.params, prompt_logprobs=top)
-    if len(prompts) * req.n > MAX_N:
-        raise RequestError(f"{len(prompts)} prompts x n={req.n} choices exceeds the limit of {MAX_N}", "n")
+    n = req.params.n
+    if len(prompts) * n > MAX_N:
+        raise RequestError(f"{len(prompts)} prompts x n={n} choices exceeds the limit of {MAX_N}", "n")
     return req
 
 
@@ -225,6 +220,7 @@ def _parse_common(
     fill = max_tokens is None and default_max_tokens is None
     kwargs = {
         "max_tokens": max_model_len if fill else (default_max_tokens if max_tokens is None else max_tokens),
+        "n": n,
         "stop": stop,
         "logprobs": logprobs,
         "logit_bias": _parse_logit_bias(body.get("logit_bias")),
@@ -240,7 +236,7 @@ def _parse_common(
         message = str(e) if param == field else str(e).replace(field, param, 1)
         raise RequestError(message, param) from None
     return GenerateRequest(
-        model, [], params, n, stream, include_usage, fill, logprobs, prompt_logprobs=params.prompt_logprobs
+        model, [], params, stream, include_usage, fill, logprobs, prompt_logprobs=params.prompt_logprobs
     )
 
 

@@ -30,7 +30,7 @@ def _err(fn, body) -> RequestError:
 
 def test_completion_defaults_and_fields():
     req = parse_completion_request({"model": "m", "prompt": "hi"}, MAX_LEN)
-    assert req.prompts == ["hi"] and req.n == 1 and not req.stream and req.logprobs is None
+    assert req.prompts == ["hi"] and req.params.n == 1 and not req.stream and req.logprobs is None
     assert req.params.max_tokens == 16 and req.params.temperature == 1.0 and not req.fill_max_tokens
     body = {
         "prompt": [1, 2],
@@ -114,7 +114,7 @@ def test_echo_and_prompt_logprobs():
     assert (req.params.prompt_logprobs, req.prompt_logprobs) == (4, 4)
     req = parse_completion_request({"prompt": "x", "n": 3, "seed": 1, "prompt_logprobs": 0}, MAX_LEN)
     # choice 0 scores the prompt, for every choice of it (the server shares them)
-    assert [req.choice_params(i).prompt_logprobs for i in range(3)] == [0, None, None]
+    assert [req.params.choice(i).prompt_logprobs for i in range(3)] == [0, None, None]
     assert parse_completion_request({"prompt": "x", "echo": True, "max_tokens": 0}, MAX_LEN).prompt_only
     assert _err(parse_completion_request, {"prompt": "x", "max_tokens": 0}).param == "max_tokens"  # no echo
     chat = parse_chat_request({"messages": [{"role": "user", "content": "x"}], "prompt_logprobs": 2}, MAX_LEN)
@@ -188,11 +188,11 @@ def test_chat_rejects():
 
 def test_per_choice_seeds():
     req = parse_completion_request({"prompt": "x", "seed": 5, "n": 4}, MAX_LEN)
-    seeds = [req.choice_params(i).seed for i in range(4)]
+    seeds = [req.params.choice(i).seed for i in range(4)]
     assert seeds[0] == 5 and len(set(seeds)) == 4
-    assert seeds == [req.choice_params(i).seed for i in range(4)] and derive_seed(5, 1) == seeds[1]
+    assert seeds == [req.params.choice(i).seed for i in range(4)] and derive_seed(5, 1) == seeds[1]
     unseeded = parse_completion_request({"prompt": "x", "n": 2}, MAX_LEN)
-    assert unseeded.choice_params(1).seed is None
+    assert unseeded.params.choice(1).seed is None
 
 
 def test_metrics_render():
