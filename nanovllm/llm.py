@@ -10,6 +10,7 @@ from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.chat import text_messages
 
 
 class LLM:
@@ -75,13 +76,17 @@ class LLM:
         texts, encoded = [], []
         for i, (conversation, p) in enumerate(zip(conversations, params)):
             try:
+                conversation = text_messages(conversation)
+            except ValueError as e:
+                raise ValueError(f"conversation {i}: {e}") from None
+            try:
                 options = dict(
                     chat_template=chat_template,
                     add_generation_prompt=add_generation_prompt,
                     continue_final_message=continue_final_message,
                 )
                 options.update(chat_template_kwargs or {})  # (vLLM's order: the kwargs win)
-                text = tokenizer.apply_chat_template(_text_messages(conversation), tokenize=False, **options)
+                text = tokenizer.apply_chat_template(conversation, tokenize=False, **options)
             except Exception as e:  # jinja and transformers raise many kinds for what a template rejects
                 raise ValueError(f"conversation {i}: the chat template failed: {e}") from None
             # The rendered text already holds whatever special tokens the model wants.
@@ -157,23 +162,6 @@ def _merge_samples(outs: list[RequestOutput]) -> RequestOutput:
     first = outs[0]
     completions = [dataclasses.replace(out.outputs[0], index=i) for i, out in enumerate(outs)]
     return dataclasses.replace(first, outputs=completions)
-
-
-def _text_messages(conversation: list[dict]) -> list[dict]:
-    """Messages as chat templates expect them: a role, and content as one string (OpenAI's lists of
-    {"type": "text", "text": ...} parts are joined, as vLLM does)."""
-    out = []
-    for i, m in enumerate(conversation):
-        content = m.get("content")
-        if isinstance(content, list) and all(
-            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            for part in content
-        ):
-            content = "".join(part["text"] for part in content)
-        if not isinstance(m.get("role"), str) or not isinstance(content, str):
-            raise ValueError(f"message {i} needs a 'role' string and text 'content', got {m!r}")
-        out.append({**m, "content": content})
-    return out
 
 
 def _as_conversation_list(messages: list[dict] | list[list[dict]]) -> list[list[dict]]:

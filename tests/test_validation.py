@@ -281,6 +281,12 @@ USER_HI = [{"role": "user", "content": "hi"}]
             ["conversation 0", "no system"],
         ),
         ([USER_HI, [{"role": "user", "content": "word " * 80}]], {}, ["conversation 1", "max_model_len"]),
+        ([{"content": "no role"}], {}, ["conversation 0", "messages[0].role must be a string"]),
+        (
+            [USER_HI, [USER_HI[0], {"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]],
+            {},
+            ["conversation 1", "messages[1].content[0]: only text parts"],
+        ),
     ],
 )
 def test_bad_conversations(llm, reference, messages, kwargs, fragments):

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.chat import MessageError, text_messages
 
 MAX_N = 128  # choices per request (n x prompts): a guard against one request flooding the engine
 
@@ -295,40 +296,7 @@ def _parse_prompt(prompt: Any) -> list[str | list[int]]:
 
 
 def _parse_messages(messages: Any) -> list[dict]:
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("messages must be a non-empty list of {role, content} objects", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise RequestError(f"{where} must be an object", where)
-        for key in m:
-            if key not in ("role", "content", "name"):
-                raise RequestError(f"{where}.{key} is not supported by this server", f"{where}.{key}")
-        role = m.get("role")
-        if role not in CHAT_ROLES:
-            raise RequestError(
-                f"{where}.role must be one of {list(CHAT_ROLES)}, got {role!r}", f"{where}.role"
-            )
-        msg = {"role": role, "content": _message_text(m.get("content"), f"{where}.content")}
-        if m.get("name") is not None:
-            msg["name"] = m["name"]
-        out.append(msg)
-    return out
-
-
-def _message_text(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        parts = []
-        for j, part in enumerate(content):
-            if (
-                not isinstance(part, dict)
-                or part.get("type") != "text"
-                or not isinstance(part.get("text"), str)
-            ):
-                raise RequestError(f"{where}[{j}]: only text parts are supported", f"{where}[{j}]")
-            parts.append(part["text"])
-        return "".join(parts)
-    raise RequestError(f"{where} must be a string or a list of text parts, got {content!r}", where)
+    try:
+        return text_messages(messages, roles=CHAT_ROLES, fields=("role", "content", "name"))
+    except MessageError as e:
+        raise RequestError(str(e), e.param) from None
