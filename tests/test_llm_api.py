@@ -189,5 +189,39 @@ def test_token_settings_outside_the_vocabulary_raise(llm, field, value):
     assert llm.generate([PROMPT], GREEDY, use_tqdm=False)[0].outputs[0].token_ids  # still usable
 
 
+# ---- special tokens in the text ---------------------------------------------------------------------
+
+IM_START = 1  # a special token of the test tokenizer that is not EOS
+
+
+@pytest.mark.parametrize("path", ["decoded at the end", "stop strings", "streamed"])
+@pytest.mark.parametrize("skip", [True, False])
+def test_skip_special_tokens_decides_whether_their_text_shows(llm, path, skip):
+    """Text is decoded once at the end, or token by token (stop strings, streaming): each honours the flag."""
+    params = SamplingParams(
+        temperature=1.0,
+        seed=1,
+        max_tokens=MAX_TOKENS,
+        ignore_eos=True,
+        allowed_token_ids=[IM_START, 40],  # a draw that mixes <|im_start|> and "F"
+        skip_special_tokens=skip,
+        stop=["no such text"] if path == "stop strings" else None,
+    )
+    if path == "streamed":
+        rid = llm.engine.add_request(PROMPT, params, incremental=True)
+        outs = []
+        while not outs or not outs[-1].finished:
+            outs += [o for o in llm.engine.step() if o.request_id == rid]
+        streamed = [o.outputs[0].text for o in outs]
+        assert all(streamed[-1].startswith(text) for text in streamed)  # the streamed text only grows
+        out = outs[-1].outputs[0]
+    else:
+        out = llm.generate([PROMPT], params, use_tqdm=False)[0].outputs[0]
+    assert IM_START in out.token_ids and 40 in out.token_ids  # (the seed's draw, or the test proves less)
+    tokenizer = llm.get_tokenizer()
+    assert out.text == tokenizer.decode(out.token_ids, skip_special_tokens=skip)
+    assert ("<|im_start|>" in out.text) is not skip and "F" in out.text
+
+
 def _with(params: SamplingParams, **changes) -> SamplingParams:
     return dataclasses.replace(params, **changes)
