@@ -328,3 +328,32 @@ def test_a_failed_step_leaves_no_trace(llm, reference, error, monkeypatch):
     again = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
     assert again.num_cached_tokens == 32 and again.outputs[0].token_ids == first.outputs[0].token_ids
     assert_healthy(llm, reference)
+
+
+def test_a_failed_step_drops_every_sample_of_an_n_request(llm, reference, monkeypatch):
+    """LLM.generate runs each of n samples as a request of its own: a failed step fails them all."""
+    prompt = list(range(500, 541))  # not seen before
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True, n=3)
+    engine = llm.engine
+    added = []
+    add_request = engine.add_request
+
+    def recording_add(*args, **kwargs):
+        added.append(add_request(*args, **kwargs))
+        return added[-1]
+
+    def fail(batch):
+        raise RuntimeError("device fell over")
+
+    with monkeypatch.context() as m:
+        m.setattr(engine, "add_request", recording_add)
+        m.setattr(engine.runner, "launch", fail)
+        with raises(RuntimeError, "device fell over"):
+            llm.generate([prompt, GOOD_PROMPTS[0]], [params, GREEDY], use_tqdm=False)
+    samples = added[:3]
+    assert len(added) == 4 and set(samples) <= set(engine.dropped_request_ids)
+    assert not engine.has_unfinished() and engine.requests == {}
+    (out,) = llm.generate([prompt], params, use_tqdm=False)
+    assert out.num_cached_tokens == 0 and len(out.outputs) == 3
+    assert all(len(c.token_ids) == 6 for c in out.outputs)
+    assert_healthy(llm, reference)
