@@ -414,6 +414,22 @@ def test_stop_token_ids(client, hf, tokenizer):
     assert _complete(client, prompt, max_tokens=9, extra_body=extra).usage.completion_tokens == 9
 
 
+def test_include_stop_str_in_output(client):
+    tokens = _tokens(client, "The capital of France is", max_tokens=16, extra_body={"ignore_eos": True})
+    full = "".join(tokens)
+    stop = next(t for t in tokens[3:] if t.strip() and full.find(t) > 0)  # a piece of text after the start
+    end = full.find(stop)
+    plain = _complete(client, max_tokens=16, stop=[stop]).choices[0]
+    kept = _complete(client, max_tokens=16, stop=[stop], extra_body={"include_stop_str_in_output": True})
+    assert plain.text == full[:end] and not plain.text.endswith(stop)
+    assert kept.choices[0].text == full[: end + len(stop)] and kept.choices[0].text.endswith(stop)
+    assert plain.finish_reason == kept.choices[0].finish_reason == "stop"
+    chunks = _complete(
+        client, max_tokens=16, stop=[stop], stream=True, extra_body={"include_stop_str_in_output": True}
+    )
+    assert "".join(ch.choices[0].text for ch in chunks) == kept.choices[0].text
+
+
 def test_top_k_min_p_penalties(client, tokenizer):
     greedy = _tokens(client, "def f(x):", max_tokens=12)
     assert _tokens(client, "def f(x):", max_tokens=12, temperature=1.0, extra_body={"top_k": 1}) == greedy
