@@ -36,8 +36,10 @@ class ScheduledBatch:
         self.samples = [
             s.num_computed_tokens + n == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens)
         ]
-        scores = [s.prompt_rows_to_score(n) for s, n in zip(self.seqs, self.num_new_tokens)]
-        self.scores = scores if any(scores) else None
+        self.scores = None
+        if any(s.params.prompt_logprobs is not None for s in self.seqs):  # (rare: a cheap test first)
+            scores = [s.prompt_rows_to_score(n) for s, n in zip(self.seqs, self.num_new_tokens)]
+            self.scores = scores if any(scores) else None
 
     @property
     def num_tokens(self) -> int:

@@ -259,14 +259,15 @@ class SamplingBatch:
 
         # logit_bias: sparse (row, token, bias) triples. allowed_token_ids: a [B, V] mask (rows without
         # the setting block nothing), from each request's ids kept on the device.
-        bias = [(i, t, b) for i, p in enumerate(params) for t, b in (p.logit_bias or {}).items()]
+        steered = [i for i, p in enumerate(params) if p.logit_bias or p.allowed_token_ids]
+        bias = [(i, t, b) for i in steered for t, b in (params[i].logit_bias or {}).items()]
         bias_rows = bias_token_ids = bias_values = None
         if bias:
             rows, ids, values = zip(*bias)
             bias_rows, bias_token_ids = to_device(rows, torch.int64), to_device(ids, torch.int64)
             bias_values = to_device(values, torch.float32)
         blocked = None
-        restricted = [i for i, p in enumerate(params) if p.allowed_token_ids is not None]
+        restricted = [i for i in steered if params[i].allowed_token_ids is not None]
         if restricted:
             blocked = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
             blocked[to_device(restricted, torch.int64)] = True
