@@ -140,6 +140,7 @@ def test_latency_benchmark(tmp_path):
     r = _report(tmp_path, "latency")
     assert [(x["num_prompts"], x["prompt_len"]) for x in r["prefill"]] == [(3, 20), (1, 50)]
     assert all(x["ms_median"] > 0 and x["tflop_per_s"] > 0 and x["floor_ms"] > 0 for x in r["prefill"])
+    assert all(x["scored_ms_median"] > 0 and x["scored_floor_ms"] > x["floor_ms"] for x in r["prefill"])
     assert [x["context"] for x in r["ttft"]] == [16, 40]
     assert [(x["batch"], x["context"]) for x in r["tpot_batch1"]] == [(1, 16), (1, 40)]
     assert [x["batch"] for x in r["tpot_batched"]] == [2, 3]

@@ -23,6 +23,9 @@ Floors, from the measured peaks of the card (common.CARD_PEAKS; H100: 3.0 TB/s, 
   summed over the prompts of a batch.
 - Prefill throughput: P prompts of C tokens added at once (16 x 1024 and 4 x 4096 = 16k tokens, one
   step at the default token budget), timed to the last first token; achieved TFLOP/s and % of floor.
+  Then the same batch scored (`prompt_logprobs=0`, what log-likelihood evaluation asks for): every prompt
+  row also goes through the LM head and a log-softmax, in eager steps; its floor adds the LM head's FLOPs
+  over all rows.
 """
 
 from __future__ import annotations
@@ -200,12 +203,14 @@ def measure_ttft(engine, prompts: _Prompts, context: int, repeats: int) -> dict[
     }
 
 
-def measure_prefill(engine, prompts: _Prompts, num_prompts: int, length: int, repeats: int) -> dict[str, Any]:
+def measure_prefill(
+    engine, prompts: _Prompts, num_prompts: int, length: int, repeats: int, prompt_logprobs: int | None = None
+) -> dict[str, Any]:
     """Time prefilling `num_prompts` fresh prompts of `length` tokens added at once (one step when
     they fit the token budget), up to each one's first token; median of `repeats` after a warm-up."""
     from nanovllm import SamplingParams
 
-    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=prompt_logprobs)
     times = []
     for i in range(repeats + 1):
         batch = [prompts(length) for _ in range(num_prompts)]
@@ -335,6 +340,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 prefill_flops(sizes, lens) / sizes["tensor_parallel_size"] / r["ms_median"] / 1e9
             )
             r["pct_of_floor"] = 100 * r["floor_ms"] / r["ms_median"]
+            scored = measure_prefill(engine, prompts, num_prompts, length, args.ttft_repeats, 0)
+            head_flops = 2 * sizes["hidden_size"] * sizes["vocab_size"] * num_prompts * (length - 1)
+            r["scored_ms_median"] = scored["ms_median"]
+            r["scored_floor_ms"] = r["floor_ms"] + head_flops / sizes["tensor_parallel_size"] / flops * 1e3
+            r["scored_tok_per_s"] = num_prompts * length / scored["ms_median"] * 1e3
             prefill.append(r)
         report.update(ttft=ttft, prefill=prefill, tpot_batch1=tpot1, tpot_batched=tpotb)
         report["kv_cache_blocks"] = engine.num_kvcache_blocks
@@ -363,7 +373,16 @@ def print_summary(report: dict[str, Any]) -> None:
     )
     print_table(
         f"Prefill throughput {title}",
-        ["prompts x tokens", "ms (median)", "TFLOP/s", "floor ms", "floor / time"],
+        [
+            "prompts x tokens",
+            "ms (median)",
+            "TFLOP/s",
+            "floor ms",
+            "floor / time",
+            "scored ms",
+            "scored floor ms",
+            "scored tok/s",
+        ],
         [
             [
                 f"{r['num_prompts']} x {r['prompt_len']}",
@@ -371,6 +390,9 @@ def print_summary(report: dict[str, Any]) -> None:
                 f"{r['tflop_per_s']:.0f}",
                 f"{r['floor_ms']:.2f}",
                 f"{r['pct_of_floor']:.0f}%",
+                f"{r['scored_ms_median']:.2f}",
+                f"{r['scored_floor_ms']:.2f}",
+                fmt(r["scored_tok_per_s"]),
             ]
             for r in report.get("prefill", [])
         ],
