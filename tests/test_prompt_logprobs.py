@@ -79,7 +79,9 @@ def test_cached_prefix_is_recomputed_to_be_scored_and_still_shared_after(llm, re
     assert again.num_cached_tokens == 48  # the cache still serves requests that do not score
     fresh = LLM(str(llm.engine.config.model_path), max_model_len=128, enable_prefix_caching=False)
     (alone,) = fresh.generate([prompt], SCORED, use_tqdm=False)
-    assert scored.prompt_logprobs == alone.prompt_logprobs
+    for a, b in zip(scored.prompt_logprobs[1:], alone.prompt_logprobs[1:]):  # (chunked differently)
+        assert (a.token_id, list(a.top_logprobs)) == (b.token_id, list(b.top_logprobs))
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
     fresh.shutdown()
 
 

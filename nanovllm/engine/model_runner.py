@@ -21,7 +21,7 @@ from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
 from nanovllm.kernels.backend import kernel_backend
 from nanovllm.kernels.paged_attention import MAX_GRID_Y, max_work_items, prefill_tile_tokens
 from nanovllm.layers.attention import Attention, AttentionMetadata
-from nanovllm.layers.sampler import PromptLogprobs, Sampler, SamplerOutput, gather_logprobs
+from nanovllm.layers.sampler import PromptLogprobs, Sampler, SamplerOutput, score_tokens
 from nanovllm.layers.sampling_batch import (
     SamplingBatch,
     SamplingRequest,
@@ -352,10 +352,7 @@ class ModelRunner:
         for i in range(0, inp.score_rows.numel(), step):
             logits = self.model.compute_logits(hidden[rows[i : i + step]])  # [r, vocab] on rank 0
             if logits is not None:
-                raw = logits.log_softmax(dim=-1, dtype=torch.float32)
-                chosen, top_ids, top_logprobs = gather_logprobs(raw, tokens[i : i + step], inp.num_score_top)
-                ranks = (raw > chosen[:, None]).sum(dim=-1) + 1
-                parts.append((chosen, top_ids, top_logprobs, ranks))
+                parts.append(score_tokens(logits, tokens[i : i + step], inp.num_score_top))
         return PromptLogprobs(*(torch.cat(p) for p in zip(*parts))) if parts else None
 
     def _fill_pending(self, input_ids: torch.Tensor, inp: ModelInput) -> torch.Tensor:

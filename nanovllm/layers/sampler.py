@@ -23,6 +23,7 @@ from torch import nn
 
 from nanovllm.kernels.backend import use_triton
 from nanovllm.kernels.sampling import gumbel_argmax
+from nanovllm.kernels.token_logprobs import token_logprobs
 from nanovllm.layers.sampling_batch import SamplingBatch, row_seed_array
 
 # top-p keeps a token while the mass ranked above it is below top_p. Float32 softmax/cumsum error
@@ -52,6 +53,21 @@ class PromptLogprobs:
     def to_host(self) -> PromptLogprobs:
         """Copies on the host, queued behind the step (pinned on CUDA, so the caller waits on an event)."""
         return PromptLogprobs(*(x.to("cpu", non_blocking=True) for x in vars(self).values()))
+
+
+def score_tokens(
+    logits: torch.Tensor, token_ids: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """prompt_logprobs of a slice of rows: logits [R, V] (raw), token_ids [R] -> (the token's raw logprob
+    [R] fp32, top ids [R, N] int64, top logprobs [R, N] fp32, the token's rank [R] int64). One pass over the
+    logits (kernels/token_logprobs.py) and, for N > 0, a top-k of the logits themselves: log_softmax keeps
+    their order, so the top logprobs are the top logits minus the row's log-sum-exp."""
+    chosen, ranks, lse = token_logprobs(logits, token_ids)
+    if num_top == 0:
+        empty = torch.empty(len(token_ids), 0, device=logits.device)
+        return chosen, empty.long(), empty, ranks
+    top_logits, top_ids = logits.topk(min(num_top, logits.shape[-1]), dim=-1)
+    return chosen, top_ids, top_logits.float() - lse[:, None], ranks
 
 
 def gather_logprobs(
