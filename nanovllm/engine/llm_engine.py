@@ -293,17 +293,17 @@ class LLMEngine:
                 req.logprobs.append(Logprob(token, chosen[row], top))
 
     def _record_prompt_logprobs(self, batch: ScheduledBatch, out: PromptLogprobs) -> None:
-        chosen, top_ids, top_vals = out.logprobs.tolist(), out.top_ids.tolist(), out.top_logprobs.tolist()
-        ranks = out.ranks.tolist()
+        chosen, ranks = out.logprobs.tolist(), out.ranks.tolist()
+        top_ids, top_vals = out.top_ids.tolist(), out.top_logprobs.tolist()
         row = 0
         for seq, positions in zip(batch.seqs, batch.scores):
-            req = self.requests.get(seq.request_id)
-            for p in positions:  # position p's logits score prompt token p + 1
-                if req is not None:
-                    n = seq.params.prompt_logprobs
-                    top = dict(zip(top_ids[row][:n], top_vals[row][:n]))
-                    req.prompt_logprobs.append(Logprob(seq.token_ids[p + 1], chosen[row], top, ranks[row]))
-                row += 1
+            req, end = self.requests.get(seq.request_id), row + len(positions)
+            if req is not None and positions:  # position p's logits score prompt token p + 1
+                n = seq.params.prompt_logprobs
+                tops = [dict(zip(i[:n], v[:n])) for i, v in zip(top_ids[row:end], top_vals[row:end])]
+                tokens = seq.token_ids[positions.start + 1 : positions.stop + 1]
+                req.prompt_logprobs.extend(map(Logprob, tokens, chosen[row:end], tops, ranks[row:end]))
+            row = end
 
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq
