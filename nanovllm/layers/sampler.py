@@ -70,16 +70,6 @@ def score_tokens(
     return chosen, top_ids, top_logits.float() - lse[:, None], ranks
 
 
-def gather_logprobs(
-    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """raw_logprobs [B, V] fp32, token_ids [B] -> (logprob of each row's token [B], top ids [B, N], top
-    logprobs [B, N]), N = min(num_top, V)."""
-    chosen = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
-    top_logprobs, top_ids = raw_logprobs.topk(min(num_top, raw_logprobs.shape[-1]), dim=-1)
-    return chosen, top_ids, top_logprobs
-
-
 class Sampler(nn.Module):
     """Samples one token per row.
 
@@ -141,7 +131,9 @@ class Sampler(nn.Module):
 
         if raw_logprobs is None:
             return SamplerOutput(token_ids, None, None, None)
-        return SamplerOutput(token_ids, *gather_logprobs(raw_logprobs, token_ids, batch.max_num_logprobs))
+        logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+        top_logprobs, top_ids = raw_logprobs.topk(min(batch.max_num_logprobs, batch.vocab_size), dim=-1)
+        return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
 
     def _gumbel_draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # The kernels do temperature, noise and argmax (greedy rows: plain argmax). Top-p and min-p
