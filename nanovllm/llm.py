@@ -11,6 +11,7 @@ from nanovllm.engine.llm_engine import LLMEngine, Prompt
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.chat import text_messages
+from nanovllm.utils.heap import frozen_heap
 
 
 class LLM:
@@ -111,24 +112,26 @@ class LLM:
         wanted: set[str] = set()
         results: dict[str, RequestOutput] = {}
         total = sum(p.n for p in params)
-        bar = tqdm(total=total, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        try:
-            for prompt, tok, p in zip(prompts, encoded, params):
-                ids.append([])
-                for j in range(p.n):  # (recorded one by one: an error part-way aborts what was queued)
-                    ids[-1].append(self.engine.add_request(prompt, p.choice(j), prompt_token_ids=tok))
-                    wanted.add(ids[-1][-1])
-            while len(results) < total:
-                for out in self.engine.step():
-                    # Requests added straight to the engine may finish here too: not ours to return.
-                    if out.finished and out.request_id in wanted:
-                        results[out.request_id] = out
-                        bar.update(1)
-                bar.set_postfix_str(f"{self.engine.num_generated_tokens} tokens", refresh=False)
-        finally:
-            bar.close()
-            for rid in wanted - results.keys():
-                self.engine.abort(rid)  # after an error: leave no request behind
+        # No full garbage collection walks the engine's own objects meanwhile (utils/heap.py).
+        with frozen_heap():
+            bar = tqdm(total=total, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+            try:
+                for prompt, tok, p in zip(prompts, encoded, params):
+                    ids.append([])
+                    for j in range(p.n):  # (recorded one by one: an error part-way aborts what was queued)
+                        ids[-1].append(self.engine.add_request(prompt, p.choice(j), prompt_token_ids=tok))
+                        wanted.add(ids[-1][-1])
+                while len(results) < total:
+                    for out in self.engine.step():
+                        # Requests added straight to the engine may finish here too: not ours to return.
+                        if out.finished and out.request_id in wanted:
+                            results[out.request_id] = out
+                            bar.update(1)
+                    bar.set_postfix_str(f"{self.engine.num_generated_tokens} tokens", refresh=False)
+            finally:
+                bar.close()
+                for rid in wanted - results.keys():
+                    self.engine.abort(rid)  # after an error: leave no request behind
         return [_merge_samples([results[rid] for rid in sample_ids]) for sample_ids in ids]
 
     def shutdown(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 import pytest
 
@@ -225,3 +226,28 @@ def test_skip_special_tokens_decides_whether_their_text_shows(llm, path, skip):
 
 def _with(params: SamplingParams, **changes) -> SamplingParams:
     return dataclasses.replace(params, **changes)
+
+
+def test_generate_runs_with_the_heap_frozen_and_thaws_it_after(llm, monkeypatch):
+    """No full garbage collection walks the engine's objects during generate (utils/heap.py), and the
+    freeze ends with the call, also when a step fails."""
+    gc.unfreeze()
+    step, counts = llm.engine.step, []
+
+    def counting_step():
+        counts.append(gc.get_freeze_count())
+        return step()
+
+    monkeypatch.setattr(llm.engine, "step", counting_step)
+    llm.generate([PROMPT], GREEDY, use_tqdm=False)
+    assert counts and min(counts) > 0
+    assert gc.get_freeze_count() == 0
+
+    def failing_step():
+        raise RuntimeError("step failed")
+
+    monkeypatch.setattr(llm.engine, "step", failing_step)
+    with pytest.raises(RuntimeError, match="step failed"):
+        llm.generate([PROMPT], GREEDY, use_tqdm=False)
+    assert gc.get_freeze_count() == 0
+    assert not llm.engine.has_unfinished()  # the failed call's request was aborted

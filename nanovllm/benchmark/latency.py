@@ -51,6 +51,7 @@ from nanovllm.benchmark.common import (
     write_report,
 )
 from nanovllm.config import DEFAULT_MODEL, preset_names
+from nanovllm.utils.heap import frozen_heap
 
 PREFILL_SLACK_TOKENS = 512  # decode steps a request may take while the rest of its batch prefills
 
@@ -313,44 +314,46 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "init_seconds": init_s,
     }
     try:
-        ttft, tpot1, tpotb = [], [], []
-        for c in args.contexts:
-            r = measure_ttft(engine, prompts, c, args.ttft_repeats)
-            r["floor_ms"] = prefill_floor_ms(sizes, [c], bandwidth, flops)
-            ttft.append(r)
-        for batch, contexts in [(1, args.contexts), *((b, [args.batch_context]) for b in args.batches)]:
-            for c in contexts:
-                try:
-                    measure_tpot(engine, prompts, batch, c, min(4, args.decode_steps))  # warm-up
-                    r = measure_tpot(engine, prompts, batch, c, args.decode_steps)
-                except RuntimeError as e:  # e.g. a batch the KV cache cannot hold: record, go on
-                    r = {"batch": batch, "context": c, "error": str(e)}
-                else:
-                    r["floor_weights_ms"], r["floor_ms"] = decode_floor_ms(
-                        sizes, batch, r["mean_context"], bandwidth
-                    )
-                    r["pct_of_floor"] = 100 * r["floor_ms"] / r["tpot_ms_median"]
-                (tpot1 if batch == 1 else tpotb).append(r)
-        prefill = []
-        for num_prompts, length in args.prefill_batches:
-            r = measure_prefill(engine, prompts, num_prompts, length, args.ttft_repeats)
-            lens = [length] * num_prompts
-            r["floor_ms"] = prefill_floor_ms(sizes, lens, bandwidth, flops)
-            r["tflop_per_s"] = (
-                prefill_flops(sizes, lens) / sizes["tensor_parallel_size"] / r["ms_median"] / 1e9
-            )
-            r["pct_of_floor"] = 100 * r["floor_ms"] / r["ms_median"]
-            scored = measure_prefill(engine, prompts, num_prompts, length, args.ttft_repeats, 0)
-            head_flops = 2 * sizes["hidden_size"] * sizes["vocab_size"] * num_prompts * (length - 1)
-            r["scored_ms_median"] = scored["ms_median"]
-            r["scored_floor_ms"] = r["floor_ms"] + head_flops / sizes["tensor_parallel_size"] / flops * 1e3
-            r["scored_tok_per_s"] = num_prompts * length / scored["ms_median"] * 1e3
-            prefill.append(r)
-        report.update(ttft=ttft, prefill=prefill, tpot_batch1=tpot1, tpot_batched=tpotb)
-        report["kv_cache_blocks"] = engine.num_kvcache_blocks
-        report["block_size"] = config.block_size
-        report["kv_cache_tokens"] = engine.num_kvcache_blocks * config.block_size
-        report.update(memory_stats())
+        with frozen_heap():  # as LLM.generate runs: no full collections over the engine's objects
+            ttft, tpot1, tpotb = [], [], []
+            for c in args.contexts:
+                r = measure_ttft(engine, prompts, c, args.ttft_repeats)
+                r["floor_ms"] = prefill_floor_ms(sizes, [c], bandwidth, flops)
+                ttft.append(r)
+            for batch, contexts in [(1, args.contexts), *((b, [args.batch_context]) for b in args.batches)]:
+                for c in contexts:
+                    try:
+                        measure_tpot(engine, prompts, batch, c, min(4, args.decode_steps))  # warm-up
+                        r = measure_tpot(engine, prompts, batch, c, args.decode_steps)
+                    except RuntimeError as e:  # e.g. a batch the KV cache cannot hold: record, go on
+                        r = {"batch": batch, "context": c, "error": str(e)}
+                    else:
+                        r["floor_weights_ms"], r["floor_ms"] = decode_floor_ms(
+                            sizes, batch, r["mean_context"], bandwidth
+                        )
+                        r["pct_of_floor"] = 100 * r["floor_ms"] / r["tpot_ms_median"]
+                    (tpot1 if batch == 1 else tpotb).append(r)
+            prefill = []
+            for num_prompts, length in args.prefill_batches:
+                r = measure_prefill(engine, prompts, num_prompts, length, args.ttft_repeats)
+                lens = [length] * num_prompts
+                r["floor_ms"] = prefill_floor_ms(sizes, lens, bandwidth, flops)
+                r["tflop_per_s"] = (
+                    prefill_flops(sizes, lens) / sizes["tensor_parallel_size"] / r["ms_median"] / 1e9
+                )
+                r["pct_of_floor"] = 100 * r["floor_ms"] / r["ms_median"]
+                scored = measure_prefill(engine, prompts, num_prompts, length, args.ttft_repeats, 0)
+                head_flops = 2 * sizes["hidden_size"] * sizes["vocab_size"] * num_prompts * (length - 1)
+                r["scored_ms_median"] = scored["ms_median"]
+                head_ms = head_flops / sizes["tensor_parallel_size"] / flops * 1e3
+                r["scored_floor_ms"] = r["floor_ms"] + head_ms
+                r["scored_tok_per_s"] = num_prompts * length / scored["ms_median"] * 1e3
+                prefill.append(r)
+            report.update(ttft=ttft, prefill=prefill, tpot_batch1=tpot1, tpot_batched=tpotb)
+            report["kv_cache_blocks"] = engine.num_kvcache_blocks
+            report["block_size"] = config.block_size
+            report["kv_cache_tokens"] = engine.num_kvcache_blocks * config.block_size
+            report.update(memory_stats())
     finally:
         llm.shutdown()
     return report

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from nanovllm.outputs import Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.heap import freeze_heap
 
 if TYPE_CHECKING:
     from nanovllm.engine.llm_engine import LLMEngine
@@ -139,6 +140,7 @@ def run_engine_core(
         _send_error(conn, e)
         code = 1
     else:
+        freeze_heap()  # this process serves one engine until it exits: full collections skip its objects
         try:
             EngineCore(engine, commands, conn).run()
         except BaseException as e:
