@@ -10,7 +10,7 @@ from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
 from nanovllm.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.chat import text_messages
+from nanovllm.utils.chat import render_chat, text_messages
 from nanovllm.utils.heap import frozen_heap
 
 
@@ -81,15 +81,16 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"conversation {i}: {e}") from None
             try:
-                options = dict(
-                    chat_template=chat_template,
-                    add_generation_prompt=add_generation_prompt,
-                    continue_final_message=continue_final_message,
+                text = render_chat(
+                    tokenizer,
+                    conversation,
+                    chat_template,
+                    add_generation_prompt,
+                    continue_final_message,
+                    chat_template_kwargs,
                 )
-                options.update(chat_template_kwargs or {})  # (vLLM's order: the kwargs win)
-                text = tokenizer.apply_chat_template(conversation, tokenize=False, **options)
-            except Exception as e:  # jinja and transformers raise many kinds for what a template rejects
-                raise ValueError(f"conversation {i}: the chat template failed: {e}") from None
+            except ValueError as e:
+                raise ValueError(f"conversation {i}: {e}") from None
             # The rendered text already holds whatever special tokens the model wants.
             token_ids = tokenizer.encode(text, add_special_tokens=False)
             try:

@@ -2,6 +2,7 @@
 
     POST /v1/completions, POST /v1/chat/completions   (JSON or, with stream=true, server-sent events)
     GET  /v1/models, /health, /metrics
+    POST /tokenize, /detokenize                        (vLLM's: a prompt or a conversation <-> token ids)
 
 Handlers parse and validate the body (protocol.py), tokenize, and hand sub-requests (prompts x n) to
 the AsyncEngine, whose engine process runs the engine's step loop (async_engine.py, engine_core.py);
@@ -34,6 +35,7 @@ from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDe
 from nanovllm.server.logprobs import LogprobFormatter
 from nanovllm.server.metrics import Metrics
 from nanovllm.server.protocol import GenerateRequest, RequestError, error_body
+from nanovllm.utils.chat import render_chat
 from nanovllm.utils.tokenizer import load_tokenizer
 
 logger = logging.getLogger("nanovllm.server")
@@ -65,18 +67,35 @@ class OpenAIServer:
     async def chat_completions(self, request: Request) -> Response:
         req = protocol.parse_chat_request(await _json_body(request), self.max_model_len)
         self._check_model(req.model)
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            raise RequestError(
-                "this model has no chat template: use /v1/completions with a plain prompt", "messages"
-            )
-        try:
-            text = self.tokenizer.apply_chat_template(
-                req.messages, tokenize=False, add_generation_prompt=True
-            )
-        except Exception as e:  # jinja raises for conversations the template rejects
-            raise RequestError(f"the chat template failed on these messages: {e}", "messages") from None
+        text = self._render(req.messages, req.chat_options)
         # The template already holds any BOS/special tokens the model wants.
         return await self._generate(request, req, [self._tokenize(text, "messages", False)], chat=True)
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's POST /tokenize: the token ids a prompt (or a conversation, rendered as for chat) becomes."""
+        req = protocol.parse_tokenize_request(await _json_body(request))
+        self._check_model(req.model)
+        if req.messages is not None:
+            text, param = self._render(req.messages, req.chat_options), "messages"
+        else:
+            text, param = req.prompt, "prompt"
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer", param)
+        ids = self.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+        strs = self.tokenizer.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return JSONResponse(
+            {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+        )
+
+    async def detokenize(self, request: Request) -> Response:
+        """vLLM's POST /detokenize: token ids -> text (special tokens kept)."""
+        model, ids = protocol.parse_detokenize_request(
+            await _json_body(request), self.config.hf_config.vocab_size
+        )
+        self._check_model(model)
+        if self.tokenizer is None:
+            raise RequestError("this model has no tokenizer", "tokens")
+        return JSONResponse({"prompt": self.tokenizer.decode(ids)})
 
     async def models(self, request: Request) -> Response:
         card = {
@@ -303,6 +322,17 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
+    def _render(self, messages: list[dict], options: dict) -> str:
+        """A conversation as the prompt text of the chat endpoint (and of /tokenize's messages)."""
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise RequestError(
+                "this model has no chat template: use /v1/completions with a plain prompt", "messages"
+            )
+        try:
+            return render_chat(self.tokenizer, messages, **options)
+        except ValueError as e:
+            raise RequestError(f"{e} (on these messages and options)", "messages") from None
+
     def _tokenize(self, prompt: str | list[int], param: str, add_special_tokens: bool):
         """-> (text or None, token ids). Token-id prompts are checked by the engine."""
         if not isinstance(prompt, str):
@@ -443,6 +473,8 @@ def build_app(config: Config, served_model_name: str | None = None) -> FastAPI:
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
+    app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
+    app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
 

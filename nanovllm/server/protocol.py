@@ -46,11 +46,18 @@ _SHARED_FIELDS = (
 COMPLETION_FIELDS = frozenset(
     ("prompt", "max_tokens", "logprobs", "echo", *_SHARED_FIELDS, *VLLM_EXTRA_FIELDS)
 )
+# vLLM's extra chat fields: how the conversation is rendered (utils/chat.py render_chat)
+CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
 CHAT_FIELDS = frozenset(
     ("messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs")
     + _SHARED_FIELDS
     + VLLM_EXTRA_FIELDS
+    + CHAT_TEMPLATE_FIELDS
 )
+TOKENIZE_FIELDS = frozenset(
+    ("model", "prompt", "messages", "add_special_tokens", "return_token_strs") + CHAT_TEMPLATE_FIELDS
+)
+DETOKENIZE_FIELDS = frozenset(("model", "tokens"))
 
 _empty = lambda v: v is None or v == [] or v == {} or v == ""  # noqa: E731
 # Fields we do not implement, accepted only at a value that asks for nothing.
@@ -120,6 +127,19 @@ class GenerateRequest:
     prompt_only: bool = False  # echo with max_tokens 0: the prompt alone (one token is generated, unshown)
     # the prompt_logprobs field of the response (vLLM's); params.prompt_logprobs may be larger, for echo
     prompt_logprobs: int | None = None
+    chat_options: dict = dataclasses.field(default_factory=dict)  # chat: render_chat's keyword arguments
+
+
+@dataclass
+class TokenizeRequest:
+    """POST /tokenize (vLLM's): a prompt, or a conversation rendered as the chat endpoint renders it."""
+
+    model: str | None
+    prompt: str | None
+    messages: list[dict] | None
+    chat_options: dict
+    add_special_tokens: bool
+    return_token_strs: bool
 
 
 def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
@@ -176,7 +196,71 @@ def parse_chat_request(body: Any, max_model_len: int) -> GenerateRequest:
         max_model_len=max_model_len,
     )
     req.messages = messages
+    req.chat_options = _parse_chat_options(body)
     return req
+
+
+def parse_tokenize_request(body: Any) -> TokenizeRequest:
+    """{"prompt": text} or {"messages": [...], chat options}; vLLM's defaults: special tokens are added to
+    a prompt, not to a rendered conversation (its template holds them)."""
+    body = _check_fields(body, TOKENIZE_FIELDS, {})
+    model = _parse_model(body)
+    prompt, messages = body.get("prompt"), body.get("messages")
+    if (prompt is None) == (messages is None):
+        raise RequestError("give either prompt or messages", "prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise RequestError(f"prompt must be a string, got {prompt!r}", "prompt")
+    if prompt is not None and any(body.get(f) is not None for f in CHAT_TEMPLATE_FIELDS):
+        field = next(f for f in CHAT_TEMPLATE_FIELDS if body.get(f) is not None)
+        raise RequestError(f"{field} applies to messages, not to a prompt", field)
+    return TokenizeRequest(
+        model,
+        prompt,
+        None if messages is None else _parse_messages(messages),
+        _parse_chat_options(body),
+        _parse_bool(body, "add_special_tokens", prompt is not None),
+        _parse_bool(body, "return_token_strs", False),
+    )
+
+
+def parse_detokenize_request(body: Any, vocab_size: int) -> tuple[str | None, list[int]]:
+    """-> (model, token ids) of POST /detokenize {"tokens": [...]}."""
+    body = _check_fields(body, DETOKENIZE_FIELDS, {})
+    tokens = body.get("tokens")
+    if not (isinstance(tokens, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in tokens)):
+        raise RequestError(f"tokens must be a list of token ids, got {tokens!r}", "tokens")
+    bad = next((t for t in tokens if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise RequestError(f"token id {bad} is outside the vocabulary [0, {vocab_size})", "tokens")
+    return _parse_model(body), tokens
+
+
+def _parse_chat_options(body: dict) -> dict:
+    """render_chat's switches and template variables from vLLM's extra chat fields."""
+    kwargs = body.get("chat_template_kwargs")
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise RequestError(f"chat_template_kwargs must be an object, got {kwargs!r}", "chat_template_kwargs")
+    return dict(
+        add_generation_prompt=_parse_bool(body, "add_generation_prompt", True),
+        continue_final_message=_parse_bool(body, "continue_final_message", False),
+        chat_template_kwargs=kwargs or None,
+    )
+
+
+def _parse_bool(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be a boolean, got {value!r}", name)
+    return value
+
+
+def _parse_model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(f"model must be a string, got {model!r}", "model")
+    return model
 
 
 def _check_fields(body: Any, accepted: frozenset[str], neutral: dict) -> dict:
@@ -202,9 +286,7 @@ def _parse_common(
     default_max_tokens: int | None,
     max_model_len: int,
 ) -> GenerateRequest:
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise RequestError(f"model must be a string, got {model!r}", "model")
+    model = _parse_model(body)
     n = body.get("n")
     n = 1 if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:

@@ -56,3 +56,37 @@ def _content_text(content: Any, where: str) -> str:
             parts.append(part["text"])
         return "".join(parts)
     raise MessageError(f"{where} must be a string or a list of text parts, got {content!r}", where)
+
+
+# apply_chat_template arguments that are ours to set, not template variables (a server's client may not
+# swap the template itself)
+_RESERVED_TEMPLATE_KWARGS = ("conversation", "chat_template", "tokenize", "return_dict", "return_tensors")
+
+
+def render_chat(
+    tokenizer,
+    messages: list[dict],
+    chat_template: str | None = None,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    chat_template_kwargs: dict | None = None,
+) -> str:
+    """The conversation (text_messages' output) as the prompt text the model expects: the tokenizer's chat
+    template, or `chat_template`. `chat_template_kwargs` become template variables (Qwen3's
+    {"enable_thinking": False}) and, as in vLLM, win over the two switches. Raises ValueError when the
+    options are contradictory or the template fails."""
+    options = dict(
+        chat_template=chat_template,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
+    )
+    for key, value in (chat_template_kwargs or {}).items():
+        if not isinstance(key, str) or key in _RESERVED_TEMPLATE_KWARGS:
+            raise ValueError(f"chat_template_kwargs may not set {key!r}")
+        options[key] = value
+    if options["add_generation_prompt"] and options["continue_final_message"]:
+        raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **options)
+    except Exception as e:  # jinja and transformers raise many kinds for what a template rejects
+        raise ValueError(f"the chat template failed: {e}") from None

@@ -8,6 +8,7 @@ import shutil
 
 import httpx
 import pytest
+from transformers import AutoTokenizer
 
 from nanovllm.config import PRESET_DIR, Config
 from nanovllm.sampling_params import derive_seed
@@ -186,6 +187,32 @@ def test_chat_rejects():
         assert _err(parse_chat_request, {"messages": msgs, **extra}).param == param
 
 
+def test_chat_template_fields():
+    msgs = [{"role": "user", "content": "x"}]
+    assert parse_chat_request({"messages": msgs}, MAX_LEN).chat_options == dict(
+        add_generation_prompt=True, continue_final_message=False, chat_template_kwargs=None
+    )
+    body = {
+        "messages": msgs,
+        "add_generation_prompt": False,
+        "continue_final_message": True,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    options = parse_chat_request(body, MAX_LEN).chat_options
+    assert options == dict(
+        add_generation_prompt=False,
+        continue_final_message=True,
+        chat_template_kwargs={"enable_thinking": False},
+    )
+    for extra, param in [
+        ({"add_generation_prompt": "yes"}, "add_generation_prompt"),
+        ({"continue_final_message": 1}, "continue_final_message"),
+        ({"chat_template_kwargs": ["enable_thinking"]}, "chat_template_kwargs"),
+        ({"chat_template": "{{ messages }}"}, "chat_template"),  # a client may not swap the template
+    ]:
+        assert _err(parse_chat_request, {"messages": msgs, **extra}).param == param
+
+
 def test_per_choice_seeds():
     req = parse_completion_request({"prompt": "x", "seed": 5, "n": 4}, MAX_LEN)
     seeds = [req.params.choice(i).seed for i in range(4)]
@@ -210,20 +237,29 @@ def test_metrics_render():
 # ---- the app without a running engine -------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def app_without_template(tmp_path_factory):
-    """The app for a model whose tokenizer has no chat template; its engine is never started."""
-    path = tmp_path_factory.mktemp("no-template")
+def _engineless_app(path, chat_template: bool):
+    """The app for the tiny preset (with or without its chat template); its engine is never started."""
     shutil.copy(PRESET_DIR / "qwen3-tiny.json", path / "config.json")
     data = json.loads((path / "config.json").read_text())
     data.pop("_comment", None)
     (path / "config.json").write_text(json.dumps(data))
     for f in PRESET_DIR.joinpath("tokenizer").iterdir():
         shutil.copy(f, path / f.name)
-    tok_config = json.loads((path / "tokenizer_config.json").read_text())
-    tok_config.pop("chat_template")
-    (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
+    if not chat_template:
+        tok_config = json.loads((path / "tokenizer_config.json").read_text())
+        tok_config.pop("chat_template")
+        (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
     return build_app(Config(str(path), device="cpu"), "m")
+
+
+@pytest.fixture(scope="module")
+def app_without_template(tmp_path_factory):
+    return _engineless_app(tmp_path_factory.mktemp("no-template"), chat_template=False)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    return _engineless_app(tmp_path_factory.mktemp("tokenize"), chat_template=True)
 
 
 def _post(app, url, body):
@@ -248,3 +284,57 @@ def test_stopped_engine_is_a_503(app_without_template):
     r = _post(app_without_template, "/v1/completions", {"model": "m", "prompt": "hi"})
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"
     assert _post(app_without_template, "/v1/completions", {"model": "x", "prompt": "hi"}).status_code == 404
+
+
+def test_tokenize_a_prompt_or_a_conversation_and_detokenize(app):
+    tok = AutoTokenizer.from_pretrained(PRESET_DIR / "tokenizer")
+    r = _post(app, "/tokenize", {"model": "m", "prompt": "def main():", "return_token_strs": True})
+    ids = tok.encode("def main():")
+    assert r.status_code == 200
+    assert r.json() == {
+        "count": len(ids),
+        "max_model_len": app.state.server.max_model_len,
+        "tokens": ids,
+        "token_strs": tok.convert_ids_to_tokens(ids),
+    }
+    msgs = [{"role": "user", "content": "hi"}]
+    r = _post(app, "/tokenize", {"messages": msgs, "chat_template_kwargs": {"enable_thinking": False}})
+    no_thinking = dict(tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    rendered = tok.apply_chat_template(msgs, **no_thinking)
+    assert "<think>" in rendered  # the preset's template has Qwen3's enable_thinking switch
+    assert r.json()["tokens"] == tok.encode(rendered, add_special_tokens=False)
+    assert r.json()["token_strs"] is None
+    r = _post(app, "/tokenize", {"messages": msgs, "add_generation_prompt": False})
+    assert r.json()["tokens"] == tok.encode(tok.apply_chat_template(msgs, tokenize=False))
+    r = _post(app, "/detokenize", {"model": "m", "tokens": ids})
+    assert r.status_code == 200 and r.json() == {"prompt": "def main():"}
+
+
+USER = [{"role": "user", "content": "b"}]
+
+
+@pytest.mark.parametrize(
+    "url, body, param",
+    [
+        ("/tokenize", {}, "prompt"),
+        ("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, "prompt"),
+        ("/tokenize", {"prompt": ["a"]}, "prompt"),
+        ("/tokenize", {"prompt": "a", "add_generation_prompt": False}, "add_generation_prompt"),
+        ("/tokenize", {"prompt": "a", "add_special_tokens": "no"}, "add_special_tokens"),
+        ("/tokenize", {"prompt": "a", "truncate": 3}, "truncate"),
+        ("/tokenize", {"messages": USER, "continue_final_message": True}, "messages"),  # with the default
+        ("/tokenize", {"messages": [], "chat_template_kwargs": {"x": 1}}, "messages"),
+        ("/tokenize", {"messages": USER, "chat_template_kwargs": {"tokenize": True}}, "messages"),
+        ("/detokenize", {"tokens": "abc"}, "tokens"),
+        ("/detokenize", {"tokens": [1, 10**6]}, "tokens"),
+        ("/detokenize", {"tokens": [1, True]}, "tokens"),
+    ],
+)  # fmt: skip
+def test_tokenize_and_detokenize_reject(app, url, body, param):
+    r = _post(app, url, body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+
+
+def test_tokenize_names_an_unknown_model(app):
+    assert _post(app, "/tokenize", {"model": "x", "prompt": "a"}).status_code == 404
+    assert _post(app, "/detokenize", {"model": "x", "tokens": [1]}).status_code == 404

@@ -153,6 +153,28 @@ def test_chat_text_and_usage(client, tokenizer):
     assert _chat(client, "hi", max_tokens=None, max_completion_tokens=3).usage.completion_tokens <= 3
 
 
+def test_chat_template_options_reach_the_template(client, tokenizer):
+    """vLLM's chat_template_kwargs (Qwen3's enable_thinking), add_generation_prompt and
+    continue_final_message: the prompt is the template's rendering with them."""
+    msgs = [{"role": "user", "content": "hi"}]
+    greedy = dict(model=MODEL, max_tokens=6, temperature=0)
+    out = client.chat.completions.create(
+        messages=msgs, extra_body={"chat_template_kwargs": {"enable_thinking": False}}, **greedy
+    )
+    rendered = tokenizer.apply_chat_template(
+        msgs, tokenize=False, add_generation_prompt=True, enable_thinking=False
+    )
+    ids = tokenizer.encode(rendered, add_special_tokens=False)
+    assert "<think>" in rendered and out.usage.prompt_tokens == len(ids)
+    assert out.choices[0].message.content == client.completions.create(prompt=ids, **greedy).choices[0].text
+    started = [*msgs, {"role": "assistant", "content": "The answer is"}]
+    continuing = {"add_generation_prompt": False, "continue_final_message": True}
+    out = client.chat.completions.create(messages=started, extra_body=continuing, **greedy)
+    rendered = tokenizer.apply_chat_template(started, tokenize=False, continue_final_message=True)
+    assert rendered.endswith("The answer is")
+    assert out.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+
+
 def test_chat_default_max_tokens_fills_the_context(client):
     out = _chat(client, "x " * 100, max_tokens=None, extra_body={"ignore_eos": True})
     assert out.usage.prompt_tokens + out.usage.completion_tokens == MAX_MODEL_LEN
