@@ -22,9 +22,10 @@ from contextlib import contextmanager
 @contextmanager
 def frozen_heap() -> Iterator[None]:
     """Leave the objects that exist now out of garbage collections while the block runs (`LLM.generate`).
-    Does nothing when the collector is off or the heap is already frozen: unfreezing would undo the
-    caller's own freeze."""
-    if not gc.isenabled() or gc.get_freeze_count():
+    Does nothing while the collector is off. Python cannot unfreeze selectively: a freeze made before the
+    block (some Python builds freeze a few hundred objects at start-up) ends with it, as is safe — frozen
+    objects are only ever collected late, never wrongly."""
+    if not gc.isenabled():
         yield
         return
     gc.freeze()
