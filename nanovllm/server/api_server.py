@@ -1,7 +1,7 @@
 """OpenAI-compatible HTTP server: `nanovllm serve MODEL [--host H] [--port P] [engine flags]`.
 
     POST /v1/completions, POST /v1/chat/completions   (JSON or, with stream=true, server-sent events)
-    GET  /v1/models, /health, /metrics
+    GET  /v1/models, /version, /health, /metrics
     POST /tokenize, /detokenize                        (vLLM's: a prompt or a conversation <-> token ids)
 
 Handlers parse and validate the body (protocol.py), tokenize, and hand sub-requests (prompts x n) to
@@ -28,6 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import nanovllm
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.server import protocol
@@ -107,6 +108,9 @@ class OpenAIServer:
             "max_model_len": self.max_model_len,
         }
         return JSONResponse({"object": "list", "data": [card]})
+
+    async def version(self, request: Request) -> Response:
+        return JSONResponse({"version": nanovllm.__version__})
 
     async def health(self, request: Request) -> Response:
         if not self.engine.is_alive:
@@ -475,6 +479,7 @@ def build_app(config: Config, served_model_name: str | None = None) -> FastAPI:
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", server.detokenize, methods=["POST"])
+    app.add_api_route("/version", server.version, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
 

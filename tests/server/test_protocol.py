@@ -10,6 +10,7 @@ import httpx
 import pytest
 from transformers import AutoTokenizer
 
+import nanovllm
 from nanovllm.config import PRESET_DIR, Config
 from nanovllm.sampling_params import derive_seed
 from nanovllm.server.api_server import build_app
@@ -333,6 +334,17 @@ USER = [{"role": "user", "content": "b"}]
 def test_tokenize_and_detokenize_reject(app, url, body, param):
     r = _post(app, url, body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.json()
+
+
+def test_version(app):
+    r = asyncio.run(_get(app, "/version"))
+    assert r.status_code == 200 and r.json() == {"version": nanovllm.__version__}
+
+
+async def _get(app, url):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        return await client.get(url)
 
 
 def test_tokenize_names_an_unknown_model(app):
