@@ -148,12 +148,10 @@ def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
         raise RequestError("best_of together with n is not supported", "best_of")
     prompts = _parse_prompt(body.get("prompt"))
     logprobs = body.get("logprobs")
-    echo = body.get("echo")
-    if echo is not None and not isinstance(echo, bool):
-        raise RequestError(f"echo must be a boolean, got {echo!r}", "echo")
+    echo = _parse_bool(body, "echo", False)
     max_tokens = body.get("max_tokens")
     # echo with max_tokens 0 (OpenAI's prompt scoring): one token is generated and not shown, as in vLLM
-    prompt_only = bool(echo) and type(max_tokens) is int and max_tokens == 0
+    prompt_only = echo and type(max_tokens) is int and max_tokens == 0
     req = _parse_common(
         body,
         max_tokens=1 if prompt_only else max_tokens,
@@ -164,7 +162,7 @@ def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
         max_model_len=max_model_len,
     )
     req.prompts = prompts
-    req.echo, req.prompt_only = bool(echo), prompt_only
+    req.echo, req.prompt_only = echo, prompt_only
     if req.echo and logprobs is not None:  # the prompt's logprobs come first in the choice's logprobs
         top = max(logprobs, req.params.prompt_logprobs or 0)
         req.params = dataclasses.replace(req.params, prompt_logprobs=top)
@@ -291,10 +289,7 @@ def _parse_common(
     n = 1 if n is None else n
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
         raise RequestError(f"n must be an int in [1, {MAX_N}], got {n!r}", "n")
-    stream = body.get("stream")
-    stream = False if stream is None else stream
-    if not isinstance(stream, bool):
-        raise RequestError(f"stream must be a boolean, got {stream!r}", "stream")
+    stream = _parse_bool(body, "stream", False)
     include_usage = _parse_stream_options(body.get("stream_options"), stream)
     stop = body.get("stop")
     if stop == []:
