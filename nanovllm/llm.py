@@ -8,7 +8,7 @@ from tqdm.auto import tqdm
 
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
-from nanovllm.outputs import RequestOutput
+from nanovllm.outputs import RequestMetrics, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.chat import render_chat, text_messages
 from nanovllm.utils.heap import frozen_heap
@@ -160,12 +160,19 @@ def _params_per_prompt(
 def _merge_samples(outs: list[RequestOutput]) -> RequestOutput:
     """The n samples of one prompt (each run as a request of its own) as one RequestOutput: the first
     sample's id, prompt-cache count and prompt_logprobs (only it scores the prompt), every sample's
-    completion with its index."""
+    completion with its index, and times that span all of them."""
     if len(outs) == 1:
         return outs[0]
     first = outs[0]
     completions = [dataclasses.replace(out.outputs[0], index=i) for i, out in enumerate(outs)]
-    return dataclasses.replace(first, outputs=completions)
+    times = [out.metrics for out in outs]
+    metrics = RequestMetrics(
+        min(m.arrival_time for m in times),
+        min(m.first_token_time for m in times),
+        max(m.last_token_time for m in times),
+        max(m.finished_time for m in times),
+    )
+    return dataclasses.replace(first, outputs=completions, metrics=metrics)
 
 
 def _as_conversation_list(messages: list[dict] | list[list[dict]]) -> list[list[dict]]:

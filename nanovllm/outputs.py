@@ -24,6 +24,18 @@ class CompletionOutput:
     finish_reason: str | None  # "stop" | "length" | "abort" | None while running
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[Logprob] | None = None
+    cumulative_logprob: float | None = None  # the sum of the tokens' logprobs, when logprobs were asked for
+
+
+@dataclass
+class RequestMetrics:
+    """When things happened to a request, in time.time() seconds (vLLM's RequestOutput.metrics). A token's
+    time is when the host read it back (with overlapped steps, one step after the GPU sampled it)."""
+
+    arrival_time: float  # added to the engine
+    first_token_time: float | None = None  # its first generated token
+    last_token_time: float | None = None  # its latest one
+    finished_time: float | None = None
 
 
 @dataclass
@@ -36,3 +48,4 @@ class RequestOutput:
     finished: bool
     # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing before it)
     prompt_logprobs: list[Logprob | None] | None = None
+    metrics: RequestMetrics | None = None

@@ -251,3 +251,20 @@ def test_generate_runs_with_the_heap_frozen_and_thaws_it_after(llm, monkeypatch)
         llm.generate([PROMPT], GREEDY, use_tqdm=False)
     assert gc.get_freeze_count() == 0
     assert not llm.engine.has_unfinished()  # the failed call's request was aborted
+
+
+def test_cumulative_logprob_and_request_times(llm):
+    """vLLM's CompletionOutput.cumulative_logprob (with logprobs) and RequestOutput.metrics."""
+    (out,) = llm.generate([PROMPT], dataclasses.replace(GREEDY, logprobs=0), use_tqdm=False)
+    c = out.outputs[0]
+    assert len(c.logprobs) == MAX_TOKENS
+    assert c.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in c.logprobs))
+    assert c.cumulative_logprob < 0
+    m = out.metrics
+    assert m.arrival_time <= m.first_token_time <= m.last_token_time <= m.finished_time
+    (plain,) = llm.generate([PROMPT], GREEDY, use_tqdm=False)
+    assert plain.outputs[0].cumulative_logprob is None
+    assert plain.metrics.arrival_time > m.finished_time - 1e-3  # each request its own times
+    (samples,) = llm.generate([PROMPT], _sampled(seed=3, n=3), use_tqdm=False)
+    times = samples.metrics
+    assert times.arrival_time <= times.first_token_time <= times.last_token_time <= times.finished_time

@@ -11,6 +11,7 @@ plus the user-facing edges: prompt validation, tokenization, detokenization and 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -25,7 +26,7 @@ from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import FinishReason, Sequence
 from nanovllm.engine.step_input import LaunchedStep
 from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
-from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
+from nanovllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.tokenizer import load_tokenizer
 
@@ -41,9 +42,9 @@ class _Request:
     detokenizer: IncrementalDetokenizer | None  # None: text decoded when asked for
     logprobs: list[Logprob] | None
     prompt_logprobs: list[Logprob | None] | None  # filled as the prompt's chunks are scored
-    arrival_time: float
+    metrics: RequestMetrics
     stream: bool  # report every new token (else only the finished output)
-    first_token_time: float | None = None
+    cumulative_logprob: float = 0.0  # of the generated tokens, when logprobs are asked for
 
 
 @dataclass
@@ -158,7 +159,7 @@ class LLMEngine:
             detok,
             [] if params.logprobs is not None else None,
             [None] if params.prompt_logprobs is not None else None,  # (the first token has none)
-            time.perf_counter(),
+            RequestMetrics(time.time()),
             stream=incremental,
         )
         self.scheduler.add(seq)
@@ -254,12 +255,13 @@ class LLMEngine:
         updated = self.scheduler.resolve(step.sampling, tokens)
         if out is not None and out.logprobs is not None:
             self._record_logprobs(step.sampling, tokens, out)
-        now = time.perf_counter()
+        now = time.time()
         for seq in updated:
             req = self.requests[seq.request_id]
             self.num_generated_tokens += 1
-            if req.first_token_time is None:
-                req.first_token_time = now
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
+            req.metrics.last_token_time = now
             if req.detokenizer is not None and not _hides_last_token(seq):
                 num_known = seq.num_known_tokens
                 token = seq.token_ids[num_known - 1]
@@ -267,6 +269,8 @@ class LLMEngine:
                 if stop is not None:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
+            if seq.is_finished:
+                req.metrics.finished_time = now
             if seq.is_finished or req.stream:
                 self._outputs.append(self._output(req))
             if seq.is_finished:
@@ -291,6 +295,7 @@ class LLMEngine:
                 n = seq.params.logprobs
                 top = dict(zip(top_ids[row][:n], top_vals[row][:n]))
                 req.logprobs.append(Logprob(token, chosen[row], top))
+                req.cumulative_logprob += chosen[row]
 
     def _record_prompt_logprobs(self, batch: ScheduledBatch, out: PromptLogprobs) -> None:
         chosen, ranks = out.logprobs.tolist(), out.ranks.tolist()
@@ -315,7 +320,10 @@ class LLMEngine:
             shown = seq.output_token_ids[:-1] if _hides_last_token(seq) else seq.output_token_ids
             text = self.decode(shown, seq.params.skip_special_tokens) if seq.is_finished else ""
         reason = seq.finish_reason.value if seq.finish_reason is not None else None
-        completion = CompletionOutput(0, text, seq.output_token_ids, reason, seq.stop_reason, req.logprobs)
+        cumulative = req.cumulative_logprob if req.logprobs is not None else None
+        completion = CompletionOutput(
+            0, text, seq.output_token_ids, reason, seq.stop_reason, req.logprobs, cumulative
+        )
         return RequestOutput(
             seq.request_id,
             req.prompt,
@@ -324,6 +332,7 @@ class LLMEngine:
             seq.num_cached_tokens,
             seq.is_finished,
             req.prompt_logprobs,
+            dataclasses.replace(req.metrics),  # (a copy: a streamed output keeps its own times)
         )
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
