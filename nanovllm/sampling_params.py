@@ -32,6 +32,7 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # sample only among these tokens
     skip_special_tokens: bool = True  # leave special tokens' text out of the output text
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text at its end
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (vLLM's; None: all)
 
     def __post_init__(self) -> None:
         def bad(field: str, valid: str) -> ValueError:
@@ -67,6 +68,10 @@ class SamplingParams:
             raise bad("prompt_logprobs", "None or an int in [0, 20]")
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", "an int >= 1")
+        if self.truncate_prompt_tokens is not None and (
+            not _is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < 1
+        ):
+            raise bad("truncate_prompt_tokens", "None or an int >= 1")
         for flag in ("skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "a bool")

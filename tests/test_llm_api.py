@@ -268,3 +268,22 @@ def test_cumulative_logprob_and_request_times(llm):
     (samples,) = llm.generate([PROMPT], _sampled(seed=3, n=3), use_tqdm=False)
     times = samples.metrics
     assert times.arrival_time <= times.first_token_time <= times.last_token_time <= times.finished_time
+
+
+def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
+    """vLLM's truncate_prompt_tokens: the request runs on the prompt's last k tokens (also a prompt too long
+    for max_model_len=128 without it), and reports those as its prompt_token_ids."""
+    keep = 7
+    (cut,) = llm.generate([PROMPT], dataclasses.replace(GREEDY, truncate_prompt_tokens=keep), use_tqdm=False)
+    (tail,) = llm.generate([PROMPT[-keep:]], GREEDY, use_tqdm=False)
+    assert cut.prompt_token_ids == PROMPT[-keep:]
+    assert _tokens(cut) == _tokens(tail)
+    long_prompt = PROMPT * 10  # 180 tokens
+    params = dataclasses.replace(GREEDY, truncate_prompt_tokens=100)
+    (out,) = llm.generate([long_prompt], params, use_tqdm=False)
+    assert out.prompt_token_ids == long_prompt[-100:] and len(out.outputs[0].token_ids) == MAX_TOKENS
+    (text,) = llm.generate(["a b c d e f g h i j"], dataclasses.replace(GREEDY, truncate_prompt_tokens=2))
+    assert text.prompt == "a b c d e f g h i j"  # the text as given, the ids as run
+    assert text.prompt_token_ids == llm.tokenizer.encode("a b c d e f g h i j")[-2:]
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be None or an int >= 1"):
+        SamplingParams(truncate_prompt_tokens=0)

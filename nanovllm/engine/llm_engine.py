@@ -87,7 +87,8 @@ class LLMEngine:
     # ---- requests ---------------------------------------------------------------------------
 
     def encode_prompt(self, prompt: Prompt, params: SamplingParams) -> list[int]:
-        """Validate a prompt and return its token ids; raises ValueError naming the problem."""
+        """Validate a prompt and return its token ids (the last `params.truncate_prompt_tokens` of them,
+        if set); raises ValueError naming the problem."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass the prompt as a list of token ids")
@@ -115,6 +116,8 @@ class LLMEngine:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if (error := params.vocab_error(self.vocab_size)) is not None:
             raise ValueError(error[1])
+        if params.truncate_prompt_tokens is not None:
+            token_ids = token_ids[-params.truncate_prompt_tokens :]  # (before the length check, as vLLM)
         limit = self.config.max_model_len
         if len(token_ids) + params.max_tokens > limit:
             raise ValueError(

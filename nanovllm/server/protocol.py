@@ -27,6 +27,7 @@ VLLM_EXTRA_FIELDS = (
     "include_stop_str_in_output",
     "prompt_logprobs",
     "allowed_token_ids",
+    "truncate_prompt_tokens",
 )
 # OpenAI fields shared by both endpoints (besides max_tokens, logprobs and the prompt/messages).
 _SHARED_FIELDS = (

@@ -295,6 +295,17 @@ def test_completion_echo_scores_the_prompt(client, ckpt, tokenizer):
     assert echo_only.text.startswith(tokenizer.decode(ids)) and echo_only.logprobs is None
 
 
+def test_truncate_prompt_tokens_runs_and_reports_the_prompts_tail(client, tokenizer):
+    ids = tokenizer.encode("The capital of France is a city with a long history")
+    kept = {"truncate_prompt_tokens": 4}
+    out = _complete(client, prompt=ids, echo=True, extra_body=kept)
+    tail = _complete(client, prompt=ids[-4:])
+    assert out.usage.prompt_tokens == 4
+    assert out.choices[0].text == tokenizer.decode(ids[-4:]) + tail.choices[0].text  # echo: what ran
+    chat = _chat(client, "hi " * 20, max_tokens=3, extra_body=kept)
+    assert chat.usage.prompt_tokens == 4
+
+
 def test_echo_of_the_prompt_alone_and_of_several_prompts_with_n(client, tokenizer):
     prompt = "The capital of France is"
     ids = tokenizer(prompt)["input_ids"]
