@@ -33,6 +33,9 @@ class SamplingParams:
     skip_special_tokens: bool = True  # leave special tokens' text out of the output text
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text at its end
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (vLLM's; None: all)
+    bad_words: list[str] | None = None  # words never generated (vLLM's); the engine encodes them into:
+    # token-id sequences never generated: [t1..tn] bans tn after output t1..tn-1 (one token: always banned)
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         def bad(field: str, valid: str) -> ValueError:
@@ -86,6 +89,19 @@ class SamplingParams:
             if not isinstance(ids, list | tuple) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
                 raise bad("allowed_token_ids", "a non-empty list of token ids (ints >= 0), or None")
             self.allowed_token_ids = list(ids)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, list | tuple) or not all(
+                isinstance(w, str) and w.strip() for w in self.bad_words
+            ):
+                raise bad("bad_words", "a list of non-blank strings, or None")
+            self.bad_words = list(self.bad_words) or None
+        if self.bad_words_token_ids is not None:
+            seqs = self.bad_words_token_ids
+            if not isinstance(seqs, list | tuple) or not all(
+                isinstance(w, list | tuple) and w and all(_is_int(t) and t >= 0 for t in w) for w in seqs
+            ):
+                raise bad("bad_words_token_ids", "a list of non-empty token id lists, or None")
+            self.bad_words_token_ids = [list(w) for w in seqs] or None
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:
@@ -117,8 +133,14 @@ class SamplingParams:
         return self.top_k > 0
 
     def vocab_error(self, vocab_size: int) -> tuple[str, str] | None:
-        """(field, message) if logit_bias or allowed_token_ids name a token outside [0, vocab_size)."""
-        for field, ids in (("logit_bias", self.logit_bias), ("allowed_token_ids", self.allowed_token_ids)):
+        """(field, message) if logit_bias, allowed_token_ids or bad_words_token_ids name a token outside
+        [0, vocab_size)."""
+        bad_words = [t for w in self.bad_words_token_ids or () for t in w]
+        for field, ids in (
+            ("logit_bias", self.logit_bias),
+            ("allowed_token_ids", self.allowed_token_ids),
+            ("bad_words_token_ids", bad_words),
+        ):
             outside = sorted(t for t in ids or () if t >= vocab_size)[:5]
             if outside:
                 return field, f"{field} names token ids outside the vocabulary [0, {vocab_size}): {outside}"
@@ -127,6 +149,33 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    @property
+    def bad_word_context(self) -> int:
+        """How many of the latest output tokens the bad words' bans depend on (0: none, or only
+        one-token words, which are always banned)."""
+        return max(map(len, self.bad_words_token_ids), default=1) - 1 if self.bad_words_token_ids else 0
+
+    @property
+    def reads_output(self) -> bool:
+        """The sampler reads the tokens generated so far (penalties, multi-token bad words): each step
+        must wait for the previous one's token."""
+        return self.has_penalties or self.bad_word_context > 0
+
+    def with_bad_words_encoded(self, tokenizer) -> SamplingParams:
+        """bad_words as token-id sequences, added to bad_words_token_ids, as vLLM encodes them: each word
+        without special tokens as is (left-stripped) and, when it is a different token sequence of the same
+        length, with a leading space (the word mid-sentence)."""
+        seqs = list(self.bad_words_token_ids or [])
+        for word in self.bad_words or ():
+            word = word.lstrip()
+            plain = tokenizer.encode(word, add_special_tokens=False)
+            spaced = tokenizer.encode(" " + word, add_special_tokens=False)
+            seqs.append(plain)
+            if len(spaced) == len(plain) and spaced[0] != plain[0]:
+                seqs.append(spaced)
+        unique = [list(w) for w in dict.fromkeys(map(tuple, seqs)) if w]
+        return dataclasses.replace(self, bad_words_token_ids=unique or None)
 
 
 def derive_seed(seed: int, index: int) -> int:

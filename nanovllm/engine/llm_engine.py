@@ -116,6 +116,8 @@ class LLMEngine:
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if (error := params.vocab_error(self.vocab_size)) is not None:
             raise ValueError(error[1])
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
         if params.truncate_prompt_tokens is not None:
             token_ids = token_ids[-params.truncate_prompt_tokens :]  # (before the length check, as vLLM)
         limit = self.config.max_model_len
@@ -143,6 +145,10 @@ class LLMEngine:
                 "params.choice(i) (LLM.generate does this)"
             )
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt, params)
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
+            params = params.with_bad_words_encoded(self.tokenizer)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -228,9 +234,9 @@ class LLMEngine:
         return self._take_outputs()
 
     def _can_overlap(self) -> bool:
-        """Penalties read every generated token on the host, so with them the engine waits for each
-        step (as it does when overlap is off)."""
-        return self.overlap and not any(seq.params.has_penalties for seq in self.scheduler.running)
+        """Penalties and multi-token bad words read the generated tokens on the host, so with them the
+        engine waits for each step (as it does when overlap is off)."""
+        return self.overlap and not any(seq.params.reads_output for seq in self.scheduler.running)
 
     def _take_outputs(self) -> list[RequestOutput]:
         # Outputs wait here until step() returns: a step that raises after reading one back loses none.

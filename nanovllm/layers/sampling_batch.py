@@ -80,7 +80,7 @@ class SamplingRequest:
 
     params: SamplingParams
     prompt_token_ids: list[int]  # read only for repetition_penalty
-    output_token_ids: list[int]  # tokens generated so far; read only for penalties
+    output_token_ids: list[int]  # tokens generated so far: all for penalties, the last few for bad words
     eos_token_ids: tuple[int, ...]  # banned with params.stop_token_ids while output < min_tokens
     # Tokens generated so far: the seed position and the min_tokens count. None: len(output_token_ids).
     num_output_tokens: int | None = None
@@ -98,10 +98,15 @@ class SamplingRequest:
         eos_token_ids: tuple[int, ...],
     ) -> SamplingRequest:
         """The row of a sequence whose `token_ids` are its prompt then its output. The token lists are
-        copied only for the penalties that read them (repetition: prompt and output; presence and
-        frequency: output); otherwise they are left empty."""
+        copied only for what reads them (repetition: prompt and output; presence and frequency: output;
+        bad words: the output's last tokens); otherwise they are left empty."""
         prompt = token_ids[:num_prompt_tokens] if params.repetition_penalty != 1.0 else []
-        output = token_ids[num_prompt_tokens:] if params.has_penalties else []
+        if params.has_penalties:
+            output = token_ids[num_prompt_tokens:]
+        elif params.bad_words_token_ids:
+            output = token_ids[max(num_prompt_tokens, len(token_ids) - params.bad_word_context) :]
+        else:
+            output = []
         return cls(params, prompt, output, eos_token_ids, len(token_ids) - num_prompt_tokens)
 
 
@@ -114,6 +119,7 @@ def takes_plain_argmax(requests: list[SamplingRequest]) -> bool:
         and r.params.logprobs is None
         and r.params.logit_bias is None
         and r.params.allowed_token_ids is None
+        and r.params.bad_words_token_ids is None
         and r.num_output_tokens >= r.params.min_tokens
         for r in requests
     )
@@ -138,7 +144,7 @@ class SamplingBatch:
     prompt_token_ids: torch.Tensor | None  # [B, max_prompt_len] int64, padded with vocab_size
     output_token_ids: torch.Tensor | None  # [B, max_output_len] int64, padded with vocab_size
     banned_rows: torch.Tensor | None  # [num_banned] int64 } pairs (row, token) set to -inf
-    banned_token_ids: torch.Tensor | None  # [num_banned] int64 } by min_tokens
+    banned_token_ids: torch.Tensor | None  # [num_banned] int64 } by min_tokens and bad words
     bias_rows: torch.Tensor | None  # [num_biased] int64    } logit_bias: (row, token) pairs and
     bias_token_ids: torch.Tensor | None  # [num_biased] int64 } what is added to their logits
     bias_values: torch.Tensor | None  # [num_biased] fp32     }
@@ -241,7 +247,8 @@ class SamplingBatch:
             if any(p.presence_penalty != 0.0 for p in params):
                 presence = staged("presence", [p.presence_penalty for p in params])
 
-        # min_tokens: ban the stop tokens (EOS too unless ignore_eos, as in vLLM) until enough are out.
+        # min_tokens: ban the stop tokens (EOS too unless ignore_eos, as in vLLM) until enough are out;
+        # and the bad words.
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for i, r in enumerate(requests):
@@ -252,6 +259,11 @@ class SamplingBatch:
                 ids = sorted(t for t in stops if t < vocab_size)  # larger ids can never be sampled
                 ban_rows += [i] * len(ids)
                 ban_ids += ids
+            # bad words: a word's last token, once the output ends with the rest of it
+            for word in r.params.bad_words_token_ids or ():
+                if len(word) == 1 or _ends_with(r.output_token_ids, word[:-1]):
+                    ban_rows.append(i)
+                    ban_ids.append(word[-1])
         banned_rows = banned_token_ids = None
         if ban_rows:
             banned_rows = to_device(ban_rows, torch.int64)
@@ -348,3 +360,7 @@ def _splitmix64(x: int) -> int:
     x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
     x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK_64
     return x ^ (x >> 31)
+
+
+def _ends_with(tokens: list[int], tail: list[int]) -> bool:
+    return len(tokens) >= len(tail) and tokens[len(tokens) - len(tail) :] == tail

@@ -28,6 +28,7 @@ VLLM_EXTRA_FIELDS = (
     "prompt_logprobs",
     "allowed_token_ids",
     "truncate_prompt_tokens",
+    "bad_words",
 )
 # OpenAI fields shared by both endpoints (besides max_tokens, logprobs and the prompt/messages).
 _SHARED_FIELDS = (

@@ -85,6 +85,7 @@ def test_bad_prompts(prompt):
         ({"logit_bias": [1]}, "logit_bias"),
         ({"allowed_token_ids": []}, "allowed_token_ids"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"bad_words": "word"}, "bad_words"),
         ({"whatever": 1}, "whatever"),
         ({"n": 2, "best_of": 1}, "best_of"),
         ({"max_tokens": 0}, "max_tokens"),

@@ -306,6 +306,16 @@ def test_truncate_prompt_tokens_runs_and_reports_the_prompts_tail(client, tokeni
     assert chat.usage.prompt_tokens == 4
 
 
+def test_bad_words_are_never_generated(client, tokenizer):
+    free = _complete(client, logprobs=0)
+    tokens = free.choices[0].logprobs.tokens
+    word = next(t.strip() for t in tokens if t.strip().isalpha())  # a whole word the free run wrote
+    for create in (_complete, _chat):
+        out = create(client, max_tokens=12, extra_body={"bad_words": [word], "ignore_eos": True})
+        text = out.choices[0].text if create is _complete else out.choices[0].message.content
+        assert word not in text.split()
+
+
 def test_echo_of_the_prompt_alone_and_of_several_prompts_with_n(client, tokenizer):
     prompt = "The capital of France is"
     ids = tokenizer(prompt)["input_ids"]
