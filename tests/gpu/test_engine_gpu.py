@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -241,3 +242,20 @@ def test_allowed_token_ids_and_logit_bias_on_the_fused_draw(fast):
         tokens = out.outputs[0].token_ids
         assert set(tokens) <= set(allowed) if i % 2 == 0 else tokens == [4242] * 16
     assert len({t for out in outs[::2] for t in out.outputs[0].token_ids}) > 1  # still a draw
+
+
+def test_bad_words_on_the_fused_draw_and_in_greedy_rows(fast):
+    """Bans (here bad words) reach the Gumbel-max kernels' and the greedy rows' logits, in graphed decode
+    steps; a two-token word bans its second token only right after its first (overlap off)."""
+    prompts = _prompts(8, seed=6)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    free = [out.outputs[0].token_ids for out in fast.generate(prompts, greedy, use_tqdm=False)]
+    words = [[free[0][3]], free[1][5:7]]  # one token; two tokens the free run wrote in a row
+    banned = dataclasses.replace(greedy, bad_words_token_ids=words)
+    outs = fast.generate(prompts, banned, use_tqdm=False)
+    outs += fast.generate(prompts, dataclasses.replace(banned, temperature=0.8, seed=3), use_tqdm=False)
+    for out in outs:
+        tokens = out.outputs[0].token_ids
+        assert words[0][0] not in tokens
+        assert all(tokens[i : i + 2] != words[1] for i in range(len(tokens) - 1))
+    assert outs[1].outputs[0].token_ids != free[1]  # (greedy, it met the two-token word)
