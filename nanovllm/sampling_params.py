@@ -162,10 +162,11 @@ class SamplingParams:
         must wait for the previous one's token."""
         return self.has_penalties or self.bad_word_context > 0
 
-    def with_bad_words_encoded(self, tokenizer) -> SamplingParams:
+    def with_bad_words_encoded(self, tokenizer, vocab_size: int) -> SamplingParams:
         """bad_words as token-id sequences, added to bad_words_token_ids, as vLLM encodes them: each word
         without special tokens as is (left-stripped) and, when it is a different token sequence of the same
-        length, with a leading space (the word mid-sentence)."""
+        length, with a leading space (the word mid-sentence). A sequence with an id the model cannot
+        produce (>= vocab_size) is dropped."""
         seqs = list(self.bad_words_token_ids or [])
         for word in self.bad_words or ():
             word = word.lstrip()
@@ -174,7 +175,7 @@ class SamplingParams:
             seqs.append(plain)
             if len(spaced) == len(plain) and spaced[0] != plain[0]:
                 seqs.append(spaced)
-        unique = [list(w) for w in dict.fromkeys(map(tuple, seqs)) if w]
+        unique = [list(w) for w in dict.fromkeys(map(tuple, seqs)) if w and max(w) < vocab_size]
         return dataclasses.replace(self, bad_words_token_ids=unique or None)
 
 

@@ -61,17 +61,18 @@ def test_a_word_is_banned_as_is_and_mid_sentence(llm, free_run):
     """bad_words strings are encoded as vLLM does: the word, and " word" when that is another token
     sequence of the same length."""
     tok = llm.tokenizer
-    params = SamplingParams(bad_words=["  return", "value"]).with_bad_words_encoded(tok)
+    params = SamplingParams(bad_words=["  return", "value"]).with_bad_words_encoded(tok, 2048)
     expected = []
     for word in ("return", "value"):
         plain = tok.encode(word, add_special_tokens=False)
         spaced = tok.encode(" " + word, add_special_tokens=False)
         expected += [plain] + ([spaced] if len(spaced) == len(plain) and spaced[0] != plain[0] else [])
     assert params.bad_words_token_ids == expected
+    assert params.with_bad_words_encoded(tok, 1).bad_words_token_ids is None  # ids the model cannot produce
     # a token of the free run whose text is a word: banning the word bans the token
     for token in free_run:
         word = tok.decode([token]).strip()
-        encoded = SamplingParams(bad_words=[word]).with_bad_words_encoded(tok).bad_words_token_ids
+        encoded = SamplingParams(bad_words=[word]).with_bad_words_encoded(tok, 2048).bad_words_token_ids
         if word.isalpha() and [token] in encoded:
             break
     else:
@@ -87,6 +88,25 @@ def test_every_sample_keeps_the_ban(llm, free_run):
     )
     (out,) = llm.generate([PROMPT], params, use_tqdm=False)
     assert all(banned not in c.token_ids for c in out.outputs)
+
+
+def test_a_request_without_bad_words_is_untouched_by_its_neighbours(llm, free_run):
+    banned = dataclasses.replace(GREEDY, bad_words_token_ids=[[free_run[1]], free_run[4:6]])
+    (alone,) = llm.generate([PROMPT], banned, use_tqdm=False)
+    outs = llm.generate([PROMPT, PROMPT, PROMPT], [banned, GREEDY, banned], use_tqdm=False)
+    cut = alone.outputs[0].token_ids
+    assert [o.outputs[0].token_ids for o in outs] == [cut, free_run, cut] and cut != free_run
+
+
+def test_overlapped_and_plain_scheduling_agree(ckpt, llm, free_run):
+    """A multi-token word reads the previous token on the host: the overlapped engine (the default) gives
+    the tokens of one that never overlaps."""
+    assert llm.engine.overlap
+    params = dataclasses.replace(GREEDY, bad_words_token_ids=[free_run[2:4], free_run[7:9]])
+    prompts = [PROMPT, PROMPT[3:], PROMPT[:-2]]
+    overlapped = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+    with LLM(str(ckpt), max_model_len=128, async_scheduling=False) as plain:
+        assert [o.outputs[0].token_ids for o in plain.generate(prompts, params, use_tqdm=False)] == overlapped
 
 
 def test_multi_token_words_turn_overlap_off(llm, free_run):

@@ -148,7 +148,7 @@ class LLMEngine:
         if params.bad_words:
             if self.tokenizer is None:
                 raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
-            params = params.with_bad_words_encoded(self.tokenizer)
+            params = params.with_bad_words_encoded(self.tokenizer, self.vocab_size)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")

@@ -130,6 +130,8 @@ class OpenAIServer:
         if (error := req.params.vocab_error(self.config.hf_config.vocab_size)) is not None:
             field, message = error
             raise RequestError(message, field)
+        if req.params.bad_words and self.tokenizer is None:
+            raise RequestError("bad_words needs the model's tokenizer", "bad_words")
         if (keep := req.params.truncate_prompt_tokens) is not None:  # usage and echo show what was kept
             prompts = [(text, ids) if len(ids) <= keep else (None, ids[-keep:]) for text, ids in prompts]
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"

@@ -240,15 +240,16 @@ def test_metrics_render():
 # ---- the app without a running engine -------------------------------------------------------------
 
 
-def _engineless_app(path, chat_template: bool):
-    """The app for the tiny preset (with or without its chat template); its engine is never started."""
+def _engineless_app(path, chat_template: bool, tokenizer: bool = True):
+    """The app for the tiny preset (with or without its chat template or tokenizer); its engine is never
+    started."""
     shutil.copy(PRESET_DIR / "qwen3-tiny.json", path / "config.json")
     data = json.loads((path / "config.json").read_text())
     data.pop("_comment", None)
     (path / "config.json").write_text(json.dumps(data))
-    for f in PRESET_DIR.joinpath("tokenizer").iterdir():
+    for f in PRESET_DIR.joinpath("tokenizer").iterdir() if tokenizer else ():
         shutil.copy(f, path / f.name)
-    if not chat_template:
+    if tokenizer and not chat_template:
         tok_config = json.loads((path / "tokenizer_config.json").read_text())
         tok_config.pop("chat_template")
         (path / "tokenizer_config.json").write_text(json.dumps(tok_config))
@@ -281,6 +282,12 @@ def test_no_chat_template_is_a_400(app_without_template):
         {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert r.status_code == 400 and "chat template" in r.json()["error"]["message"]
+
+
+def test_bad_words_without_a_tokenizer_is_a_400(tmp_path):
+    app = _engineless_app(tmp_path, chat_template=False, tokenizer=False)
+    r = _post(app, "/v1/completions", {"prompt": [1, 2, 3], "bad_words": ["x"]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words"
 
 
 def test_stopped_engine_is_a_503(app_without_template):
