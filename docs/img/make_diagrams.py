@@ -713,7 +713,7 @@ def sampler() -> None:
 
     y1 = 7.2
     stage(0.3, y1, 4.4, "logits", "fp32 copy [B, V]", GREY_L, GREY)
-    stage(5.8, y1, 5.2, "min_tokens ban", "EOS, stop ids -> -inf", RED_L, RED)
+    stage(5.8, y1, 5.2, "bans", "min_tokens, bad_words -> -inf", RED_L, RED)
     stage(12.1, y1, 5.6, "penalties", "repetition, frequency, presence", RED_L, RED)
     stage(18.8, y1, 5.9, "greedy rows", "argmax (temperature < 1e-5)", BLUE_L, BLUE)
     arrow(ax, (4.75, y1 + 0.95), (5.75, y1 + 0.95))
