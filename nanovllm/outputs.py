@@ -29,8 +29,9 @@ class CompletionOutput:
 
 @dataclass
 class RequestMetrics:
-    """When things happened to a request, in time.time() seconds (vLLM's RequestOutput.metrics). A token's
-    time is when the host read it back (with overlapped steps, one step after the GPU sampled it)."""
+    """When things happened to a request, in time.time() seconds: the arrival / first-token / last-token /
+    finished times of vLLM V0's RequestOutput.metrics (not its scheduling times). A token's time is when the
+    host read it back (with overlapped steps, one step after the GPU sampled it)."""
 
     arrival_time: float  # added to the engine
     first_token_time: float | None = None  # its first generated token

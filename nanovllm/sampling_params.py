@@ -32,7 +32,8 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None  # sample only among these tokens
     skip_special_tokens: bool = True  # leave special tokens' text out of the output text
     include_stop_str_in_output: bool = False  # keep the stop string that ended the text at its end
-    truncate_prompt_tokens: int | None = None  # keep only the prompt's last k tokens (vLLM's; None: all)
+    # keep only the prompt's last k tokens (vLLM's; -1: max_model_len of them; None: all)
+    truncate_prompt_tokens: int | None = None
     bad_words: list[str] | None = None  # words never generated (vLLM's); the engine encodes them into:
     # token-id sequences never generated: [t1..tn] bans tn after output t1..tn-1 (one token: always banned)
     bad_words_token_ids: list[list[int]] | None = None
@@ -72,9 +73,10 @@ class SamplingParams:
         if not _is_int(self.n) or self.n < 1:
             raise bad("n", "an int >= 1")
         if self.truncate_prompt_tokens is not None and (
-            not _is_int(self.truncate_prompt_tokens) or self.truncate_prompt_tokens < 1
+            not _is_int(self.truncate_prompt_tokens)
+            or not (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)
         ):
-            raise bad("truncate_prompt_tokens", "None or an int >= 1")
+            raise bad("truncate_prompt_tokens", "None, -1 or an int >= 1")
         for flag in ("skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, flag), bool):
                 raise bad(flag, "a bool")

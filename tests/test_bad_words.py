@@ -136,3 +136,21 @@ def test_validation_and_a_model_without_tokenizer(tmp_path):
     (out,) = bare.generate([PROMPT], dataclasses.replace(GREEDY, bad_words_token_ids=[[7]]), use_tqdm=False)
     assert 7 not in out.outputs[0].token_ids and not bare.engine.has_unfinished()
     bare.shutdown()
+
+
+def test_a_multi_token_word_joining_overlapped_requests(llm, free_run):
+    """Added while other requests run overlapped: its steps wait for their tokens, and its own tokens equal
+    the request's alone."""
+    params = dataclasses.replace(GREEDY, bad_words_token_ids=[free_run[2:4]])
+    (alone,) = llm.generate([PROMPT], params, use_tqdm=False)
+    engine = llm.engine
+    others = [engine.add_request(PROMPT[i:], dataclasses.replace(GREEDY, max_tokens=40)) for i in range(3)]
+    for _ in range(3):
+        engine.step()
+    rid = engine.add_request(PROMPT, params)
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            done[out.request_id] = out
+    assert done[rid].outputs[0].token_ids == alone.outputs[0].token_ids != free_run
+    assert all(len(done[o].outputs[0].token_ids) == 40 for o in others)

@@ -265,7 +265,11 @@ def test_cumulative_logprob_and_request_times(llm):
     (plain,) = llm.generate([PROMPT], GREEDY, use_tqdm=False)
     assert plain.outputs[0].cumulative_logprob is None
     assert plain.metrics.arrival_time > m.finished_time - 1e-3  # each request its own times
-    (samples,) = llm.generate([PROMPT], _sampled(seed=3, n=3), use_tqdm=False)
+    with_logprobs = dataclasses.replace(_sampled(seed=3, n=3), logprobs=1)
+    (samples,) = llm.generate([PROMPT], with_logprobs, use_tqdm=False)
+    for c in samples.outputs:  # each sample its own sum
+        assert c.cumulative_logprob == pytest.approx(sum(lp.logprob for lp in c.logprobs))
+    assert len({c.cumulative_logprob for c in samples.outputs}) > 1
     times = samples.metrics
     assert times.arrival_time <= times.first_token_time <= times.last_token_time <= times.finished_time
 
@@ -285,5 +289,12 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
     (text,) = llm.generate(["a b c d e f g h i j"], dataclasses.replace(GREEDY, truncate_prompt_tokens=2))
     assert text.prompt == "a b c d e f g h i j"  # the text as given, the ids as run
     assert text.prompt_token_ids == llm.tokenizer.encode("a b c d e f g h i j")[-2:]
-    with pytest.raises(ValueError, match="truncate_prompt_tokens must be None or an int >= 1"):
+    to_model_len = dataclasses.replace(GREEDY, truncate_prompt_tokens=-1)  # -1: max_model_len tokens (vLLM's)
+    (whole,) = llm.generate([PROMPT], to_model_len, use_tqdm=False)
+    assert whole.prompt_token_ids == PROMPT
+    with pytest.raises(ValueError, match=r"prompt \(128 tokens\) \+ max_tokens \(8\)"):
+        llm.generate([long_prompt], to_model_len, use_tqdm=False)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens must be None, -1 or an int >= 1"):
         SamplingParams(truncate_prompt_tokens=0)
+    with pytest.raises(ValueError, match="truncate_prompt_tokens=129 exceeds max_model_len=128"):
+        llm.generate([PROMPT], dataclasses.replace(GREEDY, truncate_prompt_tokens=129), use_tqdm=False)

@@ -117,9 +117,11 @@ class LLMEngine:
             raise ValueError(error[1])
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
-        if params.truncate_prompt_tokens is not None:
-            token_ids = token_ids[-params.truncate_prompt_tokens :]  # (before the length check, as vLLM)
         limit = self.config.max_model_len
+        if (keep := params.truncate_prompt_tokens) is not None:
+            if keep > limit:
+                raise ValueError(f"truncate_prompt_tokens={keep} exceeds max_model_len={limit}")
+            token_ids = token_ids[-(limit if keep == -1 else keep) :]  # (before the length check, as vLLM)
         if len(token_ids) + params.max_tokens > limit:
             raise ValueError(
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -235,7 +237,7 @@ class LLMEngine:
     def _can_overlap(self) -> bool:
         """Penalties and multi-token bad words read the generated tokens on the host, so with them the
         engine waits for each step (as it does when overlap is off)."""
-        return self.overlap and not any(seq.params.reads_output for seq in self.scheduler.running)
+        return self.overlap and not any(seq.reads_output for seq in self.scheduler.running)
 
     def _take_outputs(self) -> list[RequestOutput]:
         # Outputs wait here until step() returns: a step that raises after reading one back loses none.
@@ -269,7 +271,6 @@ class LLMEngine:
             self.num_generated_tokens += 1
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
-            req.metrics.last_token_time = now
             if req.detokenizer is not None and not _hides_last_token(seq):
                 num_known = seq.num_known_tokens
                 token = seq.token_ids[num_known - 1]
@@ -277,9 +278,10 @@ class LLMEngine:
                 if stop is not None:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
-            if seq.is_finished:
-                req.metrics.finished_time = now
             if seq.is_finished or req.stream:
+                req.metrics.last_token_time = now  # (only outputs show it)
+                if seq.is_finished:
+                    req.metrics.finished_time = now
                 self._outputs.append(self._output(req))
             if seq.is_finished:
                 del self.requests[seq.request_id]

@@ -259,11 +259,11 @@ class SamplingBatch:
                 ids = sorted(t for t in stops if t < vocab_size)  # larger ids can never be sampled
                 ban_rows += [i] * len(ids)
                 ban_ids += ids
-            # bad words: a word's last token, once the output ends with the rest of it
-            for word in r.params.bad_words_token_ids or ():
-                if len(word) == 1 or _ends_with(r.output_token_ids, word[:-1]):
-                    ban_rows.append(i)
-                    ban_ids.append(word[-1])
+            if r.params.bad_words_token_ids:  # a word's last token, once the output ends with the rest
+                for word in r.params.bad_words_token_ids:
+                    if len(word) == 1 or _ends_with(r.output_token_ids, word[:-1]):
+                        ban_rows.append(i)
+                        ban_ids.append(word[-1])
         banned_rows = banned_token_ids = None
         if ban_rows:
             banned_rows = to_device(ban_rows, torch.int64)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.chat import MessageError, text_messages
+from nanovllm.utils.chat import MessageError, check_chat_options, text_messages
 
 MAX_N = 128  # choices per request (n x prompts): a guard against one request flooding the engine
 
@@ -236,15 +236,21 @@ def parse_detokenize_request(body: Any, vocab_size: int) -> tuple[str | None, li
 
 
 def _parse_chat_options(body: dict) -> dict:
-    """render_chat's switches and template variables from vLLM's extra chat fields."""
+    """render_chat's switches and template variables from vLLM's extra chat fields, checked here so that
+    a contradiction names its field."""
     kwargs = body.get("chat_template_kwargs")
     if kwargs is not None and not isinstance(kwargs, dict):
         raise RequestError(f"chat_template_kwargs must be an object, got {kwargs!r}", "chat_template_kwargs")
-    return dict(
+    options = dict(
         add_generation_prompt=_parse_bool(body, "add_generation_prompt", True),
         continue_final_message=_parse_bool(body, "continue_final_message", False),
         chat_template_kwargs=kwargs or None,
     )
+    try:
+        check_chat_options(**options)
+    except MessageError as e:
+        raise RequestError(str(e), e.param) from None
+    return options
 
 
 def _parse_bool(body: dict, name: str, default: bool) -> bool:

@@ -6,7 +6,8 @@ from typing import Any
 
 
 class MessageError(ValueError):
-    """A message that cannot be rendered; `param` is the offending part's path: `messages[1].content[0]`."""
+    """A message (or a rendering option) that cannot be rendered; `param` is the offending part's path:
+    `messages[1].content[0]`, `chat_template_kwargs`."""
 
     def __init__(self, message: str, param: str):
         super().__init__(message)
@@ -63,6 +64,24 @@ def _content_text(content: Any, where: str) -> str:
 _RESERVED_TEMPLATE_KWARGS = ("conversation", "chat_template", "tokenize", "return_dict", "return_tensors")
 
 
+def check_chat_options(
+    add_generation_prompt: bool, continue_final_message: bool, chat_template_kwargs: dict | None
+) -> dict:
+    """The switches with the template variables over them (vLLM's order: the kwargs win), as
+    apply_chat_template's keyword arguments. MessageError (a ValueError) if a kwarg is one of its own
+    arguments, or if the result both adds a generation prompt and continues the final message."""
+    options = dict(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+    for key, value in (chat_template_kwargs or {}).items():
+        if not isinstance(key, str) or key in _RESERVED_TEMPLATE_KWARGS:
+            raise MessageError(f"chat_template_kwargs may not set {key!r}", "chat_template_kwargs")
+        options[key] = value
+    if options["add_generation_prompt"] and options["continue_final_message"]:
+        raise MessageError(
+            "add_generation_prompt and continue_final_message cannot both be true", "continue_final_message"
+        )
+    return options
+
+
 def render_chat(
     tokenizer,
     messages: list[dict],
@@ -75,17 +94,8 @@ def render_chat(
     template, or `chat_template`. `chat_template_kwargs` become template variables (Qwen3's
     {"enable_thinking": False}) and, as in vLLM, win over the two switches. Raises ValueError when the
     options are contradictory or the template fails."""
-    options = dict(
-        chat_template=chat_template,
-        add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final_message,
-    )
-    for key, value in (chat_template_kwargs or {}).items():
-        if not isinstance(key, str) or key in _RESERVED_TEMPLATE_KWARGS:
-            raise ValueError(f"chat_template_kwargs may not set {key!r}")
-        options[key] = value
-    if options["add_generation_prompt"] and options["continue_final_message"]:
-        raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+    options = check_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
+    options["chat_template"] = chat_template
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except Exception as e:  # jinja and transformers raise many kinds for what a template rejects

@@ -321,6 +321,7 @@ def test_tokenize_a_prompt_or_a_conversation_and_detokenize(app):
 
 
 USER = [{"role": "user", "content": "b"}]
+BOTH = {"add_generation_prompt": True, "continue_final_message": True}
 
 
 @pytest.mark.parametrize(
@@ -332,9 +333,11 @@ USER = [{"role": "user", "content": "b"}]
         ("/tokenize", {"prompt": "a", "add_generation_prompt": False}, "add_generation_prompt"),
         ("/tokenize", {"prompt": "a", "add_special_tokens": "no"}, "add_special_tokens"),
         ("/tokenize", {"prompt": "a", "truncate": 3}, "truncate"),
-        ("/tokenize", {"messages": USER, "continue_final_message": True}, "messages"),  # with the default
+        ("/tokenize", {"messages": USER, "continue_final_message": True}, "continue_final_message"),
         ("/tokenize", {"messages": [], "chat_template_kwargs": {"x": 1}}, "messages"),
-        ("/tokenize", {"messages": USER, "chat_template_kwargs": {"tokenize": True}}, "messages"),
+        ("/tokenize", {"messages": USER, "chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
+        ("/tokenize", {"messages": USER, "add_generation_prompt": False, "chat_template_kwargs": BOTH},
+         "continue_final_message"),  # the kwargs win
         ("/detokenize", {"tokens": "abc"}, "tokens"),
         ("/detokenize", {"tokens": [1, 10**6]}, "tokens"),
         ("/detokenize", {"tokens": [1, True]}, "tokens"),

@@ -310,10 +310,12 @@ def test_bad_words_are_never_generated(client, tokenizer):
     free = _complete(client, logprobs=0)
     tokens = free.choices[0].logprobs.tokens
     word = next(t.strip() for t in tokens if t.strip().isalpha())  # a whole word the free run wrote
-    for create in (_complete, _chat):
-        out = create(client, max_tokens=12, extra_body={"bad_words": [word], "ignore_eos": True})
-        text = out.choices[0].text if create is _complete else out.choices[0].message.content
-        assert word not in text.split()
+    out = _complete(client, extra_body={"bad_words": [word]})
+    assert word in free.choices[0].text and word not in out.choices[0].text
+    chat_free = _chat(client, max_tokens=12, extra_body={"ignore_eos": True}).choices[0].message.content
+    said = next(w for w in chat_free.split() if w.isalpha())  # a whole word the free chat run wrote
+    chat = _chat(client, max_tokens=12, extra_body={"ignore_eos": True, "bad_words": [said]})
+    assert said not in chat.choices[0].message.content.split()
 
 
 def test_echo_of_the_prompt_alone_and_of_several_prompts_with_n(client, tokenizer):
