@@ -148,6 +148,16 @@ class SamplingParams:
                 return field, f"{field} names token ids outside the vocabulary [0, {vocab_size}): {outside}"
         return None
 
+    def truncated_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:
+        """The prompt tokens a request runs on: the last truncate_prompt_tokens of them (-1: max_model_len;
+        None: all). ValueError if that is more than max_model_len, as in vLLM."""
+        keep = self.truncate_prompt_tokens
+        if keep is None:
+            return token_ids
+        if keep > max_model_len:
+            raise ValueError(f"truncate_prompt_tokens={keep} exceeds max_model_len={max_model_len}")
+        return token_ids[-(max_model_len if keep == -1 else keep) :]
+
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1

@@ -118,10 +118,7 @@ class LLMEngine:
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
         limit = self.config.max_model_len
-        if (keep := params.truncate_prompt_tokens) is not None:
-            if keep > limit:
-                raise ValueError(f"truncate_prompt_tokens={keep} exceeds max_model_len={limit}")
-            token_ids = token_ids[-(limit if keep == -1 else keep) :]  # (before the length check, as vLLM)
+        token_ids = params.truncated_prompt(token_ids, limit)  # (before the length check, as vLLM)
         if len(token_ids) + params.max_tokens > limit:
             raise ValueError(
                 f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
@@ -146,9 +143,7 @@ class LLMEngine:
                 "params.choice(i) (LLM.generate does this)"
             )
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt, params)
-        if params.bad_words:
-            if self.tokenizer is None:
-                raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
+        if params.bad_words:  # (encode_prompt checked there is a tokenizer)
             params = params.with_bad_words_encoded(self.tokenizer, self.vocab_size)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:

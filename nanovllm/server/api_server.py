@@ -132,8 +132,12 @@ class OpenAIServer:
             raise RequestError(message, field)
         if req.params.bad_words and self.tokenizer is None:
             raise RequestError("bad_words needs the model's tokenizer", "bad_words")
-        if (keep := req.params.truncate_prompt_tokens) is not None:  # usage and echo show what was kept
-            prompts = [(text, ids) if len(ids) <= keep else (None, ids[-keep:]) for text, ids in prompts]
+        if req.params.truncate_prompt_tokens is not None:  # usage and echo show what was kept
+            try:
+                kept = [req.params.truncated_prompt(ids, self.max_model_len) for _, ids in prompts]
+            except ValueError as e:
+                raise RequestError(str(e), "truncate_prompt_tokens") from None
+            prompts = [(t, ids) if len(k) == len(ids) else (None, k) for (t, ids), k in zip(prompts, kept)]
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         # params.choice(i): with a seed, each choice draws from its own seed; only choice 0 scores the
         # prompt (prompt_logprobs), and the response shows its scores for every choice of that prompt.

@@ -304,6 +304,13 @@ def test_truncate_prompt_tokens_runs_and_reports_the_prompts_tail(client, tokeni
     assert out.choices[0].text == tokenizer.decode(ids[-4:]) + tail.choices[0].text  # echo: what ran
     chat = _chat(client, "hi " * 20, max_tokens=3, extra_body=kept)
     assert chat.usage.prompt_tokens == 4
+    whole = _complete(client, prompt=ids, extra_body={"truncate_prompt_tokens": -1})  # -1: max_model_len
+    assert (
+        whole.usage.prompt_tokens == len(ids)
+        and whole.choices[0].text == _complete(client, prompt=ids).choices[0].text
+    )
+    with pytest.raises(openai.BadRequestError, match="truncate_prompt_tokens"):
+        _complete(client, prompt=ids, extra_body={"truncate_prompt_tokens": MAX_MODEL_LEN + 1})
 
 
 def test_bad_words_are_never_generated(client, tokenizer):
