@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+@dataclass(slots=True)  # (a scored prompt makes one per token: slots make them ~25% cheaper to build)
 class Logprob:
     """One position: its token's logprob (the sampled token, or the prompt's own token for
     prompt_logprobs) and the top alternatives."""

@@ -188,3 +188,35 @@ def test_a_step_that_fails_when_read_back(engines, monkeypatch):
     _check_clean(overlap)
     assert _summary(overlap.generate(prompts, params, use_tqdm=False)) == want
     _check_clean(overlap)
+
+
+def test_a_step_from_an_idle_device_is_small(engines, monkeypatch):
+    """Pipeline fill: the first step launched on an idle device takes at most IDLE_STEP_TOKENS tokens, and the
+    next one, scheduled while it runs, the full budget; without overlap (nothing to fill the wait with) the
+    budget is whole. Results stay those of the waiting engine."""
+    import nanovllm.engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "IDLE_STEP_TOKENS", 20)
+    sync, overlap = engines
+    prompts = mixed_prompts([30, 25, 40, 12], seed=11)  # 107 prompt tokens: two full-budget steps
+    params = SamplingParams(temperature=0, max_tokens=8)
+    sizes = {}
+    for name, llm in (("sync", sync), ("overlap", overlap)):
+        scheduler = llm.engine.scheduler
+        schedule, sizes[name] = scheduler.schedule, []
+
+        def spy(max_tokens=None, schedule=schedule, sizes=sizes[name]):
+            batch = schedule(max_tokens)
+            sizes.append(batch.num_tokens)
+            return batch
+
+        monkeypatch.setattr(scheduler, "schedule", spy)
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        _check_clean(llm)
+        scheduler.block_manager.reset_prefix_cache()
+        if name == "sync":
+            want = outs
+        else:
+            assert _summary(outs) == _summary(want)
+    assert sizes["sync"][:2] == [64, 2 + 43]  # the budget; then 2 decodes and the 43 prompt tokens left
+    assert sizes["overlap"][:3] == [20, 64, 2 + 23]  # 20 from idle, then the budget while it runs

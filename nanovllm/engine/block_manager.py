@@ -122,8 +122,9 @@ class BlockManager:
 
     def append_slots(self, seq: Sequence, num_tokens: int) -> None:
         """Grow seq's block table to hold num_tokens tokens; register blocks that become full."""
-        for _ in range(self.blocks_needed(num_tokens) - len(seq.block_table)):
-            seq.block_table.append(self._take_free_block())
+        num_new = self.blocks_needed(num_tokens) - len(seq.block_table)
+        if num_new > 0:
+            seq.block_table.extend(self._take_free_blocks(num_new))
         self._cache_full_blocks(seq, num_tokens)
 
     def free_seq(self, seq: Sequence) -> None:
@@ -161,17 +162,20 @@ class BlockManager:
 
     # ---- internals ----------------------------------------------------------------------------
 
-    def _take_free_block(self) -> int:
-        if not self.free:
+    def _take_free_blocks(self, n: int) -> list[int]:
+        """The n least recently freed blocks, each with ref count 1 and out of the prefix cache."""
+        if n > len(self.free):
             raise RuntimeError("out of KV blocks: the scheduler must check before allocating")
-        block_id, _ = self.free.popitem(last=False)
-        block = self.blocks[block_id]
-        if block.hash is not None:  # evict it from the prefix cache
-            if self.hash_to_block.get(block.hash) == block_id:
-                del self.hash_to_block[block.hash]
-            block.hash = block.token_ids = None
-        block.ref_count = 1
-        return block_id
+        pop, blocks, cached = self.free.popitem, self.blocks, self.hash_to_block
+        block_ids = [pop(last=False)[0] for _ in range(n)]
+        for block_id in block_ids:
+            block = blocks[block_id]
+            if block.hash is not None:  # evict it from the prefix cache
+                if cached.get(block.hash) == block_id:
+                    del cached[block.hash]
+                block.hash = block.token_ids = None
+            block.ref_count = 1
+        return block_ids
 
     def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
         """Extend seq.block_hashes over the full blocks among its first num_tokens tokens (known
@@ -204,15 +208,16 @@ class BlockManager:
 
     def _register(self, seq: Sequence, first: int, end: int) -> None:
         """Put seq's blocks [first, end) into the prefix cache, those whose hash is known."""
-        bs = self.block_size
-        for i in range(first, min(end, len(seq.block_hashes))):
-            h = seq.block_hashes[i]
-            block = self.blocks[seq.block_table[i]]
-            if block.hash is not None or h in self.hash_to_block:
+        bs, blocks, cached = self.block_size, self.blocks, self.hash_to_block
+        hashes, table, tokens = seq.block_hashes, seq.block_table, seq.token_ids
+        for i in range(first, min(end, len(hashes))):
+            h = hashes[i]
+            block = blocks[table[i]]
+            if block.hash is not None or h in cached:
                 continue  # already registered (by this or another sequence)
             block.hash = h
-            block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-            self.hash_to_block[h] = block.block_id
+            block.token_ids = tuple(tokens[i * bs : (i + 1) * bs])
+            cached[h] = block.block_id
 
     def check_consistency(self) -> None:
         """Invariants a bug could break (used by tests): free list == blocks with ref 0, every

@@ -33,6 +33,12 @@ logger = logging.getLogger("nanovllm")
 
 Prompt = str | list[int]
 
+# Pipeline fill: a step launched on an idle device takes at most this many tokens (the largest prefill CUDA
+# graph), so the GPU starts on it while the host schedules and prepares the rest of a large batch, which
+# runs as the next step. (16 x 1,024 prompts at once on an H200 used to wait ~5 ms for the host before the
+# first kernel; see docs/performance.md, session 26.)
+IDLE_STEP_TOKENS = 4096
+
 
 @dataclass
 class _Request:
@@ -197,7 +203,8 @@ class LLMEngine:
         self.dropped_request_ids = []
         if self._inflight is not None and not self._can_overlap():
             self._complete_inflight()
-        batch = self.scheduler.schedule()
+        idle = self._inflight is None and self._can_overlap()
+        batch = self.scheduler.schedule(IDLE_STEP_TOKENS if idle else None)
         if batch.is_empty:
             if self._inflight is not None:  # only pending tokens left to read back
                 self._complete_inflight()
@@ -304,13 +311,18 @@ class LLMEngine:
 
     def _record_prompt_logprobs(self, batch: ScheduledBatch, out: PromptLogprobs) -> None:
         chosen, ranks = out.logprobs.tolist(), out.ranks.tolist()
-        top_ids, top_vals = out.top_ids.tolist(), out.top_logprobs.tolist()
+        # (prompt_logprobs=0, the scoring case, asks for no alternatives: no per-row lists to convert)
+        asked = out.top_ids.shape[1] > 0
+        top_ids, top_vals = (out.top_ids.tolist(), out.top_logprobs.tolist()) if asked else (None, None)
         row = 0
         for seq, positions in zip(batch.seqs, batch.scores):
             req, end = self.requests.get(seq.request_id), row + len(positions)
             if req is not None and positions:  # position p's logits score prompt token p + 1
                 n = seq.params.prompt_logprobs
-                tops = [dict(zip(i[:n], v[:n])) for i, v in zip(top_ids[row:end], top_vals[row:end])]
+                if n and asked:
+                    tops = [dict(zip(i[:n], v[:n])) for i, v in zip(top_ids[row:end], top_vals[row:end])]
+                else:
+                    tops = [{} for _ in positions]
                 tokens = seq.token_ids[positions.start + 1 : positions.stop + 1]
                 req.prompt_logprobs.extend(map(Logprob, tokens, chosen[row:end], tops, ranks[row:end]))
             row = end

@@ -68,8 +68,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, max_tokens: int | None = None) -> ScheduledBatch:
+        """The next step's batch, of at most max_num_batched_tokens tokens (and at most max_tokens)."""
         budget = self.max_num_batched_tokens
+        if max_tokens is not None:
+            budget = min(budget, max_tokens)
         seqs: list[Sequence] = []
         num_new: list[int] = []
         preempted = 0
