@@ -190,6 +190,20 @@ def test_a_step_that_fails_when_read_back(engines, monkeypatch):
     _check_clean(overlap)
 
 
+def _spy_step_sizes(llm: LLM, monkeypatch) -> list[int]:
+    """The token count of each batch the engine schedules from now on (appended as they come)."""
+    scheduler, sizes = llm.engine.scheduler, []
+    schedule = scheduler.schedule
+
+    def spy(max_tokens=None):
+        batch = schedule(max_tokens)
+        sizes.append(batch.num_tokens)
+        return batch
+
+    monkeypatch.setattr(scheduler, "schedule", spy)
+    return sizes
+
+
 def test_a_step_from_an_idle_device_is_small(engines, monkeypatch):
     """Pipeline fill: the first step launched on an idle device takes at most IDLE_STEP_TOKENS tokens, and the
     next one, scheduled while it runs, the full budget; without overlap (nothing to fill the wait with) the
@@ -202,22 +216,33 @@ def test_a_step_from_an_idle_device_is_small(engines, monkeypatch):
     params = SamplingParams(temperature=0, max_tokens=8)
     sizes = {}
     for name, llm in (("sync", sync), ("overlap", overlap)):
-        scheduler = llm.engine.scheduler
-        scheduler.block_manager.reset_prefix_cache()  # (no hits left by earlier tests: sizes as counted)
-        schedule, sizes[name] = scheduler.schedule, []
-
-        def spy(max_tokens=None, schedule=schedule, sizes=sizes[name]):
-            batch = schedule(max_tokens)
-            sizes.append(batch.num_tokens)
-            return batch
-
-        monkeypatch.setattr(scheduler, "schedule", spy)
+        sizes[name] = _spy_step_sizes(llm, monkeypatch)
+        llm.engine.scheduler.block_manager.reset_prefix_cache()  # (the test before caches this first prompt)
         outs = llm.generate(prompts, params, use_tqdm=False)
         _check_clean(llm)
-        scheduler.block_manager.reset_prefix_cache()
         if name == "sync":
             want = outs
         else:
             assert _summary(outs) == _summary(want)
     assert sizes["sync"][:2] == [64, 2 + 43]  # the budget; then 2 decodes and the 43 prompt tokens left
     assert sizes["overlap"][:3] == [20, 64, 2 + 23]  # 20 from idle, then the budget while it runs
+
+
+@pytest.mark.parametrize("penalized, first_size", [(0, 64), (3, 20)])
+def test_no_small_step_when_it_would_be_waited_for(engines, monkeypatch, penalized, first_size):
+    """A request with penalties that the small step would admit makes the engine wait for that step: the
+    budget is then whole (a split would only add a step). One further back leaves pipeline fill on."""
+    import nanovllm.engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "IDLE_STEP_TOKENS", 20)
+    sync, overlap = engines
+    prompts = mixed_prompts([30, 25, 40, 12], seed=12)
+    params = [SamplingParams(temperature=0, max_tokens=8) for _ in prompts]
+    params[penalized] = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.2)
+    for llm in engines:  # (the other case ran the same prompts)
+        llm.engine.scheduler.block_manager.reset_prefix_cache()
+    want = _summary(sync.generate(prompts, params, use_tqdm=False))
+    sizes = _spy_step_sizes(overlap, monkeypatch)
+    assert _summary(overlap.generate(prompts, params, use_tqdm=False)) == want
+    _check_clean(overlap)
+    assert sizes[0] == first_size

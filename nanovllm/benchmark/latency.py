@@ -208,7 +208,8 @@ def measure_prefill(
     engine, prompts: _Prompts, num_prompts: int, length: int, repeats: int, prompt_logprobs: int | None = None
 ) -> dict[str, Any]:
     """Time prefilling `num_prompts` fresh prompts of `length` tokens added at once (one step when
-    they fit the token budget), up to each one's first token; median of `repeats` after a warm-up."""
+    they fit the token budget, two when overlapped and over IDLE_STEP_TOKENS: pipeline fill), up to each
+    one's first token; median of `repeats` after a warm-up."""
     from nanovllm import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, prompt_logprobs=prompt_logprobs)

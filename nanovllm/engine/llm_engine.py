@@ -203,8 +203,7 @@ class LLMEngine:
         self.dropped_request_ids = []
         if self._inflight is not None and not self._can_overlap():
             self._complete_inflight()
-        idle = self._inflight is None and self._can_overlap()
-        batch = self.scheduler.schedule(IDLE_STEP_TOKENS if idle else None)
+        batch = self.scheduler.schedule(IDLE_STEP_TOKENS if self._fills_pipeline() else None)
         if batch.is_empty:
             if self._inflight is not None:  # only pending tokens left to read back
                 self._complete_inflight()
@@ -240,6 +239,21 @@ class LLMEngine:
         """Penalties and multi-token bad words read the generated tokens on the host, so with them the
         engine waits for each step (as it does when overlap is off)."""
         return self.overlap and not any(seq.reads_output for seq in self.scheduler.running)
+
+    def _fills_pipeline(self) -> bool:
+        """Launch a small step (IDLE_STEP_TOKENS) and schedule the rest while it runs: the device is idle and
+        the engine will not wait for that step, i.e. no running request reads the generated tokens, nor
+        any waiting one the small step may admit (else the split only adds a step)."""
+        if self._inflight is not None or not self._can_overlap():
+            return False
+        num_tokens = 0
+        for seq in self.scheduler.waiting:  # (in admission order; prefix hits aside)
+            if seq.reads_output:
+                return False
+            num_tokens += seq.num_tokens
+            if num_tokens >= IDLE_STEP_TOKENS:
+                break
+        return True
 
     def _take_outputs(self) -> list[RequestOutput]:
         # Outputs wait here until step() returns: a step that raises after reading one back loses none.
