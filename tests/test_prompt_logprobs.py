@@ -67,6 +67,15 @@ def test_zero_alternatives_and_a_one_token_prompt(llm, reference):
     assert single.prompt_logprobs == [None]
 
 
+def test_a_batch_mixing_zero_and_some_alternatives(llm, reference):
+    """One step scores rows with prompt_logprobs=0 and =NUM_TOP: each gets its own number of alternatives."""
+    zero = SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=0)
+    outs = llm.generate([SHORT, PROMPT, SHORT], [SCORED, zero, zero], use_tqdm=False)
+    _check_against(reference, SHORT, outs[0].prompt_logprobs)
+    _check_against(reference, PROMPT, outs[1].prompt_logprobs, num_top=0)
+    _check_against(reference, SHORT, outs[2].prompt_logprobs, num_top=0)
+
+
 def test_cached_prefix_is_recomputed_to_be_scored_and_still_shared_after(llm, reference):
     prompt = list(range(200, 250))
     bm = llm.engine.scheduler.block_manager
