@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.config import Config
+from nanovllm.engine.cuda_graphs import PREFILL_GRAPH_TOKENS
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
@@ -34,10 +35,10 @@ logger = logging.getLogger("nanovllm")
 Prompt = str | list[int]
 
 # Pipeline fill: a step launched on an idle device takes at most this many tokens (the largest prefill CUDA
-# graph), so the GPU starts on it while the host schedules and prepares the rest of a large batch, which
-# runs as the next step. (16 x 1,024 prompts at once on an H200 used to wait ~5 ms for the host before the
-# first kernel; see docs/performance.md, session 26.)
-IDLE_STEP_TOKENS = 4096
+# graph, 4,096), so the GPU starts on it while the host schedules and prepares the rest of a large batch,
+# which runs as the next step. (16 x 1,024 prompts at once on an H200 waited ~5 ms for the host before the
+# first kernel; 4,096 beat 1,024, 2,048 and 8,192 there: docs/performance.md, session 26.)
+IDLE_STEP_TOKENS = PREFILL_GRAPH_TOKENS[-1]
 
 
 @dataclass
