@@ -195,8 +195,8 @@ def _spy_step_sizes(llm: LLM, monkeypatch) -> list[int]:
     scheduler, sizes = llm.engine.scheduler, []
     schedule = scheduler.schedule
 
-    def spy(max_tokens=None):
-        batch = schedule(max_tokens)
+    def spy(token_limit=None):
+        batch = schedule(token_limit)
         sizes.append(batch.num_tokens)
         return batch
 

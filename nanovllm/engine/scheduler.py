@@ -68,11 +68,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self, max_tokens: int | None = None) -> ScheduledBatch:
-        """The next step's batch, of at most max_num_batched_tokens tokens (and at most max_tokens)."""
+    def schedule(self, token_limit: int | None = None) -> ScheduledBatch:
+        """The next step's batch, of at most max_num_batched_tokens tokens (and at most token_limit)."""
         budget = self.max_num_batched_tokens
-        if max_tokens is not None:
-            budget = min(budget, max_tokens)
+        if token_limit is not None:
+            budget = min(budget, token_limit)
         seqs: list[Sequence] = []
         num_new: list[int] = []
         preempted = 0
