@@ -166,13 +166,12 @@ class BlockManager:
         """The n least recently freed blocks, each with ref count 1 and out of the prefix cache."""
         if n > len(self.free):
             raise RuntimeError("out of KV blocks: the scheduler must check before allocating")
-        pop, blocks, cached = self.free.popitem, self.blocks, self.hash_to_block
-        block_ids = [pop(last=False)[0] for _ in range(n)]
+        block_ids = [self.free.popitem(last=False)[0] for _ in range(n)]
         for block_id in block_ids:
-            block = blocks[block_id]
+            block = self.blocks[block_id]
             if block.hash is not None:  # evict it from the prefix cache
-                if cached.get(block.hash) == block_id:
-                    del cached[block.hash]
+                if self.hash_to_block.get(block.hash) == block_id:
+                    del self.hash_to_block[block.hash]
                 block.hash = block.token_ids = None
             block.ref_count = 1
         return block_ids
@@ -208,16 +207,15 @@ class BlockManager:
 
     def _register(self, seq: Sequence, first: int, end: int) -> None:
         """Put seq's blocks [first, end) into the prefix cache, those whose hash is known."""
-        bs, blocks, cached = self.block_size, self.blocks, self.hash_to_block
-        hashes, table, tokens = seq.block_hashes, seq.block_table, seq.token_ids
-        for i in range(first, min(end, len(hashes))):
-            h = hashes[i]
-            block = blocks[table[i]]
-            if block.hash is not None or h in cached:
+        bs = self.block_size
+        for i in range(first, min(end, len(seq.block_hashes))):
+            h = seq.block_hashes[i]
+            block = self.blocks[seq.block_table[i]]
+            if block.hash is not None or h in self.hash_to_block:
                 continue  # already registered (by this or another sequence)
             block.hash = h
-            block.token_ids = tuple(tokens[i * bs : (i + 1) * bs])
-            cached[h] = block.block_id
+            block.token_ids = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+            self.hash_to_block[h] = block.block_id
 
     def check_consistency(self) -> None:
         """Invariants a bug could break (used by tests): free list == blocks with ref 0, every

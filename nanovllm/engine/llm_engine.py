@@ -334,7 +334,7 @@ class LLMEngine:
             req, end = self.requests.get(seq.request_id), row + len(positions)
             if req is not None and positions:  # position p's logits score prompt token p + 1
                 n = seq.params.prompt_logprobs
-                if n and asked:
+                if n:  # (then the batch asked for alternatives)
                     tops = [dict(zip(i[:n], v[:n])) for i, v in zip(top_ids[row:end], top_vals[row:end])]
                 else:
                     tops = [{} for _ in positions]
