@@ -19,11 +19,6 @@ PROMPT = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("qwen3-bad-words"), "qwen3", max_position_embeddings=256)
-
-
-@pytest.fixture(scope="module")
 def llm(ckpt):
     return LLM(str(ckpt), max_model_len=128)
 

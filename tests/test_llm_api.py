@@ -10,7 +10,6 @@ import pytest
 from nanovllm import LLM, SamplingParams
 from nanovllm.cli import main
 from nanovllm.sampling_params import derive_seed
-from tests.checkpoints import build_checkpoint
 
 MAX_TOKENS = 8
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
@@ -19,11 +18,6 @@ CONVERSATION = [
     {"role": "system", "content": "Be brief."},
     {"role": "user", "content": "What is two and two?"},
 ]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("qwen3-api"), "qwen3", max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,13 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from tests.checkpoints import build_checkpoint, load_hf_model
+from tests.checkpoints import load_hf_model
 
 NUM_TOP = 3
 PROMPT = list(range(100, 150))  # 50 tokens: three full 16-token blocks and a partial one
 SHORT = [3, 4, 5]
 SCORED = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=NUM_TOP)
 PLAIN = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp("qwen3-prompt-logprobs")
-    return build_checkpoint(path, "qwen3", max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")

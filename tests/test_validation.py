@@ -19,11 +19,6 @@ GOOD_PROMPTS = [[5, 6, 7, 8, 9, 10, 11], "Hello there"]
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("qwen3-valid"), "qwen3", max_position_embeddings=256)
-
-
-@pytest.fixture(scope="module")
 def llm(ckpt):
     return LLM(str(ckpt), max_model_len=MAX_MODEL_LEN)
 

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import random
 
-import pytest
-
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import PENDING_TOKEN, FinishReason, Sequence, SequenceStatus
-from tests.checkpoints import build_checkpoint
 
 EOS = 2  # the qwen3-tiny preset's eos_token_id
 
@@ -363,11 +360,6 @@ def test_abort_frees_blocks_wherever_the_request_is():
 
 
 # ---- end to end: preemption does not change what the tiny model generates ------------------------
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("qwen3-sched"), "qwen3", max_position_embeddings=256)
 
 
 def test_preemption_keeps_greedy_and_seeded_tokens(ckpt):
