@@ -99,7 +99,7 @@ class DecodeStep:
         return next((size for size in self.sizes if size >= num_seqs), None)
 
     def splits(self, num_seqs: int) -> tuple[int | None, bool | None]:
-        """(split-KV count, whether two splits cut only the longer sequences) for a decode step, from the
+        """(split-KV count, whether the splits cut the sequences by length) for a decode step, from the
         padded batch size and max_model_len only, so eager steps and graph replays of the same batch cut
         the keys the same way (same tokens). (None, None) off CUDA: the kernel's defaults."""
         if self.device.type != "cuda":
@@ -129,7 +129,7 @@ class DecodeStep:
                 is_decode=True,
                 decode_num_splits=num_splits,
                 decode_split_by_length=split_by_length,
-                # two-split arrival counts: each part its own (the halves of a graph run at once)
+                # the self-combining splits' arrival counts: each part its own (a graph's halves run at once)
                 decode_counters=self.counters[start * self.num_kv_heads :],
             )
             parts.append(DecodePart(start, end, meta))

@@ -2,16 +2,19 @@
 
 Decode is memory-bound: each step reads every cached key and value once. One program per (sequence,
 kv head) leaves the GPU idle for small batches with long contexts, so each sequence's keys are also cut
-into `num_splits` ranges handled by separate programs; each writes a partial output plus its
-log-sum-exp, and a second small kernel combines them. With one split (contexts too short to cut) the
-split kernel writes the normalized output itself and the second kernel is skipped. With two (mid-sized
-and large batches), the two programs of a sequence combine themselves: the second to finish, counted by
-an atomic, reads the other's partial. There, from DECODE_TWO_SPLITS_ITEMS_PER_SM pairs per SM, only
-sequences 1/8 longer than the mean of the batch's non-empty rows (and of 3+ key tiles) are cut at all,
-decided in the kernel from the step's lengths: with equal lengths one program per pair is faster, with
-spread ones the longest would otherwise finish last.
+into up to `num_splits` ranges handled by separate programs; each writes a partial output plus its
+log-sum-exp. With one split (contexts too short to cut) the split kernel writes the normalized output
+itself. With 2..DECODE_MAX_SELF_COMBINE splits the programs of a sequence combine themselves: the last to
+finish, counted by an atomic, reads every partial and writes the output. Only with more splits (batches
+of a few sequences) does a second small kernel, the reduce pass, combine them.
 
-The grid is (batch, num_kv_heads, num_splits) and never depends on the actual sequence lengths, which
+From DECODE_BY_LENGTH_ITEMS_PER_SM (sequence, kv head) pairs per SM the ranges are cut by length, decided
+in the kernel from the step's lengths: below one program slot per pair, every sequence gets pieces of
+about (all keys / slots) keys, so that the programs fill the GPU once; above, only the sequences 1/8 longer
+than the mean are cut in two (with equal lengths one program per pair is fastest; with spread ones the
+longest would otherwise finish last).
+
+The grid is (num_kv_heads, batch, num_splits) and never depends on the actual sequence lengths, which
 each program reads from `seq_lens` itself; so one launch can be captured in a CUDA graph and replayed
 with other lengths. A sequence with seq_len 0 (CUDA-graph padding) gets an all-zero output.
 """
@@ -63,11 +66,10 @@ def decode_attention_ref(
 DECODE_BLOCK_N = 64
 DECODE_NUM_WARPS = 4
 DECODE_NUM_STAGES = 3
-# 4 programs of 128 threads per SM need <= 128 registers a thread. Every variant the engine's graphs run
-# compiles to 128 by itself; the two-split variant not cut by length (eager steps whose longest sequence
-# allows just two key tiles) took 168, 3 programs per SM, and is capped at this: 128, no spills. (Capping the
-# others makes ptxas spill 8 bytes in the one-split variant; sm_90, checked on the CPU by
-# tests/kernels/test_decode_attention.py.)
+# 4 programs of 128 threads per SM need <= 128 registers a thread. The one-split variant compiles to 128 by
+# itself; the self-combining ones are capped at this (the two-split variant not cut by length took 168, 3
+# programs per SM; capped, every variant fits in 128 without spills, whereas capping the one-split variant
+# makes ptxas spill 8 bytes; sm_90, checked on the CPU by tests/kernels/test_decode_attention.py).
 DECODE_MAX_REGISTERS = 128
 # tl.dot needs >= 16 rows, and a group of query heads is usually 1-8: pad it to 16 rows. The padded
 # tensor-core dot is nearly free, whereas a broadcast-multiply-sum would put group * 2 FMAs per cached
@@ -75,38 +77,40 @@ DECODE_MAX_REGISTERS = 128
 # plus cross-lane reductions, competing with the load instructions that set the pace here.
 DECODE_MIN_ROWS = 16
 DECODE_MIN_BATCH_P2 = 64  # the by-length split kernel's smallest batch block (see the launch)
-# num_splits heuristic: below DECODE_TWO_SPLITS_ITEMS_PER_SM (sequence, kv head) pairs per SM, aim for
+# num_splits heuristic: below DECODE_BY_LENGTH_ITEMS_PER_SM (sequence, kv head) pairs per SM, aim for
 # DECODE_PROGRAMS_PER_SM programs per SM, giving no split fewer than DECODE_MIN_KEYS_PER_SPLIT keys of the
-# longest sequence; from there on, two splits that cut only the sequences above the mean length. With
-# equal lengths those run as one split (one program per pair; the second exits at once) at 1-2% of kernel
-# time for the idle programs; with lengths spread over 200-2000 they gain 2.5-10% at 48-256 sequences x 8
-# kv heads (H200, KV cold: 8 x 128: 153.7 vs 163.5 us with one split; 8 x 256: 276.6 vs 283.8;
-# results/decode_splits-nvidia-h200-2026-11-28-103309.json), and the default workload, whose lengths
-# spread so, went 70.2 -> 70.5% of the H200 floor (steady runs of one process each, same machine:
-# results/throughput-nvidia-h200-2026-11-28-105110-a.json, -105143-b.json). Until session 18 batches from
-# 2.5 pairs per SM ran one split (chosen on H100 sweeps with the KV cache in L2, where one split beat two
-# by 10-14% on equal lengths, before two splits learned to cut by length). Below 1.75 pairs per SM more
-# splits win (e.g. 8 x 16, spread: 28.5 us with 5 vs 57.2 with one).
+# longest sequence (e.g. 8 x 16, spread: 28.5 us with 5 splits vs 57.2 with one). From there on the kernel
+# cuts by length (the module docstring), into at most enough pieces for two programs per slot on average
+# (2-4: DECODE_BY_LENGTH_MAX_SPLITS). Against two splits cut only above 9/8 of the mean (sessions 18-26),
+# this, with the kv heads varying fastest in the grid, took 16-22% less time at 32 sequences x 8 kv heads,
+# 4-7% at 56-64 with lengths spread over 100-2,000, 1-2% from 80 up, and the default workload went from
+# 70.6-70.9% to 72.0-72.1% of the H200 floor (in-process A/B, H200, session 27:
+# results/decode_pieces-nvidia-h200-2026-11-29-052744.json, throughput_attn_ab-...-052853.json, -053143.json).
+# Equal lengths at 33-48 sequences can run ~10% slower (38.6 vs 33.5-37 us at 40 x 600 keys).
 DECODE_PROGRAMS_PER_SM = 4
-DECODE_TWO_SPLITS_ITEMS_PER_SM = 1.75
+DECODE_BY_LENGTH_ITEMS_PER_SM = 1.75
 DECODE_MIN_KEYS_PER_SPLIT = 64  # H100: 256 left batch-1 x 1k-context decode latency-bound (86 us)
 DECODE_MAX_SPLITS = 64
+DECODE_MAX_SELF_COMBINE = 8  # up to this many splits combine themselves; more use the reduce pass
+DECODE_BY_LENGTH_MAX_SPLITS = 4
+DECODE_CPU_NUM_SMS = 132  # (an H100's) what the defaults and the by-length cut assume off CUDA
 
 
 def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms: int) -> int:
-    """How many key ranges to cut each sequence into; a pure function of these ints.
+    """How many key ranges to cut each sequence into, at most; a pure function of these ints.
 
-    Two (cut by length: `default_split_by_length`) from DECODE_TWO_SPLITS_ITEMS_PER_SM (sequence, kv
-    head) pairs per SM; below, enough (sequence, kv head, split) programs to give every SM
-    DECODE_PROGRAMS_PER_SM of them. Never more splits than leave DECODE_MIN_KEYS_PER_SPLIT keys of the
-    longest sequence to each. For CUDA graphs, pass the same max_seq_len (e.g. the model's max length)
-    at capture and replay.
+    From DECODE_BY_LENGTH_ITEMS_PER_SM (sequence, kv head) pairs per SM (cut by length:
+    `default_split_by_length`), room for two programs per SM slot on average, 2..DECODE_BY_LENGTH_MAX_SPLITS;
+    below, enough (sequence, kv head, split) programs to give every SM DECODE_PROGRAMS_PER_SM of them.
+    Never more splits than leave DECODE_MIN_KEYS_PER_SPLIT keys of the longest sequence to each. For CUDA
+    graphs, pass the same max_seq_len (e.g. the model's max length) at capture and replay.
     """
     work_items = max(1, batch * num_kv_heads)
-    if work_items >= DECODE_TWO_SPLITS_ITEMS_PER_SM * num_sms:
-        wanted = 2
+    slots = DECODE_PROGRAMS_PER_SM * num_sms
+    if work_items >= DECODE_BY_LENGTH_ITEMS_PER_SM * num_sms:
+        wanted = max(2, min(-(-2 * slots // work_items), DECODE_BY_LENGTH_MAX_SPLITS))
     else:
-        wanted = -(-DECODE_PROGRAMS_PER_SM * num_sms // work_items)
+        wanted = -(-slots // work_items)
     useful = max_seq_len // DECODE_MIN_KEYS_PER_SPLIT
     return max(1, min(wanted, useful, DECODE_MAX_SPLITS))
 
@@ -115,7 +119,7 @@ if HAS_TRITON:
     # Per-step arguments (split count, block-table width) are not specialized on: a value that happens
     # to be 1 or a multiple of 16 would otherwise compile a new variant mid-run (~1 s). (BATCH_P2 is
     # compiled in: eager steps that split by length compile one variant per power of two of the batch.)
-    @triton.jit(do_not_specialize=["num_splits", "stride_bt"])
+    @triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_bt"])
     def _decode_split_kernel(
         q_ptr,
         k_cache_ptr,
@@ -124,10 +128,11 @@ if HAS_TRITON:
         block_tables_ptr,
         partial_out_ptr,  # [batch, num_heads, num_splits, HEAD_DIM] fp32
         partial_lse_ptr,  # [batch, num_heads, num_splits] fp32, log2 domain
-        out_ptr,  # [batch, num_heads, HEAD_DIM]: written here unless a reduce pass follows (3+ splits)
-        counters_ptr,  # (TWO_SPLITS) [>= batch * num_kv_heads] int32, 0 between calls
+        out_ptr,  # [batch, num_heads, HEAD_DIM]: written here unless a reduce pass follows
+        counters_ptr,  # (SELF_COMBINE) [>= batch * num_kv_heads] int32, 0 between calls
         scale_log2,  # softmax scale * log2(e): scores live in the log2 domain so exp2 can be used
         num_splits,
+        num_slots,  # (BY_LENGTH) programs that run at once on the GPU: DECODE_PROGRAMS_PER_SM x SMs
         stride_qb,
         stride_qh,
         stride_kb,
@@ -144,36 +149,54 @@ if HAS_TRITON:
         BLOCK_SIZE: tl.constexpr,  # KV-cache block size
         DOT_PRECISION: tl.constexpr,
         USE_PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the K/V store
-        TWO_SPLITS: tl.constexpr,  # num_splits == 2: the splits combine themselves, no reduce pass
-        BY_LENGTH: tl.constexpr,  # (TWO_SPLITS) split only the sequences 1/8 longer than the live mean
+        SELF_COMBINE: tl.constexpr,  # 2..DECODE_MAX_SELF_COMBINE splits: they combine themselves
+        BY_LENGTH: tl.constexpr,  # (SELF_COMBINE) cut a sequence into pieces by its length (see below)
         BATCH_P2: tl.constexpr,  # (BY_LENGTH) the batch rounded up to a power of two
+        MAX_PIECES: tl.constexpr,  # (SELF_COMBINE) num_splits rounded up to a power of two
     ):
         if USE_PDL:
             gdc_launch_dependents()
             gdc_wait()
-        seq = tl.program_id(0)
-        kv_head = tl.program_id(1)
+        # kv heads vary fastest: the programs of one sequence's heads run side by side and read
+        # neighbouring bytes of each cached token row (1-2% faster on an H200 than sequences fastest).
+        kv_head = tl.program_id(0)
+        seq = tl.program_id(1)
         split = tl.program_id(2)
-        num_heads = tl.num_programs(1) * GROUP
+        num_kv_heads = tl.num_programs(0)
+        num_heads = num_kv_heads * GROUP
         seq_len = tl.load(seq_lens_ptr + seq)
-        split_this = num_splits > 1
+        pieces = num_splits
         if BY_LENGTH:
-            # Cut in two only a sequence 1/8 longer than the mean of the non-empty rows (CUDA-graph padding
-            # rows have length 0) and of 3+ key tiles: with equal lengths nothing is split (one program per
-            # pair is faster there), with spread ones the longest are, which would otherwise finish last.
-            # Both programs of a sequence decide alike (the same exact sums).
+            # Cut by length, from the step's lengths (CUDA-graph padding rows have length 0 and are not
+            # counted); every program of a sequence decides alike (the same exact integer sums). With
+            # fewer (sequence, kv head) pairs than program slots on the GPU, every sequence is cut into
+            # pieces of about (all keys / slots) keys, so that the programs fill the GPU once; with more,
+            # only a sequence 1/8 longer than the mean is cut in two: with equal lengths one program per
+            # pair is fastest, with spread ones the longest would otherwise finish last. No piece has
+            # fewer than two key tiles.
             offs_b = tl.arange(0, BATCH_P2)
-            lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < tl.num_programs(0), other=0)  # [BATCH_P2]
-            total = tl.sum(lens.to(tl.int64), axis=0)
+            lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < tl.num_programs(1), other=0)  # [BATCH_P2]
+            total = tl.maximum(tl.sum(lens.to(tl.int64), axis=0), 1)
             num_live = tl.sum((lens > 0).to(tl.int64), axis=0)
-            split_this = (seq_len.to(tl.int64) * num_live * 8 > total * 9) & (seq_len > 2 * BLOCK_N)
+            n = seq_len.to(tl.int64)
+            pair_keys = total * num_kv_heads
+            # n * slots / pair_keys, rounded down if the lengths are about equal (as many programs as slots
+            # at most: a second, partial round of equal pieces would take as long as the first), else to the
+            # nearest: the pieces of spread sequences fill the slots as the shorter ones end
+            spread = tl.max(lens, axis=0).to(tl.int64) * num_live * 8 > total * 9
+            fill = (2 * n * num_slots + tl.where(spread, pair_keys, 0)) // (2 * pair_keys)
+            longer = tl.where(n * num_live * 8 > total * 9, 2, 1)
+            wanted = tl.where(num_live * num_kv_heads < num_slots, fill, longer)
+            most = tl.minimum(tl.maximum(seq_len // (2 * BLOCK_N), 1), num_splits)
+            pieces = tl.minimum(tl.maximum(wanted, 1), most).to(tl.int32)
         # This split's key range, from the actual length: tile-aligned, so short sequences leave the last
         # splits empty. Those return at once, except split 0, which writes zeros (lse = -inf) for an empty
         # sequence (a padded row of a CUDA graph): the reduce pass or the combine skips the empty splits.
-        keys_per_split = tl.cdiv(tl.cdiv(seq_len, tl.where(split_this, num_splits, 1)), BLOCK_N) * BLOCK_N
-        start = split * keys_per_split
-        if split > 0 and start >= seq_len:
+        keys_per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, pieces), BLOCK_N) * BLOCK_N, BLOCK_N)
+        num_pieces = tl.maximum(tl.cdiv(seq_len, keys_per_split), 1)  # splits that got keys
+        if split >= num_pieces:
             return
+        start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, seq_len)
 
         rows = tl.arange(0, BLOCK_H)  # [BLOCK_H]
@@ -214,54 +237,64 @@ if HAS_TRITON:
         l_safe = tl.maximum(l_i, 1.0)
         out = acc / l_safe[:, None]  # [BLOCK_H, HEAD_DIM]
         out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-        # The whole sequence in this program (one split; BY_LENGTH did not cut it; or two splits where the
-        # second got no keys and returned): the output is final.
-        whole = not split_this
-        if TWO_SPLITS:
-            whole = whole or seq_len <= keys_per_split
-        if ONE_SPLIT or whole:
+        # The whole sequence in this program (one split, or the only self-combining split that got keys):
+        # the output is final. (The reduce pass reads split 0's partial even when it is the only one.)
+        if ONE_SPLIT or (SELF_COMBINE and num_pieces == 1):
             tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None])
-        else:  # partials for the reduce pass, or, of two splits, for the second to finish, which combines
+        else:  # partials for the reduce pass, or, with SELF_COMBINE, for the last split to finish
             lse = m_i + tl.log2(l_safe)  # [BLOCK_H]
             first_row = (seq.to(tl.int64) * num_heads + heads) * num_splits  # [BLOCK_H]
             tl.store(partial_lse_ptr + first_row + split, lse, mask=row_valid)
             partial_ptrs = partial_out_ptr + (first_row + split)[:, None] * HEAD_DIM + offs_d[None, :]
             tl.store(partial_ptrs, out, mask=row_valid[:, None])
-            if TWO_SPLITS:
-                other_row = first_row + 1 - split  # [BLOCK_H]
-                _combine_two_splits(
-                    counters_ptr + seq * tl.num_programs(1) + kv_head,
-                    partial_lse_ptr + other_row,
-                    partial_out_ptr + other_row[:, None] * HEAD_DIM + offs_d[None, :],
-                    lse,
-                    out,
-                    split == 0,
+            if SELF_COMBINE:
+                _combine_splits(
+                    counters_ptr + seq * num_kv_heads + kv_head,
+                    num_pieces,
+                    partial_lse_ptr + first_row,
+                    partial_out_ptr + first_row[:, None] * HEAD_DIM + offs_d[None, :],
                     out_ptrs,
                     row_valid,
+                    MAX_PIECES,
+                    HEAD_DIM,
                 )
 
     @triton.jit
-    def _combine_two_splits(
-        counter_ptr, other_lse_ptrs, other_out_ptrs, lse, out, is_first, out_ptrs, row_valid
+    def _combine_splits(
+        counter_ptr,
+        num_pieces,
+        lse_ptrs,  # [BLOCK_H] each row's split-0 lse; split i's is at + i
+        part_ptrs,  # [BLOCK_H, HEAD_DIM] each row's split-0 partial output; split i's is at + i * HEAD_DIM
+        out_ptrs,  # [BLOCK_H, HEAD_DIM]
+        row_valid,  # [BLOCK_H]
+        MAX_PIECES: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
     ):
-        """Of a sequence's two splits, the second to get here combines both, as the reduce pass would.
+        """Of a sequence's pieces, the last to get here combines them all, as the reduce pass would.
         Each counts itself in once its partials are stored (the barrier orders every thread's stores
-        before the count, which releases them); the one that counts second reads the other's (acquired;
+        before the count, which releases them); the one that counts last reads them all (acquired;
         volatile loads, past this SM's L1), writes the output and resets the count for the next call.
-        The sum is taken in split order whichever split combines: compiled, w0 * o0 + w1 * o1 is one
-        fma(w0, o0, w1 * o1), which rounds differently with the terms swapped, so an order that followed
-        the finishing order would make a run's tokens depend on timing."""
+        Whichever piece combines, the sum is the same: taken from memory, in split order (compiled,
+        w0 * o0 + w1 * o1 is one fma, which rounds differently with the terms swapped, so an order that
+        followed the finishing order would make a run's tokens depend on timing)."""
         tl.debug_barrier()
-        if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == 1:
+        if tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == num_pieces - 1:
             tl.store(counter_ptr, 0)
-            other_lse = tl.load(other_lse_ptrs, mask=row_valid, other=float("-inf"), volatile=True)
-            other = tl.load(other_out_ptrs, mask=row_valid[:, None], other=0.0, volatile=True)
-            lse0, lse1 = tl.where(is_first, lse, other_lse), tl.where(is_first, other_lse, lse)  # [BLOCK_H]
-            out0, out1 = tl.where(is_first, out, other), tl.where(is_first, other, out)  # [BLOCK_H, HEAD_DIM]
-            top = tl.maximum(lse0, lse1)  # [BLOCK_H], finite: both splits have keys
-            w0, w1 = tl.exp2(lse0 - top), tl.exp2(lse1 - top)  # [BLOCK_H]
-            out = (w0[:, None] * out0 + w1[:, None] * out1) / (w0 + w1)[:, None]
-            tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=row_valid[:, None])
+            # Online over the splits: a running maximum (split 0's first: it has keys, so it is finite),
+            # the weighted sum of the partial outputs and the sum of the weights, both relative to it.
+            top = tl.load(lse_ptrs, mask=row_valid, other=0.0, volatile=True)  # [BLOCK_H]
+            acc = tl.load(part_ptrs, mask=row_valid[:, None], other=0.0, volatile=True)  # [BLOCK_H, HEAD_DIM]
+            mass = tl.full(top.shape, 1.0, tl.float32)  # [BLOCK_H]
+            for i in tl.static_range(1, MAX_PIECES):
+                has = row_valid & (i < num_pieces)  # [BLOCK_H]
+                lse = tl.load(lse_ptrs + i, mask=has, other=float("-inf"), volatile=True)  # [BLOCK_H]
+                part = tl.load(part_ptrs + i * HEAD_DIM, mask=has[:, None], other=0.0, volatile=True)
+                new_top = tl.maximum(top, lse)
+                keep, weight = tl.exp2(top - new_top), tl.exp2(lse - new_top)  # [BLOCK_H]
+                acc = acc * keep[:, None] + weight[:, None] * part
+                mass = mass * keep + weight
+                top = new_top
+            tl.store(out_ptrs, (acc / mass[:, None]).to(out_ptrs.dtype.element_ty), mask=row_valid[:, None])
 
     # (SPLITS_P2 still compiles one variant per power of two; CUDA graphs fix num_splits per padded
     # batch size, so those variants are all compiled at capture.)
@@ -312,14 +345,14 @@ if HAS_TRITON:
 
 
 def default_split_by_length(batch: int, num_kv_heads: int, num_sms: int) -> bool:
-    """Whether two splits cut only the longer sequences (see the module docstring): from
-    DECODE_TWO_SPLITS_ITEMS_PER_SM (sequence, kv head) pairs per SM. For CUDA graphs, pass the padded batch
+    """Whether the splits cut the sequences by length (see the module docstring): from
+    DECODE_BY_LENGTH_ITEMS_PER_SM (sequence, kv head) pairs per SM. For CUDA graphs, pass the padded batch
     at capture and in eager steps alike, as for default_num_splits."""
-    return batch * num_kv_heads >= DECODE_TWO_SPLITS_ITEMS_PER_SM * num_sms
+    return batch * num_kv_heads >= DECODE_BY_LENGTH_ITEMS_PER_SM * num_sms
 
 
 def _check_counters(counters: torch.Tensor | None, needed: int, device: torch.device) -> torch.Tensor:
-    """The two-split kernel's arrival counts: a fresh zeroed buffer, or the caller's, checked."""
+    """The self-combining splits' arrival counts: a fresh zeroed buffer, or the caller's, checked."""
     if counters is None:
         return torch.zeros(needed, dtype=torch.int32, device=device)
     if (
@@ -352,16 +385,17 @@ def decode_attention(
 
     max_seq_len only feeds the default num_splits (any seq_lens value up to the block table's capacity
     is handled correctly). The grid depends on (batch, num_kv_heads, num_splits) only.
-    Two splits combine themselves through `counters` (a zeroed buffer the caller keeps, as the model
-    runner does; None: one is made per call); with split_by_length (default: `default_split_by_length`
-    of this batch) they cut only the sequences 1/8 longer than the mean of the non-empty rows.
+    2..DECODE_MAX_SELF_COMBINE splits combine themselves through `counters` (a zeroed buffer the caller
+    keeps, as the model runner does; None: one is made per call); with split_by_length (default:
+    `default_split_by_length` of this batch) the kernel cuts each sequence into up to num_splits pieces by
+    the step's lengths (the module docstring).
     """
     check_paged_args(q, k_cache, v_cache, seq_lens, block_tables)
     check_triton_device(q, "decode_attention")
     check_kernel_args(q, k_cache, out)
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    num_sms = device_num_sms(q.device.index or 0) if q.device.type == "cuda" else 132  # (for the defaults)
+    num_sms = device_num_sms(q.device.index or 0) if q.device.type == "cuda" else DECODE_CPU_NUM_SMS
     if num_splits is None:
         num_splits = default_num_splits(batch, num_kv_heads, max_seq_len, num_sms)
     if num_splits < 1:
@@ -374,12 +408,12 @@ def decode_attention(
     group = num_heads // num_kv_heads
     use_pdl = check_pdl(q)
     one_split = num_splits == 1  # (contexts too short to cut) the split kernel writes `out` itself
-    two_splits = num_splits == 2  # the split kernel combines the two itself
-    if two_splits:
+    self_combine = 2 <= num_splits <= DECODE_MAX_SELF_COMBINE  # the split kernel combines them itself
+    if self_combine:
         counters = _check_counters(counters, batch * num_kv_heads, q.device)
         if split_by_length is None:
             split_by_length = default_split_by_length(batch, num_kv_heads, num_sms)
-    by_length = two_splits and bool(split_by_length)
+    by_length = self_combine and bool(split_by_length)
     if one_split:  # no partials: `out` stands in for their pointers (unread with ONE_SPLIT)
         partial_out = partial_lse = out
     else:
@@ -388,7 +422,7 @@ def decode_attention(
             batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device
         )
         partial_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+    _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q,
         k_cache,
         v_cache,
@@ -397,9 +431,10 @@ def decode_attention(
         partial_out,
         partial_lse,
         out,
-        counters if two_splits else seq_lens,  # (unread unless TWO_SPLITS)
+        counters if self_combine else seq_lens,  # (unread unless SELF_COMBINE)
         scale * math.log2(math.e),
         num_splits,
+        DECODE_PROGRAMS_PER_SM * num_sms,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
@@ -416,17 +451,18 @@ def decode_attention(
         BLOCK_SIZE=block_size,
         DOT_PRECISION=dot_precision(q.dtype),
         USE_PDL=use_pdl,
-        TWO_SPLITS=two_splits,
+        SELF_COMBINE=self_combine,
         BY_LENGTH=by_length,
         # (one variant per power of two of the batch, by length only: CUDA graphs compile theirs at capture;
-        # from 64: at 16 and 32 the kernel takes 168 registers, 3 programs per SM instead of 4)
+        # from 64: at 16 and 32 the uncapped kernel took 168 registers, 3 programs per SM instead of 4)
         BATCH_P2=max(triton.next_power_of_2(batch), DECODE_MIN_BATCH_P2) if by_length else 1,
+        MAX_PIECES=triton.next_power_of_2(num_splits) if self_combine else 1,
         num_warps=DECODE_NUM_WARPS,
         num_stages=DECODE_NUM_STAGES,
-        maxnreg=DECODE_MAX_REGISTERS if two_splits and not by_length else None,
+        maxnreg=DECODE_MAX_REGISTERS if self_combine else None,
         launch_pdl=use_pdl,
     )
-    if one_split or two_splits:
+    if one_split or self_combine:
         return out
     _decode_reduce_kernel[(batch, num_heads)](
         partial_out,

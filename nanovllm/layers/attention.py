@@ -30,7 +30,7 @@ class AttentionMetadata:
     max_seq_len: int
     is_decode: bool  # every sequence computes exactly one token (the CUDA-graph case)
     decode_num_splits: int | None = None  # fixed split-KV count when replaying a captured graph
-    decode_split_by_length: bool | None = None  # two splits cut only the longer sequences (kernel's default)
+    decode_split_by_length: bool | None = None  # the splits cut the sequences by length (kernel's default)
     decode_counters: torch.Tensor | None = None  # [>= num_seqs * num_kv_heads] int32 zeros (the runner's)
     # The prefill kernel's ([num_items], [num_items]) int32 (sequence, query tile) items; None: built by
     # the kernel's launcher (a host sync)

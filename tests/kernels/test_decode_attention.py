@@ -1,21 +1,26 @@
-"""decode_attention (split-KV Triton kernel + reduction) matches decode_attention_ref for any number of
-splits, including splits left empty, and its launch does not depend on the sequence lengths."""
+"""decode_attention (split-KV Triton kernel; splits that combine themselves, or a reduce pass) matches
+decode_attention_ref for any number of splits, including splits left empty, and its launch does not depend
+on the sequence lengths."""
 
 import math
 
 import pytest
 import torch
 
+from nanovllm.kernels import decode_attention as decode_attention_module
 from nanovllm.kernels.backend import tl, triton
 from nanovllm.kernels.decode_attention import (
     DECODE_BLOCK_N,
+    DECODE_BY_LENGTH_MAX_SPLITS,
     DECODE_MAX_REGISTERS,
+    DECODE_MAX_SELF_COMBINE,
     DECODE_MIN_BATCH_P2,
     DECODE_MIN_KEYS_PER_SPLIT,
     DECODE_MIN_ROWS,
     DECODE_NUM_STAGES,
     DECODE_NUM_WARPS,
-    _combine_two_splits,
+    DECODE_PROGRAMS_PER_SM,
+    _combine_splits,
     _decode_split_kernel,
     decode_attention,
     decode_attention_ref,
@@ -75,12 +80,15 @@ def test_decode_gqa_groups(make_paged_inputs, tol, group):
     torch.testing.assert_close(out, ref, **tol(torch.float16))
 
 
-def test_decode_with_more_splits_than_key_tiles(make_paged_inputs, tol):
-    # 8 splits of sequences with 1..130 keys: most splits are empty and must weigh nothing.
+@pytest.mark.parametrize(
+    "num_splits", [DECODE_MAX_SELF_COMBINE, DECODE_MAX_SELF_COMBINE + 1]
+)  # + reduce pass
+def test_decode_with_more_splits_than_key_tiles(make_paged_inputs, tol, num_splits):
+    # Up to 9 splits of sequences with 1..130 keys: most splits are empty and must weigh nothing.
     inputs = make_paged_inputs(
         DECODE_SPECS, num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
     )
-    out, ref = run_both(inputs, num_splits=8)
+    out, ref = run_both(inputs, num_splits=num_splits)
     torch.testing.assert_close(out, ref, **tol(torch.float32))
 
 
@@ -100,7 +108,8 @@ def test_decode_ignores_garbage_past_the_context(make_paged_inputs, tol):
     torch.testing.assert_close(out, ref, **tol(torch.float32))
 
 
-@pytest.mark.parametrize("num_splits", [1, 2])  # 1: the split kernel writes the output itself
+# 1: the split kernel writes the output itself; 3: the splits combine themselves; 9: the reduce pass
+@pytest.mark.parametrize("num_splits", [1, 3, DECODE_MAX_SELF_COMBINE + 1])
 def test_decode_zero_length_padding_rows_give_zeros(make_paged_inputs, tol, num_splits):
     # CUDA-graph padding: extra batch rows with seq_len 0 must not read anything or disturb real rows.
     inputs = make_paged_inputs(
@@ -163,23 +172,40 @@ def test_decode_reads_strided_q(make_paged_inputs, tol, num_splits):
     torch.testing.assert_close(out, decode_attention_ref(q_view, *rest), **tol(torch.float32))
 
 
-def cut_in_two(seq_lens: list[int], by_length: bool, block_n: int = DECODE_BLOCK_N) -> list[bool]:
-    """Which sequences two splits cut (both halves get keys), by the kernel's documented rule."""
-    total, num_live = sum(seq_lens), sum(n > 0 for n in seq_lens)
-    cut = []
+def pieces_with_keys(
+    seq_lens: list[int], num_kv_heads: int, num_sms: int, num_splits: int, by_length: bool
+) -> list[int]:
+    """How many splits of each sequence get keys, by the kernel's documented rule (module docstring)."""
+    slots, block_n = DECODE_PROGRAMS_PER_SM * num_sms, DECODE_BLOCK_N
+    total, num_live = max(sum(seq_lens), 1), sum(n > 0 for n in seq_lens)
+    pair_keys = total * num_kv_heads
+    spread = max(seq_lens) * num_live * 8 > total * 9
+    pieces = []
     for n in seq_lens:
-        half = math.ceil(math.ceil(n / 2) / block_n) * block_n  # keys of split 0
-        long = n * num_live * 8 > total * 9 and n > 2 * block_n
-        cut.append(n > half and (long or not by_length))
-    return cut
+        wanted = num_splits
+        if by_length and num_live * num_kv_heads < slots:  # fill the slots once: n * slots / pair_keys
+            wanted = (2 * n * slots + (pair_keys if spread else 0)) // (2 * pair_keys)  # (rounded if spread)
+        elif by_length:  # only the sequences 1/8 longer than the mean, in two
+            wanted = 2 if n * num_live * 8 > total * 9 else 1
+        wanted = min(max(wanted, 1), max(n // (2 * block_n), 1) if by_length else num_splits, num_splits)
+        keys_per_split = max(math.ceil(math.ceil(n / wanted) / block_n) * block_n, block_n)
+        pieces.append(max(math.ceil(n / keys_per_split), 1))
+    return pieces
 
 
-@pytest.mark.parametrize("split_by_length", [False, True])
-def test_two_splits_combine_themselves_and_reset_the_counts(make_paged_inputs, tol, split_by_length):
-    # Two splits: the second of a sequence's splits to finish combines both. By length, only sequences 1/8
-    # longer than the mean of the non-empty rows and of 3+ key tiles are cut (first call: 200 and 390 of
-    # mean 138; none of the equal ones; last: the two 390s, with two padding rows of length 0). The counts
-    # of the pairs that are not cut hold a sentinel the kernel must not touch; the others end at 0.
+# By length with 1 SM (4 program slots, fewer than the 14 (sequence, kv head) pairs: the longer sequences in
+# two) and 8 or 132 (more: every sequence in pieces that fill the slots).
+@pytest.mark.parametrize(
+    "num_sms,num_splits,by_length",
+    [(132, 2, False), (132, 8, False), (1, 2, True), (1, 4, True), (8, 4, True), (132, 8, True)],
+)
+def test_splits_combine_themselves_and_reset_the_counts(
+    make_paged_inputs, tol, monkeypatch, num_sms, num_splits, by_length
+):
+    # 2..8 splits: the last of a sequence's splits to finish combines them all. The counts of the pairs
+    # that are not cut hold a sentinel the kernel must not touch; the others end at 0. The inputs hold
+    # padding rows of length 0, equal lengths and spread ones.
+    monkeypatch.setattr(decode_attention_module, "DECODE_CPU_NUM_SMS", num_sms)
     inputs = make_paged_inputs(
         [(1, n) for n in (150, 390, 150, 390, 390, 150, 150)],
         num_heads=4,
@@ -190,28 +216,40 @@ def test_two_splits_combine_themselves_and_reset_the_counts(make_paged_inputs, t
     )
     args = inputs.decode_args
     out = torch.empty_like(inputs.q)
-    # (the last: by the mean of the live rows nothing is long; counting the padding rows, all would be)
+    cut_somewhere = set()
     for seq_lens in (
         [45, 200, 1, 130, 390, 64, 133],
         [150] * 7,
         [0, 390, 7, 390, 2, 129, 0],
         [0, 0] + [150] * 5,
     ):
-        cut = cut_in_two(seq_lens, split_by_length)
-        counters = torch.tensor([0 if c else 5 for c in cut for _ in range(2)], dtype=torch.int32)
+        pieces = pieces_with_keys(seq_lens, 2, num_sms, num_splits, by_length)
+        cut_somewhere.update(i for i, p in enumerate(pieces) if p > 1)
+        sentinel = [0 if p > 1 else 5 for p in pieces for _ in range(2)]  # [batch * kv heads]
+        counters = torch.tensor(sentinel, dtype=torch.int32)
         inputs.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
-        kwargs = dict(num_splits=2, out=out, counters=counters, split_by_length=split_by_length)
+        kwargs = dict(num_splits=num_splits, out=out, counters=counters, split_by_length=by_length)
         decode_attention(*args, 400, **kwargs)
         live = [i for i, n in enumerate(seq_lens) if n > 0]  # (the reference takes no empty rows)
         ref = decode_attention_ref(*(a[live] if i in (0, 3, 4) else a for i, a in enumerate(args)))
         torch.testing.assert_close(out[live], ref, **tol(torch.float32))
         assert not out[[i for i, n in enumerate(seq_lens) if n == 0]].any()
-        assert counters.tolist() == [0 if c else 5 for c in cut for _ in range(2)]
-    expected = [False, True, False, False, True, False, False]
-    assert cut_in_two([45, 200, 1, 130, 390, 64, 133], True) == expected
+        assert counters.tolist() == sentinel
+    assert cut_somewhere  # (each case combines some sequence's splits)
 
 
-def test_two_splits_reject_a_bad_counter_buffer(make_paged_inputs):
+def test_the_by_length_rule():
+    lens = [45, 200, 1, 130, 390, 64, 133]  # mean 138: 200 and 390 are 1/8 longer, 200 too short to cut
+    assert pieces_with_keys(lens, 2, 1, 4, True) == [1, 1, 1, 1, 2, 1, 1]
+    # 32 slots for 14 pairs, spread lengths: n * 32 / (963 * 2) pieces, rounded; each of 2+ key tiles
+    assert pieces_with_keys(lens, 2, 8, 8, True) == [1, 1, 1, 1, 3, 1, 1]
+    # equal lengths: 768 * 32 / (3840 * 2) = 3.2 pieces each, rounded down
+    assert pieces_with_keys([768] * 5, 2, 8, 8, True) == [3] * 5
+    assert pieces_with_keys([150] * 7, 2, 1, 8, True) == [1] * 7  # equal lengths, more pairs than slots
+    assert pieces_with_keys([150] * 7, 2, 1, 8, False) == [3] * 7  # not by length: 3 tiles, 3 splits
+
+
+def test_self_combining_splits_reject_a_bad_counter_buffer(make_paged_inputs):
     inputs = make_paged_inputs(
         [(1, 3), (1, 5)], num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
     )
@@ -225,10 +263,16 @@ def test_two_splits_reject_a_bad_counter_buffer(make_paged_inputs):
 
 def test_default_num_splits():
     num_sms = 132
-    # From 1.75 (sequence, kv head) pairs per SM: two splits (cut by length), however large the batch.
-    for batch, heads in ((512, 8), (256, 8), (165, 2), (42, 8), (64, 4), (58, 4)):  # 58 x 4: 1.76 per SM
-        assert default_num_splits(batch, heads, 1024, num_sms) == 2
+    # From 1.75 (sequence, kv head) pairs per SM: cut by length, into up to enough pieces for two programs
+    # per slot on average (2..4), however large the batch.
+    for batch, heads in ((512, 8), (256, 8), (165, 2), (42, 8), (64, 8), (64, 4), (58, 4)):  # 58 x 4: 1.76
+        pairs = batch * heads
+        wanted = max(
+            2, min(math.ceil(2 * DECODE_PROGRAMS_PER_SM * num_sms / pairs), DECODE_BY_LENGTH_MAX_SPLITS)
+        )
+        assert default_num_splits(batch, heads, 1024, num_sms) == wanted
         assert default_split_by_length(batch, heads, num_sms)
+    assert default_num_splits(256, 8, 1024, num_sms) == 2 and default_num_splits(64, 8, 1024, num_sms) == 3
     assert default_num_splits(57, 4, 1024, num_sms) == 3  # 228 pairs: 1.73 per SM, 4 programs per SM
     assert not default_split_by_length(57, 4, num_sms)
     assert default_num_splits(256, 8, 2 * DECODE_MIN_KEYS_PER_SPLIT - 1, num_sms) == 1  # too short to cut
@@ -280,7 +324,9 @@ def test_decode_matches_ref_gpu(make_paged_inputs, tol, dtype, block_size, num_s
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("num_splits,split_by_length", [(None, None), (2, False), (2, True)])
+@pytest.mark.parametrize(
+    "num_splits,split_by_length", [(None, None), (2, False), (2, True), (4, True), (8, False), (9, False)]
+)
 def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_length):
     inputs = make_paged_inputs(
         [(1, 4000)] * 8,
@@ -295,7 +341,7 @@ def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_l
     out = torch.empty_like(inputs.q)
     counters = torch.zeros(8 * 8, dtype=torch.int32, device="cuda")
     kwargs = dict(max_seq_len=4096, out=out, num_splits=num_splits, split_by_length=split_by_length)
-    if num_splits == 2:
+    if num_splits is not None and 2 <= num_splits <= DECODE_MAX_SELF_COMBINE:
         kwargs["counters"] = counters
     decode_attention(*args, **kwargs)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -305,44 +351,48 @@ def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_l
         inputs.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
         torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.bfloat16))
-        assert not counters.any()  # (two splits: every count back to 0 after each replay)
+        assert not counters.any()  # (every count back to 0 after each replay)
 
 
 @triton.jit
 def _combine_as_split_kernel(
-    lse_ptr, part_ptr, counter_ptr, out_ptr, SPLIT: tl.constexpr, HEAD_DIM: tl.constexpr
+    lse_ptr, part_ptr, counter_ptr, out_ptr, num_pieces, MAX_PIECES: tl.constexpr, HEAD_DIM: tl.constexpr
 ):
-    # One program of 16 heads, holding split SPLIT's partial (lse [16, 2], part [16, 2, HEAD_DIM] fp32); the
-    # counter says the other split has counted in, so this one combines.
+    # One program of 16 heads arriving at the combine: the partials of num_pieces splits are stored
+    # (lse [16, MAX_PIECES], part [16, MAX_PIECES, HEAD_DIM] fp32).
     heads, offs_d = tl.arange(0, 16), tl.arange(0, HEAD_DIM)
-    own, other = heads * 2 + SPLIT, heads * 2 + 1 - SPLIT  # [16]
-    lse = tl.load(lse_ptr + own)
-    out = tl.load(part_ptr + own[:, None] * HEAD_DIM + offs_d[None, :])  # [16, HEAD_DIM]
-    other_out_ptrs = part_ptr + other[:, None] * HEAD_DIM + offs_d[None, :]
+    first = heads * MAX_PIECES  # [16] each head's split 0
+    part_ptrs = part_ptr + first[:, None] * HEAD_DIM + offs_d[None, :]
     out_ptrs = out_ptr + heads[:, None] * HEAD_DIM + offs_d[None, :]
     valid = heads < 16  # [16], all
-    _combine_two_splits(counter_ptr, lse_ptr + other, other_out_ptrs, lse, out, SPLIT == 0, out_ptrs, valid)
+    _combine_splits(
+        counter_ptr, num_pieces, lse_ptr + first, part_ptrs, out_ptrs, valid, MAX_PIECES, HEAD_DIM
+    )
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
-def test_two_splits_combine_to_the_same_bits_whichever_finishes_second(device):
-    # Which of a sequence's two splits combines them is a race between its two programs. Compiled, the
-    # weighted sum is one fma, which rounds differently with its terms swapped: summed in finishing order, a
-    # run's tokens depended on timing (greedy tokens of one workload differed between processes on an H200).
-    # (The interpreter does not fuse: on the CPU this checks the pairing of each split's lse and partial.)
+@pytest.mark.parametrize("max_pieces,num_pieces", [(2, 2), (4, 3), (8, 8)])
+def test_only_the_last_split_combines_all_in_split_order(device, max_pieces, num_pieces):
+    # Every split counts itself in; only the one that counts last (count num_pieces - 1 before it) combines,
+    # reading every partial from memory in split order: the same bits whichever program finishes last.
+    # (Summed in finishing order, a run's tokens depended on timing: compiled, w0 * o0 + w1 * o1 is one fma,
+    # which rounds differently with its terms swapped.) The splits past num_pieces got no keys: unread.
     gen = torch.Generator(device=device).manual_seed(0)
-    lse = torch.randn(16, 2, device=device, generator=gen) * 4  # [heads, split] log2 domain
-    part = torch.randn(16, 2, 128, device=device, generator=gen)  # [heads, split, HEAD_DIM]
-    outs = []
-    for split in (0, 1):
-        counter = torch.ones(1, dtype=torch.int32, device=device)
-        out = torch.empty(16, 128, device=device)
-        _combine_as_split_kernel[(1,)](lse, part, counter, out, SPLIT=split, HEAD_DIM=128)
-        assert counter.item() == 0  # reset for the next call
-        outs.append(out)
-    assert torch.equal(outs[0], outs[1])
-    w = torch.softmax(lse * math.log(2), dim=1)  # [heads, split]
-    torch.testing.assert_close(outs[0], (w[:, :, None] * part).sum(1), rtol=1e-5, atol=1e-5)
+    lse = torch.randn(16, max_pieces, device=device, generator=gen) * 4  # [heads, split] log2 domain
+    part = torch.randn(16, max_pieces, 128, device=device, generator=gen)  # [heads, split, HEAD_DIM]
+    lse[:, num_pieces:], part[:, num_pieces:] = float("nan"), float("nan")
+    for arrived in range(num_pieces):
+        counter = torch.full((1,), arrived, dtype=torch.int32, device=device)
+        out = torch.zeros(16, 128, device=device)
+        _combine_as_split_kernel[(1,)](
+            lse, part, counter, out, num_pieces, MAX_PIECES=max_pieces, HEAD_DIM=128
+        )
+        last = arrived == num_pieces - 1
+        assert counter.item() == (0 if last else arrived + 1)  # reset by the last for the next call
+        if not last:
+            assert not out.any()
+    w = torch.softmax(lse[:, :num_pieces] * math.log(2), dim=1)  # [heads, split]
+    torch.testing.assert_close(out, (w[:, :, None] * part[:, :num_pieces]).sum(1), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- registers (an H100 build, any machine)
@@ -350,33 +400,37 @@ def test_two_splits_combine_to_the_same_bits_whichever_finishes_second(device):
 
 # Compiled for sm_90 outside the interpreter, with the 16-divisible pointers and strides a real launch
 # specializes on: the registers a thread of the split kernel uses (cuobjdump -res-usage).
-def _split_kernel_usage(one_split: bool, two_splits: bool, batch_p2: int, group: int, by_length: bool):
-    # as the engine launches it: KV blocks of 16, a group of 2 (Qwen3-0.6B) or 4 (Qwen3-8B) query heads
+def _split_kernel_usage(one_split: bool, max_pieces: int, batch_p2: int, group: int, by_length: bool):
+    # as the engine launches it: KV blocks of 16, a group of 2 (Qwen3-0.6B) or 4 (Qwen3-8B) query heads;
+    # max_pieces 0: the splits leave partials to the reduce pass
+    self_combine = max_pieces > 1
     constants = dict(ONE_SPLIT=one_split, GROUP=group, BLOCK_H=DECODE_MIN_ROWS, HEAD_DIM=128,
                      BLOCK_N=DECODE_BLOCK_N, BLOCK_SIZE=16, DOT_PRECISION="tf32", USE_PDL=True,
-                     TWO_SPLITS=two_splits, BY_LENGTH=by_length, BATCH_P2=batch_p2)  # fmt: skip
+                     SELF_COMBINE=self_combine, BY_LENGTH=by_length, BATCH_P2=batch_p2,
+                     MAX_PIECES=max(max_pieces, 1))  # fmt: skip
     types = {"seq_lens_ptr": "*i32", "block_tables_ptr": "*i32", "counters_ptr": "*i32",
              "partial_out_ptr": "*fp32", "partial_lse_ptr": "*fp32", "scale_log2": "fp32"}  # fmt: skip
     options = dict(num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES)
-    if two_splits and not by_length:  # (capped at launch: uncapped it took 168)
+    if self_combine:  # (capped at launch: uncapped, two splits not by length took 168)
         options["maxnreg"] = DECODE_MAX_REGISTERS
     return compile_sm90(_decode_split_kernel, constants, types, **options)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "one_split,two_splits,batch_p2,group,by_length",
-    [(True, False, 1, 2, False), (True, False, 1, 4, False), (False, False, 1, 2, False),
-     (False, True, DECODE_MIN_BATCH_P2, 2, True), (False, True, DECODE_MIN_BATCH_P2, 4, True),
-     (False, True, 256, 2, True), (False, True, 512, 4, True), (False, True, 1024, 2, True),
-     (False, True, 1, 2, False)],
+    "one_split,max_pieces,batch_p2,group,by_length",
+    [(True, 0, 1, 2, False), (True, 0, 1, 4, False), (False, 0, 1, 2, False),
+     (False, 2, DECODE_MIN_BATCH_P2, 2, True), (False, 4, DECODE_MIN_BATCH_P2, 4, True),
+     (False, 2, 256, 2, True), (False, 4, 512, 4, True), (False, 2, 1024, 2, True),
+     (False, 2, 1, 2, False), (False, 8, 1, 2, False), (False, 8, 1, 4, False)],
 )  # fmt: skip
-def test_split_kernel_keeps_four_programs_per_sm(one_split, two_splits, batch_p2, group, by_length):
+def test_split_kernel_keeps_four_programs_per_sm(one_split, max_pieces, batch_p2, group, by_length):
     # Decode attention keeps its loads in flight across 4 programs of 128 threads per SM (DECODE_NUM_WARPS),
     # which needs <= 128 registers a thread. (Session 14 fused the q/k norm, rope and K/V store into this
     # kernel: its first version took 168 in the split variants, 3 programs per SM, and lost ~3% of the
     # default workload's throughput on an H100; docs/performance.md. Session 15 found the by-length variant
     # at 168 for batches of 16 and 32 (BATCH_P2 below 64), hence DECODE_MIN_BATCH_P2.
-    # Session 17 capped the launch at DECODE_MAX_REGISTERS: the two-split variant not cut by length took 168.)
-    usage = _split_kernel_usage(one_split, two_splits, batch_p2, group, by_length)
+    # Session 17 capped the two-split variant not cut by length at DECODE_MAX_REGISTERS (it took 168);
+    # session 27 capped every self-combining variant.)
+    usage = _split_kernel_usage(one_split, max_pieces, batch_p2, group, by_length)
     assert usage["registers"] <= 128 and usage["stack"] == 0, usage

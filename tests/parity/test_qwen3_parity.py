@@ -107,7 +107,7 @@ def test_greedy_with_prefix_cache_hits(ckpt, prompts, expected):
 def test_greedy_decode_in_two_halves(ckpt, prompts, expected):
     """Decode batches padded and cut in two halves (a GPU's graphs run them on two streams; here one after the
     other): each half's rows, lengths and block tables must still give transformers' tokens. (Split counts
-    and the two-split counters are CUDA-only: tests/gpu/test_engine_gpu.py.)"""
+    and the split counters are CUDA-only: tests/gpu/test_engine_gpu.py.)"""
     llm = LLM(str(ckpt))
     step = llm.engine.runner.decode  # engine/decode_step.py
     step.two_stream_sizes = range(2, 257)  # (a single GPU's default for a small model: 16..112)
