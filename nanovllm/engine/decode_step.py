@@ -85,7 +85,8 @@ class DecodeStep:
         cuda = device.type == "cuda"
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 0
         max_seqs = config.max_num_seqs
-        # Two-way decode splits count themselves in here (kernels/decode_attention.py); zeros between calls.
+        # Self-combining decode splits count themselves in here (kernels/decode_attention.py); zeros between
+        # calls.
         # [max_num_seqs * num_kv_heads]
         self.counters = torch.zeros(max_seqs * num_kv_heads, dtype=torch.int32, device=device)
         # cu_seqlens_q of a decode step: 0, 1, ..., max_num_seqs (one new token per sequence)

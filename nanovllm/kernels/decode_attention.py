@@ -9,10 +9,10 @@ finish, counted by an atomic, reads every partial and writes the output. Only wi
 of a few sequences) does a second small kernel, the reduce pass, combine them.
 
 From DECODE_BY_LENGTH_ITEMS_PER_SM (sequence, kv head) pairs per SM the ranges are cut by length, decided
-in the kernel from the step's lengths: below one program slot per pair, every sequence gets pieces of
-about (all keys / slots) keys, so that the programs fill the GPU once; above, only the sequences 1/8 longer
-than the mean are cut in two (with equal lengths one program per pair is fastest; with spread ones the
-longest would otherwise finish last).
+in the kernel from the step's lengths: with fewer pairs than program slots on the GPU, every sequence gets
+pieces of about (all keys / slots) keys, so that the programs fill the GPU once; with more, only the
+sequences 1/8 longer than the mean are cut in two (with equal lengths one program per pair is fastest; with
+spread ones the longest would otherwise finish last).
 
 The grid is (num_kv_heads, batch, num_splits) and never depends on the actual sequence lengths, which
 each program reads from `seq_lens` itself; so one launch can be captured in a CUDA graph and replayed
@@ -80,19 +80,15 @@ DECODE_MIN_BATCH_P2 = 64  # the by-length split kernel's smallest batch block (s
 # num_splits heuristic: below DECODE_BY_LENGTH_ITEMS_PER_SM (sequence, kv head) pairs per SM, aim for
 # DECODE_PROGRAMS_PER_SM programs per SM, giving no split fewer than DECODE_MIN_KEYS_PER_SPLIT keys of the
 # longest sequence (e.g. 8 x 16, spread: 28.5 us with 5 splits vs 57.2 with one). From there on the kernel
-# cuts by length (the module docstring), into at most enough pieces for two programs per slot on average
-# (2-4: DECODE_BY_LENGTH_MAX_SPLITS). Against two splits cut only above 9/8 of the mean (sessions 18-26),
-# this, with the kv heads varying fastest in the grid, took 16-22% less time at 32 sequences x 8 kv heads,
-# 4-7% at 56-64 with lengths spread over 100-2,000, 1-2% from 80 up, and the default workload went from
-# 70.6-70.9% to 72.0-72.1% of the H200 floor (in-process A/B, H200, session 27:
-# results/decode_pieces-nvidia-h200-2026-11-29-052744.json, throughput_attn_ab-...-052853.json, -053143.json).
-# Equal lengths at 33-48 sequences can run ~10% slower (38.6 vs 33.5-37 us at 40 x 600 keys).
+# cuts by length (the module docstring) into at most enough pieces for two programs per slot on average,
+# 2..DECODE_BY_LENGTH_MAX_SPLITS. Measurements and what was tried: docs/kernels.md, docs/performance.md
+# ("Session 27": the default workload 70.6-70.9% -> 72.0-72.1% of the H200 floor in an in-process A/B).
 DECODE_PROGRAMS_PER_SM = 4
 DECODE_BY_LENGTH_ITEMS_PER_SM = 1.75
 DECODE_MIN_KEYS_PER_SPLIT = 64  # H100: 256 left batch-1 x 1k-context decode latency-bound (86 us)
 DECODE_MAX_SPLITS = 64
 DECODE_MAX_SELF_COMBINE = 8  # up to this many splits combine themselves; more use the reduce pass
-DECODE_BY_LENGTH_MAX_SPLITS = 4
+DECODE_BY_LENGTH_MAX_SPLITS = 4  # 8 measured no better (session 27)
 DECODE_CPU_NUM_SMS = 132  # (an H100's) what the defaults and the by-length cut assume off CUDA
 
 
@@ -117,8 +113,9 @@ def default_num_splits(batch: int, num_kv_heads: int, max_seq_len: int, num_sms:
 
 if HAS_TRITON:
     # Per-step arguments (split count, block-table width) are not specialized on: a value that happens
-    # to be 1 or a multiple of 16 would otherwise compile a new variant mid-run (~1 s). (BATCH_P2 is
-    # compiled in: eager steps that split by length compile one variant per power of two of the batch.)
+    # to be 1 or a multiple of 16 would otherwise compile a new variant mid-run (~1 s). (BATCH_P2 and
+    # MAX_PIECES are compiled in: eager steps compile one variant per power of two of the batch (by length)
+    # and of the split count; CUDA graphs compile theirs at capture.)
     @triton.jit(do_not_specialize=["num_splits", "num_slots", "stride_bt"])
     def _decode_split_kernel(
         q_ptr,
@@ -158,7 +155,7 @@ if HAS_TRITON:
             gdc_launch_dependents()
             gdc_wait()
         # kv heads vary fastest: the programs of one sequence's heads run side by side and read
-        # neighbouring bytes of each cached token row (1-2% faster on an H200 than sequences fastest).
+        # neighbouring bytes of each cached token row (0.5-1.5% faster on an H200 than sequences fastest).
         kv_head = tl.program_id(0)
         seq = tl.program_id(1)
         split = tl.program_id(2)
@@ -172,26 +169,27 @@ if HAS_TRITON:
             # fewer (sequence, kv head) pairs than program slots on the GPU, every sequence is cut into
             # pieces of about (all keys / slots) keys, so that the programs fill the GPU once; with more,
             # only a sequence 1/8 longer than the mean is cut in two: with equal lengths one program per
-            # pair is fastest, with spread ones the longest would otherwise finish last. No piece has
-            # fewer than two key tiles.
+            # pair is fastest, with spread ones the longest would otherwise finish last. A sequence gets at
+            # most one piece per two key tiles (pieces are whole tiles, so its last may hold a single key).
             offs_b = tl.arange(0, BATCH_P2)
             lens = tl.load(seq_lens_ptr + offs_b, mask=offs_b < tl.num_programs(1), other=0)  # [BATCH_P2]
             total = tl.maximum(tl.sum(lens.to(tl.int64), axis=0), 1)
             num_live = tl.sum((lens > 0).to(tl.int64), axis=0)
-            n = seq_len.to(tl.int64)
+            keys = seq_len.to(tl.int64)
             pair_keys = total * num_kv_heads
-            # n * slots / pair_keys, rounded down if the lengths are about equal (as many programs as slots
-            # at most: a second, partial round of equal pieces would take as long as the first), else to the
-            # nearest: the pieces of spread sequences fill the slots as the shorter ones end
+            # keys * slots / pair_keys, rounded down if the lengths are about equal (as many programs as
+            # slots at most: a second, partial round of equal pieces would take as long as the first), else
+            # to the nearest: the pieces of spread sequences fill the slots as the shorter ones end
             spread = tl.max(lens, axis=0).to(tl.int64) * num_live * 8 > total * 9
-            fill = (2 * n * num_slots + tl.where(spread, pair_keys, 0)) // (2 * pair_keys)
-            longer = tl.where(n * num_live * 8 > total * 9, 2, 1)
+            fill = (2 * keys * num_slots + tl.where(spread, pair_keys, 0)) // (2 * pair_keys)
+            longer = tl.where(keys * num_live * 8 > total * 9, 2, 1)
             wanted = tl.where(num_live * num_kv_heads < num_slots, fill, longer)
             most = tl.minimum(tl.maximum(seq_len // (2 * BLOCK_N), 1), num_splits)
             pieces = tl.minimum(tl.maximum(wanted, 1), most).to(tl.int32)
         # This split's key range, from the actual length: tile-aligned, so short sequences leave the last
-        # splits empty. Those return at once, except split 0, which writes zeros (lse = -inf) for an empty
-        # sequence (a padded row of a CUDA graph): the reduce pass or the combine skips the empty splits.
+        # splits empty. Those return at once, except split 0, which always runs: for an empty sequence (a
+        # padded row of a CUDA graph) it writes a zero output (or, for the reduce pass, a zero partial with
+        # lse = -inf). The combine and the reduce pass read only the splits that got keys.
         keys_per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, pieces), BLOCK_N) * BLOCK_N, BLOCK_N)
         num_pieces = tl.maximum(tl.cdiv(seq_len, keys_per_split), 1)  # splits that got keys
         if split >= num_pieces:
@@ -282,19 +280,22 @@ if HAS_TRITON:
             tl.store(counter_ptr, 0)
             # Online over the splits: a running maximum (split 0's first: it has keys, so it is finite),
             # the weighted sum of the partial outputs and the sum of the weights, both relative to it.
-            top = tl.load(lse_ptrs, mask=row_valid, other=0.0, volatile=True)  # [BLOCK_H]
+            max_lse = tl.load(lse_ptrs, mask=row_valid, other=0.0, volatile=True)  # [BLOCK_H]
             acc = tl.load(part_ptrs, mask=row_valid[:, None], other=0.0, volatile=True)  # [BLOCK_H, HEAD_DIM]
-            mass = tl.full(top.shape, 1.0, tl.float32)  # [BLOCK_H]
-            for i in tl.static_range(1, MAX_PIECES):
-                has = row_valid & (i < num_pieces)  # [BLOCK_H]
-                lse = tl.load(lse_ptrs + i, mask=has, other=float("-inf"), volatile=True)  # [BLOCK_H]
-                part = tl.load(part_ptrs + i * HEAD_DIM, mask=has[:, None], other=0.0, volatile=True)
-                new_top = tl.maximum(top, lse)
-                keep, weight = tl.exp2(top - new_top), tl.exp2(lse - new_top)  # [BLOCK_H]
+            weight_sum = tl.full(max_lse.shape, 1.0, tl.float32)  # [BLOCK_H]
+            for i in tl.static_range(1, MAX_PIECES):  # unrolled: every load is issued at once
+                has_keys = row_valid & (i < num_pieces)  # [BLOCK_H]
+                lse = tl.load(lse_ptrs + i, mask=has_keys, other=float("-inf"), volatile=True)  # [BLOCK_H]
+                part = tl.load(
+                    part_ptrs + i * HEAD_DIM, mask=has_keys[:, None], other=0.0, volatile=True
+                )  # [BLOCK_H, HEAD_DIM]
+                new_max = tl.maximum(max_lse, lse)  # [BLOCK_H]
+                keep, weight = tl.exp2(max_lse - new_max), tl.exp2(lse - new_max)  # [BLOCK_H]
                 acc = acc * keep[:, None] + weight[:, None] * part
-                mass = mass * keep + weight
-                top = new_top
-            tl.store(out_ptrs, (acc / mass[:, None]).to(out_ptrs.dtype.element_ty), mask=row_valid[:, None])
+                weight_sum = weight_sum * keep + weight
+                max_lse = new_max
+            out = acc / weight_sum[:, None]  # [BLOCK_H, HEAD_DIM]
+            tl.store(out_ptrs, out.to(out_ptrs.dtype.element_ty), mask=row_valid[:, None])
 
     # (SPLITS_P2 still compiles one variant per power of two; CUDA graphs fix num_splits per padded
     # batch size, so those variants are all compiled at capture.)
@@ -388,7 +389,8 @@ def decode_attention(
     2..DECODE_MAX_SELF_COMBINE splits combine themselves through `counters` (a zeroed buffer the caller
     keeps, as the model runner does; None: one is made per call); with split_by_length (default:
     `default_split_by_length` of this batch) the kernel cuts each sequence into up to num_splits pieces by
-    the step's lengths (the module docstring).
+    the step's lengths (the module docstring). Both are read only with 2..DECODE_MAX_SELF_COMBINE splits:
+    one split cuts nothing, and more are for batches too small to cut by length.
     """
     check_paged_args(q, k_cache, v_cache, seq_lens, block_tables)
     check_triton_device(q, "decode_attention")

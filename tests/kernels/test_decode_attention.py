@@ -84,7 +84,7 @@ def test_decode_gqa_groups(make_paged_inputs, tol, group):
     "num_splits", [DECODE_MAX_SELF_COMBINE, DECODE_MAX_SELF_COMBINE + 1]
 )  # + reduce pass
 def test_decode_with_more_splits_than_key_tiles(make_paged_inputs, tol, num_splits):
-    # Up to 9 splits of sequences with 1..130 keys: most splits are empty and must weigh nothing.
+    # Up to 9 splits of sequences with 1..200 keys: most splits are empty and must weigh nothing.
     inputs = make_paged_inputs(
         DECODE_SPECS, num_heads=2, num_kv_heads=1, head_dim=16, block_size=16, dtype=torch.float32
     )
@@ -202,50 +202,53 @@ def pieces_with_keys(
 def test_splits_combine_themselves_and_reset_the_counts(
     make_paged_inputs, tol, monkeypatch, num_sms, num_splits, by_length
 ):
-    # 2..8 splits: the last of a sequence's splits to finish combines them all. The counts of the pairs
-    # that are not cut hold a sentinel the kernel must not touch; the others end at 0. The inputs hold
-    # padding rows of length 0, equal lengths and spread ones.
+    # 2..8 splits: the last of a sequence's splits to finish combines them all and resets the count. The
+    # inputs hold padding rows of length 0, equal lengths and spread ones, and lengths that tell the rules
+    # apart (768 x 6 on 8 SMs: 2.67 pieces, rounded down; 330 among 300s: not 1/8 above the mean).
     monkeypatch.setattr(decode_attention_module, "DECODE_CPU_NUM_SMS", num_sms)
     inputs = make_paged_inputs(
-        [(1, n) for n in (150, 390, 150, 390, 390, 150, 150)],
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=16,
-        block_size=16,
-        dtype=torch.float32,
+        [(1, 768)] * 7, num_heads=4, num_kv_heads=2, head_dim=16, block_size=16, dtype=torch.float32
     )
     args = inputs.decode_args
     out = torch.empty_like(inputs.q)
-    cut_somewhere = set()
+    kwargs = dict(num_splits=num_splits, out=out, split_by_length=by_length)
+    cut = set()
     for seq_lens in (
         [45, 200, 1, 130, 390, 64, 133],
         [150] * 7,
         [0, 390, 7, 390, 2, 129, 0],
         [0, 0] + [150] * 5,
+        [768] * 6 + [0],
+        [300] * 6 + [330],
     ):
-        pieces = pieces_with_keys(seq_lens, 2, num_sms, num_splits, by_length)
-        cut_somewhere.update(i for i, p in enumerate(pieces) if p > 1)
-        sentinel = [0 if p > 1 else 5 for p in pieces for _ in range(2)]  # [batch * kv heads]
-        counters = torch.tensor(sentinel, dtype=torch.int32)
         inputs.seq_lens.copy_(torch.tensor(seq_lens, dtype=torch.int32))
-        kwargs = dict(num_splits=num_splits, out=out, counters=counters, split_by_length=by_length)
-        decode_attention(*args, 400, **kwargs)
+        pieces = pieces_with_keys(seq_lens, 2, num_sms, num_splits, by_length)
+        # A probe: counts starting at 1000 never reach "last", so each pair ends at 1000 + its splits with
+        # keys (the pairs not cut never count): the kernel's own cut, read back.
+        probe = torch.full((14,), 1000, dtype=torch.int32)  # [batch * kv heads]
+        decode_attention(*args, 800, counters=probe, **kwargs)
+        assert probe.tolist() == [1000 + p if p > 1 else 1000 for p in pieces for _ in range(2)]
+        cut.update(i for i, p in enumerate(pieces) if p > 1)
+        counters = torch.zeros(14, dtype=torch.int32)
+        decode_attention(*args, 800, counters=counters, **kwargs)
         live = [i for i, n in enumerate(seq_lens) if n > 0]  # (the reference takes no empty rows)
         ref = decode_attention_ref(*(a[live] if i in (0, 3, 4) else a for i, a in enumerate(args)))
         torch.testing.assert_close(out[live], ref, **tol(torch.float32))
         assert not out[[i for i, n in enumerate(seq_lens) if n == 0]].any()
-        assert counters.tolist() == sentinel
-    assert cut_somewhere  # (each case combines some sequence's splits)
+        assert not counters.any()  # every count back to 0 for the next call
+    assert cut  # (each case combines some sequence's splits)
 
 
 def test_the_by_length_rule():
     lens = [45, 200, 1, 130, 390, 64, 133]  # mean 138: 200 and 390 are 1/8 longer, 200 too short to cut
     assert pieces_with_keys(lens, 2, 1, 4, True) == [1, 1, 1, 1, 2, 1, 1]
-    # 32 slots for 14 pairs, spread lengths: n * 32 / (963 * 2) pieces, rounded; each of 2+ key tiles
+    # 32 slots for 14 pairs, spread lengths: 390 * 32 / (963 * 2) = 6.5 pieces, at most 390 // 128 = 3
     assert pieces_with_keys(lens, 2, 8, 8, True) == [1, 1, 1, 1, 3, 1, 1]
-    # equal lengths: 768 * 32 / (3840 * 2) = 3.2 pieces each, rounded down
+    # equal lengths: 768 * 32 / (3840 * 2) = 3.2 pieces each, rounded down; 768 * 32 / (4608 * 2) = 2.67
     assert pieces_with_keys([768] * 5, 2, 8, 8, True) == [3] * 5
+    assert pieces_with_keys([768] * 6 + [0], 2, 8, 4, True) == [2] * 6 + [1]
     assert pieces_with_keys([150] * 7, 2, 1, 8, True) == [1] * 7  # equal lengths, more pairs than slots
+    assert pieces_with_keys([300] * 6 + [330], 2, 1, 8, True) == [1] * 7  # 330 < 9/8 of the mean 304
     assert pieces_with_keys([150] * 7, 2, 1, 8, False) == [3] * 7  # not by length: 3 tiles, 3 splits
 
 
@@ -324,12 +327,17 @@ def test_decode_matches_ref_gpu(make_paged_inputs, tol, dtype, block_size, num_s
 
 @pytest.mark.gpu
 @needs_cuda
+# 8 sequences: every split mode (9: the reduce pass); 72 x 8 kv heads: more pairs than an H100's or H200's
+# 528 program slots, so the default cuts only the longer sequences, in two.
 @pytest.mark.parametrize(
-    "num_splits,split_by_length", [(None, None), (2, False), (2, True), (4, True), (8, False), (9, False)]
-)
-def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_length):
+    "batch,num_splits,split_by_length",
+    [(8, None, None), (8, 2, False), (8, 2, True), (8, 4, True), (8, 8, False), (8, 9, False),
+     (72, None, None)],
+)  # fmt: skip
+def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, batch, num_splits, split_by_length):
+    max_len = 4000 if batch == 8 else 1500
     inputs = make_paged_inputs(
-        [(1, 4000)] * 8,
+        [(1, max_len)] * batch,
         num_heads=16,
         num_kv_heads=8,
         head_dim=128,
@@ -339,18 +347,23 @@ def test_decode_in_cuda_graph_gpu(make_paged_inputs, tol, num_splits, split_by_l
     )
     args = inputs.decode_args
     out = torch.empty_like(inputs.q)
-    counters = torch.zeros(8 * 8, dtype=torch.int32, device="cuda")
+    counters = torch.zeros(batch * 8, dtype=torch.int32, device="cuda")  # (read with 2..8 splits only)
     kwargs = dict(max_seq_len=4096, out=out, num_splits=num_splits, split_by_length=split_by_length)
-    if num_splits is not None and 2 <= num_splits <= DECODE_MAX_SELF_COMBINE:
-        kwargs["counters"] = counters
-    decode_attention(*args, **kwargs)  # compile outside the capture
+    decode_attention(*args, counters=counters, **kwargs)  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        decode_attention(*args, **kwargs)
-    for lens in ([4000] * 8, [1, 17, 300, 4000, 2048, 16, 15, 999]):
+        decode_attention(*args, counters=counters, **kwargs)
+    gen = torch.Generator().manual_seed(batch)
+    spread = torch.randint(0, max_len + 1, (batch,), generator=gen).tolist()  # with a few 0s at 72
+    if batch == 8:
+        spread = [1, 17, 300, 4000, 2048, 16, 15, 999]
+    for lens in ([max_len] * batch, spread):
         inputs.seq_lens.copy_(torch.tensor(lens, dtype=torch.int32))
         graph.replay()
-        torch.testing.assert_close(out, decode_attention_ref(*args), **tol(torch.bfloat16))
+        live = [i for i, n in enumerate(lens) if n > 0]  # (the reference takes no empty rows)
+        ref = decode_attention_ref(*(a[live] if i in (0, 3, 4) else a for i, a in enumerate(args)))
+        torch.testing.assert_close(out[live], ref, **tol(torch.bfloat16))
+        assert not out[[i for i, n in enumerate(lens) if n == 0]].any()
         assert not counters.any()  # (every count back to 0 after each replay)
 
 
