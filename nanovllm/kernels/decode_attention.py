@@ -190,8 +190,7 @@ if HAS_TRITON:
         # splits empty. Those return at once, except split 0, which always runs: for an empty sequence (a
         # padded row of a CUDA graph) it writes a zero output (or, for the reduce pass, a zero partial with
         # lse = -inf). The combine and the reduce pass read only the splits that got keys.
-        keys_per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, pieces), BLOCK_N) * BLOCK_N, BLOCK_N)
-        num_pieces = tl.maximum(tl.cdiv(seq_len, keys_per_split), 1)  # splits that got keys
+        keys_per_split, num_pieces = _split_keys(seq_len, pieces, BLOCK_N)
         if split >= num_pieces:
             return
         start = split * keys_per_split
@@ -256,6 +255,14 @@ if HAS_TRITON:
                     MAX_PIECES,
                     HEAD_DIM,
                 )
+
+    @triton.jit
+    def _split_keys(seq_len, pieces, BLOCK_N: tl.constexpr):
+        """(keys per split, splits that got keys) of a sequence cut into `pieces` tile-aligned ranges: the
+        split kernel's cut, which the combine and the reduce pass read back. An empty sequence (a padded row)
+        still counts one split: split 0 always writes."""
+        keys_per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, pieces), BLOCK_N) * BLOCK_N, BLOCK_N)
+        return keys_per_split, tl.maximum(tl.cdiv(seq_len, keys_per_split), 1)
 
     @triton.jit
     def _combine_splits(
@@ -325,8 +332,7 @@ if HAS_TRITON:
         offs_d = tl.arange(0, HEAD_DIM)  # [HEAD_DIM]
         # Only the splits that got keys wrote partials (and split 0, always).
         seq_len = tl.load(seq_lens_ptr + seq)
-        keys_per_split = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-        num_written = tl.maximum(tl.cdiv(seq_len, tl.maximum(keys_per_split, 1)), 1)
+        _, num_written = _split_keys(seq_len, num_splits, BLOCK_N)
         split_valid = offs_s < num_written
         lse = tl.load(partial_lse_ptr + first_row + offs_s, mask=split_valid, other=float("-inf"))
         max_lse = tl.max(lse, 0)
