@@ -23,7 +23,6 @@ import torch.multiprocessing as mp  # noqa: E402
 
 from nanovllm.benchmark.common import DEFAULT_OUT_DIR, graph_replay_ms, print_table, run_info, write_report  # noqa: E402
 from nanovllm.kernels.all_reduce import NUM_PROGRAMS  # noqa: E402
-from nanovllm.kernels.rmsnorm import rms_norm  # noqa: E402
 from nanovllm.utils.distributed import connect_rendezvous, create_rendezvous, new_tp_group  # noqa: E402
 from nanovllm.utils.peer_all_reduce import connect_peers  # noqa: E402
 
@@ -75,19 +74,8 @@ def run_rank(rank: int, store, args: argparse.Namespace) -> list[dict[str, Any]]
         x = torch.randn(rows, args.hidden, device=device, dtype=torch.bfloat16)
         r = {"rows": rows, "hidden": args.hidden, "bytes": x.numel() * x.element_size()}
         r["nccl_us"] = time_graph(nccl, x, args.ops, args.replays)
-        # With the decoder's add + RMSNorm after it: NCCL then the norm kernel, vs one fused kernel.
-        weight, residual = torch.randn(args.hidden, device=device, dtype=x.dtype), torch.randn_like(x)
-        r["nccl_norm_us"] = time_graph(
-            lambda t, w=weight, res=residual: rms_norm(nccl(t), w, 1e-6, res)[1], x, args.ops, args.replays
-        )
         for name, peer in peers.items():
             r[f"{name}_us"] = time_graph(peer, x, args.ops, args.replays)
-            r[f"{name}_norm_us"] = time_graph(
-                lambda t, p=peer, w=weight, res=residual: p(t, norm=(w, 1e-6, res))[1],
-                x,
-                args.ops,
-                args.replays,
-            )
         results.append(r)
         if rank == 0:
             print(
@@ -128,11 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         "results": results,
     }
     names = [f"peer{n}" for n in args.programs.split(",")]
-    keys = ["rows", "nccl_us", "nccl_norm_us"] + [f"{name}{k}" for name in names for k in ("_us", "_norm_us")]
+    keys = ["rows", "nccl_us"] + [f"{name}_us" for name in names]
     print_table(
-        f"all-reduce us, bf16, 2 GPUs (+norm: then add + RMSNorm; peerN: peer kernel, N programs), "
-        f"{nccl_env or 'NCCL'}",
-        ["rows", "NCCL", "NCCL+norm"] + [f"{name}{k}" for name in names for k in ("", "+norm")],
+        f"all-reduce us, bf16, 2 GPUs (peerN: peer kernel, N programs), {nccl_env or 'NCCL'}",
+        ["rows", "NCCL"] + names,
         [[r[k] for k in keys] for r in results],
     )
     path = write_report("all_reduce", report, args.out)

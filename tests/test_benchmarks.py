@@ -174,10 +174,18 @@ def test_hf_model_has_nanovllm_weights(tiny):
     ours = dict(llm.engine.runner.model.named_parameters())
     theirs = dict(model.named_parameters())
     layer = "model.layers.1."
+
+    # (each norm's weight is folded into the matmul after it: DecoderModel.fold_norm_weights)
+    def folded(weight, norm):
+        return (weight.float() * theirs[layer + f"{norm}.weight"].float()).to(weight.dtype)
+
     qkv = torch.cat([theirs[layer + f"self_attn.{p}_proj.weight"] for p in "qkv"])
+    qkv = folded(qkv, "input_layernorm")
     torch.testing.assert_close(ours[layer + "self_attn.qkv_proj.weight"], qkv, rtol=0, atol=0)
     gate_up = torch.cat([theirs[layer + f"mlp.{p}_proj.weight"] for p in ("gate", "up")])
+    gate_up = folded(gate_up, "post_attention_layernorm")
     torch.testing.assert_close(ours[layer + "mlp.gate_up_proj.weight"], gate_up, rtol=0, atol=0)
+    assert bool((ours[layer + "input_layernorm.weight"] == 1).all())
     torch.testing.assert_close(ours["model.embed_tokens.weight"], theirs["model.embed_tokens.weight"])
 
 

@@ -67,6 +67,7 @@ class ModelRunner:
             load_weights(
                 self.model, iter_random_weights(model_cls.checkpoint_shapes(hf), config.seed, self.device)
             )
+        self.model.finish_loading()
         self.model.eval()
         self.sampler = Sampler(seed=config.seed)
         self.sampling_staging = SamplingStaging(config.max_num_seqs, self.device)

@@ -22,15 +22,11 @@ again only in call e+3, which it reaches after taking this rank's rows of call e
 after its call e (the one that emptied slot e % 3) completed. (Two slots would do by the same argument;
 the third is margin.) Every call must have at least one row on every rank: a call without rows exchanges
 nothing, so it would not hold the ranks together.
-
-With NORM, the kernel goes on with the decoder's add + RMSNorm on the summed rows it already holds
-(rows are whole per program), so the norm after a row-parallel layer costs no extra launch.
 """
 
 import torch
 
 from nanovllm.kernels.backend import tl, triton
-from nanovllm.kernels.rmsnorm import rms_norm_torch
 
 # The grid: one program per SM at most, so that all are resident at once (each waits for its peer's program
 # of the same index); fixed for every call of a group. At 256 rows x 4096 (2 MiB), 128 programs of 8 warps
@@ -60,16 +56,6 @@ def all_reduce_reference(parts: list[torch.Tensor]) -> torch.Tensor:
     return acc.to(parts[0].dtype)
 
 
-def all_reduce_rms_norm_reference(
-    parts: list[torch.Tensor], weight: torch.Tensor, eps: float, residual: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rms_norm(sum + residual) * weight, sum + residual): the fused variant's results."""
-    total = all_reduce_reference(parts)
-    if residual is None:
-        return rms_norm_torch(total, weight, eps), total
-    return rms_norm_torch(total, weight, eps, residual)
-
-
 # ---------------------------------------------------------------- Triton kernel
 
 
@@ -82,24 +68,18 @@ def _as_sent(x_ptr, offs, mask, INT_DTYPE: tl.constexpr, EMPTY: tl.constexpr, EM
 
 @triton.jit(do_not_specialize=["num_rows"])
 def _peer_all_reduce_kernel(
-    x_ptr,  # [num_rows, hidden] this rank's part; the sum (or, with NORM, sum + residual) is written here
+    x_ptr,  # [num_rows, hidden] this rank's part; the sum is written here
     buffer_ptrs,  # [world] int64: every rank's buffer, [NUM_SLOTS, world parts, slot_numel] INT_DTYPE
     epoch_ptr,  # [NUM_PROGRAMS] int64: this rank's call count, per program
     abort_ptr,  # [1] int32 in pinned host memory: nonzero makes waiting programs give up
-    residual_ptr,  # [num_rows, hidden] (HAS_RESIDUAL)
-    weight_ptr,  # [hidden] (NORM)
-    out_ptr,  # [num_rows, hidden] rms_norm(sum + residual) * weight (NORM)
     num_rows,
     hidden,
     slot_numel,  # elements of x's dtype per part
-    eps,
     RANK: tl.constexpr,
     WORLD: tl.constexpr,
     BLOCK_H: tl.constexpr,
     NUM_PROGRAMS: tl.constexpr,
     ABORT_POLL_SPINS: tl.constexpr,
-    NORM: tl.constexpr,
-    HAS_RESIDUAL: tl.constexpr,
     INT_DTYPE: tl.constexpr,  # tl.int16 or tl.int32: x's elements as integers
     EMPTY: tl.constexpr,  # EMPTY_16 or EMPTY_32
     EMPTY_SENT_AS: tl.constexpr,  # what a value with EMPTY's bits is sent as: 0 or NEG_ZERO_32
@@ -149,17 +129,7 @@ def _peer_all_reduce_kernel(
                         bits = tl.load(part, mask=mask, other=0, volatile=True)
                 tl.store(part, tl.full([BLOCK_H], EMPTY, INT_DTYPE), mask=mask)
                 acc += bits.to(dtype, bitcast=True).to(tl.float32)
-        total = acc.to(dtype)
-        if HAS_RESIDUAL:  # as rms_norm's residual path: the add rounded to the input dtype
-            res = tl.load(residual_ptr + offs, mask=mask, other=0.0)
-            total = (total.to(tl.float32) + res.to(tl.float32)).to(dtype)
-        tl.store(x_ptr + offs, total, mask=mask)
-        if NORM:
-            t = total.to(tl.float32)
-            variance = tl.sum(t * t, axis=0) / hidden
-            normed = (t * tl.rsqrt(variance + eps)).to(dtype).to(tl.float32)
-            weight = tl.load(weight_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptr + offs, (normed * weight).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(x_ptr + offs, acc.to(dtype), mask=mask)
 
 
 # ---------------------------------------------------------------- launcher
@@ -184,15 +154,12 @@ def peer_all_reduce_triton(
     abort_flag: torch.Tensor,
     rank: int,
     slot_numel: int,
-    norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None,
     num_programs: int = NUM_PROGRAMS,
     buffers_aligned: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """Sum x (contiguous, [..., hidden], 16- or 32-bit floats, numel <= slot_numel) over the ranks in place;
     returns x. Every rank's buffer holds [NUM_SLOTS, world parts, slot_numel] elements of x's size, all
     EMPTY before the first call (they are again after every call).
-    With norm = (weight, eps, residual or None), x becomes sum + residual and the result is
-    (rms_norm(x) * weight, x): the decoder's add+norm, as `rms_norm(sum, weight, eps, residual)`.
     Every rank must call this with the same shape, in the same order as its other collectives, and the
     same num_programs every time (the epochs hold num_programs entries).
     buffers_aligned: every address in buffer_ptrs is a multiple of 16 (the caller knows them on the host;
@@ -203,36 +170,20 @@ def peer_all_reduce_triton(
     if not x.is_contiguous() or not 0 < x.numel() <= slot_numel:
         # (zero rows would exchange nothing, and a peer could then run two calls ahead into a live slot)
         raise ValueError(f"x must be contiguous with 0 < numel <= {slot_numel}, got {tuple(x.shape)}")
-    weight, eps, residual = norm if norm is not None else (x, 0.0, None)
-    if norm is not None and weight.shape != (hidden,):
-        raise ValueError(f"weight must have shape ({hidden},), got {tuple(weight.shape)}")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(
-            f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
-        )
-    out = x
-    if norm is not None:
-        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     wide = x.element_size() == 4
     _peer_all_reduce_kernel[(num_programs,)](
         x,
         buffer_ptrs,
         epochs,
         abort_flag,
-        residual.contiguous() if residual is not None else x,
-        weight,
-        out,
         x.numel() // hidden,
         hidden,
         slot_numel,
-        eps,
         RANK=rank,
         WORLD=buffer_ptrs.numel(),
         BLOCK_H=row_block(hidden),
         NUM_PROGRAMS=num_programs,
         ABORT_POLL_SPINS=ABORT_POLL_SPINS,
-        NORM=norm is not None,
-        HAS_RESIDUAL=residual is not None,
         INT_DTYPE=tl.int32 if wide else tl.int16,
         EMPTY=EMPTY_32 if wide else EMPTY_16,
         EMPTY_SENT_AS=NEG_ZERO_32 if wide else 0,
@@ -240,4 +191,4 @@ def peer_all_reduce_triton(
         ALIGNED=rows_aligned(buffers_aligned, hidden, slot_numel, x.element_size()),
         num_warps=NUM_WARPS,
     )
-    return (out, x) if norm is not None else x
+    return x

@@ -1,7 +1,10 @@
 """Decode-sized linear layer on tensor cores, for batches of 1..256 rows (decode steps, short prefill chunks).
 
     y = linear(x, W, b)          x: [M, K], W: [N, K] (nn.Linear layout), M <= DECODE_LINEAR_KERNEL_MAX_ROWS
+    norm (optional, rms_norm_eps): y = linear(rmsnorm(x), W, b), the norm's weight folded into W's columns
+                                   (docs/model.md): each row of x @ W.T times rsqrt(mean(x**2) + eps)
     epilogue (optional, silu_mul): W holds [gate; up] rows, y = silu(gate) * up: [M, N / 2]
+    epilogue (optional, residual): y = residual + linear(x, W, b), the decoder's residual add
 
 It does what cuBLAS does for these shapes, with two things cuBLAS cannot do:
 
@@ -9,7 +12,9 @@ It does what cuBLAS does for these shapes, with two things cuBLAS cannot do:
   loads the first K chunk of its W tile, which no earlier kernel writes, *then* waits for the previous
   kernel (`gdc_wait`) before reading x; so the next matmul's weight stream starts under the tail of the
   kernels before it.
-- The SiLU-and-mul after gate_up_proj runs in the epilogue, so the [M, N] gate_up output is never written.
+- The SiLU-and-mul after gate_up_proj runs in the epilogue, so the [M, N] gate_up output is never written;
+  so do the RMSNorm before it (every program sees whole rows of x: it sums their squares on the way) and the
+  residual add after o_proj and down_proj.
 
 "Swap AB": a program computes acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the large N is the tensor-core
 MMA's M dimension (64 rows per warpgroup on Hopper) and the few decode rows are its N dimension (16..64);
@@ -17,8 +22,9 @@ the output tile is stored transposed. Unlike kernels/gemv.py (a whole row of W p
 on the CUDA cores) it loops over K in BLOCK_K chunks that Triton software-pipelines.
 
 Numerics follow the unfused ops, as in kernels/gemv.py: the matmul accumulates in fp32 (plus the bias) and
-rounds once; the SiLU epilogue rounds gate and up first, as kernels/activation.py does on the rounded
-gate_up output.
+rounds once; with the norm, the rounded product is scaled and the bias added, as kernels/rmsnorm.py's
+rms_scale_torch does; the SiLU epilogue rounds gate and up first, as kernels/activation.py does on the
+rounded gate_up output; the residual is added to the rounded result.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from nanovllm.kernels.backend import (
     use_triton,
 )
 from nanovllm.kernels.paged_attention import dot_precision
+from nanovllm.kernels.rmsnorm import rms_scale_torch
 from nanovllm.utils.env import env_int
 
 DECODE_LINEAR_KERNEL_MAX_ROWS = 256  # the kernel's limit; larger batches are prefill-like
@@ -68,10 +75,16 @@ def decode_linear_ref(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     silu_mul: bool = False,
+    rms_norm_eps: float | None = None,
+    residual: torch.Tensor | None = None,  # [M, N]
 ) -> torch.Tensor:  # [M, N] or [M, N / 2]
-    """The unfused ops `decode_linear` replaces: linear, (SiLU-and-mul)."""
-    y = F.linear(x, weight, bias)
-    return silu_and_mul_torch(y) if silu_mul else y
+    """The unfused ops `decode_linear` replaces: (RMSNorm scale,) linear, (SiLU-and-mul), (residual add)."""
+    if rms_norm_eps is not None:
+        y = rms_scale_torch(F.linear(x, weight), x, rms_norm_eps, bias)
+    else:
+        y = F.linear(x, weight, bias)
+    y = silu_and_mul_torch(y) if silu_mul else y
+    return y if residual is None else residual + y
 
 
 # ---------------------------------------------------------------- Triton kernel
@@ -84,12 +97,16 @@ def _decode_linear_kernel(
     w_ptr,  # [N, K], rows contiguous
     w_row_stride,
     bias_ptr,  # [N]
+    residual_ptr,  # [M, N_OUT], contiguous (HAS_RESIDUAL)
     out_ptr,  # [M, N_OUT], contiguous
     num_rows,  # M: not specialized, so a new decode batch size reuses the compiled kernel
     n_out,  # N_OUT: N, or N / 2 with SILU_MUL
     k,
+    eps,  # (NORM)
     HAS_BIAS: tl.constexpr,
     SILU_MUL: tl.constexpr,  # W rows [0, N_OUT) are gate, [N_OUT, 2 N_OUT) up; a program does both
+    NORM: tl.constexpr,  # x is the un-normalized input of an RMSNorm folded into W: scale rows by its rstd
+    HAS_RESIDUAL: tl.constexpr,
     USE_PDL: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -120,6 +137,9 @@ def _decode_linear_kernel(
     acc = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M] fp32
     if SILU_MUL:
         acc_up = tl.dot(w_up, tl.trans(x), input_precision=DOT_PRECISION)
+    if NORM:
+        x32 = x.to(tl.float32)
+        sum_sq = tl.sum(x32 * x32, axis=1)  # [BLOCK_M]: the squares of the rows' K values, chunk by chunk
 
     for k0 in range(BLOCK_K, k, BLOCK_K):
         k_mask = k0 + ks < k
@@ -129,16 +149,27 @@ def _decode_linear_kernel(
         if SILU_MUL:
             w_up = tl.load(w_up_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
             acc_up = tl.dot(w_up, tl.trans(x), acc_up, input_precision=DOT_PRECISION)
+        if NORM:
+            x32 = x.to(tl.float32)
+            sum_sq += tl.sum(x32 * x32, axis=1)
 
     dtype = out_ptr.dtype.element_ty
+    if NORM:  # as rms_scale_torch on the rounded matmul output: the row's scale, then the bias
+        rstd = tl.rsqrt(sum_sq / k + eps)[None, :]  # [1, BLOCK_M]
+        acc = acc.to(dtype).to(tl.float32) * rstd
+        if SILU_MUL:
+            acc_up = acc_up.to(dtype).to(tl.float32) * rstd
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
         if SILU_MUL:
             acc_up += tl.load(bias_ptr + n_out + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
     if SILU_MUL:
         acc = silu_mul_rounded(acc, acc_up, dtype)
-    out_ptrs = out_ptr + rows[None, :].to(tl.int64) * n_out + cols[:, None]  # [BLOCK_N, BLOCK_M]
-    tl.store(out_ptrs, acc.to(dtype), mask=col_mask[:, None] & row_mask[None, :])
+    out_offs = rows[None, :].to(tl.int64) * n_out + cols[:, None]  # [BLOCK_N, BLOCK_M]
+    out_mask = col_mask[:, None] & row_mask[None, :]
+    if HAS_RESIDUAL:  # as `residual + y` on dtype tensors: y rounded first
+        acc = acc.to(dtype).to(tl.float32) + tl.load(residual_ptr + out_offs, mask=out_mask).to(tl.float32)
+    tl.store(out_ptr + out_offs, acc.to(dtype), mask=out_mask)
 
 
 # ---------------------------------------------------------------- launcher
@@ -199,6 +230,8 @@ def decode_linear(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,  # [N]
     silu_mul: bool = False,
+    rms_norm_eps: float | None = None,
+    residual: torch.Tensor | None = None,  # [M, N] or [M, N / 2]
     config: DecodeLinearConfig | None = None,
 ) -> torch.Tensor:  # [M, N] or [M, N / 2]
     """Triton version of `decode_linear_ref`. `config` overrides `decode_linear_config` (for sweeps)."""
@@ -220,6 +253,10 @@ def decode_linear(
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     n_out = n // 2 if silu_mul else n
+    if residual is not None and (tuple(residual.shape) != (num_rows, n_out) or residual.dtype != x.dtype):
+        raise ValueError(
+            f"residual must be [{num_rows}, {n_out}] {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
+        )
     if config is None:
         num_sms = device_num_sms(x.device.index or 0) if x.is_cuda else DECODE_LINEAR_NUM_SMS
         config = decode_linear_config(num_rows, n_out, k, silu_mul, x.element_size(), num_sms)
@@ -234,9 +271,13 @@ def decode_linear(
         x, x.stride(0),
         weight, weight.stride(0),
         bias if bias is not None else x,
+        residual.contiguous() if residual is not None else x,
         out, num_rows, n_out, k,
+        rms_norm_eps if rms_norm_eps is not None else 0.0,
         HAS_BIAS=bias is not None,
         SILU_MUL=silu_mul,
+        NORM=rms_norm_eps is not None,
+        HAS_RESIDUAL=residual is not None,
         USE_PDL=use_pdl,
         DOT_PRECISION=dot_precision(x.dtype),
         BLOCK_M=block_m,

@@ -6,6 +6,8 @@ kernels with q/k norm, two without, of 2-3.5 us each at batch 256 on an H100 and
 inside a CUDA graph.
 This kernel does all of it per token, reading q/k/v straight from the projection output:
 
+    qkv = qkv * rsqrt(mean(norm_src**2) + eps) + bias (optional, norm_src: the layer's input RMSNorm, folded
+                                                       into qkv_proj, finished here; docs/model.md)
     q, k, v = qkv.split(...)                          (views, per rank: num_heads, num_kv_heads)
     q, k = rms_norm(q, q_norm_weight), rms_norm(k, k_norm_weight)      (optional, each head on its own)
     q, k = rope(q, k, cos_sin_cache[positions])       (NeoX rotate-half over the first rotary_dim dims)
@@ -19,7 +21,7 @@ by the fp32 order of the variance sum. The reference below is the plain composit
 import torch
 
 from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton
-from nanovllm.kernels.rmsnorm import rms_norm_torch
+from nanovllm.kernels.rmsnorm import rms_norm_torch, rms_scale_torch, row_rstd
 from nanovllm.kernels.rope import apply_rope_torch
 from nanovllm.kernels.store_kvcache import check_kv_cache, check_triton_device, store_kvcache_ref
 
@@ -37,10 +39,14 @@ def qk_norm_rope_store_ref(
     q_norm_weight: torch.Tensor | None = None,  # [head_dim]
     k_norm_weight: torch.Tensor | None = None,  # [head_dim]
     eps: float = 1e-6,
+    norm_src: torch.Tensor | None = None,  # [num_tokens, hidden]
+    qkv_bias: torch.Tensor | None = None,  # [(num_heads + 2 * num_kv_heads) * head_dim] (with norm_src)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Plain-PyTorch `qk_norm_rope_store`: the unfused reference ops one after the other; the CPU path."""
     _check_args(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads, q_norm_weight,
-                k_norm_weight)  # fmt: skip
+                k_norm_weight, norm_src, qkv_bias)  # fmt: skip
+    if norm_src is not None:
+        qkv = rms_scale_torch(qkv, norm_src, eps, qkv_bias)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -58,6 +64,15 @@ def qk_norm_rope_store_ref(
 
 
 @triton.jit
+def _finish_row(x, row_scale, bias_ptrs, mask, HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
+    # As rms_scale_torch: the projection's values (fp32) times the row's rstd, plus the bias, rounded.
+    x = x * row_scale
+    if HAS_BIAS:
+        x += tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
 def _norm_rope_heads(
     src_ptr,
     dst_ptr,
@@ -65,7 +80,11 @@ def _norm_rope_heads(
     eps,
     cos,
     sin,
+    row_scale,  # fp32 (ROW_NORM)
+    bias_ptr,  # these heads' bias (HAS_BIAS)
     NUM_HEADS: tl.constexpr,
+    ROW_NORM: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
     HAS_NORM: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
@@ -90,6 +109,12 @@ def _norm_rope_heads(
         pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
         pass_mask = (heads < NUM_HEADS) & (pass_dims < HEAD_DIM)
         xp = tl.load(src + pass_dims, mask=pass_mask, other=0.0).to(tl.float32)
+    if ROW_NORM:
+        bias = bias_ptr + heads * HEAD_DIM
+        x1 = _finish_row(x1, row_scale, bias + dims, mask, HAS_BIAS, dtype)
+        x2 = _finish_row(x2, row_scale, bias + half + dims, mask, HAS_BIAS, dtype)
+        if BLOCK_PASS > 0:
+            xp = _finish_row(xp, row_scale, bias + pass_dims, pass_mask, HAS_BIAS, dtype)
     if HAS_NORM:
         # As rms_norm_torch: normed = (x * rsqrt(mean(x^2) + eps)) rounded to dtype, then weight * normed
         # rounded to dtype. Masked lanes hold 0 and add nothing to the sum.
@@ -127,10 +152,17 @@ def _qk_norm_rope_store_kernel(
     k_cache_ptr,
     v_cache_ptr,
     slot_mapping_ptr,
+    src_ptr,  # [num_tokens, src_size] (ROW_NORM)
+    src_token_stride,
+    src_size,
+    bias_ptr,  # [(NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM] (HAS_BIAS)
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROTARY_DIM: tl.constexpr,
+    ROW_NORM: tl.constexpr,  # qkv is still to be scaled by the rstd of this token's src row (+ the bias)
+    HAS_BIAS: tl.constexpr,
+    SRC_BLOCK: tl.constexpr,  # src values summed per chunk
     HAS_NORM: tl.constexpr,
     BLOCK_HEADS: tl.constexpr,  # next power of two >= NUM_HEADS
     BLOCK_KV_HEADS: tl.constexpr,  # next power of two >= NUM_KV_HEADS
@@ -157,22 +189,32 @@ def _qk_norm_rope_store_kernel(
     q_src = qkv_ptr + token * qkv_token_stride
     k_src = q_src + NUM_HEADS * HEAD_DIM
     v_src = k_src + NUM_KV_HEADS * HEAD_DIM
+    row_scale = 1.0
+    if ROW_NORM:
+        row_scale = row_rstd(src_ptr + token * src_token_stride, src_size, eps, SRC_BLOCK)
+    k_bias_ptr = bias_ptr + NUM_HEADS * HEAD_DIM
+    v_bias_ptr = k_bias_ptr + NUM_KV_HEADS * HEAD_DIM
     _norm_rope_heads(
-        q_src, q_out_ptr + token * (NUM_HEADS * HEAD_DIM), q_norm_weight_ptr, eps, cos, sin,
-        NUM_HEADS, HAS_NORM, HEAD_DIM, ROTARY_DIM, BLOCK_HEADS, BLOCK_HALF, BLOCK_PASS,
+        q_src, q_out_ptr + token * (NUM_HEADS * HEAD_DIM), q_norm_weight_ptr, eps, cos, sin, row_scale,
+        bias_ptr, NUM_HEADS, ROW_NORM, HAS_BIAS, HAS_NORM, HEAD_DIM, ROTARY_DIM, BLOCK_HEADS, BLOCK_HALF,
+        BLOCK_PASS,
     )  # fmt: skip
     if slot >= 0:
         # The cache is contiguous: a slot's row is NUM_KV_HEADS * HEAD_DIM elements long.
         cache_row = slot * (NUM_KV_HEADS * HEAD_DIM)
         _norm_rope_heads(
-            k_src, k_cache_ptr + cache_row, k_norm_weight_ptr, eps, cos, sin,
-            NUM_KV_HEADS, HAS_NORM, HEAD_DIM, ROTARY_DIM, BLOCK_KV_HEADS, BLOCK_HALF, BLOCK_PASS,
+            k_src, k_cache_ptr + cache_row, k_norm_weight_ptr, eps, cos, sin, row_scale, k_bias_ptr,
+            NUM_KV_HEADS, ROW_NORM, HAS_BIAS, HAS_NORM, HEAD_DIM, ROTARY_DIM, BLOCK_KV_HEADS, BLOCK_HALF,
+            BLOCK_PASS,
         )  # fmt: skip
         heads = tl.arange(0, BLOCK_KV_HEADS)[:, None]
         head_dims = tl.arange(0, BLOCK_D)[None, :]
         v_mask = (heads < NUM_KV_HEADS) & (head_dims < HEAD_DIM)
         v_offs = heads * HEAD_DIM + head_dims  # [BLOCK_KV_HEADS, BLOCK_D]
-        tl.store(v_cache_ptr + cache_row + v_offs, tl.load(v_src + v_offs, mask=v_mask), mask=v_mask)
+        v = tl.load(v_src + v_offs, mask=v_mask)
+        if ROW_NORM:
+            v = _finish_row(v.to(tl.float32), row_scale, v_bias_ptr + v_offs, v_mask, HAS_BIAS, dtype)
+        tl.store(v_cache_ptr + cache_row + v_offs, v.to(dtype), mask=v_mask)
 
 
 # ---------------------------------------------------------------- launcher
@@ -189,15 +231,19 @@ def qk_norm_rope_store(
     q_norm_weight: torch.Tensor | None = None,  # [head_dim]
     k_norm_weight: torch.Tensor | None = None,  # [head_dim]
     eps: float = 1e-6,
+    norm_src: torch.Tensor | None = None,  # [num_tokens, hidden]
+    qkv_bias: torch.Tensor | None = None,  # [(num_heads + 2 * num_kv_heads) * head_dim] (with norm_src)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """Per-head RMSNorm of q and k (with both weights given; eps for both), rope on the first rotary_dim =
+    """With norm_src: first each token's qkv row times rsqrt(mean(norm_src row**2) + eps), plus qkv_bias, as
+    rms_scale_torch (qkv_proj read the un-normalized layer input, the input norm's weight folded into it).
+    Per-head RMSNorm of q and k (with both weights given; eps for all norms), rope on the first rotary_dim =
     cos_sin_cache.shape[-1] dims of each head, then k and v into the cache at slot_mapping (in place;
     negative slots skipped). Returns the new q, contiguous; qkv is not written.
 
     num_heads and the cache's num_kv_heads are this rank's heads. Each position must be < max_position
     (not checked: that would sync with the GPU). The grid depends on num_tokens only (CUDA graphs)."""
     _check_args(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads, q_norm_weight,
-                k_norm_weight)  # fmt: skip
+                k_norm_weight, norm_src, qkv_bias)  # fmt: skip
     check_triton_device(qkv, "qk_norm_rope_store")
     num_tokens = qkv.shape[0]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -216,10 +262,17 @@ def qk_norm_rope_store(
         k_norm_weight.contiguous() if has_norm else qkv,
         eps,
         q_out, k_cache, v_cache, slot_mapping.contiguous(),
+        norm_src if norm_src is not None else qkv,
+        norm_src.stride(0) if norm_src is not None else 0,
+        norm_src.shape[1] if norm_src is not None else 1,
+        qkv_bias.contiguous() if qkv_bias is not None else qkv,
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         ROTARY_DIM=rotary_dim,
+        ROW_NORM=norm_src is not None,
+        HAS_BIAS=qkv_bias is not None,
+        SRC_BLOCK=min(triton.next_power_of_2(norm_src.shape[1]), 1024) if norm_src is not None else 16,
         HAS_NORM=has_norm,
         BLOCK_HEADS=triton.next_power_of_2(num_heads),
         BLOCK_KV_HEADS=triton.next_power_of_2(num_kv_heads),
@@ -234,7 +287,17 @@ def qk_norm_rope_store(
 
 
 def _check_args(
-    qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads, q_norm_weight, k_norm_weight
+    qkv,
+    positions,
+    cos_sin_cache,
+    k_cache,
+    v_cache,
+    slot_mapping,
+    num_heads,
+    q_norm_weight,
+    k_norm_weight,
+    norm_src=None,
+    qkv_bias=None,
 ) -> None:
     check_kv_cache(k_cache, v_cache)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
@@ -269,6 +332,16 @@ def _check_args(
         )
     if (q_norm_weight is None) != (k_norm_weight is None):
         raise ValueError("q_norm_weight and k_norm_weight must be given together (or neither)")
+    if norm_src is not None and (
+        norm_src.dim() != 2 or norm_src.shape[0] != num_tokens or norm_src.stride(1) != 1
+        or norm_src.dtype != qkv.dtype
+    ):  # fmt: skip
+        raise ValueError(
+            f"norm_src must be [num_tokens={num_tokens}, hidden] {qkv.dtype}, contiguous along hidden, got "
+            f"{tuple(norm_src.shape)} {norm_src.dtype} with strides {norm_src.stride()}"
+        )
+    if qkv_bias is not None and (norm_src is None or tuple(qkv_bias.shape) != (width,)):
+        raise ValueError(f"qkv_bias is taken only with norm_src, as [{width}]; got {tuple(qkv_bias.shape)}")
     for name, weight in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
         if weight is not None and (weight.shape != (head_dim,) or weight.dtype != qkv.dtype):
             raise ValueError(

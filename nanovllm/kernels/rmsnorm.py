@@ -27,6 +27,19 @@ def rms_norm_torch(
     return out if residual is None else (out, residual)
 
 
+def rms_scale_torch(
+    y: torch.Tensor, src: torch.Tensor, eps: float, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Finish a matmul that read the un-normalized rows of src (the RMSNorm's weight folded into the matmul's
+    columns): y * rsqrt(mean(src**2) + eps) row by row, plus the bias, rounded to y's dtype.
+    y: [M, N]; src: [M, K]; bias: [N]. See docs/model.md, "The norms folded into the matmuls"."""
+    src32 = src.to(torch.float32)
+    out = y.to(torch.float32) * torch.rsqrt(src32.pow(2).mean(-1, keepdim=True) + eps)
+    if bias is not None:
+        out = out + bias.to(torch.float32)
+    return out.to(y.dtype)
+
+
 # ---------------------------------------------------------------- Triton kernel
 
 
@@ -64,6 +77,18 @@ def _rms_norm_kernel(
     normed = (x * tl.rsqrt(variance + eps)).to(in_dtype).to(tl.float32)
     out = normed * weight
     tl.store(out_ptr + row * hidden_size + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def row_rstd(row_ptr, n, eps, BLOCK: tl.constexpr):
+    """rsqrt(mean(row**2) + eps) of the n values at row_ptr, in fp32 (BLOCK values a chunk): the scale that
+    the consumers of a folded-norm matmul apply (rms_scale_torch)."""
+    cols = tl.arange(0, BLOCK)
+    sum_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        x = tl.load(row_ptr + start + cols, mask=start + cols < n, other=0.0).to(tl.float32)
+        sum_sq += x * x
+    return tl.rsqrt(tl.sum(sum_sq, axis=0) / n + eps)
 
 
 # ---------------------------------------------------------------- launcher

@@ -56,16 +56,23 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
         rope: RotaryEmbedding,
         qk_norm: tuple[RMSNorm, RMSNorm] | None = None,
+        input_norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None,
     ) -> torch.Tensor:
-        """Attention from the qkv projection's output: split q/k/v, RMSNorm each q and k head (qk_norm:
-        the (q_norm, k_norm) layers, Qwen3), rope, k/v into the cache, then attend over the cache. On the
-        Triton path everything before attention is one kernel (kernels/qk_norm_rope_store.py); the torch
-        path runs the unfused reference ops."""
+        """Attention from the qkv projection's output: (finish the folded input norm,) split q/k/v, RMSNorm
+        each q and k head (qk_norm: the (q_norm, k_norm) layers, Qwen3), rope, k/v into the cache, then attend
+        over the cache. input_norm = (layer input [num_tokens, hidden], eps, qkv bias or None): qkv_proj read
+        the un-normalized input with the norm's weight folded in and no bias; each token's qkv row is scaled
+        by the input row's rsqrt(mean(x**2) + eps) and the bias added first (docs/model.md). On the Triton
+        path everything before attention is one kernel (kernels/qk_norm_rope_store.py); the torch path runs
+        the unfused reference ops."""
         # qkv: [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]; positions: [num_tokens]
         norm_args = {}
+        if input_norm is not None:
+            norm_src, eps, qkv_bias = input_norm
+            norm_args = dict(norm_src=norm_src, eps=eps, qkv_bias=qkv_bias)
         if qk_norm is not None:
             q_norm, k_norm = qk_norm
-            norm_args = dict(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)
+            norm_args.update(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)
         norm_rope_store = qk_norm_rope_store if use_triton(qkv) else qk_norm_rope_store_ref
         cos_sin_cache = rope.cos_sin_cache_on(qkv.device)
         q = norm_rope_store(

@@ -1,8 +1,7 @@
 """Vocabulary-parallel embedding and LM head.
 
 The vocabulary is split into equal contiguous ranges, one per rank (padded so it divides evenly).
-Embedding: each rank looks up the ids in its range, writes zeros elsewhere, then all-reduce (or, with
-reduce_results=False as in the decoder, the first AddRMSNorm reduces it).
+Embedding: each rank looks up the ids in its range, writes zeros elsewhere, then all-reduce.
 LM head: each rank computes logits for its range; rank 0 gathers them and drops the padding. For a step
 whose every row takes the plain argmax (greedy, nothing that needs the whole row), `greedy` gathers only
 each rank's best (logit, token id) per row instead of [rows, vocab / ranks] logits.
@@ -19,12 +18,10 @@ from nanovllm.utils.distributed import get_tp_group, get_tp_rank, get_tp_size
 
 
 class VocabParallelEmbedding(nn.Module):
-    """reduce_results=False: each rank returns its rows (zeros for ids outside its range), for a
-    consumer that sums them over the ranks (the decoder's first AddRMSNorm)."""
+    """Each rank holds a vocabulary range's rows; the all-reduce sums the ranks' lookups."""
 
-    def __init__(self, vocab_size: int, hidden_size: int, reduce_results: bool = True):
+    def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__()
-        self.reduce_results = reduce_results
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.tp_group = get_tp_group()
         self.vocab_size = vocab_size
@@ -46,7 +43,7 @@ class VocabParallelEmbedding(nn.Module):
         local = input_ids - self.vocab_start
         in_range = (local >= 0) & (local < self.shard_size)
         y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * in_range.unsqueeze(1)
-        return self.tp_group.all_reduce(y) if self.reduce_results else y
+        return self.tp_group.all_reduce(y)
 
 
 class ParallelLMHead(VocabParallelEmbedding):

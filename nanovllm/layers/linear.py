@@ -1,8 +1,8 @@
 """Linear layers split across tensor-parallel ranks (Megatron-style).
 
 Column-parallel layers split the output features: each rank computes a slice, no communication.
-Row-parallel layers split the input features: each rank computes a partial sum, then all-reduce (or,
-with reduce_results=False as in the decoder, the next AddRMSNorm reduces it, fused with the norm).
+Row-parallel layers split the input features: each rank computes a partial sum, then all-reduce (the
+decoder's `forward_add` puts the residual stream into rank 0's partial sum first).
 Every parameter carries a `weight_loader(param, loaded, shard_id=None)` that copies this rank's
 shard out of a checkpoint tensor, so loading streams each weight straight into place. `loaded` is a
 tensor or a safetensors slice (only the shard is read from disk).
@@ -19,12 +19,21 @@ from nanovllm.kernels.decode_linear import decode_linear, takes_decode_linear
 from nanovllm.utils.distributed import get_tp_group, get_tp_rank, get_tp_size
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; decode-sized batches on the GPU run kernels/decode_linear.py instead, whose weight reads
-    start under the kernels before it."""
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """F.linear (+ residual: the decoder's residual add inside the matmul, cuBLAS's beta = 1, which may write
+    the sum into residual itself); decode-sized batches on the GPU run kernels/decode_linear.py instead, whose
+    weight reads start under the kernels before it."""
     if takes_decode_linear(x, weight):
-        return decode_linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+        return decode_linear(x, weight, bias, residual=residual)
+    if residual is None:
+        return F.linear(x, weight, bias)
+    y = residual.addmm_(x, weight.t())  # [M, N] = residual + x @ W.T, in place: no copy of residual first
+    return y if bias is None else y.add_(bias)
 
 
 def load_shard(loaded, dim: int, start: int, size: int) -> torch.Tensor:
@@ -106,14 +115,18 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         _copy(param.data.narrow(0, offset, size), load_shard(loaded, 0, self.tp_rank * size, size))
 
-    def forward_silu_mul(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_silu_mul(self, x: torch.Tensor, rms_norm_eps: float | None = None) -> torch.Tensor:
         """silu(gate) * up of a [gate; up] projection (gate_up_proj): [M, K] -> [M, I / tp_size]. Decode-sized
-        batches do the SiLU-and-mul in the matmul's epilogue."""
+        batches do the SiLU-and-mul in the matmul's epilogue. rms_norm_eps: x is the un-normalized residual
+        stream and the norm's weight is folded into this layer's columns (docs/model.md); each row's
+        rsqrt(mean(x**2) + eps) is applied after the matmul, in the same kernel as the SiLU-and-mul."""
         if len(self.output_sizes) != 2 or self.output_sizes[0] != self.output_sizes[1]:
             raise ValueError(f"forward_silu_mul needs two equal outputs (gate, up), got {self.output_sizes}")
         if takes_decode_linear(x, self.weight):
-            return decode_linear(x, self.weight, self.bias, silu_mul=True)
-        return silu_and_mul(F.linear(x, self.weight, self.bias))
+            return decode_linear(x, self.weight, self.bias, silu_mul=True, rms_norm_eps=rms_norm_eps)
+        if rms_norm_eps is None:
+            return silu_and_mul(F.linear(x, self.weight, self.bias))
+        return silu_and_mul(F.linear(x, self.weight), norm_src=x, eps=rms_norm_eps, bias=self.bias)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -149,13 +162,10 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(nn.Module):
-    """y = sum over ranks of x[:, shard] @ W[:, shard].T — input features split, then all-reduce.
-    reduce_results=False: each rank returns its partial sum, for a consumer that reduces it (the
-    decoder's AddRMSNorm fuses the all-reduce into the norm)."""
+    """y = sum over ranks of x[:, shard] @ W[:, shard].T — input features split, then all-reduce."""
 
-    def __init__(self, input_size: int, output_size: int, bias: bool = False, reduce_results: bool = True):
+    def __init__(self, input_size: int, output_size: int, bias: bool = False):
         super().__init__()
-        self.reduce_results = reduce_results
         self.tp_rank, self.tp_size = get_tp_rank(), get_tp_size()
         self.tp_group = get_tp_group()
         if input_size % self.tp_size:
@@ -175,9 +185,14 @@ class RowParallelLinear(nn.Module):
     def bias_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         _copy(param, load_full(loaded))
 
+    def forward_add(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + forward(x), reduced over the ranks, with the add inside the matmul: the decoder's
+        residual add after o_proj and down_proj. Under TP, rank 0's partial sum carries residual and bias.
+        residual may be overwritten (it is the residual stream, which the sum replaces)."""
+        if self.tp_rank > 0:
+            return self.tp_group.all_reduce(linear(x, self.weight))
+        return self.tp_group.all_reduce(linear(x, self.weight, self.bias, residual))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # The bias is counted once: after the reduction, or (partial sums) in rank 0's part only.
-        if not self.reduce_results and self.tp_size > 1:
-            return linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        y = self.tp_group.all_reduce(linear(x, self.weight))
+        y = self.tp_group.all_reduce(linear(x, self.weight))  # the bias once, after the reduction
         return y + self.bias if self.bias is not None else y

@@ -4,6 +4,11 @@ Pre-norm residual blocks of GQA attention (RoPE, optional q/k RMSNorm, optional 
 SwiGLU MLP. An architecture file only states what differs (`DecoderOptions`). Module and parameter
 names follow the Hugging Face checkpoints, so weights load by name; q/k/v and gate/up are packed
 into single matmuls (`packed_modules_mapping`).
+
+The two RMSNorms of a layer cost no kernel of their own: once loaded, their weights are folded into the
+columns of the matmul that follows each (`fold_norm_weights`), the matmul reads the un-normalized residual
+stream, and the kernel after it scales each row by the stream row's rsqrt(mean(x**2) + eps). The residual
+adds happen inside o_proj and down_proj. See docs/model.md, "The norms folded into the matmuls".
 """
 
 from __future__ import annotations
@@ -18,8 +23,8 @@ from nanovllm.kernels.backend import use_triton
 from nanovllm.kernels.gemv import GEMV_MAX_K, GEMV_MAX_ROWS, gemv
 from nanovllm.layers.attention import Attention, AttentionMetadata
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.layernorm import AddRMSNorm, RMSNorm
-from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, linear
 from nanovllm.layers.rotary_embedding import get_rope, rope_parameters_from_config
 from nanovllm.utils.distributed import get_tp_size
 
@@ -72,9 +77,8 @@ class DecoderAttention(nn.Module):
             num_kv_heads_of(config),
             bias=opts.qkv_bias,
         )
-        self.o_proj = RowParallelLinear(  # partial sums: the next AddRMSNorm reduces them
-            config.num_attention_heads * head_dim, config.hidden_size, bias=opts.o_bias, reduce_results=False
-        )
+        o_size = config.num_attention_heads * head_dim
+        self.o_proj = RowParallelLinear(o_size, config.hidden_size, bias=opts.o_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # per rank
         self.head_dim = head_dim
         self.rotary_emb = get_rope(head_dim, max_position, rope_parameters_from_config(config))
@@ -84,15 +88,26 @@ class DecoderAttention(nn.Module):
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps)
         self.qk_norm = opts.qk_norm
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        # hidden: [num_tokens, hidden_size]
-        qkv = self.qkv_proj(hidden)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
-        return self.o_proj(self.attend(positions, qkv, meta))
+    def forward(
+        self, positions: torch.Tensor, stream: torch.Tensor, eps: float, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """stream + attention(rmsnorm(stream)); stream: [num_tokens, hidden_size]. The norm is folded into
+        qkv_proj, so qkv_proj reads the stream itself and the kernel after it applies each row's scale."""
+        qkv = linear(stream, self.qkv_proj.weight)  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+        out = self.attend(positions, qkv, meta, input_norm=(stream, eps, self.qkv_proj.bias))
+        return self.o_proj.forward_add(out, stream)
 
-    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Attention from the qkv projection: [num_tokens, num_heads * head_dim], o_proj's input."""
+    def attend(
+        self,
+        positions: torch.Tensor,
+        qkv: torch.Tensor,
+        meta: AttentionMetadata,
+        input_norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None,
+    ) -> torch.Tensor:
+        """Attention from the qkv projection: [num_tokens, num_heads * head_dim], o_proj's input.
+        input_norm: see Attention.forward."""
         qk_norm = (self.q_norm, self.k_norm) if self.qk_norm else None
-        out = self.attn(qkv, positions, meta, self.rotary_emb, qk_norm)  # [num_tokens, num_heads, head_dim]
+        out = self.attn(qkv, positions, meta, self.rotary_emb, qk_norm, input_norm)  # [T, heads, head_dim]
         return out.flatten(1)
 
 
@@ -101,10 +116,12 @@ class DecoderMLP(nn.Module):
         super().__init__()
         size = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size, size], bias=opts.mlp_bias)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=opts.mlp_bias, reduce_results=False)
+        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=opts.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj.forward_silu_mul(x))  # SiLU(gate) * up in between
+    def forward(self, stream: torch.Tensor, eps: float) -> torch.Tensor:
+        """stream + mlp(rmsnorm(stream)), the norm folded into gate_up_proj; SiLU(gate) * up in between."""
+        act = self.gate_up_proj.forward_silu_mul(stream, rms_norm_eps=eps)  # [num_tokens, intermediate / tp]
+        return self.down_proj.forward_add(act, stream)
 
 
 class DecoderLayer(nn.Module):
@@ -112,10 +129,12 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DecoderAttention(config, opts, max_position)
         self.mlp = DecoderMLP(config, opts)
-        self.input_layernorm = AddRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = AddRMSNorm(config.hidden_size, config.rms_norm_eps)
-        # Small decode batches fold the norms and SiLU into the matmuls (kernels/gemv.py). Not under TP:
-        # there the norm's input is a partial sum that the all-reduce kernel completes first.
+        # Their weights move into qkv_proj / gate_up_proj once loaded (fold_norm_weights); they stay as
+        # modules so that checkpoints load by name, and hold ones after the fold.
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # Small decode batches run the adds, norms and SiLU inside the matmuls (kernels/gemv.py). Not under
+        # TP: there o_proj and down_proj all-reduce their partial sums first.
         o_proj_k = config.num_attention_heads * head_dim_of(config)
         max_k = max(config.hidden_size, config.intermediate_size, o_proj_k)
         self.gemv_decode = get_tp_size() == 1 and max_k <= GEMV_MAX_K
@@ -127,14 +146,27 @@ class DecoderLayer(nn.Module):
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # The residual add is fused into the next norm: norm(hidden + residual) and the new residual.
-        # Under TP, hidden arrives as each rank's partial sum, and the norm all-reduces it first.
+        # The residual stream is hidden + residual (residual None: hidden alone). This path keeps it whole in
+        # `hidden` and returns residual None; the GEMV path adds the two inside its matmuls instead. The
+        # stream is updated in place: the tensor passed as hidden is overwritten.
         if self.gemv_decode and meta.is_decode and hidden.shape[0] <= GEMV_MAX_ROWS and use_triton(hidden):
             return self._forward_gemv(positions, hidden, residual, meta)
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        stream = hidden if residual is None else hidden + residual  # [num_tokens, hidden_size]
+        stream = self.self_attn(positions, stream, self.input_layernorm.eps, meta)
+        return self.mlp(stream, self.post_attention_layernorm.eps), None
+
+    @torch.no_grad()
+    def fold_norm_weights(self) -> None:
+        """Move the two RMSNorm weights into the columns of the matmul after each, W[:, i] *= w[i] (rounded
+        once from fp32), and set the norms' weights to one: rmsnorm(x) @ W.T is then the norm without its
+        weight, then the folded matmul. Once, after the weights are loaded
+        (DecoderForCausalLM.finish_loading); forward relies on it."""
+        for norm, proj in (
+            (self.input_layernorm, self.self_attn.qkv_proj),
+            (self.post_attention_layernorm, self.mlp.gate_up_proj),
+        ):
+            proj.weight.copy_(proj.weight.float() * norm.weight.float())
+            norm.weight.fill_(1)
 
     def _forward_gemv(
         self,
@@ -145,6 +177,7 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # Same ops as forward in six or seven kernels: qkv (add + norm inside), q/k-norm + rope + KV store,
         # attention (split, and reduce when split), o_proj, gate_up (add + norm, SiLU-and-mul inside), down.
+        # The norms' weights are ones here (folded into the matmuls): the kernels only scale by the rstd.
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         qkv_proj, gate_up_proj = attn.qkv_proj, mlp.gate_up_proj
@@ -161,21 +194,23 @@ class DecoderLayer(nn.Module):
 class DecoderModel(nn.Module):
     def __init__(self, config: PretrainedConfig, opts: DecoderOptions, max_position: int):
         super().__init__()
-        self.embed_tokens = VocabParallelEmbedding(
-            config.vocab_size, config.hidden_size, reduce_results=False
-        )
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             [DecoderLayer(config, opts, max_position) for _ in range(config.num_hidden_layers)]
         )
-        self.norm = AddRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size] (TP: partial)
+        hidden, residual = self.embed_tokens(input_ids), None  # [num_tokens, hidden_size]
         for layer in self.layers:
             hidden, residual = layer(positions, hidden, residual, meta)
-        return self.norm(hidden, residual)[0]
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
+
+    def fold_norm_weights(self) -> None:
+        for layer in self.layers:
+            layer.fold_norm_weights()
 
 
 class DecoderForCausalLM(nn.Module):
@@ -212,6 +247,10 @@ class DecoderForCausalLM(nn.Module):
         self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         return self.model(input_ids, positions, meta)  # [num_tokens, hidden_size]
+
+    def finish_loading(self) -> None:
+        """After load_weights: the norms into the matmuls (DecoderModel.fold_norm_weights)."""
+        self.model.fold_norm_weights()
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         return self.lm_head(hidden, out)  # [num_seqs, vocab_size] (None on ranks other than 0)

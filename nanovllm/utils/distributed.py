@@ -21,7 +21,6 @@ import torch
 import torch.distributed as dist
 
 from nanovllm.kernels.backend import HAS_TRITON, use_triton
-from nanovllm.kernels.rmsnorm import rms_norm
 from nanovllm.utils.peer_all_reduce import PeerAllReduce, connect_peers, fits_shape
 
 RENDEZVOUS_HOST = "127.0.0.1"  # the launcher starts every rank on this host (multi-node: out of scope)
@@ -52,16 +51,6 @@ class TensorParallelGroup:
             return self.peer_all_reduce(x)
         self.backend.allreduce([x]).wait()
         return x
-
-    def all_reduce_rms_norm(
-        self, x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(rms_norm(s) * weight, s) with s = (x summed over the ranks) + residual: the norm after a
-        row-parallel layer, in one kernel where the peer all-reduce takes x. Writes x."""
-        if self.size > 1 and self._takes_peer(x):
-            return self.peer_all_reduce(x, norm=(weight, eps, residual))
-        x = self.all_reduce(x)
-        return (rms_norm(x, weight, eps), x) if residual is None else rms_norm(x, weight, eps, residual)
 
     def graph_may_capture(self, rows: int, hidden: int, dtype: torch.dtype, triton: bool) -> bool:
         """Whether a CUDA graph may capture a step whose all-reduces are [rows, hidden] of dtype, run with the

@@ -75,11 +75,8 @@ class PeerAllReduce:
         contiguous_cuda = x.is_cuda and x.is_contiguous() and x.dim() >= 1
         return contiguous_cuda and fits_shape(x.numel(), x.shape[-1], x.dtype)
 
-    def __call__(
-        self, x: torch.Tensor, norm: tuple[torch.Tensor, float, torch.Tensor | None] | None = None
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Sum x over the ranks, in place; returns x. With norm = (weight, eps, residual): the add+norm
-        that follows, fused (see `peer_all_reduce_triton`)."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over the ranks, in place; returns x."""
         if not self.fits(x):
             raise ValueError(
                 f"{tuple(x.shape)} {x.dtype} does not fit the peer all-reduce (see PeerAllReduce.fits)"
@@ -91,7 +88,6 @@ class PeerAllReduce:
             self.abort_flag,
             self.rank,
             MAX_SLOT_BYTES // x.element_size(),
-            norm,
             self.num_programs,
             buffers_aligned=self.buffers_aligned,
         )

@@ -86,11 +86,11 @@ def test_cuda_oom_inside_a_step_fails_the_step_and_the_engine_recovers(llm, prom
         else:
             forward = layer.forward
 
-            def allocate_too_much(x):
+            def allocate_too_much(*args):
                 del layer.forward  # once
                 total = torch.cuda.get_device_properties(0).total_memory
                 torch.empty(2 * total, dtype=torch.uint8, device="cuda")  # raises OutOfMemoryError
-                return forward(x)
+                return forward(*args)
 
             layer.forward = allocate_too_much
         with pytest.raises(torch.cuda.OutOfMemoryError):

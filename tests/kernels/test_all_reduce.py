@@ -13,7 +13,6 @@ from nanovllm.kernels.all_reduce import (
     NUM_PROGRAMS,
     NUM_SLOTS,
     all_reduce_reference,
-    all_reduce_rms_norm_reference,
     peer_all_reduce_triton,
 )
 from tests.sm90 import compile_sm90
@@ -59,10 +58,10 @@ class Buffers:
         part = self.bits(self.rank, rows.dtype)[epoch % NUM_SLOTS, self.peer]
         part[: rows.numel()] = rows.flatten().view(part.dtype)
 
-    def reduce(self, x: torch.Tensor, norm=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
         slot_numel = self.slot_bytes // x.element_size()
         return peer_all_reduce_triton(
-            x, self.buffer_ptrs, self.epochs, self.abort, self.rank, slot_numel, norm, buffers_aligned=True
+            x, self.buffer_ptrs, self.epochs, self.abort, self.rank, slot_numel, buffers_aligned=True
         )  # (torch's allocations are aligned, as the engine's are)
 
     def check_after(self, mine: torch.Tensor, epoch: int) -> None:
@@ -138,37 +137,12 @@ def test_values_with_the_empty_bits_travel_as_values_that_add_the_same(dtype):
     torch.testing.assert_close(results[0], all_reduce_reference([a, b]), rtol=0, atol=1e-40)
 
 
-@pytest.mark.parametrize("rank", [0, 1])
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_fused_add_rms_norm(with_residual, rank):
-    rows, hidden, eps = 3, 48, 1e-6
-    bufs = Buffers(slot_bytes=rows * hidden * 2, rank=rank)
-    gen = torch.Generator().manual_seed(7)
-    mine, peer, residual = (
-        torch.randn(rows, hidden, generator=gen).to(DEVICE, torch.float16) for _ in range(3)
-    )
-    weight = torch.randn(hidden, generator=gen).to(DEVICE, torch.float16)
-    residual = residual if with_residual else None
-    bufs.publish_peer(peer, 1)
-    want = all_reduce_rms_norm_reference([mine, peer] if rank == 0 else [peer, mine], weight, eps, residual)
-    x = mine.clone()
-    out, new_residual = bufs.reduce(x, norm=(weight, eps, residual))
-    assert new_residual is x  # written in place
-    torch.testing.assert_close(out, want[0], rtol=0, atol=0)
-    torch.testing.assert_close(new_residual, want[1], rtol=0, atol=0)
-
-
 def test_launcher_rejects_what_does_not_fit():
     bufs = Buffers(slot_bytes=64 * 2)
-    x = torch.zeros(4, 16, dtype=torch.float16, device=DEVICE)
     with pytest.raises(ValueError, match="numel"):
         bufs.reduce(torch.zeros(5, 16, dtype=torch.float16, device=DEVICE))  # 80 > 64 elements
     with pytest.raises(ValueError, match="contiguous"):
         bufs.reduce(torch.zeros(16, 4, dtype=torch.float16, device=DEVICE).t())
-    with pytest.raises(ValueError, match="weight"):
-        bufs.reduce(x, norm=(torch.ones(8, dtype=torch.float16, device=DEVICE), 1e-6, None))
-    with pytest.raises(ValueError, match="residual"):
-        bufs.reduce(x, norm=(torch.ones(16, dtype=torch.float16, device=DEVICE), 1e-6, x.float()))
     with pytest.raises(ValueError, match="numel"):
         bufs.reduce(
             torch.zeros(0, 16, dtype=torch.float16, device=DEVICE)
@@ -197,8 +171,6 @@ def _compiled(
         BLOCK_H=block_h or all_reduce.row_block(hidden),
         NUM_PROGRAMS=NUM_PROGRAMS,
         ABORT_POLL_SPINS=1024,
-        NORM=False,
-        HAS_RESIDUAL=False,
         INT_DTYPE="tl.int32" if wide else "tl.int16",
         EMPTY=EMPTY_32 if wide else EMPTY_16,
         EMPTY_SENT_AS=NEG_ZERO_32 if wide else 0,
@@ -206,8 +178,7 @@ def _compiled(
         ALIGNED=aligned,
     )
     pointer = "*fp32" if wide else "*bf16"
-    types = dict(x_ptr=pointer, residual_ptr=pointer, weight_ptr=pointer, out_ptr=pointer, buffer_ptrs="*i64",
-                 epoch_ptr="*i64", abort_ptr="*i32", eps="fp32")  # fmt: skip
+    types = dict(x_ptr=pointer, buffer_ptrs="*i64", epoch_ptr="*i64", abort_ptr="*i32")
     divisible = [n for n, t in types.items() if t.startswith("*")] + ["slot_numel"]
     divisible += ["hidden"] * (hidden % 16 == 0)  # as a launch specializes it
     kernel = all_reduce._peer_all_reduce_kernel

@@ -1,5 +1,6 @@
-"""The decode-sized tensor-core linear with its SiLU-and-mul epilogue against the unfused torch ops (the
-interpreter on CPU in fp32/fp16 with small explicit tiles, the compiled kernel under `gpu` in bf16 too)."""
+"""The decode-sized tensor-core linear with its folded-RMSNorm scale, SiLU-and-mul and residual epilogues
+against the unfused torch ops (the interpreter on CPU in fp32/fp16 with small explicit tiles, the compiled
+kernel under `gpu` in bf16 too)."""
 
 import os
 import subprocess
@@ -31,6 +32,8 @@ def check_decode_linear(
     *,
     bias: bool = False,
     silu_mul: bool = False,
+    norm: bool = False,
+    residual: bool = False,
     config: tuple | None = None,
     x_row_stride: int | None = None,
 ) -> None:
@@ -41,12 +44,17 @@ def check_decode_linear(
         assert x.stride() == (x_row_stride, 1)
     weight = randn(n, k, dtype=dtype, device=device, seed=2, scale=k**-0.5)
     b = randn(n, dtype=dtype, device=device, seed=3) if bias else None
-    inputs = [t for t in (x, weight, b) if t is not None]
+    n_out = n // 2 if silu_mul else n
+    res = randn(rows, n_out, dtype=dtype, device=device, seed=4) if residual else None
+    eps = 1e-6 if norm else None
+    if norm:  # the un-normalized residual stream: rows of very different scales
+        x = x * torch.linspace(0.05, 30.0, rows, device=device, dtype=torch.float32)[:, None].to(dtype)
+    inputs = [t for t in (x, weight, b, res) if t is not None]
     before = [t.clone() for t in inputs]
-    out = decode_linear(x, weight, b, silu_mul=silu_mul, config=config)
-    expected = decode_linear_ref(x, weight, b, silu_mul=silu_mul)
+    out = decode_linear(x, weight, b, silu_mul=silu_mul, rms_norm_eps=eps, residual=res, config=config)
+    expected = decode_linear_ref(x, weight, b, silu_mul=silu_mul, rms_norm_eps=eps, residual=res)
     assert all(torch.equal(t, saved) for t, saved in zip(inputs, before))  # inputs are never written
-    assert out.shape == (rows, n // 2 if silu_mul else n) and out.dtype == dtype and out.is_contiguous()
+    assert out.shape == (rows, n_out) and out.dtype == dtype and out.is_contiguous()
     torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
 
 
@@ -74,6 +82,19 @@ def test_shapes(rows, n, k, config, dtype, bias, silu_mul):
 def test_bias_and_silu_epilogue(bias, silu_mul, dtype):
     # n_out = 40 or 20: the up half starts inside a BLOCK_N tile of the gate half
     check_decode_linear(17, 80, 80, dtype, "cpu", bias=bias, silu_mul=silu_mul, config=(16, 16, 32, 4, 2))
+
+
+@pytest.mark.parametrize("bias,silu_mul,norm,residual", [
+    (False, False, True, False), (True, True, True, False), (True, False, True, False),
+    (False, False, False, True), (True, False, False, True),
+])  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_norm_and_residual_epilogues(bias, silu_mul, norm, residual, dtype):
+    # the norm's sum of squares runs over three K chunks, the last one partial (k = 80, BLOCK_K = 32)
+    check_decode_linear(
+        17, 80, 80, dtype, "cpu", bias=bias, silu_mul=silu_mul, norm=norm, residual=residual,
+        config=(16, 16, 32, 4, 2),
+    )  # fmt: skip
 
 
 def test_silu_epilogue_rounds_where_silu_and_mul_does():
@@ -184,6 +205,9 @@ def test_gpu_model_shapes(dtype, rows):
     check_decode_linear(rows, 1024, 2048, dtype, "cuda")
     check_decode_linear(rows, 6144, 1024, dtype, "cuda", silu_mul=True)
     check_decode_linear(rows, 1024, 3072, dtype, "cuda", bias=True)
+    # as the decoder calls them: gate_up with the folded norm, o_proj and down_proj with the residual add
+    check_decode_linear(rows, 6144, 1024, dtype, "cuda", silu_mul=True, norm=True)
+    check_decode_linear(rows, 1024, 2048, dtype, "cuda", residual=True)
 
 
 @gpu

@@ -34,9 +34,14 @@ def make_case(
     device: str = "cpu",
     seed: int = 0,
     token_stride_pad: int = 0,
+    input_norm: bool = False,
+    qkv_bias: bool = False,
 ) -> dict:
     """Arguments of qk_norm_rope_store: qkv as the projection makes it, random positions, distinct random
-    slots with every third token padding (-1), and a NaN-filled cache (untouched slots must stay NaN)."""
+    slots with every third token padding (-1), and a NaN-filled cache (untouched slots must stay NaN).
+    input_norm: also the layer input whose folded RMSNorm the kernel finishes (hidden 1,100: two chunks of
+    the kernel's sum, the last partial), rows of very different scales, which qkv's rows carry too (as the
+    matmul of that input makes them); qkv_bias: and the bias."""
     gen = torch.Generator().manual_seed(seed)
     width = (num_heads + 2 * num_kv_heads) * head_dim
     # token_stride_pad > 0: qkv is a column slice of a wider tensor (strided tokens).
@@ -48,8 +53,14 @@ def make_case(
     slots[::3] = -1
     cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
     weights = {}
+    if input_norm:
+        scales = torch.linspace(0.05, 30.0, num_tokens)[:, None]
+        weights["norm_src"] = (torch.randn(num_tokens, 1100, generator=gen) * scales).to(dtype).to(device)
+        qkv = (qkv.float() * scales).to(dtype)
+        if qkv_bias:
+            weights["qkv_bias"] = torch.randn(width, generator=gen).to(dtype).to(device)
     if qk_norm:
-        weights = {
+        weights |= {
             "q_norm_weight": (1 + 0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(device),
             "k_norm_weight": (1 + 0.1 * torch.randn(head_dim, generator=gen)).to(dtype).to(device),
             "eps": 1e-6,
@@ -75,9 +86,11 @@ def check_fused_matches_ref(case: dict) -> None:
     assert q.shape == q_expected.shape and q.is_contiguous() and q.dtype == q_expected.dtype
     tol = TOLERANCE[case["qkv"].dtype]
     torch.testing.assert_close(q, q_expected, **tol)
-    # The whole cache: K close, V copied exactly, and NaN (never written) in the same places.
+    # The whole cache: K close, V copied exactly (close when scaled by the input norm), and NaN (never
+    # written) in the same places.
     torch.testing.assert_close(case["k_cache"], ref["k_cache"], equal_nan=True, **tol)
-    torch.testing.assert_close(case["v_cache"], ref["v_cache"], rtol=0, atol=0, equal_nan=True)
+    v_tol = tol if "norm_src" in case else {"rtol": 0, "atol": 0}
+    torch.testing.assert_close(case["v_cache"], ref["v_cache"], equal_nan=True, **v_tol)
 
 
 # ---------------------------------------------------------------- CPU: Triton interpreter vs reference
@@ -96,6 +109,25 @@ def test_fused_matches_ref(num_heads, num_kv_heads, head_dim, qk_norm, block_siz
 def test_fused_partial_rotary(head_dim, rotary_dim, qk_norm):
     case = make_case(9, 4, 2, head_dim, 16, torch.float32, qk_norm, rotary_dim=rotary_dim, seed=1)
     check_fused_matches_ref(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("qkv_bias", [False, True], ids=["no_bias", "bias"])
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "no_norm"])
+def test_fused_finishes_the_folded_input_norm(qk_norm, qkv_bias, dtype):
+    case = make_case(13, 4, 2, 64, 16, dtype, qk_norm, seed=6, input_norm=True, qkv_bias=qkv_bias)
+    check_fused_matches_ref(case)
+
+
+def test_ref_finishes_the_folded_input_norm_first():
+    from nanovllm.kernels.rmsnorm import rms_scale_torch
+
+    case = make_case(7, 4, 2, 64, 16, torch.float32, True, seed=7, input_norm=True, qkv_bias=True)
+    plain = {k: v for k, v in case.items() if k not in ("norm_src", "qkv_bias")}
+    plain["qkv"] = rms_scale_torch(case["qkv"], case["norm_src"], 1e-6, case["qkv_bias"])
+    plain["k_cache"], plain["v_cache"] = case["k_cache"].clone(), case["v_cache"].clone()
+    assert torch.equal(qk_norm_rope_store_ref(**case), qk_norm_rope_store_ref(**plain))
+    assert torch.equal(case["v_cache"].nan_to_num(), plain["v_cache"].nan_to_num())
 
 
 @pytest.mark.parametrize("num_tokens", [0, 1, 2])
@@ -151,6 +183,10 @@ def test_ref_is_the_unfused_ops():
         (dict(q_norm_weight=torch.ones(64)), "given together"),
         (dict(q_norm_weight=torch.ones(32), k_norm_weight=torch.ones(64)), "q_norm_weight must be"),
         (dict(v_cache=torch.zeros(2, 8, 2, 32)), "k_cache and v_cache"),
+        (dict(norm_src=torch.randn(3, 64)), "norm_src must be"),
+        (dict(norm_src=torch.randn(64, 4).t()), "norm_src must be"),
+        (dict(qkv_bias=torch.randn(512)), "qkv_bias is taken only"),
+        (dict(norm_src=torch.randn(4, 64), qkv_bias=torch.randn(500)), "qkv_bias is taken only"),
     ],
 )
 def test_rejects_bad_arguments(change, match):
@@ -216,6 +252,16 @@ def test_fused_matches_ref_gpu(num_tokens, num_heads, num_kv_heads, head_dim, bl
 def test_fused_partial_rotary_and_fp16_gpu():
     check_fused_matches_ref(make_case(300, 32, 4, 128, 32, torch.float16, True, rotary_dim=64, device="cuda"))
     check_fused_matches_ref(make_case(300, 16, 8, 128, 16, torch.float32, True, device="cuda"))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("qk_norm", [True, False], ids=["qk_norm", "no_norm"])
+@pytest.mark.parametrize("num_tokens", [1, 256, 16384])
+def test_fused_finishes_the_folded_input_norm_gpu(num_tokens, qk_norm):
+    case = make_case(num_tokens, 16, 8, 128, 16, torch.bfloat16, qk_norm, device="cuda", input_norm=True,
+                     qkv_bias=not qk_norm)  # fmt: skip
+    check_fused_matches_ref(case)
 
 
 @pytest.mark.gpu

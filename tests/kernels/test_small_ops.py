@@ -47,11 +47,24 @@ def check_rms_norm(
     torch.testing.assert_close(out, expected, **TOLERANCE[dtype])
 
 
-def check_silu_and_mul(num_rows: int, intermediate_size: int, dtype: torch.dtype, device: str) -> None:
+def check_silu_and_mul(
+    num_rows: int,
+    intermediate_size: int,
+    dtype: torch.dtype,
+    device: str,
+    norm: bool = False,
+    bias: bool = False,
+) -> None:
     x = randn(num_rows, 2 * intermediate_size, dtype=dtype, device=device)
-    out = silu_and_mul_triton(x)
+    args = {}
+    if norm:  # the un-normalized stream the gate_up matmul read (hidden 700), rows of very different scales
+        scales = torch.linspace(0.05, 30.0, num_rows, device=device)[:, None]
+        src = randn(num_rows, 700, dtype=torch.float32, device=device, seed=4) * scales
+        args = dict(norm_src=src.to(dtype))
+        args["bias"] = randn(2 * intermediate_size, dtype=dtype, device=device, seed=5) if bias else None
+    out = silu_and_mul_triton(x, **args)
     assert out.shape == (num_rows, intermediate_size)
-    torch.testing.assert_close(out, silu_and_mul_torch(x), **TOLERANCE[dtype])
+    torch.testing.assert_close(out, silu_and_mul_torch(x, **args), **TOLERANCE[dtype])
 
 
 def check_rope(
@@ -106,6 +119,24 @@ def test_rms_norm_kernel_per_head_and_strided() -> None:
 @pytest.mark.parametrize(("num_rows", "intermediate_size"), [(1, 96), (7, 1000), (33, 128)])
 def test_silu_and_mul_kernel(num_rows: int, intermediate_size: int, dtype: torch.dtype) -> None:
     check_silu_and_mul(num_rows, intermediate_size, dtype, "cpu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(("num_rows", "intermediate_size"), [(1, 96), (7, 1500)])
+def test_silu_and_mul_kernel_finishes_the_folded_norm(num_rows, intermediate_size, bias, dtype) -> None:
+    check_silu_and_mul(num_rows, intermediate_size, dtype, "cpu", norm=True, bias=bias)
+
+
+def test_silu_and_mul_rejects_bad_norm_arguments() -> None:
+    x = torch.randn(3, 8)
+    for op in (silu_and_mul, silu_and_mul_triton):
+        with pytest.raises(ValueError, match="norm_src must be"):
+            op(x, norm_src=torch.randn(2, 5))
+        with pytest.raises(ValueError, match="bias must have shape"):
+            op(x, norm_src=torch.randn(3, 5), bias=torch.randn(4))
+        with pytest.raises(ValueError, match="bias is only taken with norm_src"):
+            op(x, bias=torch.randn(8))
 
 
 def test_silu_and_mul_kernel_leading_dims() -> None:
@@ -177,6 +208,7 @@ def test_rms_norm_kernel_gpu(num_rows: int, hidden_size: int, with_residual: boo
 @pytest.mark.parametrize("num_rows", [1, 257])
 def test_silu_and_mul_kernel_gpu(num_rows: int, intermediate_size: int) -> None:
     check_silu_and_mul(num_rows, intermediate_size, torch.bfloat16, "cuda")
+    check_silu_and_mul(num_rows, intermediate_size, torch.bfloat16, "cuda", norm=True, bias=True)
 
 
 @pytest.mark.gpu

@@ -17,9 +17,7 @@ from safetensors import safe_open
 from transformers import AutoConfig
 
 import nanovllm.layers.linear as linear_layers
-from nanovllm.kernels.rmsnorm import rms_norm_torch
 from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
-from nanovllm.layers.layernorm import AddRMSNorm
 from nanovllm.layers.linear import (
     ColumnParallelLinear,
     MergedColumnParallelLinear,
@@ -36,7 +34,6 @@ class ThreadGroup:
     """One rank of a group whose ranks are threads of this process; collectives meet at a barrier."""
 
     peer_all_reduce = None
-    all_reduce_rms_norm = TensorParallelGroup.all_reduce_rms_norm  # over this class's all_reduce
     _takes_peer = TensorParallelGroup._takes_peer
 
     def __init__(self, rank: int, size: int, shared: dict):
@@ -211,43 +208,28 @@ def test_row_parallel_splits_input_columns_and_adds_bias_once(size):
 
 
 @pytest.mark.parametrize("size", SIZES)
-def test_row_parallel_partial_sums_add_up_with_the_bias_once(size):
-    w, b, x = torch.randn(8, 16), torch.randn(8), torch.randn(5, 16)
-    layers = build_ranks(size, lambda: RowParallelLinear(16, 8, bias=True, reduce_results=False))
+def test_row_parallel_add_counts_the_residual_and_the_bias_once(size):
+    # forward_add, the decoder's residual add inside o_proj / down_proj: rank 0's partial sum carries both
+    w, b, x, residual = torch.randn(8, 16), torch.randn(8), torch.randn(5, 16), torch.randn(5, 8)
+    layers = build_ranks(size, lambda: RowParallelLinear(16, 8, bias=True))
     load(layers, "weight", w)
     load(layers, "bias", b)
     shard = 16 // size
-    parts = run_ranks([_InputSlice(layer, r, shard) for r, layer in enumerate(layers)], x)
-    torch.testing.assert_close(torch.stack(parts).sum(0), F.linear(x, w, b))
+    outs = run_ranks([_AddSlice(layer, r, shard) for r, layer in enumerate(layers)], x, residual)
+    for out in outs:
+        torch.testing.assert_close(out, residual + F.linear(x, w, b))
 
 
-@pytest.mark.parametrize("size", SIZES)
-@pytest.mark.parametrize("with_residual", [False, True])
-def test_add_rms_norm_reduces_partial_sums_first(size, with_residual):
-    eps, w = 1e-6, torch.randn(8)
-    parts, residual = [torch.randn(5, 8) for _ in range(size)], torch.randn(5, 8)
-    layers = build_ranks(size, lambda: AddRMSNorm(8, eps))
-    for layer in layers:
-        layer.weight.data.copy_(w)
-    total = torch.stack(parts).sum(0)
-    want = (
-        rms_norm_torch(total, w, eps, residual) if with_residual else (rms_norm_torch(total, w, eps), total)
-    )
-    results = run_ranks([_PerRank(layer, parts) for layer in layers], residual if with_residual else None)
-    for out, new_residual in results:
-        torch.testing.assert_close(out, want[0])
-        torch.testing.assert_close(new_residual, want[1])
+class _AddSlice(torch.nn.Module):
+    """Rank r's forward_add of its slice of x onto its own copy of the residual (which it may write)."""
 
-
-class _PerRank(torch.nn.Module):
-    """Rank r's forward gets inputs[r] (a clone: the layer may write it) and the shared arguments."""
-
-    def __init__(self, layer: torch.nn.Module, inputs: list[torch.Tensor]):
+    def __init__(self, layer: RowParallelLinear, rank: int, shard: int):
         super().__init__()
-        self.layer, self.inputs = layer, inputs
+        self.layer, self.rank, self.shard = layer, rank, shard
 
-    def forward(self, *args):
-        return self.layer(self.inputs[self.layer.tp_group.rank].clone(), *args)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        x = x[:, self.rank * self.shard : (self.rank + 1) * self.shard]
+        return self.layer.forward_add(x, residual.clone())
 
 
 class _InputSlice(torch.nn.Module):
@@ -273,9 +255,6 @@ def test_vocab_parallel_embedding_pads_uneven_vocab(vocab, size):
     ids = torch.tensor(sorted({0, 1, shard - 1, min(shard, vocab - 1), vocab // 2, vocab - 2, vocab - 1}))
     for out in run_ranks(layers, ids):
         torch.testing.assert_close(out, F.embedding(ids, w))
-    partial = build_ranks(size, lambda: VocabParallelEmbedding(vocab, 8, reduce_results=False))
-    load(partial, "weight", w)
-    torch.testing.assert_close(torch.stack(run_ranks(partial, ids)).sum(0), F.embedding(ids, w))
 
 
 @pytest.mark.parametrize("vocab,size", [(1001, 1), (1001, 2), (1001, 4), (5, 4)])
