@@ -6,7 +6,8 @@ kernels with q/k norm, two without, of 2-3.5 us each at batch 256 on an H100 and
 inside a CUDA graph.
 This kernel does all of it per token, reading q/k/v straight from the projection output:
 
-    qkv = qkv * rsqrt(mean(norm_src**2) + eps) + bias (optional, norm_src: the layer's input RMSNorm, folded
+    qkv = qkv * rsqrt(mean(norm_src**2) + norm_src_eps) + bias
+                                                      (optional, norm_src: the layer's input RMSNorm, folded
                                                        into qkv_proj, finished here; docs/model.md)
     q, k, v = qkv.split(...)                          (views, per rank: num_heads, num_kv_heads)
     q, k = rms_norm(q, q_norm_weight), rms_norm(k, k_norm_weight)      (optional, each head on its own)
@@ -40,13 +41,14 @@ def qk_norm_rope_store_ref(
     k_norm_weight: torch.Tensor | None = None,  # [head_dim]
     eps: float = 1e-6,
     norm_src: torch.Tensor | None = None,  # [num_tokens, hidden]
+    norm_src_eps: float = 1e-6,
     qkv_bias: torch.Tensor | None = None,  # [(num_heads + 2 * num_kv_heads) * head_dim] (with norm_src)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
     """Plain-PyTorch `qk_norm_rope_store`: the unfused reference ops one after the other; the CPU path."""
     _check_args(qkv, positions, cos_sin_cache, k_cache, v_cache, slot_mapping, num_heads, q_norm_weight,
                 k_norm_weight, norm_src, qkv_bias)  # fmt: skip
     if norm_src is not None:
-        qkv = rms_scale_torch(qkv, norm_src, eps, qkv_bias)
+        qkv = rms_scale_torch(qkv, norm_src, norm_src_eps, qkv_bias)
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -155,6 +157,7 @@ def _qk_norm_rope_store_kernel(
     src_ptr,  # [num_tokens, src_size] (ROW_NORM)
     src_token_stride,
     src_size,
+    src_eps,
     bias_ptr,  # [(NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM] (HAS_BIAS)
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
@@ -191,7 +194,7 @@ def _qk_norm_rope_store_kernel(
     v_src = k_src + NUM_KV_HEADS * HEAD_DIM
     row_scale = 1.0
     if ROW_NORM:
-        row_scale = row_rstd(src_ptr + token * src_token_stride, src_size, eps, SRC_BLOCK)
+        row_scale = row_rstd(src_ptr + token * src_token_stride, src_size, src_eps, SRC_BLOCK)
     k_bias_ptr = bias_ptr + NUM_HEADS * HEAD_DIM
     v_bias_ptr = k_bias_ptr + NUM_KV_HEADS * HEAD_DIM
     _norm_rope_heads(
@@ -232,13 +235,14 @@ def qk_norm_rope_store(
     k_norm_weight: torch.Tensor | None = None,  # [head_dim]
     eps: float = 1e-6,
     norm_src: torch.Tensor | None = None,  # [num_tokens, hidden]
+    norm_src_eps: float = 1e-6,
     qkv_bias: torch.Tensor | None = None,  # [(num_heads + 2 * num_kv_heads) * head_dim] (with norm_src)
 ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
-    """With norm_src: first each token's qkv row times rsqrt(mean(norm_src row**2) + eps), plus qkv_bias, as
-    rms_scale_torch (qkv_proj read the un-normalized layer input, the input norm's weight folded into it).
-    Per-head RMSNorm of q and k (with both weights given; eps for all norms), rope on the first rotary_dim =
-    cos_sin_cache.shape[-1] dims of each head, then k and v into the cache at slot_mapping (in place;
-    negative slots skipped). Returns the new q, contiguous; qkv is not written.
+    """With norm_src: first each token's qkv row times rsqrt(mean(norm_src row**2) + norm_src_eps), plus
+    qkv_bias, as rms_scale_torch (qkv_proj read the un-normalized layer input, the input norm's weight folded
+    into it). Per-head RMSNorm of q and k (with both weights given; eps for both), rope on the first
+    rotary_dim = cos_sin_cache.shape[-1] dims of each head, then k and v into the cache at slot_mapping (in
+    place; negative slots skipped). Returns the new q, contiguous; qkv is not written.
 
     num_heads and the cache's num_kv_heads are this rank's heads. Each position must be < max_position
     (not checked: that would sync with the GPU). The grid depends on num_tokens only (CUDA graphs)."""
@@ -265,6 +269,7 @@ def qk_norm_rope_store(
         norm_src if norm_src is not None else qkv,
         norm_src.stride(0) if norm_src is not None else 0,
         norm_src.shape[1] if norm_src is not None else 1,
+        norm_src_eps,
         qkv_bias.contiguous() if qkv_bias is not None else qkv,
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,

@@ -145,7 +145,7 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm over the last dim of `x` (any leading shape). With `residual`, returns
-    `(rms_norm(x + residual), x + residual)`: the add+norm between decoder layers. Never writes its inputs.
+    `(rms_norm(x + residual), x + residual)`: the fused add+norm. Never writes its inputs.
     On Hopper the kernel is launched with PDL and reads `weight` before the kernel before it has finished:
     `weight` must be a parameter that no kernel writes."""
     if use_triton(x):

@@ -69,7 +69,7 @@ class Attention(nn.Module):
         norm_args = {}
         if input_norm is not None:
             norm_src, eps, qkv_bias = input_norm
-            norm_args = dict(norm_src=norm_src, eps=eps, qkv_bias=qkv_bias)
+            norm_args = dict(norm_src=norm_src, norm_src_eps=eps, qkv_bias=qkv_bias)
         if qk_norm is not None:
             q_norm, k_norm = qk_norm
             norm_args.update(q_norm_weight=q_norm.weight, k_norm_weight=k_norm.weight, eps=q_norm.eps)

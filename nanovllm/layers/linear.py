@@ -27,7 +27,8 @@ def linear(
 ) -> torch.Tensor:
     """F.linear (+ residual: the decoder's residual add inside the matmul, cuBLAS's beta = 1, which may write
     the sum into residual itself); decode-sized batches on the GPU run kernels/decode_linear.py instead, whose
-    weight reads start under the kernels before it."""
+    weight reads start under the kernels before it. The two round the add differently (one rounding of
+    residual + x @ W.T here, then the bias; decode_linear rounds x @ W.T + b, then adds): within an ulp."""
     if takes_decode_linear(x, weight):
         return decode_linear(x, weight, bias, residual=residual)
     if residual is None:

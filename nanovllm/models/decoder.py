@@ -133,6 +133,7 @@ class DecoderLayer(nn.Module):
         # modules so that checkpoints load by name, and hold ones after the fold.
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norms_folded = False
         # Small decode batches run the adds, norms and SiLU inside the matmuls (kernels/gemv.py). Not under
         # TP: there o_proj and down_proj all-reduce their partial sums first.
         o_proj_k = config.num_attention_heads * head_dim_of(config)
@@ -145,12 +146,14 @@ class DecoderLayer(nn.Module):
         hidden: torch.Tensor,
         residual: torch.Tensor | None,
         meta: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         # The residual stream is hidden + residual (residual None: hidden alone). This path keeps it whole in
         # `hidden` and returns residual None; the GEMV path adds the two inside its matmuls instead. The
-        # stream is updated in place: the tensor passed as hidden is overwritten.
+        # stream may be updated in place: the tensor passed as hidden may be overwritten.
         if self.gemv_decode and meta.is_decode and hidden.shape[0] <= GEMV_MAX_ROWS and use_triton(hidden):
             return self._forward_gemv(positions, hidden, residual, meta)
+        if not self.norms_folded:  # this path ignores the norms' weights: they must be in the matmuls
+            raise RuntimeError("DecoderLayer.fold_norm_weights() must run once the weights are loaded")
         stream = hidden if residual is None else hidden + residual  # [num_tokens, hidden_size]
         stream = self.self_attn(positions, stream, self.input_layernorm.eps, meta)
         return self.mlp(stream, self.post_attention_layernorm.eps), None
@@ -167,6 +170,7 @@ class DecoderLayer(nn.Module):
         ):
             proj.weight.copy_(proj.weight.float() * norm.weight.float())
             norm.weight.fill_(1)
+        self.norms_folded = True
 
     def _forward_gemv(
         self,

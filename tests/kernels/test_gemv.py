@@ -176,6 +176,7 @@ def test_decoder_layer_takes_the_gemv_path_only_for_small_decode_batches(
     config_cls, _, extra = ARCHS["qwen3"]
     monkeypatch.setattr(decoder, "get_tp_size", lambda: tp_size)
     layer = decoder.DecoderLayer(config_cls(**{**_BASE, **extra}), decoder.DecoderOptions(qk_norm=True), 1024)
+    layer.fold_norm_weights()
     monkeypatch.setattr(decoder, "use_triton", lambda x: triton)
     calls = []
     monkeypatch.setattr(layer, "_forward_gemv", lambda *args: calls.append("gemv") or ("gemv", None))

@@ -117,6 +117,8 @@ def test_fused_partial_rotary(head_dim, rotary_dim, qk_norm):
 def test_fused_finishes_the_folded_input_norm(qk_norm, qkv_bias, dtype):
     case = make_case(13, 4, 2, 64, 16, dtype, qk_norm, seed=6, input_norm=True, qkv_bias=qkv_bias)
     check_fused_matches_ref(case)
+    # the two norms' eps kept apart: large ones, so that mixing them up shows
+    check_fused_matches_ref({**case, "norm_src_eps": 30.0, "eps": 0.01})
 
 
 def test_ref_finishes_the_folded_input_norm_first():
@@ -125,6 +127,8 @@ def test_ref_finishes_the_folded_input_norm_first():
     case = make_case(7, 4, 2, 64, 16, torch.float32, True, seed=7, input_norm=True, qkv_bias=True)
     plain = {k: v for k, v in case.items() if k not in ("norm_src", "qkv_bias")}
     plain["qkv"] = rms_scale_torch(case["qkv"], case["norm_src"], 1e-6, case["qkv_bias"])
+    case["eps"] = 0.5  # the q/k norms' eps: not the input norm's (norm_src_eps, default 1e-6)
+    plain["eps"] = 0.5
     plain["k_cache"], plain["v_cache"] = case["k_cache"].clone(), case["v_cache"].clone()
     assert torch.equal(qk_norm_rope_store_ref(**case), qk_norm_rope_store_ref(**plain))
     assert torch.equal(case["v_cache"].nan_to_num(), plain["v_cache"].nan_to_num())

@@ -56,10 +56,12 @@ def _tokens(llm: LLM, prompts) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
-    # 4 attention heads, 2 KV heads (tests/checkpoints defaults): one KV head per rank at TP=2.
+    # 4 attention heads, 2 KV heads (tests/checkpoints defaults): one KV head per rank at TP=2. qwen2: q/k/v
+    # biases, sharded, added after the folded input norm's scale.
     return {
         "qwen3": _checkpoint(tmp_path_factory, "qwen3"),
         "llama": _checkpoint(tmp_path_factory, "llama"),
+        "qwen2": _checkpoint(tmp_path_factory, "qwen2"),
     }
 
 
@@ -163,7 +165,7 @@ def test_tensor_parallel_size_must_fit_the_heads(ckpts):
 # ---- parity ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "qwen2"])
 def test_tp2_greedy_equals_tp1_and_transformers(arch, ckpts, expected, engines, prompts, monkeypatch):
     tp1 = _tokens(LLM(str(ckpts[arch]), **CHUNKED), prompts)
     assert tp1 == expected[arch]

@@ -1,6 +1,8 @@
 """The decoder's RMSNorms folded into the matmuls after them (docs/model.md): the identity each consumer
 relies on, checked op by op in fp32 against the unfused norm + linear, and the loaded model's weights."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,17 @@ def test_linear_adds_the_residual_in_the_matmul():
     want = residual + F.linear(x, weight, bias)
     torch.testing.assert_close(linear(x, weight, bias, residual.clone()), want)
     torch.testing.assert_close(linear(x, weight, None, residual.clone()), residual + F.linear(x, weight))
+
+
+def test_a_layer_whose_norms_were_not_folded_refuses_to_run():
+    from nanovllm.models.decoder import DecoderLayer, DecoderOptions
+    from tests.checkpoints import _BASE, ARCHS
+
+    config_cls, _, extra = ARCHS["qwen3"]
+    layer = DecoderLayer(config_cls(**{**_BASE, **extra}), DecoderOptions(qk_norm=True), 64)
+    positions, hidden = torch.zeros(2, dtype=torch.long), torch.zeros(2, _BASE["hidden_size"])
+    with pytest.raises(RuntimeError, match="fold_norm_weights"):
+        layer(positions, hidden, None, SimpleNamespace(is_decode=False))
 
 
 @pytest.mark.parametrize("arch", ["qwen3", "qwen2"])  # qwen2: biases on q/k/v, finished with the norm
