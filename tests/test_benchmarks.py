@@ -175,7 +175,7 @@ def test_hf_model_has_nanovllm_weights(tiny):
     theirs = dict(model.named_parameters())
     layer = "model.layers.1."
 
-    # (each norm's weight is folded into the matmul after it: DecoderModel.fold_norm_weights)
+    # (each norm's weight is folded into the matmul after it: DecoderLayer.fold_norm_weights)
     def folded(weight, norm):
         return (weight.float() * theirs[layer + f"{norm}.weight"].float()).to(weight.dtype)
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.kernels.backend import tl, triton, use_triton
-from nanovllm.kernels.rmsnorm import rms_scale_torch, row_rstd
+from nanovllm.kernels.rmsnorm import as_rows, rms_scale_row, rms_scale_torch, row_rstd
 
 # ---------------------------------------------------------------- torch reference
 
@@ -66,22 +66,14 @@ def _silu_and_mul_kernel(
     dtype = gate.dtype
     if ROW_NORM:  # as rms_scale_torch: scale, bias, round (each program of the row recomputes the rstd)
         rstd = row_rstd(src_ptr + row * src_row_stride, src_size, eps, BLOCK_SIZE)
-        gate, up = gate.to(tl.float32) * rstd, up.to(tl.float32) * rstd
-        if HAS_BIAS:
-            gate += tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            up += tl.load(bias_ptr + intermediate_size + cols, mask=mask, other=0.0).to(tl.float32)
-        gate, up = gate.to(dtype), up.to(dtype)
+        up_bias_ptr = bias_ptr + intermediate_size
+        gate = rms_scale_row(gate.to(tl.float32), rstd, bias_ptr + cols, mask, HAS_BIAS, dtype)
+        up = rms_scale_row(up.to(tl.float32), rstd, up_bias_ptr + cols, mask, HAS_BIAS, dtype)
     out = silu_mul_rounded(gate, up, dtype)
-    tl.store(out_ptr + row * intermediate_size + cols, out.to(gate.dtype), mask=mask)
+    tl.store(out_ptr + row * intermediate_size + cols, out.to(dtype), mask=mask)
 
 
 # ---------------------------------------------------------------- launcher
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    # [..., n] -> [num_rows, n] with unit stride along n (copies only if it must).
-    rows = x.reshape(-1, x.shape[-1])
-    return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
 def _check_args(x, norm_src, bias) -> None:
@@ -108,11 +100,11 @@ def silu_and_mul_triton(
 ) -> torch.Tensor:
     _check_args(x, norm_src, bias)
     intermediate_size = x.shape[-1] // 2
-    x_rows = _rows(x)  # [num_rows, 2 * intermediate_size]
+    x_rows = as_rows(x)  # [num_rows, 2 * intermediate_size]
     num_rows = x_rows.shape[0]
     out = torch.empty((*x.shape[:-1], intermediate_size), dtype=x.dtype, device=x.device)
     if num_rows > 0 and intermediate_size > 0:
-        src_rows = _rows(norm_src) if norm_src is not None else x_rows  # [num_rows, K]
+        src_rows = as_rows(norm_src) if norm_src is not None else x_rows  # [num_rows, K]
         # With the norm, whole rows up to 4096 wide per program (8 warps), so each row's rstd is summed once.
         max_block = 4096 if norm_src is not None else 1024
         block_size = min(triton.next_power_of_2(intermediate_size), max_block)

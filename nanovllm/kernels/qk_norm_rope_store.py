@@ -22,7 +22,7 @@ by the fp32 order of the variance sum. The reference below is the plain composit
 import torch
 
 from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton
-from nanovllm.kernels.rmsnorm import rms_norm_torch, rms_scale_torch, row_rstd
+from nanovllm.kernels.rmsnorm import rms_norm_torch, rms_scale_row, rms_scale_torch, row_rstd
 from nanovllm.kernels.rope import apply_rope_torch
 from nanovllm.kernels.store_kvcache import check_kv_cache, check_triton_device, store_kvcache_ref
 
@@ -66,15 +66,6 @@ def qk_norm_rope_store_ref(
 
 
 @triton.jit
-def _finish_row(x, row_scale, bias_ptrs, mask, HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
-    # As rms_scale_torch: the projection's values (fp32) times the row's rstd, plus the bias, rounded.
-    x = x * row_scale
-    if HAS_BIAS:
-        x += tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
-    return x.to(dtype).to(tl.float32)
-
-
-@triton.jit
 def _norm_rope_heads(
     src_ptr,
     dst_ptr,
@@ -113,10 +104,10 @@ def _norm_rope_heads(
         xp = tl.load(src + pass_dims, mask=pass_mask, other=0.0).to(tl.float32)
     if ROW_NORM:
         bias = bias_ptr + heads * HEAD_DIM
-        x1 = _finish_row(x1, row_scale, bias + dims, mask, HAS_BIAS, dtype)
-        x2 = _finish_row(x2, row_scale, bias + half + dims, mask, HAS_BIAS, dtype)
+        x1 = rms_scale_row(x1, row_scale, bias + dims, mask, HAS_BIAS, dtype)
+        x2 = rms_scale_row(x2, row_scale, bias + half + dims, mask, HAS_BIAS, dtype)
         if BLOCK_PASS > 0:
-            xp = _finish_row(xp, row_scale, bias + pass_dims, pass_mask, HAS_BIAS, dtype)
+            xp = rms_scale_row(xp, row_scale, bias + pass_dims, pass_mask, HAS_BIAS, dtype)
     if HAS_NORM:
         # As rms_norm_torch: normed = (x * rsqrt(mean(x^2) + eps)) rounded to dtype, then weight * normed
         # rounded to dtype. Masked lanes hold 0 and add nothing to the sum.
@@ -216,7 +207,7 @@ def _qk_norm_rope_store_kernel(
         v_offs = heads * HEAD_DIM + head_dims  # [BLOCK_KV_HEADS, BLOCK_D]
         v = tl.load(v_src + v_offs, mask=v_mask)
         if ROW_NORM:
-            v = _finish_row(v.to(tl.float32), row_scale, v_bias_ptr + v_offs, v_mask, HAS_BIAS, dtype)
+            v = rms_scale_row(v.to(tl.float32), row_scale, v_bias_ptr + v_offs, v_mask, HAS_BIAS, dtype)
         tl.store(v_cache_ptr + cache_row + v_offs, v.to(dtype), mask=v_mask)
 
 

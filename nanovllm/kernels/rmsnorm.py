@@ -91,10 +91,20 @@ def row_rstd(row_ptr, n, eps, BLOCK: tl.constexpr):
     return tl.rsqrt(tl.sum(sum_sq, axis=0) / n + eps)
 
 
+@triton.jit
+def rms_scale_row(x, rstd, bias_ptrs, mask, HAS_BIAS: tl.constexpr, dtype: tl.constexpr):
+    """As rms_scale_torch, on a tile of one row: x (fp32, the matmul's values) times the row's rstd, plus the
+    bias at bias_ptrs (HAS_BIAS), rounded to dtype; returned in fp32."""
+    x = x * rstd
+    if HAS_BIAS:
+        x += tl.load(bias_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return x.to(dtype).to(tl.float32)
+
+
 # ---------------------------------------------------------------- launcher
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
+def as_rows(x: torch.Tensor) -> torch.Tensor:
     # [..., hidden] -> [num_rows, hidden] with unit stride along hidden (copies only if it must).
     rows = x.reshape(-1, x.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
@@ -111,12 +121,12 @@ def rms_norm_triton(
             f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} {residual.dtype}"
         )
     # x_rows: [num_rows, hidden_size]
-    x_rows = _as_rows(x)
+    x_rows = as_rows(x)
     num_rows = x_rows.shape[0]
     out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
     residual_out = torch.empty_like(x) if residual is not None else None
     if num_rows > 0:
-        residual_rows = _as_rows(residual) if residual is not None else x_rows
+        residual_rows = as_rows(residual) if residual is not None else x_rows
         block_size = triton.next_power_of_2(hidden_size)
         use_pdl = check_pdl(x)
         _rms_norm_kernel[(num_rows,)](

@@ -212,10 +212,6 @@ class DecoderModel(nn.Module):
             hidden, residual = layer(positions, hidden, residual, meta)
         return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
-    def fold_norm_weights(self) -> None:
-        for layer in self.layers:
-            layer.fold_norm_weights()
-
 
 class DecoderForCausalLM(nn.Module):
     """Base of every registered architecture; subclasses set `options(config)`."""
@@ -253,8 +249,9 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, meta)  # [num_tokens, hidden_size]
 
     def finish_loading(self) -> None:
-        """After load_weights: the norms into the matmuls (DecoderModel.fold_norm_weights)."""
-        self.model.fold_norm_weights()
+        """After load_weights: each layer's norms into its matmuls (DecoderLayer.fold_norm_weights)."""
+        for layer in self.model.layers:
+            layer.fold_norm_weights()
 
     def compute_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor | None:
         return self.lm_head(hidden, out)  # [num_seqs, vocab_size] (None on ranks other than 0)
