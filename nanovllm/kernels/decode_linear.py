@@ -49,14 +49,18 @@ from nanovllm.utils.env import env_int
 
 DECODE_LINEAR_KERNEL_MAX_ROWS = 256  # the kernel's limit; larger batches are prefill-like
 # Matmuls of up to this many rows take this kernel in the model (layers/linear.py), on Hopper or later (the
-# tiles below are sized for an H100's shared memory, and the gain is PDL's). In Qwen3-0.6B's decode graphs on
-# an H100 it beats cuBLAS up to 32 rows (graph time -7% at 8 and 16 rows, -4% at 32: the PDL overlap and the
-# fused SiLU), ties at 48 and loses from 64 (+1% at 64, +2% at 256: cuBLAS's large-M tiles).
-# NANOVLLM_DECODE_LINEAR_ROWS=0 leaves every matmul to cuBLAS, 256 takes every decode batch.
+# tiles below are sized for an H100's shared memory, and the gain is PDL's). Qwen3-0.6B's decode graphs on an
+# H100 had it beat cuBLAS up to 32 rows (graph time -7% at 8 and 16 rows, -4% at 32), tie at 48 and lose from
+# 64 (+1% at 64, +2% at 256: cuBLAS's large-M tiles). gate_up_proj takes the same limit.
+# NANOVLLM_DECODE_LINEAR_ROWS=0 (and ..._SMALL_ROWS=0) leaves every matmul to cuBLAS.
 DECODE_LINEAR_MAX_ROWS = env_int("NANOVLLM_DECODE_LINEAR_ROWS", 32, DECODE_LINEAR_KERNEL_MAX_ROWS)
-# gate_up_proj takes the same limit although its SiLU-and-mul epilogue saves a kernel and the [M, 2 I]
-# output: letting it alone take up to 128 or 256 rows did not pay (session 21, H200, throughput benchmark:
-# 70.4 / 70.2% of the floor at 32 rows, 70.2% at 128, 69.5 / 69.7% at 256).
+# A weight of at most DECODE_LINEAR_SMALL_WEIGHT_BYTES takes it up to this many rows: such a matmul is mostly
+# fixed cost, which PDL overlaps, and the folded norm and the SiLU ride along. Session 29, H200, default
+# workload (Qwen3-0.6B, 4-13 MB weights; the two-stream halves of 33-56 rows are what moves): 74.2-74.8%
+# of the floor with every matmul to 64 rows against 73.1-73.4% to 32, 71.1-71.6% with every batch (256).
+# Qwen3-8B's weights (33-200 MB) lose at 48-64 rows: decode graph 7.25 / 7.83 ms against 6.72 / 7.18.
+DECODE_LINEAR_SMALL_MAX_ROWS = env_int("NANOVLLM_DECODE_LINEAR_SMALL_ROWS", 64, DECODE_LINEAR_KERNEL_MAX_ROWS)
+DECODE_LINEAR_SMALL_WEIGHT_BYTES = 16 * 2**20
 DECODE_LINEAR_NUM_SMS = 132  # (H100 SXM) the default SM count: the N tile shrinks when SMs would idle
 DECODE_LINEAR_MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 DECODE_LINEAR_MAX_BLOCK_M = 64  # more rows per tile would raise the MMA's N beyond what 4 warps hold well
@@ -201,12 +205,19 @@ def decode_linear_config(
     return block_m, block_n, block_k, DECODE_LINEAR_NUM_WARPS, num_stages
 
 
+def decode_linear_max_rows(weight: torch.Tensor) -> int:
+    """The most rows of x for which the model runs a matmul by this weight here: DECODE_LINEAR_MAX_ROWS, or
+    DECODE_LINEAR_SMALL_MAX_ROWS if more, for a weight of at most DECODE_LINEAR_SMALL_WEIGHT_BYTES."""
+    small = weight.numel() * weight.element_size() <= DECODE_LINEAR_SMALL_WEIGHT_BYTES
+    return max(DECODE_LINEAR_MAX_ROWS, DECODE_LINEAR_SMALL_MAX_ROWS if small else 0)
+
+
 def takes_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the model should run this matmul here rather than in cuBLAS: a CUDA tensor with Triton
-    (`use_triton`) on Hopper or later, up to DECODE_LINEAR_MAX_ROWS rows, the layouts the kernel takes."""
+    (`use_triton`) on Hopper or later, up to `decode_linear_max_rows` rows, the layouts the kernel takes."""
     return (
         x.dim() == 2
-        and 0 < x.shape[0] <= DECODE_LINEAR_MAX_ROWS
+        and 0 < x.shape[0] <= decode_linear_max_rows(weight)
         and x.dtype == weight.dtype
         and weight.stride(1) == 1
         and use_triton(x)

@@ -13,9 +13,12 @@ from nanovllm.kernels.backend import check_pdl, kernel_backend
 from nanovllm.kernels.decode_linear import (
     DECODE_LINEAR_KERNEL_MAX_ROWS,
     DECODE_LINEAR_MAX_ROWS,
+    DECODE_LINEAR_SMALL_MAX_ROWS,
+    DECODE_LINEAR_SMALL_WEIGHT_BYTES,
     DECODE_LINEAR_SMEM_BYTES,
     decode_linear,
     decode_linear_config,
+    decode_linear_max_rows,
     decode_linear_ref,
     takes_decode_linear,
 )
@@ -238,12 +241,24 @@ def test_gpu_chained_decode_linears_in_a_graph_wait_for_their_input():
     check_graph_replays(chain, x0, reference)
 
 
+def test_small_weights_take_it_to_more_rows():
+    # A matmul by a small weight is mostly fixed cost (PDL overlaps it): up to 64 rows here; a large one (an
+    # 8B model's) streams its weight, where cuBLAS's tiles win from 33 rows (session 29, H200).
+    rows = DECODE_LINEAR_SMALL_WEIGHT_BYTES // 2048  # of 1024 bf16 values: exactly the limit
+    small = torch.empty(rows, 1024, dtype=torch.bfloat16, device="meta")
+    large = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")  # 32 MiB: qwen3-8b's o_proj
+    assert decode_linear_max_rows(small) == max(DECODE_LINEAR_MAX_ROWS, DECODE_LINEAR_SMALL_MAX_ROWS) == 64
+    assert decode_linear_max_rows(large) == DECODE_LINEAR_MAX_ROWS == 32
+    one_more = torch.empty(rows + 1, 1024, dtype=torch.bfloat16, device="meta")
+    assert decode_linear_max_rows(one_more) == 32
+
+
 def test_model_takes_it_only_on_the_gpu_within_its_rows():
     # layers/linear.py asks this for every matmul: never on CPU tensors (the torch path), never past the rows
     w = torch.zeros(8, 16)
     assert not takes_decode_linear(torch.zeros(4, 16), w)
     if torch.cuda.is_available():
-        w, rows = w.cuda(), DECODE_LINEAR_MAX_ROWS
+        w, rows = w.cuda(), decode_linear_max_rows(w)
         assert takes_decode_linear(torch.zeros(rows, 16, device="cuda"), w) == (rows > 0)
         assert not takes_decode_linear(torch.zeros(rows + 1, 16, device="cuda"), w)
         assert not takes_decode_linear(torch.zeros(4, 16, device="cuda", dtype=torch.float16), w)  # dtypes
