@@ -58,9 +58,10 @@ DECODE_LINEAR_MAX_ROWS = env_int("NANOVLLM_DECODE_LINEAR_ROWS", 32, DECODE_LINEA
 # fixed cost, which PDL overlaps, and the folded norm and the SiLU ride along. Session 29, H200, default
 # workload (Qwen3-0.6B, 4-13 MB weights; the two-stream halves of 33-56 rows are what moves): 74.2-74.8%
 # of the floor with every matmul to 64 rows against 73.1-73.4% to 32, 71.1-71.6% with every batch (256).
-# Qwen3-8B's weights (33-200 MB) lose at 48-64 rows: decode graph 7.25 / 7.83 ms against 6.72 / 7.18.
+# Qwen3-8B's weights (32-192 MiB) lose at 48-64 rows: decode graph 7.25 / 7.83 ms against 6.72 / 7.18. The
+# bound is the largest weight measured to gain (0.6B's gate_up); at TP=2 8B's o_proj (16 MiB) stays out.
 DECODE_LINEAR_SMALL_MAX_ROWS = env_int("NANOVLLM_DECODE_LINEAR_SMALL_ROWS", 64, DECODE_LINEAR_KERNEL_MAX_ROWS)
-DECODE_LINEAR_SMALL_WEIGHT_BYTES = 16 * 2**20
+DECODE_LINEAR_SMALL_WEIGHT_BYTES = 12 * 2**20
 DECODE_LINEAR_NUM_SMS = 132  # (H100 SXM) the default SM count: the N tile shrinks when SMs would idle
 DECODE_LINEAR_MIN_BLOCK = 16  # tl.dot needs every tile dimension >= 16
 DECODE_LINEAR_MAX_BLOCK_M = 64  # more rows per tile would raise the MMA's N beyond what 4 warps hold well
