@@ -9,7 +9,8 @@ F.linear with the SiLU kernel; "decode_linear" is the Triton matmul with the SiL
 the default tiles (`decode_linear_config`), and with --sweep also a coordinate sweep of the tiles of each
 matmul in turn.
 Needs a CUDA GPU; without one it says so and exits 0. The model's own A/B is
-`NANOVLLM_DECODE_LINEAR_ROWS=0|N python scripts/decode_breakdown.py`.
+`NANOVLLM_DECODE_LINEAR_ROWS=0|N NANOVLLM_DECODE_LINEAR_SMALL_ROWS=0|N python scripts/decode_breakdown.py`
+(the first for weights over 12 MiB, the second for smaller ones).
 """
 
 from __future__ import annotations

@@ -51,15 +51,17 @@ DECODE_LINEAR_KERNEL_MAX_ROWS = 256  # the kernel's limit; larger batches are pr
 # Matmuls of up to this many rows take this kernel in the model (layers/linear.py), on Hopper or later (the
 # tiles below are sized for an H100's shared memory, and the gain is PDL's). Qwen3-0.6B's decode graphs on an
 # H100 had it beat cuBLAS up to 32 rows (graph time -7% at 8 and 16 rows, -4% at 32), tie at 48 and lose from
-# 64 (+1% at 64, +2% at 256: cuBLAS's large-M tiles). gate_up_proj takes the same limit.
-# NANOVLLM_DECODE_LINEAR_ROWS=0 (and ..._SMALL_ROWS=0) leaves every matmul to cuBLAS.
+# 64 (+1% at 64, +2% at 256: cuBLAS's large-M tiles). gate_up_proj takes the same limits although its SiLU
+# epilogue saves a kernel: letting it alone go to 128 or 256 rows did not pay (session 21).
 DECODE_LINEAR_MAX_ROWS = env_int("NANOVLLM_DECODE_LINEAR_ROWS", 32, DECODE_LINEAR_KERNEL_MAX_ROWS)
-# A weight of at most DECODE_LINEAR_SMALL_WEIGHT_BYTES takes it up to this many rows: such a matmul is mostly
-# fixed cost, which PDL overlaps, and the folded norm and the SiLU ride along. Session 29, H200, default
-# workload (Qwen3-0.6B, 4-13 MB weights; the two-stream halves of 33-56 rows are what moves): 74.2-74.8%
-# of the floor with every matmul to 64 rows against 73.1-73.4% to 32, 71.1-71.6% with every batch (256).
-# Qwen3-8B's weights (32-192 MiB) lose at 48-64 rows: decode graph 7.25 / 7.83 ms against 6.72 / 7.18. The
-# bound is the largest weight measured to gain (0.6B's gate_up); at TP=2 8B's o_proj (16 MiB) stays out.
+# A weight of at most DECODE_LINEAR_SMALL_WEIGHT_BYTES takes it up to this many rows instead: such a matmul is
+# mostly fixed cost, which PDL overlaps, and the kernel also applies the folded norm's scale and the SiLU.
+# Session 29, H200, default workload (Qwen3-0.6B, weights of 6-12 MiB; the two-stream halves of 33-56 rows
+# are what moves): 74.2-74.8% of the floor with every matmul to 64 rows against 73.1-73.4% to 32, 71.1-71.6%
+# with every batch (256). Qwen3-8B's weights (32-192 MiB) lose at 48-64 rows: decode graph 7.25 / 7.83 ms
+# against 6.72 / 7.18. The bound is the largest weight measured to gain (0.6B's gate_up); Qwen3-8B's o_proj
+# at TP=2 (16 MiB) stays out. NANOVLLM_DECODE_LINEAR_ROWS=0 and NANOVLLM_DECODE_LINEAR_SMALL_ROWS=0 leave
+# every matmul to cuBLAS.
 DECODE_LINEAR_SMALL_MAX_ROWS = env_int("NANOVLLM_DECODE_LINEAR_SMALL_ROWS", 64, DECODE_LINEAR_KERNEL_MAX_ROWS)
 DECODE_LINEAR_SMALL_WEIGHT_BYTES = 12 * 2**20
 DECODE_LINEAR_NUM_SMS = 132  # (H100 SXM) the default SM count: the N tile shrinks when SMs would idle
@@ -207,10 +209,10 @@ def decode_linear_config(
 
 
 def decode_linear_max_rows(weight: torch.Tensor) -> int:
-    """The most rows of x for which the model runs a matmul by this weight here: DECODE_LINEAR_MAX_ROWS, or
-    DECODE_LINEAR_SMALL_MAX_ROWS if more, for a weight of at most DECODE_LINEAR_SMALL_WEIGHT_BYTES."""
+    """The most rows of x for which the model runs a matmul by this weight here: DECODE_LINEAR_SMALL_MAX_ROWS
+    for a weight of at most DECODE_LINEAR_SMALL_WEIGHT_BYTES, DECODE_LINEAR_MAX_ROWS for a larger one."""
     small = weight.numel() * weight.element_size() <= DECODE_LINEAR_SMALL_WEIGHT_BYTES
-    return max(DECODE_LINEAR_MAX_ROWS, DECODE_LINEAR_SMALL_MAX_ROWS if small else 0)
+    return DECODE_LINEAR_SMALL_MAX_ROWS if small else DECODE_LINEAR_MAX_ROWS
 
 
 def takes_decode_linear(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from nanovllm.kernels import decode_linear as decode_linear_module
 from nanovllm.kernels.backend import check_pdl, kernel_backend
 from nanovllm.kernels.decode_linear import (
     DECODE_LINEAR_KERNEL_MAX_ROWS,
@@ -128,9 +129,9 @@ def test_weight_rows_with_a_stride():
     )
 
 
-def test_rows_switch_is_checked_at_import():
-    # A bad NANOVLLM_DECODE_LINEAR_ROWS fails loudly when the module loads, not with a late odd error
-    name = "NANOVLLM_DECODE_LINEAR_ROWS"
+@pytest.mark.parametrize("name", ["NANOVLLM_DECODE_LINEAR_ROWS", "NANOVLLM_DECODE_LINEAR_SMALL_ROWS"])
+def test_rows_switch_is_checked_at_import(name):
+    # A bad rows limit fails loudly when the module loads, not with a late odd error
     for bad in ("-1", "257", "x", "²"):
         env = {**os.environ, name: bad}
         result = subprocess.run([sys.executable, "-c", "import nanovllm.kernels.decode_linear"], env=env,
@@ -241,16 +242,28 @@ def test_gpu_chained_decode_linears_in_a_graph_wait_for_their_input():
     check_graph_replays(chain, x0, reference)
 
 
-def test_small_weights_take_it_to_more_rows():
-    # A matmul by a small weight is mostly fixed cost (PDL overlaps it): up to 64 rows here; a large one (an
-    # 8B model's) streams its weight, where cuBLAS's tiles win from 33 rows (session 29, H200).
-    rows = DECODE_LINEAR_SMALL_WEIGHT_BYTES // 2048  # of 1024 bf16 values: exactly the limit
-    small = torch.empty(rows, 1024, dtype=torch.bfloat16, device="meta")
+@pytest.mark.parametrize("rows,small_rows", [(32, 64), (0, 0), (16, 0), (128, 64)])
+def test_small_weights_have_their_own_rows_limit(monkeypatch, rows, small_rows):
+    # A matmul by a small weight is mostly fixed cost (PDL overlaps it): it takes the kernel up to
+    # DECODE_LINEAR_SMALL_MAX_ROWS; a large one (an 8B model's) streams its weight, and cuBLAS's tiles won at
+    # 48-64 rows there (session 29, H200): up to DECODE_LINEAR_MAX_ROWS. Both 0: every matmul to cuBLAS.
+    monkeypatch.setattr(decode_linear_module, "DECODE_LINEAR_MAX_ROWS", rows)
+    monkeypatch.setattr(decode_linear_module, "DECODE_LINEAR_SMALL_MAX_ROWS", small_rows)
+    limit = DECODE_LINEAR_SMALL_WEIGHT_BYTES // 2048  # weight rows of 1024 bf16 values: exactly the bound
+    small = torch.empty(limit, 1024, dtype=torch.bfloat16, device="meta")
+    one_more = torch.empty(limit + 1, 1024, dtype=torch.bfloat16, device="meta")
     large = torch.empty(4096, 4096, dtype=torch.bfloat16, device="meta")  # 32 MiB: qwen3-8b's o_proj
-    assert decode_linear_max_rows(small) == max(DECODE_LINEAR_MAX_ROWS, DECODE_LINEAR_SMALL_MAX_ROWS) == 64
-    assert decode_linear_max_rows(large) == DECODE_LINEAR_MAX_ROWS == 32
-    one_more = torch.empty(rows + 1, 1024, dtype=torch.bfloat16, device="meta")
-    assert decode_linear_max_rows(one_more) == 32
+    assert decode_linear_max_rows(small) == small_rows
+    assert decode_linear_max_rows(one_more) == decode_linear_max_rows(large) == rows
+
+
+def test_default_rows_limits():
+    # (unless the environment overrides them)
+    if "NANOVLLM_DECODE_LINEAR_ROWS" not in os.environ:
+        assert DECODE_LINEAR_MAX_ROWS == 32
+    if "NANOVLLM_DECODE_LINEAR_SMALL_ROWS" not in os.environ:
+        assert DECODE_LINEAR_SMALL_MAX_ROWS == 64
+    assert DECODE_LINEAR_SMALL_WEIGHT_BYTES == 12 * 2**20  # Qwen3-0.6B's gate_up, its largest layer weight
 
 
 def test_model_takes_it_only_on_the_gpu_within_its_rows():
@@ -264,3 +277,6 @@ def test_model_takes_it_only_on_the_gpu_within_its_rows():
         assert not takes_decode_linear(torch.zeros(4, 16, device="cuda", dtype=torch.float16), w)  # dtypes
         with kernel_backend("torch"):  # the reference ops everywhere: F.linear
             assert not takes_decode_linear(torch.zeros(4, 16, device="cuda"), w)
+        large = torch.zeros(4096, 4096, dtype=torch.bfloat16, device="cuda")  # past the small-weight bound
+        x = torch.zeros(DECODE_LINEAR_MAX_ROWS + 1, 4096, dtype=torch.bfloat16, device="cuda")
+        assert decode_linear_max_rows(large) == DECODE_LINEAR_MAX_ROWS and not takes_decode_linear(x, large)
