@@ -246,3 +246,26 @@ def test_no_small_step_when_it_would_be_waited_for(engines, monkeypatch, penaliz
     assert _summary(overlap.generate(prompts, params, use_tqdm=False)) == want
     _check_clean(overlap)
     assert sizes[0] == first_size
+
+
+def test_prefix_hits_count_as_the_scheduler_counts_them(engines, monkeypatch):
+    """The walk that decides pipeline fill charges each waiting request its uncached tokens, as the scheduler
+    does: with the first prompt's leading block cached (16 of its 30 tokens), the small step of 20 tokens
+    would reach the penalized second request, so the budget stays whole."""
+    import nanovllm.engine.llm_engine as llm_engine
+
+    monkeypatch.setattr(llm_engine, "IDLE_STEP_TOKENS", 20)
+    sync, overlap = engines
+    prompts = mixed_prompts([30, 25, 40, 12], seed=13)
+    params = [SamplingParams(temperature=0, max_tokens=8) for _ in prompts]
+    params[1] = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.2)
+    for llm in engines:  # the same cache in both: the first prompt's leading block only
+        llm.engine.scheduler.block_manager.reset_prefix_cache()
+        llm.generate(prompts[:1], params[:1], use_tqdm=False)
+    want = _summary(sync.generate(prompts, params, use_tqdm=False))
+    sizes = _spy_step_sizes(overlap, monkeypatch)
+    outs = overlap.generate(prompts, params, use_tqdm=False)
+    assert _summary(outs) == want
+    _check_clean(overlap)
+    assert outs[0].num_cached_tokens == 16
+    assert sizes[0] == 64  # (charged all 30 tokens, the walk stopped before the penalized one: 20)

@@ -247,11 +247,12 @@ class LLMEngine:
         any waiting one the small step may admit (else the split only adds a step)."""
         if self._inflight is not None or not self._can_overlap():
             return False
-        num_tokens = 0
-        for seq in self.scheduler.waiting:  # (in admission order; prefix hits aside)
+        block_manager, num_tokens = self.scheduler.block_manager, 0
+        for seq in self.scheduler.waiting:  # in admission order, each costing what the scheduler will charge
             if seq.reads_output:
                 return False
-            num_tokens += seq.num_tokens
+            cached = block_manager.find_cached_prefix(seq)  # (hashes kept on seq: the scheduler reuses them)
+            num_tokens += seq.num_tokens - len(cached) * block_manager.block_size
             if num_tokens >= IDLE_STEP_TOKENS:
                 break
         return True
