@@ -17,8 +17,10 @@ steps (docs/performance.md, "Session 18"), and this shows by how much, step by s
 from __future__ import annotations
 
 import argparse
+import gc
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -34,6 +36,7 @@ from nanovllm.benchmark.common import (
 )
 from nanovllm.benchmark.latency import model_sizes
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.utils.heap import frozen_heap
 
 BUCKETS = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 256)]
 
@@ -41,6 +44,36 @@ BUCKETS = [(1, 16), (17, 64), (65, 128), (129, 192), (193, 256)]
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+@contextmanager
+def recording_collections():
+    """Yield a list that gets the ms of every generation-2 garbage collection while the block runs."""
+    pauses: list[float] = []
+    started: list[float] = []
+
+    def on_gc(phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses.append((time.perf_counter() - started.pop()) * 1e3)
+
+    gc.callbacks.append(on_gc)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(on_gc)
+
+
+def device_allocations() -> tuple[int, int]:
+    """(cudaMalloc calls, allocation retries: cache flushes after a failed cudaMalloc) of torch's caching
+    allocator so far; (0, 0) without CUDA. Either one in a step stalls the host, and a retry the device."""
+    if not torch.cuda.is_available():
+        return 0, 0
+    stats = torch.cuda.memory_stats()
+    return stats.get("num_device_alloc", 0), stats.get("num_alloc_retries", 0)
 
 
 def timeline(
@@ -51,14 +84,18 @@ def timeline(
     for prompt, m in zip(work.prompts, work.max_tokens):
         engine.add_request(prompt, SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=m))
     kv_bytes_per_token = sizes["kv_bytes_per_token"]
-    steps, stamps = [], []
+    steps, stamps, allocs = [], [], []
     sync()
     start = time.perf_counter()
-    with recording_triton_compiles() as compiles:  # new specializations during the timed run
+    # The heap frozen as LLM.generate freezes it: without, a full collection of the engine's ~500k objects
+    # lands in one step (~200 ms on an H200's host, session 30). Any left are recorded.
+    with frozen_heap(), recording_triton_compiles() as compiles, recording_collections() as gc_ms:
         while engine.has_unfinished():
             seen = len(compiles)
+            allocs_before = device_allocations()
             engine.step()
             stamps.append(time.perf_counter())
+            allocs.append(tuple(b - a for a, b in zip(allocs_before, device_allocations())))
             if len(compiles) > seen:
                 print(f"step {len(stamps) - 1}: compiled {compiles[seen:]}", flush=True)
             inflight = engine._inflight
@@ -90,7 +127,9 @@ def timeline(
     records = []
     for i in range(1, len(stamps)):
         if steps[i - 1] is not None:
-            records.append({**steps[i - 1], "ms": (stamps[i] - stamps[i - 1]) * 1e3})
+            mallocs, retries = allocs[i]  # made by call i, whose wait the interval is
+            records.append({**steps[i - 1], "ms": (stamps[i] - stamps[i - 1]) * 1e3, "cuda_mallocs": mallocs,
+                            "alloc_retries": retries})  # fmt: skip
     buckets: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     for r in records:
         kind = "prefill+decode" if r["prefill_tokens"] else "decode"
@@ -105,6 +144,7 @@ def timeline(
         "tok_per_s": work.num_output_tokens / total,
         "first_step_s": (stamps[0] - start),
         "triton_compiles": compiles,
+        "full_collections_ms": gc_ms,
         "sum_floor_s": sum(r["floor_ms"] for r in records) / 1e3,
         "buckets": {k: dict(v) for k, v in sorted(buckets.items())},
         "steps": records,
@@ -114,10 +154,16 @@ def timeline(
 def print_run(name: str, run: dict[str, Any]) -> None:
     tok_s, floor_s = run["tok_per_s"], run["sum_floor_s"]
     print(f"\n{name}: total {run['total_s']:.2f} s, {tok_s:.0f} tok/s; sum of step floors {floor_s:.2f} s")
+    if run["full_collections_ms"]:
+        print(f"full garbage collections during the run (ms): {run['full_collections_ms']}")
     print(f"{'bucket':28} {'steps':>6} {'s':>7} {'floor s':>8} {'excess s':>9} {'floor/time':>10}")
     for k, v in run["buckets"].items():
         secs, floor = v["ms"] / 1e3, v["floor_ms"] / 1e3
         print(f"{k:28} {v['steps']:6.0f} {secs:7.3f} {floor:8.3f} {secs - floor:9.3f} {floor / secs:10.0%}")
+    slowest = sorted(run["steps"], key=lambda r: r["floor_ms"] - r["ms"])[:5]
+    print("largest excess: " + "; ".join(
+        f"{r['seqs']} seqs, {r['tokens']} tokens: {r['ms']:.1f} ms (floor {r['floor_ms']:.1f}), "
+        f"{r['cuda_mallocs']} cudaMalloc, {r['alloc_retries']} retries" for r in slowest))  # fmt: skip
 
 
 def main() -> None:
@@ -136,9 +182,8 @@ def main() -> None:
     sizes = model_sizes(engine.config)
     vocab = min(10_000, engine.config.hf_config.vocab_size - 1)
     warm = make_workload(16, 100, 1024, 100, 300, max_token_id=vocab, seed=1)
-    llm.generate(
-        warm.prompts, [SamplingParams(max_tokens=m, ignore_eos=True) for m in warm.max_tokens], use_tqdm=False
-    )
+    warm_params = [SamplingParams(temperature=0.6, max_tokens=m, ignore_eos=True) for m in warm.max_tokens]
+    llm.generate(warm.prompts, warm_params, use_tqdm=False)  # the workload's sampler variants compile here
     work = make_workload(args.num_requests, 100, 1024, 100, 1024, max_token_id=vocab)
     rates = (peaks.bandwidth_bytes_per_s, peaks.bf16_flop_per_s)
     runs = [timeline(engine, work, sizes, *rates) for _ in range(args.runs)]

@@ -119,8 +119,24 @@ def test_step_timeline_runs_twice_on_one_engine():
         assert run["output_tokens"] == work.num_output_tokens and run["tok_per_s"] > 0
         assert sum(v["steps"] for v in run["buckets"].values()) == len(run["steps"]) > 0
         assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in run["steps"])
+        assert all(r["cuda_mallocs"] == r["alloc_retries"] == 0 for r in run["steps"])  # (no CUDA here)
         assert sum(r["prefill_tokens"] for r in run["steps"]) == work.num_prompt_tokens  # no cache hit
         assert run["triton_compiles"] == []  # recorded (empty: the CPU path runs no Triton kernel)
+        assert isinstance(run["full_collections_ms"], list)
+
+
+def test_step_timeline_records_full_collections_only():
+    import gc
+
+    recording = load_script("scripts/step_timeline.py").recording_collections
+    callbacks = list(gc.callbacks)
+    with recording() as pauses:
+        gc.collect(0)
+        gc.collect(1)
+        assert pauses == []  # young generations are not the pauses it looks for
+        gc.collect()
+    assert len(pauses) == 1 and pauses[0] >= 0
+    assert gc.callbacks == callbacks  # the callback is removed on the way out
 
 
 def test_median_run():
