@@ -109,6 +109,22 @@ class ModelRunner:
                 self.tile_tokens,
                 self.tp_group,
             )
+        if self.device.type == "cuda":
+            self._warm_up_logits()
+
+    @torch.inference_mode()
+    def _warm_up_logits(self) -> None:
+        """Run the LM head's matmul once at every row count an eager step can sample (1..max_num_seqs).
+        cuBLAS picks a kernel by shape, and a kernel's first use loads its module and runs the heuristics,
+        which stalls the host inside a step: on an H200 ~20 ms in one step, ~45 ms over the first mixed
+        prefill + decode steps of a process's first large `generate` (docs/performance.md, session 30). The
+        decode graphs' own matmuls were loaded when they were captured."""
+        weight = self.model.lm_head.weight  # [vocab shard, hidden]
+        hidden = torch.zeros(
+            self.config.max_num_seqs, weight.shape[1], dtype=weight.dtype, device=self.device
+        )
+        for rows in range(1, self.config.max_num_seqs + 1):
+            torch.nn.functional.linear(hidden[:rows], weight)  # [rows, vocab shard], as compute_logits
 
     # ---- KV cache ---------------------------------------------------------------------------
 
