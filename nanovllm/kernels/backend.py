@@ -88,6 +88,8 @@ def hopper_or_later(x: torch.Tensor) -> bool:
 
 def check_pdl(x: torch.Tensor) -> bool:
     """True when a kernel on `x` should be launched with programmatic dependent launch. Such a kernel
-    must call gdc_wait() in every program before it reads or writes memory that earlier kernels use (only
-    inputs no kernel writes, like weights, may be read before)."""
+    must call gdc_wait() in every program before it reads or writes memory that earlier kernels use. Before
+    it, a program may read only what no kernel of the step writes: weights, tables such as rope's cos/sin,
+    and the step's inputs (positions, cache slots, lengths, block tables), which are copied in before the
+    step's first kernel, a launch without PDL that every later kernel starts after."""
     return PDL_ENABLED and x.is_cuda and _device_has_pdl(x.device.index or 0)

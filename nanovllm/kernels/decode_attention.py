@@ -153,7 +153,6 @@ if HAS_TRITON:
     ):
         if USE_PDL:
             gdc_launch_dependents()
-            gdc_wait()
         # kv heads vary fastest: the programs of one sequence's heads run side by side and read
         # neighbouring bytes of each cached token row (0.5-1.5% faster on an H200 than sequences fastest).
         kv_head = tl.program_id(0)
@@ -195,6 +194,10 @@ if HAS_TRITON:
             return
         start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, seq_len)
+        if USE_PDL:
+            # Only now: the lengths (and block tables) are the step's inputs, which no kernel writes, so the
+            # cut above runs under the tail of the kernel before; q and this step's K/V come from it.
+            gdc_wait()
 
         rows = tl.arange(0, BLOCK_H)  # [BLOCK_H]
         row_valid = rows < GROUP  # [BLOCK_H]
@@ -322,7 +325,6 @@ if HAS_TRITON:
     ):
         if USE_PDL:
             gdc_launch_dependents()
-            gdc_wait()
         # One program per (sequence, query head): weigh each split's output by its share of the total
         # softmax mass, exp2(lse_s - max_lse), and renormalize.
         seq = tl.program_id(0)
@@ -334,6 +336,8 @@ if HAS_TRITON:
         seq_len = tl.load(seq_lens_ptr + seq)
         _, num_written = _split_keys(seq_len, num_splits, BLOCK_N)
         split_valid = offs_s < num_written
+        if USE_PDL:
+            gdc_wait()  # the partials come from the split kernel (the lengths are the step's inputs)
         lse = tl.load(partial_lse_ptr + first_row + offs_s, mask=split_valid, other=float("-inf"))
         max_lse = tl.max(lse, 0)
         max_lse = tl.where(max_lse == float("-inf"), 0.0, max_lse)  # all splits empty: weights all 0

@@ -66,15 +66,47 @@ def qk_norm_rope_store_ref(
 
 
 @triton.jit
-def _norm_rope_heads(
+def _load_heads(
     src_ptr,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    # All NUM_HEADS heads of one token, each HEAD_DIM long at src_ptr, as three fp32 tiles: the rotated halves
+    # x1, x2 [BLOCK_HEADS, BLOCK_HALF] and the pass-through tail xp [BLOCK_HEADS, BLOCK_PASS] (partial rotary
+    # only; x1 stands in for it otherwise). Masked lanes hold 0.
+    half: tl.constexpr = ROTARY_DIM // 2
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < NUM_HEADS) & (dims < half)
+    src = src_ptr + heads * HEAD_DIM
+    x1 = tl.load(src + dims, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + half + dims, mask=mask, other=0.0).to(tl.float32)
+    xp = x1
+    if BLOCK_PASS > 0:
+        pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
+        xp = tl.load(src + pass_dims, mask=(heads < NUM_HEADS) & (pass_dims < HEAD_DIM), other=0.0)
+        xp = xp.to(tl.float32)
+    return x1, x2, xp
+
+
+@triton.jit
+def _norm_rope_store_heads(
+    x1,  # [BLOCK_HEADS, BLOCK_HALF] fp32, from _load_heads
+    x2,
+    xp,  # [BLOCK_HEADS, BLOCK_PASS] fp32 (BLOCK_PASS > 0)
     dst_ptr,
+    store,  # scalar: False skips the store (a padding token's cache slot)
     weight_ptr,
     eps,
     cos,
     sin,
     row_scale,  # fp32 (ROW_NORM)
     bias_ptr,  # these heads' bias (HAS_BIAS)
+    dtype: tl.constexpr,
     NUM_HEADS: tl.constexpr,
     ROW_NORM: tl.constexpr,
     HAS_BIAS: tl.constexpr,
@@ -85,23 +117,15 @@ def _norm_rope_heads(
     BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr,
 ):
-    # All NUM_HEADS heads of one token, each HEAD_DIM long at src_ptr (read) and dst_ptr (written). The heads
-    # are held as three tiles: the rotated halves x1, x2 [BLOCK_HEADS, BLOCK_HALF] and the pass-through tail
-    # xp [BLOCK_HEADS, BLOCK_PASS] (partial rotary only). cos, sin: [1, BLOCK_HALF] fp32, rounded to dtype.
+    # The loaded heads' (row scale,) norm and rope, written HEAD_DIM apart at dst_ptr. cos, sin:
+    # [1, BLOCK_HALF] fp32, rounded to dtype.
     half: tl.constexpr = ROTARY_DIM // 2
     heads = tl.arange(0, BLOCK_HEADS)[:, None]
     dims = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < NUM_HEADS) & (dims < half)
-    src = src_ptr + heads * HEAD_DIM
-    dst = dst_ptr + heads * HEAD_DIM
-    x1 = tl.load(src + dims, mask=mask, other=0.0)
-    dtype = x1.dtype
-    x1 = x1.to(tl.float32)
-    x2 = tl.load(src + half + dims, mask=mask, other=0.0).to(tl.float32)
     if BLOCK_PASS > 0:
         pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
         pass_mask = (heads < NUM_HEADS) & (pass_dims < HEAD_DIM)
-        xp = tl.load(src + pass_dims, mask=pass_mask, other=0.0).to(tl.float32)
     if ROW_NORM:
         bias = bias_ptr + heads * HEAD_DIM
         x1 = rms_scale_row(x1, row_scale, bias + dims, mask, HAS_BIAS, dtype)
@@ -125,10 +149,11 @@ def _norm_rope_heads(
     # As apply_rope_torch: each product rounded to dtype, then the sum.
     out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
     out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
-    tl.store(dst + dims, out1.to(dtype), mask=mask)
-    tl.store(dst + half + dims, out2.to(dtype), mask=mask)
+    dst = dst_ptr + heads * HEAD_DIM
+    tl.store(dst + dims, out1.to(dtype), mask=mask & store)
+    tl.store(dst + half + dims, out2.to(dtype), mask=mask & store)
     if BLOCK_PASS > 0:
-        tl.store(dst + pass_dims, xp.to(dtype), mask=pass_mask)
+        tl.store(dst + pass_dims, xp.to(dtype), mask=pass_mask & store)
 
 
 @triton.jit
@@ -165,11 +190,14 @@ def _qk_norm_rope_store_kernel(
     BLOCK_D: tl.constexpr,  # next power of two >= HEAD_DIM
     USE_PDL: tl.constexpr,  # launched with programmatic dependent launch: wait for the qkv projection
 ):
-    # One program per token: its cos/sin row once, then all q heads into q_out and, unless the token is
-    # padding, all k heads and the raw v heads into their cache slot.
+    # One program per token: all q heads into q_out and, unless the token is padding (slot < 0), all k heads
+    # and the v heads into their cache slot. A program is a chain of memory round trips, so it issues every
+    # load as early as it may: what no earlier kernel writes (the step's positions and slots, then the cos/sin
+    # row, which needs the position) before the PDL wait, then q, k, v and the norm's source row together.
+    # One round trip after the wait where loading each piece just before its use took five (~4 us a call at
+    # 256 tokens on an H200, the kernel's whole time).
     if USE_PDL:
         gdc_launch_dependents()
-        gdc_wait()
     token = tl.program_id(0).to(tl.int64)  # int64: token * stride can pass 2**31 in long prefills
     position = tl.load(positions_ptr + token).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -179,36 +207,42 @@ def _qk_norm_rope_store_kernel(
     cos_sin_row = cos_sin_ptr + position * cos_sin_stride
     cos = tl.load(cos_sin_row + dims, mask=dims_mask, other=0.0).to(dtype).to(tl.float32)
     sin = tl.load(cos_sin_row + ROTARY_DIM // 2 + dims, mask=dims_mask, other=0.0).to(dtype).to(tl.float32)
+    if USE_PDL:
+        gdc_wait()  # qkv and the norm's source row come from the kernels before
     # qkv row of this token: [q heads | k heads | v heads], each head HEAD_DIM long.
     q_src = qkv_ptr + token * qkv_token_stride
     k_src = q_src + NUM_HEADS * HEAD_DIM
     v_src = k_src + NUM_KV_HEADS * HEAD_DIM
+    q1, q2, qp = _load_heads(q_src, NUM_HEADS, HEAD_DIM, ROTARY_DIM, BLOCK_HEADS, BLOCK_HALF, BLOCK_PASS)
+    k1, k2, kp = _load_heads(
+        k_src, NUM_KV_HEADS, HEAD_DIM, ROTARY_DIM, BLOCK_KV_HEADS, BLOCK_HALF, BLOCK_PASS
+    )
+    heads = tl.arange(0, BLOCK_KV_HEADS)[:, None]
+    head_dims = tl.arange(0, BLOCK_D)[None, :]
+    v_mask = (heads < NUM_KV_HEADS) & (head_dims < HEAD_DIM)
+    v_offs = heads * HEAD_DIM + head_dims  # [BLOCK_KV_HEADS, BLOCK_D]
+    v = tl.load(v_src + v_offs, mask=v_mask).to(tl.float32)
     row_scale = 1.0
     if ROW_NORM:
         row_scale = row_rstd(src_ptr + token * src_token_stride, src_size, src_eps, SRC_BLOCK)
-    k_bias_ptr = bias_ptr + NUM_HEADS * HEAD_DIM
-    v_bias_ptr = k_bias_ptr + NUM_KV_HEADS * HEAD_DIM
-    _norm_rope_heads(
-        q_src, q_out_ptr + token * (NUM_HEADS * HEAD_DIM), q_norm_weight_ptr, eps, cos, sin, row_scale,
-        bias_ptr, NUM_HEADS, ROW_NORM, HAS_BIAS, HAS_NORM, HEAD_DIM, ROTARY_DIM, BLOCK_HEADS, BLOCK_HALF,
-        BLOCK_PASS,
+
+    _norm_rope_store_heads(
+        q1, q2, qp, q_out_ptr + token * (NUM_HEADS * HEAD_DIM), True, q_norm_weight_ptr, eps, cos, sin,
+        row_scale, bias_ptr, dtype, NUM_HEADS, ROW_NORM, HAS_BIAS, HAS_NORM, HEAD_DIM, ROTARY_DIM,
+        BLOCK_HEADS, BLOCK_HALF, BLOCK_PASS,
     )  # fmt: skip
-    if slot >= 0:
-        # The cache is contiguous: a slot's row is NUM_KV_HEADS * HEAD_DIM elements long.
-        cache_row = slot * (NUM_KV_HEADS * HEAD_DIM)
-        _norm_rope_heads(
-            k_src, k_cache_ptr + cache_row, k_norm_weight_ptr, eps, cos, sin, row_scale, k_bias_ptr,
-            NUM_KV_HEADS, ROW_NORM, HAS_BIAS, HAS_NORM, HEAD_DIM, ROTARY_DIM, BLOCK_KV_HEADS, BLOCK_HALF,
-            BLOCK_PASS,
-        )  # fmt: skip
-        heads = tl.arange(0, BLOCK_KV_HEADS)[:, None]
-        head_dims = tl.arange(0, BLOCK_D)[None, :]
-        v_mask = (heads < NUM_KV_HEADS) & (head_dims < HEAD_DIM)
-        v_offs = heads * HEAD_DIM + head_dims  # [BLOCK_KV_HEADS, BLOCK_D]
-        v = tl.load(v_src + v_offs, mask=v_mask)
-        if ROW_NORM:
-            v = rms_scale_row(v.to(tl.float32), row_scale, v_bias_ptr + v_offs, v_mask, HAS_BIAS, dtype)
-        tl.store(v_cache_ptr + cache_row + v_offs, v.to(dtype), mask=v_mask)
+    # The cache is contiguous: a slot's row is NUM_KV_HEADS * HEAD_DIM elements long.
+    cache_row = tl.maximum(slot, 0) * (NUM_KV_HEADS * HEAD_DIM)
+    k_bias_ptr = bias_ptr + NUM_HEADS * HEAD_DIM
+    _norm_rope_store_heads(
+        k1, k2, kp, k_cache_ptr + cache_row, slot >= 0, k_norm_weight_ptr, eps, cos, sin, row_scale,
+        k_bias_ptr, dtype, NUM_KV_HEADS, ROW_NORM, HAS_BIAS, HAS_NORM, HEAD_DIM, ROTARY_DIM, BLOCK_KV_HEADS,
+        BLOCK_HALF, BLOCK_PASS,
+    )  # fmt: skip
+    if ROW_NORM:
+        v_bias_ptrs = k_bias_ptr + NUM_KV_HEADS * HEAD_DIM + v_offs
+        v = rms_scale_row(v, row_scale, v_bias_ptrs, v_mask, HAS_BIAS, dtype)
+    tl.store(v_cache_ptr + cache_row + v_offs, v.to(dtype), mask=v_mask & (slot >= 0))
 
 
 # ---------------------------------------------------------------- launcher
