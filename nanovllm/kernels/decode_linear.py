@@ -141,6 +141,10 @@ def _decode_linear_kernel(
     if USE_PDL:
         gdc_wait()  # x (and the output buffer) belong to earlier kernels
     x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
+    out_offs = rows[None, :].to(tl.int64) * n_out + cols[:, None]  # [BLOCK_N, BLOCK_M]
+    out_mask = col_mask[:, None] & row_mask[None, :]
+    if HAS_RESIDUAL:  # loaded now, under the K loop: at the epilogue it would be one more round trip
+        residual = tl.load(residual_ptr + out_offs, mask=out_mask)  # [BLOCK_N, BLOCK_M]
     acc = tl.dot(w, tl.trans(x), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M] fp32
     if SILU_MUL:
         acc_up = tl.dot(w_up, tl.trans(x), input_precision=DOT_PRECISION)
@@ -172,10 +176,8 @@ def _decode_linear_kernel(
             acc_up += tl.load(bias_ptr + n_out + cols, mask=col_mask, other=0.0).to(tl.float32)[:, None]
     if SILU_MUL:
         acc = silu_mul_rounded(acc, acc_up, dtype)
-    out_offs = rows[None, :].to(tl.int64) * n_out + cols[:, None]  # [BLOCK_N, BLOCK_M]
-    out_mask = col_mask[:, None] & row_mask[None, :]
     if HAS_RESIDUAL:  # as `residual + y` on dtype tensors: y rounded first
-        acc = acc.to(dtype).to(tl.float32) + tl.load(residual_ptr + out_offs, mask=out_mask).to(tl.float32)
+        acc = acc.to(dtype).to(tl.float32) + residual.to(tl.float32)
     tl.store(out_ptr + out_offs, acc.to(dtype), mask=out_mask)
 
 
