@@ -11,7 +11,7 @@ It does what cuBLAS does for these shapes, with two things cuBLAS cannot do:
 - Weights before the wait: launched with programmatic dependent launch (`backend.check_pdl`), a program
   loads the first K chunk of its W tile, which no earlier kernel writes, *then* waits for the previous
   kernel (`gdc_wait`) before reading x; so the next matmul's weight stream starts under the tail of the
-  kernels before it.
+  kernels before it. The residual loads right after the wait too, under the K loop, not in the epilogue.
 - The SiLU-and-mul after gate_up_proj runs in the epilogue, so the [M, N] gate_up output is never written;
   so do the RMSNorm before it (every program sees whole rows of x: it sums their squares on the way) and the
   residual add after o_proj and down_proj.
