@@ -195,8 +195,8 @@ if HAS_TRITON:
         start = split * keys_per_split
         end = tl.minimum(start + keys_per_split, seq_len)
         if USE_PDL:
-            # Only now: the lengths (and block tables) are the step's inputs, which no kernel writes, so the
-            # cut above runs under the tail of the kernel before; q and this step's K/V come from it.
+            # Only now: the lengths are the step's inputs, which no kernel writes, so the cut above runs under
+            # the tail of the kernel before; q and this step's K/V come from it.
             gdc_wait()
 
         rows = tl.arange(0, BLOCK_H)  # [BLOCK_H]

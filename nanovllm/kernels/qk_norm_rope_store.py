@@ -23,7 +23,7 @@ import torch
 
 from nanovllm.kernels.backend import check_pdl, gdc_launch_dependents, gdc_wait, tl, triton
 from nanovllm.kernels.rmsnorm import rms_norm_torch, rms_scale_row, rms_scale_torch, row_rstd
-from nanovllm.kernels.rope import apply_rope_torch
+from nanovllm.kernels.rope import apply_rope_torch, head_tiles, rotate_halves
 from nanovllm.kernels.store_kvcache import check_kv_cache, check_triton_device, store_kvcache_ref
 
 # ---------------------------------------------------------------- torch reference
@@ -78,18 +78,15 @@ def _load_heads(
     # All NUM_HEADS heads of one token, each HEAD_DIM long at src_ptr, as three fp32 tiles: the rotated halves
     # x1, x2 [BLOCK_HEADS, BLOCK_HALF] and the pass-through tail xp [BLOCK_HEADS, BLOCK_PASS] (partial rotary
     # only; x1 stands in for it otherwise). Masked lanes hold 0.
-    half: tl.constexpr = ROTARY_DIM // 2
-    heads = tl.arange(0, BLOCK_HEADS)[:, None]
-    dims = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < NUM_HEADS) & (dims < half)
+    heads, dims, mask, pass_dims, pass_mask = head_tiles(
+        NUM_HEADS, HEAD_DIM, ROTARY_DIM, BLOCK_HEADS, BLOCK_HALF, BLOCK_PASS
+    )
     src = src_ptr + heads * HEAD_DIM
     x1 = tl.load(src + dims, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(src + half + dims, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + ROTARY_DIM // 2 + dims, mask=mask, other=0.0).to(tl.float32)
     xp = x1
     if BLOCK_PASS > 0:
-        pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
-        xp = tl.load(src + pass_dims, mask=(heads < NUM_HEADS) & (pass_dims < HEAD_DIM), other=0.0)
-        xp = xp.to(tl.float32)
+        xp = tl.load(src + pass_dims, mask=pass_mask, other=0.0).to(tl.float32)
     return x1, x2, xp
 
 
@@ -120,12 +117,9 @@ def _norm_rope_store_heads(
     # The loaded heads' (row scale,) norm and rope, written HEAD_DIM apart at dst_ptr. cos, sin:
     # [1, BLOCK_HALF] fp32, rounded to dtype.
     half: tl.constexpr = ROTARY_DIM // 2
-    heads = tl.arange(0, BLOCK_HEADS)[:, None]
-    dims = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < NUM_HEADS) & (dims < half)
-    if BLOCK_PASS > 0:
-        pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
-        pass_mask = (heads < NUM_HEADS) & (pass_dims < HEAD_DIM)
+    heads, dims, mask, pass_dims, pass_mask = head_tiles(
+        NUM_HEADS, HEAD_DIM, ROTARY_DIM, BLOCK_HEADS, BLOCK_HALF, BLOCK_PASS
+    )
     if ROW_NORM:
         bias = bias_ptr + heads * HEAD_DIM
         x1 = rms_scale_row(x1, row_scale, bias + dims, mask, HAS_BIAS, dtype)
@@ -146,9 +140,7 @@ def _norm_rope_store_heads(
         if BLOCK_PASS > 0:
             wp = tl.load(weight_ptr + pass_dims, mask=pass_dims < HEAD_DIM, other=0.0).to(tl.float32)
             xp = ((xp * rstd).to(dtype).to(tl.float32) * wp).to(dtype).to(tl.float32)
-    # As apply_rope_torch: each product rounded to dtype, then the sum.
-    out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
-    out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+    out1, out2 = rotate_halves(x1, x2, cos, sin, dtype)
     dst = dst_ptr + heads * HEAD_DIM
     tl.store(dst + dims, out1.to(dtype), mask=mask & store)
     tl.store(dst + half + dims, out2.to(dtype), mask=mask & store)

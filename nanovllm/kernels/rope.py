@@ -34,6 +34,36 @@ def apply_rope_torch(
 
 
 @triton.jit
+def head_tiles(
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    ROTARY_DIM: tl.constexpr,
+    BLOCK_HEADS: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
+    """Offsets and masks of one token's heads held as tiles: heads [BLOCK_HEADS, 1], the rotated half's dims
+    [1, BLOCK_HALF] and its mask, the pass-through tail's dims [1, BLOCK_PASS] and its mask (partial rotary;
+    the half's stand in when BLOCK_PASS is 0). A head's first half is at dims, its second at half + dims."""
+    heads = tl.arange(0, BLOCK_HEADS)[:, None]
+    dims = tl.arange(0, BLOCK_HALF)[None, :]
+    mask = (heads < num_heads) & (dims < ROTARY_DIM // 2)
+    pass_dims, pass_mask = dims, mask
+    if BLOCK_PASS > 0:
+        pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
+        pass_mask = (heads < num_heads) & (pass_dims < HEAD_DIM)
+    return heads, dims, mask, pass_dims, pass_mask
+
+
+@triton.jit
+def rotate_halves(x1, x2, cos, sin, dtype: tl.constexpr):
+    """As apply_rope_torch on fp32 tiles of the two halves: each product rounded to dtype, then the sum."""
+    out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
+    out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+    return out1, out2
+
+
+@triton.jit
 def _rope_heads(
     x_ptr,
     x_token_stride,
@@ -51,23 +81,18 @@ def _rope_heads(
 ):
     # Rotates all heads of one token of q or k. cos, sin: [1, BLOCK_HALF] fp32, already rounded to x's dtype.
     half: tl.constexpr = ROTARY_DIM // 2
-    heads = tl.arange(0, BLOCK_HEADS)[:, None]
-    dims = tl.arange(0, BLOCK_HALF)[None, :]
-    mask = (heads < num_heads) & (dims < half)
+    heads, dims, mask, pass_dims, pass_mask = head_tiles(
+        num_heads, HEAD_DIM, ROTARY_DIM, BLOCK_HEADS, BLOCK_HALF, BLOCK_PASS
+    )
     src = x_ptr + token * x_token_stride + heads * x_head_stride
     dst = out_ptr + token * num_heads * HEAD_DIM + heads * HEAD_DIM
     x1 = tl.load(src + dims, mask=mask, other=0.0)
     x2 = tl.load(src + half + dims, mask=mask, other=0.0)
     dtype = x1.dtype
-    x1 = x1.to(tl.float32)
-    x2 = x2.to(tl.float32)
-    out1 = (x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)
-    out2 = (x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)
+    out1, out2 = rotate_halves(x1.to(tl.float32), x2.to(tl.float32), cos, sin, dtype)
     tl.store(dst + dims, out1.to(dtype), mask=mask)
     tl.store(dst + half + dims, out2.to(dtype), mask=mask)
     if BLOCK_PASS > 0:
-        pass_dims = ROTARY_DIM + tl.arange(0, BLOCK_PASS)[None, :]
-        pass_mask = (heads < num_heads) & (pass_dims < HEAD_DIM)
         tl.store(dst + pass_dims, tl.load(src + pass_dims, mask=pass_mask), mask=pass_mask)
 
 
