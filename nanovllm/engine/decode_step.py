@@ -1,7 +1,7 @@
 """A decode step's forward: the whole batch in one piece, or in two halves on two CUDA streams.
 
 Every sequence of a decode step computes one token, and the rows of the batch never meet before the
-logits. At 16-112 sequences a step is a chain of ~260 latency-bound kernels, so on a single GPU the batch
+logits. At 16-128 sequences a step is a chain of ~260 latency-bound kernels, so on a single GPU the batch
 of a small model (whose second pass over the weights is cheap) runs as two halves whose chains fill each
 other's gaps: one half's matmuls run beside the other half's attention (docs/cuda_graphs.md, "Two halves on
 two streams"). `DecodeStep` decides how a batch is cut and what each part's attention metadata is, and runs
@@ -21,13 +21,15 @@ from nanovllm.kernels.decode_attention import default_num_splits, default_split_
 from nanovllm.layers.attention import AttentionMetadata
 from nanovllm.utils.env import env_int
 
-# Padded decode batches of 16..112 sequences (single GPU) run as two halves. H100, Qwen3-0.6B, 800-2000-token
+# Padded decode batches of 16..128 sequences (single GPU) run as two halves. H100, Qwen3-0.6B, 800-2000-token
 # contexts (benchmarks/two_stream_decode.py, results/two_stream_decode-...-080911.json): graph GPU time -6.4/
 # -8.0/-7.1/-4.2/-5.8/-3.4/-2.1% at 16/32/48/64/80/96/112 sequences, -1.2% at 128; at 192 and 256 the second
 # pass over the weights costs more than the overlap saves (+1.5/+1.2%). NANOVLLM_TWO_STREAM_MAX_BATCH below 16
 # (e.g. 0) turns it off.
 TWO_STREAM_MIN_BATCH = 16
-TWO_STREAM_MAX_BATCH = env_int("NANOVLLM_TWO_STREAM_MAX_BATCH", 112)
+# 112 until session 32, whose H200 A/Bs of the default workload (two, 3 alternating rounds each) read
+# +0.3 points of the floor for 128 and -0.1 for 144 (docs/performance.md "Session 32").
+TWO_STREAM_MAX_BATCH = env_int("NANOVLLM_TWO_STREAM_MAX_BATCH", 128)
 # The halves read the weights twice: worth it only where a pass over them is short next to the rest of the
 # step. Qwen3-0.6B (1.2 GB in bf16, 2.4 GB in float32) gains as above; Qwen3-8B (16 GB) lost 30% at batch 64
 # on an H200 (7.8k decode tok/s against 10.8-11.1k in one piece, results/tp_scaling-...-123114.json, TP=1).
@@ -43,7 +45,7 @@ def model_weight_bytes(model: torch.nn.Module) -> int:
 
 
 def two_stream_sizes(*, cuda: bool, tp_size: int, weight_bytes: int) -> range:
-    """The padded decode batch sizes cut in two halves: 16..112 on a single GPU for a model of at most
+    """The padded decode batch sizes cut in two halves: 16..128 on a single GPU for a model of at most
     TWO_STREAM_MAX_WEIGHT_BYTES; none under TP, where the halves' all-reduces would share the peer buffers."""
     on = cuda and tp_size == 1 and weight_bytes <= TWO_STREAM_MAX_WEIGHT_BYTES
     return range(TWO_STREAM_MIN_BATCH, TWO_STREAM_MAX_BATCH + 1 if on else 0)

@@ -110,7 +110,7 @@ def test_greedy_decode_in_two_halves(ckpt, prompts, expected):
     and the split counters are CUDA-only: tests/gpu/test_engine_gpu.py.)"""
     llm = LLM(str(ckpt))
     step = llm.engine.runner.decode  # engine/decode_step.py
-    step.two_stream_sizes = range(2, 257)  # (a single GPU's default for a small model: 16..112)
+    step.two_stream_sizes = range(2, 257)  # (a single GPU's default for a small model: 16..128)
     cuts = []
     forward = step.forward
     step.forward = lambda t, parts, *a: (

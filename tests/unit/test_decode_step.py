@@ -23,7 +23,7 @@ ON = TWO_STREAM_MAX_BATCH >= TWO_STREAM_MIN_BATCH  # (NANOVLLM_TWO_STREAM_MAX_BA
 
 def test_two_halves_only_on_one_gpu_for_a_small_model():
     small = TWO_STREAM_MAX_WEIGHT_BYTES
-    default = range(TWO_STREAM_MIN_BATCH, TWO_STREAM_MAX_BATCH + 1)  # 16..112
+    default = range(TWO_STREAM_MIN_BATCH, TWO_STREAM_MAX_BATCH + 1)  # 16..128
     assert list(two_stream_sizes(cuda=True, tp_size=1, weight_bytes=small)) == list(default)
     assert not two_stream_sizes(cuda=True, tp_size=1, weight_bytes=small + 1)
     assert not two_stream_sizes(cuda=True, tp_size=2, weight_bytes=1)  # TP: the halves would share buffers
