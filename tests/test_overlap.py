@@ -269,3 +269,38 @@ def test_prefix_hits_count_as_the_scheduler_counts_them(engines, monkeypatch):
     _check_clean(overlap)
     assert outs[0].num_cached_tokens == 16
     assert sizes[0] == 64  # (charged all 30 tokens, the walk stopped before the penalized one: 20)
+
+
+def test_a_failed_step_leaves_no_cached_block_to_a_request_that_hit_it_after_an_abort(engines, monkeypatch):
+    """Step 1 registers A's full prompt blocks; A is aborted while step 1 is in flight and B, the same
+    prompt, hits those blocks in step 2. Reading step 1 back fails (its K/V never written: simulated by
+    filling the cache with noise), so step 2 fails too. The blocks must leave the prefix cache: a later
+    request with that prompt computes it again and gets the tokens of the waiting engine."""
+    from nanovllm.engine.step_input import LaunchedStep
+
+    sync, overlap = engines
+    prompt = mixed_prompts([40], seed=21)[0]  # two full blocks and 8 tokens
+    params = SamplingParams(temperature=0, max_tokens=6)
+    want = _summary(sync.generate([prompt], params, use_tqdm=False))
+    engine = overlap.engine
+    engine.scheduler.block_manager.reset_prefix_cache()
+    a = engine.add_request(prompt, params)
+    engine.step()
+    assert engine._inflight is not None  # step 1 (A's prompt) still on the device
+    engine.abort(a)
+    b = engine.add_request(prompt, params)
+
+    def wait(self):
+        overlap.engine.runner.kv_cache.normal_(0, 30)  # the failed step's K/V: garbage
+        raise RuntimeError("injected read-back fault")
+
+    with monkeypatch.context() as m:
+        m.setattr(LaunchedStep, "wait", wait)
+        with pytest.raises(RuntimeError, match="injected read-back fault"):
+            engine.step()  # schedules B (hitting A's blocks), launches step 2, reads step 1 back
+    assert engine.dropped_request_ids == [b]
+    _check_clean(overlap)
+    again = overlap.generate([prompt], params, use_tqdm=False)
+    assert again[0].num_cached_tokens == 0
+    assert _summary(again) == [(*want[0][:5], 0)]
+    _check_clean(overlap)

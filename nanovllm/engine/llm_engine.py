@@ -272,11 +272,12 @@ class LLMEngine:
             tokens, out = step.launched.wait()
         except BaseException:
             self._fail(step.batch, step.starts)
-            # Requests aborted while the step ran keep blocks registered for K/V it never wrote.
-            self.scheduler.block_manager.reset_prefix_cache()
             if self._inflight is not None:  # the step launched after it read its tokens: fail it too
                 following, self._inflight = self._inflight, None
                 self._fail(following.batch, following.starts)
+            # Requests aborted while the step ran keep blocks registered for K/V it never wrote; the
+            # following step may have hit them, so only now (its requests failed) are they all free.
+            self.scheduler.block_manager.reset_prefix_cache()
             raise
         if step.launched.prompt_logprobs is not None:
             self._record_prompt_logprobs(step.batch, step.launched.prompt_logprobs)
