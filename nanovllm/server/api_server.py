@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -460,9 +461,42 @@ def _sse(obj: dict) -> str:
 async def _json_body(request: Request):
     raw = await request.body()
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
+    # json.loads lets an unpaired UTF-16 surrogate through ("\ud83d": an emoji cut in half), which no
+    # tokenizer and no UTF-8 response can take. It comes from an escape or (json.loads decodes with
+    # surrogatepass) its UTF-8 bytes; a body in another encoding (UTF-16/32, rare) is searched whole.
+    if json.detect_encoding(raw) != "utf-8" or _SURROGATE_HINT.search(raw):
+        where = _unpaired_surrogate(body, "")
+        if where is not None:
+            raise RequestError(
+                f"{where or 'the request body'} holds an unpaired UTF-16 surrogate: not valid Unicode",
+                where or None,
+            )
+    return body
+
+
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # (json.loads joins an escaped pair into one character)
+
+
+def _unpaired_surrogate(obj, where: str) -> str | None:
+    """The path ("messages[0].content") of the first string in `obj` with an unpaired surrogate (for one in
+    a key: its object's, "" at the top), else None."""
+    if isinstance(obj, str):
+        return where if _SURROGATE.search(obj) else None
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if _SURROGATE.search(key):
+                return where
+            if (found := _unpaired_surrogate(value, f"{where}.{key}" if where else key)) is not None:
+                return found
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            if (found := _unpaired_surrogate(value, f"{where}[{i}]")) is not None:
+                return found
+    return None
 
 
 # ---- the app ------------------------------------------------------------------------------------------

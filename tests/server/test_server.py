@@ -599,6 +599,34 @@ def test_bad_requests_leave_the_server_serving(server, client):
     assert httpx.get(server + "/health").status_code == 200
 
 
+def test_unpaired_surrogates_are_a_400(server, client):
+    """JSON lets a lone UTF-16 surrogate escape through ("\\ud83d": an emoji cut in half by a client that
+    slices UTF-16 strings); no tokenizer and no UTF-8 response can take it: a 400 naming where it is."""
+    cases = [
+        ("/v1/completions", r'{"prompt": "hi \ud83d", "max_tokens": 2}', "prompt"),
+        ("/v1/completions", r'{"prompt": "hi", "stream": true, "bad_words": ["\udc00"]}', "bad_words[0]"),
+        (
+            "/v1/chat/completions",
+            r'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a\ud800"}]}]}',
+            "messages[0].content[0].text",
+        ),
+        ("/v1/completions", r'{"prompt": "hi", "max_tokens": 2, "\ud800": 1}', None),  # in a key
+        ("/tokenize", r'{"prompt": "\udfff"}', "prompt"),
+    ]
+    for path, raw, param in cases:
+        r = httpx.post(server + path, content=raw.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 400, (raw, r.text)
+        assert r.json()["error"]["param"] == param and "surrogate" in r.json()["error"]["message"]
+    # not escaped but encoded (json.loads decodes bytes with surrogatepass), in UTF-8 or UTF-16
+    for raw in (b'{"prompt": "a\xed\xa0\x80"}', '{"prompt": "a\ud800"}'.encode("utf-16-le", "surrogatepass")):
+        r = httpx.post(server + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", (raw, r.text)
+    # a pair (an escaped emoji, as json.dumps writes it) is one character, and fine
+    ok = httpx.post(server + "/tokenize", content=rb'{"prompt": "\ud83d\ude00"}')
+    assert ok.status_code == 200 and ok.json()["count"] >= 1
+    assert _complete(client, max_tokens=3).usage.completion_tokens >= 1
+
+
 # ---- concurrency and disconnects ----------------------------------------------------------------------
 
 
