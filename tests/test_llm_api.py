@@ -148,10 +148,10 @@ def test_cli_generate_with_samples_and_chat(ckpt, capsys):
 
 
 def test_chat_takes_openai_text_parts_and_lets_kwargs_override(llm):
-    text_parts = [{"type": "text", "text": "What is "}, {"type": "text", "text": "2+2?"}]
+    text_parts = [{"type": "text", "text": "What is"}, {"type": "text", "text": "2+2?"}]
     parts = [{"role": "user", "content": text_parts}]
     (out,) = llm.chat(parts, GREEDY, use_tqdm=False)
-    (plain,) = llm.chat([{"role": "user", "content": "What is 2+2?"}], GREEDY, use_tqdm=False)
+    (plain,) = llm.chat([{"role": "user", "content": "What is\n2+2?"}], GREEDY, use_tqdm=False)  # (joined)
     assert out.prompt == plain.prompt and "2+2?" in out.prompt
     (bare,) = llm.chat(parts, GREEDY, use_tqdm=False, chat_template_kwargs={"add_generation_prompt": False})
     assert not bare.prompt.endswith("assistant\n")

@@ -18,9 +18,10 @@ def text_messages(
     messages: Any, roles: tuple[str, ...] | None = None, fields: tuple[str, ...] | None = None
 ) -> list[dict]:
     """Each message as a dict with a role and its content as one string: OpenAI's lists of
-    {"type": "text", "text": ...} parts are joined, as vLLM does. `roles` limits the roles (None: any
-    string) and `fields` the keys a message may have (None: any, passed on to the template). Fields set
-    to None are left out. Raises MessageError naming the first bad part."""
+    {"type": "text", "text": ...} parts are joined with newlines, as vLLM does. `roles` limits the roles
+    (None: any string) and `fields` the keys a message may have (None: any, passed on to the template).
+    Fields set to None are left out unchecked (a client's `message.model_dump()` of a reply carries
+    `tool_calls: None`, `refusal: None`, ...). Raises MessageError naming the first bad part."""
     if not isinstance(messages, list) or not messages:
         raise MessageError("messages must be a non-empty list of {role, content} objects", "messages")
     out = []
@@ -28,8 +29,8 @@ def text_messages(
         where = f"messages[{i}]"
         if not isinstance(m, dict):
             raise MessageError(f"{where} must be an object", where)
-        for key in m:
-            if fields is not None and key not in fields:  # (only the server limits them)
+        for key, value in m.items():
+            if fields is not None and key not in fields and value is not None:  # (only the server limits)
                 raise MessageError(f"{where}.{key} is not supported by this server", f"{where}.{key}")
         role = m.get("role")
         if roles is not None and role not in roles:
@@ -55,7 +56,7 @@ def _content_text(content: Any, where: str) -> str:
             ):
                 raise MessageError(f"{where}[{j}]: only text parts are supported", f"{where}[{j}]")
             parts.append(part["text"])
-        return "".join(parts)
+        return "\n".join(parts)
     raise MessageError(f"{where} must be a string or a list of text parts, got {content!r}", where)
 
 

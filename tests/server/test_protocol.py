@@ -152,7 +152,7 @@ def test_chat_fields():
         },
     ]
     req = parse_chat_request({"messages": msgs, "logprobs": True, "top_logprobs": 3}, MAX_LEN)
-    assert req.messages[1] == {"role": "user", "content": "ab", "name": "bob"}
+    assert req.messages[1] == {"role": "user", "content": "a\nb", "name": "bob"}  # (vLLM's join)
     assert req.logprobs == 3 and req.params.logprobs == 3
     assert req.fill_max_tokens and req.params.max_tokens == MAX_LEN
     assert parse_chat_request({"messages": msgs, "logprobs": True}, MAX_LEN).logprobs == 0
@@ -177,6 +177,15 @@ def test_chat_fields():
 )
 def test_bad_messages(messages, param):
     assert _err(parse_chat_request, {"messages": messages}).param == param
+
+
+def test_a_reply_dumped_by_the_openai_client_goes_back_in():
+    # `messages.append(reply.model_dump())` (openai-python) carries the fields it does not use as None: they
+    # are left out, not rejected.
+    reply = {"role": "assistant", "content": "4", "refusal": None, "annotations": None, "audio": None,
+             "function_call": None, "tool_calls": None}  # fmt: skip
+    req = parse_chat_request({"messages": [{"role": "user", "content": "2+2?"}, reply]}, MAX_LEN)
+    assert req.messages[1] == {"role": "assistant", "content": "4"}
 
 
 def test_chat_rejects():
