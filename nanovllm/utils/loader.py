@@ -68,7 +68,7 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, object]]) -> Non
 
 def _load(model: nn.Module, params: dict[str, nn.Parameter], weights: Iterator[tuple[str, object]]) -> None:
     packed = getattr(model, "packed_modules_mapping", {})
-    loaded_names = set()
+    loaded_names = set()  # checkpoint names, so that each part of a packed parameter is accounted for
     for name, tensor in weights:
         if name.endswith("rotary_emb.inv_freq"):
             continue
@@ -78,7 +78,7 @@ def _load(model: nn.Module, params: dict[str, nn.Parameter], weights: Iterator[t
             if f".{key}." in name:
                 param_name = name.replace(f".{key}.", f".{packed_name}.")
                 params[param_name].weight_loader(params[param_name], tensor, shard_id)
-                loaded_names.add(param_name)
+                loaded_names.add(name)
                 break
         else:
             if name not in params:
@@ -86,10 +86,17 @@ def _load(model: nn.Module, params: dict[str, nn.Parameter], weights: Iterator[t
             param = params[name]
             getattr(param, "weight_loader", default_weight_loader)(param, tensor)
             loaded_names.add(name)
-    missing = sorted(
-        set(params)
-        - loaded_names
-        - ({"lm_head.weight"} if getattr(model, "tie_word_embeddings", False) else set())
-    )
+    # The checkpoint names each parameter needs: one per part of a packed parameter (q_proj, k_proj, v_proj
+    # of qkv_proj), else its own name.
+    expected = set()
+    for param_name in params:
+        parts = [
+            param_name.replace(f".{packed_name}.", f".{key}.")
+            for key, (packed_name, _) in packed.items()
+            if f".{packed_name}." in param_name
+        ]
+        expected.update(parts or [param_name])
+    tied = {"lm_head.weight"} if getattr(model, "tie_word_embeddings", False) else set()
+    missing = sorted(expected - loaded_names - tied)
     if missing:
         raise ValueError(f"checkpoint is missing weights: {missing[:5]}{' ...' if len(missing) > 5 else ''}")

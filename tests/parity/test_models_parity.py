@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.scheduler import ScheduledBatch
@@ -209,6 +211,25 @@ def test_qwen2_sliding_window_only_counts_windowed_layers():
     get_model_class(unwindowed).check_config(unwindowed, 128)
     off = Qwen2Config(**{**base, "use_sliding_window": False}, sliding_window=64)
     get_model_class(off).check_config(off, 128)
+
+
+@pytest.mark.parametrize(
+    "arch, name",
+    [
+        ("llama", "model.layers.0.self_attn.k_proj.weight"),  # one part of the packed qkv_proj
+        ("llama", "model.layers.1.mlp.up_proj.weight"),  # one part of the packed gate_up_proj
+        ("qwen2", "model.layers.0.self_attn.q_proj.bias"),  # one part of the packed qkv bias
+        ("llama", "model.layers.1.self_attn.o_proj.weight"),
+    ],
+)
+def test_missing_weight_raises(tmp_path, arch, name):
+    # Parts of packed parameters used to count as loaded once any part was: the rest stayed uninitialized.
+    ckpt = build_checkpoint(tmp_path, arch)
+    weights = load_file(ckpt / "model.safetensors")
+    del weights[name]
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"checkpoint is missing weights: [{name!r}]")):
+        LLM(str(ckpt), max_model_len=MAX_MODEL_LEN)
 
 
 # ---------------------------------------------------------------- EOS ids from generation_config.json
