@@ -230,8 +230,21 @@ class DecoderForCausalLM(nn.Module):
 
     @classmethod
     def check_config(cls, config: PretrainedConfig, max_model_len: int) -> None:
-        """Raise ValueError for a config this implementation cannot run exactly. By default: layers
-        marked "sliding_attention" (Qwen2/3 with use_sliding_window on) beyond their window."""
+        """Raise ValueError for a config this implementation cannot run exactly. By default: an activation
+        other than SiLU, partial rotary embeddings, and layers marked "sliding_attention" (Qwen2/3 with
+        use_sliding_window on) beyond their window. Subclasses that add checks call this first."""
+        archs = getattr(config, "architectures", None) or [type(config).__name__]
+        hidden_act = getattr(config, "hidden_act", "silu")
+        if hidden_act not in ("silu", "swish"):  # transformers' ACT2FN: both are SiLU
+            raise ValueError(f"{archs[0]}: the MLP is SwiGLU (SiLU) only, got hidden_act={hidden_act!r}")
+        # transformers' Llama / Qwen2 / Qwen3 / Mistral rotate the whole head with the default rope (and
+        # cannot run partial rotary with the scaled ones): a partial rotation here would not match them.
+        partial = rope_parameters_from_config(config).get("partial_rotary_factor", 1.0)
+        if partial != 1.0:
+            raise ValueError(
+                f"{archs[0]}: partial rotary embeddings are not supported, "
+                f"got partial_rotary_factor={partial}"
+            )
         check_sliding_window(config, max_model_len, every_layer=False)
 
     def __init__(self, config: PretrainedConfig, max_position: int):

@@ -10,4 +10,5 @@ from nanovllm.models.decoder import DecoderForCausalLM, check_sliding_window
 class MistralForCausalLM(DecoderForCausalLM):
     @classmethod
     def check_config(cls, config: PretrainedConfig, max_model_len: int) -> None:
+        super().check_config(config, max_model_len)
         check_sliding_window(config, max_model_len, every_layer=True)

@@ -232,6 +232,21 @@ def test_missing_weight_raises(tmp_path, arch, name):
         LLM(str(ckpt), max_model_len=MAX_MODEL_LEN)
 
 
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (dict(hidden_act="gelu"), "hidden_act='gelu'"),  # transformers runs GELU; the decoder is SwiGLU
+        # transformers' Llama/Qwen/Mistral rotate the whole head with the default rope (and fail with scaled
+        # ones); nanovllm would rotate half of it
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor=0.5"),
+    ],
+)
+def test_config_options_the_decoder_ignores_are_refused(tmp_path, overrides, match):
+    ckpt = build_checkpoint(tmp_path, "llama", **overrides)
+    with pytest.raises(ValueError, match=re.escape(match)):
+        LLM(str(ckpt), max_model_len=MAX_MODEL_LEN)
+
+
 # ---------------------------------------------------------------- EOS ids from generation_config.json
 
 
