@@ -265,9 +265,9 @@ class TensorParallelExecutor:
                 name=f"nanovllm-tp-rank{rank}",
                 daemon=True,  # also stopped at interpreter exit by multiprocessing itself
             )
+            proc.start()  # (listed once started: shutdown() can only stop a started process)
             self.workers.conns.append(parent_end)
             self.workers.procs.append(proc)
-            proc.start()
             child_end.close()  # only the worker holds it now: its exit is EOF here
 
     # ---- one step ---------------------------------------------------------------------------

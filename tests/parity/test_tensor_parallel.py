@@ -276,6 +276,16 @@ def test_context_manager_shuts_workers_down_kv_heads_replicated(tmp_path_factory
         llm.generate(prompts[:1], GREEDY, use_tqdm=False)
 
 
+def test_worker_that_cannot_start_raises_its_own_error(ckpt, monkeypatch):
+    # An LLM built inside a daemonic process (a multiprocessing.Pool worker, say) cannot start its workers:
+    # the user must see why, not shutdown()'s AssertionError about joining a process never started.
+    monkeypatch.setitem(mp.current_process()._config, "daemon", True)
+    threads = torch.get_num_threads()
+    with pytest.raises(AssertionError, match="daemonic processes are not allowed to have children"):
+        LLM(str(ckpt), tensor_parallel_size=2)
+    assert torch.get_num_threads() == threads  # (the CPU ranks' thread share is given back)
+
+
 def test_garbage_collected_engine_stops_its_workers(ckpts):
     llm = LLM(str(ckpts["qwen3"]), tensor_parallel_size=2)
     procs = _workers(llm)
