@@ -69,6 +69,8 @@ class Config:
             _check_int(self, "max_num_batched_tokens", 1)
         if self.num_kvcache_blocks is not None:
             _check_int(self, "num_kvcache_blocks", 1)
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch's range), got {self.seed!r}")
         if self.block_size is not None and self.block_size not in SUPPORTED_BLOCK_SIZES:
             raise ValueError(f"block_size must be one of {SUPPORTED_BLOCK_SIZES}, got {self.block_size!r}")
         if (

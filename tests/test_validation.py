@@ -99,6 +99,9 @@ def test_unknown_engine_argument(ckpt):
         (dict(max_model_len=1), ["max_model_len", "1"]),
         (dict(max_num_batched_tokens=4, max_num_seqs=8), ["max_num_batched_tokens (4)", "max_num_seqs (8)"]),
         (dict(num_kvcache_blocks=0), ["num_kvcache_blocks", "0"]),
+        (dict(seed=None), ["seed", "None"]),  # (was a TypeError from torch, deep in start-up)
+        (dict(seed=1.5), ["seed", "1.5"]),
+        (dict(seed=2**64), ["seed", str(2**64)]),
         (dict(tensor_parallel_size=3), ["tensor_parallel_size=3", "num_attention_heads=4"]),
     ],
 )
