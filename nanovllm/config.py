@@ -43,7 +43,7 @@ class Config:
     async_scheduling: bool = True  # schedule step n+1 while the device(s) run step n
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False  # True: every TP all-reduce through NCCL (not peer memory)
-    seed: int = 0
+    seed: int | None = 0  # None: 0, as vLLM V1 takes it
     kernel_backend: str = "auto"  # auto | triton | torch (torch: the reference ops everywhere)
     # Resolved in __post_init__ from the checkpoint; not user arguments.
     hf_config: PretrainedConfig = field(init=False, repr=False)
@@ -69,6 +69,8 @@ class Config:
             _check_int(self, "max_num_batched_tokens", 1)
         if self.num_kvcache_blocks is not None:
             _check_int(self, "num_kvcache_blocks", 1)
+        if self.seed is None:
+            set_("seed", 0)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not -(2**63) <= self.seed < 2**64:
             raise ValueError(f"seed must be an int in [-2**63, 2**64) (torch's range), got {self.seed!r}")
         if self.block_size is not None and self.block_size not in SUPPORTED_BLOCK_SIZES:
