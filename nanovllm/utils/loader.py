@@ -41,7 +41,8 @@ def iter_random_weights(
         elif name.endswith(".bias"):
             yield name, torch.zeros(shape, device=device)
         else:
-            gen.manual_seed(seed * 1_000_003 + i)
+            key = seed * 1_000_003 + i
+            gen.manual_seed(key if -(2**63) <= key < 2**64 else key % 2**64)  # (into torch's range)
             yield name, torch.randn(shape, generator=gen, device=device).mul_(0.02)
 
 

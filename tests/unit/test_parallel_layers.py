@@ -26,7 +26,7 @@ from nanovllm.layers.linear import (
 )
 from nanovllm.models import get_model_class
 from nanovllm.utils.distributed import TensorParallelGroup, building_with, get_tp_rank, get_tp_size
-from nanovllm.utils.loader import iter_checkpoint, load_weights, safetensors_files
+from nanovllm.utils.loader import iter_checkpoint, iter_random_weights, load_weights, safetensors_files
 from tests.checkpoints import build_checkpoint
 
 
@@ -389,3 +389,14 @@ def test_layers_take_f_linear_on_the_cpu(monkeypatch):
     merged = layers[2]
     gate, up = F.linear(x, merged.weight).chunk(2, dim=-1)
     torch.testing.assert_close(merged.forward_silu_mul(x), F.silu(gate) * up)
+
+
+def test_random_weights_take_any_engine_seed():
+    # A preset's weights are seeded per tensor from the engine's seed: any seed the engine takes (torch's
+    # range) works, and the same seed gives the same weights (every TP rank draws them alike).
+    shapes = {"a.weight": (4, 4), "a.bias": (4,), "n.norm.weight": (4,)}
+    for seed in (0, 7, 2**64 - 1, -(2**63)):
+        one = dict(iter_random_weights(shapes, seed, torch.device("cpu")))
+        two = dict(iter_random_weights(shapes, seed, torch.device("cpu")))
+        assert torch.equal(one["a.weight"], two["a.weight"]) and one["a.weight"].abs().max() > 0
+        assert not one["a.bias"].any() and torch.equal(one["n.norm.weight"], torch.ones(4))
