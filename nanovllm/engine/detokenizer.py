@@ -4,12 +4,32 @@ Decoding one token at a time can split a multi-byte character or a word piece, s
 a small window of trailing tokens and emits only the text that became final. Stop strings are
 searched in the new text (plus enough of the old to catch a stop string that straddles steps); the
 text is cut before the stop string (after it, with include_stop), and nothing later is read.
+
+The output is decoded after the prompt's last tokens, as vLLM primes its decoder with them, so that the
+prompt's text followed by the output's reads as one decode of both: with a SentencePiece decoder (Llama 2,
+Mistral), which drops the space of the first "▁word" it decodes, the output starts " word", not "word".
+A request that streams nothing and has no stop string is decoded once at the end by `decode_after_prompt`,
+which gives the same text.
 """
 
 from __future__ import annotations
 
 # Tokens before the first new one that are re-decoded to get spacing and merges right.
 _CONTEXT_TOKENS = 6
+
+
+def decode_after_prompt(
+    tokenizer, prompt_token_ids: list[int], output_token_ids: list[int], skip_special_tokens: bool = True
+) -> str:
+    """The output's text in one decode, as IncrementalDetokenizer would give it token by token: decoded
+    after the prompt's last _CONTEXT_TOKENS tokens, less their own text (the output alone if the output
+    changes the context's text, e.g. completes a character the prompt split)."""
+    context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+    head = tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
+    full = tokenizer.decode(context + list(output_token_ids), skip_special_tokens=skip_special_tokens)
+    if full.startswith(head) and not head.endswith("\ufffd"):
+        return full[len(head) :]
+    return tokenizer.decode(output_token_ids, skip_special_tokens=skip_special_tokens)
 
 
 class IncrementalDetokenizer:

@@ -20,7 +20,7 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.cuda_graphs import PREFILL_GRAPH_TOKENS
-from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.detokenizer import IncrementalDetokenizer, decode_after_prompt
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import FinishReason, Sequence
@@ -352,7 +352,11 @@ class LLMEngine:
             text = req.detokenizer.text if seq.is_finished else req.detokenizer.stable_text
         else:
             shown = seq.output_token_ids[:-1] if _hides_last_token(seq) else seq.output_token_ids
-            text = self.decode(shown, seq.params.skip_special_tokens) if seq.is_finished else ""
+            text = ""
+            if seq.is_finished and self.tokenizer is not None:  # (as the detokenizer would have)
+                text = decode_after_prompt(
+                    self.tokenizer, seq.prompt_token_ids, shown, seq.params.skip_special_tokens
+                )
         reason = seq.finish_reason.value if seq.finish_reason is not None else None
         cumulative = req.cumulative_logprob if req.logprobs is not None else None
         m = req.metrics  # (copied below: a streamed output keeps the times it had; 4x cheaper than replace)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import random
 
 import pytest
-from transformers import AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import PRESET_DIR
-from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.detokenizer import IncrementalDetokenizer, decode_after_prompt
 from tests.checkpoints import build_checkpoint
 
 MULTIBYTE = "héllo wörld 你好 🎉"
@@ -68,6 +69,40 @@ def test_random_token_streams_match_a_full_decode(tok, seed):
     expected = tok.decode(out, skip_special_tokens=True)
     assert detok.text == expected
     assert all(expected.startswith(t) for t in texts)  # emitted text is final: never retracted
+
+
+def test_sentencepiece_output_reads_on_from_the_prompt_on_both_paths():
+    # A SentencePiece decoder (Llama 2, Mistral) drops the space of the first "\u2581word" it decodes. The
+    # output is decoded after the prompt's last tokens (as vLLM primes its decoder), so the prompt's text
+    # and the output's read as one decode: " quick fox". The engine's path without stop strings or streaming
+    # decodes once at the end (decode_after_prompt) and must give the text token-by-token detokenization
+    # gives: before session 32 it gave "quick fox", so a stop string, even one never met, changed the text.
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(special_tokens=["<unk>"])
+    sp.train_from_iterator(["Once upon a time a quick fox"] * 5, trainer)
+    sp_tok = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
+    prompt = sp_tok.encode("Once upon a time", add_special_tokens=False)
+    out = sp_tok.encode("quick fox", add_special_tokens=False)
+    assert sp_tok.convert_ids_to_tokens(out)[0].startswith("\u2581")  # the premise
+    assert sp_tok.decode(prompt + out) == "Once upon a time quick fox"
+    for stop in (None, ["never met"]):
+        detok = IncrementalDetokenizer(sp_tok, prompt, stop)
+        feed(detok, out)
+        detok.flush()
+        assert detok.text == decode_after_prompt(sp_tok, prompt, out) == " quick fox"
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_one_decode_after_the_prompt_equals_the_streamed_text(tok, seed):
+    rng = random.Random(seed)
+    vocab = [t for t in range(len(tok)) if t not in tok.all_special_ids]
+    prompt, out = rng.sample(vocab, 10), rng.sample(vocab, 40)
+    detok = IncrementalDetokenizer(tok, prompt, None)
+    feed(detok, out)
+    detok.flush()
+    assert detok.text == decode_after_prompt(tok, prompt, out)
 
 
 def test_tokens_without_text_do_not_grow_the_decode_window(tok):
