@@ -16,6 +16,8 @@ from __future__ import annotations
 
 # Tokens before the first new one that are re-decoded to get spacing and merges right.
 _CONTEXT_TOKENS = 6
+# Tokens without text (special, unknown ids) a decode window may hold in a row before it moves past them.
+_SILENT_TOKENS = 8
 
 
 def decode_after_prompt(
@@ -63,8 +65,11 @@ class IncrementalDetokenizer:
             return None  # an incomplete UTF-8 sequence: wait for more tokens
         if full == prefix:
             # Tokens that decode to nothing (special tokens, ids the tokenizer does not know): nothing to
-            # emit, but move on, or every later step would re-decode a window that keeps growing.
-            self._advance()
+            # emit. The window keeps the text before them, whose spacing the next word depends on (a
+            # SentencePiece decoder drops the space of a window's first word), until _SILENT_TOKENS of
+            # them come in a row: then it moves on, or every later step would re-decode a growing window.
+            if len(self.tokens) - self.read_offset > _SILENT_TOKENS:
+                self._advance()
             return None
         if len(full) <= len(prefix):
             return None  # the new token changed the text before it (clean-up of spaces): wait

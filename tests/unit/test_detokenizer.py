@@ -71,18 +71,23 @@ def test_random_token_streams_match_a_full_decode(tok, seed):
     assert all(expected.startswith(t) for t in texts)  # emitted text is final: never retracted
 
 
-def test_sentencepiece_output_reads_on_from_the_prompt_on_both_paths():
+@pytest.fixture(scope="module")
+def sp_tok():
+    """A SentencePiece-style tokenizer (Metaspace, as Llama 2 and Mistral), with <s> and </s>."""
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    trainer = trainers.BpeTrainer(special_tokens=["<unk>", "<s>", "</s>"])
+    sp.train_from_iterator(["Once upon a time a quick fox"] * 5, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def test_sentencepiece_output_reads_on_from_the_prompt_on_both_paths(sp_tok):
     # A SentencePiece decoder (Llama 2, Mistral) drops the space of the first "\u2581word" it decodes. The
     # output is decoded after the prompt's last tokens (as vLLM primes its decoder), so the prompt's text
     # and the output's read as one decode: " quick fox". The engine's path without stop strings or streaming
     # decodes once at the end (decode_after_prompt) and must give the text token-by-token detokenization
     # gives: before session 32 it gave "quick fox", so a stop string, even one never met, changed the text.
-    sp = Tokenizer(models.BPE(unk_token="<unk>"))
-    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
-    sp.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
-    trainer = trainers.BpeTrainer(special_tokens=["<unk>"])
-    sp.train_from_iterator(["Once upon a time a quick fox"] * 5, trainer)
-    sp_tok = PreTrainedTokenizerFast(tokenizer_object=sp, unk_token="<unk>")
     prompt = sp_tok.encode("Once upon a time", add_special_tokens=False)
     out = sp_tok.encode("quick fox", add_special_tokens=False)
     assert sp_tok.convert_ids_to_tokens(out)[0].startswith("\u2581")  # the premise
@@ -103,6 +108,19 @@ def test_one_decode_after_the_prompt_equals_the_streamed_text(tok, seed):
     feed(detok, out)
     detok.flush()
     assert detok.text == decode_after_prompt(tok, prompt, out)
+
+
+def test_a_skipped_special_token_keeps_the_next_words_space(sp_tok):
+    # "quick </s> fox" with </s> skipped decodes "quick fox". The window must keep "quick" before the silent
+    # token: started at </s>, it decoded "fox" as a window's first word and lost its space ("quickfox").
+    quick, fox = (sp_tok.encode(w, add_special_tokens=False) for w in ("quick", "fox"))
+    prompt = sp_tok.encode("Once upon a time", add_special_tokens=False)
+    for silent in ([sp_tok.eos_token_id], [sp_tok.eos_token_id, sp_tok.bos_token_id]):
+        out = quick + silent + fox
+        detok = IncrementalDetokenizer(sp_tok, prompt, None)
+        feed(detok, out)
+        detok.flush()
+        assert detok.text == decode_after_prompt(sp_tok, prompt, out) == " quick fox"
 
 
 def test_tokens_without_text_do_not_grow_the_decode_window(tok):
