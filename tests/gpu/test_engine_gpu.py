@@ -107,7 +107,7 @@ def test_cuda_graphs_equal_eager(fast):
 
 
 def test_two_stream_halves_equal_one_piece_and_eager():
-    """Decode graphs of 16..112 sequences run two halves on two streams (engine/decode_step.py). In float32
+    """Decode graphs of 16..128 sequences run two halves on two streams (engine/decode_step.py). In float32
     their greedy tokens must equal an eager run's (cut and padded the same way) and the batch's in one
     piece. 40 prompts decode as graph 48: halves of 24, cut by length, each half counting its splits in its
     own slice of the counters while both run at once."""
