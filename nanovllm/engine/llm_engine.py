@@ -374,6 +374,11 @@ class LLMEngine:
             RequestMetrics(m.arrival_time, m.first_token_time, m.last_token_time, m.finished_time),  # a copy
         )
 
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
     # ---- statistics (server metrics, tests) ---------------------------------------------------
 
     def stats(self) -> dict[str, float]:
