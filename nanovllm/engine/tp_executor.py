@@ -154,6 +154,8 @@ class WorkerSet:
                 proc.join()
         for conn in self.conns:
             conn.close()
+        if self.group is not None:  # the workers let rank 0's buffer go as they exited: now it can be freed
+            self.group.close_peer_memory()
         if self.group is not None and release_group:
             if self.graphs is not None:
                 self.graphs.release()

@@ -106,6 +106,7 @@ def worker_main(
             if kind == "step":
                 runner.mirror(inp)
             elif kind == "shutdown":
+                group.close_peer_memory()  # before os._exit, which would leave rank 0's buffer counted in use
                 break
             else:
                 raise RuntimeError(f"unknown message {kind!r} from the driver")

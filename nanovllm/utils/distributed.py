@@ -97,6 +97,14 @@ class TensorParallelGroup:
             except Exception:  # not every backend implements abort; this is best effort
                 pass
 
+    def close_peer_memory(self) -> None:
+        """Let the peer all-reduce's mappings of the other ranks' buffers go, and this rank's buffer (the
+        workers before they exit, then rank 0: no process ends holding a buffer that is shared through CUDA
+        IPC; utils/peer_all_reduce.py). NCCL takes every all-reduce afterwards."""
+        if self.peer_all_reduce is not None:
+            self.peer_all_reduce.close()
+            self.peer_all_reduce = None
+
     def destroy(self) -> None:
         """Release the communicators; the group cannot be used afterwards. Aborts rather than shuts
         down: that never waits for the other ranks, which may be gone already."""

@@ -2,10 +2,17 @@
 between the ranks' processes through CUDA IPC.
 
 Each rank allocates an exchange buffer (3 slots of one part per rank, every 16-bit half EMPTY) on its own
-GPU, publishes its IPC handle through the group's rendezvous store, and maps every other rank's into its
-own address space (on its own device: the pointers reach the peer GPU over NVLink). The kernel gets a
-table of those pointers. Small reductions (a decode step's activations) go this way; larger ones
-(prefill) to NCCL.
+GPU, publishes an IPC handle to it for each other rank through the group's rendezvous store, and maps every
+other rank's into its own address space (on its own device: the pointers reach the peer GPU over NVLink).
+The kernel gets a table of those pointers. Small reductions (a decode step's activations) go this way;
+larger ones (prefill) to NCCL.
+
+torch counts every handle it gives out in a shared-memory counter that the process which opens it counts
+down when it lets the mapping go, and keeps a shared buffer past its own release until its count is down.
+A process that ends with a shared buffer still held prints "Producer process has been terminated before all
+shared CUDA tensors released". So each peer gets a handle of its own (one handle opened by two peers would
+be counted down twice), and at shutdown every worker lets its mappings go (`PeerAllReduce.close`) before it
+exits, then rank 0 does, and its buffer is freed, even when the process is exiting with the group kept.
 
 Setting up is all or nothing: every rank reports through the store whether it could reach and map
 every peer, and the group uses peer memory only if all could (ranks that disagreed on the collective
@@ -54,11 +61,13 @@ class PeerAllReduce:
         self.buffer_ptrs: torch.Tensor | None = None  # [size] int64, set by _map
         self.buffers_aligned = False  # every buffer_ptrs address a multiple of 16, set by _map
 
-    def handles(self) -> tuple:
-        return _share(self.buffer)
+    def handles(self) -> list[tuple | None]:
+        """An IPC handle to this rank's buffer for each rank (None for this one): each is counted once."""
+        return [None if r == self.rank else _share(self.buffer) for r in range(self.size)]
 
     def _map(self, handles: list[tuple | None], device: torch.device) -> None:
-        """Open every peer's buffer (handles[rank] is ignored) and build the pointer table."""
+        """Open every peer's buffer (handles[peer]: the handle that peer made for this rank; handles[rank]
+        is ignored) and build the pointer table."""
         buffer_ptrs = []
         for peer, handle in enumerate(handles):
             if peer == self.rank:
@@ -96,6 +105,15 @@ class PeerAllReduce:
         """Kernels waiting for a peer that is gone give up (their results are garbage)."""
         self.abort_flag.fill_(1)
 
+    def close(self) -> None:
+        """Let the peers' buffers go once this rank's kernels are done (any still waiting for a peer give up
+        first: this never waits for a rank that is gone). Each peer's count of its handles goes down, so the
+        peer can free its buffer and exit cleanly. No reduction can run afterwards."""
+        self.abort()
+        torch.cuda.synchronize(self.buffer.device)
+        self._mapped.clear()
+        self.buffer_ptrs = None
+
 
 def connect_peers(
     store: dist.Store,
@@ -122,12 +140,13 @@ def connect_peers(
         logger.warning(
             "rank %d: peer all-reduce buffers failed; NCCL for every all-reduce", rank, exc_info=True
         )
+    # handles/r: the list of rank r's handles, one for each rank, or None where rank r has no buffer
     store.set(f"handles/{rank}", pickle.dumps(peer.handles() if peer is not None else None))
-    handles = [pickle.loads(store.get(f"handles/{r}")) for r in range(size)]
+    published = [pickle.loads(store.get(f"handles/{r}")) for r in range(size)]
     mapped = False
-    if all(h is not None for h in handles):
+    if all(h is not None for h in published):
         try:
-            peer._map(handles, device)
+            peer._map([h[rank] for h in published], device)  # the handles made for this rank
             mapped = True
         except Exception:
             logger.warning(

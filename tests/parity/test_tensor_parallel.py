@@ -377,10 +377,10 @@ def test_step_stuck_in_a_collective_raises_runtime_error_not_hang(ckpts, prompts
     assert not set(workers.procs) & set(mp.active_children())
 
 
-def end_script_without_shutdown(model: str, timeout_s: float, **llm_kwargs) -> tuple[float, list[int]]:
+def end_script_without_shutdown(model: str, timeout_s: float, **llm_kwargs) -> tuple[float, list[int], str]:
     """Run a script that builds a TP=2 LLM, generates, and ends without shutting it down (the finalizer
     stops the workers at interpreter exit); returns (seconds from its last line to its exit, the
-    workers' pids). Fails if the script fails or does not exit within timeout_s."""
+    workers' pids, its stderr). Fails if the script fails or does not exit within timeout_s."""
     script = textwrap.dedent(
         f"""
         import time
@@ -392,24 +392,25 @@ def end_script_without_shutdown(model: str, timeout_s: float, **llm_kwargs) -> t
             print(time.time(), flush=True)
         """
     )
-    pids, last_line = run_script(script, timeout_s)[-2:]
-    return time.time() - float(last_line), [int(p) for p in pids.split()]
+    lines, stderr = run_script(script, timeout_s)
+    pids, last_line = lines[-2:]
+    return time.time() - float(last_line), [int(p) for p in pids.split()], stderr
 
 
-def run_script(script: str, timeout_s: float) -> list[str]:
-    """Run `script` in a fresh Python that imports this checkout; its stdout lines. Fails if the script fails
-    or runs past timeout_s."""
+def run_script(script: str, timeout_s: float) -> tuple[list[str], str]:
+    """Run `script` in a fresh Python that imports this checkout; (its stdout lines, its stderr). Fails if the
+    script fails or runs past timeout_s."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
     )
     assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.splitlines()
+    return out.stdout.splitlines(), out.stderr
 
 
 def test_script_ending_without_shutdown_exits_and_stops_its_workers(ckpts):
     # (The exit hang this guards against was NCCL's, tests/gpu/test_tp_exit_gpu.py; here, the lifecycle.)
-    seconds, pids = end_script_without_shutdown(str(ckpts["qwen3"]), timeout_s=120)
+    seconds, pids, _ = end_script_without_shutdown(str(ckpts["qwen3"]), timeout_s=120)
     assert len(pids) == 1
     assert _wait_gone(pids), f"workers {pids} outlived their driver"
     assert seconds < 30
