@@ -48,6 +48,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in _ENGINE_ARG_TYPES if getattr(args, name) is not None}
 
 
+def preset_note(name: str, vocab_size: int, tokenizer_size: int) -> str:
+    """What `generate` prints about a preset's random weights (and why its text may come out empty)."""
+    note = f"note: {name!r} is a preset with RANDOM weights: the text is meaningless"
+    if vocab_size > tokenizer_size:
+        note += f", and mostly empty (ids past its tokenizer's {tokenizer_size:,} tokens decode to nothing)"
+    return note
+
+
 def _generate(args: argparse.Namespace) -> int:
     from nanovllm import LLM, SamplingParams
 
@@ -63,10 +71,8 @@ def _generate(args: argparse.Namespace) -> int:
     )  # (before the model loads: a bad value fails at once)
     with LLM(args.model, **engine_kwargs(args)) as llm:  # shut down on the way out, errors included
         if llm.config.is_preset:
-            print(
-                f"note: {args.model!r} is a preset with RANDOM weights: the text is meaningless",
-                file=sys.stderr,
-            )
+            vocab_size = llm.config.hf_config.vocab_size
+            print(preset_note(args.model, vocab_size, len(llm.tokenizer)), file=sys.stderr)
         start = time.perf_counter()
         if args.chat:  # each prompt is one user turn, through the model's chat template
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)

@@ -8,7 +8,7 @@ import gc
 import pytest
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.cli import main
+from nanovllm.cli import main, preset_note
 from nanovllm.sampling_params import derive_seed
 
 MAX_TOKENS = 8
@@ -145,6 +145,15 @@ def test_cli_generate_with_samples_and_chat(ckpt, capsys):
     assert "[sample 0]" in printed and "[sample 1]" in printed and "6 tokens in" in printed
     assert main([*argv, "--n", "0"]) == 2
     assert "n must be an int >= 1" in capsys.readouterr().err
+
+
+def test_cli_generate_on_a_preset_says_its_weights_are_random(capsys):
+    argv = ["generate", "--model", "qwen3-tiny", "--prompt", "hi", "--max-tokens", "2"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "'qwen3-tiny' is a preset with RANDOM weights" in err and "empty" not in err  # its vocab: 2,048
+    big = preset_note("qwen3-0.6b", 151936, 2048)  # the random model draws ids the tokenizer cannot spell
+    assert big.endswith("mostly empty (ids past its tokenizer's 2,048 tokens decode to nothing)")
 
 
 def test_chat_takes_openai_text_parts_and_lets_kwargs_override(llm):
