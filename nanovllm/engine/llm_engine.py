@@ -293,7 +293,8 @@ class LLMEngine:
             if req.detokenizer is not None and not _hides_last_token(seq):
                 num_known = seq.num_known_tokens
                 token = seq.token_ids[num_known - 1]
-                stop = req.detokenizer.add(token, num_known - seq.num_prompt_tokens >= seq.params.min_tokens)
+                # (vLLM's: stop strings count once the output is past min_tokens, as stop tokens do)
+                stop = req.detokenizer.add(token, num_known - seq.num_prompt_tokens > seq.params.min_tokens)
                 if stop is not None:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop

@@ -275,6 +275,18 @@ def test_stop_string_before_min_tokens_is_ignored_not_cut(llm):
     assert full.text.startswith(out.text) and len(out.text) > start + len(stop)
 
 
+def test_stop_string_completed_by_the_min_tokens_th_token_does_not_stop(llm):
+    """As in vLLM, stop strings are searched once the output has more than min_tokens tokens: like a stop
+    token, one can end the request at token min_tokens + 1 at the earliest."""
+    free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    stop, _ = _first_occurrence_substring(free[0].outputs[0].text)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    num_tokens = len(llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids)  # the last ends it
+    params = SamplingParams(temperature=0, max_tokens=24, min_tokens=num_tokens, ignore_eos=True, stop=[stop])
+    out = llm.generate(PROMPT, params, use_tqdm=False)[0].outputs[0]
+    assert len(out.token_ids) > num_tokens
+
+
 def test_stop_string_kept_in_the_output_when_asked(llm):
     free = llm.generate(PROMPT, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     full = free[0].outputs[0]
