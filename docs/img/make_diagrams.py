@@ -720,15 +720,15 @@ def sampler() -> None:
     arrow(ax, (11.05, y1 + 0.95), (12.05, y1 + 0.95))
     arrow(ax, (17.75, y1 + 0.95), (18.75, y1 + 0.95))
     y2 = 3.6
-    widths = [2.9, 3.4, 3.6, 3.5, 2.6]
+    widths = [2.9, 3.5, 3.4, 3.6, 2.6]
     xs = [0.3]
     for w in widths[:-1]:
         xs.append(xs[-1] + w + 0.6)
     names = [
         ("/ temperature", "logits / T"),
+        ("min-p", ">= min_p x p_max"),
         ("top-k", "k largest, ties kept"),
         ("top-p", "nucleus of mass p"),
-        ("min-p", ">= min_p x p_max"),
         ("softmax", "-> p"),
     ]
     for (title, sub), x, w in zip(names, xs, widths):

@@ -1,7 +1,7 @@
 """Turn a batch of logits into next tokens (vLLM's sampling semantics).
 
 Per row, in order: allowed_token_ids -> logit_bias -> min_tokens ban -> penalties -> greedy argmax, or
-temperature -> top-k -> top-p -> min-p -> a random draw. `SamplingBatch.build` (layers/sampling_batch.py)
+temperature -> min-p -> top-k -> top-p -> a random draw. `SamplingBatch.build` (layers/sampling_batch.py)
 turns the per-request settings into device tensors once per step and records which stages any row needs,
 so `Sampler.forward` skips the rest.
 
@@ -219,7 +219,7 @@ def apply_penalties(
 
 
 def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Probabilities a random row samples from: temperature, top-k, top-p, min-p, softmax.
+    """Probabilities a random row samples from: temperature, min-p, top-k, top-p, softmax.
 
     Modifies `logits` [B, V] fp32 in place. Greedy rows carry neutral settings.
     """
@@ -227,16 +227,17 @@ def sampling_probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 
 def filtered_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """Logits divided by the temperature, with tokens outside top-k, top-p and min-p at -inf.
+    """Logits divided by the temperature, with tokens outside min-p, top-k and top-p at -inf.
 
-    Modifies `logits` [B, V] fp32 in place. Greedy rows carry neutral settings.
+    Modifies `logits` [B, V] fp32 in place. Greedy rows carry neutral settings. Min-p comes first, as in
+    vLLM V1 (an argmax-invariant logits processor, run before top-k/top-p): top-p then measures its mass
+    on the distribution renormalized over the tokens min-p kept.
     """
     if batch.temperatures is not None:
         logits.div_(batch.temperatures[:, None])
-    logits = apply_top_k_top_p(logits, batch.top_k, batch.top_p, batch.max_top_k)
     if batch.min_p is not None:
         logits = apply_min_p(logits, batch.min_p)
-    return logits
+    return apply_top_k_top_p(logits, batch.top_k, batch.top_p, batch.max_top_k)
 
 
 def apply_top_k_top_p(
@@ -247,7 +248,8 @@ def apply_top_k_top_p(
     top_k: [B] int64 in [1, V] (V = off); top_p: [B] fp32 in (0, 1] (1 = off). Tokens tied with the
     k-th largest logit are all kept. top-p keeps the smallest prefix of the (top-k-renormalized)
     distribution whose mass reaches top_p, and always the most likely token. `max_top_k` (largest
-    k below V) lets the top-k-only path use torch.topk instead of a full sort.
+    k below V) lets the top-k-only path use torch.topk instead of a full sort. Logits already at -inf
+    (min-p's) stay there and have no mass.
     """
     if top_k is None and top_p is None:
         return logits

@@ -57,20 +57,18 @@ def sample(logits: torch.Tensor, requests: list[SamplingRequest], sampler: Sampl
 
 
 def reference_probs(logits, temperature=1.0, top_k=-1, top_p=1.0, min_p=0.0) -> list[float]:
-    """Float64 transcription of the spec: temperature, top-k, top-p, min-p, renormalize."""
+    """Float64 transcription of the spec: temperature, min-p, top-k, top-p, renormalize."""
     z = [x / temperature for x in logits]
     m = max(z)
     p = [math.exp(x - m) for x in z]
-    order = sorted(range(len(p)), key=lambda i: -p[i])
+    order = sorted((i for i in range(len(p)) if p[i] >= min_p * max(p)), key=lambda i: -p[i])
     keep = set(order[:top_k] if top_k > 0 else order)
     total = sum(p[i] for i in keep)
-    mass_above, nucleus = 0.0, set()
+    mass_above, kept = 0.0, set()
     for i in order:
-        if i in keep and (not nucleus or mass_above < top_p):
-            nucleus.add(i)
+        if i in keep and (not kept or mass_above < top_p):
+            kept.add(i)
             mass_above += p[i] / total
-    p_max = max(p)
-    kept = {i for i in nucleus if p[i] >= min_p * p_max}
     total = sum(p[i] for i in kept)
     return [p[i] / total if i in kept else 0.0 for i in range(len(p))]
 
@@ -101,6 +99,8 @@ SETTINGS = {
     "min_p 0.2": dict(min_p=0.2),
     "combined": dict(temperature=0.7, top_k=5, top_p=0.8, min_p=0.1),
     "top_k + top_p": dict(temperature=1.5, top_k=4, top_p=0.7),
+    # top-p over what min-p left (vLLM V1's order): token 1 passes min-p, then falls outside the nucleus
+    "min_p then top_p": dict(top_p=0.8, min_p=0.3),
 }
 
 
