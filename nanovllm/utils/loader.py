@@ -10,6 +10,11 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+# Rotary buffers that some checkpoints carry (inv_freq from older transformers; cos_cached / sin_cached from
+# ColossalAI-trained models): the rope table is computed from the config, so they are skipped, as transformers
+# (unexpected keys) and vLLM's load_weights do.
+_ROTARY_BUFFERS = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
 
 def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
@@ -71,7 +76,7 @@ def _load(model: nn.Module, params: dict[str, nn.Parameter], weights: Iterator[t
     packed = getattr(model, "packed_modules_mapping", {})
     loaded_names = set()  # checkpoint names, so that each part of a packed parameter is accounted for
     for name, tensor in weights:
-        if name.endswith("rotary_emb.inv_freq"):
+        if name.endswith(_ROTARY_BUFFERS):
             continue
         if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
             continue  # tied: the embedding is the head

@@ -232,6 +232,28 @@ def test_missing_weight_raises(tmp_path, arch, name):
         LLM(str(ckpt), max_model_len=MAX_MODEL_LEN)
 
 
+def test_rotary_buffers_in_the_checkpoint_are_skipped(tmp_path):
+    # Older transformers saved rotary_emb.inv_freq; ColossalAI-trained models carry cos_cached / sin_cached.
+    # transformers ignores them (unexpected keys) and so does vLLM; cos_cached used to refuse the checkpoint.
+    ckpt = build_checkpoint(tmp_path, "llama")
+    prompt = _prompts()[2]
+    expected = hf_greedy(load_hf_model(ckpt), prompt, MAX_TOKENS)
+    weights = load_file(ckpt / "model.safetensors")
+    for i in range(2):
+        for buffer in ("inv_freq", "cos_cached", "sin_cached"):
+            weights[f"model.layers.{i}.self_attn.rotary_emb.{buffer}"] = torch.ones(8)
+    weights["model.rotary_emb.inv_freq"] = torch.ones(8)
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    llm = LLM(str(ckpt), max_model_len=MAX_MODEL_LEN)
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == expected
+
+    # Any other tensor that fits no parameter is still an error.
+    weights["model.layers.0.self_attn.extra.weight"] = torch.ones(8)
+    save_file(weights, ckpt / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="'model.layers.0.self_attn.extra.weight' matches no parameter"):
+        LLM(str(ckpt), max_model_len=MAX_MODEL_LEN)
+
+
 @pytest.mark.parametrize(
     "overrides, match",
     [
