@@ -13,7 +13,7 @@ class Logprob:
     token_id: int
     logprob: float
     top_logprobs: dict[int, float] = field(default_factory=dict)  # token id -> logprob, best first
-    rank: int | None = None  # prompt_logprobs: 1 + the number of tokens more likely than token_id
+    rank: int | None = None  # the number of tokens at least as likely as token_id (vLLM's: 1 = the best)
 
 
 @dataclass

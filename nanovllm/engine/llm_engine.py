@@ -317,14 +317,14 @@ class LLMEngine:
                 self.dropped_request_ids.append(seq.request_id)
 
     def _record_logprobs(self, sampling: list[Sequence], tokens: list[int], out: SamplerOutput) -> None:
-        chosen = out.logprobs.tolist()
+        chosen, ranks = out.logprobs.tolist(), out.ranks.tolist()
         top_ids, top_vals = out.top_logprob_ids.tolist(), out.top_logprobs.tolist()
         for row, (seq, token) in enumerate(zip(sampling, tokens)):
             req = self.requests.get(seq.request_id)
             if req is not None and req.logprobs is not None:
                 n = seq.params.logprobs
                 top = dict(zip(top_ids[row][:n], top_vals[row][:n]))
-                req.logprobs.append(Logprob(token, chosen[row], top))
+                req.logprobs.append(Logprob(token, chosen[row], top, ranks[row]))
                 req.cumulative_logprob += chosen[row]
 
     def _record_prompt_logprobs(self, batch: ScheduledBatch, out: PromptLogprobs) -> None:

@@ -272,7 +272,7 @@ class ModelRunner:
         if out is not None:
             host = self._out_host[self._out_turn][: out.token_ids.numel()]
             host.copy_(out.token_ids, non_blocking=True)
-            extra = (out.logprobs, out.top_logprob_ids, out.top_logprobs)  # None unless asked for
+            extra = (out.logprobs, out.top_logprob_ids, out.top_logprobs, out.ranks)  # None unless asked for
             # (non_blocking copies to the CPU land in pinned memory)
             out = SamplerOutput(host, *(x if x is None else x.to("cpu", non_blocking=True) for x in extra))
         if prompt is not None:
@@ -349,7 +349,7 @@ class ModelRunner:
                 return None, prompt
             if logits is None and inp.plain_argmax:  # (tensor parallel) a collective, as the gather is
                 token_ids = self.model.lm_head.greedy(hidden[to(inp.logits_indices)])
-                return (SamplerOutput(token_ids, None, None, None) if token_ids is not None else None), prompt
+                return (SamplerOutput(token_ids) if token_ids is not None else None), prompt
             if logits is None:
                 # Every rank computes its vocabulary shard's logits: the LM head's gather is collective.
                 # Only rank 0 gets the logits back, and only rank 0 has sampling requests.

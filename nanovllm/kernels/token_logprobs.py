@@ -3,7 +3,8 @@ one pass (prompt_logprobs: every prompt token is scored by the logits of the pos
 
     lse[r]     = log(sum_v exp(logits[r, v]))                  (fp32, online over vocabulary tiles)
     logprob[r] = logits[r, t_r] - lse[r]
-    rank[r]    = 1 + #{v : logits[r, v] > logits[r, t_r]}      (1: the row's most likely token)
+    rank[r]    = #{v : logits[r, v] >= logits[r, t_r]}         (1: the row's most likely token; as vLLM,
+                                                               tied tokens all take the last place of the tie)
 
 The torch reference takes an fp32 copy of the logits ([R, V] x 4 bytes, 156 MB for 256 rows of Qwen3's
 vocabulary) and reads it three times; the kernel reads the logits once, in their own dtype, and keeps
@@ -27,7 +28,7 @@ def token_logprobs_torch(
     x = logits.float()
     chosen = x.gather(1, token_ids[:, None].long()).squeeze(1)  # [R]
     lse = torch.logsumexp(x, dim=-1)  # [R]
-    rank = (x > chosen[:, None]).sum(dim=-1) + 1  # [R] int64
+    rank = (x >= chosen[:, None]).sum(dim=-1)  # [R] int64
     return chosen - lse, rank, lse
 
 
@@ -53,7 +54,7 @@ def _token_logprobs_kernel(
     chosen = tl.load(base + token).to(tl.float32)
     run_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
     run_sum = tl.zeros([BLOCK_V], tl.float32)
-    above = tl.zeros([BLOCK_V], tl.int32)
+    at_least = tl.zeros([BLOCK_V], tl.int32)  # columns whose logit is >= the token's
     for start in range(0, vocab_size, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         x = tl.load(base + cols, mask=cols < vocab_size, other=float("-inf")).to(tl.float32)
@@ -62,12 +63,12 @@ def _token_logprobs_kernel(
         scale = tl.where(seen, tl.exp(run_max - new_max), 0.0)
         run_sum = run_sum * scale + tl.where(seen, tl.exp(x - new_max), 0.0)
         run_max = new_max
-        above += (x > chosen).to(tl.int32)
+        at_least += (x >= chosen).to(tl.int32)
     row_max = tl.max(run_max, axis=0)
     total = tl.sum(tl.where(run_max != float("-inf"), run_sum * tl.exp(run_max - row_max), 0.0), axis=0)
     lse = row_max + tl.log(total)
     tl.store(logprob_ptr + row, chosen - lse)
-    tl.store(rank_ptr + row, tl.sum(above, axis=0).to(tl.int64) + 1)
+    tl.store(rank_ptr + row, tl.sum(at_least, axis=0).to(tl.int64))
     tl.store(lse_ptr + row, lse)
 
 

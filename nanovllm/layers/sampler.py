@@ -35,9 +35,11 @@ TOP_P_TOLERANCE = 1e-6
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [B] int64
-    logprobs: torch.Tensor | None  # [B] fp32: raw logprob of the sampled token
-    top_logprob_ids: torch.Tensor | None  # [B, N] int64, N = min(max_num_logprobs, V), best first
-    top_logprobs: torch.Tensor | None  # [B, N] fp32
+    # SamplingParams.logprobs (None unless some row asked for them):
+    logprobs: torch.Tensor | None = None  # [B] fp32: raw logprob of the sampled token
+    top_logprob_ids: torch.Tensor | None = None  # [B, N] int64, N = min(max_num_logprobs, V), best first
+    top_logprobs: torch.Tensor | None = None  # [B, N] fp32
+    ranks: torch.Tensor | None = None  # [B] int64: the number of tokens at least as likely as the sampled one
 
 
 @dataclass
@@ -48,7 +50,7 @@ class PromptLogprobs:
     logprobs: torch.Tensor  # [R] fp32: raw logprob of the prompt token
     top_ids: torch.Tensor  # [R, N] int64, best first
     top_logprobs: torch.Tensor  # [R, N] fp32
-    ranks: torch.Tensor  # [R] int64: 1 + the number of tokens with a larger logprob than the prompt token
+    ranks: torch.Tensor  # [R] int64: the number of tokens at least as likely as the prompt token
 
     def to_host(self) -> PromptLogprobs:
         """Copies on the host, queued behind the step (pinned on CUDA, so the caller waits on an event)."""
@@ -130,10 +132,11 @@ class Sampler(nn.Module):
                 token_ids = torch.where(batch.greedy_mask, greedy_ids, token_ids)
 
         if raw_logprobs is None:
-            return SamplerOutput(token_ids, None, None, None)
-        logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)
+            return SamplerOutput(token_ids)
+        logprobs = raw_logprobs.gather(1, token_ids[:, None]).squeeze(1)  # [B]
+        ranks = (raw_logprobs >= logprobs[:, None]).sum(dim=-1)  # [B]: vLLM's rank, ties at their last place
         top_logprobs, top_ids = raw_logprobs.topk(min(batch.max_num_logprobs, batch.vocab_size), dim=-1)
-        return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs)
+        return SamplerOutput(token_ids, logprobs, top_ids, top_logprobs, ranks)
 
     def _gumbel_draw(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # The kernels do temperature, noise and argmax (greedy rows: plain argmax). Top-p and min-p

@@ -45,9 +45,17 @@ def test_score_tokens_matches_log_softmax() -> None:
     values, ids = raw.topk(3, dim=-1)
     assert torch.equal(top_ids, ids)
     torch.testing.assert_close(top_logprobs, values)
-    assert torch.equal(ranks, (raw > chosen[:, None]).sum(-1) + 1)
+    assert torch.equal(ranks, (raw >= chosen[:, None]).sum(-1))
     none = score_tokens(logits, tokens, 0)
     assert none[1].shape == none[2].shape == (4, 0)
+
+
+@pytest.mark.parametrize("kernel", [token_logprobs_torch, token_logprobs_triton])
+def test_tied_tokens_all_take_the_last_place_of_the_tie(kernel) -> None:
+    # vLLM's rank (batched_count_greater_than: x >= the token's value): a tie for first is rank 2 for both
+    logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [1.0, 3.0, 3.0, 0.0], [5.0, 2.0, 2.0, 2.0]])
+    tokens = torch.tensor([1, 2, 3])
+    assert kernel(logits, tokens)[1].tolist() == [2, 2, 4]
 
 
 @pytest.mark.gpu

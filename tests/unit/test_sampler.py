@@ -384,6 +384,8 @@ def test_logprobs_are_raw_and_top_n_sorted(draw_path):
     torch.testing.assert_close(out.top_logprobs, raw.gather(1, out.top_logprob_ids))
     assert torch.all(out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:])
     torch.testing.assert_close(out.top_logprobs, raw.topk(4, dim=-1).values)
+    assert torch.equal(out.ranks, (raw >= out.logprobs[:, None]).sum(-1))  # vLLM's rank of the sampled token
+    assert out.ranks[2] == 1  # the greedy row's argmax (the penalty lowered it in sampling, not in raw)
 
 
 def test_logprobs_zero_gives_sampled_token_only():
