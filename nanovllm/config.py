@@ -99,17 +99,23 @@ class Config:
         set_("torch_dtype", self._resolve_dtype())
         set_("eos_token_ids", _eos_token_ids(hf_config, model_path))
 
+        # late: models and layers import kernels and torch ops
+        from nanovllm.layers.rotary_embedding import rope_length_limit
+        from nanovllm.models import get_model_class
+
         max_pos = getattr(hf_config, "max_position_embeddings", None) or MAX_MODEL_LEN_CAP
+        limit = rope_length_limit(hf_config, max_pos)
         if self.max_model_len is None:
-            set_("max_model_len", min(max_pos, MAX_MODEL_LEN_CAP))
+            # Not vLLM's default (the whole rope-scaled length): a user who did not ask for a long context
+            # keeps the memory and kernel choices of max_position_embeddings (see docs/models.md).
+            set_("max_model_len", min(max_pos, limit.max_len, MAX_MODEL_LEN_CAP))
         else:
             _check_int(self, "max_model_len", 2)
-            if self.max_model_len > max_pos:
+            if self.max_model_len > limit.max_len:
                 raise ValueError(
-                    f"max_model_len={self.max_model_len} exceeds the model's "
-                    f"max_position_embeddings={max_pos}"
+                    f"max_model_len={self.max_model_len} exceeds {limit.max_len}, the longest this model "
+                    f"allows: {limit.reason}"
                 )
-        from nanovllm.models import get_model_class  # late: models import layers, kernels, torch ops
 
         get_model_class(hf_config).check_config(hf_config, self.max_model_len)
         if self.block_size is None:

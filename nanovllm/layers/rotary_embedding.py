@@ -6,6 +6,7 @@ operation in fp32, so the table equals the cos/sin transformers computes for the
 
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,9 +36,10 @@ def _dynamic(dim: int, params: dict, max_position: int) -> tuple[torch.Tensor, f
     # Dynamic NTK: transformers recomputes the base from the current sequence length whenever it grows
     # past the pretraining length. With a KV cache, keys keep the rotation they were cached with, so the
     # angles cannot change from step to step; we fix the table at what transformers computes for
-    # seq_len = max_position (the engine's max_model_len) when that exceeds the pretraining length, else
-    # the unscaled frequencies. "original_max_position_embeddings" here is the config's
-    # max_position_embeddings, the length transformers scales against.
+    # seq_len = max_position when that exceeds the pretraining length, else the unscaled frequencies. The
+    # engine refuses max_model_len past the pretraining length (`_dynamic_limit`), so it always runs the
+    # unscaled ones. "original_max_position_embeddings" here is the config's max_position_embeddings, the
+    # length transformers scales against.
     theta = params["rope_theta"]
     original_max_position = _required(params, "original_max_position_embeddings")
     if max_position > original_max_position:
@@ -168,6 +170,59 @@ def rope_parameters_from_config(hf_config: Any) -> dict:
         if params["rope_type"] == "yarn" and params.get("factor") is None:
             params["factor"] = max_position_embeddings / params["original_max_position_embeddings"]
     return params
+
+
+# ---------------------------------------------------------------- the longest length the rope allows
+
+
+@dataclass(frozen=True)
+class RopeLengthLimit:
+    max_len: int  # the longest max_model_len the engine accepts for this config
+    reason: str  # how max_len was derived, for the error that refuses more
+
+
+def rope_length_limit(hf_config: Any, max_position_embeddings: int) -> RopeLengthLimit:
+    """The longest max_model_len for `hf_config`'s rope, as vLLM derives it (`_get_and_verify_max_len`):
+    linear scales max_position_embeddings by `factor`, yarn scales original_max_position_embeddings by it,
+    llama3 and unscaled rope stay at max_position_embeddings (llama3 configs already state the extended
+    length). Linear and yarn frequencies do not depend on the position, so the table is exact that far.
+    vLLM also scales `dynamic` by `factor`; we do not (see `_dynamic_limit`)."""
+    params = rope_parameters_from_config(hf_config)
+    rope_type = params["rope_type"]
+    if rope_type == "linear":
+        factor = _required(params, "factor")
+        return RopeLengthLimit(
+            int(max_position_embeddings * factor),
+            f"max_position_embeddings={max_position_embeddings} x factor={factor} (rope_type 'linear')",
+        )
+    if rope_type == "yarn":
+        factor, original = params["factor"], _required(params, "original_max_position_embeddings")
+        return RopeLengthLimit(
+            int(original * factor),
+            f"original_max_position_embeddings={original} x factor={factor} (rope_type 'yarn')",
+        )
+    if rope_type == "dynamic":
+        return _dynamic_limit(params, max_position_embeddings)
+    scaling = "no rope scaling" if rope_type == "default" else f"rope_type {rope_type!r} does not extend it"
+    return RopeLengthLimit(
+        max_position_embeddings, f"max_position_embeddings={max_position_embeddings} ({scaling})"
+    )
+
+
+def _dynamic_limit(params: dict, max_position_embeddings: int) -> RopeLengthLimit:
+    # transformers' dynamic NTK recomputes the base from the current sequence length on every forward past
+    # max_position_embeddings, so a token's angles depend on how long the sequence was when it was computed;
+    # keys already rotated in the KV cache cannot follow. vLLM allows max_position_embeddings x factor with
+    # one fixed table (its base formula reduces to the unscaled base), which differs from transformers past
+    # max_position_embeddings; we stay exact and refuse instead.
+    return RopeLengthLimit(
+        max_position_embeddings,
+        f"max_position_embeddings={max_position_embeddings}: rope_type 'dynamic' (dynamic NTK, "
+        f"factor={params.get('factor')}) rescales its frequencies from the growing sequence length past it, "
+        "which keys already rotated in the KV cache cannot follow, so the engine could not match "
+        "transformers there (vLLM allows max_position_embeddings x factor and differs from transformers "
+        "past max_position_embeddings)",
+    )
 
 
 # ---------------------------------------------------------------- the layer

@@ -9,7 +9,12 @@ from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from nanovllm.layers.rotary_embedding import compute_inv_freq, get_rope, rope_parameters_from_config
+from nanovllm.layers.rotary_embedding import (
+    compute_inv_freq,
+    get_rope,
+    rope_length_limit,
+    rope_parameters_from_config,
+)
 
 HEAD_DIM = 64
 MAX_POSITION_EMBEDDINGS = 512
@@ -207,3 +212,23 @@ def test_unsupported_rope_type_is_a_clear_error() -> None:
         get_rope(HEAD_DIM, 128, {"rope_type": "longrope", "rope_theta": 10000.0})
     with pytest.raises(ValueError, match="'factor'"):
         compute_inv_freq(HEAD_DIM, {"rope_type": "linear", "rope_theta": 10000.0}, 128)
+
+
+@pytest.mark.parametrize(
+    "max_position_embeddings, rope_scaling, max_len",
+    [
+        # Qwen2.5 / Qwen3 with YaRN as their model cards say: original 32768 x 4
+        (32768, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072),
+        (40960, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072),
+        (4096, {"type": "linear", "factor": 4.0}, 16384),  # linear-scaled Llama 2: 4096 x 4
+        # llama3 configs state the extended length already; dynamic is exact only up to it; no scaling
+        (131072, {"rope_type": "llama3", **ROPE_PARAMETERS["llama3"]}, 131072),
+        (4096, {"type": "dynamic", "factor": 2.0}, 4096),
+        (4096, None, 4096),
+    ],
+)
+def test_rope_length_limit_is_vllms_derived_max_len(max_position_embeddings, rope_scaling, max_len) -> None:
+    config = SimpleNamespace(
+        rope_theta=10000.0, rope_scaling=rope_scaling, max_position_embeddings=max_position_embeddings
+    )
+    assert rope_length_limit(config, max_position_embeddings).max_len == max_len
