@@ -186,20 +186,23 @@ def rope_length_limit(hf_config: Any, max_position_embeddings: int) -> RopeLengt
     linear scales max_position_embeddings by `factor`, yarn scales original_max_position_embeddings by it,
     llama3 and unscaled rope stay at max_position_embeddings (llama3 configs already state the extended
     length). Linear and yarn frequencies do not depend on the position, so the table is exact that far.
-    vLLM also scales `dynamic` by `factor`; we do not (see `_dynamic_limit`)."""
+    Never below max_position_embeddings (a yarn config whose original x factor is smaller keeps the length
+    it always had here, where vLLM would lower it). vLLM also scales `dynamic` by `factor`; we do not
+    (see `_dynamic_limit`)."""
     params = rope_parameters_from_config(hf_config)
     rope_type = params["rope_type"]
     if rope_type == "linear":
         factor = _required(params, "factor")
         return RopeLengthLimit(
-            int(max_position_embeddings * factor),
+            max(max_position_embeddings, int(max_position_embeddings * factor)),
             f"max_position_embeddings={max_position_embeddings} x factor={factor} (rope_type 'linear')",
         )
     if rope_type == "yarn":
         factor, original = params["factor"], _required(params, "original_max_position_embeddings")
         return RopeLengthLimit(
-            int(original * factor),
-            f"original_max_position_embeddings={original} x factor={factor} (rope_type 'yarn')",
+            max(max_position_embeddings, int(original * factor)),
+            f"original_max_position_embeddings={original} x factor={factor}, or max_position_embeddings="
+            f"{max_position_embeddings} if more (rope_type 'yarn')",
         )
     if rope_type == "dynamic":
         return _dynamic_limit(params, max_position_embeddings)

@@ -221,6 +221,8 @@ def test_unsupported_rope_type_is_a_clear_error() -> None:
         (32768, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072),
         (40960, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}, 131072),
         (4096, {"type": "linear", "factor": 4.0}, 16384),  # linear-scaled Llama 2: 4096 x 4
+        # never below max_position_embeddings (vLLM would take 32768 x 1): what ran before still runs
+        (40960, {"rope_type": "yarn", "factor": 1.0, "original_max_position_embeddings": 32768}, 40960),
         # llama3 configs state the extended length already; dynamic is exact only up to it; no scaling
         (131072, {"rope_type": "llama3", **ROPE_PARAMETERS["llama3"]}, 131072),
         (4096, {"type": "dynamic", "factor": 2.0}, 4096),
