@@ -308,3 +308,36 @@ def test_signal_to_the_driver_leaves_no_worker_behind(sig):
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+class _Recorder:
+    """A stand-in for the NCCL backend or the peer all-reduce that records the calls it gets."""
+
+    def __init__(self, name: str, calls: list[str]):
+        self.name, self.calls = name, calls
+
+    def abort(self) -> None:
+        self.calls.append(f"{self.name} abort")
+
+    def close(self) -> None:  # the peer all-reduce's: it waits for the device
+        self.calls.append(f"{self.name} close")
+
+
+@pytest.mark.parametrize("release_group", [True, False], ids=["shutdown", "interpreter exit"])
+def test_rank0_aborts_nccl_before_its_peer_buffer_waits_for_the_device(release_group):
+    """Ctrl-C mid-step kills the workers while rank 0 may have an NCCL collective queued with them: closing
+    the peer all-reduce synchronizes the device, which only NCCL's abort lets finish. At exit (no abort: it
+    could hang there) the buffer is closed only when every worker left politely."""
+    from nanovllm.engine.tp_executor import WorkerSet
+    from nanovllm.utils.distributed import TensorParallelGroup
+
+    calls: list[str] = []
+    workers = WorkerSet()  # no processes: every worker has left
+    group = TensorParallelGroup(0, 2, _Recorder("nccl", calls), _Recorder("peer", calls))
+    workers.group = group
+    workers.shutdown(release_group=release_group)
+    if release_group:
+        assert calls.index("nccl abort") < calls.index("peer close"), calls
+    else:
+        assert calls == ["peer close"]
+    assert group.peer_all_reduce is None and workers.group is None

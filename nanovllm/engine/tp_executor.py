@@ -154,12 +154,16 @@ class WorkerSet:
                 proc.join()
         for conn in self.conns:
             conn.close()
-        if self.group is not None:  # the workers let rank 0's buffer go as they exited: now it can be freed
-            self.group.close_peer_memory()
+        # The workers let rank 0's peer buffer go as they exited: now it can be freed (which waits for the
+        # device). Releasing, NCCL's abort (destroy) comes first: it ends any collective of rank 0's that
+        # waits for a worker killed above. Exiting, with the group kept, only if every worker left politely
+        # (one killed kept its mapping: the buffer cannot be freed, and rank 0's device may wait for it).
         if self.group is not None and release_group:
             if self.graphs is not None:
                 self.graphs.release()
             self.group.destroy()
+        elif self.group is not None and all(proc.exitcode == 0 for proc in self.procs):
+            self.group.close_peer_memory()
         self.group = None  # (unreleased at exit: the process tears NCCL down; a GPU test covers that path)
 
 

@@ -100,7 +100,8 @@ class TensorParallelGroup:
     def close_peer_memory(self) -> None:
         """Let the peer all-reduce's mappings of the other ranks' buffers go, and this rank's buffer (the
         workers before they exit, then rank 0: no process ends holding a buffer that is shared through CUDA
-        IPC; utils/peer_all_reduce.py). NCCL takes every all-reduce afterwards."""
+        IPC; utils/peer_all_reduce.py). NCCL takes every all-reduce afterwards. This waits for the device:
+        where a rank may be gone, abort the group first (`destroy`)."""
         if self.peer_all_reduce is not None:
             self.peer_all_reduce.close()
             self.peer_all_reduce = None
@@ -109,8 +110,10 @@ class TensorParallelGroup:
         """Release the communicators; the group cannot be used afterwards. Aborts rather than shuts
         down: that never waits for the other ranks, which may be gone already."""
         self.abort()
+        # after NCCL's abort: a collective queued on this rank with a rank that is gone would never let the
+        # device synchronize
+        self.close_peer_memory()
         self.backend = None  # gloo frees its sockets when the backend is collected
-        self.peer_all_reduce = None
 
 
 SINGLE_RANK = TensorParallelGroup(0, 1)
