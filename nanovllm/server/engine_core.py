@@ -271,7 +271,7 @@ def _delta(out: RequestOutput, sent: _Sent) -> tuple:
     logprobs = None
     if c.logprobs is not None:
         new = c.logprobs[sent.num_tokens : num_tokens]
-        logprobs = [(lp.token_id, lp.logprob, lp.top_logprobs) for lp in new]
+        logprobs = [(lp.token_id, lp.logprob, lp.top_logprobs, lp.rank) for lp in new]
     first = sent.num_tokens == 0
     prompt_logprobs = None
     if first and out.prompt_logprobs is not None:

@@ -15,9 +15,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.outputs import CompletionOutput, Logprob, RequestOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, SubRequest
+from nanovllm.server.engine_core import EngineMessage, _delta, _Sent, decode_deltas
 
 
 class FakeEngine:
@@ -236,3 +237,14 @@ def test_a_start_up_failure_reaches_start():
 
 def _fail_to_build(message: str):
     raise ValueError(message)
+
+
+def test_deltas_carry_every_field_of_the_logprobs():
+    generated = [Logprob(7, -0.5, {7: -0.5, 3: -1.0}, 1), Logprob(3, -2.0, {1: -0.1, 3: -2.0}, 2)]
+    prompt = [None, Logprob(4, -3.0, {}, 5)]
+    out = RequestOutput(
+        "r", None, [1, 4], [CompletionOutput(0, "ab", [7, 3], None, logprobs=generated)], 0, False
+    )
+    out.prompt_logprobs = prompt
+    (delta,) = decode_deltas(EngineMessage({}, deltas=[_delta(out, _Sent())]))
+    assert delta.logprobs == generated and delta.prompt_logprobs == prompt
