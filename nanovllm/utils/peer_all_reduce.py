@@ -16,7 +16,7 @@ exits, then rank 0 does, and its buffer is freed, even when the process is exiti
 
 Setting up is all or nothing: every rank reports through the store whether it could reach and map
 every peer, and the group uses peer memory only if all could (ranks that disagreed on the collective
-would wait for each other forever).
+would wait for each other forever). A rank that maps nothing counts down the handles it never opened.
 """
 
 from __future__ import annotations
@@ -143,15 +143,24 @@ def connect_peers(
     # handles/r: the list of rank r's handles, one for each rank, or None where rank r has no buffer
     store.set(f"handles/{rank}", pickle.dumps(peer.handles() if peer is not None else None))
     published = [pickle.loads(store.get(f"handles/{r}")) for r in range(size)]
+    mine = [h[rank] if h is not None and r != rank else None for r, h in enumerate(published)]  # made for us
     mapped = False
     if all(h is not None for h in published):
         try:
-            peer._map([h[rank] for h in published], device)  # the handles made for this rank
+            peer._map(mine, device)
             mapped = True
         except Exception:
             logger.warning(
                 "rank %d: mapping a peer's buffers failed; NCCL for every all-reduce", rank, exc_info=True
             )
+    if not mapped:  # the handles made for this rank that it never opened still count: their buffers would
+        # outlive every release (those it opened are let go with `peer`)
+        num_opened = len(peer._mapped) if peer is not None else 0
+        try:
+            for handle in [h for h in mine if h is not None][num_opened:]:
+                _release(handle, device)
+        except Exception:  # (raising here would leave the other ranks waiting for mapped/{rank})
+            logger.warning("rank %d: releasing unopened IPC handles failed", rank, exc_info=True)
     store.set(f"mapped/{rank}", "1" if mapped else "0")
     if all(store.get(f"mapped/{r}") == b"1" for r in range(size)):
         return peer
@@ -162,6 +171,12 @@ def _share(t: torch.Tensor) -> tuple:
     """The IPC handle of t's allocation (what torch.multiprocessing sends for a CUDA tensor)."""
     _device, handle, size, offset, *ref_counting = t.untyped_storage()._share_cuda_()
     return (handle, size, offset, *ref_counting)
+
+
+def _release(shared: tuple, device: torch.device) -> None:
+    """Count down a handle that will never be opened (as torch.multiprocessing does for a duplicate)."""
+    _handle, _size, _offset, ref_counter_handle, ref_counter_offset, *_event = shared
+    torch.UntypedStorage._release_ipc_counter(ref_counter_handle, ref_counter_offset, device=device)
 
 
 def _open(shared: tuple, device: torch.device) -> torch.UntypedStorage:
