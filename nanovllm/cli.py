@@ -48,10 +48,11 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name) for name in _ENGINE_ARG_TYPES if getattr(args, name) is not None}
 
 
-def preset_note(name: str, vocab_size: int, tokenizer_size: int) -> str:
-    """What `generate` prints about a preset's random weights (and why its text may come out empty)."""
+def preset_note(name: str, vocab_size: int, tokenizer_size: int | None) -> str:
+    """What `generate` prints about a preset's random weights (and why its text may come out empty).
+    tokenizer_size: None without a tokenizer (generate then refuses text prompts with the reason)."""
     note = f"note: {name!r} is a preset with RANDOM weights: the text is meaningless"
-    if vocab_size > tokenizer_size:
+    if tokenizer_size is not None and vocab_size > tokenizer_size:
         note += f", and mostly empty (ids past its tokenizer's {tokenizer_size:,} tokens decode to nothing)"
     return note
 
@@ -72,7 +73,8 @@ def _generate(args: argparse.Namespace) -> int:
     with LLM(args.model, **engine_kwargs(args)) as llm:  # shut down on the way out, errors included
         if llm.config.is_preset:
             vocab_size = llm.config.hf_config.vocab_size
-            print(preset_note(args.model, vocab_size, len(llm.tokenizer)), file=sys.stderr)
+            tokenizer_size = len(llm.tokenizer) if llm.tokenizer is not None else None
+            print(preset_note(args.model, vocab_size, tokenizer_size), file=sys.stderr)
         start = time.perf_counter()
         if args.chat:  # each prompt is one user turn, through the model's chat template
             outputs = llm.chat([[{"role": "user", "content": p}] for p in prompts], params)

@@ -154,6 +154,7 @@ def test_cli_generate_on_a_preset_says_its_weights_are_random(capsys):
     assert "'qwen3-tiny' is a preset with RANDOM weights" in err and "empty" not in err  # its vocab: 2,048
     big = preset_note("qwen3-0.6b", 151936, 2048)  # the random model draws ids the tokenizer cannot spell
     assert big.endswith("mostly empty (ids past its tokenizer's 2,048 tokens decode to nothing)")
+    assert preset_note("qwen3-0.6b", 151936, None).endswith("the text is meaningless")  # no tokenizer
 
 
 def test_chat_takes_openai_text_parts_and_lets_kwargs_override(llm):
