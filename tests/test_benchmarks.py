@@ -84,6 +84,23 @@ def test_throughput_no_hf(tmp_path):
     assert main(["bench", *ENGINE, *args, "--repeats", "0", "--out", str(tmp_path)]) == 2
 
 
+def test_default_workload_on_a_small_vocabulary(monkeypatch):
+    # qwen3-tiny's 2,048 ids draw other prompts than bench.py's ids in [0, 10000]: a custom workload, where
+    # it stopped with "workload drew 144881 output tokens, expected 133,966" before the engine was built.
+    import nanovllm
+    from nanovllm.benchmark.throughput import build_parser, run
+
+    class EngineBuilt(Exception):
+        pass
+
+    def engine(*args, **kwargs):
+        raise EngineBuilt
+
+    monkeypatch.setattr(nanovllm, "LLM", engine)
+    with pytest.raises(EngineBuilt):
+        run(build_parser().parse_args(ENGINE), {})
+
+
 def test_recording_triton_compiles():
     # Triton calls its post-compile hook with these keywords after each new specialization (never on a
     # cache hit); a CPU cannot compile, so the call is made here as Triton's JIT makes it.

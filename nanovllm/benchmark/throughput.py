@@ -181,7 +181,7 @@ def run(args: argparse.Namespace, tuned: dict[str, dict[str, Any]]) -> dict[str,
     is_nano_vllm_bench = (
         args.num_requests == NANO_VLLM_BENCH["num_requests"]
         and all(lens[k] == NANO_VLLM_BENCH[k] for k in lens)
-        and args.max_token_id == 10_000
+        and max_token_id == 10_000  # a vocabulary of 10,000 ids or fewer draws other prompts
         and args.workload_seed == 0
     )
     if is_nano_vllm_bench and workload.num_output_tokens != NANO_VLLM_BENCH_OUTPUT_TOKENS:
