@@ -191,6 +191,23 @@ def test_bad_arguments_are_reported(tmp_path, capsys):
     assert "unknown --hf-tuned candidate" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--hf-num-requests", "-1"),  # ran transformers on all but the last request, as "first -1"
+        ("--hf-static-subset", "-1"),
+        ("--hf-time-cap-s", "0"),  # skipped every transformers run, blaming --hf-budget-s
+        ("--hf-budget-s", "-5"),
+        ("--max-token-id", "-1"),  # "empty range for randrange()"
+    ],
+)
+def test_bad_numbers_are_reported(tmp_path, capsys, flag, value):
+    from nanovllm.benchmark.throughput import main
+
+    assert main([*ENGINE, "--num-requests", "2", flag, value, "--out", str(tmp_path)]) == 2
+    assert f"error: {flag} must be" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 # ---- the transformers baseline is the same model -----------------------------------------------------
 
 

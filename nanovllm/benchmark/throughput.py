@@ -113,9 +113,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.repeats < 1:
-        print(f"error: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
-        return 2
+    for flag, value, low in (
+        ("--repeats", args.repeats, 1),
+        ("--max-token-id", args.max_token_id, 0),
+        ("--hf-num-requests", args.hf_num_requests, 0),
+        ("--hf-static-subset", args.hf_static_subset, 0),
+    ):
+        if value < low:
+            print(f"error: {flag} must be >= {low}, got {value}", file=sys.stderr)
+            return 2
+    for flag, value in (("--hf-time-cap-s", args.hf_time_cap_s), ("--hf-budget-s", args.hf_budget_s)):
+        if not value > 0:
+            print(f"error: {flag} must be > 0, got {value:g}", file=sys.stderr)
+            return 2
     try:
         tuned = _tuned_candidates(args.hf_tuned)
         report = run(args, tuned)
