@@ -101,6 +101,17 @@ def test_default_workload_on_a_small_vocabulary(monkeypatch):
         run(build_parser().parse_args(ENGINE), {})
 
 
+def test_short_hf_time_cap(tmp_path):
+    # A cap under 10 s is a cap: the run takes it (it was skipped, "--hf-budget-s (240 s) used up").
+    from nanovllm.benchmark.throughput import main
+
+    args = ["--num-requests", "2", "--max-input-len", "8", "--max-output-len", "4", "--repeats", "1"]
+    args += ["--hf-mode", "default", "--hf-static-subset", "0", "--hf-time-cap-s", "5"]
+    assert main([*ENGINE, *args, "--out", str(tmp_path)]) == 0
+    default = _report(tmp_path, "throughput")["hf"]["default"]
+    assert default["tok_per_s"] > 0 and default["time_cap_s"] == 5
+
+
 def test_recording_triton_compiles():
     # Triton calls its post-compile hook with these keywords after each new specialization (never on a
     # cache hit); a CPU cannot compile, so the call is made here as Triton's JIT makes it.

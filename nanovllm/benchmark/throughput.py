@@ -314,11 +314,11 @@ def _run_hf(model, workload, warmup, hf_n, static_n, tuned, args, hf: dict[str, 
     subset, hf_warmup = workload.head(hf_n), warmup.head(2)
 
     def capped(name: str, fn) -> dict[str, Any]:
-        cap = min(args.hf_time_cap_s, deadline - time.perf_counter())
-        if cap < 10:
+        left = deadline - time.perf_counter()
+        if left < min(10, args.hf_time_cap_s):  # (a run needs a few seconds to get going)
             result = {"skipped": f"--hf-budget-s ({args.hf_budget_s:.0f} s) used up"}
         else:
-            result = guarded(name, lambda: fn(cap))
+            result = guarded(name, lambda: fn(min(args.hf_time_cap_s, left)))
         _print_hf(name, result)
         return result
 
