@@ -195,6 +195,16 @@ def test_latency_benchmark(tmp_path):
     assert r["kv_cache_tokens"] == 256 * r["block_size"] and r["model_sizes"]["weight_bytes"] > 0
 
 
+@pytest.mark.parametrize("flag", ["--bandwidth-tbs", "--peak-tflops"])
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_latency_bad_peaks_are_reported(tmp_path, capsys, flag, value):
+    # -1 gave negative floors; 0 silently used the card's peaks
+    from nanovllm.cli import main
+
+    assert main(["bench", "latency", *ENGINE, flag, value, "--out", str(tmp_path)]) == 2
+    assert f"error: {flag} must be > 0" in capsys.readouterr().err and not list(tmp_path.iterdir())
+
+
 def test_bad_arguments_are_reported(tmp_path, capsys):
     from nanovllm.benchmark.throughput import main
 

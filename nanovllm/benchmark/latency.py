@@ -287,6 +287,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for name in ("decode_steps", "ttft_repeats", "batch_context"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("bandwidth_tbs", "peak_tflops"):  # None: the card's
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name):g}")
     kwargs = engine_kwargs(args)
     kwargs.setdefault("max_model_len", _max_model_len(args))
     kwargs.setdefault("max_num_seqs", max(256, max(args.batches)))
