@@ -47,6 +47,22 @@ def test_throughput_floor_per_card():
     assert throughput_floor_tok_per_s(h200) == pytest.approx(133_966 / expected_s)
 
 
+def test_workload_floor_is_one_gpus_in_16_bits():
+    # The floor's bytes and FLOPs are one GPU's in bf16: a TP run or float32 weights gets none (a TP=2 run
+    # was put at up to ~200% of one card's floor).
+    from nanovllm.benchmark.throughput import workload_floor
+    from nanovllm.config import Config
+
+    def floor(**kwargs):
+        config = Config.from_kwargs("qwen3-0.6b", device="cpu", **kwargs)
+        return workload_floor("NVIDIA H100 80GB HBM3", config)
+
+    assert floor(dtype="bfloat16")["tok_per_s"] == pytest.approx(25_747, abs=0.5)
+    assert floor(dtype="bfloat16")["card"] == "H100"
+    assert floor(dtype="bfloat16", tensor_parallel_size=2) is None
+    assert floor(dtype="float32") is None
+
+
 def test_throughput_benchmark(tmp_path):
     from nanovllm.benchmark.throughput import main
 

@@ -240,9 +240,9 @@ def run(args: argparse.Namespace, tuned: dict[str, dict[str, Any]]) -> dict[str,
         nano["kv_cache_tokens"] = llm.engine.num_kvcache_blocks * config.block_size
         nano["num_preemptions"] = llm.engine.stats()["num_preemptions"]
         nano.update(memory_stats())  # peak over init (profiling, graphs) and all runs
-        if is_nano_vllm_bench and args.model == DEFAULT_MODEL:
-            key, peaks = card_peaks(report["card"])
-            nano["floor"] = {"card": key, **asdict(peaks), "tok_per_s": throughput_floor_tok_per_s(peaks)}
+        floor = workload_floor(report["card"], config)
+        if floor is not None and is_nano_vllm_bench and args.model == DEFAULT_MODEL:
+            nano["floor"] = floor
             nano["pct_of_floor"] = 100 * nano["full"]["tok_per_s"] / nano["floor"]["tok_per_s"]
             nano["pct_of_floor_runs"] = [100 * r["tok_per_s"] / nano["floor"]["tok_per_s"] for r in runs]
     finally:
@@ -272,6 +272,16 @@ def run(args: argparse.Namespace, tuned: dict[str, dict[str, Any]]) -> dict[str,
             free_device_memory()
     report["ratios"] = _ratios(report)
     return report
+
+
+def workload_floor(card: str, config) -> dict[str, Any] | None:
+    """The default workload's floor on `card` (common.throughput_floor_tok_per_s) where it holds: its bytes
+    and FLOPs are those of the qwen3-0.6b preset on one GPU in 16-bit weights. None on several GPUs or in
+    float32."""
+    if config.tensor_parallel_size != 1 or config.torch_dtype.itemsize != 2:
+        return None
+    key, peaks = card_peaks(card)
+    return {"card": key, **asdict(peaks), "tok_per_s": throughput_floor_tok_per_s(peaks)}
 
 
 def _generate(llm, workload: Workload, temperature: float) -> int:
