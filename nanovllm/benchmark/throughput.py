@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--hf-mode",
         choices=["default", "tuned", "both", "none"],
         default="both",
-        help="transformers' continuous batching: default settings, tuned candidates, or both "
-        "(then also its static generate); none: no transformers at all",
+        help="transformers' continuous batching: default settings, tuned candidates, or both (its static "
+        "generate runs with each of them, unless --hf-static-subset 0); none: no transformers at all",
     )
     p.add_argument("--hf-num-requests", type=int, default=64, help="transformers runs the first N requests")
     p.add_argument(
