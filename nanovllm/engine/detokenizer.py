@@ -24,14 +24,26 @@ def decode_after_prompt(
     tokenizer, prompt_token_ids: list[int], output_token_ids: list[int], skip_special_tokens: bool = True
 ) -> str:
     """The output's text in one decode, as IncrementalDetokenizer would give it token by token: decoded
-    after the prompt's last _CONTEXT_TOKENS tokens, less their own text (the output alone if the output
-    changes the context's text, e.g. completes a character the prompt split)."""
+    after the prompt's last _CONTEXT_TOKENS tokens, less the text of those up to their last whole
+    character (the output alone if the output changes that text)."""
     context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
-    head = tokenizer.decode(context, skip_special_tokens=skip_special_tokens)
+    num_read = _num_whole(tokenizer, context, skip_special_tokens)
+    head = tokenizer.decode(context[:num_read], skip_special_tokens=skip_special_tokens)
     full = tokenizer.decode(context + list(output_token_ids), skip_special_tokens=skip_special_tokens)
-    if full.startswith(head) and not head.endswith("\ufffd"):
+    if full.startswith(head):
         return full[len(head) :]
     return tokenizer.decode(output_token_ids, skip_special_tokens=skip_special_tokens)
+
+
+def _num_whole(tokenizer, token_ids: list[int], skip_special_tokens: bool) -> int:
+    """How many of token_ids come before the bytes that end their text without making a whole character
+    (it ends in "\ufffd"): the first bytes of an unfinished one, or stray ones. A prompt may end inside a
+    character that the output completes: the output's text has that character, as vLLM's (its decoder is
+    primed up to the prompt's last whole character)."""
+    n = len(token_ids)
+    while n and tokenizer.decode(token_ids[:n], skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+        n -= 1
+    return n
 
 
 class IncrementalDetokenizer:
@@ -51,6 +63,8 @@ class IncrementalDetokenizer:
         self.tokens: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0  # tokens[prefix_offset:read_offset] is context already emitted
         self.read_offset = len(self.tokens)
+        if tokenizer is not None:  # (the prompt's unfinished last character is read with the output)
+            self.read_offset = _num_whole(tokenizer, self.tokens, skip_special_tokens)
         self.text = ""  # final output text so far
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:

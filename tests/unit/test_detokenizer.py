@@ -46,6 +46,23 @@ def test_multibyte_characters_split_across_tokens(tok):
     assert detok.text == MULTIBYTE
 
 
+@pytest.mark.parametrize("stop", [None, ["never met"]])
+def test_a_character_the_prompt_splits_is_in_the_output(tok, stop):
+    # A prompt of token ids may end inside a character ("ab" + the first bytes of 你); the output's first
+    # tokens complete it. vLLM's detokenizer emits the whole character with the output: it primes its
+    # decoder after the prompt's last whole character. The window started after the prompt's bytes, whose
+    # "\ufffd" is as long as the character, so the streamed text lost it ("好x"), and the text decoded at
+    # the end had two "\ufffd" for it: the two paths disagreed.
+    ids = tok.encode("ab你好x")
+    cut = next(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))
+    prompt, out = ids[:cut], ids[cut:]
+    detok = IncrementalDetokenizer(tok, prompt, stop)
+    texts, _ = feed(detok, out)
+    detok.flush()
+    assert detok.text == decode_after_prompt(tok, prompt, out) == "你好x"
+    assert all("\ufffd" not in text for text in texts)
+
+
 def test_held_back_bytes_come_out_at_flush(tok):
     ids = tok.encode("ab🎉")
     detok = IncrementalDetokenizer(tok, [], None)
