@@ -29,7 +29,11 @@ def decode_after_prompt(
     context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
     num_read = _num_whole(tokenizer, context, skip_special_tokens)
     head = tokenizer.decode(context[:num_read], skip_special_tokens=skip_special_tokens)
-    full = tokenizer.decode(context + list(output_token_ids), skip_special_tokens=skip_special_tokens)
+    ids = context + list(output_token_ids)
+    full = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    if full.endswith("\ufffd"):  # the output ends inside a character (max_tokens): left out, as vLLM does
+        num_ids = max(num_read, _num_whole(tokenizer, ids, skip_special_tokens))
+        full = tokenizer.decode(ids[:num_ids], skip_special_tokens=skip_special_tokens)
     if full.startswith(head):
         return full[len(head) :]
     return tokenizer.decode(output_token_ids, skip_special_tokens=skip_special_tokens)
@@ -120,10 +124,13 @@ class IncrementalDetokenizer:
         return self.text[: max(0, len(self.text) - (self.max_stop_len - 1))]
 
     def flush(self) -> None:
-        """At the end of a request, emit whatever is still held back."""
+        """At the end of a request, emit whatever is still held back, but for the bytes of an unfinished
+        last character (the request ended inside it): like vLLM, the text leaves them out, rather than
+        end in "\ufffd" (with a byte-fallback decoder, as Llama 2's, one per byte of the run they end)."""
         if self.tokenizer is None or self.read_offset == len(self.tokens):
             return
         prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
         full = self._decode(self.tokens[self.prefix_offset :])
-        self.text += full[len(prefix) :]
+        if not full.endswith("\ufffd"):
+            self.text += full[len(prefix) :]
         self.read_offset = len(self.tokens)
