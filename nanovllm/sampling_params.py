@@ -15,7 +15,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = -1  # -1 or 0: disabled
     min_p: float = 0.0
-    seed: int | None = None
+    seed: int | None = None  # -1: None (unseeded), as in vLLM
     max_tokens: int = 16
     min_tokens: int = 0
     ignore_eos: bool = False
@@ -50,6 +50,8 @@ class SamplingParams:
             raise bad("top_k", "an int >= -1 (-1 or 0 disables it)")
         if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
             raise bad("min_p", "in [0, 1]")
+        if _is_int(self.seed) and self.seed == -1:
+            self.seed = None  # vLLM's spelling of "no seed"
         if self.seed is not None and not _is_int(self.seed):
             raise bad("seed", "an int or None")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:

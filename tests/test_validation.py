@@ -179,6 +179,12 @@ def test_boundary_sampling_params_are_accepted():
     assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
 
 
+def test_seed_minus_one_is_no_seed_as_in_vllm():
+    # vLLM's SamplingParams turns seed=-1 into None: unseeded, not a fixed seed of -1.
+    assert SamplingParams(seed=-1).seed is None
+    assert SamplingParams(seed=-2).seed == -2
+
+
 # ---- prompts ------------------------------------------------------------------------------------
 
 
