@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 # Temperatures below this are treated as greedy (argmax), as in vLLM.
@@ -42,8 +43,8 @@ class SamplingParams:
         def bad(field: str, valid: str) -> ValueError:
             return ValueError(f"{field} must be {valid}, got {getattr(self, field)!r}")
 
-        if not _is_real(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a number >= 0")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+            raise bad("temperature", "a finite number >= 0")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < -1:
@@ -64,8 +65,8 @@ class SamplingParams:
             raise bad("presence_penalty", "in [-2, 2]")
         if not _is_real(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
             raise bad("frequency_penalty", "in [-2, 2]")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a number > 0")
+        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+            raise bad("repetition_penalty", "a finite number > 0")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "None or an int in [0, 20]")
         if self.prompt_logprobs is not None and (

@@ -131,6 +131,7 @@ def test_failed_constructions_leave_a_working_engine_alone(llm, reference):
     [
         ("temperature", dict(temperature=-0.5)),
         ("temperature", dict(temperature=float("nan"))),
+        ("temperature", dict(temperature=float("inf"))),  # (vLLM: "must be a finite number")
         ("temperature", dict(temperature="0.5")),
         ("top_p", dict(top_p=0)),
         ("top_p", dict(top_p=1.5)),
@@ -150,6 +151,7 @@ def test_failed_constructions_leave_a_working_engine_alone(llm, reference):
         ("frequency_penalty", dict(frequency_penalty=-3)),
         ("repetition_penalty", dict(repetition_penalty=0)),
         ("repetition_penalty", dict(repetition_penalty=-1.0)),
+        ("repetition_penalty", dict(repetition_penalty=float("inf"))),
         ("stop", dict(stop="")),
         ("stop", dict(stop=["ok", ""])),
         ("stop", dict(stop=[1])),
