@@ -42,16 +42,16 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order; with `n` > 1 its `outputs` hold the n samples."""
-        prompts = _as_prompt_list(prompts)
-        params = _params_per_prompt(sampling_params, len(prompts))
+        inputs = _as_prompt_list(prompts)
+        params = _params_per_prompt(sampling_params, len(inputs))
         # Validate everything before queuing anything: a bad prompt leaves the engine untouched.
         encoded = []
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
+        for i, ((prompt, _), p) in enumerate(zip(inputs, params)):
             try:
                 encoded.append(self.engine.encode_prompt(prompt, p))
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-        return self._run(prompts, encoded, params, use_tqdm)
+        return self._run([text for _, text in inputs], encoded, params, use_tqdm)
 
     def chat(
         self,
@@ -102,7 +102,7 @@ class LLM:
 
     def _run(
         self,
-        prompts: list[Prompt],
+        prompts: list[str | None],  # the text each output reports as its prompt
         encoded: list[list[int]],
         params: list[SamplingParams],
         use_tqdm: bool,
@@ -191,27 +191,32 @@ def _as_conversation_list(messages: list[dict] | list[list[dict]]) -> list[list[
     )
 
 
-def _as_prompt_list(prompts: Prompt | dict | list[Prompt | dict]) -> list[Prompt]:
-    """One prompt or a list of them; a prompt is a string, a list of token ids, or vLLM's dict forms
-    {"prompt": text} and {"prompt_token_ids": ids}."""
+def _as_prompt_list(prompts: Prompt | dict | list[Prompt | dict]) -> list[tuple[Prompt, str | None]]:
+    """One prompt or a list of them, each as (what runs: a string or token ids, the text its output reports
+    as `prompt`). A prompt is a string, a list of token ids, or vLLM's dict forms {"prompt": text} and
+    {"prompt_token_ids": ids} (a TokensPrompt, which may also carry its text as "prompt")."""
     if isinstance(prompts, str | dict):
         return [_unwrap_prompt(prompts)]
     if isinstance(prompts, list | tuple):
         if prompts and all(isinstance(t, int) and not isinstance(t, bool) for t in prompts):
-            return [list(prompts)]  # one prompt of token ids
+            return [(list(prompts), None)]  # one prompt of token ids
         return [_unwrap_prompt(p) for p in prompts]
     raise ValueError(
         f"prompts must be a string, a list of token ids, or a list of either; got {type(prompts).__name__}"
     )
 
 
-def _unwrap_prompt(prompt: Prompt | dict) -> Prompt:
+def _unwrap_prompt(prompt: Prompt | dict) -> tuple[Prompt, str | None]:
     if not isinstance(prompt, dict):
-        return prompt  # (encode_prompt checks it)
+        return prompt, prompt if isinstance(prompt, str) else None  # (encode_prompt checks it)
     if set(prompt) == {"prompt"}:
-        return prompt["prompt"]
-    if set(prompt) == {"prompt_token_ids"}:
-        return prompt["prompt_token_ids"]
+        return prompt["prompt"], prompt["prompt"]
+    if set(prompt) in ({"prompt_token_ids"}, {"prompt_token_ids", "prompt"}):
+        text = prompt.get("prompt")
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"a TokensPrompt's 'prompt' must be a string, got {type(text).__name__}")
+        return prompt["prompt_token_ids"], text
     raise ValueError(
-        f"a dict prompt must be {{'prompt': text}} or {{'prompt_token_ids': ids}}, got keys {sorted(prompt)}"
+        "a dict prompt must be {'prompt': text} or {'prompt_token_ids': ids} (optionally with its text as "
+        f"'prompt'), got keys {sorted(prompt)}"
     )

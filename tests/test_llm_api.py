@@ -92,6 +92,13 @@ def test_vllm_dict_prompts(llm):
         llm.generate([{"prompt": text, "extra": 1}], GREEDY, use_tqdm=False)
 
 
+def test_vllm_tokens_prompt_may_carry_its_text(llm):
+    # vLLM's TokensPrompt has an optional "prompt": the text of the ids, reported back as the output's prompt.
+    (out,) = llm.generate([{"prompt_token_ids": PROMPT, "prompt": "the text"}], GREEDY, use_tqdm=False)
+    assert out.prompt == "the text" and out.prompt_token_ids == PROMPT
+    assert _tokens(out) == _tokens(llm.generate({"prompt_token_ids": PROMPT}, GREEDY, use_tqdm=False)[0])
+
+
 # ---- conversations ------------------------------------------------------------------------------
 
 
