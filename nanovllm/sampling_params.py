@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import sys
 from dataclasses import dataclass
 
 # Temperatures below this are treated as greedy (argmax), as in vLLM.
@@ -43,7 +43,7 @@ class SamplingParams:
         def bad(field: str, valid: str) -> ValueError:
             return ValueError(f"{field} must be {valid}, got {getattr(self, field)!r}")
 
-        if not _is_real(self.temperature) or not 0 <= self.temperature < math.inf:
+        if not _is_finite(self.temperature) or self.temperature < 0:
             raise bad("temperature", "a finite number >= 0")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1]")
@@ -65,7 +65,7 @@ class SamplingParams:
             raise bad("presence_penalty", "in [-2, 2]")
         if not _is_real(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
             raise bad("frequency_penalty", "in [-2, 2]")
-        if not _is_real(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
+        if not _is_finite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "a finite number > 0")
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "None or an int in [0, 20]")
@@ -205,3 +205,9 @@ def _is_int(x: object) -> bool:
 
 def _is_real(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and x == x  # x == x rejects NaN
+
+
+def _is_finite(x: object) -> bool:
+    """A real number a float holds: not inf, nor an int too large for one (10**400: the sampler's float()
+    of it raised OverflowError in the engine step)."""
+    return _is_real(x) and abs(x) <= sys.float_info.max

@@ -132,6 +132,7 @@ def test_failed_constructions_leave_a_working_engine_alone(llm, reference):
         ("temperature", dict(temperature=-0.5)),
         ("temperature", dict(temperature=float("nan"))),
         ("temperature", dict(temperature=float("inf"))),  # (vLLM: "must be a finite number")
+        ("temperature", dict(temperature=10**400)),  # an int no float can hold
         ("temperature", dict(temperature="0.5")),
         ("top_p", dict(top_p=0)),
         ("top_p", dict(top_p=1.5)),
@@ -152,6 +153,7 @@ def test_failed_constructions_leave_a_working_engine_alone(llm, reference):
         ("repetition_penalty", dict(repetition_penalty=0)),
         ("repetition_penalty", dict(repetition_penalty=-1.0)),
         ("repetition_penalty", dict(repetition_penalty=float("inf"))),
+        ("repetition_penalty", dict(repetition_penalty=10**400)),
         ("stop", dict(stop="")),
         ("stop", dict(stop=["ok", ""])),
         ("stop", dict(stop=[1])),
