@@ -314,6 +314,9 @@ def _parse_common(
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", *VLLM_EXTRA_FIELDS):
         if body.get(name) is not None:
             kwargs[name] = body[name]
+    seed = kwargs.get("seed")
+    if isinstance(seed, int) and not -(2**63) <= seed < 2**63:  # vLLM's protocol: a 64-bit signed int
+        raise RequestError(f"seed must be a 64-bit signed int, got {seed}", "seed")
     try:
         params = SamplingParams(**kwargs)
     except ValueError as e:

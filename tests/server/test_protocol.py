@@ -100,6 +100,8 @@ def test_bad_prompts(prompt):
         ({"logprobs": 21}, "logprobs"),
         ({"stop": [""]}, "stop"),
         ({"seed": 1.5}, "seed"),
+        ({"seed": 2**63}, "seed"),  # vLLM's protocol: a seed is a 64-bit signed int
+        ({"seed": -(2**63) - 1}, "seed"),
         ({"temperature": float("inf")}, "temperature"),  # JSON's Infinity, which Python's json reads
         ({"temperature": 10**400}, "temperature"),  # an integer too large for a float: not finite either
         ({"repetition_penalty": 10**400}, "repetition_penalty"),
