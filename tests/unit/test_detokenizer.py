@@ -32,6 +32,14 @@ def feed(detok: IncrementalDetokenizer, token_ids: list[int]) -> tuple[list[str]
     return texts, None
 
 
+def streamed_text(tok, prompt: list[int], out: list[int], stop: list[str] | None = None, **kwargs) -> str:
+    """The final text of `out` fed token by token after `prompt`, then flushed (the request's end)."""
+    detok = IncrementalDetokenizer(tok, prompt, stop, **kwargs)
+    feed(detok, out)
+    detok.flush()
+    return detok.text
+
+
 def test_multibyte_characters_split_across_tokens(tok):
     ids = tok.encode(MULTIBYTE)
     # The premise: some characters really are split over several byte-level tokens.
@@ -93,10 +101,7 @@ def test_an_unfinished_character_at_the_end_is_left_out(request, name):
         assert tok.convert_ids_to_tokens(ids)[-4:] == ["<0xF0>", "<0x9F>", "<0x8E>", "<0x89>"]  # the premise
     for num_bytes in (1, 2, 3):
         out = ids[: -4 + num_bytes]
-        detok = IncrementalDetokenizer(tok, prompt, None)
-        feed(detok, out)
-        detok.flush()
-        assert detok.text == decode_after_prompt(tok, prompt, out) == " x 你好"
+        assert streamed_text(tok, prompt, out) == decode_after_prompt(tok, prompt, out) == " x 你好"
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -137,11 +142,9 @@ def test_sentencepiece_output_reads_on_from_the_prompt_on_both_paths(sp_tok):
     out = sp_tok.encode("quick fox", add_special_tokens=False)
     assert sp_tok.convert_ids_to_tokens(out)[0].startswith("\u2581")  # the premise
     assert sp_tok.decode(prompt + out) == "Once upon a time quick fox"
+    once = decode_after_prompt(sp_tok, prompt, out)
     for stop in (None, ["never met"]):
-        detok = IncrementalDetokenizer(sp_tok, prompt, stop)
-        feed(detok, out)
-        detok.flush()
-        assert detok.text == decode_after_prompt(sp_tok, prompt, out) == " quick fox"
+        assert streamed_text(sp_tok, prompt, out, stop) == once == " quick fox"
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -149,10 +152,7 @@ def test_one_decode_after_the_prompt_equals_the_streamed_text(tok, seed):
     rng = random.Random(seed)
     vocab = [t for t in range(len(tok)) if t not in tok.all_special_ids]
     prompt, out = rng.sample(vocab, 10), rng.sample(vocab, 40)
-    detok = IncrementalDetokenizer(tok, prompt, None)
-    feed(detok, out)
-    detok.flush()
-    assert detok.text == decode_after_prompt(tok, prompt, out)
+    assert streamed_text(tok, prompt, out) == decode_after_prompt(tok, prompt, out)
 
 
 def test_a_skipped_special_token_keeps_the_next_words_space(sp_tok):
@@ -162,10 +162,7 @@ def test_a_skipped_special_token_keeps_the_next_words_space(sp_tok):
     prompt = sp_tok.encode("Once upon a time", add_special_tokens=False)
     for silent in ([sp_tok.eos_token_id], [sp_tok.eos_token_id, sp_tok.bos_token_id]):
         out = quick + silent + fox
-        detok = IncrementalDetokenizer(sp_tok, prompt, None)
-        feed(detok, out)
-        detok.flush()
-        assert detok.text == decode_after_prompt(sp_tok, prompt, out) == " quick fox"
+        assert streamed_text(sp_tok, prompt, out) == decode_after_prompt(sp_tok, prompt, out) == " quick fox"
 
 
 def test_tokens_without_text_do_not_grow_the_decode_window(tok):
@@ -212,10 +209,8 @@ def test_stop_string_kept_when_asked(tok, stop, expected_text):
 def test_special_tokens_text_when_not_skipped(tok):
     ids = [*tok.encode("hi"), tok.eos_token_id, *tok.encode(" there")]
     for skip, expected in ((True, "hi there"), (False, f"hi{tok.eos_token} there")):
-        detok = IncrementalDetokenizer(tok, [], None, skip_special_tokens=skip)
-        feed(detok, ids)
-        detok.flush()
-        assert detok.text == expected == tok.decode(ids, skip_special_tokens=skip)
+        streamed = streamed_text(tok, [], ids, skip_special_tokens=skip)
+        assert streamed == expected == tok.decode(ids, skip_special_tokens=skip)
 
 
 @pytest.mark.parametrize("stop", ["lo w", "ö", "你好", "🎉", "rld 你", "nowhere at all"])
