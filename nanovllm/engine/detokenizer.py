@@ -14,6 +14,8 @@ which gives the same text.
 
 from __future__ import annotations
 
+from nanovllm.utils.tokenizer import TokenDecoder
+
 # Tokens before the first new one that are re-decoded to get spacing and merges right.
 _CONTEXT_TOKENS = 6
 # Tokens without text (special, unknown ids) a decode window may hold in a row before it moves past them.
@@ -21,71 +23,72 @@ _SILENT_TOKENS = 8
 
 
 def decode_after_prompt(
-    tokenizer, prompt_token_ids: list[int], output_token_ids: list[int], skip_special_tokens: bool = True
+    decoder: TokenDecoder, prompt_token_ids: list[int], output_token_ids: list[int]
 ) -> str:
     """The output's text in one decode, as IncrementalDetokenizer would give it token by token: decoded
     after the prompt's last _CONTEXT_TOKENS tokens, less the text of those up to their last whole
     character (the output alone if the output changes that text)."""
     context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
-    num_read = _num_whole(tokenizer, context, skip_special_tokens)
-    head = tokenizer.decode(context[:num_read], skip_special_tokens=skip_special_tokens)
-    ids = context + list(output_token_ids)
-    full = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
-    if full.endswith("\ufffd"):  # the output ends inside a character (max_tokens): left out, as vLLM does
-        num_ids = max(num_read, _num_whole(tokenizer, ids, skip_special_tokens))
-        full = tokenizer.decode(ids[:num_ids], skip_special_tokens=skip_special_tokens)
+    num_read, head = _whole_prefix(decoder, context)
+    # (an output that ends inside a character, cut by max_tokens, leaves those bytes out, as vLLM does)
+    _, full = _whole_prefix(decoder, context + list(output_token_ids), num_read)
     if full.startswith(head):
         return full[len(head) :]
-    return tokenizer.decode(output_token_ids, skip_special_tokens=skip_special_tokens)
+    return decoder.decode(output_token_ids)
 
 
-def _num_whole(tokenizer, token_ids: list[int], skip_special_tokens: bool) -> int:
-    """How many of token_ids come before the bytes that end their text without making a whole character
-    (it ends in "\ufffd"): the first bytes of an unfinished one, or stray ones. A prompt may end inside a
+def _whole_prefix(decoder: TokenDecoder, token_ids: list[int], least: int = 0) -> tuple[int, str]:
+    """(n, the text of token_ids[:n]): n the most tokens, down to `least`, whose text does not end in
+    "\ufffd", i.e. in the first bytes of an unfinished character or stray ones. A prompt may end inside a
     character that the output completes: the output's text has that character, as vLLM's (its decoder is
-    primed up to the prompt's last whole character)."""
+    primed up to the prompt's last whole character). Silent tokens are stepped over without a decode (the
+    text is the same without them): after an unfinished character, a run of them would otherwise cost a
+    decode of the whole output each."""
     n = len(token_ids)
-    while n and tokenizer.decode(token_ids[:n], skip_special_tokens=skip_special_tokens).endswith("\ufffd"):
+    text = decoder.decode(token_ids)
+    while n > least and text.endswith("\ufffd"):
         n -= 1
-    return n
+        while n > least and decoder.is_silent(token_ids[n - 1]):
+            n -= 1
+        text = decoder.decode(token_ids[:n])
+    return n, text
 
 
 class IncrementalDetokenizer:
     def __init__(
         self,
-        tokenizer,
+        decoder: TokenDecoder | None,  # None: no tokenizer, no text
         prompt_token_ids: list[int],
         stop: list[str] | None,
-        skip_special_tokens: bool = True,
         include_stop: bool = False,
     ):
-        self.tokenizer = tokenizer
-        self.skip_special_tokens = skip_special_tokens
+        self.decoder = decoder
         self.include_stop = include_stop
         self.stop = stop or []
         self.max_stop_len = max((len(s) for s in self.stop), default=0)
         self.tokens: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
         self.prefix_offset = 0  # tokens[prefix_offset:read_offset] is context already emitted
         self.read_offset = len(self.tokens)
-        if tokenizer is not None:  # (the prompt's unfinished last character is read with the output)
-            self.read_offset = _num_whole(tokenizer, self.tokens, skip_special_tokens)
+        if decoder is not None:  # (the prompt's unfinished last character is read with the output)
+            self.read_offset, _ = _whole_prefix(decoder, self.tokens)
         self.text = ""  # final output text so far
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append one token; returns the stop string if the text now contains one. With
         check_stop False (min_tokens not reached yet) stop strings are neither searched nor cut."""
+        if self.decoder is None or self.decoder.is_silent(token_id):
+            return None  # (it adds no text wherever it is: no decode, and the window does not grow)
         self.tokens.append(token_id)
-        if self.tokenizer is None:
-            return None
-        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
-        full = self._decode(self.tokens[self.prefix_offset :])
+        prefix = self.decoder.decode(self.tokens[self.prefix_offset : self.read_offset])
+        full = self.decoder.decode(self.tokens[self.prefix_offset :])
         if full.endswith("\ufffd"):
             return None  # an incomplete UTF-8 sequence: wait for more tokens
         if full == prefix:
-            # Tokens that decode to nothing (special tokens, ids the tokenizer does not know): nothing to
-            # emit. The window keeps the text before them, whose spacing the next word depends on (a
-            # SentencePiece decoder drops the space of a window's first word), until _SILENT_TOKENS of
-            # them come in a row: then it moves on, or every later step would re-decode a growing window.
+            # Tokens that decode to nothing here (special tokens, ids the tokenizer does not know, where the
+            # decoder is not known to drop them): nothing to emit. The window keeps the text before them,
+            # whose spacing the next word depends on (a SentencePiece decoder drops the space of a window's
+            # first word), until _SILENT_TOKENS of them come in a row: then it moves on, or every later step
+            # would re-decode a growing window.
             if len(self.tokens) - self.read_offset > _SILENT_TOKENS:
                 self._advance()
             return None
@@ -102,9 +105,6 @@ class IncrementalDetokenizer:
                 self.text = self.text[: idx + len(stop) if self.include_stop else idx]
                 return stop
         return None
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens)
 
     def _advance(self) -> None:
         """The tokens read so far are final: the next decode window starts at the last read ones."""
@@ -127,10 +127,10 @@ class IncrementalDetokenizer:
         """At the end of a request, emit whatever is still held back, but for the bytes of an unfinished
         last character (the request ended inside it): like vLLM, the text leaves them out, rather than
         end in "\ufffd" (with a byte-fallback decoder, as Llama 2's, one per byte of the run they end)."""
-        if self.tokenizer is None or self.read_offset == len(self.tokens):
+        if self.decoder is None or self.read_offset == len(self.tokens):
             return
-        prefix = self._decode(self.tokens[self.prefix_offset : self.read_offset])
-        full = self._decode(self.tokens[self.prefix_offset :])
-        if not full.endswith("\ufffd"):
-            self.text += full[len(prefix) :]
+        prefix = self.decoder.decode(self.tokens[self.prefix_offset : self.read_offset])
+        window = self.tokens[self.prefix_offset :]
+        _, full = _whole_prefix(self.decoder, window, self.read_offset - self.prefix_offset)
+        self.text += full[len(prefix) :]
         self.read_offset = len(self.tokens)

@@ -28,7 +28,7 @@ from nanovllm.engine.step_input import LaunchedStep
 from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
 from nanovllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.utils.tokenizer import load_tokenizer
+from nanovllm.utils.tokenizer import TokenDecoder, load_tokenizer
 
 logger = logging.getLogger("nanovllm")
 
@@ -68,6 +68,10 @@ class LLMEngine:
     def __init__(self, config: Config):
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
+        # The tokenizer's decode with skip_special_tokens False and True (TokenDecoder: built once, fast)
+        self._decoders = []
+        if self.tokenizer is not None:
+            self._decoders = [TokenDecoder(self.tokenizer, skip) for skip in (False, True)]
         self.vocab_size = config.hf_config.vocab_size
         self.runner = self._make_runner(config)
         self.num_kvcache_blocks = self.runner.num_kvcache_blocks
@@ -158,13 +162,8 @@ class LLMEngine:
         seq = Sequence(token_ids, params, request_id)
         detok = None
         if incremental or params.stop:
-            detok = IncrementalDetokenizer(
-                self.tokenizer,
-                token_ids,
-                params.stop,
-                params.skip_special_tokens,
-                params.include_stop_str_in_output,
-            )
+            decoder = self._decoder(params.skip_special_tokens)
+            detok = IncrementalDetokenizer(decoder, token_ids, params.stop, params.include_stop_str_in_output)
         self.requests[request_id] = _Request(
             seq,
             prompt if isinstance(prompt, str) else None,
@@ -356,7 +355,7 @@ class LLMEngine:
             text = ""
             if seq.is_finished and self.tokenizer is not None:  # (as the detokenizer would have)
                 text = decode_after_prompt(
-                    self.tokenizer, seq.prompt_token_ids, shown, seq.params.skip_special_tokens
+                    self._decoder(seq.params.skip_special_tokens), seq.prompt_token_ids, shown
                 )
         reason = seq.finish_reason.value if seq.finish_reason is not None else None
         cumulative = req.cumulative_logprob if req.logprobs is not None else None
@@ -378,7 +377,10 @@ class LLMEngine:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         if self.tokenizer is None:
             return ""
-        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
+        return self._decoders[skip_special_tokens].decode(token_ids)
+
+    def _decoder(self, skip_special_tokens: bool) -> TokenDecoder | None:
+        return self._decoders[skip_special_tokens] if self._decoders else None
 
     # ---- statistics (server metrics, tests) ---------------------------------------------------
 

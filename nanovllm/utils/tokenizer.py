@@ -1,7 +1,8 @@
-"""Tokenizer loading (transformers' AutoTokenizer, from the checkpoint directory)."""
+"""Tokenizer loading (transformers' AutoTokenizer, from the checkpoint directory), and a fast decode."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 
@@ -12,3 +13,54 @@ def load_tokenizer(path: Path):
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:  # many possible causes; the user needs the reason and the path
         raise ValueError(f"cannot load the tokenizer in {str(path)!r}: {e}") from e
+
+
+class TokenDecoder:
+    """`tokenizer.decode(ids, skip_special_tokens=...)` for lists of ints (`decode`), the same text, and which
+    ids are silent: left out of every decode, so that a text never depends on them (`is_silent`).
+
+    For a fast tokenizer that neither overrides decoding nor cleans up spaces, `decode` is the Rust
+    tokenizer's own: transformers' decode first type-checks every id in Python, which costs more than the
+    decode (~0.3 us per id: 2x the time of a 600-token output, 2.7x of a detokenizer's 6-token window). The
+    engine decodes on the host between launching a step and the next, so this time can idle the GPU. The
+    Rust decode drops the ids it does not know and, when it skips special tokens, its special ones (which
+    need not be transformers' `all_special_ids`) before it decodes the rest: those are the silent ids. Other
+    tokenizers have none (unknown)."""
+
+    def __init__(self, tokenizer, skip_special_tokens: bool):
+        from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self._backend = None  # the Rust tokenizer, where `decode` is its own
+        cls = type(tokenizer)
+        if (
+            isinstance(tokenizer, PreTrainedTokenizerFast)
+            and cls.decode is PreTrainedTokenizerBase.decode
+            and cls._decode is PreTrainedTokenizerFast._decode
+            and not tokenizer.clean_up_tokenization_spaces
+        ):
+            self._backend = tokenizer.backend_tokenizer
+            self.decode = functools.partial(self._backend.decode, skip_special_tokens=skip_special_tokens)
+        else:
+            self.decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
+        self._num_ids = 0  # the ids it knows are below this (0: silent ids are not known)
+        self._dropped: frozenset[int] = frozenset()  # the special ids it drops
+        self._read_vocabulary()
+
+    def is_silent(self, token_id: int) -> bool:
+        if token_id < self._num_ids and token_id not in self._dropped:
+            return False
+        if self._backend is None:
+            return False
+        if token_id >= self._num_ids:
+            self._read_vocabulary()  # (tokens added since: their ids come after the ones it had)
+        return token_id >= self._num_ids or token_id in self._dropped
+
+    def _read_vocabulary(self) -> None:
+        if self._backend is None:
+            return
+        self._num_ids = self._backend.get_vocab_size(with_added_tokens=True)
+        if self.skip_special_tokens:
+            added = self._backend.get_added_tokens_decoder()
+            self._dropped = frozenset(i for i, token in added.items() if token.special)

@@ -11,6 +11,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from nanovllm import LLM, SamplingParams
 from nanovllm.config import PRESET_DIR
 from nanovllm.engine.detokenizer import IncrementalDetokenizer, decode_after_prompt
+from nanovllm.utils.tokenizer import TokenDecoder
 from tests.checkpoints import build_checkpoint
 
 MULTIBYTE = "héllo wörld 你好 🎉"
@@ -32,9 +33,11 @@ def feed(detok: IncrementalDetokenizer, token_ids: list[int]) -> tuple[list[str]
     return texts, None
 
 
-def streamed_text(tok, prompt: list[int], out: list[int], stop: list[str] | None = None, **kwargs) -> str:
+def streamed_text(
+    tok, prompt: list[int], out: list[int], stop: list[str] | None = None, skip_special_tokens: bool = True
+) -> str:
     """The final text of `out` fed token by token after `prompt`, then flushed (the request's end)."""
-    detok = IncrementalDetokenizer(tok, prompt, stop, **kwargs)
+    detok = IncrementalDetokenizer(TokenDecoder(tok, skip_special_tokens), prompt, stop)
     feed(detok, out)
     detok.flush()
     return detok.text
@@ -44,7 +47,7 @@ def test_multibyte_characters_split_across_tokens(tok):
     ids = tok.encode(MULTIBYTE)
     # The premise: some characters really are split over several byte-level tokens.
     assert any("\ufffd" in tok.decode([t]) for t in ids)
-    detok = IncrementalDetokenizer(tok, tok.encode("Say:"), None)
+    detok = IncrementalDetokenizer(TokenDecoder(tok, True), tok.encode("Say:"), None)
     texts, stop = feed(detok, ids)
     assert stop is None
     for text in texts:  # never a half character, only ever growing
@@ -64,10 +67,10 @@ def test_a_character_the_prompt_splits_is_in_the_output(tok, stop):
     ids = tok.encode("ab你好x")
     cut = next(i for i in range(1, len(ids)) if tok.decode(ids[:i]).endswith("\ufffd"))
     prompt, out = ids[:cut], ids[cut:]
-    detok = IncrementalDetokenizer(tok, prompt, stop)
+    detok = IncrementalDetokenizer(TokenDecoder(tok, True), prompt, stop)
     texts, _ = feed(detok, out)
     detok.flush()
-    assert detok.text == decode_after_prompt(tok, prompt, out) == "你好x"
+    assert detok.text == decode_after_prompt(TokenDecoder(tok, True), prompt, out) == "你好x"
     assert all("\ufffd" not in text for text in texts)
 
 
@@ -101,7 +104,8 @@ def test_an_unfinished_character_at_the_end_is_left_out(request, name):
         assert tok.convert_ids_to_tokens(ids)[-4:] == ["<0xF0>", "<0x9F>", "<0x8E>", "<0x89>"]  # the premise
     for num_bytes in (1, 2, 3):
         out = ids[: -4 + num_bytes]
-        assert streamed_text(tok, prompt, out) == decode_after_prompt(tok, prompt, out) == " x 你好"
+        once = decode_after_prompt(TokenDecoder(tok, True), prompt, out)
+        assert streamed_text(tok, prompt, out) == once == " x 你好"
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -113,12 +117,88 @@ def test_random_token_streams_match_a_full_decode(tok, seed):
         out[rng.randrange(len(out)) :] = tok.encode(MULTIBYTE)
     while tok.decode(out).endswith("\ufffd"):  # (an unfinished last character is left out: tested above)
         out.pop()
-    detok = IncrementalDetokenizer(tok, prompt, None)
+    detok = IncrementalDetokenizer(TokenDecoder(tok, True), prompt, None)
     texts, _ = feed(detok, out)
     detok.flush()
     expected = tok.decode(out, skip_special_tokens=True)
     assert detok.text == expected
     assert all(expected.startswith(t) for t in texts)  # emitted text is final: never retracted
+
+
+@pytest.mark.parametrize("name", ["tok", "byte_fallback_tok", "sp_tok"])
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_token_decoder_gives_the_tokenizers_text_and_knows_its_silent_ids(request, name, skip_special_tokens):
+    # TokenDecoder skips transformers' per-id type check for the Rust decode: the text must not change,
+    # special tokens, unknown ids and unfinished characters included. Its silent ids are those no text
+    # depends on: leaving them out changes no decode.
+    tok = request.getfixturevalue(name)
+    decoder = TokenDecoder(tok, skip_special_tokens)
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(len(tok) + 50) for _ in range(rng.randrange(0, 40))]
+        ids.insert(rng.randrange(len(ids) + 1), tok.eos_token_id)
+        text = tok.decode(ids, skip_special_tokens=skip_special_tokens)
+        assert decoder.decode(ids) == text
+        assert decoder.decode([t for t in ids if not decoder.is_silent(t)]) == text
+    assert decoder.is_silent(len(tok)) and decoder.is_silent(len(tok) + 10**6)
+    assert decoder.is_silent(tok.eos_token_id) == skip_special_tokens
+    with_text = [t for t in range(len(tok)) if tok.decode([t], skip_special_tokens=True)]
+    assert len(with_text) > 10 and not any(decoder.is_silent(t) for t in with_text)
+
+
+def test_token_decoder_reads_tokens_added_after_it_was_built():
+    tok = AutoTokenizer.from_pretrained(str(PRESET_DIR / "tokenizer"))
+    decoder = TokenDecoder(tok, True)
+    new_id, new_special = len(tok), len(tok) + 1
+    assert decoder.is_silent(new_id) and decoder.decode([new_id]) == ""
+    tok.add_tokens(["zebra"])
+    tok.add_special_tokens({"additional_special_tokens": ["<|new|>"]})
+    assert not decoder.is_silent(new_id) and decoder.decode([new_id]) == "zebra"
+    assert decoder.is_silent(new_special) and decoder.decode([new_special]) == ""
+
+
+def _wordpiece_tok(**kwargs) -> PreTrainedTokenizerFast:
+    vocab = {"[UNK]": 0, "hello": 1, ".": 2, "world": 3}
+    wp = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    wp.pre_tokenizer = pre_tokenizers.Whitespace()
+    wp.decoder = decoders.WordPiece(cleanup=False)  # (so that only transformers' clean-up is at work)
+    return PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", **kwargs)
+
+
+class _LoudTokenizer(PreTrainedTokenizerFast):
+    def _decode(self, token_ids, **kwargs) -> str:
+        return super()._decode(token_ids, **kwargs).upper()
+
+
+def test_token_decoder_keeps_what_transformers_adds_to_the_decode():
+    # A tokenizer that cleans up spaces ("hello ." -> "hello.") or decodes its own way keeps its text, and
+    # no id of it is taken for silent (its own decode may give any id a text).
+    ids = [1, 2, 3]
+    cleaned = _wordpiece_tok(clean_up_tokenization_spaces=True)
+    assert cleaned.backend_tokenizer.decode(ids) == "hello . world"  # the premise: transformers cleans up
+    assert TokenDecoder(cleaned, True).decode(ids) == cleaned.decode(ids) == "hello. world"
+    assert TokenDecoder(_wordpiece_tok(), True).decode(ids) == "hello . world"
+    loud = _LoudTokenizer(tokenizer_object=_wordpiece_tok().backend_tokenizer, unk_token="[UNK]")
+    assert TokenDecoder(loud, True).decode(ids) == "HELLO . WORLD"
+    for tokenizer in (cleaned, loud):
+        assert not TokenDecoder(tokenizer, True).is_silent(100)
+
+
+def test_silent_tokens_after_an_unfinished_character_cost_no_decode_each(tok):
+    # A random-weight preset samples ids past its tokenizer's vocabulary, which decode to nothing. The
+    # text decoded at a request's end drops an unfinished last character one token at a time; with such
+    # ids after it, each step back decoded the whole output again (quadratic: -1.4 points of the
+    # throughput benchmark's floor on an H200).
+    decoder = TokenDecoder(tok, True)
+    calls = []
+    counting = TokenDecoder(tok, True)
+    counting.decode = lambda ids: calls.append(len(ids)) or decoder.decode(ids)
+    partial = tok.encode("你", add_special_tokens=False)[:-1]
+    assert tok.decode(partial).endswith("\ufffd")  # the premise
+    out = tok.encode(" ok", add_special_tokens=False) + partial + [len(tok) + i for i in range(500)]
+    prompt = tok.encode("say", add_special_tokens=False)
+    assert decode_after_prompt(counting, prompt, out) == " ok" == streamed_text(tok, prompt, out)
+    assert len(calls) <= 6
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +222,7 @@ def test_sentencepiece_output_reads_on_from_the_prompt_on_both_paths(sp_tok):
     out = sp_tok.encode("quick fox", add_special_tokens=False)
     assert sp_tok.convert_ids_to_tokens(out)[0].startswith("\u2581")  # the premise
     assert sp_tok.decode(prompt + out) == "Once upon a time quick fox"
-    once = decode_after_prompt(sp_tok, prompt, out)
+    once = decode_after_prompt(TokenDecoder(sp_tok, True), prompt, out)
     for stop in (None, ["never met"]):
         assert streamed_text(sp_tok, prompt, out, stop) == once == " quick fox"
 
@@ -152,7 +232,7 @@ def test_one_decode_after_the_prompt_equals_the_streamed_text(tok, seed):
     rng = random.Random(seed)
     vocab = [t for t in range(len(tok)) if t not in tok.all_special_ids]
     prompt, out = rng.sample(vocab, 10), rng.sample(vocab, 40)
-    assert streamed_text(tok, prompt, out) == decode_after_prompt(tok, prompt, out)
+    assert streamed_text(tok, prompt, out) == decode_after_prompt(TokenDecoder(tok, True), prompt, out)
 
 
 def test_a_skipped_special_token_keeps_the_next_words_space(sp_tok):
@@ -162,16 +242,25 @@ def test_a_skipped_special_token_keeps_the_next_words_space(sp_tok):
     prompt = sp_tok.encode("Once upon a time", add_special_tokens=False)
     for silent in ([sp_tok.eos_token_id], [sp_tok.eos_token_id, sp_tok.bos_token_id]):
         out = quick + silent + fox
-        assert streamed_text(sp_tok, prompt, out) == decode_after_prompt(sp_tok, prompt, out) == " quick fox"
+        once = decode_after_prompt(TokenDecoder(sp_tok, True), prompt, out)
+        assert streamed_text(sp_tok, prompt, out) == once == " quick fox"
 
 
-def test_tokens_without_text_do_not_grow_the_decode_window(tok):
+class _OwnDecodeTokenizer(PreTrainedTokenizerFast):
+    def _decode(self, token_ids, **kwargs) -> str:  # (same text; TokenDecoder then knows no silent ids)
+        return super()._decode(token_ids, **kwargs)
+
+
+@pytest.mark.parametrize("cls", [AutoTokenizer, _OwnDecodeTokenizer])
+def test_tokens_without_text_do_not_grow_the_decode_window(cls):
     # Special tokens (skipped) and ids past the tokenizer's vocabulary (random-weight presets sample from
     # the model's larger one) decode to nothing. Each step must still decode a window of bounded size:
-    # re-decoding every token since the last text made long generations quadratic.
+    # re-decoding every token since the last text made long generations quadratic. TokenDecoder knows a
+    # fast tokenizer's silent ids (they never enter the window); for others the window moves past them.
+    tok = cls.from_pretrained(str(PRESET_DIR / "tokenizer"))
     silent = [tok.eos_token_id, len(tok) + 5, len(tok) + 100_000]
     assert all(tok.decode([t], skip_special_tokens=True) == "" for t in silent)
-    detok = IncrementalDetokenizer(tok, tok.encode("Hi"), None)
+    detok = IncrementalDetokenizer(TokenDecoder(tok, True), tok.encode("Hi"), None)
     ids = silent * 300 + tok.encode(" done")
     texts, stop = feed(detok, ids)
     assert stop is None and detok.text == " done" == tok.decode(ids, skip_special_tokens=True)
@@ -190,7 +279,7 @@ def test_tokens_without_text_do_not_grow_the_decode_window(tok):
 )
 def test_stop_string_across_token_boundaries_is_cut(tok, stop, expected_text):
     ids = tok.encode(MULTIBYTE)
-    detok = IncrementalDetokenizer(tok, tok.encode("Say:"), [stop])
+    detok = IncrementalDetokenizer(TokenDecoder(tok, True), tok.encode("Say:"), [stop])
     texts, found = feed(detok, ids)
     assert found == stop
     assert detok.text == expected_text
@@ -201,7 +290,7 @@ def test_stop_string_across_token_boundaries_is_cut(tok, stop, expected_text):
 
 @pytest.mark.parametrize("stop, expected_text", [("lo w", "héllo w"), ("ö", "héllo wö"), ("🎉", MULTIBYTE)])
 def test_stop_string_kept_when_asked(tok, stop, expected_text):
-    detok = IncrementalDetokenizer(tok, tok.encode("Say:"), [stop], include_stop=True)
+    detok = IncrementalDetokenizer(TokenDecoder(tok, True), tok.encode("Say:"), [stop], include_stop=True)
     _, found = feed(detok, tok.encode(MULTIBYTE))
     assert found == stop and detok.text == expected_text
 
@@ -216,8 +305,9 @@ def test_special_tokens_text_when_not_skipped(tok):
 @pytest.mark.parametrize("stop", ["lo w", "ö", "你好", "🎉", "rld 你", "nowhere at all"])
 def test_stable_text_only_grows_and_ends_as_the_final_text(tok, stop):
     """What a stream shows while running (stable_text) is never taken back by a later stop string."""
-    _check_stable_text(IncrementalDetokenizer(tok, tok.encode("Say:"), [stop]), tok)
-    _check_stable_text(IncrementalDetokenizer(tok, tok.encode("Say:"), [stop], include_stop=True), tok)
+    for include_stop in (False, True):
+        detok = IncrementalDetokenizer(TokenDecoder(tok, True), tok.encode("Say:"), [stop], include_stop)
+        _check_stable_text(detok, tok)
 
 
 def _check_stable_text(detok: IncrementalDetokenizer, tok) -> None:
@@ -236,7 +326,7 @@ def _check_stable_text(detok: IncrementalDetokenizer, tok) -> None:
 
 def test_stop_string_in_a_later_token_only(tok):
     ids = tok.encode("one two three four")
-    detok = IncrementalDetokenizer(tok, [], ["three", "nowhere"])
+    detok = IncrementalDetokenizer(TokenDecoder(tok, True), [], ["three", "nowhere"])
     texts, found = feed(detok, ids)
     assert (found, detok.text) == ("three", "one two ")
     assert len(texts) == len(tok.encode("one two three"))  # " four" never read
@@ -244,7 +334,7 @@ def test_stop_string_in_a_later_token_only(tok):
 
 def test_no_stop_string_means_the_full_text(tok):
     ids = tok.encode(MULTIBYTE)
-    detok = IncrementalDetokenizer(tok, [], ["xyz"])
+    detok = IncrementalDetokenizer(TokenDecoder(tok, True), [], ["xyz"])
     _, found = feed(detok, ids)
     detok.flush()
     assert found is None and detok.text == MULTIBYTE
