@@ -211,6 +211,17 @@ def test_latency_benchmark(tmp_path):
     assert r["kv_cache_tokens"] == 256 * r["block_size"] and r["model_sizes"]["weight_bytes"] > 0
 
 
+def test_latency_lengths_the_model_cannot_hold_are_reported(tmp_path, capsys):
+    # qwen3-tiny allows 4,096 tokens; the default lengths need 4,864. The error named max_model_len, a flag
+    # the user had not given: it must name the flags that asked for that length.
+    from nanovllm.cli import main
+
+    assert main(["bench", "latency", *ENGINE, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "max_model_len=4864 exceeds 4096" in err and "--contexts" in err and "--decode-steps" in err
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("flag", ["--bandwidth-tbs", "--peak-tflops"])
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_latency_bad_peaks_are_reported(tmp_path, capsys, flag, value):
@@ -236,6 +247,8 @@ def test_bad_arguments_are_reported(tmp_path, capsys):
         ("--hf-time-cap-s", "0"),  # skipped every transformers run, blaming --hf-budget-s
         ("--hf-budget-s", "-5"),
         ("--max-token-id", "-1"),  # "empty range for randrange()"
+        ("--num-requests", "0"),  # named num_requests, not the flag
+        ("--warmup-requests", "0"),  # silently ran one
     ],
 )
 def test_bad_numbers_are_reported(tmp_path, capsys, flag, value):

@@ -291,11 +291,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) is not None and not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name):g}")
     kwargs = engine_kwargs(args)
+    derived = "max_model_len" not in kwargs
     kwargs.setdefault("max_model_len", _max_model_len(args))
     kwargs.setdefault("max_num_seqs", max(256, max(args.batches)))
     reset_peak_memory()
     start = time.perf_counter()
-    llm = LLM(args.model, **kwargs)
+    try:
+        llm = LLM(args.model, **kwargs)
+    except ValueError as e:
+        if derived and "max_model_len" in str(e):  # (not asked for by the user: say where it came from)
+            raise ValueError(
+                f"{e}. max_model_len={kwargs['max_model_len']} is what the lengths asked for need "
+                "(--contexts, --batch-context, --prefill-batches, plus --decode-steps); ask for shorter ones"
+            ) from None
+        raise
     init_s = time.perf_counter() - start
     engine, config = llm.engine, llm.config
     card_key, peaks = card_peaks(card_name())

@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for flag, value, low in (
+        ("--num-requests", args.num_requests, 1),
+        ("--warmup-requests", args.warmup_requests, 1),  # (the warm-up also compiles; one always runs)
         ("--repeats", args.repeats, 1),
         ("--max-token-id", args.max_token_id, 0),
         ("--hf-num-requests", args.hf_num_requests, 0),
@@ -179,7 +181,7 @@ def run(args: argparse.Namespace, tuned: dict[str, dict[str, Any]]) -> dict[str,
     max_token_id = min(args.max_token_id, probe.hf_config.vocab_size - 1)
     workload = make_workload(args.num_requests, **lens, max_token_id=max_token_id, seed=args.workload_seed)
     warmup = make_workload(
-        max(1, min(args.warmup_requests, args.num_requests)),
+        min(args.warmup_requests, args.num_requests),
         **{**lens, "max_output_len": min(16, lens["max_output_len"]), "min_output_len": 1},
         max_token_id=max_token_id,
         seed=args.workload_seed + 1,
