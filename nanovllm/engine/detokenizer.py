@@ -30,6 +30,10 @@ def decode_after_prompt(
     character (the output alone if the output changes that text)."""
     context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
     num_read, head = _whole_prefix(decoder, context)
+    first = next((t for t in output_token_ids if not decoder.is_silent(t)), None)
+    if first is not None and num_read != _context_read(decoder, context, num_read, first):
+        num_read = _context_read(decoder, context, num_read, first)
+        head = decoder.decode(context[:num_read])
     # (an output that ends inside a character, cut by max_tokens, leaves those bytes out, as vLLM does)
     _, full = _whole_prefix(decoder, context + list(output_token_ids), num_read)
     if full.startswith(head):
@@ -54,6 +58,20 @@ def _whole_prefix(decoder: TokenDecoder, token_ids: list[int], least: int = 0) -
     return n, text
 
 
+def _context_read(decoder: TokenDecoder, context: list[int], num_read: int, first_token: int) -> int:
+    """How much of the context is the prompt's text, once the output's first token (not silent) is known.
+    A run of byte pieces decodes as one (TokenDecoder.byte_ids), so the prompt's text cannot end inside
+    one: if the token after the cut is a byte piece (the output's first token, or the first token of an
+    unfinished character the prompt ends with), the run before the cut goes with the output too, as a
+    character that the prompt split does."""
+    after = (t for t in [*context[num_read:], first_token] if not decoder.is_silent(t))
+    if next(after) in decoder.byte_ids:
+        in_run = lambda t: t in decoder.byte_ids or decoder.is_silent(t)  # noqa: E731
+        while num_read and in_run(context[num_read - 1]):
+            num_read -= 1
+    return num_read
+
+
 class IncrementalDetokenizer:
     def __init__(
         self,
@@ -72,13 +90,19 @@ class IncrementalDetokenizer:
         if decoder is not None:  # (the prompt's unfinished last character is read with the output)
             self.read_offset, _ = _whole_prefix(decoder, self.tokens)
         self.text = ""  # final output text so far
+        self._started = False  # whether a token (not silent) was added
 
     def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append one token; returns the stop string if the text now contains one. With
         check_stop False (min_tokens not reached yet) stop strings are neither searched nor cut."""
         if self.decoder is None or self.decoder.is_silent(token_id):
             return None  # (it adds no text wherever it is: no decode, and the window does not grow)
+        if not self._started:  # the output's first token: the context may give way to it
+            self._started = True
+            self.read_offset = _context_read(self.decoder, self.tokens, self.read_offset, token_id)
         self.tokens.append(token_id)
+        if token_id in self.decoder.byte_ids:
+            return None  # a run of byte pieces decodes as one (TokenDecoder.byte_ids): wait for its end
         prefix = self.decoder.decode(self.tokens[self.prefix_offset : self.read_offset])
         full = self.decoder.decode(self.tokens[self.prefix_offset :])
         if full.endswith("\ufffd"):

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import functools
+import json
+import re
 from pathlib import Path
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback piece, as SentencePiece spells them
 
 
 def load_tokenizer(path: Path):
@@ -25,7 +29,12 @@ class TokenDecoder:
     engine decodes on the host between launching a step and the next, so this time can idle the GPU. The
     Rust decode drops the ids it does not know and, when it skips special tokens, its special ones (which
     need not be transformers' `all_special_ids`) before it decodes the rest: those are the silent ids. Other
-    tokenizers have none (unknown)."""
+    tokenizers have none (unknown).
+
+    `byte_ids`: with a byte-fallback decoder (Llama 2, Mistral), the pieces that spell one byte ("<0xE4>").
+    The decoder reads a run of them as one: valid UTF-8, or one "\ufffd" per byte of the run. So a byte
+    piece can change the text of the ones before it ("<0xC3><0x9F>" is "ß", "<0xC3><0x9F><0xC3>" is three
+    "\ufffd"), and text decoded one token at a time must wait for the run's end."""
 
     def __init__(self, tokenizer, skip_special_tokens: bool):
         from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -47,6 +56,10 @@ class TokenDecoder:
         self._num_ids = 0  # the ids it knows are below this (0: silent ids are not known)
         self._dropped: frozenset[int] = frozenset()  # the special ids it drops
         self._read_vocabulary()
+        self.byte_ids: frozenset[int] = frozenset()
+        if self._backend is not None and _has_byte_fallback(json.loads(self._backend.decoder.__getstate__())):
+            vocab = self._backend.get_vocab(with_added_tokens=False)
+            self.byte_ids = frozenset(i for piece, i in vocab.items() if _BYTE_PIECE.fullmatch(piece))
 
     def is_silent(self, token_id: int) -> bool:
         if token_id < self._num_ids and token_id not in self._dropped:
@@ -64,3 +77,10 @@ class TokenDecoder:
         if self.skip_special_tokens:
             added = self._backend.get_added_tokens_decoder()
             self._dropped = frozenset(i for i, token in added.items() if token.special)
+
+
+def _has_byte_fallback(decoder: dict | None) -> bool:
+    """Whether a tokenizer.json decoder (or a Sequence of them) includes ByteFallback."""
+    if not decoder:
+        return False
+    return decoder.get("type") == "ByteFallback" or any(map(_has_byte_fallback, decoder.get("decoders", [])))

@@ -108,6 +108,52 @@ def test_an_unfinished_character_at_the_end_is_left_out(request, name):
         assert streamed_text(tok, prompt, out) == once == " x 你好"
 
 
+def test_a_byte_piece_that_spoils_the_run_before_it_is_waited_for(byte_fallback_tok):
+    # A byte-fallback decoder reads a run of byte pieces as one: "<0xC3><0x9F>" is "ß", but with one more
+    # "<0xC3>" the run is not UTF-8 and reads as three "\ufffd". Streamed text had emitted "ß" at the
+    # second piece and could not take it back, so it differed from the text decoded at the end.
+    tok = byte_fallback_tok
+    pieces = ["<0xC3>", "<0x9F>", "<0xC3>", "\u2581hi"]
+    out = tok.convert_tokens_to_ids(pieces)
+    assert tok.decode(out[:2]) == "ß" and tok.decode(out) == "\ufffd\ufffd\ufffd hi"  # the premise
+    detok = IncrementalDetokenizer(TokenDecoder(tok, True), [], None)
+    texts, _ = feed(detok, out)
+    assert texts == ["", "", "", "\ufffd\ufffd\ufffd hi"]
+    assert decode_after_prompt(TokenDecoder(tok, True), [], out) == tok.decode(out)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_byte_piece_streams_match_the_decode_at_the_end(byte_fallback_tok, seed):
+    # Runs of byte pieces, valid or not, in the prompt, the output and across the two: the streamed text
+    # only grows, and ends as the text decoded at once; with no prompt, as the tokenizer's decode.
+    tok = byte_fallback_tok
+    pieces = [
+        "<0xE4>",
+        "<0xBD>",
+        "<0xA0>",
+        "<0xC3>",
+        "<0xA9>",
+        "<0x41>",
+        "<0xF0>",
+        "<0x9F>",
+        "<0x8E>",
+        "<0x89>",
+    ]
+    pieces += ["\u2581", "\u2581x", "\u2581hi", "</s>"]
+    ids = tok.convert_tokens_to_ids(pieces)
+    decoder, rng = TokenDecoder(tok, True), random.Random(seed)
+    for _ in range(200):
+        prompt = [rng.choice(ids) for _ in range(rng.randrange(0, 6))]
+        out = [rng.choice(ids) for _ in range(rng.randrange(1, 12))]
+        detok = IncrementalDetokenizer(decoder, prompt, None)
+        texts, _ = feed(detok, out)
+        detok.flush()
+        assert all(detok.text.startswith(t) for t in texts)
+        assert detok.text == decode_after_prompt(decoder, prompt, out)
+        if not prompt and not tok.decode(out, skip_special_tokens=True).endswith("\ufffd"):
+            assert detok.text == tok.decode(out, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_random_token_streams_match_a_full_decode(tok, seed):
     rng = random.Random(seed)
