@@ -573,6 +573,14 @@ def test_bad_values(client, kwargs, param):
     assert _error(e)["param"] == param and param in _error(e)["message"]
 
 
+def test_chat_min_tokens_past_the_context_names_min_tokens(client):
+    """Chat without max_tokens generates until the context is full: a min_tokens larger than what the
+    prompt leaves is the min_tokens field's fault, not the messages'."""
+    with pytest.raises(openai.BadRequestError) as e:
+        _chat(client, "x " * 100, max_tokens=None, extra_body={"min_tokens": MAX_MODEL_LEN})
+    assert _error(e)["param"] == "min_tokens" and "min_tokens" in _error(e)["message"]
+
+
 def test_bad_requests_leave_the_server_serving(server, client):
     with pytest.raises(openai.NotFoundError) as e:
         client.completions.create(model="gpt-4", prompt="hi", max_tokens=2)
