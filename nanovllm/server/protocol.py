@@ -180,7 +180,8 @@ def parse_chat_request(body: Any, max_model_len: int) -> GenerateRequest:
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
     if logprobs is not None and not isinstance(logprobs, bool):
         raise RequestError(f"logprobs must be a boolean, got {logprobs!r}", "logprobs")
-    if top is not None and not logprobs:
+    # (top_logprobs 0 asks for nothing: vLLM accepts it without logprobs, as some clients send it)
+    if top is not None and not logprobs and not (type(top) is int and top == 0):
         raise RequestError("top_logprobs requires logprobs to be true", "top_logprobs")
     if body.get("max_completion_tokens") is not None:
         max_tokens, max_tokens_param = body["max_completion_tokens"], "max_completion_tokens"

@@ -166,6 +166,9 @@ def test_chat_fields():
     assert e.param == "max_completion_tokens" and e.message.startswith("max_completion_tokens")
     e = _err(parse_chat_request, {"messages": msgs, "logprobs": True, "top_logprobs": 30})
     assert e.param == "top_logprobs" and e.message.startswith("top_logprobs")
+    # top_logprobs 0 asks for nothing: accepted without logprobs, as vLLM's check_logprobs does
+    for off in ({}, {"logprobs": False}):
+        assert parse_chat_request({"messages": msgs, "top_logprobs": 0, **off}, MAX_LEN).logprobs is None
 
 
 @pytest.mark.parametrize(
