@@ -238,7 +238,7 @@ class OpenAIServer:
                 if resp.chat:
                     choice = {
                         "index": index,
-                        "delta": {"content": text} if text else {},
+                        "delta": {"content": text},  # ("" for a token with no text yet, as vLLM)
                         "logprobs": logprobs,
                         "finish_reason": reason,
                     }

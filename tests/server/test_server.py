@@ -203,6 +203,14 @@ def test_streaming_equals_non_streaming(client):
         assert chunks[-1].usage == full.usage
 
 
+def test_chat_chunks_always_carry_content(client):
+    """Every chat chunk's delta has a content string, "" when a token brought no text (vLLM's DeltaMessage):
+    here the only token is EOS, whose chunk finishes the choice with no text."""
+    chunks = list(_chat(client, stream=True, extra_body={"allowed_token_ids": [EOS]}))
+    assert [ch.choices[0].delta.content for ch in chunks] == ["", ""]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
 def test_n_choices(client):
     out = _complete(client, n=2, temperature=1.0, seed=7, max_tokens=8)
     assert sorted(c.index for c in out.choices) == [0, 1]
