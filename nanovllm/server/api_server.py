@@ -201,7 +201,14 @@ class OpenAIServer:
     ) -> AsyncIterator[str]:
         num_choices = len(choice_prompts)
         states = [_ChoiceState() for _ in range(num_choices)]
-        usage_null = {"usage": None} if req.include_usage else {}
+
+        def chunk_usage(index: int) -> dict:
+            """A chunk's usage field: none, null (include_usage: only the final chunk has it), or with
+            continuous_usage_stats, its choice's so far (vLLM's: its prompt and its tokens)."""
+            if not req.continuous_usage:
+                return {"usage": None} if req.include_usage else {}
+            return {"usage": _usage(len(choice_prompts[index][1]), states[index].num_tokens)}
+
         try:
             if resp.chat:  # the role comes first, once per choice
                 for i in range(num_choices):
@@ -211,7 +218,7 @@ class OpenAIServer:
                         "logprobs": None,
                         "finish_reason": None,
                     }
-                    yield _sse(resp.body([delta], final=False, **usage_null))
+                    yield _sse(resp.body([delta], final=False, **chunk_usage(i)))
             async for index, out in self._with_prompt_scores(stream, req):
                 state = states[index]
                 first, state.started = not state.started, True
@@ -250,7 +257,7 @@ class OpenAIServer:
                         )
                 if out.finished:
                     choice["stop_reason"] = out.stop_reason
-                yield _sse(resp.body([choice], final=False, **extra, **usage_null))
+                yield _sse(resp.body([choice], final=False, **extra, **chunk_usage(index)))
             if req.include_usage:
                 yield _sse(resp.body([], final=False, usage=resp.usage(sum(s.num_tokens for s in states))))
         except Exception as e:  # headers are sent: report in-band, as vLLM does
@@ -391,11 +398,15 @@ class _Response:
         }
 
     def usage(self, num_completion_tokens: int) -> dict:
-        return {
-            "prompt_tokens": self.num_prompt_tokens,
-            "completion_tokens": num_completion_tokens,
-            "total_tokens": self.num_prompt_tokens + num_completion_tokens,
-        }
+        return _usage(self.num_prompt_tokens, num_completion_tokens)
+
+
+def _usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
 
 
 class _ChoiceState:

@@ -121,7 +121,7 @@ class GenerateRequest:
     prompts: list[str | list[int]]  # completions: one or a batch; chat: [messages] (rendered later)
     params: SamplingParams
     stream: bool
-    include_usage: bool
+    include_usage: bool  # stream: a final chunk with the usage
     fill_max_tokens: bool  # max_tokens not given (chat): whatever the context window leaves
     logprobs: int | None  # top alternatives per token; None: no logprobs
     messages: list[dict] | None = None  # chat only
@@ -130,6 +130,7 @@ class GenerateRequest:
     # the prompt_logprobs field of the response (vLLM's); params.prompt_logprobs may be larger, for echo
     prompt_logprobs: int | None = None
     chat_options: dict = dataclasses.field(default_factory=dict)  # chat: render_chat's keyword arguments
+    continuous_usage: bool = False  # stream: every chunk carries its choice's usage so far (vLLM's)
 
 
 @dataclass
@@ -299,7 +300,7 @@ def _parse_common(
     if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_N:
         raise RequestError(f"n must be an int in [1, {MAX_N}], got {n!r}", "n")
     stream = _parse_bool(body, "stream", False)
-    include_usage = _parse_stream_options(body.get("stream_options"), stream)
+    include_usage, continuous_usage = _parse_stream_options(body.get("stream_options"), stream)
     stop = body.get("stop")
     if stop == []:
         stop = None
@@ -326,7 +327,15 @@ def _parse_common(
         message = str(e) if param == field else str(e).replace(field, param, 1)
         raise RequestError(message, param) from None
     return GenerateRequest(
-        model, [], params, stream, include_usage, fill, logprobs, prompt_logprobs=params.prompt_logprobs
+        model,
+        [],
+        params,
+        stream,
+        include_usage,
+        fill,
+        logprobs,
+        prompt_logprobs=params.prompt_logprobs,
+        continuous_usage=continuous_usage,
     )
 
 
@@ -346,22 +355,24 @@ def _parse_logit_bias(bias: Any) -> dict[int, Any] | None:
     return out
 
 
-def _parse_stream_options(options: Any, stream: bool) -> bool:
+def _parse_stream_options(options: Any, stream: bool) -> tuple[bool, bool]:
+    """-> (include_usage, continuous_usage_stats). As in vLLM, the running usage on every chunk comes only
+    with the final usage chunk (include_usage)."""
     if options is None:
-        return False
+        return False, False
     if not stream:
         raise RequestError("stream_options is only allowed when stream is true", "stream_options")
     if not isinstance(options, dict):
         raise RequestError(f"stream_options must be an object, got {options!r}", "stream_options")
-    for key in options:
-        if key != "include_usage":
+    flags = {"include_usage": False, "continuous_usage_stats": False}
+    for key, value in options.items():
+        if key not in flags:
             raise RequestError(f"unsupported stream option: {key!r}", f"stream_options.{key}")
-    include = options.get("include_usage")
-    if include is not None and not isinstance(include, bool):
-        raise RequestError(
-            f"include_usage must be a boolean, got {include!r}", "stream_options.include_usage"
-        )
-    return bool(include)
+        if value is not None and not isinstance(value, bool):
+            raise RequestError(f"{key} must be a boolean, got {value!r}", f"stream_options.{key}")
+        flags[key] = bool(value)
+    include = flags["include_usage"]
+    return include, include and flags["continuous_usage_stats"]
 
 
 def _is_token_list(x: Any) -> bool:

@@ -93,8 +93,9 @@ def test_bad_prompts(prompt):
         ({"n": 1000}, "n"),
         ({"stream": "yes"}, "stream"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
+        ({"stream": True, "stream_options": {"every_chunk": True}}, "stream_options.every_chunk"),
         (
-            {"stream": True, "stream_options": {"continuous_usage_stats": True}},
+            {"stream": True, "stream_options": {"continuous_usage_stats": 1}},
             "stream_options.continuous_usage_stats",
         ),
         ({"logprobs": 21}, "logprobs"),
@@ -110,6 +111,17 @@ def test_bad_prompts(prompt):
 def test_completion_rejects(extra, param):
     e = _err(parse_completion_request, {"prompt": "x", **extra})
     assert e.param == param and e.status_code == 400 and param.split(".")[-1] in e.message
+
+
+def test_stream_options():
+    def parse(options):
+        req = parse_completion_request({"prompt": "x", "stream": True, "stream_options": options}, MAX_LEN)
+        return req.include_usage, req.continuous_usage
+
+    assert parse({"include_usage": True}) == (True, False)
+    assert parse({"include_usage": True, "continuous_usage_stats": True}) == (True, True)
+    assert parse({"continuous_usage_stats": True}) == (False, False)  # vLLM's: only with include_usage
+    assert parse({"include_usage": None, "continuous_usage_stats": False}) == (False, False)
 
 
 def test_echo_and_prompt_logprobs():

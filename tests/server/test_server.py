@@ -203,6 +203,24 @@ def test_streaming_equals_non_streaming(client):
         assert chunks[-1].usage == full.usage
 
 
+def test_continuous_usage_stats(client):
+    """vLLM's stream_options.continuous_usage_stats: every chunk carries its choice's usage so far (the chat
+    role chunk: none generated yet), and the final usage chunk the request's."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for create in (_complete, _chat):
+        chunks = list(
+            create(client, max_tokens=6, stream=True, stream_options=options, extra_body={"ignore_eos": True})
+        )
+        final = chunks[-1].usage
+        assert chunks[-1].choices == [] and final.completion_tokens == 6
+        running = [ch.usage for ch in chunks[:-1]]
+        assert all(u.prompt_tokens == final.prompt_tokens for u in running)
+        assert [u.completion_tokens for u in running] == sorted(u.completion_tokens for u in running)
+        assert running[-1].completion_tokens == 6
+        assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in running)
+    assert chunks[0].choices[0].delta.role == "assistant" and chunks[0].usage.completion_tokens == 0
+
+
 def test_chat_chunks_always_carry_content(client):
     """Every chat chunk's delta has a content string, "" when a token brought no text (vLLM's DeltaMessage):
     here the only token is EOS, whose chunk finishes the choice with no text."""
