@@ -326,6 +326,10 @@ def _parse_common(
         param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(field, field)
         message = str(e) if param == field else str(e).replace(field, param, 1)
         raise RequestError(message, param) from None
+    if not fill and params.max_tokens > max_model_len:  # no prompt leaves room for it: the limit is wrong
+        raise RequestError(
+            f"{max_tokens_param}={params.max_tokens} exceeds max_model_len={max_model_len}", max_tokens_param
+        )
     return GenerateRequest(
         model,
         [],

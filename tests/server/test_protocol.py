@@ -113,6 +113,17 @@ def test_completion_rejects(extra, param):
     assert e.param == param and e.status_code == 400 and param.split(".")[-1] in e.message
 
 
+def test_max_tokens_past_the_context_names_the_field():
+    """vLLM's TokenizeParams: an output limit larger than the whole context is the limit's fault, whatever
+    the prompt."""
+    e = _err(parse_completion_request, {"prompt": "x", "max_tokens": MAX_LEN + 1})
+    assert e.param == "max_tokens" and f"max_model_len={MAX_LEN}" in e.message
+    msgs = [{"role": "user", "content": "x"}]
+    e = _err(parse_chat_request, {"messages": msgs, "max_completion_tokens": MAX_LEN + 1})
+    assert e.param == "max_completion_tokens" and e.message.startswith("max_completion_tokens")
+    assert parse_chat_request({"messages": msgs, "max_tokens": MAX_LEN}, MAX_LEN).params.max_tokens == MAX_LEN
+
+
 def test_stream_options():
     def parse(options):
         req = parse_completion_request({"prompt": "x", "stream": True, "stream_options": options}, MAX_LEN)
