@@ -63,9 +63,13 @@ DETOKENIZE_FIELDS = frozenset(("model", "tokens"))
 
 _empty = lambda v: v is None or v == [] or v == {} or v == ""  # noqa: E731
 # Fields we do not implement, accepted only at a value that asks for nothing.
+_false = lambda v: v is None or v is False  # noqa: E731
 COMPLETION_NEUTRAL = {
     "suffix": _empty,
     "best_of": lambda v: v is None or v == 1,
+    # vLLM's extra fields at their defaults: a prompt gets the tokenizer's special tokens, no beam search
+    "add_special_tokens": lambda v: v is None or v is True,
+    "use_beam_search": _false,
 }
 CHAT_NEUTRAL = {
     "tools": _empty,
@@ -81,6 +85,10 @@ CHAT_NEUTRAL = {
     "prediction": lambda v: v is None,
     "reasoning_effort": lambda v: v is None,
     "service_tier": lambda v: v is None or v == "auto",
+    # vLLM's extra fields at their defaults: a conversation's special tokens come from its template alone
+    "echo": _false,
+    "add_special_tokens": _false,
+    "use_beam_search": _false,
 }
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 

@@ -157,6 +157,17 @@ def test_neutral_values_accepted():
     parse_completion_request(
         {"prompt": "x", "echo": False, "best_of": 1, "suffix": None, "logit_bias": {}, "user": "u"}, MAX_LEN
     )
+    # vLLM's extra fields at their defaults (a client built for vLLM may send them all)
+    parse_completion_request({"prompt": "x", "add_special_tokens": True, "use_beam_search": False}, MAX_LEN)
+    msgs = [{"role": "user", "content": "x"}]
+    parse_chat_request(
+        {"messages": msgs, "echo": False, "add_special_tokens": False, "use_beam_search": False}, MAX_LEN
+    )
+    for body in ({"prompt": "x", "add_special_tokens": False}, {"prompt": "x", "use_beam_search": True}):
+        assert _err(parse_completion_request, body).param in body
+    assert (
+        _err(parse_chat_request, {"messages": msgs, "add_special_tokens": True}).param == "add_special_tokens"
+    )
     parse_chat_request(
         {
             "messages": [{"role": "user", "content": "x"}],
