@@ -370,7 +370,7 @@ def _parse_logit_bias(bias: Any) -> dict[int, Any] | None:
 def _parse_stream_options(options: Any, stream: bool) -> tuple[bool, bool]:
     """-> (include_usage, continuous_usage_stats). As in vLLM, the running usage on every chunk comes only
     with the final usage chunk (include_usage)."""
-    if options is None:
+    if options is None or options == {}:  # (an empty object asks for nothing: vLLM accepts it without stream)
         return False, False
     if not stream:
         raise RequestError("stream_options is only allowed when stream is true", "stream_options")

@@ -133,6 +133,9 @@ def test_stream_options():
     assert parse({"include_usage": True, "continuous_usage_stats": True}) == (True, True)
     assert parse({"continuous_usage_stats": True}) == (False, False)  # vLLM's: only with include_usage
     assert parse({"include_usage": None, "continuous_usage_stats": False}) == (False, False)
+    # An empty object asks for nothing: vLLM accepts it without stream too (some clients always send it).
+    req = parse_completion_request({"prompt": "x", "stream_options": {}}, MAX_LEN)
+    assert (req.stream, req.include_usage, req.continuous_usage) == (False, False, False)
 
 
 def test_echo_and_prompt_logprobs():
