@@ -235,6 +235,24 @@ def test_skip_special_tokens_decides_whether_their_text_shows(llm, path, skip):
     assert ("<|im_start|>" in out.text) is not skip and "F" in out.text
 
 
+def test_streamed_outputs_share_the_requests_token_lists(llm):
+    """A streamed request's outputs hold its token id lists, not copies: a copy per step would cost the engine
+    O(prompt + output) host time per token, i.e. quadratic in the output's length."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=["no such text"])
+    rid = llm.engine.add_request(PROMPT, params, incremental=True)
+    outs, seen = [], []
+    while not outs or not outs[-1].finished:
+        for o in llm.engine.step():
+            if o.request_id == rid:
+                outs.append(o)
+                seen.append(len(o.outputs[0].token_ids))
+    assert seen == list(range(1, 25))  # (as each step saw it: one more token)
+    assert all(o.outputs[0].token_ids is outs[0].outputs[0].token_ids for o in outs)
+    assert all(o.prompt_token_ids is outs[0].prompt_token_ids for o in outs)
+    want = llm.generate([PROMPT], params, use_tqdm=False)[0]
+    assert outs[-1].prompt_token_ids == PROMPT and outs[-1].outputs[0].token_ids == _tokens(want)[0]
+
+
 def _with(params: SamplingParams, **changes) -> SamplingParams:
     return dataclasses.replace(params, **changes)
 

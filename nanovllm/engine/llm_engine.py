@@ -45,6 +45,10 @@ IDLE_STEP_TOKENS = PREFILL_GRAPH_TOKENS[-1]
 class _Request:
     seq: Sequence
     prompt: str | None
+    # The prompt's and the output's token ids (the known ones, appended as they come back): every output of
+    # the request shares these lists, as a streamed output's copies would cost O(length) per step.
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
     detokenizer: IncrementalDetokenizer | None  # None: text decoded when asked for
     logprobs: list[Logprob] | None
     prompt_logprobs: list[Logprob | None] | None  # filled as the prompt's chunks are scored
@@ -167,6 +171,8 @@ class LLMEngine:
         self.requests[request_id] = _Request(
             seq,
             prompt if isinstance(prompt, str) else None,
+            seq.prompt_token_ids,
+            [],
             detok,
             [] if params.logprobs is not None else None,
             [None] if params.prompt_logprobs is not None else None,  # (the first token has none)
@@ -192,7 +198,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Run one scheduling step. Returns the outputs (cumulative, not deltas) of the requests that
         finished, and of streaming requests that got a token; finished requests are dropped from the
-        engine.
+        engine. A request's outputs share its lists of token ids and logprobs, which grow as it runs (as
+        vLLM's do): a streamed output's text is that step's, its token ids are the request's to date.
 
         Overlapped (the default): the step launched here runs on the GPU while the
         host reads back and processes the previous one, so the outputs returned are one step behind.
@@ -286,14 +293,14 @@ class LLMEngine:
         now = time.time()
         for seq in updated:
             req = self.requests[seq.request_id]
+            token = seq.token_ids[seq.num_known_tokens - 1]
+            req.output_token_ids.append(token)
             self.num_generated_tokens += 1
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             if req.detokenizer is not None and not _hides_last_token(seq):
-                num_known = seq.num_known_tokens
-                token = seq.token_ids[num_known - 1]
                 # (vLLM's: stop strings count once the output is past min_tokens, as stop tokens do)
-                stop = req.detokenizer.add(token, num_known - seq.num_prompt_tokens > seq.params.min_tokens)
+                stop = req.detokenizer.add(token, len(req.output_token_ids) > seq.params.min_tokens)
                 if stop is not None:
                     self.scheduler.finish(seq, FinishReason.STOP)
                     seq.finish_reason, seq.stop_reason = FinishReason.STOP, stop
@@ -351,22 +358,22 @@ class LLMEngine:
                 req.detokenizer.flush()  # no stop string cut the text: emit what was held back
             text = req.detokenizer.text if seq.is_finished else req.detokenizer.stable_text
         else:
-            shown = seq.output_token_ids[:-1] if _hides_last_token(seq) else seq.output_token_ids
+            shown = req.output_token_ids[:-1] if _hides_last_token(seq) else req.output_token_ids
             text = ""
             if seq.is_finished and self.tokenizer is not None:  # (as the detokenizer would have)
                 text = decode_after_prompt(
-                    self._decoder(seq.params.skip_special_tokens), seq.prompt_token_ids, shown
+                    self._decoder(seq.params.skip_special_tokens), req.prompt_token_ids, shown
                 )
         reason = seq.finish_reason.value if seq.finish_reason is not None else None
         cumulative = req.cumulative_logprob if req.logprobs is not None else None
         m = req.metrics  # (copied below: a streamed output keeps the times it had; 4x cheaper than replace)
         completion = CompletionOutput(
-            0, text, seq.output_token_ids, reason, seq.stop_reason, req.logprobs, cumulative
+            0, text, req.output_token_ids, reason, seq.stop_reason, req.logprobs, cumulative
         )
         return RequestOutput(
             seq.request_id,
             req.prompt,
-            seq.prompt_token_ids,
+            req.prompt_token_ids,
             [completion],
             seq.num_cached_tokens,
             seq.is_finished,
