@@ -5,6 +5,10 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.config import Config
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step_input import HostInputs
 from nanovllm.kernels.paged_attention import prefill_tile_tokens, prefill_work_items
 
 
@@ -43,3 +47,25 @@ def test_a_token_budget_beyond_the_prefill_grid_is_refused():
     # group 2: 64-token tiles; 65,535 work items per step at most (the grid's second axis)
     with pytest.raises(ValueError, match="max_num_batched_tokens=4194304 is too large"):
         LLM("qwen3-tiny", device="cpu", max_num_batched_tokens=4194304, max_model_len=256)
+
+
+def test_a_step_reads_only_the_block_ids_added_since_the_last():
+    """A decode step converts the block ids a sequence got since its previous step, not its whole table
+    (O(context) per sequence, every step); a table that is freed and allocated again is read anew."""
+    config = Config("qwen3-tiny", device="cpu", max_num_seqs=2, max_model_len=256)
+    inputs = HostInputs(config, torch.device("cpu"), max_blocks_per_seq=16, tile_tokens=64)
+    seq = Sequence(list(range(3, 35)), SamplingParams())  # 32 tokens: two full blocks
+    seq.num_computed_tokens, seq.block_table = 31, [7, 3]
+
+    def decode_tables() -> list[list[int]]:
+        inp = inputs.build(ScheduledBatch([seq], [1]))
+        assert inp.is_decode
+        return inp.block_tables.tolist()
+
+    assert decode_tables() == [[7, 3]]
+    seq.token_ids.append(40)
+    seq.num_computed_tokens, seq.block_table[0] = 32, "read again"  # (an id read before: never again)
+    seq.block_table.append(9)  # (in place, as BlockManager.append_slots grows it)
+    assert decode_tables() == [[7, 3, 9]]
+    seq.block_table = [4, 5, 6]  # (preempted and admitted again: a new table)
+    assert decode_tables() == [[4, 5, 6]]
