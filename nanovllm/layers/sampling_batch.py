@@ -6,7 +6,6 @@ The sampler that consumes a batch is layers/sampler.py.
 
 from __future__ import annotations
 
-import itertools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -327,12 +326,13 @@ def _host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tens
 
 def _pad(rows: list[list[int]], pad_id: int, pin_memory: bool = False) -> torch.Tensor:
     """[len(rows), max_len] int64 on the CPU, rows right-padded with pad_id."""
-    lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
     max_len = max(max(map(len, rows), default=0), 1)  # one column even when all rows are empty
     out = torch.full((len(rows), max_len), pad_id, dtype=torch.int64, pin_memory=pin_memory)
-    out[torch.arange(out.shape[1]) < lengths[:, None]] = torch.tensor(
-        list(itertools.chain.from_iterable(rows)), dtype=torch.int64
-    )
+    # Row by row through numpy: penalties send every generated token each step, and torch.tensor of the
+    # flattened rows and a masked copy cost 2.7x more (64 rows x 2,000 tokens on a small CPU: 17 ms vs 6 ms).
+    padded = out.numpy()
+    for i, row in enumerate(rows):
+        padded[i, : len(row)] = row
     return out
 
 
