@@ -31,9 +31,9 @@ def decode_after_prompt(
     context = list(prompt_token_ids[-_CONTEXT_TOKENS:])
     num_read, head = _whole_prefix(decoder, context)
     first = next((t for t in output_token_ids if not decoder.is_silent(t)), None)
-    if first is not None and num_read != _context_read(decoder, context, num_read, first):
-        num_read = _context_read(decoder, context, num_read, first)
-        head = decoder.decode(context[:num_read])
+    read = _context_read(decoder, context, num_read, first) if first is not None else num_read
+    if read != num_read:
+        num_read, head = read, decoder.decode(context[:read])
     # (an output that ends inside a character, cut by max_tokens, leaves those bytes out, as vLLM does)
     _, full = _whole_prefix(decoder, context + list(output_token_ids), num_read)
     if full.startswith(head):

@@ -62,16 +62,16 @@ class TokenDecoder:
             self.byte_ids = frozenset(i for piece, i in vocab.items() if _BYTE_PIECE.fullmatch(piece))
 
     def is_silent(self, token_id: int) -> bool:
-        if token_id < self._num_ids and token_id not in self._dropped:
-            return False
+        if token_id < self._num_ids:
+            return token_id in self._dropped
         if self._backend is None:
             return False
-        if token_id >= self._num_ids:
-            self._read_vocabulary()  # (tokens added since: their ids come after the ones it had)
+        self._read_vocabulary()  # (tokens added since: their ids come after the ones it had)
         return token_id >= self._num_ids or token_id in self._dropped
 
     def _read_vocabulary(self) -> None:
-        if self._backend is None:
+        """The vocabulary's size and the special ids it drops, if the size changed since the last read."""
+        if self._backend is None or self._backend.get_vocab_size(with_added_tokens=True) == self._num_ids:
             return
         self._num_ids = self._backend.get_vocab_size(with_added_tokens=True)
         if self.skip_special_tokens:
