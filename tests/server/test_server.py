@@ -194,6 +194,9 @@ def test_streaming_equals_non_streaming(client):
         ].finish_reason
         assert chunks[-1].choices == [] and chunks[-1].usage == full.usage
         assert all(ch.usage is None for ch in chunks[:-1])
+        # every completion chunk has stop_reason, null until the last (vLLM's)
+        assert all("stop_reason" in ch.choices[0].model_extra for ch in chunks[:-1])
+        assert chunks[-2].choices[0].model_extra["stop_reason"] == full.choices[0].model_extra["stop_reason"]
 
         full = _chat(client, max_tokens=16, **kw)
         chunks = list(_chat(client, max_tokens=16, stream=True, stream_options={"include_usage": True}, **kw))
