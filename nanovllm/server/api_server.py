@@ -214,7 +214,7 @@ class OpenAIServer:
                 for i in range(num_choices):
                     delta = {
                         "index": i,
-                        "delta": {"role": "assistant", "content": ""},
+                        "delta": {"role": req.response_role, "content": ""},
                         "logprobs": None,
                         "finish_reason": None,
                     }
@@ -302,7 +302,7 @@ class OpenAIServer:
         """c: all of a finished choice's deltas, merged; prompt: its (text or None, token ids)."""
         if chat:
             logprobs = None if req.logprobs is None else self.logprobs.chat(c.logprobs or [], req.logprobs)
-            message = {"role": "assistant", "content": c.text}
+            message = {"role": req.response_role, "content": c.text}
             return {
                 "index": index,
                 "message": message,

@@ -140,6 +140,14 @@ class GenerateRequest:
     chat_options: dict = dataclasses.field(default_factory=dict)  # chat: render_chat's keyword arguments
     continuous_usage: bool = False  # stream: every chunk carries its choice's usage so far (vLLM's)
 
+    @property
+    def response_role(self) -> str:
+        """Chat: the role of the message the response holds. vLLM's: the assistant's, unless no generation
+        prompt was asked for: then the output goes on the last message, and takes its role."""
+        if self.chat_options.get("add_generation_prompt", True) or not self.messages:
+            return "assistant"
+        return self.messages[-1]["role"]
+
 
 @dataclass
 class TokenizeRequest:

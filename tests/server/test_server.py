@@ -173,6 +173,16 @@ def test_chat_template_options_reach_the_template(client, tokenizer):
     rendered = tokenizer.apply_chat_template(started, tokenize=False, continue_final_message=True)
     assert rendered.endswith("The answer is")
     assert out.usage.prompt_tokens == len(tokenizer.encode(rendered, add_special_tokens=False))
+    assert out.choices[0].message.role == "assistant"
+    # Without a generation prompt, the output goes on the last message and takes its role (vLLM's
+    # get_chat_request_role), streamed or not.
+    plain = {"add_generation_prompt": False}
+    assert (
+        client.chat.completions.create(messages=msgs, extra_body=plain, **greedy).choices[0].message.role
+        == "user"
+    )
+    chunks = list(client.chat.completions.create(messages=msgs, extra_body=plain, stream=True, **greedy))
+    assert chunks[0].choices[0].delta.role == "user"
 
 
 def test_chat_default_max_tokens_fills_the_context(client):
