@@ -26,6 +26,7 @@ _ENGINE_ARG_TYPES = {
     "disable_custom_all_reduce": bool,
     "seed": int,
     "kernel_backend": str,
+    "generation_config": str,
 }
 
 

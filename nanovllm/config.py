@@ -45,6 +45,9 @@ class Config:
     disable_custom_all_reduce: bool = False  # True: every TP all-reduce through NCCL (not peer memory)
     seed: int | None = 0  # None: 0, as vLLM V1 takes it
     kernel_backend: str = "auto"  # auto | triton | torch (torch: the reference ops everywhere)
+    # Where LLM.generate's default SamplingParams come from (vLLM's): "auto" the checkpoint's
+    # generation_config.json, "vllm" SamplingParams' own defaults, or a folder holding one.
+    generation_config: str = "auto"
     # Resolved in __post_init__ from the checkpoint; not user arguments.
     hf_config: PretrainedConfig = field(init=False, repr=False)
     model_path: Path | None = field(init=False)  # None: a preset with random weights
@@ -52,6 +55,8 @@ class Config:
     torch_dtype: torch.dtype = field(init=False)
     torch_device: torch.device = field(init=False)
     eos_token_ids: tuple[int, ...] = field(init=False)
+    # The SamplingParams fields generation_config sets (e.g. Qwen3's temperature 0.6, top_k 20, top_p 0.95).
+    default_sampling_params: dict = field(init=False)
 
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> Config:
@@ -98,6 +103,7 @@ class Config:
         )
         set_("torch_dtype", self._resolve_dtype())
         set_("eos_token_ids", _eos_token_ids(hf_config, model_path))
+        set_("default_sampling_params", _default_sampling_params(self.generation_config, model_path))
 
         # late: models and layers import kernels and torch ops
         from nanovllm.layers.rotary_embedding import rope_length_limit
@@ -201,3 +207,42 @@ def _eos_token_ids(hf_config: PretrainedConfig, model_path: Path | None) -> tupl
     if model_path is not None and (model_path / "generation_config.json").exists():
         add(json.loads((model_path / "generation_config.json").read_text()).get("eos_token_id"))
     return tuple(ids)
+
+
+# generation_config.json keys vLLM takes as default SamplingParams fields (HF's max_new_tokens is max_tokens).
+_GENERATION_DEFAULTS = {
+    "repetition_penalty": "repetition_penalty",
+    "temperature": "temperature",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "min_p": "min_p",
+    "max_new_tokens": "max_tokens",
+}
+
+
+def _default_sampling_params(generation_config: str, model_path: Path | None) -> dict:
+    """The SamplingParams fields a generation_config.json sets, as vLLM's
+    ModelConfig.get_diff_sampling_param reads them: "auto" the checkpoint's file (none: nothing), "vllm"
+    nothing, else a folder that must hold one."""
+    if not isinstance(generation_config, str | os.PathLike):
+        raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {generation_config!r}")
+    if generation_config == "vllm" or (generation_config == "auto" and model_path is None):
+        return {}
+    folder = model_path if generation_config == "auto" else Path(generation_config)
+    file = folder / "generation_config.json"
+    if not file.exists():
+        if generation_config == "auto":
+            return {}
+        raise ValueError(
+            f"generation_config must be 'auto', 'vllm' or a folder holding a generation_config.json, "
+            f"got {generation_config!r}"
+        )
+    data = json.loads(file.read_text())
+    defaults = {name: data[key] for key, name in _GENERATION_DEFAULTS.items() if data.get(key) is not None}
+    from nanovllm.sampling_params import SamplingParams  # (checked now: a bad file fails at LLM(...))
+
+    try:
+        SamplingParams(**defaults)
+    except ValueError as e:
+        raise ValueError(f"{file}: {e}") from None
+    return defaults

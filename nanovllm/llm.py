@@ -35,6 +35,13 @@ class LLM:
         """The Hugging Face tokenizer (None for a checkpoint without one), as vLLM's `LLM.get_tokenizer`."""
         return self.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate and chat use when given no SamplingParams, as vLLM's: SamplingParams' defaults with
+        those the checkpoint's generation_config.json sets (temperature, top_p, top_k, min_p,
+        repetition_penalty; max_new_tokens as max_tokens). LLM(..., generation_config="vllm") ignores the
+        file."""
+        return SamplingParams(**self.config.default_sampling_params)
+
     def generate(
         self,
         prompts: Prompt | dict | list[Prompt | dict],
@@ -43,7 +50,7 @@ class LLM:
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order; with `n` > 1 its `outputs` hold the n samples."""
         inputs = _as_prompt_list(prompts)
-        params = _params_per_prompt(sampling_params, len(inputs))
+        params = self._params_per_prompt(sampling_params, len(inputs))
         # Validate everything before queuing anything: a bad prompt leaves the engine untouched.
         encoded = []
         for i, ((prompt, _), p) in enumerate(zip(inputs, params)):
@@ -73,7 +80,7 @@ class LLM:
             raise ValueError("this model has no tokenizer: render the prompt yourself and call generate()")
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template: pass chat_template=... or call generate()")
-        params = _params_per_prompt(sampling_params, len(conversations))
+        params = self._params_per_prompt(sampling_params, len(conversations))
         texts, encoded = [], []
         for i, (conversation, p) in enumerate(zip(conversations, params)):
             try:
@@ -99,6 +106,17 @@ class LLM:
                 raise ValueError(f"conversation {i}: {e}") from None
             texts.append(text)
         return self._run(texts, encoded, params, use_tqdm)
+
+    def _params_per_prompt(
+        self, sampling_params: SamplingParams | list[SamplingParams] | None, num_prompts: int
+    ) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = self.get_default_sampling_params()
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * num_prompts
+        if len(sampling_params) != num_prompts:
+            raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
+        return list(sampling_params)
 
     def _run(
         self,
@@ -143,18 +161,6 @@ class LLM:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
-
-
-def _params_per_prompt(
-    sampling_params: SamplingParams | list[SamplingParams] | None, num_prompts: int
-) -> list[SamplingParams]:
-    if sampling_params is None:
-        sampling_params = SamplingParams()
-    if isinstance(sampling_params, SamplingParams):
-        return [sampling_params] * num_prompts
-    if len(sampling_params) != num_prompts:
-        raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
-    return list(sampling_params)
 
 
 def _merge_samples(outs: list[RequestOutput]) -> RequestOutput:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
+import shutil
 
 import pytest
 
@@ -327,3 +329,26 @@ def test_truncate_prompt_tokens_keeps_the_prompts_last_tokens(llm):
         SamplingParams(truncate_prompt_tokens=0)
     with pytest.raises(ValueError, match="truncate_prompt_tokens=129 exceeds max_model_len=128"):
         llm.generate([PROMPT], dataclasses.replace(GREEDY, truncate_prompt_tokens=129), use_tqdm=False)
+
+
+def test_default_sampling_params_come_from_generation_config(ckpt, tmp_path):
+    """vLLM's LLM.get_default_sampling_params: with no SamplingParams, generate and chat sample with what the
+    checkpoint's generation_config.json sets (max_new_tokens as max_tokens); generation_config="vllm" ignores
+    it."""
+    model = shutil.copytree(ckpt, tmp_path / "model")
+    settings = {"temperature": 0.0, "top_k": 20, "top_p": 0.95, "max_new_tokens": 5, "do_sample": True}
+    (model / "generation_config.json").write_text(json.dumps(settings))
+    llm = LLM(str(model), max_model_len=128)
+    expected = SamplingParams(temperature=0.0, top_k=20, top_p=0.95, max_tokens=5)
+    assert llm.get_default_sampling_params() == expected
+    (default,) = llm.generate([PROMPT], use_tqdm=False)
+    assert _tokens(default) == _tokens(llm.generate([PROMPT], expected, use_tqdm=False)[0])
+    assert len(default.outputs[0].token_ids) <= 5
+    (chat,) = llm.chat(CONVERSATION, use_tqdm=False)
+    assert len(chat.outputs[0].token_ids) <= 5
+    assert LLM(str(model), max_model_len=128, generation_config="vllm").get_default_sampling_params() == (
+        SamplingParams()
+    )
+    (model / "generation_config.json").write_text(json.dumps({"top_p": 1.5}))
+    with pytest.raises(ValueError, match="generation_config.json: top_p must be in"):
+        LLM(str(model), max_model_len=128)
