@@ -26,6 +26,9 @@ class CompletionOutput:
     logprobs: list[Logprob] | None = None
     cumulative_logprob: float | None = None  # the sum of the tokens' logprobs, when logprobs were asked for
 
+    def finished(self) -> bool:  # (a method, as vLLM's; RequestOutput.finished is a field)
+        return self.finish_reason is not None
+
 
 @dataclass
 class RequestMetrics:

@@ -249,6 +249,7 @@ def test_streamed_outputs_share_the_requests_token_lists(llm):
                 outs.append(o)
                 seen.append(len(o.outputs[0].token_ids))
     assert seen == list(range(1, 25))  # (as each step saw it: one more token)
+    assert [o.outputs[0].finished() for o in outs] == [False] * 23 + [True]  # vLLM's method
     assert all(o.outputs[0].token_ids is outs[0].outputs[0].token_ids for o in outs)
     assert all(o.prompt_token_ids is outs[0].prompt_token_ids for o in outs)
     want = llm.generate([PROMPT], params, use_tqdm=False)[0]
