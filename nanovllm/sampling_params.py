@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 from dataclasses import dataclass
@@ -118,6 +119,10 @@ class SamplingParams:
             ):
                 raise bad("stop_token_ids", "a list of non-negative ints or None")
             self.stop_token_ids = list(self.stop_token_ids)
+
+    def clone(self) -> SamplingParams:
+        """A deep copy (vLLM's): changing its lists or dicts leaves this one alone."""
+        return copy.deepcopy(self)
 
     def choice(self, index: int) -> SamplingParams:
         """The params of sample `index` of an n-sample request, run as a request of its own (n=1). With a

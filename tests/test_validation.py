@@ -183,6 +183,15 @@ def test_boundary_sampling_params_are_accepted():
     assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
 
 
+def test_clone_is_a_deep_copy_as_in_vllm():
+    params = SamplingParams(stop=["x"], stop_token_ids=[3], logit_bias={5: 1.0}, seed=7)
+    twin = params.clone()
+    assert twin == params and twin is not params
+    twin.stop.append("y")
+    twin.logit_bias[6] = 2.0
+    assert params.stop == ["x"] and params.logit_bias == {5: 1.0}
+
+
 def test_seed_minus_one_is_no_seed_as_in_vllm():
     # vLLM's SamplingParams turns seed=-1 into None: unseeded, not a fixed seed of -1.
     assert SamplingParams(seed=-1).seed is None
