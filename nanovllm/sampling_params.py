@@ -68,6 +68,10 @@ class SamplingParams:
             raise bad("frequency_penalty", "in [-2, 2]")
         if not _is_finite(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "a finite number > 0")
+        if self.logprobs is True:  # vLLM reads True (OpenAI's flag) as 1: the sampled token and the best one
+            self.logprobs = 1
+        if self.prompt_logprobs is True:
+            self.prompt_logprobs = 1
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             raise bad("logprobs", "None or an int in [0, 20]")
         if self.prompt_logprobs is not None and (

@@ -181,6 +181,8 @@ def test_boundary_sampling_params_are_accepted():
     SamplingParams(top_p=1e-6, top_k=0, min_p=1.0, logprobs=20, presence_penalty=2, frequency_penalty=-2)
     assert SamplingParams(stop="x").stop == ["x"]
     assert SamplingParams(stop_token_ids=(3, 4)).stop_token_ids == [3, 4]
+    as_flags = SamplingParams(logprobs=True, prompt_logprobs=True)  # vLLM's: True is 1
+    assert as_flags == SamplingParams(logprobs=1, prompt_logprobs=1)
 
 
 def test_clone_is_a_deep_copy_as_in_vllm():
