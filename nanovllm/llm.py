@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
@@ -46,7 +47,7 @@ class LLM:
         self,
         prompts: Prompt | dict | list[Prompt | dict],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., tqdm] = True,
     ) -> list[RequestOutput]:
         """One RequestOutput per prompt, in order; with `n` > 1 its `outputs` hold the n samples."""
         inputs = _as_prompt_list(prompts)
@@ -64,7 +65,7 @@ class LLM:
         self,
         messages: list[dict] | list[list[dict]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        use_tqdm: bool | Callable[..., tqdm] = True,
         chat_template: str | None = None,
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
@@ -123,7 +124,7 @@ class LLM:
         prompts: list[str | None],  # the text each output reports as its prompt
         encoded: list[list[int]],
         params: list[SamplingParams],
-        use_tqdm: bool,
+        use_tqdm: bool | Callable[..., tqdm],
     ) -> list[RequestOutput]:
         """Queue every sample of every (validated) prompt, step until all are done, and return one
         RequestOutput per prompt."""
@@ -133,7 +134,8 @@ class LLM:
         total = sum(p.n for p in params)
         # No full garbage collection walks the engine's own objects meanwhile (utils/heap.py).
         with frozen_heap():
-            bar = tqdm(total=total, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+            make_bar = use_tqdm if callable(use_tqdm) else tqdm  # vLLM's: a callable makes the bar
+            bar = make_bar(total=total, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
             try:
                 for prompt, tok, p in zip(prompts, encoded, params):
                     ids.append([])

@@ -353,3 +353,14 @@ def test_default_sampling_params_come_from_generation_config(ckpt, tmp_path):
     (model / "generation_config.json").write_text(json.dumps({"top_p": 1.5}))
     with pytest.raises(ValueError, match="generation_config.json: top_p must be in"):
         LLM(str(model), max_model_len=128)
+
+
+def test_use_tqdm_may_be_the_bar_factory(llm):
+    """vLLM's use_tqdm: a callable (e.g. functools.partial(tqdm, leave=False)) makes the progress bar."""
+    from tqdm.auto import tqdm
+
+    bars = []
+    make_bar = lambda **kwargs: bars.append(tqdm(**kwargs, leave=False)) or bars[-1]  # noqa: E731
+    (out,) = llm.generate([PROMPT], GREEDY, use_tqdm=make_bar)
+    assert len(bars) == 1 and bars[0].n == 1 and bars[0].total == 1
+    assert _tokens(out) == _tokens(llm.generate([PROMPT], GREEDY, use_tqdm=False)[0])
