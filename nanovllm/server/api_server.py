@@ -61,13 +61,15 @@ class OpenAIServer:
     # ---- endpoints --------------------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        req = protocol.parse_completion_request(await _json_body(request), self.max_model_len)
+        body = await _json_body(request)
+        req = protocol.parse_completion_request(body, self.max_model_len, self.config.default_sampling_params)
         self._check_model(req.model)
         prompts = [self._tokenize(p, "prompt", add_special_tokens=True) for p in req.prompts]
         return await self._generate(request, req, prompts, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        req = protocol.parse_chat_request(await _json_body(request), self.max_model_len)
+        body = await _json_body(request)
+        req = protocol.parse_chat_request(body, self.max_model_len, self.config.default_sampling_params)
         self._check_model(req.model)
         text = self._render(req.messages, req.chat_options)
         # The template already holds any BOS/special tokens the model wants.

@@ -61,6 +61,9 @@ TOKENIZE_FIELDS = frozenset(
 )
 DETOKENIZE_FIELDS = frozenset(("model", "tokens"))
 
+# Config.default_sampling_params a request's missing fields take (its max_tokens is not: see serving.md)
+GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
 _empty = lambda v: v is None or v == [] or v == {} or v == ""  # noqa: E731
 # Fields we do not implement, accepted only at a value that asks for nothing.
 _false = lambda v: v is None or v is False  # noqa: E731
@@ -161,7 +164,7 @@ class TokenizeRequest:
     return_token_strs: bool
 
 
-def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
+def parse_completion_request(body: Any, max_model_len: int, defaults: dict | None = None) -> GenerateRequest:
     body = _check_fields(body, COMPLETION_FIELDS, COMPLETION_NEUTRAL)
     if body.get("best_of") is not None and body.get("n") not in (None, 1):
         raise RequestError("best_of together with n is not supported", "best_of")
@@ -179,6 +182,7 @@ def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
         logprobs_param="logprobs",
         default_max_tokens=16,
         max_model_len=max_model_len,
+        defaults=defaults,
     )
     req.prompts = prompts
     req.echo, req.prompt_only = echo, prompt_only
@@ -191,7 +195,7 @@ def parse_completion_request(body: Any, max_model_len: int) -> GenerateRequest:
     return req
 
 
-def parse_chat_request(body: Any, max_model_len: int) -> GenerateRequest:
+def parse_chat_request(body: Any, max_model_len: int, defaults: dict | None = None) -> GenerateRequest:
     body = _check_fields(body, CHAT_FIELDS, CHAT_NEUTRAL)
     messages = _parse_messages(body.get("messages"))
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
@@ -212,6 +216,7 @@ def parse_chat_request(body: Any, max_model_len: int) -> GenerateRequest:
         logprobs_param="top_logprobs",
         default_max_tokens=None,
         max_model_len=max_model_len,
+        defaults=defaults,
     )
     req.messages = messages
     req.chat_options = _parse_chat_options(body)
@@ -309,6 +314,7 @@ def _parse_common(
     logprobs_param: str,
     default_max_tokens: int | None,
     max_model_len: int,
+    defaults: dict | None,
 ) -> GenerateRequest:
     model = _parse_model(body)
     n = body.get("n")
@@ -329,6 +335,8 @@ def _parse_common(
         "logprobs": logprobs,
         "logit_bias": _parse_logit_bias(body.get("logit_bias")),
     }
+    # A field the request leaves out takes the checkpoint's generation_config.json value (vLLM's server)
+    kwargs |= {name: value for name, value in (defaults or {}).items() if name in GENERATION_DEFAULT_FIELDS}
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", *VLLM_EXTRA_FIELDS):
         if body.get(name) is not None:
             kwargs[name] = body[name]

@@ -124,6 +124,24 @@ def test_max_tokens_past_the_context_names_the_field():
     assert parse_chat_request({"messages": msgs, "max_tokens": MAX_LEN}, MAX_LEN).params.max_tokens == MAX_LEN
 
 
+def test_missing_sampling_fields_take_the_generation_config_defaults():
+    # vLLM's server fills what a request leaves out from the checkpoint's generation_config.json (Qwen3:
+    # temperature 0.6, top_k 20, top_p 0.95); what the request gives wins; max_tokens is not taken from it.
+    defaults = {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "max_tokens": 7}
+    chat = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, MAX_LEN, defaults)
+    assert (chat.params.temperature, chat.params.top_k, chat.params.top_p) == (0.6, 20, 0.95)
+    assert chat.fill_max_tokens
+    body = {"prompt": "x", "temperature": 0, "top_k": -1}
+    req = parse_completion_request(body, MAX_LEN, defaults)
+    assert (req.params.temperature, req.params.top_k, req.params.top_p, req.params.max_tokens) == (
+        0,
+        -1,
+        0.95,
+        16,
+    )
+    assert parse_completion_request({"prompt": "x"}, MAX_LEN).params.temperature == 1.0  # no file: vLLM's
+
+
 def test_stream_options():
     def parse(options):
         req = parse_completion_request({"prompt": "x", "stream": True, "stream_options": options}, MAX_LEN)
