@@ -195,6 +195,12 @@ def _load_hf_config(model: str) -> tuple[Path | None, PretrainedConfig]:
     )
 
 
+def _read_generation_config(folder: Path | None) -> dict | None:
+    """The generation_config.json in `folder`, or None where there is none."""
+    file = folder / "generation_config.json" if folder is not None else None
+    return json.loads(file.read_text()) if file is not None and file.exists() else None
+
+
 def _eos_token_ids(hf_config: PretrainedConfig, model_path: Path | None) -> tuple[int, ...]:
     ids: list[int] = []
 
@@ -204,8 +210,9 @@ def _eos_token_ids(hf_config: PretrainedConfig, model_path: Path | None) -> tupl
                 ids.append(v)
 
     add(getattr(hf_config, "eos_token_id", None))
-    if model_path is not None and (model_path / "generation_config.json").exists():
-        add(json.loads((model_path / "generation_config.json").read_text()).get("eos_token_id"))
+    generation = _read_generation_config(model_path)
+    if generation is not None:
+        add(generation.get("eos_token_id"))
     return tuple(ids)
 
 
@@ -226,23 +233,22 @@ def _default_sampling_params(generation_config: str, model_path: Path | None) ->
     nothing, else a folder that must hold one."""
     if not isinstance(generation_config, str | os.PathLike):
         raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {generation_config!r}")
-    if generation_config == "vllm" or (generation_config == "auto" and model_path is None):
+    if generation_config == "vllm":
         return {}
     folder = model_path if generation_config == "auto" else Path(generation_config)
-    file = folder / "generation_config.json"
-    if not file.exists():
+    data = _read_generation_config(folder)
+    if data is None:
         if generation_config == "auto":
             return {}
         raise ValueError(
             f"generation_config must be 'auto', 'vllm' or a folder holding a generation_config.json, "
             f"got {generation_config!r}"
         )
-    data = json.loads(file.read_text())
     defaults = {name: data[key] for key, name in _GENERATION_DEFAULTS.items() if data.get(key) is not None}
     from nanovllm.sampling_params import SamplingParams  # (checked now: a bad file fails at LLM(...))
 
     try:
         SamplingParams(**defaults)
     except ValueError as e:
-        raise ValueError(f"{file}: {e}") from None
+        raise ValueError(f"{folder / 'generation_config.json'}: {e}") from None
     return defaults
