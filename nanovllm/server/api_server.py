@@ -253,7 +253,7 @@ class OpenAIServer:
                     }
                 else:  # (vLLM's completion chunks carry stop_reason, null until the last)
                     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
-                    choice["stop_reason"] = out.stop_reason if out.finished else None
+                    choice["stop_reason"] = None
                     if first and req.prompt_logprobs is not None:
                         choice["prompt_logprobs"] = self.logprobs.prompt(
                             out.prompt_logprobs or [], req.prompt_logprobs

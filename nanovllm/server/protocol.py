@@ -65,8 +65,8 @@ DETOKENIZE_FIELDS = frozenset(("model", "tokens"))
 GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 _empty = lambda v: v is None or v == [] or v == {} or v == ""  # noqa: E731
-# Fields we do not implement, accepted only at a value that asks for nothing.
 _false = lambda v: v is None or v is False  # noqa: E731
+# Fields we do not implement, accepted only at a value that asks for nothing.
 COMPLETION_NEUTRAL = {
     "suffix": _empty,
     "best_of": lambda v: v is None or v == 1,
