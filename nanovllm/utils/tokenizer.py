@@ -71,9 +71,10 @@ class TokenDecoder:
 
     def _read_vocabulary(self) -> None:
         """The vocabulary's size and the special ids it drops, if the size changed since the last read."""
-        if self._backend is None or self._backend.get_vocab_size(with_added_tokens=True) == self._num_ids:
+        size = self._backend.get_vocab_size(with_added_tokens=True) if self._backend is not None else 0
+        if size == self._num_ids:
             return
-        self._num_ids = self._backend.get_vocab_size(with_added_tokens=True)
+        self._num_ids = size
         if self.skip_special_tokens:
             added = self._backend.get_added_tokens_decoder()
             self._dropped = frozenset(i for i, token in added.items() if token.special)
