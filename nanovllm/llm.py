@@ -155,6 +155,16 @@ class LLM:
                     self.engine.abort(rid)  # after an error: leave no request behind
         return [_merge_samples([results[rid] for rid in sample_ids]) for sample_ids in ids]
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prompt prefix, so that the next prompts are computed from scratch (as vLLM's
+        `LLM.reset_prefix_cache`). Refused, returning False, while requests hold KV blocks (requests added
+        to `self.engine` directly and not yet finished); True once the cache is empty."""
+        blocks = self.engine.scheduler.block_manager
+        if blocks.num_free_blocks != blocks.num_blocks:
+            return False
+        blocks.reset_prefix_cache()
+        return True
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 

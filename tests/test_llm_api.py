@@ -364,3 +364,30 @@ def test_use_tqdm_may_be_the_bar_factory(llm):
     (out,) = llm.generate([PROMPT], GREEDY, use_tqdm=make_bar)
     assert len(bars) == 1 and bars[0].n == 1 and bars[0].total == 1
     assert _tokens(out) == _tokens(llm.generate([PROMPT], GREEDY, use_tqdm=False)[0])
+
+
+# ---- reset_prefix_cache -------------------------------------------------------------------------
+
+
+def test_reset_prefix_cache_makes_the_next_prompt_compute_again(llm):
+    prompt = list(range(700, 740))  # two full 16-token blocks and a partial one
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 32
+    assert llm.reset_prefix_cache() is True
+    after = llm.generate([prompt], GREEDY, use_tqdm=False)[0]
+    assert after.num_cached_tokens == 0
+
+
+def test_reset_prefix_cache_is_refused_while_a_request_holds_blocks(llm):
+    prompt = list(range(750, 790))
+    llm.generate([prompt], GREEDY, use_tqdm=False)
+    rid = llm.engine.add_request(None, GREEDY, prompt_token_ids=list(range(800, 820)))
+    llm.engine.step()  # admitted: it holds blocks now
+    try:
+        assert llm.reset_prefix_cache() is False
+        assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 32  # nothing forgotten
+    finally:
+        llm.engine.abort(rid)
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+    assert llm.reset_prefix_cache() is True
