@@ -54,6 +54,12 @@ class Config:
     tokenizer_path: Path | None = field(init=False)
     torch_dtype: torch.dtype = field(init=False)
     torch_device: torch.device = field(init=False)
+    # The EOS: the tokenizer's eos_token_id, as vLLM's (config.json's, without a tokenizer). A request it
+    # ends reports stop_reason None.
+    eos_token_id: int | None = field(init=False)
+    # Every id that ends a request unless ignore_eos, eos_token_id first: it and generation_config.json's
+    # eos_token_id (config.json's without that file). A request ended by one of the others reports it as
+    # stop_reason, as vLLM adds them to its stop_token_ids. While output < min_tokens all are banned.
     eos_token_ids: tuple[int, ...] = field(init=False)
     # The SamplingParams fields generation_config sets (e.g. Qwen3's temperature 0.6, top_k 20, top_p 0.95).
     default_sampling_params: dict = field(init=False)
@@ -102,8 +108,10 @@ class Config:
             tok if (tok / "tokenizer.json").exists() or (tok / "tokenizer.model").exists() else None,
         )
         set_("torch_dtype", self._resolve_dtype())
-        set_("eos_token_ids", _eos_token_ids(hf_config, model_path))
         set_("default_sampling_params", _default_sampling_params(self.generation_config, model_path))
+        eos = _eos_token_id(hf_config, self.tokenizer_path)
+        set_("eos_token_id", eos)
+        set_("eos_token_ids", _eos_token_ids(eos, hf_config, self.generation_config, model_path))
 
         # late: models and layers import kernels and torch ops
         from nanovllm.layers.rotary_embedding import rope_length_limit
@@ -201,18 +209,30 @@ def _read_generation_config(folder: Path | None) -> dict | None:
     return json.loads(file.read_text()) if file is not None and file.exists() else None
 
 
-def _eos_token_ids(hf_config: PretrainedConfig, model_path: Path | None) -> tuple[int, ...]:
-    ids: list[int] = []
+def _eos_token_id(hf_config: PretrainedConfig, tokenizer_path: Path | None) -> int | None:
+    if tokenizer_path is not None:
+        from nanovllm.utils.tokenizer import load_tokenizer
 
-    def add(value) -> None:
-        for v in value if isinstance(value, list | tuple) else [value]:
-            if isinstance(v, int) and v not in ids:
-                ids.append(v)
+        return load_tokenizer(tokenizer_path).eos_token_id
+    eos = getattr(hf_config, "eos_token_id", None)
+    return eos if isinstance(eos, int) else None
 
-    add(getattr(hf_config, "eos_token_id", None))
-    generation = _read_generation_config(model_path)
+
+def _eos_token_ids(
+    eos: int | None, hf_config: PretrainedConfig, generation_config: str, model_path: Path | None
+) -> tuple[int, ...]:
+    """eos, then the generation config's eos ids: those of the generation_config.json vLLM reads (the
+    checkpoint's for "auto" and "vllm", else the folder's), or config.json's where there is none."""
+    folder = model_path if generation_config in ("auto", "vllm") else Path(generation_config)
+    generation = _read_generation_config(folder)
     if generation is not None:
-        add(generation.get("eos_token_id"))
+        value = generation.get("eos_token_id")
+    else:
+        value = getattr(hf_config, "eos_token_id", None)
+    ids = [eos] if eos is not None else []
+    for v in value if isinstance(value, list | tuple) else [value]:
+        if isinstance(v, int) and v not in ids:
+            ids.append(v)
     return tuple(ids)
 
 

@@ -366,6 +366,28 @@ def test_use_tqdm_may_be_the_bar_factory(llm):
     assert _tokens(out) == _tokens(llm.generate([PROMPT], GREEDY, use_tqdm=False)[0])
 
 
+def test_generation_config_eos_ids_end_a_request_as_stop_token_ids(ckpt, tmp_path):
+    """vLLM's EOS is the tokenizer's; generation_config.json's other eos ids join the request's
+    stop_token_ids (Qwen3: 151645, then [151645, 151643]), so a request they end reports the id as
+    stop_reason, with the same tokens and text as that stop token id would give. ignore_eos ignores them."""
+    llm = LLM(str(ckpt), max_model_len=128)
+    free = llm.generate([PROMPT], GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+    k = next(i for i, t in enumerate(free) if i >= 2 and t != 2 and t not in free[:i])
+    stop = dataclasses.replace(GREEDY, ignore_eos=False)
+    as_stop_id = llm.generate([PROMPT], dataclasses.replace(stop, stop_token_ids=[free[k]]), use_tqdm=False)
+    del llm
+    gc.collect()
+    model = shutil.copytree(ckpt, tmp_path / "model")
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, free[k]]}))
+    llm = LLM(str(model), max_model_len=128)
+    assert (llm.config.eos_token_id, llm.config.eos_token_ids) == (2, (2, free[k]))
+    (out,) = llm.generate([PROMPT], stop, use_tqdm=False)
+    c, expected = out.outputs[0], as_stop_id[0].outputs[0]
+    assert (c.finish_reason, c.stop_reason, c.token_ids) == ("stop", free[k], free[: k + 1])
+    assert (c.text, c.stop_reason, c.token_ids) == (expected.text, expected.stop_reason, expected.token_ids)
+    assert llm.generate([PROMPT], GREEDY, use_tqdm=False)[0].outputs[0].token_ids == free  # ignore_eos
+
+
 # ---- reset_prefix_cache -------------------------------------------------------------------------
 
 

@@ -55,6 +55,7 @@ class Scheduler:
         self.max_num_seqs = config.max_num_seqs
         self.max_num_batched_tokens = config.max_num_batched_tokens
         self.max_model_len = config.max_model_len
+        self.eos_token_id = config.eos_token_id
         self.eos_token_ids = frozenset(config.eos_token_ids)
         self.block_manager = BlockManager(num_kvcache_blocks, config.block_size, config.enable_prefix_caching)
         self.waiting: deque[Sequence] = deque()
@@ -159,6 +160,8 @@ class Scheduler:
             if num_outputs >= p.min_tokens:
                 if not p.ignore_eos and token in self.eos_token_ids:
                     reason = FinishReason.STOP
+                    if token != self.eos_token_id:  # generation_config's: vLLM's stop_token_ids
+                        seq.stop_reason = token
                 elif p.stop_token_ids and token in p.stop_token_ids:
                     seq.stop_reason, reason = token, FinishReason.STOP
             if reason is None and (num_outputs >= p.max_tokens or pos + 1 >= self.max_model_len):
