@@ -246,15 +246,13 @@ class SamplingBatch:
             if any(p.presence_penalty != 0.0 for p in params):
                 presence = staged("presence", [p.presence_penalty for p in params])
 
-        # min_tokens: ban the stop tokens (EOS too unless ignore_eos, as in vLLM) until enough are out;
-        # and the bad words.
+        # min_tokens: ban the stop tokens and every EOS id until enough are out, with ignore_eos too (vLLM
+        # bans its all_stop_token_ids, which hold the EOS ids whatever ignore_eos); and the bad words.
         ban_rows: list[int] = []
         ban_ids: list[int] = []
         for i, r in enumerate(requests):
             if r.num_output_tokens < r.params.min_tokens:
-                stops = set(r.params.stop_token_ids or ())
-                if not r.params.ignore_eos:
-                    stops.update(r.eos_token_ids)
+                stops = set(r.params.stop_token_ids or ()).union(r.eos_token_ids)
                 ids = sorted(t for t in stops if t < vocab_size)  # larger ids can never be sampled
                 ban_rows += [i] * len(ids)
                 ban_ids += ids
