@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass
 
 # Temperatures below this are treated as greedy (argmax), as in vLLM.
 GREEDY_EPS = 1e-5
+# A positive temperature below this is raised to it, as vLLM does (with a warning).
+MIN_TEMPERATURE = 1e-2
+
+logger = logging.getLogger("nanovllm")
 
 
 @dataclass(slots=True)
@@ -46,6 +51,9 @@ class SamplingParams:
 
         if not _is_finite(self.temperature) or self.temperature < 0:
             raise bad("temperature", "a finite number >= 0")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            logger.warning("temperature %s is raised to %s, as vLLM does", self.temperature, MIN_TEMPERATURE)
+            self.temperature = MIN_TEMPERATURE
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
             raise bad("top_p", "in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < -1:
@@ -112,6 +120,8 @@ class SamplingParams:
             ):
                 raise bad("bad_words_token_ids", "a list of non-empty token id lists, or None")
             self.bad_words_token_ids = [list(w) for w in seqs] or None
+        if self.temperature < GREEDY_EPS:  # greedy: the filters mean nothing; vLLM resets them
+            self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if self.stop is not None:

@@ -185,6 +185,26 @@ def test_boundary_sampling_params_are_accepted():
     assert as_flags == SamplingParams(logprobs=1, prompt_logprobs=1)
 
 
+def test_greedy_resets_the_filters_as_in_vllm():
+    """vLLM's SamplingParams: temperature < 1e-5 (greedy) sets top_p 1, top_k 0, min_p 0 (checked first)."""
+    greedy = SamplingParams(temperature=0, top_p=0.5, top_k=20, min_p=0.1)
+    assert (greedy.top_p, greedy.top_k, greedy.min_p) == (1.0, 0, 0.0)
+    sampled = SamplingParams(temperature=0.5, top_p=0.5, top_k=20, min_p=0.1)
+    assert (sampled.top_p, sampled.top_k, sampled.min_p) == (0.5, 20, 0.1)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(temperature=0, top_p=1.5)
+
+
+def test_tiny_temperature_is_raised_to_0_01_as_in_vllm(caplog):
+    """vLLM raises a temperature in (0, 0.01) to 0.01, with a warning: it samples, even below 1e-5."""
+    with caplog.at_level("WARNING", logger="nanovllm"):
+        for t in (1e-6, 0.005):
+            params = SamplingParams(temperature=t, top_k=5)
+            assert (params.temperature, params.top_k, params.is_greedy) == (0.01, 5, False)
+    assert sum("temperature" in r.getMessage() for r in caplog.records) == 2
+    assert SamplingParams(temperature=0.01).temperature == 0.01 and SamplingParams(temperature=0).is_greedy
+
+
 def test_clone_is_a_deep_copy_as_in_vllm():
     params = SamplingParams(stop=["x"], stop_token_ids=[3], logit_bias={5: 1.0}, seed=7)
     twin = params.clone()

@@ -37,7 +37,7 @@ def test_completion_defaults_and_fields():
     body = {
         "prompt": [1, 2],
         "max_tokens": 5,
-        "temperature": 0,
+        "temperature": 0.5,  # (not greedy: that resets top_p, top_k and min_p, as vLLM)
         "top_p": 0.5,
         "seed": 3,
         "stop": "x",
@@ -54,7 +54,7 @@ def test_completion_defaults_and_fields():
         "include_stop_str_in_output": True,
     }
     p = parse_completion_request(body, MAX_LEN).params
-    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.logprobs) == (5, 0, 0.5, 3, ["x"], 2)
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed, p.stop, p.logprobs) == (5, 0.5, 0.5, 3, ["x"], 2)
     assert (p.presence_penalty, p.frequency_penalty, p.top_k, p.min_p) == (1, -1, 4, 0.1)
     assert (p.repetition_penalty, p.ignore_eos, p.min_tokens, p.stop_token_ids) == (1.2, True, 2, [7])
     assert (p.skip_special_tokens, p.include_stop_str_in_output) == (False, True)
@@ -131,10 +131,10 @@ def test_missing_sampling_fields_take_the_generation_config_defaults():
     chat = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, MAX_LEN, defaults)
     assert (chat.params.temperature, chat.params.top_k, chat.params.top_p) == (0.6, 20, 0.95)
     assert chat.fill_max_tokens
-    body = {"prompt": "x", "temperature": 0, "top_k": -1}
+    body = {"prompt": "x", "temperature": 0.5, "top_k": -1}
     req = parse_completion_request(body, MAX_LEN, defaults)
     assert (req.params.temperature, req.params.top_k, req.params.top_p, req.params.max_tokens) == (
-        0,
+        0.5,
         -1,
         0.95,
         16,
