@@ -157,13 +157,14 @@ class SamplingParams:
         return self.top_k > 0
 
     def vocab_error(self, vocab_size: int) -> tuple[str, str] | None:
-        """(field, message) if logit_bias, allowed_token_ids or bad_words_token_ids name a token outside
-        [0, vocab_size)."""
+        """(field, message) if logit_bias, allowed_token_ids, bad_words_token_ids or stop_token_ids (as vLLM
+        checks them) name a token outside [0, vocab_size)."""
         bad_words = [t for w in self.bad_words_token_ids or () for t in w]
         for field, ids in (
             ("logit_bias", self.logit_bias),
             ("allowed_token_ids", self.allowed_token_ids),
             ("bad_words_token_ids", bad_words),
+            ("stop_token_ids", self.stop_token_ids),
         ):
             outside = sorted(t for t in ids or () if t >= vocab_size)[:5]
             if outside:

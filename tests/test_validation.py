@@ -205,6 +205,13 @@ def test_tiny_temperature_is_raised_to_0_01_as_in_vllm(caplog):
     assert SamplingParams(temperature=0.01).temperature == 0.01 and SamplingParams(temperature=0).is_greedy
 
 
+def test_stop_token_ids_outside_the_vocabulary_raise_as_in_vllm(llm, reference):
+    """vLLM's SamplingParams.verify refuses stop_token_ids >= the vocabulary size; the engine goes on."""
+    with pytest.raises(ValueError, match=rf"stop_token_ids .*\[0, {VOCAB}\): \[{VOCAB}\]"):
+        llm.generate(GOOD_PROMPTS[:1], SamplingParams(stop_token_ids=[5, VOCAB]), use_tqdm=False)
+    assert _tokens(llm.generate(GOOD_PROMPTS, GREEDY, use_tqdm=False)) == reference
+
+
 def test_clone_is_a_deep_copy_as_in_vllm():
     params = SamplingParams(stop=["x"], stop_token_ids=[3], logit_bias={5: 1.0}, seed=7)
     twin = params.clone()
