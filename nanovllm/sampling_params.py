@@ -16,6 +16,14 @@ MIN_TEMPERATURE = 1e-2
 logger = logging.getLogger("nanovllm")
 
 
+class ParamError(ValueError):
+    """A bad SamplingParams value; `param` names the field (the server's 400 names it, as vLLM's does)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # (kept by pickling, through __dict__: the server's engine process sends it)
+
+
 @dataclass(slots=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -46,8 +54,8 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
-        def bad(field: str, valid: str) -> ValueError:
-            return ValueError(f"{field} must be {valid}, got {getattr(self, field)!r}")
+        def bad(field: str, valid: str) -> ParamError:
+            return ParamError(f"{field} must be {valid}, got {getattr(self, field)!r}", field)
 
         if not _is_finite(self.temperature) or self.temperature < 0:
             raise bad("temperature", "a finite number >= 0")

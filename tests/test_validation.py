@@ -4,6 +4,7 @@ the engine that refused it keeps generating the same tokens afterwards."""
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import shutil
 
@@ -172,6 +173,8 @@ def test_out_of_range_sampling_params(field, kwargs):
         SamplingParams(**kwargs)
     message = str(e.value)
     assert message.startswith(field), message
+    # The error names its field (the server's 400 names it), also after the trip from the engine process.
+    assert e.value.param == field and pickle.loads(pickle.dumps(e.value)).param == field
     shown = repr([value] if field == "stop" and isinstance(value, str) else value)  # stop="" -> [""]
     assert shown in message, message
 

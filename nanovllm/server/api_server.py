@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import nanovllm
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.sampling_params import ParamError
 from nanovllm.server import protocol
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDelta, RequestStream, SubRequest
 from nanovllm.server.logprobs import LogprobFormatter
@@ -141,15 +142,6 @@ class OpenAIServer:
             except ValueError as e:
                 raise RequestError(str(e), "truncate_prompt_tokens") from None
             prompts = [(t, ids) if len(k) == len(ids) else (None, k) for (t, ids), k in zip(prompts, kept)]
-        if req.fill_max_tokens:  # max_tokens is what the context leaves: min_tokens must fit in it too
-            for _, ids in prompts:
-                room = self.max_model_len - len(ids)
-                if 0 < room < req.params.min_tokens:
-                    raise RequestError(
-                        f"min_tokens={req.params.min_tokens} exceeds the {room} tokens the prompt "
-                        f"({len(ids)} tokens) leaves within max_model_len={self.max_model_len}",
-                        "min_tokens",
-                    )
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         # params.choice(i): with a seed, each choice draws from its own seed; only choice 0 scores the
         # prompt (prompt_logprobs), and the response shows its scores for every choice of that prompt.
@@ -160,6 +152,8 @@ class OpenAIServer:
         ]
         try:
             stream = await self.engine.submit(subs, incremental=req.stream)
+        except ParamError as e:  # (e.g. min_tokens above the max_tokens a prompt leaves: fill_max_tokens)
+            raise RequestError(str(e), e.param) from None
         except ValueError as e:
             raise RequestError(str(e), "messages" if chat else "prompt") from None
         except EngineDeadError as e:

@@ -221,6 +221,7 @@ class EngineCore:
                             f"the prompt ({len(sub.prompt_token_ids)} tokens) leaves no room to generate "
                             f"within max_model_len={engine.config.max_model_len}"
                         )
+                    # (a min_tokens above it: a ParamError naming min_tokens, the server's 400)
                     params = dataclasses.replace(params, max_tokens=room)
                 checked.append((engine.encode_prompt(sub.prompt_token_ids, params), params))
         except ValueError as e:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import ParamError, SamplingParams
 from nanovllm.utils.chat import MessageError, check_chat_options, text_messages
 
 MAX_N = 128  # choices per request (n x prompts): a guard against one request flooding the engine
@@ -345,10 +345,9 @@ def _parse_common(
         raise RequestError(f"seed must be a 64-bit signed int, got {seed}", "seed")
     try:
         params = SamplingParams(**kwargs)
-    except ValueError as e:
-        field = str(e).split(" ", 1)[0]
-        param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(field, field)
-        message = str(e) if param == field else str(e).replace(field, param, 1)
+    except ParamError as e:
+        param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(e.param, e.param)
+        message = str(e) if param == e.param else str(e).replace(e.param, param, 1)
         raise RequestError(message, param) from None
     if not fill and params.max_tokens > max_model_len:  # no prompt leaves room for it: the limit is wrong
         raise RequestError(
