@@ -64,6 +64,15 @@ class Config:
     # The SamplingParams fields generation_config sets (e.g. Qwen3's temperature 0.6, top_k 20, top_p 0.95).
     default_sampling_params: dict = field(init=False)
 
+    @property
+    def max_tokens_cap(self) -> int | None:
+        """The server's limit on a request's max_tokens (vLLM's override_max_tokens): a generation_config
+        folder's max_new_tokens. With "auto" the checkpoint's max_new_tokens is only the default of a
+        request that gives none."""
+        if self.generation_config in ("auto", "vllm"):
+            return None
+        return self.default_sampling_params.get("max_tokens")
+
     @classmethod
     def from_kwargs(cls, model: str, **kwargs) -> Config:
         names = {f.name for f in dataclasses.fields(cls) if f.init}

@@ -63,14 +63,18 @@ class OpenAIServer:
 
     async def completions(self, request: Request) -> Response:
         body = await _json_body(request)
-        req = protocol.parse_completion_request(body, self.max_model_len, self.config.default_sampling_params)
+        req = protocol.parse_completion_request(
+            body, self.max_model_len, self.config.default_sampling_params, self.config.max_tokens_cap
+        )
         self._check_model(req.model)
         prompts = [self._tokenize(p, "prompt", add_special_tokens=True) for p in req.prompts]
         return await self._generate(request, req, prompts, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
         body = await _json_body(request)
-        req = protocol.parse_chat_request(body, self.max_model_len, self.config.default_sampling_params)
+        req = protocol.parse_chat_request(
+            body, self.max_model_len, self.config.default_sampling_params, self.config.max_tokens_cap
+        )
         self._check_model(req.model)
         text = self._render(req.messages, req.chat_options)
         # The template already holds any BOS/special tokens the model wants.

@@ -44,7 +44,7 @@ class SubRequest:
     prompt: str | None  # the text, when the prompt was text
     prompt_token_ids: list[int]
     params: SamplingParams
-    fill_max_tokens: bool = False  # max_tokens = what max_model_len leaves after the prompt
+    fill_max_tokens: bool = False  # max_tokens at most what max_model_len leaves after the prompt
 
 
 @dataclass
@@ -222,7 +222,7 @@ class EngineCore:
                             f"within max_model_len={engine.config.max_model_len}"
                         )
                     # (a min_tokens above it: a ParamError naming min_tokens, the server's 400)
-                    params = dataclasses.replace(params, max_tokens=room)
+                    params = dataclasses.replace(params, max_tokens=min(params.max_tokens, room))
                 checked.append((engine.encode_prompt(sub.prompt_token_ids, params), params))
         except ValueError as e:
             self.message.replies.append((cmd.add_id, e))

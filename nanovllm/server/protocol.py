@@ -61,7 +61,7 @@ TOKENIZE_FIELDS = frozenset(
 )
 DETOKENIZE_FIELDS = frozenset(("model", "tokens"))
 
-# Config.default_sampling_params a request's missing fields take (its max_tokens is not: see serving.md)
+# Config.default_sampling_params a request's missing fields take (max_tokens: _parse_common's `fill`)
 GENERATION_DEFAULT_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 _empty = lambda v: v is None or v == [] or v == {} or v == ""  # noqa: E731
@@ -133,7 +133,7 @@ class GenerateRequest:
     params: SamplingParams
     stream: bool
     include_usage: bool  # stream: a final chunk with the usage
-    fill_max_tokens: bool  # max_tokens not given (chat): whatever the context window leaves
+    fill_max_tokens: bool  # max_tokens not given (chat): at most what the context window leaves
     logprobs: int | None  # top alternatives per token; None: no logprobs
     messages: list[dict] | None = None  # chat only
     echo: bool = False  # completions: the prompt's text (and logprobs) before each choice's
@@ -164,7 +164,9 @@ class TokenizeRequest:
     return_token_strs: bool
 
 
-def parse_completion_request(body: Any, max_model_len: int, defaults: dict | None = None) -> GenerateRequest:
+def parse_completion_request(
+    body: Any, max_model_len: int, defaults: dict | None = None, max_tokens_cap: int | None = None
+) -> GenerateRequest:
     body = _check_fields(body, COMPLETION_FIELDS, COMPLETION_NEUTRAL)
     if body.get("best_of") is not None and body.get("n") not in (None, 1):
         raise RequestError("best_of together with n is not supported", "best_of")
@@ -183,6 +185,7 @@ def parse_completion_request(body: Any, max_model_len: int, defaults: dict | Non
         default_max_tokens=16,
         max_model_len=max_model_len,
         defaults=defaults,
+        max_tokens_cap=max_tokens_cap,
     )
     req.prompts = prompts
     req.echo, req.prompt_only = echo, prompt_only
@@ -195,7 +198,9 @@ def parse_completion_request(body: Any, max_model_len: int, defaults: dict | Non
     return req
 
 
-def parse_chat_request(body: Any, max_model_len: int, defaults: dict | None = None) -> GenerateRequest:
+def parse_chat_request(
+    body: Any, max_model_len: int, defaults: dict | None = None, max_tokens_cap: int | None = None
+) -> GenerateRequest:
     body = _check_fields(body, CHAT_FIELDS, CHAT_NEUTRAL)
     messages = _parse_messages(body.get("messages"))
     logprobs, top = body.get("logprobs"), body.get("top_logprobs")
@@ -217,6 +222,7 @@ def parse_chat_request(body: Any, max_model_len: int, defaults: dict | None = No
         default_max_tokens=None,
         max_model_len=max_model_len,
         defaults=defaults,
+        max_tokens_cap=max_tokens_cap,
     )
     req.messages = messages
     req.chat_options = _parse_chat_options(body)
@@ -315,7 +321,9 @@ def _parse_common(
     default_max_tokens: int | None,
     max_model_len: int,
     defaults: dict | None,
+    max_tokens_cap: int | None,
 ) -> GenerateRequest:
+    """`defaults`: Config.default_sampling_params; `max_tokens_cap`: Config.max_tokens_cap."""
     model = _parse_model(body)
     n = body.get("n")
     n = 1 if n is None else n
@@ -327,16 +335,21 @@ def _parse_common(
     if stop == []:
         stop = None
 
+    defaults = defaults or {}
+    # As vLLM's get_max_tokens: a chat request without max_tokens takes the checkpoint's max_new_tokens, and
+    # (fill) at most what its prompt leaves, which the engine process sets once the prompt is known.
     fill = max_tokens is None and default_max_tokens is None
+    if fill:
+        max_tokens = defaults.get("max_tokens", max_model_len)
     kwargs = {
-        "max_tokens": max_model_len if fill else (default_max_tokens if max_tokens is None else max_tokens),
+        "max_tokens": default_max_tokens if max_tokens is None else max_tokens,
         "n": n,
         "stop": stop,
         "logprobs": logprobs,
         "logit_bias": _parse_logit_bias(body.get("logit_bias")),
     }
     # A field the request leaves out takes the checkpoint's generation_config.json value (vLLM's server)
-    kwargs |= {name: value for name, value in (defaults or {}).items() if name in GENERATION_DEFAULT_FIELDS}
+    kwargs |= {name: value for name, value in defaults.items() if name in GENERATION_DEFAULT_FIELDS}
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", *VLLM_EXTRA_FIELDS):
         if body.get(name) is not None:
             kwargs[name] = body[name]
@@ -345,14 +358,17 @@ def _parse_common(
         raise RequestError(f"seed must be a 64-bit signed int, got {seed}", "seed")
     try:
         params = SamplingParams(**kwargs)
+        if not fill and params.max_tokens > max_model_len:  # no prompt leaves room for it: the limit is wrong
+            raise RequestError(
+                f"{max_tokens_param}={params.max_tokens} exceeds max_model_len={max_model_len}",
+                max_tokens_param,
+            )
+        if max_tokens_cap is not None and params.max_tokens > max_tokens_cap:  # (vLLM: silently lowered)
+            params = dataclasses.replace(params, max_tokens=max_tokens_cap)
     except ParamError as e:
         param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(e.param, e.param)
         message = str(e) if param == e.param else str(e).replace(e.param, param, 1)
         raise RequestError(message, param) from None
-    if not fill and params.max_tokens > max_model_len:  # no prompt leaves room for it: the limit is wrong
-        raise RequestError(
-            f"{max_tokens_param}={params.max_tokens} exceeds max_model_len={max_model_len}", max_tokens_param
-        )
     return GenerateRequest(
         model,
         [],

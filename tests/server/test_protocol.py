@@ -126,11 +126,15 @@ def test_max_tokens_past_the_context_names_the_field():
 
 def test_missing_sampling_fields_take_the_generation_config_defaults():
     # vLLM's server fills what a request leaves out from the checkpoint's generation_config.json (Qwen3:
-    # temperature 0.6, top_k 20, top_p 0.95); what the request gives wins; max_tokens is not taken from it.
+    # temperature 0.6, top_k 20, top_p 0.95); what the request gives wins. A chat request's missing
+    # max_tokens is its max_new_tokens (at most what the prompt leaves: fill); completions keep OpenAI's 16.
     defaults = {"temperature": 0.6, "top_k": 20, "top_p": 0.95, "max_tokens": 7}
     chat = parse_chat_request({"messages": [{"role": "user", "content": "x"}]}, MAX_LEN, defaults)
     assert (chat.params.temperature, chat.params.top_k, chat.params.top_p) == (0.6, 20, 0.95)
-    assert chat.fill_max_tokens
+    assert chat.fill_max_tokens and chat.params.max_tokens == 7
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 9}
+    given = parse_chat_request(body, MAX_LEN, defaults)
+    assert given.params.max_tokens == 9 and not given.fill_max_tokens  # a default, not a cap
     body = {"prompt": "x", "temperature": 0.5, "top_k": -1}
     req = parse_completion_request(body, MAX_LEN, defaults)
     assert (req.params.temperature, req.params.top_k, req.params.top_p, req.params.max_tokens) == (
@@ -140,6 +144,36 @@ def test_missing_sampling_fields_take_the_generation_config_defaults():
         16,
     )
     assert parse_completion_request({"prompt": "x"}, MAX_LEN).params.temperature == 1.0  # no file: vLLM's
+
+
+def test_max_tokens_cap_lowers_what_a_request_gives():
+    # generation_config=<folder> (vLLM's override_max_tokens): its max_new_tokens caps every request's
+    msgs, defaults = [{"role": "user", "content": "x"}], {"max_tokens": 7}
+    chat = lambda n: parse_chat_request({"messages": msgs, "max_tokens": n}, MAX_LEN, defaults, 7)  # noqa: E731
+    assert chat(9).params.max_tokens == 7 and chat(5).params.max_tokens == 5
+    assert parse_completion_request({"prompt": "x"}, MAX_LEN, defaults, 7).params.max_tokens == 7  # 16 -> 7
+    # what no prompt can hold is still the request's mistake, and a min_tokens above the cap is min_tokens'
+    assert _err_cap({"prompt": "x", "max_tokens": MAX_LEN + 1}).param == "max_tokens"
+    assert _err_cap({"prompt": "x", "max_tokens": 9, "min_tokens": 8}).param == "min_tokens"
+
+
+def _err_cap(body) -> RequestError:
+    with pytest.raises(RequestError) as e:
+        parse_completion_request(body, MAX_LEN, {"max_tokens": 7}, 7)
+    return e.value
+
+
+def test_config_max_tokens_cap_is_a_generation_config_folders_max_new_tokens(tmp_path):
+    shutil.copy(PRESET_DIR / "qwen3-tiny.json", tmp_path / "config.json")
+    data = json.loads((tmp_path / "config.json").read_text())
+    data.pop("_comment", None)
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"max_new_tokens": 7, "temperature": 0.5}))
+    auto = Config(str(tmp_path), device="cpu")
+    assert auto.default_sampling_params["max_tokens"] == 7 and auto.max_tokens_cap is None  # a default only
+    folder = Config(str(tmp_path), device="cpu", generation_config=str(tmp_path))
+    assert folder.max_tokens_cap == 7
+    assert Config(str(tmp_path), device="cpu", generation_config="vllm").max_tokens_cap is None
 
 
 def test_stream_options():

@@ -30,9 +30,15 @@ EOS = 2
 serving = load_script("benchmarks/serving.py", "serving_benchmark")
 
 
+MAX_NEW_TOKENS = 32  # the checkpoint's generation_config.json: a chat request's default max_tokens
+
+
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("server-ckpt"), "qwen3")
+    path = build_checkpoint(tmp_path_factory.mktemp("server-ckpt"), "qwen3")
+    generation = json.loads((path / "generation_config.json").read_text())
+    (path / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": MAX_NEW_TOKENS}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -185,10 +191,17 @@ def test_chat_template_options_reach_the_template(client, tokenizer):
     assert chunks[0].choices[0].delta.role == "user"
 
 
-def test_chat_default_max_tokens_fills_the_context(client):
-    out = _chat(client, "x " * 100, max_tokens=None, extra_body={"ignore_eos": True})
+def test_chat_default_max_tokens_is_max_new_tokens_within_the_context(client):
+    """As vLLM's server: chat without max_tokens generates the checkpoint's max_new_tokens, or less when the
+    prompt leaves less room; a max_tokens the request gives is not capped by it (generation_config auto)."""
+    ignore_eos = {"ignore_eos": True}
+    out = _chat(client, "hi", max_tokens=None, extra_body=ignore_eos)
+    assert out.usage.completion_tokens == MAX_NEW_TOKENS and out.choices[0].finish_reason == "length"
+    out = _chat(client, "x " * 230, max_tokens=None, extra_body=ignore_eos)  # 243 prompt tokens: 13 left
     assert out.usage.prompt_tokens + out.usage.completion_tokens == MAX_MODEL_LEN
     assert out.choices[0].finish_reason == "length"
+    assert _chat(client, "hi", max_tokens=40, extra_body=ignore_eos).usage.completion_tokens == 40
+    assert _complete(client, max_tokens=None, extra_body=ignore_eos).usage.completion_tokens == 16  # OpenAI's
 
 
 def test_streaming_equals_non_streaming(client):
@@ -613,11 +626,13 @@ def test_bad_values(client, kwargs, param):
 
 
 def test_chat_min_tokens_past_the_context_names_min_tokens(client):
-    """Chat without max_tokens generates until the context is full: a min_tokens larger than what the
-    prompt leaves is the min_tokens field's fault, not the messages'."""
-    with pytest.raises(openai.BadRequestError) as e:
-        _chat(client, "x " * 100, max_tokens=None, extra_body={"min_tokens": MAX_MODEL_LEN})
-    assert _error(e)["param"] == "min_tokens" and "min_tokens" in _error(e)["message"]
+    """Chat without max_tokens generates at most what the context leaves: a min_tokens larger than that is
+    the min_tokens field's fault, not the messages' (the engine's check, named by its ParamError); and so
+    is one larger than the checkpoint's max_new_tokens, which the request then defaults to."""
+    for prompt, min_tokens in (("x " * 230, 20), ("hi", MAX_NEW_TOKENS + 1)):  # 13 left; 242 left
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, prompt, max_tokens=None, extra_body={"min_tokens": min_tokens})
+        assert _error(e)["param"] == "min_tokens" and "min_tokens" in _error(e)["message"]
 
 
 def test_bad_requests_leave_the_server_serving(server, client):
