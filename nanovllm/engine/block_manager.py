@@ -56,6 +56,7 @@ class BlockManager:
         # Blocks with ref_count 0, least recently freed first. Cached ones keep their hash here.
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block: dict[int, int] = {}
+        self.num_uncached = 0  # blocks dropped from the prefix cache so far (a lookup holds until it moves)
         self.num_queried_tokens = 0  # prefix-cache statistics
         self.num_hit_tokens = 0
 
@@ -83,11 +84,14 @@ class BlockManager:
         self._update_hashes(seq, seq.num_tokens)
         if not self.enable_prefix_caching:
             return []
-        hits: list[int] = []
         max_blocks = min((seq.num_tokens - 1) // self.block_size, len(seq.block_hashes))
         if seq.params.prompt_logprobs is not None:  # positions still to score must be computed
             max_blocks = min(max_blocks, seq.num_scored_prompt_tokens // self.block_size)
-        for i in range(max_blocks):
+        # The last lookup's hits still hold if no block has left the cache since (a registered block keeps
+        # its hash and tokens until then): only the blocks after them are looked up, for new registrations.
+        last = seq.prefix_hits
+        hits = list(last[1][:max_blocks]) if last is not None and last[0] == self.num_uncached else []
+        for i in range(len(hits), max_blocks):
             block_id = self.hash_to_block.get(seq.block_hashes[i])
             if block_id is None:
                 break
@@ -95,12 +99,16 @@ class BlockManager:
             if self.blocks[block_id].token_ids != tokens:  # a hash collision: treat as a miss
                 break
             hits.append(block_id)
+        seq.prefix_hits = (self.num_uncached, tuple(hits))
         return hits
 
     def can_allocate(self, seq: Sequence, cached_blocks: list[int], num_tokens: int) -> bool:
         """Could seq get blocks for its first num_tokens tokens, reusing cached_blocks?"""
+        num_new = self.blocks_needed(num_tokens) - len(cached_blocks)
+        if num_new > self.num_free_blocks:  # (short of blocks however many hits are free: no need to count)
+            return False
         reclaimed = sum(1 for b in cached_blocks if self.blocks[b].ref_count == 0)
-        return self.blocks_needed(num_tokens) - len(cached_blocks) <= self.num_free_blocks - reclaimed
+        return num_new <= self.num_free_blocks - reclaimed
 
     def allocate(self, seq: Sequence, cached_blocks: list[int], num_tokens: int) -> None:
         """Admit seq: share cached_blocks, then add fresh blocks to cover num_tokens tokens."""
@@ -145,20 +153,13 @@ class BlockManager:
         never written."""
         bs = self.block_size
         for block_id in seq.block_table[start // bs : (start + num_new_tokens) // bs]:
-            block = self.blocks[block_id]
-            if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
-                del self.hash_to_block[block.hash]
-            block.hash = block.token_ids = None
+            self._uncache(self.blocks[block_id])
 
     def reset_prefix_cache(self) -> None:
         """Forget the cached prefixes of free blocks (blocks in use keep theirs), so that a repeated
         workload computes its prompts again (benchmarks)."""
         for block_id in self.free:
-            block = self.blocks[block_id]
-            if block.hash is not None:
-                if self.hash_to_block.get(block.hash) == block_id:
-                    del self.hash_to_block[block.hash]
-                block.hash = block.token_ids = None
+            self._uncache(self.blocks[block_id])
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -169,12 +170,18 @@ class BlockManager:
         block_ids = [self.free.popitem(last=False)[0] for _ in range(n)]
         for block_id in block_ids:
             block = self.blocks[block_id]
-            if block.hash is not None:  # evict it from the prefix cache
-                if self.hash_to_block.get(block.hash) == block_id:
-                    del self.hash_to_block[block.hash]
-                block.hash = block.token_ids = None
+            self._uncache(block)  # (evicted)
             block.ref_count = 1
         return block_ids
+
+    def _uncache(self, block: Block) -> None:
+        """Drop block from the prefix cache, if it is there."""
+        if block.hash is None:
+            return
+        if self.hash_to_block.get(block.hash) == block.block_id:
+            del self.hash_to_block[block.hash]
+        block.hash = block.token_ids = None
+        self.num_uncached += 1
 
     def _update_hashes(self, seq: Sequence, num_tokens: int) -> None:
         """Extend seq.block_hashes over the full blocks among its first num_tokens tokens (known

@@ -42,6 +42,9 @@ class Sequence:
         self.num_cached_tokens = 0  # prompt tokens served from the prefix cache at first admission
         self.block_table: list[int] = []  # physical KV block ids, one per block_size tokens
         self.block_hashes: list[int] = []  # chained hashes of the full blocks of token_ids, in order
+        # the last prefix-cache lookup (BlockManager.num_uncached then, its hits): a blocked waiting request
+        # is looked up again every step, and only what a block dropped from the cache since can undo
+        self.prefix_hits: tuple[int, tuple[int, ...]] | None = None
         self.status = SequenceStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.num_preemptions = 0

@@ -308,3 +308,36 @@ def test_hit_rate_counts_queried_and_hit_tokens():
     for s in (a, b):
         release(bm, s)
     assert bm.num_free_blocks == 16
+
+
+class CountingDict(dict):
+    """hash_to_block that counts its lookups."""
+
+    num_gets = 0
+
+    def get(self, key, default=None):
+        self.num_gets += 1
+        return super().get(key, default)
+
+
+def test_a_repeated_lookup_resumes_after_its_hits_until_a_block_leaves_the_cache():
+    bm = BlockManager(8, BS)
+    bm.hash_to_block = CountingDict(bm.hash_to_block)
+    admit(bm, a := seq_of(range(17)))  # 4 full blocks, cached
+    waiting = seq_of(list(range(24)) + [99])  # a's 4 blocks, then 2 more full blocks
+    hits = bm.find_cached_prefix(waiting)
+    assert hits == a.block_table[:4]
+    before = bm.hash_to_block.num_gets
+    assert bm.find_cached_prefix(waiting) == hits  # nothing changed: only the block after the hits
+    assert bm.hash_to_block.num_gets == before + 1
+    # A block registered meanwhile extends the hits; a block evicted meanwhile (b takes a's free blocks,
+    # least recently freed first: a's tail) shortens them; each time as a fresh lookup finds them.
+    admit(bm, b := seq_of(range(21)))  # a's 4 blocks + its 5th (tokens 16..19), registered
+    fresh = bm.find_cached_prefix(seq_of(waiting.token_ids))
+    assert bm.find_cached_prefix(waiting) == b.block_table[:5] == fresh
+    a_blocks = a.block_table[:4]
+    release(bm, a)
+    release(bm, b)
+    admit(bm, seq_of(range(100, 116)))  # 4 blocks: the 3 uncached free ones, then b's 5th (evicted)
+    fresh = bm.find_cached_prefix(seq_of(waiting.token_ids))
+    assert fresh == a_blocks and bm.find_cached_prefix(waiting) == fresh

@@ -13,6 +13,7 @@ from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import PENDING_TOKEN, FinishReason, Sequence, SequenceStatus
+from tests.unit.test_block_manager import CountingDict
 
 EOS = 2  # the qwen3-tiny preset's eos_token_id
 
@@ -227,6 +228,28 @@ def test_preemption_takes_the_youngest_and_requeues_it_first():
     sched.block_manager.check_consistency()
     run_all(sched, runner)
     assert all(s.num_output_tokens == s.params.max_tokens for s in (a, b, c, late))
+
+
+def test_a_blocked_waiting_request_is_not_looked_up_again_in_the_prefix_cache():
+    """The head of the queue, short of blocks, is tried every step: its prefix-cache hits are kept from the
+    last try (no block left the cache since), so a step looks up only the block after them."""
+    sched = make_scheduler(num_blocks=8, max_model_len=128, max_num_batched_tokens=128)
+    runner = FakeRunner(16)
+    a = make_seq(70, max_tokens=8)  # 5 blocks, its decode stays in them: 3 blocks free
+    w = Sequence(a.token_ids[:64] + make_seq(60, seed=1).token_ids, SamplingParams(max_tokens=4))
+    sched.add(a)
+    step(sched, runner)
+    sched.add(w)  # a's 4 full blocks are hits, but its other 4 blocks do not fit
+    bm = sched.block_manager
+    lookups = []
+    while a.status is SequenceStatus.RUNNING:
+        bm.hash_to_block = counting = CountingDict(bm.hash_to_block)
+        batch = step(sched, runner)
+        lookups.append(counting.num_gets)
+        assert batch.seqs == [a]
+    assert lookups[0] == 5 and lookups[1:] == [1] * (len(lookups) - 1)  # 4 hits + a miss, then the miss
+    run_all(sched, runner)
+    assert w.num_cached_tokens == 64 and w.num_output_tokens == 4
 
 
 def test_the_youngest_preempts_itself_when_it_is_the_one_short_of_blocks():
