@@ -7,10 +7,11 @@ from collections.abc import Callable
 
 from tqdm.auto import tqdm
 
+from nanovllm.beam_search import BeamSearchOutput, search
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
-from nanovllm.outputs import RequestMetrics, RequestOutput
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.outputs import Logprob, RequestMetrics, RequestOutput
+from nanovllm.sampling_params import BeamSearchParams, SamplingParams
 from nanovllm.utils.chat import render_chat, text_messages
 from nanovllm.utils.heap import frozen_heap
 
@@ -22,6 +23,7 @@ class LLM:
     outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text)
     outs = llm.chat([{"role": "user", "content": "Hi"}], SamplingParams(n=2))  # two replies, one output
+    beams = llm.beam_search(["Hello"], BeamSearchParams(beam_width=4, max_tokens=16))[0].sequences
     """
 
     def __init__(self, model: str, **engine_args):
@@ -52,14 +54,45 @@ class LLM:
         """One RequestOutput per prompt, in order; with `n` > 1 its `outputs` hold the n samples."""
         inputs = _as_prompt_list(prompts)
         params = self._params_per_prompt(sampling_params, len(inputs))
-        # Validate everything before queuing anything: a bad prompt leaves the engine untouched.
-        encoded = []
-        for i, ((prompt, _), p) in enumerate(zip(inputs, params)):
-            try:
-                encoded.append(self.engine.encode_prompt(prompt, p))
-            except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
+        encoded = self._encode_prompts([prompt for prompt, _ in inputs], params)
         return self._run([text for _, text in inputs], encoded, params, use_tqdm)
+
+    def beam_search(
+        self,
+        prompts: Prompt | dict | list[Prompt | dict],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+        concurrency_limit: int | None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's offline beam search: one BeamSearchOutput per prompt, in order, holding its best
+        params.beam_width beams (each one's tokens include the prompt's, as vLLM's). Prompts as generate
+        takes them; concurrency_limit: search at most that many prompts at a time (None: all at once).
+        How it works and where it differs from vLLM's: docs/sampling.md#beam-search."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError(f"params must be a BeamSearchParams, got {type(params).__name__}")
+        if concurrency_limit is not None and (type(concurrency_limit) is not int or concurrency_limit < 1):
+            raise ValueError(f"concurrency_limit must be None or an int >= 1, got {concurrency_limit!r}")
+        inputs = [prompt for prompt, _ in _as_prompt_list(prompts)]
+        # (checked as generate checks a request of max_tokens, so that every beam fits in max_model_len)
+        encoded = self._encode_prompts(inputs, [SamplingParams(max_tokens=params.max_tokens)] * len(inputs))
+        step_params = params.step_params()
+        limit = concurrency_limit or len(encoded)
+        batches = [encoded[start : start + limit] for start in range(0, len(encoded), limit)]
+        bar = tqdm(total=params.max_tokens * len(batches), desc="Beam search", disable=not use_tqdm)
+
+        def step(beams: list[list[int]]) -> list[Logprob]:
+            outs = self._run([None] * len(beams), beams, [step_params] * len(beams), use_tqdm=False)
+            bar.update(1)
+            return [out.outputs[0].logprobs[0] for out in outs]
+
+        def decode(token_ids: list[int]) -> str:  # (vLLM's: special tokens shown)
+            return self.engine.decode(token_ids, skip_special_tokens=False)
+
+        eos_token_ids = frozenset(self.config.eos_token_ids)
+        try:
+            return [out for batch in batches for out in search(batch, params, step, eos_token_ids, decode)]
+        finally:
+            bar.close()
 
     def chat(
         self,
@@ -107,6 +140,17 @@ class LLM:
                 raise ValueError(f"conversation {i}: {e}") from None
             texts.append(text)
         return self._run(texts, encoded, params, use_tqdm)
+
+    def _encode_prompts(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[int]]:
+        """Every prompt's token ids, all validated before anything is queued: a bad prompt leaves the engine
+        untouched."""
+        encoded = []
+        for i, (prompt, p) in enumerate(zip(prompts, params)):
+            try:
+                encoded.append(self.engine.encode_prompt(prompt, p))
+            except ValueError as e:
+                raise ValueError(f"prompt {i}: {e}") from None
+        return encoded
 
     def _params_per_prompt(
         self, sampling_params: SamplingParams | list[SamplingParams] | None, num_prompts: int

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 GREEDY_EPS = 1e-5
 # A positive temperature below this is raised to it, as vLLM does (with a warning).
 MIN_TEMPERATURE = 1e-2
+# The most alternatives logprobs / prompt_logprobs may ask for (vLLM's default max_logprobs).
+MAX_LOGPROBS = 20
 
 logger = logging.getLogger("nanovllm")
 
@@ -54,79 +56,79 @@ class SamplingParams:
     bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
-        def bad(field: str, valid: str) -> ParamError:
-            return ParamError(f"{field} must be {valid}, got {getattr(self, field)!r}", field)
-
         if not _is_finite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a finite number >= 0")
+            raise _bad(self, "temperature", "a finite number >= 0")
         if 0 < self.temperature < MIN_TEMPERATURE:
             logger.warning("temperature %s is raised to %s, as vLLM does", self.temperature, MIN_TEMPERATURE)
             self.temperature = MIN_TEMPERATURE
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "in (0, 1]")
+            raise _bad(self, "top_p", "in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < -1:
-            raise bad("top_k", "an int >= -1 (-1 or 0 disables it)")
+            raise _bad(self, "top_k", "an int >= -1 (-1 or 0 disables it)")
         if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
-            raise bad("min_p", "in [0, 1]")
+            raise _bad(self, "min_p", "in [0, 1]")
         if _is_int(self.seed) and self.seed == -1:
             self.seed = None  # vLLM's spelling of "no seed"
         if self.seed is not None and not _is_int(self.seed):
-            raise bad("seed", "an int or None")
+            raise _bad(self, "seed", "an int or None")
         if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise bad("max_tokens", "an int >= 1")
+            raise _bad(self, "max_tokens", "an int >= 1")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]")
+            raise _bad(self, "min_tokens", f"an int in [0, max_tokens={self.max_tokens}]")
         if not isinstance(self.ignore_eos, bool):
-            raise bad("ignore_eos", "a bool")
+            raise _bad(self, "ignore_eos", "a bool")
         if not _is_real(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
-            raise bad("presence_penalty", "in [-2, 2]")
+            raise _bad(self, "presence_penalty", "in [-2, 2]")
         if not _is_real(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
-            raise bad("frequency_penalty", "in [-2, 2]")
+            raise _bad(self, "frequency_penalty", "in [-2, 2]")
         if not _is_finite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a finite number > 0")
+            raise _bad(self, "repetition_penalty", "a finite number > 0")
         if self.logprobs is True:  # vLLM reads True (OpenAI's flag) as 1: the sampled token and the best one
             self.logprobs = 1
         if self.prompt_logprobs is True:
             self.prompt_logprobs = 1
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
-            raise bad("logprobs", "None or an int in [0, 20]")
-        if self.prompt_logprobs is not None and (
-            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= 20
+        if self.logprobs is not None and (
+            not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS
         ):
-            raise bad("prompt_logprobs", "None or an int in [0, 20]")
+            raise _bad(self, "logprobs", f"None or an int in [0, {MAX_LOGPROBS}]")
+        if self.prompt_logprobs is not None and (
+            not _is_int(self.prompt_logprobs) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS
+        ):
+            raise _bad(self, "prompt_logprobs", f"None or an int in [0, {MAX_LOGPROBS}]")
         if not _is_int(self.n) or self.n < 1:
-            raise bad("n", "an int >= 1")
+            raise _bad(self, "n", "an int >= 1")
         if self.truncate_prompt_tokens is not None and (
             not _is_int(self.truncate_prompt_tokens)
             or not (self.truncate_prompt_tokens >= 1 or self.truncate_prompt_tokens == -1)
         ):
-            raise bad("truncate_prompt_tokens", "None, -1 or an int >= 1")
+            raise _bad(self, "truncate_prompt_tokens", "None, -1 or an int >= 1")
         for flag in ("skip_special_tokens", "include_stop_str_in_output"):
             if not isinstance(getattr(self, flag), bool):
-                raise bad(flag, "a bool")
+                raise _bad(self, flag, "a bool")
         if self.logit_bias is not None:
             if not isinstance(self.logit_bias, dict) or not all(
                 _is_int(t) and t >= 0 and _is_real(b) and -100 <= b <= 100 for t, b in self.logit_bias.items()
             ):
-                raise bad("logit_bias", "a dict of token id (int >= 0) -> bias in [-100, 100], or None")
+                valid = "a dict of token id (int >= 0) -> bias in [-100, 100], or None"
+                raise _bad(self, "logit_bias", valid)
             self.logit_bias = {t: float(b) for t, b in self.logit_bias.items()} or None
         if self.allowed_token_ids is not None:
             ids = self.allowed_token_ids
             if not isinstance(ids, list | tuple) or not ids or not all(_is_int(t) and t >= 0 for t in ids):
-                raise bad("allowed_token_ids", "a non-empty list of token ids (ints >= 0), or None")
+                raise _bad(self, "allowed_token_ids", "a non-empty list of token ids (ints >= 0), or None")
             self.allowed_token_ids = list(ids)
         if self.bad_words is not None:
             if not isinstance(self.bad_words, list | tuple) or not all(
                 isinstance(w, str) and w.strip() for w in self.bad_words
             ):
-                raise bad("bad_words", "a list of non-blank strings, or None")
+                raise _bad(self, "bad_words", "a list of non-blank strings, or None")
             self.bad_words = list(self.bad_words) or None
         if self.bad_words_token_ids is not None:
             seqs = self.bad_words_token_ids
             if not isinstance(seqs, list | tuple) or not all(
                 isinstance(w, list | tuple) and w and all(_is_int(t) and t >= 0 for t in w) for w in seqs
             ):
-                raise bad("bad_words_token_ids", "a list of non-empty token id lists, or None")
+                raise _bad(self, "bad_words_token_ids", "a list of non-empty token id lists, or None")
             self.bad_words_token_ids = [list(w) for w in seqs] or None
         if self.temperature < GREEDY_EPS:  # greedy: the filters mean nothing; vLLM resets them
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
@@ -134,12 +136,12 @@ class SamplingParams:
             self.stop = [self.stop]
         if self.stop is not None:
             if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
-                raise bad("stop", "a non-empty string, a list of them, or None")
+                raise _bad(self, "stop", "a non-empty string, a list of them, or None")
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, list | tuple) or not all(
                 _is_int(t) and t >= 0 for t in self.stop_token_ids
             ):
-                raise bad("stop_token_ids", "a list of non-negative ints or None")
+                raise _bad(self, "stop_token_ids", "a list of non-negative ints or None")
             self.stop_token_ids = list(self.stop_token_ids)
 
     def clone(self) -> SamplingParams:
@@ -220,6 +222,43 @@ class SamplingParams:
                 seqs.append(spaced)
         unique = [list(w) for w in dict.fromkeys(map(tuple, seqs)) if w and max(w) < vocab_size]
         return dataclasses.replace(self, bad_words_token_ids=unique or None)
+
+
+@dataclass(slots=True)
+class BeamSearchParams:
+    """`LLM.beam_search`'s settings: vLLM's fields, defaults and meanings (beam_width and max_tokens have no
+    default there either). How the search uses them: docs/sampling.md#beam-search."""
+
+    beam_width: int  # beams kept per prompt, and returned
+    max_tokens: int  # generated tokens per beam, at most
+    ignore_eos: bool = False  # False: a beam that draws EOS is complete and grows no further
+    temperature: float = 0.0  # of each step's drawn token (0: greedy); the candidates are the best anyway
+    length_penalty: float = 1.0  # a beam scores cum_logprob / length ** length_penalty
+    include_stop_str_in_output: bool = False  # an EOS-ended beam's text shows the EOS token's text
+
+    def __post_init__(self) -> None:
+        # (each step asks for 2 * beam_width logprobs per beam, as vLLM does, and at most MAX_LOGPROBS exist)
+        if not _is_int(self.beam_width) or not 1 <= self.beam_width <= MAX_LOGPROBS // 2:
+            raise _bad(self, "beam_width", f"an int in [1, {MAX_LOGPROBS // 2}]")
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            raise _bad(self, "max_tokens", "an int >= 1")
+        if not _is_finite(self.temperature) or self.temperature < 0:
+            raise _bad(self, "temperature", "a finite number >= 0")
+        if not _is_finite(self.length_penalty):
+            raise _bad(self, "length_penalty", "a finite number")
+        for flag in ("ignore_eos", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, flag), bool):
+                raise _bad(self, flag, "a bool")
+
+    def step_params(self) -> SamplingParams:
+        """What each search step runs every live beam with: one token, and the 2 * beam_width best
+        alternatives to it (vLLM's choice, after transformers': enough that beam_width survive even when
+        some of them end in EOS)."""
+        return SamplingParams(temperature=self.temperature, max_tokens=1, logprobs=2 * self.beam_width)
+
+
+def _bad(params: SamplingParams | BeamSearchParams, field: str, valid: str) -> ParamError:
+    return ParamError(f"{field} must be {valid}, got {getattr(params, field)!r}", field)
 
 
 def derive_seed(seed: int, index: int) -> int:
