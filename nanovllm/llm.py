@@ -76,7 +76,7 @@ class LLM:
         # (checked as generate checks a request of max_tokens, so that every beam fits in max_model_len)
         encoded = self._encode_prompts(inputs, [SamplingParams(max_tokens=params.max_tokens)] * len(inputs))
         step_params = params.step_params()
-        limit = concurrency_limit or len(encoded)
+        limit = concurrency_limit or max(len(encoded), 1)  # (no prompts: no batches)
         batches = [encoded[start : start + limit] for start in range(0, len(encoded), limit)]
         bar = tqdm(total=params.max_tokens * len(batches), desc="Beam search", disable=not use_tqdm)
 

@@ -156,6 +156,7 @@ def test_concurrency_limit_gives_the_same_beams(llm):
     assert [[b.tokens for b in o.sequences] for o in together] == [
         [b.tokens for b in o.sequences] for o in one_by_one
     ]
+    assert llm.beam_search([], params) == []
 
 
 def test_steps_reuse_the_cached_prefix_and_leave_the_engine_clean(llm):
