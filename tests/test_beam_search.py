@@ -43,7 +43,8 @@ def llm(ckpt, tmp_path_factory, eos_token_id):
             config["eos_token_id"] = eos_token_id
             (path / name).write_text(json.dumps(config))
     llm = LLM(str(path), max_model_len=64)
-    assert llm.config.eos_token_ids == (eos_token_id,)
+    # (the tokenizer's EOS, 2, stays the main one; this one ends a beam as well: every EOS id does)
+    assert llm.config.eos_token_ids == (2, eos_token_id)
     return llm
 
 
@@ -53,7 +54,9 @@ def _next_logprobs(hf, tokens: list[int]) -> torch.Tensor:
     return hf(torch.tensor([tokens])).logits[0, -1].float().log_softmax(-1)
 
 
-def reference_beam_search(hf, prompt: list[int], params: BeamSearchParams, eos: int) -> list[tuple]:
+def reference_beam_search(
+    hf, prompt: list[int], params: BeamSearchParams, eos: tuple[int, ...]
+) -> list[tuple]:
     """vLLM's algorithm, from scratch at temperature 0: each step extends each live beam by its 2 * width
     most likely tokens; those ending in EOS are complete, the best `width` others by score live on; the
     result is the best `width` of complete + live. Returns (tokens, cum_logprob, finish_reason) per beam."""
@@ -61,7 +64,7 @@ def reference_beam_search(hf, prompt: list[int], params: BeamSearchParams, eos: 
 
     def score(beam):
         tokens, cum, _ = beam
-        length = len(tokens) - 1 if tokens[-1] == eos else len(tokens)
+        length = len(tokens) - 1 if tokens[-1] in eos else len(tokens)
         return cum / length**params.length_penalty
 
     live, complete = [(list(prompt), 0.0, "length")], []
@@ -70,7 +73,7 @@ def reference_beam_search(hf, prompt: list[int], params: BeamSearchParams, eos: 
         for tokens, cum, _ in live:
             top = _next_logprobs(hf, tokens).topk(2 * width)
             for token, logprob in zip(top.indices.tolist(), top.values.tolist()):
-                if token == eos and not params.ignore_eos:
+                if token in eos and not params.ignore_eos:
                     complete.append((tokens + [token], cum + logprob, "stop"))
                 else:
                     candidates.append((tokens + [token], cum + logprob, "length"))
@@ -91,14 +94,12 @@ CASES = [  # (beam_width, ignore_eos, length_penalty)
 
 
 @pytest.mark.parametrize("beam_width,ignore_eos,length_penalty", CASES)
-def test_beams_match_a_reference_on_transformers_logits(
-    llm, hf, eos_token_id, beam_width, ignore_eos, length_penalty
-):
+def test_beams_match_a_reference_on_transformers_logits(llm, hf, beam_width, ignore_eos, length_penalty):
     params = BeamSearchParams(beam_width, MAX_TOKENS, ignore_eos=ignore_eos, length_penalty=length_penalty)
     outs = llm.beam_search([SHORT_PROMPT, {"prompt_token_ids": TOKENS_PROMPT}], params)
     for prompt, out in zip((SHORT_PROMPT, TOKENS_PROMPT), outs):
         assert isinstance(out, BeamSearchOutput)
-        expected = reference_beam_search(hf, prompt, params, eos_token_id)
+        expected = reference_beam_search(hf, prompt, params, llm.config.eos_token_ids)
         assert [b.tokens for b in out.sequences] == [tokens for tokens, _, _ in expected]
         assert [b.cum_logprob for b in out.sequences] == pytest.approx([c for _, c, _ in expected], abs=1e-4)
         assert [b.finish_reason for b in out.sequences] == [reason for _, _, reason in expected]
@@ -108,7 +109,7 @@ def test_beams_match_a_reference_on_transformers_logits(
             assert [lp.token_id for lp in beam.logprobs] == beam.tokens[len(prompt) :]
             assert sum(lp.logprob for lp in beam.logprobs) == pytest.approx(beam.cum_logprob, abs=1e-5)
             assert all(len(lp.top_logprobs) == 2 * beam_width for lp in beam.logprobs)
-            assert beam.stop_reason == (eos_token_id if beam.finish_reason == "stop" else None)
+            assert beam.stop_reason == (beam.tokens[-1] if beam.finish_reason == "stop" else None)
             shown = beam.tokens[:-1] if beam.finish_reason == "stop" else beam.tokens
             assert beam.text == llm.engine.decode(shown, skip_special_tokens=False)
 
@@ -117,7 +118,7 @@ def test_the_cases_cover_beams_ending_in_eos_and_a_reordering_length_penalty(hf,
     """(So that the parity test above proves something about EOS and length_penalty.)"""
     runs = [
         reference_beam_search(
-            hf, SHORT_PROMPT, BeamSearchParams(4, MAX_TOKENS, length_penalty=lp), eos_token_id
+            hf, SHORT_PROMPT, BeamSearchParams(4, MAX_TOKENS, length_penalty=lp), (eos_token_id,)
         )
         for lp in (0.0, 1.0, 2.0)
     ]
