@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, BeamSearchParams, SamplingParams
 from nanovllm.kernels.decode_attention import DECODE_MAX_SELF_COMBINE
 
 pytestmark = pytest.mark.gpu
@@ -261,3 +261,27 @@ def test_bad_words_on_the_fused_draw_and_in_greedy_rows(fast):
         assert words[0][0] not in tokens
         assert all(tokens[i : i + 2] != words[1] for i in range(len(tokens) - 1))
     assert outs[1].outputs[0].token_ids != free[1]  # (greedy, it met the two-token word)
+
+
+def test_beam_search_equals_torch_reference():
+    """LLM.beam_search on the GPU path (Triton kernels, graphs, prefix-cache hits every step) gives the torch
+    reference's beams, float32 (where near-ties cannot flip), and leaves every block free."""
+    prompts = [{"prompt_token_ids": p} for p in _prompts(2, seed=8)]
+    params = BeamSearchParams(beam_width=4, max_tokens=8, ignore_eos=True)
+    args = dict(dtype="float32", max_model_len=1024, num_kvcache_blocks=1000)
+
+    def beams(llm: LLM) -> list[list[tuple[list[int], float]]]:
+        try:
+            outs = llm.beam_search(prompts, params)
+            bm = llm.engine.scheduler.block_manager
+            assert bm.num_free_blocks == bm.num_blocks
+            return [[(b.tokens, b.cum_logprob) for b in out.sequences] for out in outs]
+        finally:
+            llm.shutdown()
+
+    expected = beams(LLM("qwen3-0.6b", kernel_backend="torch", enforce_eager=True, **args))
+    got = beams(LLM("qwen3-0.6b", **args))
+    assert [[t for t, _ in out] for out in got] == [[t for t, _ in out] for out in expected]
+    for out, ref in zip(got, expected):
+        assert [c for _, c in out] == pytest.approx([c for _, c in ref], abs=1e-3)
+        assert len({tuple(t) for t, _ in out}) == 4  # four distinct beams
