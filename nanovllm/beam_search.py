@@ -45,6 +45,65 @@ def beam_score(beam: BeamSearchSequence, eos_token_ids: Collection[int], length_
     return beam.cum_logprob / length**length_penalty
 
 
+class BeamSearch:
+    """The search for some prompts (token ids, checked to leave room for max_tokens), all prompts' beams
+    running together in each step. Whoever runs the steps drives it, synchronously (`search`) or from an
+    event loop (the server's, server/beam_search.py):
+
+        while beams := bs.next_beams():
+            bs.advance(run_one_token_each(beams))
+        outputs = bs.outputs()
+    """
+
+    def __init__(self, prompts: list[list[int]], params: BeamSearchParams, eos_token_ids: Collection[int]):
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self._live = [[BeamSearchSequence(list(prompt))] for prompt in prompts]  # [num_prompts][<= width]
+        self._complete: list[list[BeamSearchSequence]] = [[] for _ in prompts]
+        self._num_steps = 0
+
+    def score(self, beam: BeamSearchSequence) -> float:
+        return beam_score(beam, self.eos_token_ids, self.params.length_penalty)
+
+    def next_beams(self) -> list[list[int]]:
+        """The token ids of every live beam, to run one token each; [] once the search is over."""
+        if self._num_steps == self.params.max_tokens:
+            return []
+        return [beam.tokens for group in self._live for beam in group]
+
+    def advance(self, results: list[Logprob]) -> None:
+        """One step: `results` holds the Logprob record of each beam's one new token, in next_beams' order."""
+        results_iter = iter(results)
+        for i, group in enumerate(self._live):
+            candidates = []
+            for beam in group:
+                for child in _children(beam, next(results_iter)):
+                    if child.tokens[-1] in self.eos_token_ids and not self.params.ignore_eos:
+                        child.finish_reason, child.stop_reason = "stop", child.tokens[-1]
+                        self._complete[i].append(child)  # (every one: the final ranking decides)
+                    else:
+                        candidates.append(child)
+            self._live[i] = sorted(candidates, key=self.score, reverse=True)[: self.params.beam_width]
+        self._num_steps += 1
+
+    def outputs(self) -> list[BeamSearchOutput]:
+        """Per prompt, the best beam_width of its complete and live beams, best first (text not filled)."""
+        outputs = []
+        for group, done in zip(self._live, self._complete):
+            for beam in group:
+                beam.finish_reason = "length"
+            outputs.append(
+                BeamSearchOutput(sorted(done + group, key=self.score, reverse=True)[: self.params.beam_width])
+            )
+        return outputs
+
+
+def shown_tokens(beam: BeamSearchSequence, params: BeamSearchParams) -> list[int]:
+    """The beam's tokens as its text shows them: a final EOS only with include_stop_str_in_output."""
+    hide_eos = beam.finish_reason == "stop" and not params.include_stop_str_in_output
+    return beam.tokens[:-1] if hide_eos else beam.tokens
+
+
 def search(
     prompts: list[list[int]],
     params: BeamSearchParams,
@@ -52,38 +111,14 @@ def search(
     eos_token_ids: Collection[int],
     decode: Callable[[list[int]], str],
 ) -> list[BeamSearchOutput]:
-    """Beam search for each prompt (token ids, checked to leave room for max_tokens), all prompts' beams
-    running together in each step. `decode` spells the returned beams' tokens."""
-
-    def score(beam: BeamSearchSequence) -> float:
-        return beam_score(beam, eos_token_ids, params.length_penalty)
-
-    live = [[BeamSearchSequence(list(prompt))] for prompt in prompts]  # [num_prompts][<= beam_width]
-    complete: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-    for _ in range(params.max_tokens):
-        beams = [beam for group in live for beam in group]
-        if not beams:
-            break
-        results = iter(step([beam.tokens for beam in beams]))
-        for i, group in enumerate(live):
-            candidates = []
-            for beam in group:
-                for child in _children(beam, next(results)):
-                    if child.tokens[-1] in eos_token_ids and not params.ignore_eos:
-                        child.finish_reason, child.stop_reason = "stop", child.tokens[-1]
-                        complete[i].append(child)  # (every one: the final ranking decides)
-                    else:
-                        candidates.append(child)
-            live[i] = sorted(candidates, key=score, reverse=True)[: params.beam_width]
-    outputs = []
-    for group, done in zip(live, complete):
-        for beam in group:
-            beam.finish_reason = "length"
-        best = sorted(done + group, key=score, reverse=True)[: params.beam_width]
-        for beam in best:
-            hide_eos = beam.finish_reason == "stop" and not params.include_stop_str_in_output
-            beam.text = decode(beam.tokens[:-1] if hide_eos else beam.tokens)
-        outputs.append(BeamSearchOutput(best))
+    """Beam search for each prompt, each step run by `step`. `decode` spells the returned beams' tokens."""
+    bs = BeamSearch(prompts, params, eos_token_ids)
+    while beams := bs.next_beams():
+        bs.advance(step(beams))
+    outputs = bs.outputs()
+    for out in outputs:
+        for beam in out.sequences:
+            beam.text = decode(shown_tokens(beam, params))
     return outputs
 
 
