@@ -35,6 +35,7 @@ from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.sampling_params import ParamError
 from nanovllm.server import protocol
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDelta, RequestStream, SubRequest
+from nanovllm.server.beam_search import as_choice, run_beam_search
 from nanovllm.server.logprobs import LogprobFormatter
 from nanovllm.server.metrics import Metrics
 from nanovllm.server.protocol import GenerateRequest, RequestError, error_body
@@ -147,6 +148,8 @@ class OpenAIServer:
                 raise RequestError(str(e), "truncate_prompt_tokens") from None
             prompts = [(t, ids) if len(k) == len(ids) else (None, k) for (t, ids), k in zip(prompts, kept)]
         request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        if req.beam_search is not None:
+            return await self._beam_search(request, req, prompts, request_id, chat)
         # params.choice(i): with a seed, each choice draws from its own seed; only choice 0 scores the
         # prompt (prompt_logprobs), and the response shows its scores for every choice of that prompt.
         subs = [
@@ -191,6 +194,71 @@ class OpenAIServer:
                 outputs[0].prompt_logprobs or [], req.prompt_logprobs
             )
         return JSONResponse(resp.body(choices, final=True, usage=resp.usage(num_completion), **extra))
+
+    async def _beam_search(
+        self,
+        request: Request,
+        req: GenerateRequest,
+        prompts: list[tuple[str | None, list[int]]],
+        request_id: str,
+        chat: bool,
+    ) -> Response:
+        """use_beam_search: n beams per prompt as its n choices (server/beam_search.py). As vLLM, the whole
+        search runs before anything is sent: a completions stream is the response in one event, a chat
+        stream its usual chunks (one content chunk per choice)."""
+        params = req.beam_search
+        longest = max(len(ids) for _, ids in prompts)
+        if req.fill_max_tokens:  # (chat without max_tokens: at most what the context leaves)
+            params = dataclasses.replace(
+                params, max_tokens=max(1, min(params.max_tokens, self.max_model_len - longest))
+            )
+        if longest + params.max_tokens > self.max_model_len:
+            total = longest + params.max_tokens
+            raise RequestError(
+                f"prompt ({longest} tokens) + max_tokens ({params.max_tokens}) = {total}"
+                f" exceeds max_model_len={self.max_model_len}",
+                "messages" if chat else "prompt",
+            )
+        search = run_beam_search(
+            self.engine, request_id, [ids for _, ids in prompts], params, self.config.eos_token_ids
+        )
+        try:
+            beams = await _unless_disconnected(request, search)
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except ValueError as e:  # (a token-id prompt the engine refuses)
+            raise RequestError(str(e), "messages" if chat else "prompt") from None
+        except EngineDeadError as e:
+            raise RequestError(str(e), status_code=503, type="service_unavailable") from None
+
+        def decode(token_ids: list[int]) -> str:  # (vLLM's: special tokens shown)
+            return (
+                "" if self.tokenizer is None else self.tokenizer.decode(token_ids, skip_special_tokens=False)
+            )
+
+        choices = [
+            as_choice(request_id, beam, len(ids), params, decode)
+            for (_, ids), group in zip(prompts, beams)
+            for beam in group
+        ]
+        # (a prompt may have fewer than n beams: each choice belongs to its own prompt)
+        choice_prompts = [prompt for prompt, group in zip(prompts, beams) for _ in group]
+        resp = _Response(
+            request_id, self.model_name, int(time.time()), chat, sum(len(ids) for _, ids in prompts)
+        )
+        if req.stream and chat:
+            return _EventStream(
+                self._stream(_Finished(choices), req, resp, choice_prompts),
+                media_type="text/event-stream",
+            )
+        body = resp.body(
+            [self._final_choice(i, c, req, chat, p) for i, (c, p) in enumerate(zip(choices, choice_prompts))],
+            final=True,
+            usage=resp.usage(sum(len(c.token_ids) for c in choices)),
+        )
+        if req.stream:  # (vLLM's completions stream of a beam search: the response as its one event)
+            return _EventStream(_one_event(body), media_type="text/event-stream")
+        return JSONResponse(body)
 
     async def _stream(
         self,
@@ -418,6 +486,25 @@ class _ChoiceState:
         self.num_tokens = 0
         self.started = False  # a chunk has been sent
         self.text_offset = 0  # completions logprobs: characters of token strings sent so far
+
+
+class _Finished:
+    """Choices already finished, handed out as a RequestStream hands out deltas (for `_stream`)."""
+
+    def __init__(self, choices: list[RequestDelta]):
+        self._choices = choices
+
+    async def __aiter__(self):
+        for index, choice in enumerate(self._choices):
+            yield index, choice
+
+    def close(self) -> None:
+        pass
+
+
+async def _one_event(body: dict) -> AsyncIterator[str]:
+    yield _sse(body)
+    yield "data: [DONE]\n\n"
 
 
 def _as_shown(delta: RequestDelta, req: GenerateRequest, prompt_scores: list | None) -> RequestDelta:

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from nanovllm.sampling_params import ParamError, SamplingParams
+from nanovllm.sampling_params import BeamSearchParams, ParamError, SamplingParams
 from nanovllm.utils.chat import MessageError, check_chat_options, text_messages
 
 MAX_N = 128  # choices per request (n x prompts): a guard against one request flooding the engine
@@ -45,8 +45,10 @@ _SHARED_FIELDS = (
     "user",  # an end-user id for abuse tracking: it has no effect on generation
     "logit_bias",  # {"token id": bias in [-100, 100]}
 )
+# vLLM's beam search (both endpoints): n is the beam width; length_penalty means nothing without it
+BEAM_SEARCH_FIELDS = ("use_beam_search", "length_penalty")
 COMPLETION_FIELDS = frozenset(
-    ("prompt", "max_tokens", "logprobs", "echo", *_SHARED_FIELDS, *VLLM_EXTRA_FIELDS)
+    ("prompt", "max_tokens", "logprobs", "echo", *_SHARED_FIELDS, *VLLM_EXTRA_FIELDS, *BEAM_SEARCH_FIELDS)
 )
 # vLLM's extra chat fields: how the conversation is rendered (utils/chat.py render_chat)
 CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
@@ -54,6 +56,7 @@ CHAT_FIELDS = frozenset(
     ("messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs")
     + _SHARED_FIELDS
     + VLLM_EXTRA_FIELDS
+    + BEAM_SEARCH_FIELDS
     + CHAT_TEMPLATE_FIELDS
 )
 TOKENIZE_FIELDS = frozenset(
@@ -70,9 +73,8 @@ _false = lambda v: v is None or v is False  # noqa: E731
 COMPLETION_NEUTRAL = {
     "suffix": _empty,
     "best_of": lambda v: v is None or v == 1,
-    # vLLM's extra fields at their defaults: a prompt gets the tokenizer's special tokens, no beam search
+    # vLLM's extra field at its default: a prompt gets the tokenizer's special tokens
     "add_special_tokens": lambda v: v is None or v is True,
-    "use_beam_search": _false,
 }
 CHAT_NEUTRAL = {
     "tools": _empty,
@@ -91,9 +93,30 @@ CHAT_NEUTRAL = {
     # vLLM's extra fields at their defaults: a conversation's special tokens come from its template alone
     "echo": _false,
     "add_special_tokens": _false,
-    "use_beam_search": _false,
 }
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+# Fields a beam search cannot honour (vLLM's server ignores them), accepted with use_beam_search only at a
+# value that asks for nothing. Its own are n, max_tokens, temperature, ignore_eos, length_penalty and
+# include_stop_str_in_output; the prompt's (echo, truncate_prompt_tokens, chat options) apply as always.
+BEAM_SEARCH_NEUTRAL = {
+    "stop": _empty,
+    "top_p": lambda v: v is None or v == 1,
+    "seed": lambda v: v is None,
+    "presence_penalty": lambda v: v is None or v == 0,
+    "frequency_penalty": lambda v: v is None or v == 0,
+    "logit_bias": _empty,
+    "top_k": lambda v: v is None or v in (0, -1),
+    "min_p": lambda v: v is None or v == 0,
+    "repetition_penalty": lambda v: v is None or v == 1,
+    "min_tokens": lambda v: v is None or v == 0,
+    "stop_token_ids": _empty,
+    "skip_special_tokens": _false,  # (a beam's text shows special tokens, as vLLM's)
+    "prompt_logprobs": lambda v: v is None,
+    "allowed_token_ids": lambda v: v is None,
+    "bad_words": _empty,
+    "logprobs": _false,
+    "top_logprobs": lambda v: v is None or v == 0,
+}
 
 
 class RequestError(Exception):
@@ -142,6 +165,8 @@ class GenerateRequest:
     prompt_logprobs: int | None = None
     chat_options: dict = dataclasses.field(default_factory=dict)  # chat: render_chat's keyword arguments
     continuous_usage: bool = False  # stream: every chunk carries its choice's usage so far (vLLM's)
+    # use_beam_search: the search's settings (params then only carries n, max_tokens and the prompt's options)
+    beam_search: BeamSearchParams | None = None
 
     @property
     def response_role(self) -> str:
@@ -189,6 +214,8 @@ def parse_completion_request(
     )
     req.prompts = prompts
     req.echo, req.prompt_only = echo, prompt_only
+    if prompt_only and req.beam_search is not None:
+        raise RequestError("echo with max_tokens=0 is not supported with use_beam_search", "max_tokens")
     if req.echo and logprobs is not None:  # the prompt's logprobs come first in the choice's logprobs
         top = max(logprobs, req.params.prompt_logprobs or 0)
         req.params = dataclasses.replace(req.params, prompt_logprobs=top)
@@ -365,8 +392,11 @@ def _parse_common(
             )
         if max_tokens_cap is not None and params.max_tokens > max_tokens_cap:  # (vLLM: silently lowered)
             params = dataclasses.replace(params, max_tokens=max_tokens_cap)
+        beam_search = _parse_beam_search(body, params)
     except ParamError as e:
-        param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param}.get(e.param, e.param)
+        param = {"max_tokens": max_tokens_param, "logprobs": logprobs_param, "beam_width": "n"}.get(
+            e.param, e.param
+        )
         message = str(e) if param == e.param else str(e).replace(e.param, param, 1)
         raise RequestError(message, param) from None
     return GenerateRequest(
@@ -379,6 +409,29 @@ def _parse_common(
         logprobs,
         prompt_logprobs=params.prompt_logprobs,
         continuous_usage=continuous_usage,
+        beam_search=beam_search,
+    )
+
+
+def _parse_beam_search(body: dict, params: SamplingParams) -> BeamSearchParams | None:
+    """vLLM's `to_beam_search_params`: n beams of max_tokens, at the request's temperature (else the
+    checkpoint's, else 1), its ignore_eos and include_stop_str_in_output. A field the search would not
+    honour is a 400 naming it (vLLM ignores them); so is length_penalty without the search."""
+    length_penalty = body.get("length_penalty")
+    if not _parse_bool(body, "use_beam_search", False):
+        if length_penalty is not None and length_penalty != 1:
+            raise RequestError("length_penalty applies only with use_beam_search", "length_penalty")
+        return None
+    for name, neutral in BEAM_SEARCH_NEUTRAL.items():
+        if not neutral(body.get(name)):
+            raise RequestError(f"{name}={body[name]!r} is not supported with use_beam_search", name)
+    return BeamSearchParams(
+        beam_width=params.n,
+        max_tokens=params.max_tokens,
+        ignore_eos=params.ignore_eos,
+        temperature=params.temperature,
+        length_penalty=1.0 if length_penalty is None else length_penalty,
+        include_stop_str_in_output=params.include_stop_str_in_output,
     )
 
 
