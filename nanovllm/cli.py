@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from nanovllm.config import DEFAULT_MODEL, Config, preset_names
+from nanovllm.config import DEFAULT_MODEL, SCHEDULING_POLICIES, Config, preset_names
 
 _ENGINE_ARG_TYPES = {
     "dtype": str,
@@ -22,12 +22,14 @@ _ENGINE_ARG_TYPES = {
     "enable_prefix_caching": bool,
     "enforce_eager": bool,
     "async_scheduling": bool,
+    "scheduling_policy": str,
     "tensor_parallel_size": int,
     "disable_custom_all_reduce": bool,
     "seed": int,
     "kernel_backend": str,
     "generation_config": str,
 }
+_ENGINE_ARG_CHOICES = {"scheduling_policy": SCHEDULING_POLICIES}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +44,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if typ is bool:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            group.add_argument(flag, type=typ, default=None, help=help_)
+            choices = _ENGINE_ARG_CHOICES.get(name)
+            group.add_argument(flag, type=typ, default=None, choices=choices, help=help_)
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:

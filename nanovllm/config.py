@@ -20,6 +20,7 @@ PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_MODEL = "qwen3-0.6b"  # the preset the CLI and the benchmarks run when no model is given
 MAX_MODEL_LEN_CAP = 16384  # default cap on max_model_len when the checkpoint allows more
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
+SCHEDULING_POLICIES = ("fcfs", "priority")  # the waiting queue's order: engine/request_queue.py
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -41,6 +42,9 @@ class Config:
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
     async_scheduling: bool = True  # schedule step n+1 while the device(s) run step n
+    # "fcfs": arrival order; "priority": each request's priority (lower first), then arrival, and a running
+    # request of the lowest priority is the one preempted (docs/scheduling.md#priority-scheduling)
+    scheduling_policy: str = "fcfs"
     tensor_parallel_size: int = 1
     disable_custom_all_reduce: bool = False  # True: every TP all-reduce through NCCL (not peer memory)
     seed: int | None = 0  # None: 0, as vLLM V1 takes it
@@ -103,6 +107,10 @@ class Config:
         if self.kernel_backend not in ("auto", "triton", "torch"):
             raise ValueError(
                 f"kernel_backend must be 'auto', 'triton' or 'torch', got {self.kernel_backend!r}"
+            )
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(
+                f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}"
             )
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 from nanovllm.beam_search import BeamSearchOutput, search
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
+from nanovllm.engine.request_queue import check_priority
 from nanovllm.outputs import Logprob, RequestMetrics, RequestOutput
 from nanovllm.sampling_params import BeamSearchParams, SamplingParams
 from nanovllm.utils.chat import render_chat, text_messages
@@ -50,12 +51,16 @@ class LLM:
         prompts: Prompt | dict | list[Prompt | dict],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool | Callable[..., tqdm] = True,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
-        """One RequestOutput per prompt, in order; with `n` > 1 its `outputs` hold the n samples."""
+        """One RequestOutput per prompt, in order; with `n` > 1 its `outputs` hold the n samples.
+        priority: one int per prompt, lower served first; only with LLM(..., scheduling_policy="priority")
+        (under "fcfs" every one must be 0, as vLLM's)."""
         inputs = _as_prompt_list(prompts)
         params = self._params_per_prompt(sampling_params, len(inputs))
+        priorities = self._priority_per_prompt(priority, len(inputs))
         encoded = self._encode_prompts([prompt for prompt, _ in inputs], params)
-        return self._run([text for _, text in inputs], encoded, params, use_tqdm)
+        return self._run([text for _, text in inputs], encoded, params, use_tqdm, priorities)
 
     def beam_search(
         self,
@@ -103,11 +108,12 @@ class LLM:
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         chat_template_kwargs: dict | None = None,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation ([{"role": ..., "content": ...}, ...]) or a list of them,
         each rendered with the tokenizer's chat template (or `chat_template`) as vLLM's `LLM.chat` does.
         chat_template_kwargs go to the template (e.g. {"enable_thinking": False} for Qwen3). Each output's
-        `prompt` is the rendered text."""
+        `prompt` is the rendered text. priority: one per conversation, as generate's."""
         conversations = _as_conversation_list(messages)
         tokenizer = self.tokenizer
         if tokenizer is None:
@@ -115,6 +121,7 @@ class LLM:
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template: pass chat_template=... or call generate()")
         params = self._params_per_prompt(sampling_params, len(conversations))
+        priorities = self._priority_per_prompt(priority, len(conversations))
         texts, encoded = [], []
         for i, (conversation, p) in enumerate(zip(conversations, params)):
             try:
@@ -139,7 +146,7 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"conversation {i}: {e}") from None
             texts.append(text)
-        return self._run(texts, encoded, params, use_tqdm)
+        return self._run(texts, encoded, params, use_tqdm, priorities)
 
     def _encode_prompts(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[int]]:
         """Every prompt's token ids, all validated before anything is queued: a bad prompt leaves the engine
@@ -163,12 +170,28 @@ class LLM:
             raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
         return list(sampling_params)
 
+    def _priority_per_prompt(self, priority: list[int] | None, num_prompts: int) -> list[int]:
+        """One priority per prompt (None: all 0), each checked before anything is queued."""
+        if priority is None:
+            return [0] * num_prompts
+        if not isinstance(priority, list | tuple):
+            raise TypeError(f"priority must be a list of ints, one per prompt, got {type(priority).__name__}")
+        if len(priority) != num_prompts:
+            raise ValueError(f"got {len(priority)} priorities for {num_prompts} prompts")
+        for i, p in enumerate(priority):
+            try:
+                check_priority(p, self.config.scheduling_policy)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"prompt {i}: {e}") from None
+        return list(priority)
+
     def _run(
         self,
         prompts: list[str | None],  # the text each output reports as its prompt
         encoded: list[list[int]],
         params: list[SamplingParams],
         use_tqdm: bool | Callable[..., tqdm],
+        priorities: list[int] | None = None,  # None: all 0
     ) -> list[RequestOutput]:
         """Queue every sample of every (validated) prompt, step until all are done, and return one
         RequestOutput per prompt."""
@@ -181,10 +204,12 @@ class LLM:
             make_bar = use_tqdm if callable(use_tqdm) else tqdm  # vLLM's: a callable makes the bar
             bar = make_bar(total=total, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
             try:
-                for prompt, tok, p in zip(prompts, encoded, params):
+                for prompt, tok, p, prio in zip(prompts, encoded, params, priorities or [0] * len(params)):
                     ids.append([])
                     for j in range(p.n):  # (recorded one by one: an error part-way aborts what was queued)
-                        ids[-1].append(self.engine.add_request(prompt, p.choice(j), prompt_token_ids=tok))
+                        ids[-1].append(
+                            self.engine.add_request(prompt, p.choice(j), prompt_token_ids=tok, priority=prio)
+                        )
                         wanted.add(ids[-1][-1])
                 while len(results) < total:
                     for out in self.engine.step():

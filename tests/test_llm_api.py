@@ -413,3 +413,46 @@ def test_reset_prefix_cache_is_refused_while_a_request_holds_blocks(llm):
         while llm.engine.has_unfinished():
             llm.engine.step()
     assert llm.reset_prefix_cache() is True
+
+
+# ---- priority (vLLM's scheduling_policy="priority") -------------------------------------------------
+
+PROMPTS = [PROMPT, PROMPT[:9], PROMPT[3:], [40, 41, 42, 43, 44]]
+
+
+@pytest.fixture(scope="module")
+def priority_llm(ckpt):
+    with LLM(str(ckpt), max_model_len=128, max_num_seqs=1, scheduling_policy="priority") as llm:
+        yield llm
+
+
+def test_generate_with_priority_returns_outputs_in_prompt_order(llm, priority_llm):
+    expected = [_tokens(o) for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)]
+    outs = priority_llm.generate(PROMPTS, GREEDY, use_tqdm=False, priority=[3, -1, 0, 3])
+    assert [o.prompt_token_ids for o in outs] == PROMPTS
+    assert [_tokens(o) for o in outs] == expected  # greedy tokens do not depend on the order
+    # one request at a time (max_num_seqs=1): served by (priority, arrival)
+    order = sorted(range(len(outs)), key=lambda i: outs[i].metrics.first_token_time)
+    assert order == [1, 2, 0, 3]
+
+
+def test_chat_takes_a_priority_per_conversation(priority_llm):
+    outs = priority_llm.chat([CONVERSATION, CONVERSATION], GREEDY, use_tqdm=False, priority=[1, 0])
+    assert _tokens(outs[0]) == _tokens(outs[1])
+    assert outs[1].metrics.first_token_time < outs[0].metrics.first_token_time
+
+
+def test_priority_is_checked_before_anything_is_queued(llm, priority_llm):
+    with pytest.raises(ValueError, match="2 priorities for 1 prompts"):
+        priority_llm.generate([PROMPT], GREEDY, priority=[0, 1])
+    with pytest.raises(TypeError, match="priority must be an int"):
+        priority_llm.generate([PROMPT], GREEDY, priority=[1.5])
+    # vLLM refuses a priority under fcfs, the default; 0 changes nothing and is accepted
+    with pytest.raises(ValueError, match="scheduling_policy='priority'"):
+        llm.generate([PROMPT, PROMPT], GREEDY, priority=[0, 2])
+    assert _tokens(llm.generate([PROMPT], GREEDY, use_tqdm=False, priority=[0])[0]) == _tokens(
+        llm.generate([PROMPT], GREEDY, use_tqdm=False)[0]
+    )
+    assert not llm.engine.requests and not priority_llm.engine.requests
+    with pytest.raises(ValueError, match="scheduling_policy must be one of"):
+        LLM("qwen3-tiny", scheduling_policy="lifo")

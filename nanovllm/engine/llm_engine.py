@@ -22,6 +22,7 @@ from nanovllm.config import Config
 from nanovllm.engine.cuda_graphs import PREFILL_GRAPH_TOKENS
 from nanovllm.engine.detokenizer import IncrementalDetokenizer, decode_after_prompt
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.request_queue import check_priority
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import FinishReason, Sequence
 from nanovllm.engine.step_input import LaunchedStep
@@ -148,10 +149,13 @@ class LLMEngine:
         request_id: str | None = None,
         incremental: bool = False,
         prompt_token_ids: list[int] | None = None,
+        priority: int = 0,
     ) -> str:
         """Queue a request. `incremental=True` detokenizes as tokens arrive (for streaming);
-        otherwise text is decoded once, unless stop strings need it earlier."""
+        otherwise text is decoded once, unless stop strings need it earlier. `priority`: lower is served
+        first under scheduling_policy "priority"; under "fcfs" it must be 0 (as vLLM's)."""
         self._check_open()
+        check_priority(priority, self.config.scheduling_policy)
         if isinstance(params, SamplingParams) and params.n != 1:
             raise ValueError(
                 f"a request runs one sample, got n={params.n}: add one request per sample with "
@@ -163,7 +167,7 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(token_ids, params, request_id)
+        seq = Sequence(token_ids, params, request_id, priority)
         detok = None
         if incremental or params.stop:
             decoder = self._decoder(params.skip_special_tokens)

@@ -3,18 +3,20 @@
 There is no prefill or decode phase. Each step walks the running requests (oldest first), giving
 each the tokens it still needs (1 when decoding, up to the remaining budget when prefilling), then
 admits waiting requests while the token budget, `max_num_seqs` and the free KV blocks allow. A
-prompt longer than the budget is prefilled in chunks over several steps. When blocks run out, the
-youngest running request is preempted: its blocks are freed and it goes back to the front of the
-queue, to be recomputed later (its prefix blocks often survive in the prefix cache).
+prompt longer than the budget is prefilled in chunks over several steps. When blocks run out, a
+running request is preempted: its blocks are freed and it goes back to the waiting queue, to be
+recomputed later (its prefix blocks often survive in the prefix cache). Which one, and the queue's
+order, follow the scheduling policy: under "fcfs" the youngest, back to the front of the queue; under
+"priority" the lowest priority (largest value, then latest arrival), back in (priority, arrival) order.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.request_queue import WaitingQueue, priority_key
 from nanovllm.engine.sequence import PENDING_TOKEN, FinishReason, Sequence, SequenceStatus
 
 
@@ -58,8 +60,9 @@ class Scheduler:
         self.eos_token_id = config.eos_token_id
         self.eos_token_ids = frozenset(config.eos_token_ids)
         self.block_manager = BlockManager(num_kvcache_blocks, config.block_size, config.enable_prefix_caching)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []  # oldest first: preemption takes from the end
+        self.policy = config.scheduling_policy
+        self.waiting = WaitingQueue(config.scheduling_policy)
+        self.running: list[Sequence] = []  # in admission order (fcfs: preemption takes from the end)
         self.num_preemptions = 0
 
     @property
@@ -67,7 +70,7 @@ class Scheduler:
         return len(self.waiting) + len(self.running)
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        self.waiting.add(seq)
 
     def schedule(self, token_limit: int | None = None) -> ScheduledBatch:
         """The next step's batch, of at most max_num_batched_tokens tokens (and at most token_limit)."""
@@ -88,7 +91,14 @@ class Scheduler:
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_append(seq, seq.num_computed_tokens + n):
-                victim = self.running.pop()
+                j = self._victim_index()
+                victim = self.running.pop(j)
+                if j < i:  # (priority) ahead of seq: it may be in this batch already; hand its tokens back
+                    i -= 1
+                    if victim in seqs:
+                        k = seqs.index(victim)
+                        del seqs[k]
+                        budget += num_new.pop(k)
                 self._preempt(victim)
                 preempted += 1
                 if victim is seq:
@@ -100,16 +110,17 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        # 2. Waiting requests, in arrival order (preempted ones are at the front). Not after a
-        # preemption: the blocks just freed are for the running requests.
+        # 2. Waiting requests, in the queue's order (fcfs: arrival, preempted ones at the front; priority:
+        # (priority, arrival)). Not after a preemption: the blocks just freed are for the running requests.
+        # A waiting request never preempts a running one, whatever its priority (as vLLM's).
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.peek()
             cached = bm.find_cached_prefix(seq)
             num_cached = len(cached) * bm.block_size
             n = min(seq.num_tokens - num_cached, budget)
             if not bm.can_allocate(seq, cached, num_cached + n):
                 break
-            self.waiting.popleft()
+            self.waiting.pop()
             bm.allocate(seq, cached, num_cached + n)
             if seq.num_preemptions == 0:
                 seq.num_cached_tokens = num_cached
@@ -190,8 +201,15 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
+    def _victim_index(self) -> int:
+        """The running request to preempt: fcfs the youngest; priority the lowest priority (the largest
+        value), the latest arrival among equals. Either way the request served first is the last to go."""
+        if self.policy == "priority":
+            return max(range(len(self.running)), key=lambda j: priority_key(self.running[j]))
+        return len(self.running) - 1
+
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free_seq(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
-        self.waiting.appendleft(seq)
+        self.waiting.requeue(seq)

@@ -31,10 +31,17 @@ class Sequence:
     """Prompt + generated tokens. There is no prefill or decode phase: each step moves
     `num_computed_tokens` toward `num_tokens`; when they meet, the next token is sampled."""
 
-    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None):
-        self.seq_id = next(_seq_ids)
+    def __init__(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
+    ):
+        self.seq_id = next(_seq_ids)  # also the arrival order
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.params = params
+        self.priority = priority  # lower first, under scheduling_policy "priority" (engine/request_queue.py)
         self.reads_output = params.reads_output  # penalties, multi-token bad words: no overlapped steps
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)

@@ -1,5 +1,6 @@
-"""Property tests: random arrivals, steps, aborts and early finishes, driven through the scheduler and
-block manager by the fake runner of test_scheduler (no model)."""
+"""Property tests: random arrivals (with random priorities under scheduling_policy "priority"), steps, aborts
+and early finishes, driven through the scheduler and block manager by the fake runner of test_scheduler
+(no model)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nanovllm.config import Config
+from nanovllm.engine.request_queue import priority_key
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import FinishReason, Sequence
 from nanovllm.sampling_params import SamplingParams
@@ -24,7 +26,9 @@ SETTINGS = settings(
 
 
 @functools.lru_cache
-def config(max_num_seqs: int, max_num_batched_tokens: int, enable_prefix_caching: bool) -> Config:
+def config(
+    max_num_seqs: int, max_num_batched_tokens: int, enable_prefix_caching: bool, scheduling_policy: str
+) -> Config:
     return Config(
         "qwen3-tiny",
         block_size=BLOCK_SIZE,
@@ -32,6 +36,7 @@ def config(max_num_seqs: int, max_num_batched_tokens: int, enable_prefix_caching
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
         enable_prefix_caching=enable_prefix_caching,
+        scheduling_policy=scheduling_policy,
     )
 
 
@@ -42,6 +47,7 @@ engines = st.fixed_dictionaries(
         # at least one max-length request must fit (the model runner refuses smaller caches)
         "num_blocks": st.integers(MAX_MODEL_LEN // BLOCK_SIZE, 16),
         "enable_prefix_caching": st.booleans(),
+        "scheduling_policy": st.sampled_from(("fcfs", "priority")),
     }
 )
 adds = st.tuples(
@@ -49,6 +55,7 @@ adds = st.tuples(
     st.integers(0, 2),  # which prefix to start from (see Harness.prefixes)
     st.integers(0, 60),  # prompt length after the prefix (0: exactly the prefix)
     st.integers(1, 60),  # max_tokens (capped to fit max_model_len)
+    st.integers(-2, 2),  # priority (0 under fcfs, as the engine requires)
 )
 ops = st.one_of(
     adds,
@@ -66,6 +73,7 @@ class Harness:
             engine["max_num_seqs"],
             engine["max_num_seqs"] + engine["extra_tokens"],
             engine["enable_prefix_caching"],
+            engine["scheduling_policy"],
         )
         self.sched = Scheduler(cfg, engine["num_blocks"])
         self.bm = self.sched.block_manager
@@ -84,12 +92,13 @@ class Harness:
     def apply(self, op: tuple) -> None:
         kind = op[0]
         if kind == "add":
-            _, prefix, prompt_len, max_tokens = op
+            _, prefix, prompt_len, max_tokens, priority = op
             prompt = (self.prefixes[prefix] + [self.rng.randrange(3, 1000) for _ in range(prompt_len)])[
                 : MAX_MODEL_LEN - 1
             ]
             max_tokens = min(max_tokens, MAX_MODEL_LEN - len(prompt))  # as the engine validates
-            seq = Sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens))
+            priority = priority if self.sched.policy == "priority" else 0
+            seq = Sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens), priority=priority)
             self.seqs.append(seq)
             self.sched.add(seq)
         elif kind == "step":
@@ -121,10 +130,15 @@ class Harness:
         assert all(not s.block_table for s in self.sched.waiting)
         assert all(not s.block_table for s in self.seqs if s.is_finished)
         assert self.bm.num_free_blocks == self.bm.num_blocks - len(holders)
+        if self.sched.policy == "priority":  # the queue stays in admission order: (priority, arrival)
+            keys = [priority_key(s) for s in self.sched.waiting]
+            assert keys == sorted(keys)
 
     def drain(self) -> None:
-        """No more arrivals: every request must finish. Each step the oldest running request
-        computes >= 1 token and is never preempted, so the steps are bounded by the tokens left."""
+        """No more arrivals: every request must finish. Each step the oldest running request (fcfs; under
+        priority the one served first) computes >= 1 token and is never preempted, so the steps are
+        bounded by the tokens left. (While requests keep arriving, priority can starve low priorities by
+        design, as vLLM's; without arrivals they all finish.)"""
         bound = sum(s.num_prompt_tokens + s.params.max_tokens for s in self.unfinished())
         start = self.num_steps
         while self.sched.num_unfinished:

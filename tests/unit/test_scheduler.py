@@ -91,10 +91,10 @@ def make_scheduler(
     return Scheduler(config, num_blocks)
 
 
-def make_seq(prompt_len: int, max_tokens: int = 8, seed: int = 0, **params) -> Sequence:
+def make_seq(prompt_len: int, max_tokens: int = 8, seed: int = 0, priority: int = 0, **params) -> Sequence:
     rng = random.Random(seed)
     prompt = [rng.randrange(3, 1000) for _ in range(prompt_len)]
-    return Sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, **params))
+    return Sequence(prompt, SamplingParams(temperature=0, max_tokens=max_tokens, **params), priority=priority)
 
 
 def check_batch(sched: Scheduler, batch: ScheduledBatch) -> None:
@@ -266,6 +266,101 @@ def test_the_youngest_preempts_itself_when_it_is_the_one_short_of_blocks():
     run_all(sched, runner)
     assert old.num_preemptions == 0  # the oldest running request is never the victim
     assert old.num_output_tokens == 40 and young.num_output_tokens == 30
+
+
+# ---- scheduling policies (vLLM's scheduling_policy) ----------------------------------------------
+
+
+def test_priority_policy_admits_by_priority_then_arrival():
+    sched = make_scheduler(max_num_seqs=2, scheduling_policy="priority")
+    seqs = [make_seq(5, max_tokens=2, seed=i, priority=p) for i, p in enumerate([1, 0, 1, -1, 0])]
+    for s in seqs:
+        sched.add(s)
+    assert list(sched.waiting) == [seqs[i] for i in (3, 1, 4, 0, 2)]  # lower first; equal: earlier first
+    runner, admitted = FakeRunner(16), []
+    while sched.num_unfinished:
+        admitted += [s for s in step(sched, runner).seqs if s not in admitted]
+    assert admitted == [seqs[i] for i in (3, 1, 4, 0, 2)]
+
+
+def test_fcfs_keeps_arrival_order_and_is_the_default():
+    sched = make_scheduler(max_num_seqs=2)
+    assert sched.policy == "fcfs"
+    seqs = [make_seq(5, max_tokens=2, seed=i) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    assert list(sched.waiting) == seqs
+
+
+def _preemption_setup(policy: str, priorities: tuple[int, int, int]):
+    """6 blocks of 16 tokens: a (20-token prompt, admitted a step earlier) and b, c (30 tokens) take 2
+    blocks each. At position 32 b and c need a third block; a still has room in its second one."""
+    sched = make_scheduler(
+        num_blocks=6, max_model_len=96, max_num_batched_tokens=96, scheduling_policy=policy
+    )
+    a = make_seq(20, max_tokens=40, seed=0, priority=priorities[0])
+    b, c = (make_seq(30, max_tokens=40, seed=i, priority=p) for i, p in zip((1, 2), priorities[1:]))
+    runner = FakeRunner(16)
+    sched.add(a)
+    step(sched, runner)  # a is admitted first whatever its priority: it runs first, oldest
+    sched.add(b)
+    sched.add(c)
+    assert step(sched, runner).seqs == [a, b, c]
+    for _ in range(2):  # positions 30 and 31 of b and c
+        assert step(sched, runner).num_preempted == 0
+    return sched, runner, (a, b, c)
+
+
+def test_preemption_takes_the_youngest_under_fcfs():
+    sched, runner, (a, b, c) = _preemption_setup("fcfs", (0, 0, 0))
+    batch = step(sched, runner)
+    assert batch.num_preempted == 1 and batch.seqs == [a, b] and list(sched.waiting) == [c]
+    run_all(sched, runner)
+
+
+def test_preemption_takes_the_lowest_priority_under_priority():
+    # a has the largest value (the lowest priority): it goes, though it is the oldest and was already
+    # scheduled in this step (a decode that needed no block), which gives its token back to the budget.
+    sched, runner, (a, b, c) = _preemption_setup("priority", (2, 0, 1))
+    batch = step(sched, runner)
+    assert batch.num_preempted == 1 and batch.seqs == [b, c] and batch.num_new_tokens == [1, 1]
+    assert sched.running == [b, c] and list(sched.waiting) == [a]
+    assert a.status is SequenceStatus.WAITING and a.block_table == [] and a.num_preemptions == 1
+    run_all(sched, runner)
+    assert all(s.num_output_tokens == 40 for s in (a, b, c))
+
+
+def test_equal_priorities_preempt_the_latest_arrival():
+    sched, runner, (a, b, c) = _preemption_setup("priority", (1, 1, 1))
+    batch = step(sched, runner)
+    assert batch.num_preempted == 1 and batch.seqs == [a, b] and list(sched.waiting) == [c]
+
+
+def test_a_preempted_request_requeues_by_its_priority():
+    sched, runner, (a, b, c) = _preemption_setup("priority", (2, 0, 1))
+    early = make_seq(5, seed=5, priority=3)
+    urgent = make_seq(5, seed=6, priority=-1)
+    sched.add(early)
+    sched.add(urgent)
+    step(sched, runner)  # a is preempted: back in the queue between urgent and early
+    assert list(sched.waiting) == [urgent, a, early]
+
+
+def test_a_waiting_request_never_preempts_a_running_one():
+    """As vLLM's: priority orders the queue and picks victims, but admission only uses free blocks."""
+    sched = make_scheduler(
+        num_blocks=8, max_model_len=128, max_num_batched_tokens=128, scheduling_policy="priority"
+    )
+    runner = FakeRunner(16)
+    low = make_seq(100, max_tokens=20, priority=5)  # 7 blocks, 8 with its outputs
+    sched.add(low)
+    step(sched, runner)
+    urgent = make_seq(40, max_tokens=2, seed=1, priority=-5)
+    sched.add(urgent)
+    while low.status is SequenceStatus.RUNNING:
+        assert step(sched, runner).seqs == [low] and list(sched.waiting) == [urgent]
+    assert low.num_preemptions == 0
+    run_all(sched, runner)
 
 
 def _outputs(sched: Scheduler, runner: FakeRunner, seqs: list[Sequence]) -> list[list[int]]:
