@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import nanovllm
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.request_queue import check_priority
 from nanovllm.sampling_params import ParamError
 from nanovllm.server import protocol
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDelta, RequestStream, SubRequest
@@ -141,6 +142,10 @@ class OpenAIServer:
             raise RequestError(message, field)
         if req.params.bad_words and self.tokenizer is None:
             raise RequestError("bad_words needs the model's tokenizer", "bad_words")
+        try:
+            check_priority(req.priority, self.config.scheduling_policy)
+        except ValueError as e:  # (not 0 under fcfs: vLLM's 400)
+            raise RequestError(str(e), "priority") from None
         if req.params.truncate_prompt_tokens is not None:  # usage and echo show what was kept
             try:
                 kept = [req.params.truncated_prompt(ids, self.max_model_len) for _, ids in prompts]
@@ -153,7 +158,9 @@ class OpenAIServer:
         # params.choice(i): with a seed, each choice draws from its own seed; only choice 0 scores the
         # prompt (prompt_logprobs), and the response shows its scores for every choice of that prompt.
         subs = [
-            SubRequest(f"{request_id}-{p}-{i}", text, ids, req.params.choice(i), req.fill_max_tokens)
+            SubRequest(
+                f"{request_id}-{p}-{i}", text, ids, req.params.choice(i), req.fill_max_tokens, req.priority
+            )
             for p, (text, ids) in enumerate(prompts)
             for i in range(req.params.n)
         ]

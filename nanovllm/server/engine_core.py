@@ -45,6 +45,7 @@ class SubRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     fill_max_tokens: bool = False  # max_tokens at most what max_model_len leaves after the prompt
+    priority: int = 0
 
 
 @dataclass
@@ -229,7 +230,9 @@ class EngineCore:
             return
         try:
             for sub, (token_ids, params) in zip(cmd.subs, checked):
-                engine.add_request(sub.prompt, params, sub.request_id, cmd.incremental, token_ids)
+                engine.add_request(
+                    sub.prompt, params, sub.request_id, cmd.incremental, token_ids, priority=sub.priority
+                )
                 self.sent[sub.request_id] = _Sent()
         except Exception as e:  # a bug, not the user's fault: fail this request, keep serving
             logger.exception("adding a request failed")

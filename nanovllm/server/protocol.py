@@ -44,6 +44,7 @@ _SHARED_FIELDS = (
     "frequency_penalty",
     "user",  # an end-user id for abuse tracking: it has no effect on generation
     "logit_bias",  # {"token id": bias in [-100, 100]}
+    "priority",  # vLLM's: lower is served first; not 0 only under --scheduling-policy priority
 )
 # vLLM's beam search (both endpoints): n is the beam width; length_penalty means nothing without it
 BEAM_SEARCH_FIELDS = ("use_beam_search", "length_penalty")
@@ -167,6 +168,7 @@ class GenerateRequest:
     continuous_usage: bool = False  # stream: every chunk carries its choice's usage so far (vLLM's)
     # use_beam_search: the search's settings (params then only carries n, max_tokens and the prompt's options)
     beam_search: BeamSearchParams | None = None
+    priority: int = 0  # lower first under scheduling_policy "priority" (the server checks the policy)
 
     @property
     def response_role(self) -> str:
@@ -380,6 +382,10 @@ def _parse_common(
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", *VLLM_EXTRA_FIELDS):
         if body.get(name) is not None:
             kwargs[name] = body[name]
+    priority = body.get("priority")
+    priority = 0 if priority is None else priority
+    if type(priority) is not int:
+        raise RequestError(f"priority must be an integer, got {priority!r}", "priority")
     seed = kwargs.get("seed")
     if isinstance(seed, int) and not -(2**63) <= seed < 2**63:  # vLLM's protocol: a 64-bit signed int
         raise RequestError(f"seed must be a 64-bit signed int, got {seed}", "seed")
@@ -410,6 +416,7 @@ def _parse_common(
         prompt_logprobs=params.prompt_logprobs,
         continuous_usage=continuous_usage,
         beam_search=beam_search,
+        priority=priority,
     )
 
 

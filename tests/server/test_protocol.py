@@ -396,6 +396,28 @@ def test_bad_words_without_a_tokenizer_is_a_400(tmp_path):
     assert r.status_code == 400 and r.json()["error"]["param"] == "bad_words"
 
 
+def test_priority_is_parsed_for_both_endpoints():
+    assert parse_completion_request({"prompt": "hi"}, MAX_LEN).priority == 0
+    assert parse_completion_request({"prompt": "hi", "priority": -3}, MAX_LEN).priority == -3
+    assert (
+        parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "priority": 2}, MAX_LEN).priority
+        == 2
+    )
+    for bad in (1.5, "1", True):
+        e = _err(parse_completion_request, {"prompt": "hi", "priority": bad})
+        assert e.param == "priority" and e.status_code == 400
+
+
+def test_priority_under_fcfs_is_a_400_naming_it(tmp_path):
+    """As vLLM's server: a priority other than 0 needs --scheduling-policy priority. (The engine is not
+    started: a request that passes the check gets the 503 of a stopped engine.)"""
+    app = _engineless_app(tmp_path, chat_template=False)
+    r = _post(app, "/v1/completions", {"prompt": "hi", "priority": 1})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "priority"
+    assert "scheduling_policy" in r.json()["error"]["message"]
+    assert _post(app, "/v1/completions", {"prompt": "hi", "priority": 0}).status_code == 503
+
+
 def test_stopped_engine_is_a_503(app_without_template):
     r = _post(app_without_template, "/v1/completions", {"model": "m", "prompt": "hi"})
     assert r.status_code == 503 and r.json()["error"]["type"] == "service_unavailable"

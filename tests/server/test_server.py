@@ -44,7 +44,13 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(ckpt, tmp_path_factory):
     """The base URL of a server started once for the module (the benchmark's own launcher)."""
+    yield from _serve(ckpt, tmp_path_factory)
+
+
+def _serve(ckpt, tmp_path_factory, *extra_args: str):
+    """Start a server with these extra flags; yields its base URL, then stops it."""
     serve_args = [
+        *extra_args,
         "--served-model-name",
         MODEL,
         "--max-model-len",
@@ -552,6 +558,28 @@ def test_top_k_min_p_penalties(client, tokenizer):
 
 
 # ---- errors ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def priority_client(ckpt, tmp_path_factory):
+    """A second server, under --scheduling-policy priority."""
+    for url in _serve(ckpt, tmp_path_factory, "--scheduling-policy", "priority"):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def test_priority_needs_the_priority_policy(client, priority_client):
+    def greedy(**extra):
+        return dict(max_tokens=4, temperature=0, extra_body={"ignore_eos": True, **extra})
+
+    expected = _complete(client, **greedy()).choices[0].text
+    assert _complete(client, **greedy(priority=0)).choices[0].text == expected
+    with pytest.raises(openai.BadRequestError) as e:  # vLLM's 400 under fcfs
+        _complete(client, **greedy(priority=3))
+    assert _error(e)["param"] == "priority" and "scheduling_policy" in _error(e)["message"]
+    for priority in (-2, 0, 5):
+        assert _complete(priority_client, **greedy(priority=priority)).choices[0].text == expected
+    chat = _chat(priority_client, max_tokens=2, extra_body={"priority": 1})
+    assert chat.choices[0].finish_reason == "length"
 
 
 def _error(excinfo) -> dict:
