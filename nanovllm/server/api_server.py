@@ -227,7 +227,12 @@ class OpenAIServer:
                 "messages" if chat else "prompt",
             )
         search = run_beam_search(
-            self.engine, request_id, [ids for _, ids in prompts], params, self.config.eos_token_ids
+            self.engine,
+            request_id,
+            [ids for _, ids in prompts],
+            params,
+            self.config.eos_token_ids,
+            req.priority,
         )
         try:
             beams = await _unless_disconnected(request, search)

@@ -23,15 +23,17 @@ async def run_beam_search(
     prompts: list[list[int]],
     params: BeamSearchParams,
     eos_token_ids: Collection[int],
+    priority: int = 0,
 ) -> list[list[BeamSearchSequence]]:
-    """Per prompt, its best params.beam_width beams, best first. Raises what submit raises (ValueError for
-    a prompt the engine refuses, EngineDeadError) and a failed step's error."""
+    """Per prompt, its best params.beam_width beams, best first; every step's requests at the request's
+    priority. Raises what submit raises (ValueError for a prompt the engine refuses, EngineDeadError) and a
+    failed step's error."""
     search = BeamSearch(prompts, params, eos_token_ids)
     step_params = params.step_params()
     num_steps = 0
     while beams := search.next_beams():
         subs = [
-            SubRequest(f"{request_id}-step{num_steps}-beam{i}", None, tokens, step_params)
+            SubRequest(f"{request_id}-step{num_steps}-beam{i}", None, tokens, step_params, priority=priority)
             for i, tokens in enumerate(beams)
         ]
         stream = await engine.submit(subs, incremental=False)
