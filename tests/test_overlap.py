@@ -52,8 +52,10 @@ def _params(n: int, seed: int = 0) -> list[SamplingParams]:
             out.append(SamplingParams(stop=["a", "e"], logprobs=2, **common))
         elif kind == 4:
             out.append(SamplingParams(logprobs=3, **common))
-        else:  # penalties: the engine waits for each step while such a request runs
-            out.append(SamplingParams(presence_penalty=0.5, repetition_penalty=1.2, **common))
+        else:  # penalties: overlapped too (the pending token is filled in on the device)
+            out.append(
+                SamplingParams(presence_penalty=0.5, frequency_penalty=0.3, repetition_penalty=1.2, **common)
+            )
     return out
 
 
@@ -138,18 +140,69 @@ def test_streaming_and_aborts_in_flight(engines):
     _check_clean(overlap)
 
 
-def test_switching_overlap_off_per_request(engines):
-    """A request with penalties makes the engine wait for each step while it runs; results equal."""
+def _spy_overlap(llm: LLM, monkeypatch) -> list[tuple[bool, bool]]:
+    """Per step() call from now on: (it returned with its step still in flight, a running request reads
+    the generated tokens on the host)."""
+    engine, steps = llm.engine, []
+    step = engine.step
+
+    def spy():
+        outputs = step()
+        steps.append((engine._inflight is not None, any(s.reads_output for s in engine.scheduler.running)))
+        return outputs
+
+    monkeypatch.setattr(engine, "step", spy)
+    return steps
+
+
+def test_switching_overlap_off_per_request(engines, monkeypatch):
+    """A request with a multi-token bad word (its ban reads the latest token on the host) makes the engine
+    wait for each step while it runs; results equal."""
     sync, overlap = engines
     prompts = mixed_prompts([20, 40, 60], seed=3)
     params = [
         SamplingParams(temperature=0, max_tokens=12),
-        SamplingParams(temperature=0, max_tokens=25, frequency_penalty=1.0),
+        SamplingParams(temperature=0, max_tokens=25, bad_words_token_ids=[[5, 6]]),
         SamplingParams(temperature=0, max_tokens=30),
     ]
-    assert _summary(overlap.generate(prompts, params, use_tqdm=False)) == _summary(
-        sync.generate(prompts, params, use_tqdm=False)
-    )
+    want = _summary(sync.generate(prompts, params, use_tqdm=False))
+    steps = _spy_overlap(overlap, monkeypatch)
+    assert _summary(overlap.generate(prompts, params, use_tqdm=False)) == want
+    _check_clean(overlap)
+    assert any(reads for _, reads in steps)
+    assert not any(inflight and reads for inflight, reads in steps)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_penalties_run_overlapped(engines, monkeypatch, seed):
+    """Repetition, frequency and presence penalties on every request (greedy and seeded, prompts of
+    different lengths, through preemption and prefix hits): the engine keeps a step in flight, the pending
+    token filled in on the device for the penalties, and gives the tokens of the waiting engine."""
+    sync, overlap = engines
+    rng = random.Random(seed)
+    prompts = mixed_prompts([rng.randint(1, 120) for _ in range(10)], seed=seed + 30)
+    params = [
+        SamplingParams(
+            temperature=0.8 if i % 2 else 0.0,
+            seed=rng.randint(0, 99) if i % 2 else None,
+            max_tokens=rng.randint(10, 40),
+            repetition_penalty=rng.choice([1.0, 0.8, 1.5]),
+            frequency_penalty=rng.choice([0.0, 0.7, -0.5]),
+            presence_penalty=rng.choice([0.5, -0.3]),
+            logprobs=1 if i % 3 == 0 else None,
+        )
+        for i in range(len(prompts))
+    ]
+    for llm in engines:
+        llm.engine.scheduler.block_manager.reset_prefix_cache()
+    want = sync.generate(prompts, params, use_tqdm=False)
+    preemptions = overlap.engine.scheduler.num_preemptions
+    steps = _spy_overlap(overlap, monkeypatch)
+    got = overlap.generate(prompts, params, use_tqdm=False)
+    assert _summary(got) == _summary(want)
+    assert overlap.engine._can_overlap()  # (idle now: nothing runs)
+    assert sum(inflight for inflight, _ in steps) >= len(steps) - 2  # all but the last steps, not none
+    assert overlap.engine.scheduler.num_preemptions > preemptions and any(o.num_cached_tokens for o in got)
     _check_clean(overlap)
 
 
@@ -228,17 +281,25 @@ def test_a_step_from_an_idle_device_is_small(engines, monkeypatch):
     assert sizes["overlap"][:3] == [20, 64, 2 + 23]  # 20 from idle, then the budget while it runs
 
 
-@pytest.mark.parametrize("penalized, first_size", [(0, 64), (3, 20)])
-def test_no_small_step_when_it_would_be_waited_for(engines, monkeypatch, penalized, first_size):
-    """A request with penalties that the small step would admit makes the engine wait for that step: the
-    budget is then whole (a split would only add a step). One further back leaves pipeline fill on."""
+@pytest.mark.parametrize(
+    "waited, first_size, settings",
+    [
+        (0, 64, dict(bad_words_token_ids=[[5, 6]])),
+        (3, 20, dict(bad_words_token_ids=[[5, 6]])),
+        (0, 20, dict(repetition_penalty=1.2, presence_penalty=0.5)),  # (penalties need no wait)
+    ],
+)
+def test_no_small_step_when_it_would_be_waited_for(engines, monkeypatch, waited, first_size, settings):
+    """A request with a multi-token bad word that the small step would admit makes the engine wait for that
+    step: the budget is then whole (a split would only add a step). One further back leaves pipeline fill
+    on, as does a request with penalties."""
     import nanovllm.engine.llm_engine as llm_engine
 
     monkeypatch.setattr(llm_engine, "IDLE_STEP_TOKENS", 20)
     sync, overlap = engines
     prompts = mixed_prompts([30, 25, 40, 12], seed=12)
     params = [SamplingParams(temperature=0, max_tokens=8) for _ in prompts]
-    params[penalized] = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.2)
+    params[waited] = SamplingParams(temperature=0, max_tokens=8, **settings)
     for llm in engines:  # (the other case ran the same prompts)
         llm.engine.scheduler.block_manager.reset_prefix_cache()
     want = _summary(sync.generate(prompts, params, use_tqdm=False))
@@ -251,14 +312,14 @@ def test_no_small_step_when_it_would_be_waited_for(engines, monkeypatch, penaliz
 def test_prefix_hits_count_as_the_scheduler_counts_them(engines, monkeypatch):
     """The walk that decides pipeline fill charges each waiting request its uncached tokens, as the scheduler
     does: with the first prompt's leading block cached (16 of its 30 tokens), the small step of 20 tokens
-    would reach the penalized second request, so the budget stays whole."""
+    would reach the second request, with a multi-token bad word, so the budget stays whole."""
     import nanovllm.engine.llm_engine as llm_engine
 
     monkeypatch.setattr(llm_engine, "IDLE_STEP_TOKENS", 20)
     sync, overlap = engines
     prompts = mixed_prompts([30, 25, 40, 12], seed=13)
     params = [SamplingParams(temperature=0, max_tokens=8) for _ in prompts]
-    params[1] = SamplingParams(temperature=0, max_tokens=8, repetition_penalty=1.2)
+    params[1] = SamplingParams(temperature=0, max_tokens=8, bad_words_token_ids=[[5, 6]])
     for llm in engines:  # the same cache in both: the first prompt's leading block only
         llm.engine.scheduler.block_manager.reset_prefix_cache()
         llm.generate(prompts[:1], params[:1], use_tqdm=False)
@@ -268,7 +329,7 @@ def test_prefix_hits_count_as_the_scheduler_counts_them(engines, monkeypatch):
     assert _summary(outs) == want
     _check_clean(overlap)
     assert outs[0].num_cached_tokens == 16
-    assert sizes[0] == 64  # (charged all 30 tokens, the walk stopped before the penalized one: 20)
+    assert sizes[0] == 64  # (charged all 30 tokens, the walk stopped before the bad-word one: 20)
 
 
 def test_a_failed_step_leaves_no_cached_block_to_a_request_that_hit_it_after_an_abort(engines, monkeypatch):

@@ -247,14 +247,16 @@ class LLMEngine:
         return self._take_outputs()
 
     def _can_overlap(self) -> bool:
-        """Penalties and multi-token bad words read the generated tokens on the host, so with them the
-        engine waits for each step (as it does when overlap is off)."""
+        """Multi-token bad words read the latest generated token on the host (SamplingParams.reads_output),
+        so with them the engine waits for each step (as it does when overlap is off). Penalties do not
+        stop overlap: the sampler fills their pending token in on the device."""
         return self.overlap and not any(seq.reads_output for seq in self.scheduler.running)
 
     def _fills_pipeline(self) -> bool:
         """Launch a small step (IDLE_STEP_TOKENS) and schedule the rest while it runs: the device is idle and
-        the engine will not wait for that step, i.e. no running request reads the generated tokens, nor
-        any waiting one the small step may admit (else the split only adds a step)."""
+        the engine will not wait for that step, i.e. no running request reads the generated tokens on the
+        host (multi-token bad words), nor any waiting one the small step may admit (else the split only adds a
+        step)."""
         if self._inflight is not None or not self._can_overlap():
             return False
         block_manager, num_tokens = self.scheduler.block_manager, 0

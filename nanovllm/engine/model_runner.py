@@ -249,9 +249,20 @@ class ModelRunner:
         return self.inputs.build(batch)
 
     def sampling_requests(self, batch: ScheduledBatch) -> list[SamplingRequest]:
-        eos = self.config.eos_token_ids
+        """The batch's sampling rows. A penalized row's token ids come from the staging's mirror of its
+        sequence (O(new tokens) a step); a pending token of its output is the previous step's sampled id
+        at seq.pending_row, filled in on the device (SamplingBatch.build)."""
+        eos, staging = self.config.eos_token_ids, self.sampling_staging
         return [
-            SamplingRequest.for_sequence(seq.params, seq.token_ids, seq.num_prompt_tokens, eos)
+            SamplingRequest.for_sequence(
+                seq.params,
+                seq.token_ids,
+                seq.num_prompt_tokens,
+                eos,
+                seq.num_pending_tokens,
+                seq.pending_row,
+                staging,
+            )
             for seq, samples in zip(batch.seqs, batch.samples)
             if samples
         ]
@@ -283,9 +294,9 @@ class ModelRunner:
 
     def keep_sampled(self, token_ids: torch.Tensor | None, num_sampled: int) -> None:
         """Keep a step's sampled ids on the device: the next step's pending input rows read them
-        (`_fill_pending`). Under tensor parallelism only rank 0 samples (token_ids: None elsewhere); it
-        broadcasts them, queued behind the sampler with no host sync, so every rank feeds the same
-        inputs to the next step."""
+        (`_fill_pending`), and on rank 0 its penalized rows' pending output tokens (SamplingBatch.build).
+        Under tensor parallelism only rank 0 samples (token_ids: None elsewhere); it broadcasts them,
+        queued behind the sampler with no host sync, so every rank feeds the same inputs to the next step."""
         if num_sampled and token_ids is None and self.rank == 0:
             raise RuntimeError(f"rank 0 sampled nothing for a step with {num_sampled} sampling rows")
         self._num_prev_tokens = num_sampled
@@ -356,7 +367,9 @@ class ModelRunner:
                 logits = self.model.compute_logits(hidden[to(inp.logits_indices)])
         if logits is None or not requests:  # a tensor-parallel rank other than 0
             return None, prompt
-        batch = SamplingBatch.build(requests, logits.shape[-1], dev, self.sampling_staging)
+        # (the previous step's sampled ids: keep_sampled replaces them behind this step's sampler)
+        prev = self._prev_tokens[: self._num_prev_tokens]  # [num_prev]
+        batch = SamplingBatch.build(requests, logits.shape[-1], dev, self.sampling_staging, prev)
         return self.sampler(logits, batch), prompt
 
     def _score_prompt(self, hidden: torch.Tensor, inp: ModelInput) -> PromptLogprobs | None:

@@ -42,7 +42,7 @@ class Sequence:
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.params = params
         self.priority = priority  # lower first, under scheduling_policy "priority" (engine/request_queue.py)
-        self.reads_output = params.reads_output  # penalties, multi-token bad words: no overlapped steps
+        self.reads_output = params.reads_output  # multi-token bad words: no overlapped steps
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or scheduled to be this step)

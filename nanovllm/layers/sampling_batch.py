@@ -1,7 +1,8 @@
 """A step's sampling settings as device tensors: `SamplingRequest` (one row's settings and token
 history), `SamplingBatch.build` (all rows at once, built once per step, recording which sampler stages
-any row needs) and `SamplingStaging` (the engine's persistent pinned buffers the batch is built in).
-The sampler that consumes a batch is layers/sampler.py.
+any row needs) and `SamplingStaging` (the engine's persistent pinned buffers the batch is built in, and
+its per-sequence mirrors of known token ids for penalties). The sampler that consumes a batch is
+layers/sampler.py.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class SamplingStaging:
         self._turn = 0
         # params -> its allowed_token_ids on the device, for the requests of the last max_rows params
         self._allowed: OrderedDict[int, tuple[SamplingParams, torch.Tensor]] = OrderedDict()
+        # token_ids list -> its known ids as int64 (penalties), for the lists of the last max_rows sequences
+        self._known: OrderedDict[int, _TokenMirror] = OrderedDict()
 
     def next_step(self) -> None:
         self._turn ^= 1
@@ -72,21 +75,64 @@ class SamplingStaging:
             self._allowed.popitem(last=False)
         return ids
 
+    def known_tokens(self, token_ids: list[int], num_known: int) -> np.ndarray:
+        """token_ids[:num_known] as an int64 array: a view of a mirror kept for that list, extended by
+        the ids that became known since the last call (O(new tokens), where slicing the list and
+        converting it would cost O(length) a row, every step). This relies on a sequence's known ids never
+        changing (engine/scheduler.py: pending ids sit after them and are replaced in place; finish deletes
+        only pending ones; preemption keeps them). The view stays valid: later calls write only past it."""
+        mirror = self._known.get(id(token_ids))
+        if mirror is None or mirror.token_ids is not token_ids:
+            mirror = _TokenMirror(token_ids)
+            self._known[id(token_ids)] = mirror  # (holding the list: its id is not reused meanwhile)
+            if len(self._known) > self.max_rows:
+                self._known.popitem(last=False)
+        else:
+            self._known.move_to_end(id(token_ids))
+        return mirror.extend(num_known)
+
+
+class _TokenMirror:
+    """A sequence's known token ids as a growing int64 array (SamplingStaging.known_tokens)."""
+
+    __slots__ = ("token_ids", "ids", "num_ids")
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids = token_ids
+        self.ids = np.empty(0, dtype=np.int64)  # [capacity]; the first num_ids mirror token_ids
+        self.num_ids = 0
+
+    def extend(self, num_known: int) -> np.ndarray:
+        """The first num_known ids (a view), copying in those not mirrored yet."""
+        if num_known > self.num_ids:
+            if num_known > len(self.ids):  # double: amortized O(1) a token
+                grown = np.empty(max(2 * num_known, 64), dtype=np.int64)
+                grown[: self.num_ids] = self.ids[: self.num_ids]
+                self.ids = grown
+            self.ids[self.num_ids : num_known] = self.token_ids[self.num_ids : num_known]
+            self.num_ids = num_known
+        return self.ids[:num_known]
+
 
 @dataclass(slots=True)
 class SamplingRequest:
     """One row of the batch: a sequence that needs its next token."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]  # read only for repetition_penalty
-    output_token_ids: list[int]  # tokens generated so far: all for penalties, the last few for bad words
+    # Token ids as a list or an int64 array (a view of SamplingStaging's mirror), read only by:
+    prompt_token_ids: list[int] | np.ndarray  # repetition_penalty
+    output_token_ids: list[int] | np.ndarray  # the known generated ids: all for penalties, the last few
     eos_token_ids: tuple[int, ...]  # banned with params.stop_token_ids while output < min_tokens
-    # Tokens generated so far: the seed position and the min_tokens count. None: len(output_token_ids).
+    # Tokens generated so far, pending included: the seed position and the min_tokens count. None:
+    # len(output_token_ids), plus one if pending_src is set.
     num_output_tokens: int | None = None
+    # Penalties under overlapped scheduling: the token after output_token_ids is still on the device, row
+    # pending_src of the previous step's sampled ids (SamplingBatch.build fills it in there).
+    pending_src: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_output_tokens is None:
-            self.num_output_tokens = len(self.output_token_ids)
+            self.num_output_tokens = len(self.output_token_ids) + (self.pending_src is not None)
 
     @classmethod
     def for_sequence(
@@ -95,18 +141,40 @@ class SamplingRequest:
         token_ids: list[int],
         num_prompt_tokens: int,
         eos_token_ids: tuple[int, ...],
+        num_pending_tokens: int = 0,
+        pending_src: int | None = None,
+        staging: SamplingStaging | None = None,
     ) -> SamplingRequest:
-        """The row of a sequence whose `token_ids` are its prompt then its output. The token lists are
-        copied only for what reads them (repetition: prompt and output; presence and frequency: output;
-        bad words: the output's last tokens); otherwise they are left empty."""
-        prompt = token_ids[:num_prompt_tokens] if params.repetition_penalty != 1.0 else []
+        """The row of a sequence whose `token_ids` are its prompt then its output, the last
+        num_pending_tokens of which are still on the device (overlapped scheduling: at most one, row
+        pending_src of the previous step's sampled ids). Token ids are read only for what reads them
+        (repetition: prompt and output; presence and frequency: output; bad words: the output's last
+        tokens); otherwise they are left empty. Penalties take them from `staging`'s mirror of the
+        sequence, which costs O(new tokens) a step (without staging: an O(length) copy)."""
+        num_known = len(token_ids) - num_pending_tokens
+        num_output = len(token_ids) - num_prompt_tokens
+        if num_pending_tokens and (num_pending_tokens > 1 or pending_src is None):
+            raise RuntimeError(f"{num_pending_tokens} pending tokens (source row {pending_src}), not one")
+        if num_pending_tokens and params.bad_word_context:
+            raise RuntimeError("multi-token bad words read the latest token on the host: it must be known")
         if params.has_penalties:
-            output = token_ids[num_prompt_tokens:]
-        elif params.bad_words_token_ids:
-            output = token_ids[max(num_prompt_tokens, len(token_ids) - params.bad_word_context) :]
-        else:
-            output = []
-        return cls(params, prompt, output, eos_token_ids, len(token_ids) - num_prompt_tokens)
+            if staging is not None:
+                known = staging.known_tokens(token_ids, num_known)
+            else:
+                known = np.asarray(token_ids[:num_known], dtype=np.int64)
+            prompt = known[:num_prompt_tokens] if params.repetition_penalty != 1.0 else []
+            return cls(
+                params,
+                prompt,
+                known[num_prompt_tokens:],
+                eos_token_ids,
+                num_output,
+                pending_src if num_pending_tokens else None,
+            )
+        output = []
+        if params.bad_words_token_ids:
+            output = token_ids[max(num_prompt_tokens, num_known - params.bad_word_context) : num_known]
+        return cls(params, [], output, eos_token_ids, num_output)
 
 
 def takes_plain_argmax(requests: list[SamplingRequest]) -> bool:
@@ -177,7 +245,10 @@ class SamplingBatch:
         vocab_size: int,
         device: torch.device | str,
         staging: SamplingStaging | None = None,
+        prev_tokens: torch.Tensor | None = None,
     ) -> SamplingBatch:
+        """prev_tokens: [num_prev] int64 on the device, the previous step's sampled ids (ModelRunner's
+        `_prev_tokens`), which rows with a `pending_src` read; None when no row has one."""
         num_rows = len(requests)
         if staging is not None and num_rows > staging.max_rows:
             raise ValueError(f"{num_rows} sampling rows, more than the staging buffers' {staging.max_rows}")
@@ -233,7 +304,22 @@ class SamplingBatch:
         penalized = [p.has_penalties for p in params]
         if any(penalized):
             outputs = [r.output_token_ids if pen else [] for r, pen in zip(requests, penalized)]
-            output_ids = _pad(outputs, vocab_size, pin).to(device, non_blocking=True)
+            # A pending token (overlapped scheduling) takes the column after its row's known output: padding
+            # on the host, filled on the device from the previous step's sampled ids, as the pending input
+            # ids are (ModelRunner._fill_pending).
+            pending = [(i, len(r.output_token_ids), r.pending_src) for i, r in enumerate(requests)]
+            pending = [p for p, pen in zip(pending, penalized) if pen and p[2] is not None]
+            width = 1 + max((col for _, col, _ in pending), default=-1)
+            output_host = _pad(outputs, vocab_size, pin, width)
+            output_ids = output_host.to(device, non_blocking=True)  # [B, width]
+            if pending:
+                rows, cols, src = zip(*pending)
+                if prev_tokens is None or max(src) >= len(prev_tokens):
+                    num_prev = None if prev_tokens is None else len(prev_tokens)
+                    raise RuntimeError(f"pending output tokens from rows {src} of {num_prev} sampled ids")
+                flat = [row * output_host.shape[1] + col for row, col in zip(rows, cols)]
+                sampled = prev_tokens.index_select(0, to_device(src, torch.int64))  # [num_pending]
+                output_ids.view(-1).index_copy_(0, to_device(flat, torch.int64), sampled)
             if any(p.repetition_penalty != 1.0 for p in params):
                 repetition = staged("repetition", [p.repetition_penalty for p in params])
                 prompts = [
@@ -322,15 +408,20 @@ def _host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tens
     return torch.tensor(values, dtype=dtype, pin_memory=torch.device(device).type == "cuda")
 
 
-def _pad(rows: list[list[int]], pad_id: int, pin_memory: bool = False) -> torch.Tensor:
-    """[len(rows), max_len] int64 on the CPU, rows right-padded with pad_id."""
-    max_len = max(max(map(len, rows), default=0), 1)  # one column even when all rows are empty
-    out = torch.full((len(rows), max_len), pad_id, dtype=torch.int64, pin_memory=pin_memory)
-    # Row by row through numpy: penalties send every generated token each step, and torch.tensor of the
-    # flattened rows and a masked copy cost 2.7x more (64 rows x 2,000 tokens on a small CPU: 17 ms vs 6 ms).
+def _pad(
+    rows: list[list[int] | np.ndarray], pad_id: int, pin_memory: bool = False, min_len: int = 1
+) -> torch.Tensor:
+    """[len(rows), max_len] int64 on the CPU, rows right-padded with pad_id; max_len >= min_len >= 1 (one
+    column even when all rows are empty)."""
+    max_len = max(max(map(len, rows), default=0), min_len, 1)
+    out = torch.empty((len(rows), max_len), dtype=torch.int64, pin_memory=pin_memory)
+    # Row by row through numpy, each element written once: a memcpy for the engine's rows, int64 arrays
+    # (SamplingStaging.known_tokens); lists convert element by element (64 rows x 3,000 tokens on a small
+    # CPU: ~4 ms a step).
     padded = out.numpy()
     for i, row in enumerate(rows):
         padded[i, : len(row)] = row
+        padded[i, len(row) :] = pad_id
     return out
 
 
@@ -360,5 +451,6 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def _ends_with(tokens: list[int], tail: list[int]) -> bool:
-    return len(tokens) >= len(tail) and tokens[len(tokens) - len(tail) :] == tail
+def _ends_with(tokens: list[int] | np.ndarray, tail: list[int]) -> bool:
+    # (tokens is an int64 array on a row with penalties: compare as lists)
+    return len(tokens) >= len(tail) and list(tokens[len(tokens) - len(tail) :]) == list(tail)

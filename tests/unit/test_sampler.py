@@ -437,13 +437,14 @@ def test_for_sequence_copies_token_lists_only_for_penalties():
     assert plain.eos_token_ids == (9,)
     for params in (SamplingParams(presence_penalty=0.5), SamplingParams(frequency_penalty=-1.0)):
         row = SamplingRequest.for_sequence(params, token_ids, 3, ())
-        assert row.prompt_token_ids == [] and row.output_token_ids == [1, 2] and row.num_output_tokens == 2
+        assert list(row.prompt_token_ids) == [] and list(row.output_token_ids) == [1, 2]
+        assert row.num_output_tokens == 2
     row = SamplingRequest.for_sequence(SamplingParams(repetition_penalty=1.2), token_ids, 3, ())
-    assert row.prompt_token_ids == [5, 6, 7] and row.output_token_ids == [1, 2]
-    row.output_token_ids.append(3)
+    assert list(row.prompt_token_ids) == [5, 6, 7] and list(row.output_token_ids) == [1, 2]
+    row.output_token_ids[0] = 3
     assert token_ids == [5, 6, 7, 1, 2]  # copies, not views
     prompt_only = SamplingRequest.for_sequence(SamplingParams(repetition_penalty=1.2), [5, 6], 2, ())
-    assert prompt_only.output_token_ids == [] and prompt_only.num_output_tokens == 0
+    assert list(prompt_only.output_token_ids) == [] and prompt_only.num_output_tokens == 0
 
 
 def test_for_sequence_builds_the_same_batch_as_full_lists():
