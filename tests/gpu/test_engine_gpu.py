@@ -263,6 +263,47 @@ def test_bad_words_on_the_fused_draw_and_in_greedy_rows(fast):
     assert outs[1].outputs[0].token_ids != free[1]  # (greedy, it met the two-token word)
 
 
+def test_penalties_overlapped_equal_waiting_on_the_graph_path(fast):
+    """Penalties under overlapped scheduling on the GPU: a penalized row's pending token is filled in on the
+    device from the previous step's sampled ids (SamplingBatch.build) behind graphed decode steps and the
+    fused draw; the engine keeps a step in flight and gives the tokens it gives when it waits for each."""
+    prompts = _prompts(8, seed=7)
+    params = [
+        SamplingParams(
+            temperature=0.8 if i % 2 else 0.0,
+            seed=i if i % 2 else None,
+            max_tokens=24 + 4 * i,
+            ignore_eos=True,  # (known ends: both engines schedule the same batches)
+            repetition_penalty=[1.05, 1.3, 1.0, 0.9][i % 4],
+            frequency_penalty=[0.0, 0.5, -0.4, 0.2][i % 4],
+            presence_penalty=[0.3, 0.0, 0.6, -0.2][i % 4],
+        )
+        for i in range(len(prompts))
+    ]
+    engine = fast.engine
+    engine.overlap = False
+    try:
+        want = [o.outputs[0].token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
+    finally:
+        engine.overlap = True
+    step, inflight = engine.step, []
+
+    def spy():
+        outputs = step()
+        inflight.append(engine._inflight is not None)
+        return outputs
+
+    engine.step = spy
+    try:
+        got = [o.outputs[0].token_ids for o in fast.generate(prompts, params, use_tqdm=False)]
+    finally:
+        del engine.step
+    assert got == want
+    assert sum(inflight) >= len(inflight) - 2  # every step but the last ones left one in flight
+    free = [o.outputs[0].token_ids for o in fast.generate(prompts[::2], GREEDY, use_tqdm=False)]
+    assert any(g[:24] != f[:24] for g, f in zip(got[::2], free))  # (the penalties changed greedy rows)
+
+
 def test_beam_search_equals_torch_reference():
     """LLM.beam_search on the GPU path (Triton kernels, graphs, prefix-cache hits every step) gives the torch
     reference's beams, float32 (where near-ties cannot flip), and leaves every block free."""
