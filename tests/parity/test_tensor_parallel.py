@@ -180,12 +180,16 @@ def test_tp2_greedy_equals_tp1_and_transformers(arch, ckpts, expected, engines, 
 
 def test_tp2_overlapped_steps_feed_every_rank_the_sampled_ids(engines, prompts):
     """Overlapped scheduling under TP: each step is queued before the previous one's tokens are read
-    back; every rank takes those input tokens from the ids rank 0 broadcast. Seeded sampling must give
-    what waiting for every step gives."""
+    back; every rank takes those input tokens from the ids rank 0 broadcast, and rank 0's penalized rows
+    their pending output token. Seeded sampling must give what waiting for every step gives."""
     llm = engines["qwen3"]
     assert llm.engine.overlap
+    penalties = dict(repetition_penalty=1.3, frequency_penalty=0.4, presence_penalty=0.2)
     params = [
-        SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=12, ignore_eos=True) for i in range(6)
+        SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=12, ignore_eos=True, **penalties)
+        if i % 2
+        else SamplingParams(temperature=0.8, top_p=0.9, seed=i, max_tokens=12, ignore_eos=True)
+        for i in range(6)
     ]
     overlapped = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
     llm.engine.overlap = False
