@@ -98,7 +98,9 @@ class Scheduler:
                     if victim in seqs:
                         k = seqs.index(victim)
                         del seqs[k]
-                        budget += num_new.pop(k)
+                        budget += num_new[k]
+                        # the blocks its tokens were to fill were registered, but this step won't write them
+                        bm.forget_new_blocks(victim, victim.num_computed_tokens, num_new.pop(k))
                 self._preempt(victim)
                 preempted += 1
                 if victim is seq:
