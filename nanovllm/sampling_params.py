@@ -166,9 +166,9 @@ class SamplingParams:
     def top_k_enabled(self) -> bool:
         return self.top_k > 0
 
-    def vocab_error(self, vocab_size: int) -> tuple[str, str] | None:
-        """(field, message) if logit_bias, allowed_token_ids, bad_words_token_ids or stop_token_ids (as vLLM
-        checks them) name a token outside [0, vocab_size)."""
+    def vocab_error(self, vocab_size: int) -> ParamError | None:
+        """A ParamError naming the field if logit_bias, allowed_token_ids, bad_words_token_ids or
+        stop_token_ids (as vLLM checks them) name a token outside [0, vocab_size)."""
         bad_words = [t for w in self.bad_words_token_ids or () for t in w]
         for field, ids in (
             ("logit_bias", self.logit_bias),
@@ -178,7 +178,8 @@ class SamplingParams:
         ):
             outside = sorted(t for t in ids or () if t >= vocab_size)[:5]
             if outside:
-                return field, f"{field} names token ids outside the vocabulary [0, {vocab_size}): {outside}"
+                message = f"{field} names token ids outside the vocabulary [0, {vocab_size}): {outside}"
+                return ParamError(message, field)
         return None
 
     def truncated_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:

@@ -123,7 +123,7 @@ def test_validation_and_a_model_without_tokenizer(tmp_path):
         SamplingParams(bad_words=[" "])
     with pytest.raises(ValueError, match="bad_words_token_ids must be a list of non-empty token id lists"):
         SamplingParams(bad_words_token_ids=[[]])
-    assert SamplingParams(bad_words_token_ids=[[3000]]).vocab_error(2048)[0] == "bad_words_token_ids"
+    assert SamplingParams(bad_words_token_ids=[[3000]]).vocab_error(2048).param == "bad_words_token_ids"
     path = build_checkpoint(tmp_path / "no-tok", "qwen3", max_position_embeddings=256, tokenizer=False)
     bare = LLM(str(path), max_model_len=64)
     with pytest.raises(ValueError, match="bad_words needs the model's tokenizer"):

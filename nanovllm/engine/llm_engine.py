@@ -130,7 +130,7 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         if (error := params.vocab_error(self.vocab_size)) is not None:
-            raise ValueError(error[1])
+            raise error
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
         limit = self.config.max_model_len

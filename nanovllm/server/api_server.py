@@ -138,8 +138,7 @@ class OpenAIServer:
         self, request: Request, req: GenerateRequest, prompts: list[tuple[str | None, list[int]]], chat: bool
     ) -> Response:
         if (error := req.params.vocab_error(self.config.hf_config.vocab_size)) is not None:
-            field, message = error
-            raise RequestError(message, field)
+            raise RequestError(str(error), error.param)
         if req.params.bad_words and self.tokenizer is None:
             raise RequestError("bad_words needs the model's tokenizer", "bad_words")
         try:
