@@ -228,11 +228,7 @@ class LLM:
         """Forget every cached prompt prefix, so that the next prompts are computed from scratch (as vLLM's
         `LLM.reset_prefix_cache`). Refused, returning False, while requests hold KV blocks (requests added
         to `self.engine` directly and not yet finished); True once the cache is empty."""
-        blocks = self.engine.scheduler.block_manager
-        if blocks.num_free_blocks != blocks.num_blocks:
-            return False
-        blocks.reset_prefix_cache()
-        return True
+        return self.engine.reset_prefix_cache()
 
     def shutdown(self) -> None:
         self.engine.shutdown()

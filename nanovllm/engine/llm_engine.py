@@ -193,6 +193,15 @@ class LLMEngine:
         if req is not None and not req.seq.is_finished:
             self.scheduler.finish(req.seq, FinishReason.ABORT)
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (vLLM's): True once done; False, leaving the cache as it is, while a
+        request holds KV blocks."""
+        blocks = self.scheduler.block_manager
+        if blocks.num_free_blocks != blocks.num_blocks:
+            return False
+        blocks.reset_prefix_cache()
+        return True
+
     def has_unfinished(self) -> bool:
         """Requests remain, or a launched step has not been read back (its requests were aborted)."""
         return self.scheduler.num_unfinished > 0 or self._inflight is not None
