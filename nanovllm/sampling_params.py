@@ -8,9 +8,9 @@ import logging
 import sys
 from dataclasses import dataclass
 
-# Temperatures below this are treated as greedy (argmax), as in vLLM.
+# Temperatures below this are greedy (argmax), as in vLLM. Since a positive temperature below MIN_TEMPERATURE
+# is raised to it (as vLLM does, with a warning), only 0 is below it once SamplingParams is built.
 GREEDY_EPS = 1e-5
-# A positive temperature below this is raised to it, as vLLM does (with a warning).
 MIN_TEMPERATURE = 1e-2
 # The most alternatives logprobs / prompt_logprobs may ask for (vLLM's default max_logprobs).
 MAX_LOGPROBS = 20
