@@ -55,6 +55,7 @@ class _Request:
     prompt_logprobs: list[Logprob | None] | None  # filled as the prompt's chunks are scored
     metrics: RequestMetrics
     stream: bool  # report every new token (else only the finished output)
+    counted: bool = True  # its tokens count in stats() (not a server-side beam search's steps)
     cumulative_logprob: float = 0.0  # of the generated tokens, when logprobs are asked for
 
 
@@ -150,10 +151,13 @@ class LLMEngine:
         incremental: bool = False,
         prompt_token_ids: list[int] | None = None,
         priority: int = 0,
+        counted: bool = True,
     ) -> str:
         """Queue a request. `incremental=True` detokenizes as tokens arrive (for streaming);
         otherwise text is decoded once, unless stop strings need it earlier. `priority`: lower is served
-        first under scheduling_policy "priority"; under "fcfs" it must be 0 (as vLLM's)."""
+        first under scheduling_policy "priority"; under "fcfs" it must be 0 (as vLLM's). `counted=False`
+        keeps its prompt and generated tokens out of stats() (a server-side beam search's one-token steps:
+        the server counts the search as the client's request)."""
         self._check_open()
         check_priority(priority, self.config.scheduling_policy)
         if isinstance(params, SamplingParams) and params.n != 1:
@@ -182,9 +186,11 @@ class LLMEngine:
             [None] if params.prompt_logprobs is not None else None,  # (the first token has none)
             RequestMetrics(time.time()),
             stream=incremental,
+            counted=counted,
         )
         self.scheduler.add(seq)
-        self.num_prompt_tokens += len(token_ids)
+        if counted:
+            self.num_prompt_tokens += len(token_ids)
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -310,7 +316,8 @@ class LLMEngine:
             req = self.requests[seq.request_id]
             token = seq.token_ids[seq.num_known_tokens - 1]
             req.output_token_ids.append(token)
-            self.num_generated_tokens += 1
+            if req.counted:
+                self.num_generated_tokens += 1
             if req.metrics.first_token_time is None:
                 req.metrics.first_token_time = now
             if req.detokenizer is not None and not _hides_last_token(seq):

@@ -225,6 +225,7 @@ class OpenAIServer:
                 f" exceeds max_model_len={self.max_model_len}",
                 "messages" if chat else "prompt",
             )
+        start = time.perf_counter()
         search = run_beam_search(
             self.engine,
             request_id,
@@ -236,11 +237,19 @@ class OpenAIServer:
         try:
             beams = await _unless_disconnected(request, search)
         except ClientDisconnected:
+            for _ in range(len(prompts) * params.beam_width):  # (as the choices of a request would)
+                self.metrics.observe_aborted()
             return Response(status_code=499)
         except ValueError as e:  # (a token-id prompt the engine refuses)
             raise RequestError(str(e), "messages" if chat else "prompt") from None
         except EngineDeadError as e:
             raise RequestError(str(e), status_code=503, type="service_unavailable") from None
+
+        e2e_s = time.perf_counter() - start
+        for (_, ids), group in zip(prompts, beams):  # each choice as a request's (its steps count nowhere)
+            for beam in group:
+                num_generated = len(beam.tokens) - len(ids)
+                self.metrics.observe_search_choice(beam.finish_reason, e2e_s, len(ids), num_generated)
 
         def decode(token_ids: list[int]) -> str:  # (vLLM's: special tokens shown)
             return (

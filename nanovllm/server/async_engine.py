@@ -286,6 +286,8 @@ class RequestStream:
 
     def __init__(self, engine: AsyncEngine, subs: list[SubRequest], incremental: bool):
         self._engine = engine
+        # (a beam search's steps are not the client's requests: the search counts itself)
+        self._metrics = None if any(s.internal for s in subs) else engine.metrics
         self._incremental = incremental  # else the engine reports only finished requests
         self._ids = [s.request_id for s in subs]
         self._pending: dict[int, RequestDelta | BaseException] = {}  # per index, in arrival order
@@ -316,7 +318,7 @@ class RequestStream:
         self._num_tokens[index] += len(delta.token_ids)
         now = time.perf_counter()
         first = self._first_token.setdefault(index, now)
-        metrics = self._engine.metrics
+        metrics = self._metrics
         if metrics is not None and first == now and self._incremental:
             metrics.ttft.observe(now - self._arrival)
         if delta.finished:
@@ -340,6 +342,6 @@ class RequestStream:
         self._finished.update(range(len(self._ids)))
         if unfinished:
             self._engine.abort(unfinished)
-            if self._engine.metrics is not None:
+            if self._metrics is not None:
                 for _ in unfinished:
-                    self._engine.metrics.observe_aborted()
+                    self._metrics.observe_aborted()

@@ -33,7 +33,14 @@ async def run_beam_search(
     num_steps = 0
     while beams := search.next_beams():
         subs = [
-            SubRequest(f"{request_id}-step{num_steps}-beam{i}", None, tokens, step_params, priority=priority)
+            SubRequest(
+                f"{request_id}-step{num_steps}-beam{i}",
+                None,
+                tokens,
+                step_params,
+                priority=priority,
+                internal=True,  # (the server counts the search, not its steps: metrics.py)
+            )
             for i, tokens in enumerate(beams)
         ]
         stream = await engine.submit(subs, incremental=False)

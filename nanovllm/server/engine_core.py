@@ -46,6 +46,9 @@ class SubRequest:
     params: SamplingParams
     fill_max_tokens: bool = False  # max_tokens at most what max_model_len leaves after the prompt
     priority: int = 0
+    # A step of a server-side beam search: kept out of the request and token metrics (the server counts
+    # the search itself as the client's request).
+    internal: bool = False
 
 
 @dataclass
@@ -231,7 +234,13 @@ class EngineCore:
         try:
             for sub, (token_ids, params) in zip(cmd.subs, checked):
                 engine.add_request(
-                    sub.prompt, params, sub.request_id, cmd.incremental, token_ids, priority=sub.priority
+                    sub.prompt,
+                    params,
+                    sub.request_id,
+                    cmd.incremental,
+                    token_ids,
+                    priority=sub.priority,
+                    counted=not sub.internal,
                 )
                 self.sent[sub.request_id] = _Sent()
         except Exception as e:  # a bug, not the user's fault: fail this request, keep serving

@@ -1,7 +1,10 @@
 """Prometheus metrics for GET /metrics, in the text exposition format (written by hand: it is small).
 
 Gauges and token counters come from the engine's stats snapshot; latency histograms are observed by
-the server as outputs reach the request handlers (so they include the HTTP side's queueing).
+the server as outputs reach the request handlers (so they include the HTTP side's queueing). A beam
+search counts as the request the client sent, one finished request per choice as an ordinary request
+with n choices counts: the server observes it when the search ends (`observe_search_choice`), and its
+one-token steps count nowhere (vLLM's server counts each step's requests instead).
 """
 
 from __future__ import annotations
@@ -117,6 +120,9 @@ class Metrics:
         )
         self.e2e = Histogram("e2e_request_latency_seconds", "End-to-end request latency.", E2E_BUCKETS_S)
         self.finished = Counter()  # finish reason -> number of (sub-)requests
+        # Tokens of the beam searches' choices (the engine does not count their steps' requests)
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
 
     def observe_finished(
         self, reason: str | None, e2e_s: float, decode_s: float | None, num_tokens: int
@@ -126,6 +132,15 @@ class Metrics:
         self.e2e.observe(e2e_s)
         if decode_s is not None and num_tokens > 1:
             self.tpot.observe(decode_s / (num_tokens - 1))
+
+    def observe_search_choice(
+        self, reason: str | None, e2e_s: float, num_prompt_tokens: int, num_generated_tokens: int
+    ) -> None:
+        """A beam search's choice, as a finished non-streamed request with its prompt and tokens (a
+        final EOS counted, as the engine counts it)."""
+        self.observe_finished(reason, e2e_s, None, num_generated_tokens)
+        self.num_prompt_tokens += num_prompt_tokens
+        self.num_generated_tokens += num_generated_tokens
 
     def observe_aborted(self) -> None:
         self.finished["abort"] += 1
@@ -158,8 +173,10 @@ class Metrics:
         sample(
             "num_preemptions_total", "counter", "Requests preempted (recomputed later).", g("num_preemptions")
         )
-        sample("prompt_tokens_total", "counter", "Prompt tokens received.", g("num_prompt_tokens"))
-        sample("generation_tokens_total", "counter", "Tokens generated.", g("num_generated_tokens"))
+        num_prompt_tokens = g("num_prompt_tokens") + self.num_prompt_tokens
+        num_generated_tokens = g("num_generated_tokens") + self.num_generated_tokens
+        sample("prompt_tokens_total", "counter", "Prompt tokens received.", num_prompt_tokens)
+        sample("generation_tokens_total", "counter", "Tokens generated.", num_generated_tokens)
         name = PREFIX + "request_success_total"
         lines.extend([f"# HELP {name} Finished requests by finish reason.", f"# TYPE {name} counter"])
         for reason in sorted({"stop", "length", "abort", *self.finished}):

@@ -343,6 +343,18 @@ def test_metrics_render():
     assert 'finished_reason="length"} 1' in text
 
 
+def test_metrics_count_a_beam_search_choice_as_a_request():
+    """Its tokens add to the engine's (which skips the search's steps); no TTFT or TPOT (not streamed)."""
+    m = Metrics("m")
+    m.observe_search_choice("stop", 2.0, 5, 4)
+    text = m.render({"num_prompt_tokens": 10, "num_generated_tokens": 3})
+    assert 'nanovllm:prompt_tokens_total{model_name="m"} 15' in text
+    assert 'nanovllm:generation_tokens_total{model_name="m"} 7' in text
+    assert 'finished_reason="stop"} 1' in text
+    assert 'nanovllm:e2e_request_latency_seconds_count{model_name="m"} 1' in text
+    assert 'nanovllm:time_per_output_token_seconds_count{model_name="m"} 0' in text
+
+
 # ---- the app without a running engine -------------------------------------------------------------
 
 

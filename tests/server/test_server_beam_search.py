@@ -18,6 +18,7 @@ from tests.server.test_server import (  # noqa: F401
     EOS,
     MODEL,
     _error,
+    _metric,
     _wait_until_idle,
     ckpt,
     client,
@@ -163,3 +164,27 @@ def test_an_ordinary_request_runs_beside_a_search(server, client):  # noqa: F811
     assert len(finished["choices"]) == 4 and all(c["finish_reason"] == "length" for c in finished["choices"])
     assert plain_done < finished["search"], json.dumps(finished)[:300]
     _wait_until_idle(server)
+
+
+def test_metrics_count_the_search_as_the_request_the_client_sent(server, client):  # noqa: F811
+    """/metrics sees one request per choice, as for an ordinary request with n choices, with the choices'
+    prompt and generated tokens; the search's one-token steps count nowhere."""
+    counted = ("prompt_tokens_total", "generation_tokens_total", "e2e_request_latency_seconds_count")
+    finished = 'finished_reason="length"'
+
+    def snapshot() -> list[float]:
+        samples = _wait_until_idle(server)
+        return [_metric(samples, name) for name in counted] + [
+            _metric(samples, "request_success_total", finished),
+            _metric(samples, "time_per_output_token_seconds_count"),
+        ]
+
+    before = snapshot()
+    body = {**BEAM, "ignore_eos": True}  # (every beam runs max_tokens steps: "length")
+    out = client.completions.create(
+        model=MODEL, prompt=PROMPT, n=WIDTH, max_tokens=MAX_TOKENS, temperature=0, extra_body=body
+    )
+    after = snapshot()
+    assert len(out.choices) == WIDTH
+    expected = [WIDTH * len(PROMPT), WIDTH * MAX_TOKENS, WIDTH, WIDTH, 0]
+    assert [b - a for a, b in zip(before, after)] == expected
