@@ -257,7 +257,7 @@ class OpenAIServer:
             )
 
         choices = [
-            as_choice(request_id, beam, len(ids), params, decode)
+            as_choice(request_id, beam, len(ids), params, decode, req.logprobs is not None)
             for (_, ids), group in zip(prompts, beams)
             for beam in group
         ]

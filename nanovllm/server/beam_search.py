@@ -61,16 +61,18 @@ def as_choice(
     num_prompt_tokens: int,
     params: BeamSearchParams,
     decode: Callable,
+    logprobs: bool = False,
 ) -> RequestDelta:
     """A finished beam as a finished choice: its generated tokens, a final EOS only with
     include_stop_str_in_output (as vLLM's server: then the EOS counts in the usage too), their text with
-    special tokens shown, and the beam's finish and stop reasons."""
+    special tokens shown, the beam's finish and stop reasons and, with `logprobs`, each shown token's
+    Logprob record (its 2 * beam_width alternatives at that step)."""
     token_ids = shown_tokens(beam, params)[num_prompt_tokens:]
     return RequestDelta(
         request_id,
         token_ids,
         decode(token_ids),
-        None,
+        beam.logprobs[: len(token_ids)] if logprobs else None,
         finished=True,
         finish_reason=beam.finish_reason,
         stop_reason=beam.stop_reason,

@@ -97,8 +97,9 @@ CHAT_NEUTRAL = {
 }
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 # Fields a beam search cannot honour (vLLM's server ignores them), accepted with use_beam_search only at a
-# value that asks for nothing. Its own are n, max_tokens, temperature, ignore_eos, length_penalty and
-# include_stop_str_in_output; the prompt's (echo, truncate_prompt_tokens, chat options) apply as always.
+# value that asks for nothing. Its own are n, max_tokens, temperature, ignore_eos, length_penalty,
+# include_stop_str_in_output and logprobs (at most the 2n alternatives a step keeps); the prompt's (echo,
+# truncate_prompt_tokens, chat options) apply as always.
 BEAM_SEARCH_NEUTRAL = {
     "stop": _empty,
     "top_p": lambda v: v is None or v == 1,
@@ -115,8 +116,6 @@ BEAM_SEARCH_NEUTRAL = {
     "prompt_logprobs": lambda v: v is None,
     "allowed_token_ids": lambda v: v is None,
     "bad_words": _empty,
-    "logprobs": _false,
-    "top_logprobs": lambda v: v is None or v == 0,
 }
 
 
@@ -218,6 +217,8 @@ def parse_completion_request(
     req.echo, req.prompt_only = echo, prompt_only
     if prompt_only and req.beam_search is not None:
         raise RequestError("echo with max_tokens=0 is not supported with use_beam_search", "max_tokens")
+    if echo and logprobs is not None and req.beam_search is not None:  # (the search scores no prompt)
+        raise RequestError("logprobs with echo is not supported with use_beam_search", "logprobs")
     if req.echo and logprobs is not None:  # the prompt's logprobs come first in the choice's logprobs
         top = max(logprobs, req.params.prompt_logprobs or 0)
         req.params = dataclasses.replace(req.params, prompt_logprobs=top)
@@ -432,6 +433,12 @@ def _parse_beam_search(body: dict, params: SamplingParams) -> BeamSearchParams |
     for name, neutral in BEAM_SEARCH_NEUTRAL.items():
         if not neutral(body.get(name)):
             raise RequestError(f"{name}={body[name]!r} is not supported with use_beam_search", name)
+    if params.logprobs is not None and params.logprobs > 2 * params.n:  # (the caller names its field)
+        raise ParamError(
+            f"logprobs={params.logprobs} exceeds the {2 * params.n} alternatives (2 * n) a beam search step"
+            " keeps",
+            "logprobs",
+        )
     return BeamSearchParams(
         beam_width=params.n,
         max_tokens=params.max_tokens,

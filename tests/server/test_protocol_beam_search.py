@@ -76,16 +76,26 @@ def test_streaming_and_the_prompts_own_options_are_accepted():
         {"prompt_logprobs": 1},
         {"allowed_token_ids": [5]},
         {"bad_words": ["x"]},
-        {"logprobs": 2},
+        {"logprobs": 3},  # (n=1: a step keeps 2 alternatives)
     ],
 )
 def test_fields_a_beam_search_cannot_honour_are_400s(body):
     assert _param(_complete, **body) == next(iter(body))
 
 
+def test_logprobs_up_to_the_alternatives_a_step_keeps():
+    """As vLLM's: each beam's logprobs, with at most the 2n alternatives each step keeps."""
+    assert _complete(n=3, logprobs=6).logprobs == 6
+    assert _param(_complete, n=3, logprobs=7) == "logprobs"
+    assert _chat(n=2, logprobs=True).logprobs == 0
+    assert _chat(n=2, logprobs=True, top_logprobs=4).logprobs == 4
+    assert _param(_chat, n=2, logprobs=True, top_logprobs=5) == "top_logprobs"
+    assert _param(_complete, n=3, logprobs=1, echo=True) == "logprobs"  # (the search scores no prompt)
+    _complete(n=3, echo=True)
+
+
 def test_chat_fields_refused_and_neutral_values_accepted():
-    assert _param(_chat, logprobs=True) == "logprobs"
-    assert _param(_chat, logprobs=True, top_logprobs=2) == "logprobs"
+    assert _param(_chat, prompt_logprobs=1) == "prompt_logprobs"
     # a client that sends every field at its neutral value is served
     _complete(stop=[], top_p=1, presence_penalty=0, frequency_penalty=0, logit_bias={}, top_k=-1, min_p=0)
     _complete(repetition_penalty=1, min_tokens=0, stop_token_ids=[], skip_special_tokens=False, bad_words=[])

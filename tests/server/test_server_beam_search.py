@@ -110,6 +110,23 @@ def test_chat_choices_are_the_offline_beams_and_stream_alike(server, client, llm
     assert usage == out.usage
 
 
+def test_logprobs_are_each_beams_steps(client, llm):  # noqa: F811
+    """As vLLM's: each choice's logprobs are its beam's, per shown token, with the step's best alternatives
+    (at most 2n), for completions and chat alike."""
+    params = BeamSearchParams(WIDTH, MAX_TOKENS, temperature=0.0)
+    (offline,) = llm.beam_search([PROMPT], params)
+    kw = dict(model=MODEL, n=WIDTH, max_tokens=MAX_TOKENS, temperature=0, extra_body=BEAM)
+    out = client.completions.create(prompt=PROMPT, logprobs=2 * WIDTH, **kw)
+    for choice, beam in zip(out.choices, offline.sequences):
+        shown = shown_tokens(beam, params)[len(PROMPT) :]
+        expected = [lp.logprob for lp in beam.logprobs[: len(shown)]]
+        assert choice.logprobs.token_logprobs == pytest.approx(expected, abs=1e-4)
+        assert all(len(top) <= 2 * WIDTH for top in choice.logprobs.top_logprobs)
+    chat = client.chat.completions.create(messages=MESSAGES, logprobs=True, top_logprobs=2, **kw)
+    assert sum(len(c.logprobs.content) for c in chat.choices) == chat.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 2 for c in chat.choices for entry in c.logprobs.content)
+
+
 def test_completion_stream_is_the_response_in_one_event(client):  # noqa: F811
     kw = dict(model=MODEL, prompt=[PROMPT, PROMPT[:3]], n=2, max_tokens=4, temperature=0, extra_body=BEAM)
     out = client.completions.create(**kw)
@@ -124,7 +141,7 @@ def test_completion_stream_is_the_response_in_one_event(client):  # noqa: F811
     [
         ({**BEAM, "top_p": 0.5}, "top_p"),
         ({**BEAM, "stop": ["x"]}, "stop"),
-        ({**BEAM, "logprobs": 2}, "logprobs"),
+        ({**BEAM, "logprobs": 3}, "logprobs"),  # (n=1: a step keeps 2 alternatives)
         ({**BEAM, "seed": 1}, "seed"),
         ({**BEAM, "n": 11}, "n"),  # the beam width: at most 10
         ({**BEAM, "max_tokens": 300}, "max_tokens"),
