@@ -19,6 +19,7 @@ from tests.server.test_server import (  # noqa: F401
     MODEL,
     _error,
     _metric,
+    _metrics,
     _wait_until_idle,
     ckpt,
     client,
@@ -159,11 +160,11 @@ def test_refused_fields_are_400s_naming_them(client, body, param):  # noqa: F811
 
 def test_an_ordinary_request_runs_beside_a_search(server, client):  # noqa: F811
     """A long search (many steps, each a round trip to the engine) leaves the event loop and the engine
-    free: a request sent meanwhile is answered before the search ends."""
+    free: a request sent once the search runs is answered before the search ends."""
     finished = {}
 
     def search():
-        body = {"model": MODEL, "prompt": PROMPT, "n": 4, "max_tokens": 96, "temperature": 0, **BEAM}
+        body = {"model": MODEL, "prompt": PROMPT, "n": 4, "max_tokens": 240, "temperature": 0, **BEAM}
         body["ignore_eos"] = True
         r = httpx.post(server + "/v1/completions", json=body, timeout=120)
         finished["search"] = time.monotonic()
@@ -171,7 +172,10 @@ def test_an_ordinary_request_runs_beside_a_search(server, client):  # noqa: F811
 
     thread = threading.Thread(target=search)
     thread.start()
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while _metric(_metrics(server), "num_requests_running") == 0:  # (the search's steps are running)
+        assert time.monotonic() < deadline and "search" not in finished, finished
+        time.sleep(0.01)
     plain = client.completions.create(
         model=MODEL, prompt="Hello", max_tokens=3, extra_body={"ignore_eos": True}
     )
