@@ -45,7 +45,7 @@ class FakeEngine:
             raise ValueError(f"too long for max_model_len={self.config.max_model_len}")
         return list(ids)
 
-    def add_request(self, prompt, params, request_id, incremental, token_ids, priority=0):
+    def add_request(self, prompt, params, request_id, incremental, token_ids, priority=0, counted=True):
         if self.fail_add_for is not None and self.fail_add_for in request_id:
             raise TypeError("a bug in add_request")
         self.requests[request_id] = [params, [], incremental]
