@@ -125,10 +125,12 @@ class Config:
             tok if (tok / "tokenizer.json").exists() or (tok / "tokenizer.model").exists() else None,
         )
         set_("torch_dtype", self._resolve_dtype())
-        set_("default_sampling_params", _default_sampling_params(self.generation_config, model_path))
+        folder = _generation_config_folder(self.generation_config, model_path)
+        generation = _read_generation_config(folder)  # (read once: the defaults and the EOS ids)
+        set_("default_sampling_params", _default_sampling_params(self.generation_config, folder, generation))
         eos = _eos_token_id(hf_config, self.tokenizer_path)
         set_("eos_token_id", eos)
-        set_("eos_token_ids", _eos_token_ids(eos, hf_config, self.generation_config, model_path))
+        set_("eos_token_ids", _eos_token_ids(eos, hf_config, generation))
 
         # late: models and layers import kernels and torch ops
         from nanovllm.layers.rotary_embedding import rope_length_limit
@@ -220,6 +222,14 @@ def _load_hf_config(model: str) -> tuple[Path | None, PretrainedConfig]:
     )
 
 
+def _generation_config_folder(generation_config: str, model_path: Path | None) -> Path | None:
+    """Where the generation_config.json vLLM reads is: the checkpoint's for "auto" and "vllm" (the latter
+    for its EOS ids only), else the given folder."""
+    if not isinstance(generation_config, str | os.PathLike):
+        raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {generation_config!r}")
+    return model_path if generation_config in ("auto", "vllm") else Path(generation_config)
+
+
 def _read_generation_config(folder: Path | None) -> dict | None:
     """The generation_config.json in `folder`, or None where there is none."""
     file = folder / "generation_config.json" if folder is not None else None
@@ -235,13 +245,9 @@ def _eos_token_id(hf_config: PretrainedConfig, tokenizer_path: Path | None) -> i
     return eos if isinstance(eos, int) else None
 
 
-def _eos_token_ids(
-    eos: int | None, hf_config: PretrainedConfig, generation_config: str, model_path: Path | None
-) -> tuple[int, ...]:
-    """eos, then the generation config's eos ids: those of the generation_config.json vLLM reads (the
-    checkpoint's for "auto" and "vllm", else the folder's), or config.json's where there is none."""
-    folder = model_path if generation_config in ("auto", "vllm") else Path(generation_config)
-    generation = _read_generation_config(folder)
+def _eos_token_ids(eos: int | None, hf_config: PretrainedConfig, generation: dict | None) -> tuple[int, ...]:
+    """eos, then the generation config's eos ids: those of the generation_config.json vLLM reads
+    (`generation`), or config.json's where there is none."""
     if generation is not None:
         value = generation.get("eos_token_id")
     else:
@@ -264,16 +270,12 @@ _GENERATION_DEFAULTS = {
 }
 
 
-def _default_sampling_params(generation_config: str, model_path: Path | None) -> dict:
-    """The SamplingParams fields a generation_config.json sets, as vLLM's
+def _default_sampling_params(generation_config: str, folder: Path | None, data: dict | None) -> dict:
+    """The SamplingParams fields a generation_config.json (`data`, read from `folder`) sets, as vLLM's
     ModelConfig.get_diff_sampling_param reads them: "auto" the checkpoint's file (none: nothing), "vllm"
     nothing, else a folder that must hold one."""
-    if not isinstance(generation_config, str | os.PathLike):
-        raise ValueError(f"generation_config must be 'auto', 'vllm' or a folder, got {generation_config!r}")
     if generation_config == "vllm":
         return {}
-    folder = model_path if generation_config == "auto" else Path(generation_config)
-    data = _read_generation_config(folder)
     if data is None:
         if generation_config == "auto":
             return {}
