@@ -60,14 +60,14 @@ class BeamSearch:
         self.eos_token_ids = eos_token_ids
         self._live = [[BeamSearchSequence(list(prompt))] for prompt in prompts]  # [num_prompts][<= width]
         self._complete: list[list[BeamSearchSequence]] = [[] for _ in prompts]
-        self._num_steps = 0
+        self.num_steps = 0  # steps advanced so far
 
     def score(self, beam: BeamSearchSequence) -> float:
         return beam_score(beam, self.eos_token_ids, self.params.length_penalty)
 
     def next_beams(self) -> list[list[int]]:
         """The token ids of every live beam, to run one token each; [] once the search is over."""
-        if self._num_steps == self.params.max_tokens:
+        if self.num_steps == self.params.max_tokens:
             return []
         return [beam.tokens for group in self._live for beam in group]
 
@@ -84,7 +84,7 @@ class BeamSearch:
                     else:
                         candidates.append(child)
             self._live[i] = sorted(candidates, key=self.score, reverse=True)[: self.params.beam_width]
-        self._num_steps += 1
+        self.num_steps += 1
 
     def outputs(self) -> list[BeamSearchOutput]:
         """Per prompt, the best beam_width of its complete and live beams, best first (text not filled)."""

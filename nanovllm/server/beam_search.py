@@ -30,11 +30,10 @@ async def run_beam_search(
     failed step's error."""
     search = BeamSearch(prompts, params, eos_token_ids)
     step_params = params.step_params()
-    num_steps = 0
     while beams := search.next_beams():
         subs = [
             SubRequest(
-                f"{request_id}-step{num_steps}-beam{i}",
+                f"{request_id}-step{search.num_steps}-beam{i}",
                 None,
                 tokens,
                 step_params,
@@ -51,7 +50,6 @@ async def run_beam_search(
         finally:
             stream.close()
         search.advance(results)  # type: ignore[arg-type]
-        num_steps += 1
     return [out.sequences for out in search.outputs()]
 
 
