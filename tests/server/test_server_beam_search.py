@@ -160,11 +160,13 @@ def test_refused_fields_are_400s_naming_them(client, body, param):  # noqa: F811
 
 def test_an_ordinary_request_runs_beside_a_search(server, client):  # noqa: F811
     """A long search (many steps, each a round trip to the engine) leaves the event loop and the engine
-    free: a request sent once the search runs is answered before the search ends."""
+    free: a request sent once the search runs is answered before the search ends. (16 prompts x 4 beams:
+    each step is a batch of 64, so the search lasts long enough for /metrics to show it running.)"""
     finished = {}
+    prompts = [[11 + k, 12, 13, 14, 15] for k in range(16)]
 
     def search():
-        body = {"model": MODEL, "prompt": PROMPT, "n": 4, "max_tokens": 240, "temperature": 0, **BEAM}
+        body = {"model": MODEL, "prompt": prompts, "n": 4, "max_tokens": 240, "temperature": 0, **BEAM}
         body["ignore_eos"] = True
         r = httpx.post(server + "/v1/completions", json=body, timeout=120)
         finished["search"] = time.monotonic()
@@ -182,7 +184,7 @@ def test_an_ordinary_request_runs_beside_a_search(server, client):  # noqa: F811
     plain_done = time.monotonic()
     thread.join()
     assert plain.usage.completion_tokens == 3
-    assert len(finished["choices"]) == 4 and all(c["finish_reason"] == "length" for c in finished["choices"])
+    assert len(finished["choices"]) == 64 and all(c["finish_reason"] == "length" for c in finished["choices"])
     assert plain_done < finished["search"], json.dumps(finished)[:300]
     _wait_until_idle(server)
 
