@@ -12,7 +12,7 @@ from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
 from nanovllm.engine.request_queue import check_priority
 from nanovllm.outputs import Logprob, RequestMetrics, RequestOutput
-from nanovllm.sampling_params import BeamSearchParams, SamplingParams
+from nanovllm.sampling_params import BeamSearchParams, ParamError, SamplingParams
 from nanovllm.utils.chat import render_chat, text_messages
 from nanovllm.utils.heap import frozen_heap
 
@@ -127,7 +127,7 @@ class LLM:
             try:
                 conversation = text_messages(conversation)
             except ValueError as e:
-                raise ValueError(f"conversation {i}: {e}") from None
+                raise _located(e, f"conversation {i}") from None
             try:
                 text = render_chat(
                     tokenizer,
@@ -138,13 +138,13 @@ class LLM:
                     chat_template_kwargs,
                 )
             except ValueError as e:
-                raise ValueError(f"conversation {i}: {e}") from None
+                raise _located(e, f"conversation {i}") from None
             # The rendered text already holds whatever special tokens the model wants.
             token_ids = tokenizer.encode(text, add_special_tokens=False)
             try:
                 encoded.append(self.engine.encode_prompt(token_ids, p))
             except ValueError as e:
-                raise ValueError(f"conversation {i}: {e}") from None
+                raise _located(e, f"conversation {i}") from None
             texts.append(text)
         return self._run(texts, encoded, params, use_tqdm, priorities)
 
@@ -156,7 +156,7 @@ class LLM:
             try:
                 encoded.append(self.engine.encode_prompt(prompt, p))
             except ValueError as e:
-                raise ValueError(f"prompt {i}: {e}") from None
+                raise _located(e, f"prompt {i}") from None
         return encoded
 
     def _params_per_prompt(
@@ -303,3 +303,11 @@ def _unwrap_prompt(prompt: Prompt | dict) -> tuple[Prompt, str | None]:
         "a dict prompt must be {'prompt': text} or {'prompt_token_ids': ids} (optionally with its text as "
         f"'prompt'), got keys {sorted(prompt)}"
     )
+
+
+def _located(e: ValueError, where: str) -> ValueError:
+    """The error again, its message prefixed with which prompt or conversation it is about (a ParamError
+    stays one, naming its field)."""
+    if isinstance(e, ParamError):
+        return ParamError(f"{where}: {e}", e.param)
+    return ValueError(f"{where}: {e}")

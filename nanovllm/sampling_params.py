@@ -27,6 +27,72 @@ class ParamError(ValueError):
 
 
 @dataclass(slots=True)
+class StructuredOutputsParams:
+    """Constrain the output to a language (vLLM's structured outputs): set exactly one of `json` (a JSON
+    schema, as a dict or its text), `regex` (the whole output matches it), `choice` (the output is one of
+    these strings) or `json_object=True` (any JSON object). The output can then only follow the
+    constraint: each step samples among the tokens that keep it matchable (docs/structured_outputs.md)."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None  # vLLM's EBNF / Lark grammars: not supported (an error)
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False  # JSON with no whitespace between its tokens
+    disable_additional_properties: bool = (
+        False  # (always so: a schema's absent additionalProperties is false)
+    )
+    whitespace_pattern: str | None = None  # a regex for what may stand between JSON tokens
+    structural_tag: str | None = None  # not supported (an error)
+
+    def __post_init__(self) -> None:
+        field = "structured_outputs"
+        for name in ("grammar", "structural_tag"):
+            if getattr(self, name) is not None:
+                raise ParamError(
+                    f"{field}.{name} is not supported: use json, regex, choice or json_object", field
+                )
+        set_ = [
+            k for k in ("json", "regex", "choice", "json_object") if getattr(self, k) not in (None, False)
+        ]
+        if len(set_) != 1:
+            raise ParamError(
+                f"{field} must set exactly one of json, regex, choice or json_object, got {set_ or 'none'}",
+                field,
+            )
+        if self.json is not None and not isinstance(self.json, str | dict | bool):
+            raise ParamError(
+                f"{field}.json must be a JSON schema (a dict or its text), got {self.json!r}", field
+            )
+        if self.regex is not None and not isinstance(self.regex, str):
+            raise ParamError(f"{field}.regex must be a string, got {self.regex!r}", field)
+        if self.choice is not None:
+            if (
+                not isinstance(self.choice, list | tuple)
+                or not self.choice
+                or not all(isinstance(c, str) for c in self.choice)
+            ):
+                raise ParamError(
+                    f"{field}.choice must be a non-empty list of strings, got {self.choice!r}", field
+                )
+            self.choice = list(self.choice)
+        if self.json_object not in (None, True, False):
+            raise ParamError(f"{field}.json_object must be a bool, got {self.json_object!r}", field)
+        if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
+            raise ParamError(
+                f"{field}.whitespace_pattern must be a string, got {self.whitespace_pattern!r}", field
+            )
+        for flag in ("disable_any_whitespace", "disable_additional_properties"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ParamError(f"{field}.{flag} must be a bool, got {getattr(self, flag)!r}", field)
+
+    @property
+    def whitespace(self) -> str | None:
+        """The regex for JSON's whitespace (None: the default, structured/json_schema.py's)."""
+        return "" if self.disable_any_whitespace else self.whitespace_pattern
+
+
+@dataclass(slots=True)
 class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
@@ -54,6 +120,7 @@ class SamplingParams:
     bad_words: list[str] | None = None  # words never generated (vLLM's); the engine encodes them into:
     # token-id sequences never generated: [t1..tn] bans tn after output t1..tn-1 (one token: always banned)
     bad_words_token_ids: list[list[int]] | None = None
+    structured_outputs: StructuredOutputsParams | None = None  # the output follows a regex, schema, choice
 
     def __post_init__(self) -> None:
         if not _is_finite(self.temperature) or self.temperature < 0:
@@ -143,6 +210,10 @@ class SamplingParams:
             ):
                 raise _bad(self, "stop_token_ids", "a list of non-negative ints or None")
             self.stop_token_ids = list(self.stop_token_ids)
+        if self.structured_outputs is not None and not isinstance(
+            self.structured_outputs, StructuredOutputsParams
+        ):
+            raise _bad(self, "structured_outputs", "a StructuredOutputsParams or None")
 
     def clone(self) -> SamplingParams:
         """A deep copy (vLLM's): changing its lists or dicts leaves this one alone."""
@@ -206,9 +277,10 @@ class SamplingParams:
     def reads_output(self) -> bool:
         """Building the sampler's batch reads the latest generated tokens on the host (multi-token bad
         words: does the output end with a word's first tokens?), so each step must wait for the previous
-        one's token. Penalties read every generated token too, but a pending one is filled in on the
-        device (SamplingBatch.build): they need no wait."""
-        return self.bad_word_context > 0
+        one's token; so do structured outputs, whose allowed tokens depend on every generated one.
+        Penalties read every generated token too, but a pending one is filled in on the device
+        (SamplingBatch.build): they need no wait."""
+        return self.bad_word_context > 0 or self.structured_outputs is not None
 
     def with_bad_words_encoded(self, tokenizer, vocab_size: int) -> SamplingParams:
         """bad_words as token-id sequences, added to bad_words_token_ids, as vLLM encodes them: each word

@@ -29,6 +29,7 @@ from nanovllm.engine.step_input import LaunchedStep
 from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
 from nanovllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.structured.grammar import StructuredOutputCompiler
 from nanovllm.utils.tokenizer import TokenDecoder, load_tokenizer
 
 logger = logging.getLogger("nanovllm")
@@ -91,6 +92,12 @@ class LLMEngine:
         self._inflight: _Step | None = None  # the launched step not yet read back
         self._outputs: list[RequestOutput] = []  # read back, not yet returned by step()
         self.dropped_request_ids: list[str] = []  # requests the last step() failed (it raised)
+        self._structured_compiler: StructuredOutputCompiler | None = None  # on the first such request
+
+    def _structured(self) -> StructuredOutputCompiler:
+        if self._structured_compiler is None:
+            self._structured_compiler = StructuredOutputCompiler(self.tokenizer, self.vocab_size)
+        return self._structured_compiler
 
     @staticmethod
     def _make_runner(config: Config):
@@ -104,7 +111,8 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: Prompt, params: SamplingParams) -> list[int]:
         """Validate a prompt and return its token ids (the last `params.truncate_prompt_tokens` of them,
-        if set); raises ValueError naming the problem."""
+        if set); raises ValueError naming the problem. A structured output's constraint is compiled here (and
+        cached), so that a bad one fails before anything is queued."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass the prompt as a list of token ids")
@@ -134,6 +142,10 @@ class LLMEngine:
             raise error
         if params.bad_words and self.tokenizer is None:
             raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
+        if params.structured_outputs is not None:  # compiled (and cached) now: a bad one fails before queuing
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs the model's tokenizer (the tokens' bytes)")
+            self._structured().matcher(params.structured_outputs)
         limit = self.config.max_model_len
         token_ids = params.truncated_prompt(token_ids, limit)  # (before the length check, as vLLM)
         if len(token_ids) + params.max_tokens > limit:
@@ -171,7 +183,10 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(token_ids, params, request_id, priority)
+        matcher = None
+        if params.structured_outputs is not None:  # (encode_prompt or the server compiled it: a cache hit)
+            matcher = self._structured().matcher(params.structured_outputs)
+        seq = Sequence(token_ids, params, request_id, priority, matcher)
         detok = None
         if incremental or params.stop:
             decoder = self._decoder(params.skip_special_tokens)
@@ -450,5 +465,8 @@ class LLMEngine:
 
 def _hides_last_token(seq: Sequence) -> bool:
     """A request ended by a stop token (EOS or one of stop_token_ids) keeps the token in its token ids
-    but not its text, unless include_stop_str_in_output (vLLM's rule)."""
-    return seq.finish_reason is FinishReason.STOP and not seq.params.include_stop_str_in_output
+    but not its text, unless include_stop_str_in_output (vLLM's rule). One its structured output ended
+    (a complete match that nothing may follow) ended on an ordinary token: the text keeps it."""
+    if seq.finish_reason is not FinishReason.STOP or seq.params.include_stop_str_in_output:
+        return False
+    return seq.matcher is None or not seq.matcher.is_terminated

@@ -262,6 +262,7 @@ class ModelRunner:
                 seq.num_pending_tokens,
                 seq.pending_row,
                 staging,
+                seq.matcher,
             )
             for seq, samples in zip(batch.seqs, batch.samples)
             if samples

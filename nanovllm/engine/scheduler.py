@@ -12,12 +12,19 @@ order, follow the scheduling policy: under "fcfs" the youngest, back to the fron
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.request_queue import WaitingQueue, priority_key
 from nanovllm.engine.sequence import PENDING_TOKEN, FinishReason, Sequence, SequenceStatus
+
+if TYPE_CHECKING:
+    from nanovllm.structured.grammar import GrammarMatcher
+
+logger = logging.getLogger("nanovllm")
 
 
 @dataclass(slots=True)
@@ -158,7 +165,8 @@ class Scheduler:
 
     def resolve(self, seqs: list[Sequence], tokens: list[int]) -> list[Sequence]:
         """A step's sampled tokens are back: each replaces its sequence's oldest pending token.
-        Finishes requests that hit EOS, a stop token, max_tokens or max_model_len. Returns the
+        Finishes requests that hit EOS, a stop token, max_tokens or max_model_len, or complete their
+        structured output (advancing its matcher: the only place it moves). Returns the
         requests that got a token (not those finished meanwhile, e.g. aborted)."""
         updated = []
         for seq, token in zip(seqs, tokens):
@@ -177,6 +185,8 @@ class Scheduler:
                         seq.stop_reason = token
                 elif p.stop_token_ids and token in p.stop_token_ids:
                     seq.stop_reason, reason = token, FinishReason.STOP
+            if reason is None and seq.matcher is not None:
+                reason = _constraint_end(seq.matcher, token)
             if reason is None and (num_outputs >= p.max_tokens or pos + 1 >= self.max_model_len):
                 reason = FinishReason.LENGTH
             if reason is not None:
@@ -215,3 +225,13 @@ class Scheduler:
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.waiting.requeue(seq)
+
+
+def _constraint_end(matcher: GrammarMatcher, token: int) -> FinishReason | None:
+    """Advance a structured output's matcher by its new token: STOP once the output is a whole match that
+    no token can extend (its min_tokens notwithstanding: nothing else may follow), or if the token broke the
+    constraint (the sampler's mask rules that out; reported, not raised, so the engine goes on)."""
+    if not matcher.accept(token):
+        logger.error("token %d breaks its request's structured output constraint: the request ends", token)
+        return FinishReason.STOP
+    return FinishReason.STOP if matcher.is_terminated else None

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import TYPE_CHECKING
 
 from nanovllm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from nanovllm.structured.grammar import GrammarMatcher
 
 
 class SequenceStatus(enum.Enum):
@@ -37,12 +41,15 @@ class Sequence:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
+        matcher: GrammarMatcher | None = None,
     ):
         self.seq_id = next(_seq_ids)  # also the arrival order
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.params = params
         self.priority = priority  # lower first, under scheduling_policy "priority" (engine/request_queue.py)
-        self.reads_output = params.reads_output  # multi-token bad words: no overlapped steps
+        self.reads_output = params.reads_output  # multi-token bad words, structured outputs: no overlap
+        # structured outputs: where the output is in its constraint (advanced by Scheduler.resolve)
+        self.matcher = matcher
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or scheduled to be this step)

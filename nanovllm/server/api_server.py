@@ -37,9 +37,10 @@ from nanovllm.sampling_params import ParamError
 from nanovllm.server import protocol
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDelta, RequestStream, SubRequest
 from nanovllm.server.beam_search import as_choice, run_beam_search
+from nanovllm.server.errors import RequestError, error_body
 from nanovllm.server.logprobs import LogprobFormatter
 from nanovllm.server.metrics import Metrics
-from nanovllm.server.protocol import GenerateRequest, RequestError, error_body
+from nanovllm.server.protocol import GenerateRequest
 from nanovllm.utils.chat import render_chat
 from nanovllm.utils.tokenizer import load_tokenizer
 

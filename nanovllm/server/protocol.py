@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm.sampling_params import BeamSearchParams, ParamError, SamplingParams
+from nanovllm.server.errors import RequestError
+from nanovllm.server.structured import GUIDED_FIELDS, STRUCTURED_FIELDS, parse_structured_outputs
 from nanovllm.utils.chat import MessageError, check_chat_options, text_messages
 
 MAX_N = 128  # choices per request (n x prompts): a guard against one request flooding the engine
@@ -48,8 +50,14 @@ _SHARED_FIELDS = (
 )
 # vLLM's beam search (both endpoints): n is the beam width; length_penalty means nothing without it
 BEAM_SEARCH_FIELDS = ("use_beam_search", "length_penalty")
+# structured outputs (both endpoints, as vLLM's): server/structured.py reads them
+_STRUCTURED = (*STRUCTURED_FIELDS, *GUIDED_FIELDS)
 COMPLETION_FIELDS = frozenset(
-    ("prompt", "max_tokens", "logprobs", "echo", *_SHARED_FIELDS, *VLLM_EXTRA_FIELDS, *BEAM_SEARCH_FIELDS)
+    ("prompt", "max_tokens", "logprobs", "echo")
+    + _SHARED_FIELDS
+    + VLLM_EXTRA_FIELDS
+    + BEAM_SEARCH_FIELDS
+    + _STRUCTURED
 )
 # vLLM's extra chat fields: how the conversation is rendered (utils/chat.py render_chat)
 CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
@@ -59,6 +67,7 @@ CHAT_FIELDS = frozenset(
     + VLLM_EXTRA_FIELDS
     + BEAM_SEARCH_FIELDS
     + CHAT_TEMPLATE_FIELDS
+    + _STRUCTURED
 )
 TOKENIZE_FIELDS = frozenset(
     ("model", "prompt", "messages", "add_special_tokens", "return_token_strs") + CHAT_TEMPLATE_FIELDS
@@ -83,7 +92,6 @@ CHAT_NEUTRAL = {
     "functions": _empty,
     "function_call": lambda v: v is None or v == "none",
     "parallel_tool_calls": lambda v: v is None,
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "modalities": lambda v: v is None or v == ["text"],
     "store": lambda v: v is None or v is False,
     "metadata": _empty,
@@ -116,35 +124,9 @@ BEAM_SEARCH_NEUTRAL = {
     "prompt_logprobs": lambda v: v is None,
     "allowed_token_ids": lambda v: v is None,
     "bad_words": _empty,
+    **{name: lambda v: v is None for name in _STRUCTURED if name != "response_format"},
+    "response_format": lambda v: v is None or v == {"type": "text"},
 }
-
-
-class RequestError(Exception):
-    """A problem with the request, reported to the client in OpenAI's error shape."""
-
-    def __init__(
-        self,
-        message: str,
-        param: str | None = None,
-        status_code: int = 400,
-        code: str | None = None,
-        type: str = "invalid_request_error",
-    ):
-        super().__init__(message)
-        self.message, self.param, self.status_code, self.code, self.type = (
-            message,
-            param,
-            status_code,
-            code,
-            type,
-        )
-
-    def to_dict(self) -> dict:
-        return error_body(self.message, self.type, self.param, self.code)
-
-
-def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 @dataclass
@@ -377,6 +359,7 @@ def _parse_common(
         "stop": stop,
         "logprobs": logprobs,
         "logit_bias": _parse_logit_bias(body.get("logit_bias")),
+        "structured_outputs": parse_structured_outputs(body),
     }
     # A field the request leaves out takes the checkpoint's generation_config.json value (vLLM's server)
     kwargs |= {name: value for name, value in defaults.items() if name in GENERATION_DEFAULT_FIELDS}

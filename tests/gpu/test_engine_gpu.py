@@ -330,3 +330,52 @@ def test_beam_search_equals_torch_reference():
     for out, ref in zip(got, expected):
         assert [c for _, c in out] == pytest.approx([c for _, c in ref], abs=1e-3)
         assert len({tuple(t) for t, _ in out}) == 4  # four distinct beams
+
+
+def test_structured_outputs_in_graphed_steps_and_the_fused_draw(fast):
+    """Constrained rows (regex, choice, JSON schema; greedy and sampled) beside free ones in graphed decode
+    steps: every constrained output keeps to its constraint, the free rows' tokens do not change, and ids
+    past the tokenizer's vocabulary (the preset model's logits are wider) are never drawn."""
+    import json
+    import re
+
+    from nanovllm import StructuredOutputsParams
+
+    date = r"(19|20)[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]"
+    schema = {
+        "type": "object",
+        "properties": {"id": {"type": "integer", "minimum": 0}, "ok": {"type": "boolean"}},
+        "required": ["id", "ok"],
+    }
+    constraints = [dict(regex=date), dict(choice=["alpha", "beta", "gamma"]), dict(json=schema)]
+    prompts = _prompts(8, seed=8)
+    free = [out.outputs[0].token_ids for out in fast.generate(prompts, GREEDY, use_tqdm=False)]
+    params = []
+    for i in range(8):
+        if i % 4 == 3:
+            params.append(GREEDY)
+            continue
+        params.append(
+            SamplingParams(
+                temperature=0.0 if i < 4 else 0.9,
+                seed=None if i < 4 else i,
+                max_tokens=64,
+                structured_outputs=StructuredOutputsParams(**constraints[i % 4]),
+            )
+        )
+    outs = fast.generate(prompts, params, use_tqdm=False)
+    num_tokens = len(fast.tokenizer)
+    for i, (out, p) in enumerate(zip(outs, params)):
+        tokens, text = out.outputs[0].token_ids, out.outputs[0].text
+        if p is GREEDY:
+            assert tokens == free[i]
+            continue
+        assert max(tokens) < num_tokens
+        kind = i % 4
+        if kind == 0:
+            assert re.fullmatch(date, text) and out.outputs[0].finish_reason == "stop"
+        elif kind == 1:
+            assert text in ("alpha", "beta", "gamma") and out.outputs[0].finish_reason == "stop"
+        elif out.outputs[0].finish_reason == "stop":
+            value = json.loads(text)
+            assert set(value) == {"id", "ok"} and isinstance(value["ok"], bool) and value["id"] >= 0

@@ -595,7 +595,7 @@ def _error(excinfo) -> dict:
         ({"logit_bias": {"5": 101}}, "logit_bias"),
         ({"logit_bias": {"99999": 1}}, "logit_bias"),  # outside the vocabulary
         ({"extra_body": {"allowed_token_ids": [99999]}}, "allowed_token_ids"),
-        ({"extra_body": {"guided_json": {}}}, "guided_json"),
+        ({"extra_body": {"guided_grammar": "root ::= 'a'"}}, "guided_grammar"),  # (guided_json is supported)
         ({"n": 2, "best_of": 1}, "best_of"),
     ],
 )
@@ -609,7 +609,7 @@ def test_unsupported_completion_params(client, kwargs, param):
     "kwargs, param",
     [
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"response_format": {"type": "xml"}}, "response_format"),
         ({"logit_bias": {"five": 10}}, "logit_bias"),
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs=true
     ],

@@ -1,0 +1,161 @@
+"""Structured outputs, engine side: a request's constraint compiled once into a byte DFA over the engine's
+vocabulary (`Grammar`), and each sequence's place in it (`GrammarMatcher`).
+
+Every constraint is a regular language over the output's bytes: a regex as given, a choice as the
+alternation of its strings, a JSON schema through json_schema.py. The DFA is over bytes, not characters,
+because tokens are byte strings: a token may hold half of a UTF-8 character. Each step a guided row may
+sample only the tokens whose bytes keep the DFA alive from the sequence's state (vocab.py computes them,
+once per state: `Grammar.allowed`); an accepting state also allows the request's end tokens (EOS unless
+ignore_eos, its stop_token_ids: SamplingBatch.build). The scheduler advances the state by each sampled
+token (Scheduler.resolve) and ends the request once the output is complete and nothing may follow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+
+import numpy as np
+
+from nanovllm.sampling_params import ParamError, StructuredOutputsParams
+from nanovllm.structured.json_schema import SchemaError, choice_regex, schema_to_regex
+from nanovllm.structured.regex_dfa import ByteDFA, RegexError, compile_regex
+from nanovllm.structured.vocab import TokenIndex, token_bytes
+
+_FIELD = "structured_outputs"
+
+
+class Grammar:
+    """One compiled constraint, shared by every request that asks for it: its DFA and, per state visited,
+    the vocabulary's allowed tokens (the last MAX_CACHED_STATES states; 19 KB each, bit-packed, at a
+    152k vocabulary)."""
+
+    MAX_CACHED_STATES = 1024
+
+    def __init__(self, dfa: ByteDFA, index: TokenIndex, tokens: list[bytes | None]):
+        self.dfa, self.index, self.tokens = dfa, index, tokens
+        self._allowed: OrderedDict[int, np.ndarray] = OrderedDict()  # state -> packed [vocab_size] bits
+
+    @property
+    def vocab_size(self) -> int:
+        return self.index.vocab_size
+
+    def allowed(self, state: int) -> np.ndarray:  # [vocab_size] bool
+        """The tokens that keep the output matchable from `state` (end tokens not included)."""
+        packed = self._allowed.get(state)
+        if packed is None:
+            packed = np.packbits(self.index.allowed(self.dfa, state))
+            self._allowed[state] = packed
+            if len(self._allowed) > self.MAX_CACHED_STATES:
+                self._allowed.popitem(last=False)
+        else:
+            self._allowed.move_to_end(state)
+        return np.unpackbits(packed, count=self.vocab_size).view(np.bool_)
+
+    def next_state(self, state: int, token_id: int) -> int:
+        """The state after the token's bytes (0, the dead state, for a token that breaks the constraint or
+        has no bytes: special tokens, ids past the tokenizer's vocabulary)."""
+        data = self.tokens[token_id] if 0 <= token_id < len(self.tokens) else None
+        return self.dfa.advance(state, data) if data else 0
+
+    def is_accepting(self, state: int) -> bool:
+        return bool(self.dfa.accepting[state])
+
+
+class GrammarMatcher:
+    """A sequence's place in its grammar. Only the scheduler advances it (`accept`, as the sequence's
+    tokens are resolved); the runner reads `allowed`. Preemption keeps it: the output it matched stays."""
+
+    __slots__ = ("grammar", "state")
+
+    def __init__(self, grammar: Grammar):
+        self.grammar, self.state = grammar, grammar.dfa.start
+
+    def accept(self, token_id: int) -> bool:
+        """Advance by a sampled token; False (the state unchanged) if the token breaks the constraint."""
+        state = self.grammar.next_state(self.state, token_id)
+        if state == 0:
+            return False
+        self.state = state
+        return True
+
+    def allowed(self) -> np.ndarray:  # [vocab_size] bool
+        return self.grammar.allowed(self.state)
+
+    @property
+    def is_accepting(self) -> bool:
+        """The output so far is a whole match: the end tokens may come next."""
+        return self.grammar.is_accepting(self.state)
+
+    @property
+    def is_terminated(self) -> bool:
+        """The output is a whole match and no token can extend it: the request is done."""
+        return self.is_accepting and not self.allowed().any()
+
+
+class StructuredOutputCompiler:
+    """Compiles StructuredOutputsParams into Grammars for one engine (its tokenizer and its logits' width),
+    keeping the last MAX_GRAMMARS: requests tend to repeat a schema. The vocabulary's bytes are read on
+    the first constrained request."""
+
+    MAX_GRAMMARS = 32
+
+    def __init__(self, tokenizer, vocab_size: int):
+        self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self._tokens: list[bytes | None] | None = None
+        self._index: TokenIndex | None = None
+        self._grammars: OrderedDict[tuple, Grammar] = OrderedDict()
+
+    def matcher(self, params: StructuredOutputsParams) -> GrammarMatcher:
+        """A fresh matcher for a request; ParamError naming structured_outputs if the constraint cannot
+        be compiled or no output can follow it."""
+        key = _cache_key(params)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            grammar = self._compile(params)
+            self._grammars[key] = grammar
+            if len(self._grammars) > self.MAX_GRAMMARS:
+                self._grammars.popitem(last=False)
+        else:
+            self._grammars.move_to_end(key)
+        return GrammarMatcher(grammar)
+
+    def _compile(self, params: StructuredOutputsParams) -> Grammar:
+        try:
+            dfa = compile_regex(constraint_regex(params))
+        except (RegexError, SchemaError) as e:
+            raise ParamError(f"{_FIELD}: {e}", _FIELD) from None
+        if self._index is None:
+            self._tokens = token_bytes(self.tokenizer)
+            self._index = TokenIndex(self._tokens, self.vocab_size)
+        grammar = Grammar(dfa, self._index, self._tokens)
+        start = dfa.start
+        if start == 0:
+            raise ParamError(f"{_FIELD}: the constraint matches no output at all", _FIELD)
+        if not grammar.allowed(start).any():
+            what = (
+                "only the empty output"
+                if grammar.is_accepting(start)
+                else "no output this vocabulary can spell"
+            )
+            raise ParamError(f"{_FIELD}: the constraint matches {what}", _FIELD)
+        return grammar
+
+
+def constraint_regex(params: StructuredOutputsParams) -> str:
+    """The regex a constraint stands for (RegexError / SchemaError if it cannot be written as one)."""
+    if params.regex is not None:
+        return params.regex
+    if params.choice is not None:
+        return choice_regex(params.choice)
+    if params.json is not None:
+        return schema_to_regex(params.json, params.whitespace)
+    return schema_to_regex({"type": "object"}, params.whitespace)  # json_object: any JSON object
+
+
+def _cache_key(params: StructuredOutputsParams) -> tuple:
+    spec = params.json
+    if isinstance(spec, dict):  # (a str schema is keyed by its text: equal text, equal grammar)
+        spec = json.dumps(spec, sort_keys=True)
+    choice = None if params.choice is None else tuple(params.choice)
+    return (spec, params.regex, choice, bool(params.json_object), params.whitespace)
