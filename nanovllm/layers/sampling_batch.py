@@ -465,7 +465,8 @@ def _block_outside_constraints(
 
 def _blocked_row(matcher: GrammarMatcher, device: torch.device) -> torch.Tensor:  # [V] bool
     """The tokens a matcher's state rules out, as a new device tensor."""
-    return _host_tensor(~matcher.allowed(), torch.bool, device).to(device, non_blocking=True)
+    row = torch.from_numpy(~matcher.allowed())
+    return (row.pin_memory() if device.type == "cuda" else row).to(device, non_blocking=True)
 
 
 def _host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
