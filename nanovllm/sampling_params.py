@@ -277,10 +277,9 @@ class SamplingParams:
     def reads_output(self) -> bool:
         """Building the sampler's batch reads the latest generated tokens on the host (multi-token bad
         words: does the output end with a word's first tokens?), so each step must wait for the previous
-        one's token; so do structured outputs, whose allowed tokens depend on every generated one.
-        Penalties read every generated token too, but a pending one is filled in on the device
-        (SamplingBatch.build): they need no wait."""
-        return self.bad_word_context > 0 or self.structured_outputs is not None
+        one's token. Penalties and structured outputs read every generated token too, but a pending one is
+        read on the device (SamplingBatch.build): they need no wait."""
+        return self.bad_word_context > 0
 
     def with_bad_words_encoded(self, tokenizer, vocab_size: int) -> SamplingParams:
         """bad_words as token-id sequences, added to bad_words_token_ids, as vLLM encodes them: each word

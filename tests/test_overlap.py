@@ -365,3 +365,45 @@ def test_a_failed_step_leaves_no_cached_block_to_a_request_that_hit_it_after_an_
     assert again[0].num_cached_tokens == 0
     assert _summary(again) == [(*want[0][:5], 0)]
     _check_clean(overlap)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_structured_outputs_run_overlapped(engines, monkeypatch, seed):
+    """Structured outputs (regex, choice, JSON schema, any JSON object; greedy and seeded, beside free rows,
+    through preemption): the engine keeps a step in flight, each constrained row's mask picked on the device
+    from its pending token (layers/constraint_masks.py); a choice that completes ends with a discarded extra
+    step. The tokens are those of the waiting engine."""
+    from nanovllm import StructuredOutputsParams
+
+    sync, overlap = engines
+    rng = random.Random(seed)
+    prompts = mixed_prompts([rng.randint(1, 120) for _ in range(10)], seed=seed + 40)
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "s": {"type": "string"}}}
+    constraints = [
+        dict(regex=r"[0-9]{2,4}(-[a-z]+)*"),
+        dict(choice=["alpha", "beta", "gamma delta"]),
+        dict(json=schema),
+        dict(json_object=True),
+        None,
+    ]
+    params = []
+    for i in range(len(prompts)):
+        constraint = constraints[i % len(constraints)]
+        params.append(
+            SamplingParams(
+                temperature=0.8 if i % 2 else 0.0,
+                seed=rng.randint(0, 99) if i % 2 else None,
+                max_tokens=rng.randint(10, 40),
+                logprobs=1 if i % 3 == 0 else None,
+                structured_outputs=None if constraint is None else StructuredOutputsParams(**constraint),
+            )
+        )
+    for llm in engines:
+        llm.engine.scheduler.block_manager.reset_prefix_cache()
+    want = sync.generate(prompts, params, use_tqdm=False)
+    steps = _spy_overlap(overlap, monkeypatch)
+    got = overlap.generate(prompts, params, use_tqdm=False)
+    assert _summary(got) == _summary(want)
+    assert any(o.outputs[0].finish_reason == "stop" for o in got)  # (a complete match ended some)
+    assert any(inflight for inflight, _ in steps) and not any(reads for _, reads in steps)
+    _check_clean(overlap)

@@ -47,7 +47,7 @@ class Sequence:
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.params = params
         self.priority = priority  # lower first, under scheduling_policy "priority" (engine/request_queue.py)
-        self.reads_output = params.reads_output  # multi-token bad words, structured outputs: no overlap
+        self.reads_output = params.reads_output  # multi-token bad words: no overlapped steps
         # structured outputs: where the output is in its constraint (advanced by Scheduler.resolve)
         self.matcher = matcher
         self.token_ids: list[int] = list(prompt_token_ids)

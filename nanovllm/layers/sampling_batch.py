@@ -14,10 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from nanovllm.layers.constraint_masks import ConstraintMasks
 from nanovllm.sampling_params import GREEDY_EPS, SamplingParams
 
 if TYPE_CHECKING:
-    from nanovllm.structured.grammar import Grammar, GrammarMatcher
+    from nanovllm.structured.grammar import GrammarMatcher
 
 _MASK_64 = (1 << 64) - 1
 
@@ -53,8 +54,8 @@ class SamplingStaging:
         self._allowed: OrderedDict[int, tuple[SamplingParams, torch.Tensor]] = OrderedDict()
         # token_ids list -> its known ids as int64 (penalties), for the lists of the last max_rows sequences
         self._known: OrderedDict[int, _TokenMirror] = OrderedDict()
-        # (grammar, state) -> the tokens it rules out on the device, for the last MAX_BLOCKED_ROWS states
-        self._blocked: OrderedDict[tuple[int, int], tuple[Grammar, torch.Tensor]] = OrderedDict()
+        # structured outputs: each grammar's allowed-token table on the device
+        self.constraints = ConstraintMasks(device)
 
     def next_step(self) -> None:
         self._turn ^= 1
@@ -80,22 +81,6 @@ class SamplingStaging:
         if len(self._allowed) > self.max_rows:
             self._allowed.popitem(last=False)
         return ids
-
-    MAX_BLOCKED_ROWS = 512  # (152 KB each on the device at a 152k vocabulary)
-
-    def blocked_row(self, matcher: GrammarMatcher) -> torch.Tensor:  # [V] bool
-        """The tokens a structured output's state rules out, copied to the device once per (grammar,
-        state) and reused: the requests of one schema walk the same states."""
-        key = (id(matcher.grammar), matcher.state)
-        hit = self._blocked.get(key)
-        if hit is not None and hit[0] is matcher.grammar:
-            self._blocked.move_to_end(key)
-            return hit[1]
-        row = _blocked_row(matcher, self.device)
-        self._blocked[key] = (matcher.grammar, row)  # (holding the grammar: its id is not reused meanwhile)
-        if len(self._blocked) > self.MAX_BLOCKED_ROWS:
-            self._blocked.popitem(last=False)
-        return row
 
     def known_tokens(self, token_ids: list[int], num_known: int) -> np.ndarray:
         """token_ids[:num_known] as an int64 array: a view of a mirror kept for that list, extended by
@@ -148,8 +133,8 @@ class SamplingRequest:
     # Tokens generated so far, pending included: the seed position and the min_tokens count. None:
     # len(output_token_ids), plus one if pending_src is set.
     num_output_tokens: int | None = None
-    # Penalties under overlapped scheduling: the token after output_token_ids is still on the device, row
-    # pending_src of the previous step's sampled ids (SamplingBatch.build fills it in there).
+    # Penalties and structured outputs under overlapped scheduling: the token after output_token_ids is still
+    # on the device, row pending_src of the previous step's sampled ids (SamplingBatch.build reads it there).
     pending_src: int | None = None
     # Structured outputs: the sequence's place in its constraint, which decides the row's allowed tokens
     matcher: GrammarMatcher | None = None
@@ -176,16 +161,15 @@ class SamplingRequest:
         (repetition: prompt and output; presence and frequency: output; bad words: the output's last
         tokens); otherwise they are left empty. Penalties take them from `staging`'s mirror of the
         sequence, which costs O(new tokens) a step (without staging: an O(length) copy). `matcher`: the
-        sequence's structured-output matcher (its allowed tokens follow from the known output: no pending
-        token then)."""
+        sequence's structured-output matcher, at the state of the known output (a pending token's successor
+        state is picked on the device: layers/constraint_masks.py)."""
         num_known = len(token_ids) - num_pending_tokens
         num_output = len(token_ids) - num_prompt_tokens
         if num_pending_tokens and (num_pending_tokens > 1 or pending_src is None):
             raise RuntimeError(f"{num_pending_tokens} pending tokens (source row {pending_src}), not one")
-        if num_pending_tokens and (params.bad_word_context or matcher is not None):
-            raise RuntimeError(
-                "bad words and structured outputs read the latest token on the host: it must be known"
-            )
+        if num_pending_tokens and params.bad_word_context:
+            raise RuntimeError("multi-token bad words read the latest token on the host: it must be known")
+        pending = pending_src if num_pending_tokens else None
         if params.has_penalties:
             if staging is not None:
                 known = staging.known_tokens(token_ids, num_known)
@@ -198,13 +182,13 @@ class SamplingRequest:
                 known[num_prompt_tokens:],
                 eos_token_ids,
                 num_output,
-                pending_src if num_pending_tokens else None,
+                pending,
                 matcher,
             )
         output = []
         if params.bad_words_token_ids:
             output = token_ids[max(num_prompt_tokens, num_known - params.bad_word_context) : num_known]
-        return cls(params, [], output, eos_token_ids, num_output, matcher=matcher)
+        return cls(params, [], output, eos_token_ids, num_output, pending if matcher else None, matcher)
 
 
 def takes_plain_argmax(requests: list[SamplingRequest]) -> bool:
@@ -407,8 +391,9 @@ class SamplingBatch:
                     else to_device(p.allowed_token_ids, torch.int64)
                 )
                 blocked[i].index_fill_(0, ids, False)
-        if guided:
-            _block_outside_constraints(blocked, requests, guided, staging, device)
+        if guided:  # (a pending token's successor state is picked on the device: no wait)
+            masks = staging.constraints if staging is not None else ConstraintMasks(device)
+            masks.block(blocked, requests, guided, prev_tokens)
 
         asked = [p.logprobs for p in params if p.logprobs is not None]
         return cls(
@@ -436,37 +421,6 @@ class SamplingBatch:
             max_num_logprobs=max(asked) if asked else None,
             staging=staging,
         )
-
-
-def _block_outside_constraints(
-    blocked: torch.Tensor,  # [B, V] bool, True = ruled out
-    requests: list[SamplingRequest],
-    guided: list[int],  # the rows with a structured-output matcher
-    staging: SamplingStaging | None,
-    device: torch.device,
-) -> None:
-    """Rule out of each guided row the tokens its constraint does not allow from the row's state; a
-    complete match also allows the row's end tokens (EOS unless ignore_eos, stop_token_ids), so the
-    model may end there."""
-    rows = []
-    for i in guided:
-        matcher = requests[i].matcher
-        row = staging.blocked_row(matcher) if staging is not None else _blocked_row(matcher, device)
-        if matcher.is_accepting:
-            p = requests[i].params
-            ends = set(p.stop_token_ids or ()).union(() if p.ignore_eos else requests[i].eos_token_ids)
-            ends = sorted(t for t in ends if t < row.numel())
-            if ends:
-                row = row.index_fill(0, _host_tensor(ends, torch.int64, device).to(device), False)
-        rows.append(row)
-    index = _host_tensor(guided, torch.int64, device).to(device, non_blocking=True)
-    blocked.index_put_((index,), blocked.index_select(0, index) | torch.stack(rows))
-
-
-def _blocked_row(matcher: GrammarMatcher, device: torch.device) -> torch.Tensor:  # [V] bool
-    """The tokens a matcher's state rules out, as a new device tensor."""
-    row = torch.from_numpy(~matcher.allowed())
-    return (row.pin_memory() if device.type == "cuda" else row).to(device, non_blocking=True)
 
 
 def _host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -35,6 +35,7 @@ class Grammar:
     def __init__(self, dfa: ByteDFA, index: TokenIndex, tokens: list[bytes | None]):
         self.dfa, self.index, self.tokens = dfa, index, tokens
         self._allowed: OrderedDict[int, np.ndarray] = OrderedDict()  # state -> packed [vocab_size] bits
+        self._continues: dict[int, bool] = {}  # state -> any token allowed (kept for every state seen)
 
     @property
     def vocab_size(self) -> int:
@@ -44,13 +45,23 @@ class Grammar:
         """The tokens that keep the output matchable from `state` (end tokens not included)."""
         packed = self._allowed.get(state)
         if packed is None:
-            packed = np.packbits(self.index.allowed(self.dfa, state))
+            allowed = self.index.allowed(self.dfa, state)
+            packed = np.packbits(allowed)
             self._allowed[state] = packed
+            self._continues[state] = bool(allowed.any())
             if len(self._allowed) > self.MAX_CACHED_STATES:
                 self._allowed.popitem(last=False)
         else:
             self._allowed.move_to_end(state)
         return np.unpackbits(packed, count=self.vocab_size).view(np.bool_)
+
+    def can_continue(self, state: int) -> bool:
+        """Some token is allowed from `state` (checked once per state: the scheduler asks every step)."""
+        continues = self._continues.get(state)
+        if continues is None:
+            self.allowed(state)
+            continues = self._continues[state]
+        return continues
 
     def next_state(self, state: int, token_id: int) -> int:
         """The state after the token's bytes (0, the dead state, for a token that breaks the constraint or
@@ -90,7 +101,7 @@ class GrammarMatcher:
     @property
     def is_terminated(self) -> bool:
         """The output is a whole match and no token can extend it: the request is done."""
-        return self.is_accepting and not self.allowed().any()
+        return self.is_accepting and not self.grammar.can_continue(self.state)
 
 
 class StructuredOutputCompiler:
@@ -132,7 +143,7 @@ class StructuredOutputCompiler:
         start = dfa.start
         if start == 0:
             raise ParamError(f"{_FIELD}: the constraint matches no output at all", _FIELD)
-        if not grammar.allowed(start).any():
+        if not grammar.can_continue(start):
             what = (
                 "only the empty output"
                 if grammar.is_accepting(start)

@@ -1,0 +1,166 @@
+"""Structured outputs' token masks on the device, for SamplingBatch.build.
+
+A constrained row may sample only the tokens its grammar allows from the sequence's state
+(structured/grammar.py). Under overlapped scheduling the row's last token is still on the device when its
+next step is built, so the state is not known yet on the host: only the state before that token is. The
+mask is then chosen on the device: from the known state s, every token leads to some state s'
+(`successor_slots(s)`, a [V] map computed once per state), so the row's mask is the table row of the state
+its pending token leads to — one gather, no wait. Rows whose state is known read their state's row.
+
+Per grammar, `DeviceGrammar` keeps a bit-packed table of the states seen so far (a slot each, 19 KB at a
+152k vocabulary) and whether each accepts; slot 0 allows everything: the successor of a token the state
+did not allow (never sampled) and of a complete match (the request ends when that token is read back, so
+the step's token for it is discarded, as after an EOS under overlap).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from nanovllm.layers.sampling_batch import SamplingRequest
+    from nanovllm.structured.grammar import Grammar
+
+_FREE = 0  # the slot that allows every token
+
+
+class DeviceGrammar:
+    """One grammar's allowed-token bits on the device, by slot, and its states' successor maps (the last
+    MAX_SUCCESSOR_MAPS: [V] int32 each, 0.6 MB at a 152k vocabulary)."""
+
+    MAX_SUCCESSOR_MAPS = 128
+
+    def __init__(self, grammar: Grammar, device: torch.device):
+        self.grammar, self.device = grammar, device
+        num_bytes = -(-grammar.vocab_size // 8)
+        self.bits = torch.full((16, num_bytes), 255, dtype=torch.uint8, device=device)  # [capacity, V/8]
+        self.accepting = torch.zeros(16, dtype=torch.bool, device=device)  # [capacity]
+        self.slots: dict[int, int] = {}  # state -> its row in bits
+        self._successors: OrderedDict[int, torch.Tensor] = OrderedDict()
+
+    def slot(self, state: int) -> int:
+        """The state's row, its bits copied to the device on first use."""
+        slot = self.slots.get(state)
+        if slot is None:
+            slot = len(self.slots) + 1  # (after _FREE)
+            if slot == len(self.bits):  # double the table
+                self.bits = torch.cat([self.bits, torch.empty_like(self.bits)])
+                self.accepting = torch.cat([self.accepting, torch.empty_like(self.accepting)])
+            allowed = np.packbits(self.grammar.allowed(state))  # [V/8]
+            self.bits[slot].copy_(_pinned(torch.from_numpy(allowed), self.device), non_blocking=True)
+            self.accepting[slot] = self.grammar.is_accepting(state)
+            self.slots[state] = slot
+        return slot
+
+    def successor_slots(self, state: int) -> torch.Tensor:  # [V] int32
+        """For each token, the slot of the state it leads to from `state` (_FREE where the token is not
+        allowed, or where it completes the match)."""
+        hit = self._successors.get(state)
+        if hit is not None:
+            self._successors.move_to_end(state)
+            return hit
+        grammar = self.grammar
+        next_states = grammar.index.next_states(grammar.dfa, state)  # [V] int32, 0 = not allowed
+        states, inverse = np.unique(next_states, return_inverse=True)
+        slots = np.array(
+            [
+                _FREE if s == 0 or (grammar.is_accepting(s) and not grammar.can_continue(s)) else self.slot(s)
+                for s in states.tolist()
+            ],
+            dtype=np.int32,
+        )
+        mapped = _pinned(torch.from_numpy(slots[inverse]), self.device).to(self.device, non_blocking=True)
+        self._successors[state] = mapped
+        if len(self._successors) > self.MAX_SUCCESSOR_MAPS:
+            self._successors.popitem(last=False)
+        return mapped
+
+
+class ConstraintMasks:
+    """The engine's DeviceGrammars (the last MAX_GRAMMARS grammars used), kept in SamplingStaging."""
+
+    MAX_GRAMMARS = 32
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._grammars: OrderedDict[int, DeviceGrammar] = OrderedDict()
+
+    def of(self, grammar: Grammar) -> DeviceGrammar:
+        hit = self._grammars.get(id(grammar))
+        if (
+            hit is not None and hit.grammar is grammar
+        ):  # (holding the grammar: its id is not reused meanwhile)
+            self._grammars.move_to_end(id(grammar))
+            return hit
+        table = DeviceGrammar(grammar, self.device)
+        self._grammars[id(grammar)] = table
+        if len(self._grammars) > self.MAX_GRAMMARS:
+            self._grammars.popitem(last=False)
+        return table
+
+    def block(
+        self,
+        blocked: torch.Tensor,  # [B, V] bool, True = ruled out
+        requests: list[SamplingRequest],
+        rows: list[int],  # the constrained rows
+        prev_tokens: torch.Tensor | None,  # [num_prev] int64: the previous step's sampled ids
+    ) -> None:
+        """Rule out of each constrained row what its state does not allow; an accepting state also allows the
+        row's end tokens (EOS unless ignore_eos, stop_token_ids), so the model may end there."""
+        by_grammar: dict[int, list[int]] = {}
+        for i in rows:
+            by_grammar.setdefault(id(requests[i].matcher.grammar), []).append(i)
+        for group in by_grammar.values():
+            table = self.of(requests[group[0]].matcher.grammar)
+            slots = torch.tensor(
+                [table.slot(requests[i].matcher.state) for i in group], dtype=torch.int64, device="cpu"
+            )
+            slots = _pinned(slots, self.device).to(self.device, non_blocking=True)  # [n]
+            for k, i in enumerate(group):  # a pending token decides the state: pick its successor's slot
+                src = requests[i].pending_src
+                if src is not None:
+                    if prev_tokens is None or src >= len(prev_tokens):
+                        raise RuntimeError(f"pending token of row {i} from row {src} of no sampled ids")
+                    successor = table.successor_slots(requests[i].matcher.state)
+                    slots[k : k + 1] = successor.index_select(0, prev_tokens[src : src + 1]).long()
+            vocab_size = blocked.shape[1]
+            bits = table.bits.index_select(0, slots)  # [n, V/8]
+            shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=self.device)  # (np.packbits' order)
+            allowed = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab_size].bool()  # [n, V]
+            index = _pinned(torch.tensor(group, dtype=torch.int64), self.device).to(
+                self.device, non_blocking=True
+            )
+            blocked.index_put_((index,), blocked.index_select(0, index) | ~allowed)
+            _allow_ends(blocked, requests, group, index, table.accepting.index_select(0, slots), self.device)
+
+
+def _allow_ends(
+    blocked: torch.Tensor,  # [B, V] bool
+    requests: list[SamplingRequest],
+    group: list[int],  # rows of one grammar
+    index: torch.Tensor,  # [n] int64: those rows, on the device
+    accepting: torch.Tensor,  # [n] bool: whether each row's state accepts
+    device: torch.device,
+) -> None:
+    """Where a row's state accepts, its end tokens are allowed (EOS unless ignore_eos, stop_token_ids)."""
+    pairs = []  # (position in group, token)
+    for k, i in enumerate(group):
+        r = requests[i]
+        ends = set(r.params.stop_token_ids or ()).union(() if r.params.ignore_eos else r.eos_token_ids)
+        pairs += [(k, t) for t in sorted(ends) if t < blocked.shape[1]]
+    if not pairs:
+        return
+    local, ids = zip(*pairs)
+    local = _pinned(torch.tensor(local, dtype=torch.int64), device).to(device, non_blocking=True)
+    ids = _pinned(torch.tensor(ids, dtype=torch.int64), device).to(device, non_blocking=True)
+    rows = index.index_select(0, local)
+    blocked.index_put_((rows, ids), blocked[rows, ids] & ~accepting.index_select(0, local))
+
+
+def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor in pinned memory when bound for a GPU (so that its copy does not block)."""
+    return t.pin_memory() if device.type == "cuda" else t
