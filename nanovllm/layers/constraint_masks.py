@@ -73,7 +73,7 @@ class DeviceGrammar:
             ],
             dtype=np.int32,
         )
-        mapped = _pinned(torch.from_numpy(slots[inverse]), self.device).to(self.device, non_blocking=True)
+        mapped = _to_device(torch.from_numpy(slots[inverse]), self.device)
         self._successors[state] = mapped
         if len(self._successors) > self.MAX_SUCCESSOR_MAPS:
             self._successors.popitem(last=False)
@@ -116,24 +116,26 @@ class ConstraintMasks:
             by_grammar.setdefault(id(requests[i].matcher.grammar), []).append(i)
         for group in by_grammar.values():
             table = self.of(requests[group[0]].matcher.grammar)
-            slots = torch.tensor(
-                [table.slot(requests[i].matcher.state) for i in group], dtype=torch.int64, device="cpu"
-            )
-            slots = _pinned(slots, self.device).to(self.device, non_blocking=True)  # [n]
-            for k, i in enumerate(group):  # a pending token decides the state: pick its successor's slot
-                src = requests[i].pending_src
-                if src is not None:
-                    if prev_tokens is None or src >= len(prev_tokens):
-                        raise RuntimeError(f"pending token of row {i} from row {src} of no sampled ids")
-                    successor = table.successor_slots(requests[i].matcher.state)
-                    slots[k : k + 1] = successor.index_select(0, prev_tokens[src : src + 1]).long()
+            known = torch.tensor([table.slot(requests[i].matcher.state) for i in group], dtype=torch.int64)
+            slots = _to_device(known, self.device)  # [n]
+            # A pending token decides the state: its successor's slot, one gather per state (rows in a state
+            # share its map), so the host's work grows with the states in use, not the rows.
+            pending: dict[int, list[tuple[int, int]]] = {}  # state -> (position in group, source row)
+            for k, i in enumerate(group):
+                if requests[i].pending_src is not None:
+                    pending.setdefault(requests[i].matcher.state, []).append((k, requests[i].pending_src))
+            for state, items in pending.items():
+                positions, sources = zip(*items)
+                if prev_tokens is None or max(sources) >= len(prev_tokens):
+                    raise RuntimeError(f"pending tokens from rows {sources} of no sampled ids")
+                tokens = prev_tokens.index_select(0, _to_device(torch.tensor(sources), self.device))
+                successors = table.successor_slots(state).index_select(0, tokens).long()
+                slots.index_copy_(0, _to_device(torch.tensor(positions), self.device), successors)
             vocab_size = blocked.shape[1]
             bits = table.bits.index_select(0, slots)  # [n, V/8]
             shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=self.device)  # (np.packbits' order)
             allowed = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab_size].bool()  # [n, V]
-            index = _pinned(torch.tensor(group, dtype=torch.int64), self.device).to(
-                self.device, non_blocking=True
-            )
+            index = _to_device(torch.tensor(group, dtype=torch.int64), self.device)  # [n]
             blocked.index_put_((index,), blocked.index_select(0, index) | ~allowed)
             _allow_ends(blocked, requests, group, index, table.accepting.index_select(0, slots), self.device)
 
@@ -155,8 +157,8 @@ def _allow_ends(
     if not pairs:
         return
     local, ids = zip(*pairs)
-    local = _pinned(torch.tensor(local, dtype=torch.int64), device).to(device, non_blocking=True)
-    ids = _pinned(torch.tensor(ids, dtype=torch.int64), device).to(device, non_blocking=True)
+    local = _to_device(torch.tensor(local, dtype=torch.int64), device)
+    ids = _to_device(torch.tensor(ids, dtype=torch.int64), device)
     rows = index.index_select(0, local)
     blocked.index_put_((rows, ids), blocked[rows, ids] & ~accepting.index_select(0, local))
 
@@ -164,3 +166,7 @@ def _allow_ends(
 def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor in pinned memory when bound for a GPU (so that its copy does not block)."""
     return t.pin_memory() if device.type == "cuda" else t
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return _pinned(t, device).to(device, non_blocking=True)
