@@ -39,9 +39,8 @@ class StructuredOutputsParams:
     grammar: str | None = None  # vLLM's EBNF / Lark grammars: not supported (an error)
     json_object: bool | None = None
     disable_any_whitespace: bool = False  # JSON with no whitespace between its tokens
-    disable_additional_properties: bool = (
-        False  # (always so: a schema's absent additionalProperties is false)
-    )
+    # (always so here: a schema's absent additionalProperties is taken as false)
+    disable_additional_properties: bool = False
     whitespace_pattern: str | None = None  # a regex for what may stand between JSON tokens
     structural_tag: str | None = None  # not supported (an error)
 
@@ -52,12 +51,14 @@ class StructuredOutputsParams:
                 raise ParamError(
                     f"{field}.{name} is not supported: use json, regex, choice or json_object", field
                 )
-        set_ = [
-            k for k in ("json", "regex", "choice", "json_object") if getattr(self, k) not in (None, False)
-        ]
-        if len(set_) != 1:
+        if self.json_object is not None and not isinstance(self.json_object, bool):
+            raise ParamError(f"{field}.json_object must be a bool, got {self.json_object!r}", field)
+        # (json=False, the schema admitting nothing, counts: it fails to compile; json_object=False does not)
+        asked = [k for k in ("json", "regex", "choice") if getattr(self, k) is not None]
+        asked += ["json_object"] if self.json_object is True else []
+        if len(asked) != 1:
             raise ParamError(
-                f"{field} must set exactly one of json, regex, choice or json_object, got {set_ or 'none'}",
+                f"{field} must set exactly one of json, regex, choice or json_object, got {asked or 'none'}",
                 field,
             )
         if self.json is not None and not isinstance(self.json, str | dict | bool):
@@ -76,8 +77,6 @@ class StructuredOutputsParams:
                     f"{field}.choice must be a non-empty list of strings, got {self.choice!r}", field
                 )
             self.choice = list(self.choice)
-        if self.json_object not in (None, True, False):
-            raise ParamError(f"{field}.json_object must be a bool, got {self.json_object!r}", field)
         if self.whitespace_pattern is not None and not isinstance(self.whitespace_pattern, str):
             raise ParamError(
                 f"{field}.whitespace_pattern must be a string, got {self.whitespace_pattern!r}", field

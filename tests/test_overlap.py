@@ -367,14 +367,21 @@ def test_a_failed_step_leaves_no_cached_block_to_a_request_that_hit_it_after_an_
     _check_clean(overlap)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_structured_outputs_run_overlapped(engines, monkeypatch, seed):
+@pytest.mark.parametrize("seed, small_tables", [(0, False), (1, False), (2, True)])
+def test_structured_outputs_run_overlapped(engines, monkeypatch, seed, small_tables):
     """Structured outputs (regex, choice, JSON schema, any JSON object; greedy and seeded, beside free rows,
     through preemption): the engine keeps a step in flight, each constrained row's mask picked on the device
     from its pending token (layers/constraint_masks.py); a choice that completes ends with a discarded extra
     step. The tokens are those of the waiting engine."""
     from nanovllm import StructuredOutputsParams
+    from nanovllm.layers.constraint_masks import ConstraintMasks, DeviceGrammar
+    from nanovllm.structured import grammar
 
+    if small_tables:  # device tables started again, successor maps and grammars evicted, all the time
+        monkeypatch.setattr(DeviceGrammar, "MAX_SLOTS", 3)
+        monkeypatch.setattr(DeviceGrammar, "MAX_SUCCESSOR_MAPS", 1)
+        monkeypatch.setattr(ConstraintMasks, "MAX_GRAMMARS", 1)
+        monkeypatch.setattr(grammar.Grammar, "MAX_CACHED_STATES", 2)
     sync, overlap = engines
     rng = random.Random(seed)
     prompts = mixed_prompts([rng.randint(1, 120) for _ in range(10)], seed=seed + 40)

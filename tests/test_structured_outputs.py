@@ -154,6 +154,10 @@ def test_bad_constraints_are_param_errors_and_the_engine_goes_on(llm):
         dict(json={"type": "string", "format": "no-such-format"}),
         dict(json="{not json"),
         dict(regex="a{0}"),  # only the empty output
+        dict(json=_fanning_refs(30)),  # 2**30 subschemas once inlined: refused at once, not computed
+        dict(json=_nested_arrays(400)),
+        dict(json={"type": "object", "properties": {"a": {"enum": [b"bytes"]}}}),  # (not JSON)
+        dict(json={"type": "string"}, whitespace_pattern="("),
     ]
     for constraint in cases:
         with pytest.raises(ParamError) as e:
@@ -166,6 +170,35 @@ def test_bad_constraints_are_param_errors_and_the_engine_goes_on(llm):
         SamplingParams(structured_outputs={"regex": "a"})
     (out,) = llm.generate([PROMPT], _params(regex="ok|fine"), use_tqdm=False)
     assert out.outputs[0].text in ("ok", "fine")
+
+
+def _fanning_refs(n: int) -> dict:
+    defs = {
+        f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]} for i in range(n)
+    }
+    return {"$ref": "#/$defs/d0", "$defs": {**defs, f"d{n}": {"type": "integer"}}}
+
+
+def _nested_arrays(n: int) -> dict:
+    schema = {"type": "integer"}
+    for _ in range(n):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+def test_end_tokens_obey_allowed_token_ids(llm):
+    """An accepting state allows the end tokens, but only the constraint's ban is lifted: allowed_token_ids
+    without the EOS still rule it out (here it is also pushed up by logit_bias)."""
+    digits = [t for t in range(len(llm.tokenizer)) if re.fullmatch(r"[0-9]+", llm.tokenizer.decode([t]))]
+    params = dataclasses.replace(
+        _params(max_tokens=10, regex=r"[0-9]+"), allowed_token_ids=digits, logit_bias={EOS: 100.0}
+    )
+    (out,) = llm.generate([PROMPT], params, use_tqdm=False)
+    assert EOS not in out.outputs[0].token_ids and out.outputs[0].finish_reason == "length"
+    # without allowed_token_ids, the bias makes the EOS come as soon as the output matches
+    free = dataclasses.replace(params, allowed_token_ids=None)
+    (out,) = llm.generate([PROMPT], free, use_tqdm=False)
+    assert len(out.outputs[0].token_ids) == 2 and out.outputs[0].token_ids[-1] == EOS
 
 
 def test_token_id_prompts_and_a_grammar_reused(llm):

@@ -29,7 +29,7 @@ from nanovllm.engine.step_input import LaunchedStep
 from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
 from nanovllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.structured.grammar import StructuredOutputCompiler
+from nanovllm.structured.grammar import StructuredOutputCompiler, can_overlap
 from nanovllm.utils.tokenizer import TokenDecoder, load_tokenizer
 
 logger = logging.getLogger("nanovllm")
@@ -279,8 +279,12 @@ class LLMEngine:
     def _can_overlap(self) -> bool:
         """Multi-token bad words read the latest generated token on the host (SamplingParams.reads_output),
         so with them the engine waits for each step (as it does when overlap is off). Penalties do not
-        stop overlap: the sampler fills their pending token in on the device."""
-        return self.overlap and not any(seq.reads_output for seq in self.scheduler.running)
+        stop overlap: the sampler fills their pending token in on the device. Nor do structured outputs,
+        once the masks their pending tokens could need are computed (structured/grammar.py can_overlap)."""
+        running = self.scheduler.running
+        if not self.overlap or any(seq.reads_output for seq in running):
+            return False
+        return can_overlap(seq.matcher for seq in running if seq.matcher is not None)
 
     def _fills_pipeline(self) -> bool:
         """Launch a small step (IDLE_STEP_TOKENS) and schedule the rest while it runs: the device is idle and

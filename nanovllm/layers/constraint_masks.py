@@ -29,10 +29,12 @@ _FREE = 0  # the slot that allows every token
 
 
 class DeviceGrammar:
-    """One grammar's allowed-token bits on the device, by slot, and its states' successor maps (the last
-    MAX_SUCCESSOR_MAPS: [V] int32 each, 0.6 MB at a 152k vocabulary)."""
+    """One grammar's allowed-token bits on the device, by slot (at most MAX_SLOTS: 19 KB each at a 152k
+    vocabulary, then ConstraintMasks starts a fresh table), and its states' successor maps (the last
+    MAX_SUCCESSOR_MAPS: [V] int16 each, 0.3 MB)."""
 
-    MAX_SUCCESSOR_MAPS = 128
+    MAX_SLOTS = 2048
+    MAX_SUCCESSOR_MAPS = 64
 
     def __init__(self, grammar: Grammar, device: torch.device):
         self.grammar, self.device = grammar, device
@@ -56,7 +58,7 @@ class DeviceGrammar:
             self.slots[state] = slot
         return slot
 
-    def successor_slots(self, state: int) -> torch.Tensor:  # [V] int32
+    def successor_slots(self, state: int) -> torch.Tensor:  # [V] int16
         """For each token, the slot of the state it leads to from `state` (_FREE where the token is not
         allowed, or where it completes the match)."""
         hit = self._successors.get(state)
@@ -71,7 +73,7 @@ class DeviceGrammar:
                 _FREE if s == 0 or (grammar.is_accepting(s) and not grammar.can_continue(s)) else self.slot(s)
                 for s in states.tolist()
             ],
-            dtype=np.int32,
+            dtype=np.int16,  # (slots stay below MAX_SLOTS and a step's new ones)
         )
         mapped = _to_device(torch.from_numpy(slots[inverse]), self.device)
         self._successors[state] = mapped
@@ -83,7 +85,7 @@ class DeviceGrammar:
 class ConstraintMasks:
     """The engine's DeviceGrammars (the last MAX_GRAMMARS grammars used), kept in SamplingStaging."""
 
-    MAX_GRAMMARS = 32
+    MAX_GRAMMARS = 8
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -91,9 +93,8 @@ class ConstraintMasks:
 
     def of(self, grammar: Grammar) -> DeviceGrammar:
         hit = self._grammars.get(id(grammar))
-        if (
-            hit is not None and hit.grammar is grammar
-        ):  # (holding the grammar: its id is not reused meanwhile)
+        # (a table holds its grammar, so the id is not reused meanwhile; a full one starts again)
+        if hit is not None and hit.grammar is grammar and len(hit.slots) < DeviceGrammar.MAX_SLOTS:
             self._grammars.move_to_end(id(grammar))
             return hit
         table = DeviceGrammar(grammar, self.device)
@@ -136,15 +137,16 @@ class ConstraintMasks:
             shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=self.device)  # (np.packbits' order)
             allowed = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab_size].bool()  # [n, V]
             index = _to_device(torch.tensor(group, dtype=torch.int64), self.device)  # [n]
-            blocked.index_put_((index,), blocked.index_select(0, index) | ~allowed)
-            _allow_ends(blocked, requests, group, index, table.accepting.index_select(0, slots), self.device)
+            # [n, V]: what the constraint alone rules out (the ends it allows must clear nothing else)
+            ruled_out = ~allowed
+            _allow_ends(ruled_out, requests, group, table.accepting.index_select(0, slots), self.device)
+            blocked.index_put_((index,), blocked.index_select(0, index) | ruled_out)
 
 
 def _allow_ends(
-    blocked: torch.Tensor,  # [B, V] bool
+    ruled_out: torch.Tensor,  # [n, V] bool: what the constraint rules out of each row of the group
     requests: list[SamplingRequest],
     group: list[int],  # rows of one grammar
-    index: torch.Tensor,  # [n] int64: those rows, on the device
     accepting: torch.Tensor,  # [n] bool: whether each row's state accepts
     device: torch.device,
 ) -> None:
@@ -153,14 +155,13 @@ def _allow_ends(
     for k, i in enumerate(group):
         r = requests[i]
         ends = set(r.params.stop_token_ids or ()).union(() if r.params.ignore_eos else r.eos_token_ids)
-        pairs += [(k, t) for t in sorted(ends) if t < blocked.shape[1]]
+        pairs += [(k, t) for t in sorted(ends) if t < ruled_out.shape[1]]
     if not pairs:
         return
     local, ids = zip(*pairs)
     local = _to_device(torch.tensor(local, dtype=torch.int64), device)
     ids = _to_device(torch.tensor(ids, dtype=torch.int64), device)
-    rows = index.index_select(0, local)
-    blocked.index_put_((rows, ids), blocked[rows, ids] & ~accepting.index_select(0, local))
+    ruled_out.index_put_((local, ids), ruled_out[local, ids] & ~accepting.index_select(0, local))
 
 
 def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:

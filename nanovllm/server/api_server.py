@@ -167,7 +167,8 @@ class OpenAIServer:
         try:
             stream = await self.engine.submit(subs, incremental=req.stream)
         except ParamError as e:  # (e.g. min_tokens above the max_tokens a prompt leaves: fill_max_tokens)
-            raise RequestError(str(e), e.param) from None
+            param = req.structured_field if e.param == "structured_outputs" else e.param
+            raise RequestError(str(e), param) from None
         except ValueError as e:
             raise RequestError(str(e), "messages" if chat else "prompt") from None
         except EngineDeadError as e:

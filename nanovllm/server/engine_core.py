@@ -231,6 +231,10 @@ class EngineCore:
         except ValueError as e:
             self.message.replies.append((cmd.add_id, e))
             return
+        except Exception as e:  # a bug, not the user's fault: fail this request, keep serving
+            logger.exception("checking a request failed")
+            self.message.replies.append((cmd.add_id, _portable(e)))
+            return
         try:
             for sub, (token_ids, params) in zip(cmd.subs, checked):
                 engine.add_request(

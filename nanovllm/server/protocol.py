@@ -150,6 +150,7 @@ class GenerateRequest:
     # use_beam_search: the search's settings (params then only carries n, max_tokens and the prompt's options)
     beam_search: BeamSearchParams | None = None
     priority: int = 0  # lower first under scheduling_policy "priority" (the server checks the policy)
+    structured_field: str | None = None  # the field that asked for params.structured_outputs
 
     @property
     def response_role(self) -> str:
@@ -359,8 +360,8 @@ def _parse_common(
         "stop": stop,
         "logprobs": logprobs,
         "logit_bias": _parse_logit_bias(body.get("logit_bias")),
-        "structured_outputs": parse_structured_outputs(body),
     }
+    kwargs["structured_outputs"], structured_field = parse_structured_outputs(body)
     # A field the request leaves out takes the checkpoint's generation_config.json value (vLLM's server)
     kwargs |= {name: value for name, value in defaults.items() if name in GENERATION_DEFAULT_FIELDS}
     for name in ("temperature", "top_p", "seed", "presence_penalty", "frequency_penalty", *VLLM_EXTRA_FIELDS):
@@ -401,6 +402,7 @@ def _parse_common(
         continuous_usage=continuous_usage,
         beam_search=beam_search,
         priority=priority,
+        structured_field=structured_field,
     )
 
 

@@ -24,9 +24,10 @@ _PARAM_FIELDS = frozenset(f.name for f in dataclasses.fields(StructuredOutputsPa
 _JSON_SCHEMA_FIELDS = frozenset(("name", "schema", "strict", "description"))
 
 
-def parse_structured_outputs(body: dict) -> StructuredOutputsParams | None:
-    """The request's constraint, or None. Asking in two places (e.g. response_format and guided_regex) is
-    a 400 naming the second."""
+def parse_structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str | None]:
+    """The request's constraint and the field it came in (the engine's errors about it name that field),
+    or (None, None). Asking in two places (e.g. response_format and guided_regex) is a 400 naming the
+    second."""
     found: list[tuple[str, dict]] = []  # (the field asked through, StructuredOutputsParams' kwargs)
     spec = body.get("structured_outputs")
     if spec is not None:
@@ -35,7 +36,7 @@ def parse_structured_outputs(body: dict) -> StructuredOutputsParams | None:
         unknown = sorted(set(spec) - _PARAM_FIELDS)
         if unknown:
             raise RequestError(f"unsupported structured_outputs field: {unknown[0]!r}", "structured_outputs")
-        if any(v not in (None, False) for v in spec.values()):
+        if any(v is not None and v is not False for v in spec.values()):  # (0 is a value: an error below)
             found.append(("structured_outputs", {k: v for k, v in spec.items() if v is not None}))
     guided = {GUIDED_FIELDS[k]: body[k] for k in GUIDED_FIELDS if body.get(k) is not None}
     if guided:
@@ -44,14 +45,14 @@ def parse_structured_outputs(body: dict) -> StructuredOutputsParams | None:
     if response_format is not None:
         found.append(("response_format", response_format))
     if not found:
-        return None
+        return None, None
     if len(found) > 1:
         raise RequestError(
             f"{found[1][0]} asks for a structured output that {found[0][0]} already sets", found[1][0]
         )
     field, kwargs = found[0]
     try:
-        return StructuredOutputsParams(**kwargs)
+        return StructuredOutputsParams(**kwargs), field
     except ParamError as e:  # (its message names structured_outputs' field: say which request field that was)
         raise RequestError(str(e) if field == "structured_outputs" else f"{field}: {e}", field) from None
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -36,6 +37,8 @@ class Grammar:
         self.dfa, self.index, self.tokens = dfa, index, tokens
         self._allowed: OrderedDict[int, np.ndarray] = OrderedDict()  # state -> packed [vocab_size] bits
         self._continues: dict[int, bool] = {}  # state -> any token allowed (kept for every state seen)
+        self._successors: dict[int, tuple[int, ...]] = {}  # state -> the live states its tokens lead to
+        self._ready: set[int] = set()  # states whose successors' masks were all computed
 
     @property
     def vocab_size(self) -> int:
@@ -45,10 +48,12 @@ class Grammar:
         """The tokens that keep the output matchable from `state` (end tokens not included)."""
         packed = self._allowed.get(state)
         if packed is None:
-            allowed = self.index.allowed(self.dfa, state)
+            next_states = self.index.next_states(self.dfa, state)  # [vocab_size], 0 = not allowed
+            allowed = next_states != 0
             packed = np.packbits(allowed)
             self._allowed[state] = packed
             self._continues[state] = bool(allowed.any())
+            self._successors[state] = tuple(np.unique(next_states[allowed]).tolist())
             if len(self._allowed) > self.MAX_CACHED_STATES:
                 self._allowed.popitem(last=False)
         else:
@@ -62,6 +67,18 @@ class Grammar:
             self.allowed(state)
             continues = self._continues[state]
         return continues
+
+    def num_unready_successors(self, state: int) -> int:
+        """How many states one token from `state` have no mask computed yet: an overlapped step computes
+        them all before its token is known (layers/constraint_masks.py), a waiting one only the state the
+        token leads to."""
+        if state in self._ready:
+            return 0
+        self.can_continue(state)  # (computes the state's successors on its first visit)
+        missing = sum(1 for s in self._successors[state] if s not in self._allowed)
+        if not missing:
+            self._ready.add(state)  # (a mask dropped from the cache later is recomputed when asked for)
+        return missing
 
     def next_state(self, state: int, token_id: int) -> int:
         """The state after the token's bytes (0, the dead state, for a token that breaks the constraint or
@@ -104,6 +121,25 @@ class GrammarMatcher:
         return self.is_accepting and not self.grammar.can_continue(self.state)
 
 
+# An overlapped step may compute at most this many new masks first (each takes 1-4 ms of host time at a
+# 152k vocabulary); past it the engine waits for the step in flight, and computes only the masks visited.
+MAX_NEW_MASKS_OVERLAPPED = 4
+
+
+def can_overlap(matchers: Iterable[GrammarMatcher]) -> bool:
+    """Whether the next step may be built before the tokens in flight are known: the masks of every state
+    those tokens could lead to are computed, but for at most MAX_NEW_MASKS_OVERLAPPED in all."""
+    seen, missing = set(), 0
+    for m in matchers:
+        key = (id(m.grammar), m.state)
+        if key not in seen:
+            seen.add(key)
+            missing += m.grammar.num_unready_successors(m.state)
+            if missing > MAX_NEW_MASKS_OVERLAPPED:
+                return False
+    return True
+
+
 class StructuredOutputCompiler:
     """Compiles StructuredOutputsParams into Grammars for one engine (its tokenizer and its logits' width),
     keeping the last MAX_GRAMMARS: requests tend to repeat a schema. The vocabulary's bytes are read on
@@ -120,7 +156,10 @@ class StructuredOutputCompiler:
     def matcher(self, params: StructuredOutputsParams) -> GrammarMatcher:
         """A fresh matcher for a request; ParamError naming structured_outputs if the constraint cannot
         be compiled or no output can follow it."""
-        key = _cache_key(params)
+        try:
+            key = _cache_key(params)
+        except (TypeError, ValueError) as e:  # (json.dumps of a dict holding bytes, a NaN ...)
+            raise ParamError(f"{_FIELD}.json is not a JSON schema: {e}", _FIELD) from None
         grammar = self._grammars.get(key)
         if grammar is None:
             grammar = self._compile(params)
@@ -133,9 +172,15 @@ class StructuredOutputCompiler:
 
     def _compile(self, params: StructuredOutputsParams) -> Grammar:
         try:
+            if params.whitespace:  # (alone first: an error then names it, not the JSON regex around it)
+                compile_regex(params.whitespace)
             dfa = compile_regex(constraint_regex(params))
         except (RegexError, SchemaError) as e:
             raise ParamError(f"{_FIELD}: {e}", _FIELD) from None
+        except (RecursionError, TypeError, AttributeError) as e:  # a malformed schema from Python code
+            raise ParamError(
+                f"{_FIELD}: cannot compile this constraint ({type(e).__name__}: {e})", _FIELD
+            ) from None
         if self._index is None:
             self._tokens = token_bytes(self.tokenizer)
             self._index = TokenIndex(self._tokens, self.vocab_size)
@@ -167,6 +212,6 @@ def constraint_regex(params: StructuredOutputsParams) -> str:
 def _cache_key(params: StructuredOutputsParams) -> tuple:
     spec = params.json
     if isinstance(spec, dict):  # (a str schema is keyed by its text: equal text, equal grammar)
-        spec = json.dumps(spec, sort_keys=True)
+        spec = json.dumps(spec, sort_keys=True, allow_nan=False)
     choice = None if params.choice is None else tuple(params.choice)
     return (spec, params.regex, choice, bool(params.json_object), params.whitespace)

@@ -195,12 +195,19 @@ def _int_range(lo: int | None, hi: int | None) -> str:
 # ---- the compiler: one method per kind of schema ----
 
 
+# Bounds on the work one schema may ask for: it is translated on the engine's thread, and inlining $refs
+# that fan out (two properties pointing at the next level, ...) doubles the work a level.
+MAX_SUBSCHEMAS = 4_096
+MAX_NESTING = 64
+
+
 class _Compiler:
     def __init__(self, root, whitespace: str | None):
         ws = DEFAULT_WHITESPACE if whitespace is None else whitespace
         self.ws = f"(?:{ws})" if "|" in ws else ws
         self.root = root
         self.active_refs: list[str] = []  # $refs being inlined, innermost last: one seen again is a cycle
+        self.num_subschemas = 0  # translated so far: $refs are inlined, so a small schema can fan out
 
     def _wrap(self, open_: str, body: str, close: str, optional: bool) -> str:
         ws = self.ws
@@ -225,6 +232,14 @@ class _Compiler:
 
     def value(self, schema, path: str, depth: int) -> str:
         """The regex for `schema` at `path`, for a value inside `depth` containers."""
+        self.num_subschemas += 1
+        if self.num_subschemas > MAX_SUBSCHEMAS:
+            raise SchemaError(
+                f"{path}: the schema expands to more than {MAX_SUBSCHEMAS} subschemas once its $refs are "
+                "inlined (each $ref is copied where it is used)"
+            )
+        if depth > MAX_NESTING or len(self.active_refs) > MAX_NESTING:
+            raise SchemaError(f"{path}: nested more than {MAX_NESTING} deep (containers or $refs)")
         if schema is True:
             return self.any(DEFAULT_MAX_DEPTH - depth)
         if schema is False:
