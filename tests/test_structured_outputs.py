@@ -221,5 +221,7 @@ def test_the_throughput_script_runs(tmp_path):
     result = load_script("scripts/structured_throughput.py").main(
         ["--model", "qwen3-tiny", "--num-prompts", "3", "--max-tokens", "8", "--out", str(tmp_path)]
     )
-    assert {run["tokens"] for run in result["runs"].values()} == {24}
+    runs = result["runs"]
+    assert {runs[f"{name}-{i}"]["tokens"] for name in ("free", "regex") for i in (0, 1)} == {24}
+    assert 0 < runs["schema-1"]["tokens"] <= 24
     assert result["constrained_over_free"] > 0 and list(tmp_path.glob("structured_throughput-*.json"))
