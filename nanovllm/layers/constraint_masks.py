@@ -52,8 +52,8 @@ class DeviceGrammar:
             if slot == len(self.bits):  # double the table
                 self.bits = torch.cat([self.bits, torch.empty_like(self.bits)])
                 self.accepting = torch.cat([self.accepting, torch.empty_like(self.accepting)])
-            allowed = np.packbits(self.grammar.allowed(state))  # [V/8]
-            self.bits[slot].copy_(_pinned(torch.from_numpy(allowed), self.device), non_blocking=True)
+            packed = self.grammar.packed_allowed(state)  # [V/8]
+            self.bits[slot].copy_(_pinned(torch.from_numpy(packed), self.device), non_blocking=True)
             self.accepting[slot] = self.grammar.is_accepting(state)
             self.slots[state] = slot
         return slot
@@ -69,10 +69,7 @@ class DeviceGrammar:
         next_states = grammar.index.next_states(grammar.dfa, state)  # [V] int32, 0 = not allowed
         states, inverse = np.unique(next_states, return_inverse=True)
         slots = np.array(
-            [
-                _FREE if s == 0 or (grammar.is_accepting(s) and not grammar.can_continue(s)) else self.slot(s)
-                for s in states.tolist()
-            ],
+            [_FREE if s == 0 or grammar.is_complete(s) else self.slot(s) for s in states.tolist()],
             dtype=np.int16,  # (slots stay below MAX_SLOTS and a step's new ones)
         )
         mapped = _to_device(torch.from_numpy(slots[inverse]), self.device)

@@ -5,7 +5,7 @@ Every constraint is a regular language over the output's bytes: a regex as given
 alternation of its strings, a JSON schema through json_schema.py. The DFA is over bytes, not characters,
 because tokens are byte strings: a token may hold half of a UTF-8 character. Each step a guided row may
 sample only the tokens whose bytes keep the DFA alive from the sequence's state (vocab.py computes them,
-once per state: `Grammar.allowed`); an accepting state also allows the request's end tokens (EOS unless
+once per state: `Grammar.packed_allowed`); an accepting state also allows the request's end tokens (EOS unless
 ignore_eos, its stop_token_ids: SamplingBatch.build). The scheduler advances the state by each sampled
 token (Scheduler.resolve) and ends the request once the output is complete and nothing may follow.
 """
@@ -28,45 +28,52 @@ _FIELD = "structured_outputs"
 
 class Grammar:
     """One compiled constraint, shared by every request that asks for it: its DFA and, per state visited,
-    the vocabulary's allowed tokens (the last MAX_CACHED_STATES states; 19 KB each, bit-packed, at a
-    152k vocabulary)."""
+    the vocabulary's allowed tokens (the last MAX_CACHED_STATES states; 19 KB each, bit-packed, at a 152k
+    vocabulary) and the states they lead to."""
 
     MAX_CACHED_STATES = 1024
 
     def __init__(self, dfa: ByteDFA, index: TokenIndex, tokens: list[bytes | None]):
         self.dfa, self.index, self.tokens = dfa, index, tokens
         self._allowed: OrderedDict[int, np.ndarray] = OrderedDict()  # state -> packed [vocab_size] bits
-        self._continues: dict[int, bool] = {}  # state -> any token allowed (kept for every state seen)
-        self._successors: dict[int, tuple[int, ...]] = {}  # state -> the live states its tokens lead to
+        # state -> the live states its allowed tokens lead to (kept for every state seen; empty: no token)
+        self._successors: dict[int, tuple[int, ...]] = {}
         self._ready: set[int] = set()  # states whose successors' masks were all computed
 
     @property
     def vocab_size(self) -> int:
         return self.index.vocab_size
 
-    def allowed(self, state: int) -> np.ndarray:  # [vocab_size] bool
-        """The tokens that keep the output matchable from `state` (end tokens not included)."""
+    def packed_allowed(self, state: int) -> np.ndarray:  # [ceil(vocab_size / 8)] uint8, np.packbits'
+        """The tokens that keep the output matchable from `state` (end tokens not included), as bits."""
         packed = self._allowed.get(state)
         if packed is None:
             next_states = self.index.next_states(self.dfa, state)  # [vocab_size], 0 = not allowed
             allowed = next_states != 0
             packed = np.packbits(allowed)
             self._allowed[state] = packed
-            self._continues[state] = bool(allowed.any())
             self._successors[state] = tuple(np.unique(next_states[allowed]).tolist())
             if len(self._allowed) > self.MAX_CACHED_STATES:
                 self._allowed.popitem(last=False)
         else:
             self._allowed.move_to_end(state)
-        return np.unpackbits(packed, count=self.vocab_size).view(np.bool_)
+        return packed
+
+    def successors(self, state: int) -> tuple[int, ...]:
+        """The live states the tokens allowed from `state` lead to (found once a state: asked every step)."""
+        successors = self._successors.get(state)
+        if successors is None:
+            self.packed_allowed(state)
+            successors = self._successors[state]
+        return successors
 
     def can_continue(self, state: int) -> bool:
-        """Some token is allowed from `state` (checked once per state: the scheduler asks every step)."""
-        continues = self._continues.get(state)
-        if continues is None:
-            self.allowed(state)
-            continues = self._continues[state]
-        return continues
+        """Some token is allowed from `state`."""
+        return bool(self.successors(state))
+
+    def is_complete(self, state: int) -> bool:
+        """The output is a whole match and no token can extend it: nothing may follow."""
+        return self.is_accepting(state) and not self.can_continue(state)
 
     def num_unready_successors(self, state: int) -> int:
         """How many states one token from `state` have no mask computed yet: an overlapped step computes
@@ -74,8 +81,7 @@ class Grammar:
         token leads to."""
         if state in self._ready:
             return 0
-        self.can_continue(state)  # (computes the state's successors on its first visit)
-        missing = sum(1 for s in self._successors[state] if s not in self._allowed)
+        missing = sum(1 for s in self.successors(state) if s not in self._allowed)
         if not missing:
             self._ready.add(state)  # (a mask dropped from the cache later is recomputed when asked for)
         return missing
@@ -92,7 +98,7 @@ class Grammar:
 
 class GrammarMatcher:
     """A sequence's place in its grammar. Only the scheduler advances it (`accept`, as the sequence's
-    tokens are resolved); the runner reads `allowed`. Preemption keeps it: the output it matched stays."""
+    tokens are resolved); the runner reads its state. Preemption keeps it: the output it matched stays."""
 
     __slots__ = ("grammar", "state")
 
@@ -107,9 +113,6 @@ class GrammarMatcher:
         self.state = state
         return True
 
-    def allowed(self) -> np.ndarray:  # [vocab_size] bool
-        return self.grammar.allowed(self.state)
-
     @property
     def is_accepting(self) -> bool:
         """The output so far is a whole match: the end tokens may come next."""
@@ -118,7 +121,7 @@ class GrammarMatcher:
     @property
     def is_terminated(self) -> bool:
         """The output is a whole match and no token can extend it: the request is done."""
-        return self.is_accepting and not self.grammar.can_continue(self.state)
+        return self.grammar.is_complete(self.state)
 
 
 # An overlapped step may compute at most this many new masks first (each takes 1-4 ms of host time at a
