@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from nanovllm.utils.transfer import to_device
+
 if TYPE_CHECKING:
     from nanovllm.layers.sampling_batch import SamplingRequest
     from nanovllm.structured.grammar import Grammar
@@ -53,7 +55,7 @@ class DeviceGrammar:
                 self.bits = torch.cat([self.bits, torch.empty_like(self.bits)])
                 self.accepting = torch.cat([self.accepting, torch.empty_like(self.accepting)])
             packed = self.grammar.packed_allowed(state)  # [V/8]
-            self.bits[slot].copy_(_pinned(torch.from_numpy(packed), self.device), non_blocking=True)
+            self.bits[slot] = to_device(packed, self.device)
             self.accepting[slot] = self.grammar.is_accepting(state)
             self.slots[state] = slot
         return slot
@@ -72,7 +74,7 @@ class DeviceGrammar:
             [_FREE if s == 0 or grammar.is_complete(s) else self.slot(s) for s in states.tolist()],
             dtype=np.int16,  # (slots stay below MAX_SLOTS and a step's new ones)
         )
-        mapped = _to_device(torch.from_numpy(slots[inverse]), self.device)
+        mapped = to_device(slots[inverse], self.device)
         self._successors[state] = mapped
         if len(self._successors) > self.MAX_SUCCESSOR_MAPS:
             self._successors.popitem(last=False)
@@ -114,8 +116,8 @@ class ConstraintMasks:
             by_grammar.setdefault(id(requests[i].matcher.grammar), []).append(i)
         for group in by_grammar.values():
             table = self.of(requests[group[0]].matcher.grammar)
-            known = torch.tensor([table.slot(requests[i].matcher.state) for i in group], dtype=torch.int64)
-            slots = _to_device(known, self.device)  # [n]
+            known = [table.slot(requests[i].matcher.state) for i in group]
+            slots = to_device(known, self.device, torch.int64)  # [n]
             # A pending token decides the state: its successor's slot, one gather per state (rows in a state
             # share its map), so the host's work grows with the states in use, not the rows.
             pending: dict[int, list[tuple[int, int]]] = {}  # state -> (position in group, source row)
@@ -126,14 +128,14 @@ class ConstraintMasks:
                 positions, sources = zip(*items)
                 if prev_tokens is None or max(sources) >= len(prev_tokens):
                     raise RuntimeError(f"pending tokens from rows {sources} of no sampled ids")
-                tokens = prev_tokens.index_select(0, _to_device(torch.tensor(sources), self.device))
+                tokens = prev_tokens.index_select(0, to_device(sources, self.device, torch.int64))
                 successors = table.successor_slots(state).index_select(0, tokens).long()
-                slots.index_copy_(0, _to_device(torch.tensor(positions), self.device), successors)
+                slots.index_copy_(0, to_device(positions, self.device, torch.int64), successors)
             vocab_size = blocked.shape[1]
             bits = table.bits.index_select(0, slots)  # [n, V/8]
             shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=self.device)  # (np.packbits' order)
             allowed = ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab_size].bool()  # [n, V]
-            index = _to_device(torch.tensor(group, dtype=torch.int64), self.device)  # [n]
+            index = to_device(group, self.device, torch.int64)  # [n]
             # [n, V]: what the constraint alone rules out (the ends it allows must clear nothing else)
             ruled_out = ~allowed
             _allow_ends(ruled_out, requests, group, table.accepting.index_select(0, slots), self.device)
@@ -156,15 +158,6 @@ def _allow_ends(
     if not pairs:
         return
     local, ids = zip(*pairs)
-    local = _to_device(torch.tensor(local, dtype=torch.int64), device)
-    ids = _to_device(torch.tensor(ids, dtype=torch.int64), device)
+    local = to_device(local, device, torch.int64)
+    ids = to_device(ids, device, torch.int64)
     ruled_out.index_put_((local, ids), ruled_out[local, ids] & ~accepting.index_select(0, local))
-
-
-def _pinned(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor in pinned memory when bound for a GPU (so that its copy does not block)."""
-    return t.pin_memory() if device.type == "cuda" else t
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return _pinned(t, device).to(device, non_blocking=True)

@@ -25,6 +25,7 @@ from nanovllm.kernels.backend import use_triton
 from nanovllm.kernels.sampling import gumbel_argmax
 from nanovllm.kernels.token_logprobs import token_logprobs
 from nanovllm.layers.sampling_batch import SamplingBatch, row_seed_array
+from nanovllm.utils.transfer import to_device
 
 # top-p keeps a token while the mass ranked above it is below top_p. Float32 softmax/cumsum error
 # would make the exact boundary (mass above == top_p) a coin flip, so mass within this of top_p
@@ -158,10 +159,7 @@ class Sampler(nn.Module):
             seeds[row] = row_seed
         if batch.staging is not None:
             return batch.staging.put("seeds", seeds.view(np.int64))
-        host = torch.from_numpy(seeds.view(np.int64))
-        if device.type == "cuda":
-            host = host.pin_memory()
-        return host.to(device, non_blocking=True)
+        return to_device(seeds.view(np.int64), device)
 
     def _exponential_race(self, probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         # argmax(p_i / E_i) with E_i ~ Exp(1) picks token i with probability p_i.

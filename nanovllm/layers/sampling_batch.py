@@ -16,6 +16,7 @@ import torch
 
 from nanovllm.layers.constraint_masks import ConstraintMasks
 from nanovllm.sampling_params import GREEDY_EPS, SamplingParams
+from nanovllm.utils.transfer import to_device
 
 if TYPE_CHECKING:
     from nanovllm.structured.grammar import GrammarMatcher
@@ -74,9 +75,7 @@ class SamplingStaging:
         if hit is not None and hit[0] is params:
             self._allowed.move_to_end(id(params))
             return hit[1]
-        ids = _host_tensor(params.allowed_token_ids, torch.int64, self.device).to(
-            self.device, non_blocking=True
-        )
+        ids = to_device(params.allowed_token_ids, self.device, torch.int64)
         self._allowed[id(params)] = (params, ids)  # (holding params: its id is not reused meanwhile)
         if len(self._allowed) > self.max_rows:
             self._allowed.popitem(last=False)
@@ -278,12 +277,9 @@ class SamplingBatch:
         if staging is not None:
             staging.next_step()
 
-        def to_device(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return _host_tensor(values, dtype, device).to(device, non_blocking=True)
-
         def staged(name: str, values: list) -> torch.Tensor:
             if staging is None:
-                return to_device(values, SamplingStaging.DTYPES[name])
+                return to_device(values, device, SamplingStaging.DTYPES[name])
             return staging.put(name, values)
 
         # Sampling settings. Greedy rows get neutral values: their token is the argmax either way.
@@ -333,8 +329,8 @@ class SamplingBatch:
                     num_prev = None if prev_tokens is None else len(prev_tokens)
                     raise RuntimeError(f"pending output tokens from rows {src} of {num_prev} sampled ids")
                 flat = [row * output_host.shape[1] + col for row, col in zip(rows, cols)]
-                sampled = prev_tokens.index_select(0, to_device(src, torch.int64))  # [num_pending]
-                output_ids.view(-1).index_copy_(0, to_device(flat, torch.int64), sampled)
+                sampled = prev_tokens.index_select(0, to_device(src, device, torch.int64))  # [num_pending]
+                output_ids.view(-1).index_copy_(0, to_device(flat, device, torch.int64), sampled)
             if any(p.repetition_penalty != 1.0 for p in params):
                 repetition = staged("repetition", [p.repetition_penalty for p in params])
                 prompts = [
@@ -364,8 +360,8 @@ class SamplingBatch:
                         ban_ids.append(word[-1])
         banned_rows = banned_token_ids = None
         if ban_rows:
-            banned_rows = to_device(ban_rows, torch.int64)
-            banned_token_ids = to_device(ban_ids, torch.int64)
+            banned_rows = to_device(ban_rows, device, torch.int64)
+            banned_token_ids = to_device(ban_ids, device, torch.int64)
 
         # logit_bias: sparse (row, token, bias) triples. allowed_token_ids: a [B, V] mask (rows without
         # the setting block nothing), from each request's ids kept on the device.
@@ -374,21 +370,24 @@ class SamplingBatch:
         bias_rows = bias_token_ids = bias_values = None
         if bias:
             rows, ids, values = zip(*bias)
-            bias_rows, bias_token_ids = to_device(rows, torch.int64), to_device(ids, torch.int64)
-            bias_values = to_device(values, torch.float32)
+            bias_rows, bias_token_ids = (
+                to_device(rows, device, torch.int64),
+                to_device(ids, device, torch.int64),
+            )
+            bias_values = to_device(values, device, torch.float32)
         blocked = None
         restricted = [i for i in steered if params[i].allowed_token_ids is not None]
         guided = [i for i, r in enumerate(requests) if r.matcher is not None]
         if restricted or guided:
             blocked = torch.zeros(num_rows, vocab_size, dtype=torch.bool, device=device)
         if restricted:
-            blocked[to_device(restricted, torch.int64)] = True
+            blocked[to_device(restricted, device, torch.int64)] = True
             for i in restricted:
                 p = params[i]
                 ids = (
                     staging.allowed_ids(p)
                     if staging is not None
-                    else to_device(p.allowed_token_ids, torch.int64)
+                    else to_device(p.allowed_token_ids, device, torch.int64)
                 )
                 blocked[i].index_fill_(0, ids, False)
         if guided:  # (a pending token's successor state is picked on the device: no wait)
@@ -421,11 +420,6 @@ class SamplingBatch:
             max_num_logprobs=max(asked) if asked else None,
             staging=staging,
         )
-
-
-def _host_tensor(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """values on the host, pinned when bound for a GPU (so that the copy does not block)."""
-    return torch.tensor(values, dtype=dtype, pin_memory=torch.device(device).type == "cuda")
 
 
 def _pad(
