@@ -10,6 +10,7 @@ run of a constraint also computes its states' masks, the second finds them cache
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import time
 
@@ -36,20 +37,8 @@ def main(argv: list[str] | None = None) -> dict:
     free = SamplingParams(temperature=0.6, seed=1, max_tokens=args.max_tokens, ignore_eos=True)
     settings = {
         "free": free,
-        "regex": SamplingParams(
-            temperature=0.6,
-            seed=1,
-            max_tokens=args.max_tokens,
-            ignore_eos=True,
-            structured_outputs=StructuredOutputsParams(regex=OPEN_REGEX),
-        ),
-        "schema": SamplingParams(
-            temperature=0.6,
-            seed=1,
-            max_tokens=args.max_tokens,
-            ignore_eos=True,
-            structured_outputs=StructuredOutputsParams(json=LIST_SCHEMA),
-        ),
+        "regex": dataclasses.replace(free, structured_outputs=StructuredOutputsParams(regex=OPEN_REGEX)),
+        "schema": dataclasses.replace(free, structured_outputs=StructuredOutputsParams(json=LIST_SCHEMA)),
     }
     llm.generate(prompts[:4], free, use_tqdm=False)  # warm-up: kernels, graphs
     rows = {}
