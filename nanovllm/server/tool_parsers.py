@@ -3,7 +3,7 @@
 The server picks a parser by name (`--tool-call-parser hermes`, as vLLM's) and makes one per generated
 choice: `extract` reads a finished output, `feed`/`flush` read a stream and hold the state between its
 pieces. Each parser is written twice on purpose: `extract` reads the whole text with the standard JSON
-decoder, the stream reads it a piece at a time with a bracket scanner, and the tests check that every way
+decoder, the stream reads it a piece at a time with json_stream's readers, and the tests check that every way
 of cutting a text into pieces gives what `extract` gives. The stream sends content at once unless it may
 be the start of a tool-call marker, and sends each call whole (name and full arguments) as soon as it is
 complete; OpenAI clients join argument deltas, so one delta holding them all is valid.
@@ -21,11 +21,20 @@ streaming cannot take a sent call back either). So from the marker (for llama3_j
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
+
+from nanovllm.server.json_stream import (
+    ArrayStream,
+    ObjectReader,
+    Read,
+    array_calls,
+    decode_object,
+    expect,
+    find_marker,
+    skip_ws,
+)
 
 
 @dataclass(frozen=True)
@@ -67,123 +76,7 @@ class ToolParser:
         raise NotImplementedError
 
 
-# ---- reading JSON -------------------------------------------------------------------------------------
-
-_JSON_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (not str.isspace's, which has more)
-_DECODER = json.JSONDecoder()
-_OUTSIDE_STRING = re.compile(r'[{}\[\]"]')  # the characters that change a scanner's state
-_INSIDE_STRING = re.compile(r'["\\]')
-
-
-def _skip_ws(text: str, pos: int) -> int:
-    return _JSON_WS.match(text, pos).end()
-
-
-def _decode_object(text: str, pos: int) -> tuple[Any, int] | None:
-    """The JSON object at text[pos:] after whitespace and the index past it, or None: extract's reader."""
-    pos = _skip_ws(text, pos)
-    if not text.startswith("{", pos):
-        return None
-    try:
-        return _DECODER.raw_decode(text, pos)
-    except (ValueError, RecursionError):
-        return None
-
-
-class _BracketScanner:
-    """How deep a JSON text's brackets are, read a piece at a time. Strings and their escapes are
-    tracked, so a brace, a `]` or a `</tool_call>` inside a string does not count, and a backslash at
-    the end of one piece escapes the first character of the next. It checks no other syntax: the value
-    it delimits is parsed afterwards, and for valid JSON the place where the brackets balance is exactly
-    where the value ends, so it agrees with the JSON decoder that `extract` uses."""
-
-    __slots__ = ("depth", "in_string", "escaped")
-
-    def __init__(self) -> None:
-        self.depth = 0
-        self.in_string = False
-        self.escaped = False
-
-    def scan(self, text: str, pos: int) -> int:
-        """Reads text[pos:]: the index just past the bracket that closes the value, or -1 when the text
-        runs out first (the next call goes on from len(text))."""
-        while pos < len(text):
-            if self.escaped:
-                self.escaped = False
-                pos += 1
-                continue
-            found = (_INSIDE_STRING if self.in_string else _OUTSIDE_STRING).search(text, pos)
-            if found is None:
-                return -1
-            pos, char = found.end(), found.group()
-            if char == "\\":
-                self.escaped = True
-            elif char == '"':
-                self.in_string = not self.in_string
-            elif char in "{[":
-                self.depth += 1
-            else:
-                self.depth -= 1
-                if self.depth == 0:
-                    return pos
-        return -1
-
-
-class _Read(Enum):
-    MORE = "more"  # undecided: the text so far is a prefix of something valid
-    BAD = "bad"  # not what the format expects, whatever comes next
-
-
-class _ObjectReader:
-    """One JSON object read out of a growing text from `pos`: whitespace, `{`, up to its matching `}`.
-    Keeps its place between calls, so each character is scanned once however the text arrives."""
-
-    def __init__(self, pos: int) -> None:
-        self.pos = pos
-        self.start = -1  # where the `{` is, once seen
-        self.scanner = _BracketScanner()
-
-    def read(self, text: str, final: bool) -> tuple[Any, int] | _Read:
-        """(the object, the index past it), or MORE, or BAD (MORE becomes BAD when the text is final)."""
-        if self.start < 0:
-            self.pos = _skip_ws(text, self.pos)
-            if self.pos == len(text):
-                return _Read.BAD if final else _Read.MORE
-            if text[self.pos] != "{":
-                return _Read.BAD
-            self.start = self.pos
-        end = self.scanner.scan(text, self.pos)
-        if end < 0:
-            self.pos = len(text)
-            return _Read.BAD if final else _Read.MORE
-        try:
-            return json.loads(text[self.start : end]), end
-        except (ValueError, RecursionError):
-            return _Read.BAD
-
-
-def _expect(text: str, pos: int, literal: str, final: bool) -> int | _Read:
-    """The index past `literal` at text[pos:]; MORE while the text is still a proper prefix of it."""
-    if text.startswith(literal, pos):
-        return pos + len(literal)
-    if not final and literal.startswith(text[pos:]):
-        return _Read.MORE
-    return _Read.BAD
-
-
-def _find_marker(text: str, pos: int, marker: str, final: bool) -> tuple[int, bool]:
-    """(where the text before `marker` ends, whether the marker is there). Without the marker, a tail of
-    text[pos:] that is a proper prefix of it is held back (it may be arriving), unless the text is
-    final: the stream holds back no more than that."""
-    found = text.find(marker, pos)
-    if found >= 0:
-        return found, True
-    if not final:
-        for size in range(min(len(marker) - 1, len(text) - pos), 0, -1):
-            if text.endswith(marker[:size]):
-                return len(text) - size, False
-    return len(text), False
-
+# ---- calls ---------------------------------------------------------------------------------------------
 
 _ARGS_KEYS = ("arguments", "parameters")  # what the formats call a call's arguments
 
@@ -241,7 +134,7 @@ class HermesToolParser(ToolParser):
         self._mode = _Mode.CONTENT
         self._region = -1  # where the first <tool_call> is: content from there if no call is read
         self._num_calls = 0
-        self._reader = _ObjectReader(0)
+        self._reader = ObjectReader(0)
         self._call: ToolCall | None = None  # the call whose </tool_call> the stream waits for
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -260,11 +153,11 @@ class HermesToolParser(ToolParser):
 
     def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int] | None:
         """The call after a <tool_call> at pos and the index past its </tool_call> (or the end)."""
-        decoded = _decode_object(text, pos)
+        decoded = decode_object(text, pos)
         call = None if decoded is None else _to_call(decoded[0], ("arguments",), False)
         if call is None:
             return None
-        end = _skip_ws(text, decoded[1])
+        end = skip_ws(text, decoded[1])
         if text.startswith(self._END, end):
             return call, end + len(self._END)
         return (call, end) if end == len(text) else None
@@ -275,7 +168,7 @@ class HermesToolParser(ToolParser):
         calls: list[ToolCall] = []
         while True:
             if self._mode is _Mode.CONTENT or self._mode is _Mode.BETWEEN:
-                stop, found = _find_marker(text, self._pos, self._START, final)
+                stop, found = find_marker(text, self._pos, self._START, final)
                 if self._mode is _Mode.CONTENT:
                     content.append(text[self._pos : stop])
                 self._pos = stop
@@ -283,28 +176,28 @@ class HermesToolParser(ToolParser):
                     break
                 if self._mode is _Mode.CONTENT:
                     self._region = stop
-                self._reader = _ObjectReader(stop + len(self._START))
+                self._reader = ObjectReader(stop + len(self._START))
                 self._mode = _Mode.OBJECT
             elif self._mode is _Mode.OBJECT:
                 read = self._reader.read(text, final)
-                if read is _Read.MORE:
+                if read is Read.MORE:
                     break
-                self._call = None if read is _Read.BAD else _to_call(read[0], ("arguments",), False)
+                self._call = None if read is Read.BAD else _to_call(read[0], ("arguments",), False)
                 if self._call is None:
                     self._malformed()
                 else:
                     self._pos = read[1]
                     self._mode = _Mode.CLOSE
             elif self._mode is _Mode.CLOSE:
-                pos = self._pos = _skip_ws(text, self._pos)
+                pos = self._pos = skip_ws(text, self._pos)
                 if final and pos == len(text):  # an unclosed last call: generation stopped after its JSON
                     calls.append(self._call)
                     self._mode = _Mode.DONE
                     continue
-                end = _expect(text, pos, self._END, final)
-                if end is _Read.MORE:
+                end = expect(text, pos, self._END, final)
+                if end is Read.MORE:
                     break
-                if end is _Read.BAD:
+                if end is Read.BAD:
                     self._malformed()
                     continue
                 calls.append(self._call)
@@ -344,19 +237,19 @@ class Llama3JsonToolParser(ToolParser):
         super().__init__()
         self._mode = _Mode.START
         self._num_calls = 0
-        self._reader = _ObjectReader(0)
+        self._reader = ObjectReader(0)
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        pos = _skip_ws(text, 0)
+        pos = skip_ws(text, 0)
         if text.startswith(self._PYTHON_TAG, pos):
             pos += len(self._PYTHON_TAG)
         calls: list[ToolCall] = []
-        while (decoded := _decode_object(text, pos)) is not None:
+        while (decoded := decode_object(text, pos)) is not None:
             call = _to_call(decoded[0], _ARGS_KEYS, True)
             if call is None:
                 break
             calls.append(call)
-            pos = _skip_ws(text, decoded[1])
+            pos = skip_ws(text, decoded[1])
             if not text.startswith(";", pos):
                 break
             pos += 1
@@ -367,23 +260,23 @@ class Llama3JsonToolParser(ToolParser):
         calls: list[ToolCall] = []
         while True:
             if self._mode is _Mode.START:
-                pos = _skip_ws(text, 0)
+                pos = skip_ws(text, 0)
                 if text.startswith(self._PYTHON_TAG, pos):
-                    pos = _skip_ws(text, pos + len(self._PYTHON_TAG))
+                    pos = skip_ws(text, pos + len(self._PYTHON_TAG))
                 elif not final and self._PYTHON_TAG.startswith(text[pos:]):
                     break  # only whitespace so far, or the tag is arriving
                 if pos == len(text) and not final:
                     break
                 if text.startswith("{", pos):
-                    self._reader = _ObjectReader(pos)
+                    self._reader = ObjectReader(pos)
                     self._mode = _Mode.OBJECT
                 else:
                     self._mode = _Mode.PASS
             elif self._mode is _Mode.OBJECT:
                 read = self._reader.read(text, final)
-                if read is _Read.MORE:
+                if read is Read.MORE:
                     break
-                call = None if read is _Read.BAD else _to_call(read[0], _ARGS_KEYS, True)
+                call = None if read is Read.BAD else _to_call(read[0], _ARGS_KEYS, True)
                 if call is None:
                     self._mode = _Mode.PASS if self._num_calls == 0 else _Mode.DONE
                     continue
@@ -392,11 +285,11 @@ class Llama3JsonToolParser(ToolParser):
                 self._pos = read[1]
                 self._mode = _Mode.SEPARATOR
             elif self._mode is _Mode.SEPARATOR:
-                self._pos = _skip_ws(text, self._pos)
+                self._pos = skip_ws(text, self._pos)
                 if self._pos == len(text):
                     break
                 if text[self._pos] == ";":
-                    self._reader = _ObjectReader(self._pos + 1)
+                    self._reader = ObjectReader(self._pos + 1)
                     self._mode = _Mode.OBJECT
                 else:
                     self._mode = _Mode.DONE
@@ -410,75 +303,6 @@ class Llama3JsonToolParser(ToolParser):
 
 
 # ---- JSON arrays of calls: mistral and tool_choice "required" -----------------------------------------
-
-
-def _array_calls(text: str, pos: int, to_call: Callable[[Any], ToolCall | None]) -> list[ToolCall]:
-    """extract's reader of a call array `[{...}, ...]` at text[pos:] (after whitespace): the calls up to
-    the first element that is not one, a `]`, or the end of the text."""
-    pos = _skip_ws(text, pos)
-    if not text.startswith("[", pos):
-        return []
-    calls: list[ToolCall] = []
-    pos += 1
-    while (decoded := _decode_object(text, pos)) is not None:
-        call = to_call(decoded[0])
-        if call is None:
-            break
-        calls.append(call)
-        pos = _skip_ws(text, decoded[1])
-        if not text.startswith(",", pos):
-            break
-        pos += 1
-    return calls
-
-
-class _ArrayStream:
-    """The stream's reader of a call array from `pos`: each element becomes a call as soon as its closing
-    brace arrives. `done` once it stops (at `]`, at the first element that is not a call, or at the end of
-    a final text), reading the same calls as _array_calls."""
-
-    def __init__(self, pos: int, to_call: Callable[[Any], ToolCall | None]) -> None:
-        self.pos = pos
-        self.to_call = to_call
-        self.reader: _ObjectReader | None = None  # reading an element; None before `[` and after elements
-        self.opened = False
-        self.done = False
-        self.num_calls = 0
-
-    def read(self, text: str, final: bool) -> list[ToolCall]:
-        calls: list[ToolCall] = []
-        while not self.done:
-            if not self.opened:
-                self.pos = _skip_ws(text, self.pos)
-                opened = _expect(text, self.pos, "[", final)
-                if opened is _Read.MORE:
-                    break
-                if opened is _Read.BAD:
-                    self.done = True
-                    break
-                self.opened = True
-                self.reader = _ObjectReader(opened)
-            elif self.reader is not None:
-                read = self.reader.read(text, final)
-                if read is _Read.MORE:
-                    break
-                call = None if read is _Read.BAD else self.to_call(read[0])
-                if call is None:
-                    self.done = True
-                    break
-                calls.append(call)
-                self.pos, self.reader = read[1], None
-            else:  # after an element: `,` and the next one, or the end of the calls
-                self.pos = _skip_ws(text, self.pos)
-                if self.pos == len(text):
-                    self.done = final
-                    break
-                if text[self.pos] == ",":
-                    self.reader = _ObjectReader(self.pos + 1)
-                else:
-                    self.done = True
-        self.num_calls += len(calls)
-        return calls
 
 
 class MistralToolParser(ToolParser):
@@ -497,7 +321,7 @@ class MistralToolParser(ToolParser):
         super().__init__()
         self._mode = _Mode.CONTENT
         self._region = -1  # where the marker is: content from there (less markers) if no call is read
-        self._array = _ArrayStream(0, self._call)
+        self._array = ArrayStream(0, self._call)
 
     @staticmethod
     def _call(obj: Any) -> ToolCall | None:
@@ -505,7 +329,7 @@ class MistralToolParser(ToolParser):
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
         marker = text.find(self._MARKER)
-        calls = [] if marker < 0 else _array_calls(text, marker + len(self._MARKER), self._call)
+        calls = [] if marker < 0 else array_calls(text, marker + len(self._MARKER), self._call)
         if not calls:
             return text.replace(self._MARKER, "") or None, []
         return text[:marker] or None, calls
@@ -516,7 +340,7 @@ class MistralToolParser(ToolParser):
         calls: list[ToolCall] = []
         while True:
             if self._mode is _Mode.CONTENT or self._mode is _Mode.PASS:
-                stop, found = _find_marker(text, self._pos, self._MARKER, final)
+                stop, found = find_marker(text, self._pos, self._MARKER, final)
                 content.append(text[self._pos : stop])
                 self._pos = stop
                 if not found:
@@ -525,7 +349,7 @@ class MistralToolParser(ToolParser):
                     self._pos += len(self._MARKER)
                 else:
                     self._region = stop
-                    self._array = _ArrayStream(stop + len(self._MARKER), self._call)
+                    self._array = ArrayStream(stop + len(self._MARKER), self._call)
                     self._mode = _Mode.ARRAY
             elif self._mode is _Mode.ARRAY:
                 calls += self._array.read(text, final)
@@ -553,14 +377,14 @@ class RequiredCallsParser(ToolParser):
 
     def __init__(self) -> None:
         super().__init__()
-        self._array = _ArrayStream(0, self._call)
+        self._array = ArrayStream(0, self._call)
 
     @staticmethod
     def _call(obj: Any) -> ToolCall | None:
         return _to_call(obj, ("parameters",), False)
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        return None, _array_calls(text, 0, self._call)
+        return None, array_calls(text, 0, self._call)
 
     def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
         calls = self._array.read(self._text, final)
