@@ -9,6 +9,7 @@ import sys
 import time
 
 from nanovllm.config import DEFAULT_MODEL, SCHEDULING_POLICIES, Config, preset_names
+from nanovllm.server.tool_parsers import TOOL_PARSERS
 
 _ENGINE_ARG_TYPES = {
     "dtype": str,
@@ -121,6 +122,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--served-model-name", default=None)
+    serve.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='let the model decide when to call tools (tool_choice "auto"); needs --tool-call-parser',
+    )
+    serve.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=sorted(TOOL_PARSERS),
+        help="how tool calls are found in replies: hermes (Qwen2.5, Qwen3), llama3_json, mistral",
+    )
     add_engine_args(serve)
     serve.set_defaults(func=lambda a: __import__("nanovllm.server.api_server", fromlist=["main"]).main(a))
 

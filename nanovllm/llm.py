@@ -109,11 +109,14 @@ class LLM:
         continue_final_message: bool = False,
         chat_template_kwargs: dict | None = None,
         priority: list[int] | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
         """Generate replies to one conversation ([{"role": ..., "content": ...}, ...]) or a list of them,
         each rendered with the tokenizer's chat template (or `chat_template`) as vLLM's `LLM.chat` does.
         chat_template_kwargs go to the template (e.g. {"enable_thinking": False} for Qwen3). Each output's
-        `prompt` is the rendered text. priority: one per conversation, as generate's."""
+        `prompt` is the rendered text. priority: one per conversation, as generate's. tools: OpenAI's
+        function tools, shown to the model by the template (as vLLM's, the reply is not parsed for calls:
+        nanovllm.server.tool_parsers reads them; docs/tool_calling.md)."""
         conversations = _as_conversation_list(messages)
         tokenizer = self.tokenizer
         if tokenizer is None:
@@ -136,6 +139,7 @@ class LLM:
                     add_generation_prompt,
                     continue_final_message,
                     chat_template_kwargs,
+                    tools,
                 )
             except ValueError as e:
                 raise _located(e, f"conversation {i}") from None

@@ -146,6 +146,35 @@ def test_chat_continues_a_final_assistant_message(llm):
     assert out.prompt.endswith("<|im_start|>assistant\nThe answer is")
 
 
+def test_chat_shows_tools_and_past_calls_to_the_template(llm):
+    """vLLM's LLM.chat(tools=...): the tools go to the template, an earlier reply's tool calls with their
+    arguments (OpenAI's JSON text) as objects. (The preset template's own rendering of them:
+    tests/server/test_tool_calling.py.)"""
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 2}'}}
+    conversation = [
+        *CONVERSATION,
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "4"},
+    ]
+    template = (
+        "{% for t in tools %}[tool] {{ t.function.name }}\n{% endfor %}"
+        "{% for m in messages %}[{{ m.role }}] {{ m.content }}"
+        "{% for c in m.tool_calls or [] %}{{ c.function.name }}{{ c.function.arguments.a }}{% endfor %};"
+        "{% endfor %}"
+    )
+    (out,) = llm.chat(conversation, GREEDY, use_tqdm=False, tools=tools, chat_template=template)
+    assert (
+        out.prompt == "[tool] add\n[system] Be brief.;[user] What is two and two?;[assistant] add2;[tool] 4;"
+    )
+    bad = [
+        *CONVERSATION,
+        {"role": "assistant", "tool_calls": [{"function": {"name": "add", "arguments": "{"}}]},
+    ]
+    with pytest.raises(ValueError, match=r"conversation 0.*arguments is not valid JSON"):
+        llm.chat(bad, GREEDY, use_tqdm=False, tools=tools)
+
+
 def test_cli_generate_with_samples_and_chat(ckpt, capsys):
     argv = ["generate", "--model", str(ckpt), "--max-model-len", "128", "--prompt", "hi", "--max-tokens", "3"]
     assert main([*argv, "--ignore-eos", "--temperature", "1", "--n", "2", "--chat"]) == 0

@@ -41,6 +41,8 @@ from nanovllm.server.errors import RequestError, error_body
 from nanovllm.server.logprobs import LogprobFormatter
 from nanovllm.server.metrics import Metrics
 from nanovllm.server.protocol import GenerateRequest
+from nanovllm.server.tool_parsers import tool_parser
+from nanovllm.server.tools import ToolOutput
 from nanovllm.utils.chat import render_chat
 from nanovllm.utils.tokenizer import load_tokenizer
 
@@ -52,8 +54,11 @@ class ClientDisconnected(Exception):
 
 
 class OpenAIServer:
-    def __init__(self, config: Config, served_model_name: str):
+    def __init__(self, config: Config, served_model_name: str, tool_call_parser: str | None = None):
+        """tool_call_parser: how replies to tool_choice "auto" are searched for calls (tool_parsers.py);
+        None: "auto" is refused."""
         self.config = config
+        self.tool_call_parser = tool_call_parser
         self.model_name = served_model_name
         self.max_model_len = config.max_model_len
         self.tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
@@ -79,7 +84,16 @@ class OpenAIServer:
             body, self.max_model_len, self.config.default_sampling_params, self.config.max_tokens_cap
         )
         self._check_model(req.model)
-        text = self._render(req.messages, req.chat_options)
+        if req.tools is not None and req.tools.choice == "auto":
+            if self.tool_call_parser is None:  # (vLLM's rule)
+                raise RequestError(
+                    'tool_choice "auto" (the default with tools) needs the server started with'
+                    " --enable-auto-tool-choice and --tool-call-parser",
+                    "tool_choice",
+                )
+            if not tool_parser(self.tool_call_parser).skip_special_tokens:  # its marker is a special token
+                req.params = dataclasses.replace(req.params, skip_special_tokens=False)
+        text = self._render(req.messages, req.chat_options, req.tools.tools if req.tools else None)
         # The template already holds any BOS/special tokens the model wants.
         return await self._generate(request, req, [self._tokenize(text, "messages", False)], chat=True)
 
@@ -88,7 +102,7 @@ class OpenAIServer:
         req = protocol.parse_tokenize_request(await _json_body(request))
         self._check_model(req.model)
         if req.messages is not None:
-            text, param = self._render(req.messages, req.chat_options), "messages"
+            text, param = self._render(req.messages, req.chat_options, req.tools), "messages"
         else:
             text, param = req.prompt, "prompt"
         if self.tokenizer is None:
@@ -290,7 +304,7 @@ class OpenAIServer:
         choice_prompts: list[tuple[str | None, list[int]]],
     ) -> AsyncIterator[str]:
         num_choices = len(choice_prompts)
-        states = [_ChoiceState() for _ in range(num_choices)]
+        states = [_ChoiceState(self._tool_output(req)) for _ in range(num_choices)]
 
         def chunk_usage(index: int) -> dict:
             """A chunk's usage field: none, null (include_usage: only the final chunk has it), or with
@@ -333,12 +347,11 @@ class OpenAIServer:
                         )
                 reason = out.finish_reason if out.finished else None
                 if resp.chat:
-                    choice = {
-                        "index": index,
-                        "delta": {"content": text},  # ("" for a token with no text yet, as vLLM)
-                        "logprobs": logprobs,
-                        "finish_reason": reason,
-                    }
+                    delta = {"content": text}  # ("" for a token with no text yet, as vLLM)
+                    if state.tools is not None:  # text or tool calls
+                        delta = state.tools.delta(text, out.finished)
+                        reason = state.tools.finish_reason(reason) if out.finished else None
+                    choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
                 else:  # (vLLM's completion chunks carry stop_reason, null until the last)
                     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
                     choice["stop_reason"] = None
@@ -392,12 +405,15 @@ class OpenAIServer:
         """c: all of a finished choice's deltas, merged; prompt: its (text or None, token ids)."""
         if chat:
             logprobs = None if req.logprobs is None else self.logprobs.chat(c.logprobs or [], req.logprobs)
-            message = {"role": req.response_role, "content": c.text}
+            message, reason = {"role": req.response_role, "content": c.text}, c.finish_reason
+            if (tools := self._tool_output(req)) is not None:
+                calls, reason = tools.message(c.text, c.finish_reason)
+                message |= calls if calls["tool_calls"] else {"content": calls["content"] or ""}
             return {
                 "index": index,
                 "message": message,
                 "logprobs": logprobs,
-                "finish_reason": c.finish_reason,
+                "finish_reason": reason,
                 "stop_reason": c.stop_reason,
             }
         logprobs = None
@@ -433,6 +449,13 @@ class OpenAIServer:
 
     # ---- helpers ----------------------------------------------------------------------------------
 
+    def _tool_output(self, req: GenerateRequest) -> ToolOutput | None:
+        """A choice's reader of tool calls, when its request may make them."""
+        if req.tools is None or req.tools.choice == "none":
+            return None
+        parser = tool_parser(self.tool_call_parser) if req.tools.choice == "auto" else None
+        return ToolOutput(req.tools, parser)
+
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
             raise RequestError(
@@ -442,14 +465,15 @@ class OpenAIServer:
                 code="model_not_found",
             )
 
-    def _render(self, messages: list[dict], options: dict) -> str:
-        """A conversation as the prompt text of the chat endpoint (and of /tokenize's messages)."""
+    def _render(self, messages: list[dict], options: dict, tools: list[dict] | None = None) -> str:
+        """A conversation (with the tools shown to the model) as the prompt text of the chat endpoint (and of
+        /tokenize's messages)."""
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
             raise RequestError(
                 "this model has no chat template: use /v1/completions with a plain prompt", "messages"
             )
         try:
-            return render_chat(self.tokenizer, messages, **options)
+            return render_chat(self.tokenizer, messages, **options, tools=tools)
         except ValueError as e:
             raise RequestError(f"{e} (on these messages and options)", "messages") from None
 
@@ -504,7 +528,8 @@ class _ChoiceState:
     """What one streamed choice has sent so far. Each delta carries only the new text (the engine holds
     back what a stop string could still cut: IncrementalDetokenizer.stable_text), so chunks just append."""
 
-    def __init__(self):
+    def __init__(self, tools: ToolOutput | None = None):
+        self.tools = tools  # chat with tools: turns text into content and tool-call deltas
         self.num_tokens = 0
         self.started = False  # a chunk has been sent
         self.text_offset = 0  # completions logprobs: characters of token strings sent so far
@@ -632,8 +657,13 @@ def _unpaired_surrogate(obj, where: str) -> str | None:
 # ---- the app ------------------------------------------------------------------------------------------
 
 
-def build_app(config: Config, served_model_name: str | None = None) -> FastAPI:
-    server = OpenAIServer(config, served_model_name or config.model)
+def build_app(
+    config: Config, served_model_name: str | None = None, tool_call_parser: str | None = None
+) -> FastAPI:
+    """tool_call_parser: a name in tool_parsers.TOOL_PARSERS, which turns on tool_choice "auto"."""
+    if tool_call_parser is not None:
+        tool_parser(tool_call_parser)  # (ValueError for an unknown name, before anything starts)
+    server = OpenAIServer(config, served_model_name or config.model, tool_call_parser)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -677,9 +707,11 @@ def main(args: argparse.Namespace) -> int:
 
     from nanovllm.cli import engine_kwargs
 
+    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):  # (vLLM asks for both)
+        raise SystemExit("--enable-auto-tool-choice and --tool-call-parser go together")
     config = Config.from_kwargs(args.model, **engine_kwargs(args))
     if config.is_preset:
         logger.warning("%r is a preset with RANDOM weights: the text is meaningless", args.model)
-    app = build_app(config, args.served_model_name)
+    app = build_app(config, args.served_model_name, args.tool_call_parser)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 from nanovllm.sampling_params import BeamSearchParams, ParamError, SamplingParams
 from nanovllm.server.errors import RequestError
 from nanovllm.server.structured import GUIDED_FIELDS, STRUCTURED_FIELDS, parse_structured_outputs
+from nanovllm.server.tools import TOOL_FIELDS, ToolRequest, parse_tools
 from nanovllm.utils.chat import MessageError, check_chat_options, text_messages
 
 MAX_N = 128  # choices per request (n x prompts): a guard against one request flooding the engine
@@ -68,9 +69,10 @@ CHAT_FIELDS = frozenset(
     + BEAM_SEARCH_FIELDS
     + CHAT_TEMPLATE_FIELDS
     + _STRUCTURED
+    + TOOL_FIELDS
 )
 TOKENIZE_FIELDS = frozenset(
-    ("model", "prompt", "messages", "add_special_tokens", "return_token_strs") + CHAT_TEMPLATE_FIELDS
+    ("model", "prompt", "messages", "add_special_tokens", "return_token_strs", "tools") + CHAT_TEMPLATE_FIELDS
 )
 DETOKENIZE_FIELDS = frozenset(("model", "tokens"))
 
@@ -87,11 +89,8 @@ COMPLETION_NEUTRAL = {
     "add_special_tokens": lambda v: v is None or v is True,
 }
 CHAT_NEUTRAL = {
-    "tools": _empty,
-    "tool_choice": lambda v: v is None or v == "none",
-    "functions": _empty,
+    "functions": _empty,  # (OpenAI's deprecated forms of tools and tool_choice)
     "function_call": lambda v: v is None or v == "none",
-    "parallel_tool_calls": lambda v: v is None,
     "modalities": lambda v: v is None or v == ["text"],
     "store": lambda v: v is None or v is False,
     "metadata": _empty,
@@ -103,7 +102,9 @@ CHAT_NEUTRAL = {
     "echo": _false,
     "add_special_tokens": _false,
 }
-CHAT_ROLES = ("system", "developer", "user", "assistant")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
+# what a message may hold: tool_calls on an assistant's, tool_call_id on a tool's (utils/chat.py checks)
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
 # Fields a beam search cannot honour (vLLM's server ignores them), accepted with use_beam_search only at a
 # value that asks for nothing. Its own are n, max_tokens, temperature, ignore_eos, length_penalty,
 # include_stop_str_in_output and logprobs (at most the 2n alternatives a step keeps); the prompt's (echo,
@@ -126,6 +127,8 @@ BEAM_SEARCH_NEUTRAL = {
     "bad_words": _empty,
     **{name: lambda v: v is None for name in _STRUCTURED if name != "response_format"},
     "response_format": lambda v: v is None or v == {"type": "text"},
+    # a search cannot follow a named or required tool's constraint ("auto" only parses its beams)
+    "tool_choice": lambda v: v in (None, "none", "auto"),
 }
 
 
@@ -151,6 +154,7 @@ class GenerateRequest:
     beam_search: BeamSearchParams | None = None
     priority: int = 0  # lower first under scheduling_policy "priority" (the server checks the policy)
     structured_field: str | None = None  # the field that asked for params.structured_outputs
+    tools: ToolRequest | None = None  # chat: the tools shown to the model, and what tool_choice asks
 
     @property
     def response_role(self) -> str:
@@ -171,6 +175,7 @@ class TokenizeRequest:
     chat_options: dict
     add_special_tokens: bool
     return_token_strs: bool
+    tools: list[dict] | None = None  # messages: the tools the template shows (as the chat endpoint's)
 
 
 def parse_completion_request(
@@ -239,6 +244,15 @@ def parse_chat_request(
     )
     req.messages = messages
     req.chat_options = _parse_chat_options(body)
+    req.tools = parse_tools(body)
+    if req.tools is not None and req.tools.constrained:  # named, required: generated under the tools' schema
+        if req.structured_field is not None:
+            raise RequestError(
+                f"tool_choice={body['tool_choice']!r} cannot be combined with {req.structured_field}",
+                req.structured_field,
+            )
+        req.params = dataclasses.replace(req.params, structured_outputs=req.tools.constraint())
+        req.structured_field = "tools"  # (a parameters schema the compiler refuses)
     return req
 
 
@@ -252,8 +266,8 @@ def parse_tokenize_request(body: Any) -> TokenizeRequest:
         raise RequestError("give either prompt or messages", "prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise RequestError(f"prompt must be a string, got {prompt!r}", "prompt")
-    if prompt is not None and any(body.get(f) is not None for f in CHAT_TEMPLATE_FIELDS):
-        field = next(f for f in CHAT_TEMPLATE_FIELDS if body.get(f) is not None)
+    if prompt is not None and any(body.get(f) is not None for f in (*CHAT_TEMPLATE_FIELDS, "tools")):
+        field = next(f for f in (*CHAT_TEMPLATE_FIELDS, "tools") if body.get(f) is not None)
         raise RequestError(f"{field} applies to messages, not to a prompt", field)
     return TokenizeRequest(
         model,
@@ -262,6 +276,7 @@ def parse_tokenize_request(body: Any) -> TokenizeRequest:
         _parse_chat_options(body),
         _parse_bool(body, "add_special_tokens", prompt is not None),
         _parse_bool(body, "return_token_strs", False),
+        tools.tools if (tools := parse_tools({"tools": body.get("tools")})) else None,
     )
 
 
@@ -492,6 +507,6 @@ def _parse_prompt(prompt: Any) -> list[str | list[int]]:
 
 def _parse_messages(messages: Any) -> list[dict]:
     try:
-        return text_messages(messages, roles=CHAT_ROLES, fields=("role", "content", "name"))
+        return text_messages(messages, roles=CHAT_ROLES, fields=MESSAGE_FIELDS)
     except MessageError as e:
         raise RequestError(str(e), e.param) from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 
@@ -21,7 +22,9 @@ def text_messages(
     {"type": "text", "text": ...} parts are joined with newlines, as vLLM does. `roles` limits the roles
     (None: any string) and `fields` the keys a message may have (None: any, passed on to the template).
     Fields set to None are left out unchecked (a client's `message.model_dump()` of a reply carries
-    `tool_calls: None`, `refusal: None`, ...). Raises MessageError naming the first bad part."""
+    `tool_calls: None`, `refusal: None`, ...). An assistant's `tool_calls` come out with their arguments
+    as objects, which is what templates print (OpenAI sends them as JSON text), and its content may then be
+    null. Raises MessageError naming the first bad part."""
     if not isinstance(messages, list) or not messages:
         raise MessageError("messages must be a non-empty list of {role, content} objects", "messages")
     out = []
@@ -38,8 +41,43 @@ def text_messages(
         if not isinstance(role, str):
             raise MessageError(f"{where}.role must be a string, got {role!r}", f"{where}.role")
         message = {key: value for key, value in m.items() if value is not None}
-        message["content"] = _content_text(m.get("content"), f"{where}.content")
+        if m.get("tool_calls") is not None:
+            if role != "assistant":
+                raise MessageError(f"{where}: only an assistant calls tools", f"{where}.tool_calls")
+            message["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        if m.get("tool_call_id") is not None and not isinstance(m["tool_call_id"], str):
+            raise MessageError(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
+        if m.get("content") is None and "tool_calls" in message:
+            message["content"] = ""  # (a reply that only called tools)
+        else:
+            message["content"] = _content_text(m.get("content"), f"{where}.content")
         out.append(message)
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """OpenAI's [{"id", "type": "function", "function": {"name", "arguments": JSON text}}] with each call's
+    arguments parsed (an object; empty: {}), as vLLM hands them to templates."""
+    if not isinstance(calls, list):
+        raise MessageError(f"{where} must be a list of tool calls", where)
+    out = []
+    for j, call in enumerate(calls):
+        here = f"{where}[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise MessageError(f"{here} must be a function call with a name and arguments", here)
+        arguments = function.get("arguments") or {}
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as e:
+                raise MessageError(f"{here}.function.arguments is not valid JSON: {e}", here) from None
+        if not isinstance(arguments, dict):
+            raise MessageError(f"{here}.function.arguments must be a JSON object, got {arguments!r}", here)
+        parsed = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if call.get("id") is not None:
+            parsed["id"] = call["id"]
+        out.append(parsed)
     return out
 
 
@@ -62,7 +100,14 @@ def _content_text(content: Any, where: str) -> str:
 
 # apply_chat_template arguments that are ours to set, not template variables (a server's client may not
 # swap the template itself)
-_RESERVED_TEMPLATE_KWARGS = ("conversation", "chat_template", "tokenize", "return_dict", "return_tensors")
+_RESERVED_TEMPLATE_KWARGS = (
+    "conversation",
+    "chat_template",
+    "tokenize",
+    "return_dict",
+    "return_tensors",
+    "tools",  # (the request's own field)
+)
 
 
 def check_chat_options(
@@ -90,13 +135,17 @@ def render_chat(
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,
     chat_template_kwargs: dict | None = None,
+    tools: list[dict] | None = None,
 ) -> str:
     """The conversation (text_messages' output) as the prompt text the model expects: the tokenizer's chat
     template, or `chat_template`. `chat_template_kwargs` become template variables (Qwen3's
-    {"enable_thinking": False}) and, as in vLLM, win over the two switches. Raises ValueError when the
-    options are contradictory or the template fails."""
+    {"enable_thinking": False}) and, as in vLLM, win over the two switches. `tools`: OpenAI's function tools,
+    which the template shows the model. Raises ValueError when the options are contradictory or the
+    template fails."""
     options = check_chat_options(add_generation_prompt, continue_final_message, chat_template_kwargs)
     options["chat_template"] = chat_template
+    if tools:
+        options["tools"] = tools
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **options)
     except Exception as e:  # jinja and transformers raise many kinds for what a template rejects

@@ -1,0 +1,196 @@
+"""OpenAI tool calling on the chat endpoint (`tools`, `tool_choice`, `parallel_tool_calls`), as vLLM's server.
+
+The tools always go to the chat template, which shows them to the model. What `tool_choice` then does:
+  "none"      nothing more: the reply is text.
+  named       {"type": "function", "function": {"name": N}}: the output is constrained (structured outputs)
+              to N's `parameters` schema, and the whole output is N's arguments. finish_reason stays
+              ("stop"), as OpenAI's and vLLM's.
+  "required"  the output is constrained to a JSON array of {"name": ..., "parameters": ...}, one of the tools
+              each, at least one (at most one without parallel_tool_calls); finish_reason "tool_calls".
+  "auto"      (the default when tools are given) the model decides; a tool parser (tool_parsers.py, chosen
+              by `serve --enable-auto-tool-choice --tool-call-parser NAME`) finds the calls in its output;
+              finish_reason "tool_calls" when it found any. Without the flags, "auto" is a 400, as vLLM's.
+A reply with tool calls has `content` null unless the model wrote text before them (OpenAI's shape; vLLM
+returns "" for named and required). `parallel_tool_calls: false` keeps the first call only.
+
+Streamed, a named call's arguments go out as they are generated; "required" and "auto" send each call whole
+once it is complete (vLLM streams arguments piece by piece; clients join the pieces either way).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from nanovllm.sampling_params import StructuredOutputsParams
+from nanovllm.server.errors import RequestError
+from nanovllm.server.tool_parsers import RequiredCallsParser, ToolCall, ToolParser
+
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
+_CHOICES = ("none", "auto", "required")
+_NO_PARAMETERS = {"type": "object", "properties": {}}  # a function without `parameters` takes no arguments
+
+
+@dataclass(frozen=True)
+class ToolRequest:
+    """A chat request's tools and what it asks of them."""
+
+    tools: list[dict]  # [{"type": "function", "function": {"name", "description", "parameters"}}]
+    choice: str  # "none", "auto", "required", or "named"
+    name: str | None = None  # the named function
+    parallel: bool = True  # more than one call per reply
+
+    @property
+    def constrained(self) -> bool:
+        return self.choice in ("named", "required")
+
+    def constraint(self) -> StructuredOutputsParams | None:
+        """The structured output that named and required choices generate under."""
+        if self.choice == "named":
+            return StructuredOutputsParams(json=self._parameters(self.name))
+        if self.choice != "required":
+            return None
+        calls = [
+            {
+                "properties": {
+                    "name": {"type": "string", "enum": [name]},
+                    "parameters": self._parameters(name),
+                },
+                "required": ["name", "parameters"],
+            }
+            for name in self.names
+        ]
+        array = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": calls}}
+        if not self.parallel:
+            array["maxItems"] = 1
+        return StructuredOutputsParams(json=array)
+
+    @property
+    def names(self) -> list[str]:
+        return [tool["function"]["name"] for tool in self.tools]
+
+    def _parameters(self, name: str) -> dict:
+        function = next(t["function"] for t in self.tools if t["function"]["name"] == name)
+        return function.get("parameters") or _NO_PARAMETERS
+
+
+def parse_tools(body: dict) -> ToolRequest | None:
+    """The request's tool fields -> a ToolRequest (None: no tools, or tool_choice "none" without them).
+    RequestError names the field at fault."""
+    tools, choice = body.get("tools"), body.get("tool_choice")
+    parallel = body.get("parallel_tool_calls")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise RequestError(f"parallel_tool_calls must be a boolean, got {parallel!r}", "parallel_tool_calls")
+    if not tools:
+        if tools is not None and not isinstance(tools, list):
+            raise RequestError(f"tools must be a list of function tools, got {tools!r}", "tools")
+        if choice is not None and choice != "none":
+            raise RequestError(f"tool_choice={choice!r} needs tools", "tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise RequestError(f"tools must be a list of function tools, got {tools!r}", "tools")
+    tools = [_check_tool(tool, f"tools[{i}]") for i, tool in enumerate(tools)]
+    names = [tool["function"]["name"] for tool in tools]
+    if len(set(names)) < len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise RequestError(f"two tools are named {duplicate!r}", "tools")
+    parallel = parallel is not False
+    if choice is None or choice in _CHOICES:
+        return ToolRequest(tools, choice or "auto", parallel=parallel)
+    name = _named_choice(choice)
+    if name not in names:
+        raise RequestError(f"tool_choice names {name!r}, which is not among the tools {names}", "tool_choice")
+    return ToolRequest(tools, "named", name, parallel)
+
+
+def _check_tool(tool: Any, where: str) -> dict:
+    """OpenAI's function tool, with only the keys a chat template reads."""
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+        raise RequestError(f'{where} must be {{"type": "function", "function": {{...}}}}', "tools")
+    function = tool.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        raise RequestError(f"{where}.function must be an object with a name", "tools")
+    unknown = set(function) - {"name", "description", "parameters", "strict"}
+    if unknown:
+        raise RequestError(f"{where}.function has unsupported keys {sorted(unknown)}", "tools")
+    parameters = function.get("parameters")
+    if parameters is not None and not isinstance(parameters, dict):
+        raise RequestError(f"{where}.function.parameters must be a JSON schema object", "tools")
+    description = function.get("description")
+    if description is not None and not isinstance(description, str):
+        raise RequestError(f"{where}.function.description must be a string", "tools")
+    kept = {key: function.get(key) for key in ("name", "description", "parameters")}
+    return {"type": "function", "function": {key: value for key, value in kept.items() if value is not None}}
+
+
+def _named_choice(choice: Any) -> str:
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            return function["name"]
+    raise RequestError(
+        'tool_choice must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}},'
+        f" got {choice!r}",
+        "tool_choice",
+    )
+
+
+class ToolOutput:
+    """One choice's output (tool_choice named, "required" or "auto") as OpenAI's message or chunk deltas:
+    text, tool calls, or both. `parser`: a fresh one of the server's --tool-call-parser, for "auto"."""
+
+    def __init__(self, request: ToolRequest, parser: ToolParser | None):
+        if request.choice == "auto" and parser is None:
+            raise ValueError('tool_choice "auto" needs a tool parser')
+        self.request = request
+        self.parser = RequiredCallsParser() if request.choice == "required" else parser
+        self.num_sent = 0  # streaming: calls sent so far
+
+    def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
+        """A finished choice's text -> ({"content", "tool_calls"}, finish_reason)."""
+        if self.request.choice == "named":
+            return {"content": None, "tool_calls": [_call(ToolCall(self.request.name, text))]}, finish_reason
+        content, calls = self.parser.extract(text)
+        calls = calls if self.request.parallel else calls[:1]
+        message = {"content": content, "tool_calls": [_call(call) for call in calls]}
+        return message, self._finish_reason(finish_reason, bool(calls))
+
+    def delta(self, text: str, finished: bool) -> dict:
+        """Streaming: the next piece of the choice's text (`finished`: the last) -> the chunk's delta."""
+        if self.request.choice == "named":
+            if self.num_sent:
+                return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+            self.num_sent = 1  # the first delta carries the call's id and name
+            return {"tool_calls": [{"index": 0, **_call(ToolCall(self.request.name, text))}]}
+        content, calls = self.parser.feed(text)
+        if finished:
+            more_content, more_calls = self.parser.flush()
+            content, calls = content + more_content, calls + more_calls
+        if not self.request.parallel:
+            calls = calls[: max(0, 1 - self.num_sent)]
+        delta: dict = {}
+        if content or not calls:  # ("" for a token with no text yet, as a plain chunk)
+            delta["content"] = content
+        if calls:
+            delta["tool_calls"] = [{"index": self.num_sent + i, **_call(c)} for i, c in enumerate(calls)]
+            self.num_sent += len(calls)
+        return delta
+
+    def finish_reason(self, reason: str | None) -> str | None:
+        """Streaming: the last chunk's finish_reason (after its delta: every call is sent)."""
+        return self._finish_reason(reason, self.num_sent > 0)
+
+    def _finish_reason(self, reason: str | None, called: bool) -> str | None:
+        """ "tool_calls" for calls the model chose ("auto") or was made to make ("required", unless cut
+        short); a named call keeps the engine's reason, as OpenAI's."""
+        if self.request.choice == "required" and reason == "stop":
+            return "tool_calls"
+        if self.request.choice == "auto" and called:
+            return "tool_calls"
+        return reason
+
+
+def _call(call: ToolCall) -> dict:
+    function = {"name": call.name, "arguments": call.arguments}
+    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function", "function": function}
