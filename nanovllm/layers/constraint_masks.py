@@ -10,7 +10,9 @@ its pending token leads to — one gather, no wait. Rows whose state is known re
 Per grammar, `DeviceGrammar` keeps a bit-packed table of the states seen so far (a slot each, 19 KB at a
 152k vocabulary) and whether each accepts; slot 0 allows everything: the successor of a token the state
 did not allow (never sampled) and of a complete match (the request ends when that token is read back, so
-the step's token for it is discarded, as after an EOS under overlap).
+the step's token for it is discarded, as after an EOS under overlap). A grammar's reasoning state (the model
+still thinking: structured/grammar.py) is a state like the others here: its slot allows every token, its
+successor map sends the end tag to the start's slot and every other token back to its own.
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ class DeviceGrammar:
             self._successors.move_to_end(state)
             return hit
         grammar = self.grammar
-        next_states = grammar.index.next_states(grammar.dfa, state)  # [V] int32, 0 = not allowed
+        next_states = grammar.next_states(state)  # [V] int32, 0 = not allowed
         states, inverse = np.unique(next_states, return_inverse=True)
         slots = np.array(
             [_FREE if s == 0 or grammar.is_complete(s) else self.slot(s) for s in states.tolist()],

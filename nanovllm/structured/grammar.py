@@ -8,6 +8,11 @@ sample only the tokens whose bytes keep the DFA alive from the sequence's state 
 once per state: `Grammar.packed_allowed`); an accepting state also allows the request's end tokens (EOS unless
 ignore_eos, its stop_token_ids: SamplingBatch.build). The scheduler advances the state by each sampled
 token (Scheduler.resolve) and ends the request once the output is complete and nothing may follow.
+
+With a reasoning parser (nanovllm/reasoning.py) the constraint starts after the model's thinking: a Grammar
+built with the `</think>` id has one more state, `reasoning_state`, which allows every token (EOS included),
+stays put on all but the end id and goes to the DFA's start on it. A request whose prompt leaves the output
+inside the thinking starts its matcher there. Being one more state, it needs nothing of the code downstream.
 """
 
 from __future__ import annotations
@@ -33,8 +38,26 @@ class Grammar:
 
     MAX_CACHED_STATES = 1024
 
-    def __init__(self, dfa: ByteDFA, index: TokenIndex, tokens: list[bytes | None]):
+    def __init__(
+        self,
+        dfa: ByteDFA,
+        index: TokenIndex,
+        tokens: list[bytes | None],
+        reasoning_end_id: int | None = None,
+    ):
+        """reasoning_end_id: the thinking's end tag (`</think>`), which takes the reasoning state to the
+        start; None: no reasoning state."""
         self.dfa, self.index, self.tokens = dfa, index, tokens
+        self.reasoning_end_id = reasoning_end_id
+        # The thinking: a state number no DFA state uses (they are 0 .. num_states - 1); None without one
+        self.reasoning_state: int | None = None
+        if reasoning_end_id is not None:
+            if not 0 <= reasoning_end_id < index.vocab_size:
+                raise ValueError(
+                    f"reasoning_end_id must be a token id in [0, {index.vocab_size}) (the logits' width), "
+                    f"got {reasoning_end_id!r}"
+                )
+            self.reasoning_state = dfa.num_states
         self._allowed: OrderedDict[int, np.ndarray] = OrderedDict()  # state -> packed [vocab_size] bits
         # state -> the live states its allowed tokens lead to (kept for every state seen; empty: no token)
         self._successors: dict[int, tuple[int, ...]] = {}
@@ -44,11 +67,25 @@ class Grammar:
     def vocab_size(self) -> int:
         return self.index.vocab_size
 
+    @property
+    def start(self) -> int:
+        """The state of an output that starts with the constraint (no thinking first)."""
+        return self.dfa.start
+
+    def next_states(self, state: int) -> np.ndarray:  # [vocab_size] int32
+        """The state each token leads to from `state`, 0 (dead) where the token is not allowed. Every reader
+        of transitions comes here: the reasoning state is not in the DFA's tables."""
+        if state == self.reasoning_state:
+            out = np.full(self.vocab_size, state, dtype=np.int32)  # thinking goes on, whatever the token ...
+            out[self.reasoning_end_id] = self.start  # ... but its end tag: the constraint starts
+            return out
+        return self.index.next_states(self.dfa, state)
+
     def packed_allowed(self, state: int) -> np.ndarray:  # [ceil(vocab_size / 8)] uint8, np.packbits'
         """The tokens that keep the output matchable from `state` (end tokens not included), as bits."""
         packed = self._allowed.get(state)
         if packed is None:
-            next_states = self.index.next_states(self.dfa, state)  # [vocab_size], 0 = not allowed
+            next_states = self.next_states(state)  # [vocab_size], 0 = not allowed
             allowed = next_states != 0
             packed = np.packbits(allowed)
             self._allowed[state] = packed
@@ -81,19 +118,27 @@ class Grammar:
         token leads to."""
         if state in self._ready:
             return 0
-        missing = sum(1 for s in self.successors(state) if s not in self._allowed)
+        # (the reasoning state's mask is all ones: free to make, so never counted)
+        free = self.reasoning_state
+        missing = sum(1 for s in self.successors(state) if s not in self._allowed and s != free)
         if not missing:
             self._ready.add(state)  # (a mask dropped from the cache later is recomputed when asked for)
         return missing
 
     def next_state(self, state: int, token_id: int) -> int:
         """The state after the token's bytes (0, the dead state, for a token that breaks the constraint or
-        has no bytes: special tokens, ids past the tokenizer's vocabulary)."""
+        has no bytes: special tokens, ids past the tokenizer's vocabulary). From the reasoning state: the
+        start after its end tag, itself after any other id of the logits (special tokens too)."""
+        if state == self.reasoning_state:
+            if token_id == self.reasoning_end_id:
+                return self.start
+            return state if 0 <= token_id < self.vocab_size else 0
         data = self.tokens[token_id] if 0 <= token_id < len(self.tokens) else None
         return self.dfa.advance(state, data) if data else 0
 
     def is_accepting(self, state: int) -> bool:
-        return bool(self.dfa.accepting[state])
+        """The output so far is a whole match (never while thinking: the constraint has not begun)."""
+        return state != self.reasoning_state and bool(self.dfa.accepting[state])
 
 
 class GrammarMatcher:
@@ -102,8 +147,17 @@ class GrammarMatcher:
 
     __slots__ = ("grammar", "state")
 
-    def __init__(self, grammar: Grammar):
-        self.grammar, self.state = grammar, grammar.dfa.start
+    def __init__(self, grammar: Grammar, thinking: bool = False):
+        """thinking: the output starts inside the model's thinking (the grammar's reasoning state)."""
+        if thinking and grammar.reasoning_state is None:
+            raise ValueError("a matcher can start in the thinking only on a grammar with a reasoning end id")
+        self.grammar = grammar
+        self.state = grammar.reasoning_state if thinking else grammar.start
+
+    @property
+    def is_thinking(self) -> bool:
+        """The constraint has not begun: the model is still thinking."""
+        return self.state == self.grammar.reasoning_state
 
     def accept(self, token_id: int) -> bool:
         """Advance by a sampled token; False (the state unchanged) if the token breaks the constraint."""
@@ -146,19 +200,24 @@ def can_overlap(matchers: Iterable[GrammarMatcher]) -> bool:
 class StructuredOutputCompiler:
     """Compiles StructuredOutputsParams into Grammars for one engine (its tokenizer and its logits' width),
     keeping the last MAX_GRAMMARS: requests tend to repeat a schema. The vocabulary's bytes are read on
-    the first constrained request."""
+    the first constrained request. With `reasoning_end_id` (the engine's reasoning parser's `</think>`) every
+    grammar has the reasoning state, so one cached grammar serves requests that start thinking or not."""
 
     MAX_GRAMMARS = 32
 
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer, vocab_size: int, reasoning_end_id: int | None = None):
         self.tokenizer, self.vocab_size = tokenizer, vocab_size
+        self.reasoning_end_id = reasoning_end_id
         self._tokens: list[bytes | None] | None = None
         self._index: TokenIndex | None = None
         self._grammars: OrderedDict[tuple, Grammar] = OrderedDict()
 
-    def matcher(self, params: StructuredOutputsParams) -> GrammarMatcher:
-        """A fresh matcher for a request; ParamError naming structured_outputs if the constraint cannot
-        be compiled or no output can follow it."""
+    def matcher(self, params: StructuredOutputsParams, thinking: bool = False) -> GrammarMatcher:
+        """A fresh matcher for a request, in the reasoning state if `thinking` (the output starts inside
+        the model's thinking: only with a reasoning_end_id); ParamError naming structured_outputs if the
+        constraint cannot be compiled or no output can follow it."""
+        if thinking and self.reasoning_end_id is None:
+            raise ValueError("thinking=True needs a compiler built with a reasoning_end_id")
         try:
             key = _cache_key(params)
         except (TypeError, ValueError) as e:  # (json.dumps of a dict holding bytes, a NaN ...)
@@ -171,7 +230,7 @@ class StructuredOutputCompiler:
                 self._grammars.popitem(last=False)
         else:
             self._grammars.move_to_end(key)
-        return GrammarMatcher(grammar)
+        return GrammarMatcher(grammar, thinking)
 
     def _compile(self, params: StructuredOutputsParams) -> Grammar:
         try:
@@ -187,10 +246,10 @@ class StructuredOutputCompiler:
         if self._index is None:
             self._tokens = token_bytes(self.tokenizer)
             self._index = TokenIndex(self._tokens, self.vocab_size)
-        grammar = Grammar(dfa, self._index, self._tokens)
         start = dfa.start
         if start == 0:
             raise ParamError(f"{_FIELD}: the constraint matches no output at all", _FIELD)
+        grammar = Grammar(dfa, self._index, self._tokens, self.reasoning_end_id)
         if not grammar.can_continue(start):
             what = (
                 "only the empty output"
