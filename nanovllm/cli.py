@@ -9,6 +9,7 @@ import sys
 import time
 
 from nanovllm.config import DEFAULT_MODEL, SCHEDULING_POLICIES, Config, preset_names
+from nanovllm.reasoning import REASONING_PARSERS
 from nanovllm.server.tool_parsers import TOOL_PARSERS
 
 _ENGINE_ARG_TYPES = {
@@ -29,8 +30,12 @@ _ENGINE_ARG_TYPES = {
     "seed": int,
     "kernel_backend": str,
     "generation_config": str,
+    "reasoning_parser": str,
 }
-_ENGINE_ARG_CHOICES = {"scheduling_policy": SCHEDULING_POLICIES}
+_ENGINE_ARG_CHOICES = {
+    "scheduling_policy": SCHEDULING_POLICIES,
+    "reasoning_parser": sorted(REASONING_PARSERS),
+}
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.reasoning import REASONING_PARSERS
+
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_MODEL = "qwen3-0.6b"  # the preset the CLI and the benchmarks run when no model is given
 MAX_MODEL_LEN_CAP = 16384  # default cap on max_model_len when the checkpoint allows more
@@ -52,6 +54,9 @@ class Config:
     # Where LLM.generate's default SamplingParams come from (vLLM's): "auto" the checkpoint's
     # generation_config.json, "vllm" SamplingParams' own defaults, or a folder holding one.
     generation_config: str = "auto"
+    # A reasoning model's parser (vLLM's --reasoning-parser, nanovllm/reasoning.py: "qwen3", "deepseek_r1"):
+    # a structured output then applies only after the thinking's end tag (docs/structured_outputs.md)
+    reasoning_parser: str | None = None
     # Resolved in __post_init__ from the checkpoint; not user arguments.
     hf_config: PretrainedConfig = field(init=False, repr=False)
     model_path: Path | None = field(init=False)  # None: a preset with random weights
@@ -112,6 +117,10 @@ class Config:
             raise ValueError(
                 f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}"
             )
+        parser = self.reasoning_parser
+        if parser is not None and parser not in REASONING_PARSERS:
+            known = sorted(REASONING_PARSERS)
+            raise ValueError(f"reasoning_parser must be None or one of {known}, got {parser!r}")
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         set_("torch_device", _resolve_device(self.device))

@@ -28,6 +28,7 @@ from nanovllm.engine.sequence import FinishReason, Sequence
 from nanovllm.engine.step_input import LaunchedStep
 from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
 from nanovllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from nanovllm.reasoning import prompt_ends_thinking, think_token_ids
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.structured.grammar import StructuredOutputCompiler, can_overlap
 from nanovllm.utils.tokenizer import TokenDecoder, load_tokenizer
@@ -80,6 +81,11 @@ class LLMEngine:
         if self.tokenizer is not None:
             self._decoders = [TokenDecoder(self.tokenizer, skip) for skip in (False, True)]
         self.vocab_size = config.hf_config.vocab_size
+        # The reasoning parser's (start, end) tag ids, found before the model loads: a misconfigured server
+        # fails at start (without a tokenizer there are no structured outputs to start after the thinking)
+        self._think_token_ids: tuple[int, int] | None = None
+        if config.reasoning_parser is not None and self.tokenizer is not None:
+            self._think_token_ids = _think_token_ids(self.tokenizer, config.reasoning_parser, self.vocab_size)
         self.runner = self._make_runner(config)
         self.num_kvcache_blocks = self.runner.num_kvcache_blocks
         self.scheduler = Scheduler(config, self.num_kvcache_blocks)
@@ -96,8 +102,16 @@ class LLMEngine:
 
     def _structured(self) -> StructuredOutputCompiler:
         if self._structured_compiler is None:
-            self._structured_compiler = StructuredOutputCompiler(self.tokenizer, self.vocab_size)
+            end_id = None if self._think_token_ids is None else self._think_token_ids[1]
+            self._structured_compiler = StructuredOutputCompiler(self.tokenizer, self.vocab_size, end_id)
         return self._structured_compiler
+
+    def _starts_thinking(self, prompt_token_ids: list[int]) -> bool:
+        """Whether a request's output starts inside the model's thinking, so that its structured output waits
+        for the end tag (as vLLM's reasoning parser decides it, from the prompt: reasoning.py)."""
+        if self._think_token_ids is None:
+            return False
+        return not prompt_ends_thinking(prompt_token_ids, *self._think_token_ids)
 
     @staticmethod
     def _make_runner(config: Config):
@@ -185,7 +199,8 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         matcher = None
         if params.structured_outputs is not None:  # (encode_prompt or the server compiled it: a cache hit)
-            matcher = self._structured().matcher(params.structured_outputs)
+            thinking = self._starts_thinking(token_ids)  # (then the constraint starts after `</think>`)
+            matcher = self._structured().matcher(params.structured_outputs, thinking)
         seq = Sequence(token_ids, params, request_id, priority, matcher)
         detok = None
         if incremental or params.stop:
@@ -465,6 +480,18 @@ class LLMEngine:
     def _check_open(self) -> None:
         if self.runner is None:
             raise RuntimeError("this engine has been shut down; create a new LLM")
+
+
+def _think_token_ids(tokenizer, parser: str, vocab_size: int) -> tuple[int, int]:
+    """The parser's tag ids in this tokenizer; ValueError naming the parser when a tag is not one token, or
+    past the model's logits (the thinking could never end)."""
+    start_id, end_id = think_token_ids(tokenizer, parser)
+    if max(start_id, end_id) >= vocab_size:
+        raise ValueError(
+            f"reasoning parser {parser!r}: its tags' ids ({start_id}, {end_id}) must be below the model's "
+            f"vocab_size {vocab_size}"
+        )
+    return start_id, end_id
 
 
 def _hides_last_token(seq: Sequence) -> bool:
