@@ -97,3 +97,21 @@ def hf_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
         logits = model(torch.tensor([tokens])).logits[0, -1]
         tokens.append(int(logits.argmax()))
     return tokens[len(prompt) :]
+
+
+THINK, END_THINK = 2048, 2049  # Qwen3's think tags, added after the preset tokenizer's 2,048 tokens
+THINK_VOCAB_SIZE = 2064  # the think checkpoint's logits: wider than its tokenizer (ids 2050.. have no text)
+
+
+def build_think_checkpoint(path: Path, vocab_size: int = THINK_VOCAB_SIZE) -> Path:
+    """A tiny random Qwen3 whose tokenizer has `<think>` and `</think>` as added tokens (as Qwen3's), for
+    reasoning parsers."""
+    from transformers import AutoTokenizer
+
+    build_checkpoint(path, "qwen3", tokenizer=False, vocab_size=vocab_size, max_position_embeddings=256)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
+    tokenizer.add_tokens(["<think>", "</think>"])
+    tokenizer.save_pretrained(path)
+    if tokenizer.convert_tokens_to_ids(["<think>", "</think>"]) != [THINK, END_THINK]:
+        raise RuntimeError("the think tags did not get the expected ids")
+    return path

@@ -17,3 +17,11 @@ def ckpt(tmp_path_factory):
     from tests.checkpoints import build_checkpoint  # (transformers: imported when a test first asks)
 
     return build_checkpoint(tmp_path_factory.mktemp("qwen3"), "qwen3", max_position_embeddings=256)
+
+
+@pytest.fixture(scope="session")
+def think_ckpt(tmp_path_factory):
+    """A tiny random Qwen3 whose tokenizer has Qwen3's think tags (reasoning parsers), built once per run."""
+    from tests.checkpoints import build_think_checkpoint
+
+    return build_think_checkpoint(tmp_path_factory.mktemp("qwen3-think"))

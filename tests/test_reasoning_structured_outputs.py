@@ -17,39 +17,13 @@ from nanovllm import LLM, SamplingParams, StructuredOutputsParams
 from nanovllm.cli import build_parser, engine_kwargs
 from nanovllm.structured.regex_dfa import compile_regex
 from nanovllm.structured.vocab import token_bytes
-from tests.checkpoints import TOKENIZER_DIR, build_checkpoint, load_hf_model
+from tests.checkpoints import END_THINK, build_think_checkpoint, load_hf_model
 
 EOS = 2  # the preset tokenizer's <|im_end|>
-THINK, END_THINK = 2048, 2049  # added after the preset tokenizer's 2,048 tokens
-VOCAB_SIZE = 2064  # the logits: wider than the tokenizer (ids 2050.. have no text)
 REGEX = r"(yes|no|maybe)-[0-9]{2}"
 PROMPT = "The answer is"
 END_STEP = 3  # where the bias brings `</think>` (a step the oracle's margins allow: _bias_for_end_at)
 ENGINE = dict(device="cpu", max_model_len=256, reasoning_parser="qwen3")
-
-
-def _think_tokenizer(path):
-    """The preset tokenizer with `<think>` and `</think>` as added tokens (as Qwen3's), saved to path."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
-    tokenizer.add_tokens(["<think>", "</think>"])
-    tokenizer.save_pretrained(path)
-    return tokenizer
-
-
-@pytest.fixture(scope="module")
-def think_ckpt(tmp_path_factory):
-    path = build_checkpoint(
-        tmp_path_factory.mktemp("qwen3-think"),
-        "qwen3",
-        tokenizer=False,
-        vocab_size=VOCAB_SIZE,
-        max_position_embeddings=256,
-    )
-    tokenizer = _think_tokenizer(path)
-    assert tokenizer.convert_tokens_to_ids(["<think>", "</think>"]) == [THINK, END_THINK]
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -220,10 +194,7 @@ def test_a_parser_must_be_known_and_its_tags_single_tokens_of_the_logits(think_c
     with pytest.raises(ValueError, match="reasoning parser 'deepseek_r1' needs '<think>' to be one token"):
         LLM("qwen3-tiny", device="cpu", reasoning_parser="deepseek_r1")
     # tags the logits cannot produce: the thinking could never end
-    narrow = build_checkpoint(
-        tmp_path, "qwen3", tokenizer=False, vocab_size=2048, max_position_embeddings=256
-    )
-    _think_tokenizer(narrow)
+    narrow = build_think_checkpoint(tmp_path, vocab_size=2048)
     with pytest.raises(ValueError, match="must be below the model's vocab_size 2048"):
         LLM(str(narrow), device="cpu", reasoning_parser="qwen3")
     LLM(str(narrow), device="cpu").shutdown()  # without a parser the tags are plain tokens

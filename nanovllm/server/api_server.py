@@ -33,6 +33,7 @@ import nanovllm
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.request_queue import check_priority
+from nanovllm.reasoning import prompt_ends_thinking, think_tags, think_token_ids
 from nanovllm.sampling_params import ParamError
 from nanovllm.server import protocol
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDelta, RequestStream, SubRequest
@@ -41,7 +42,8 @@ from nanovllm.server.errors import RequestError, error_body
 from nanovllm.server.logprobs import LogprobFormatter
 from nanovllm.server.metrics import Metrics
 from nanovllm.server.protocol import GenerateRequest
-from nanovllm.server.tool_parsers import tool_parser
+from nanovllm.server.reasoning import ReasoningSplitter
+from nanovllm.server.tool_parsers import TOOL_PARSERS, tool_parser
 from nanovllm.server.tools import ToolOutput
 from nanovllm.utils.chat import render_chat
 from nanovllm.utils.tokenizer import load_tokenizer
@@ -54,11 +56,18 @@ class ClientDisconnected(Exception):
 
 
 class OpenAIServer:
-    def __init__(self, config: Config, served_model_name: str, tool_call_parser: str | None = None):
-        """tool_call_parser: how replies to tool_choice "auto" are searched for calls (tool_parsers.py);
-        None: "auto" is refused."""
+    def __init__(
+        self,
+        config: Config,
+        served_model_name: str,
+        tool_call_parser: str | None = None,
+        enable_auto_tool_choice: bool = True,
+    ):
+        """tool_call_parser: how replies to tool_choice "auto" are searched for calls (tool_parsers.py), and
+        the kind of call ids; "auto" is refused without it or without enable_auto_tool_choice."""
         self.config = config
         self.tool_call_parser = tool_call_parser
+        self.auto_tool_choice = tool_call_parser is not None and enable_auto_tool_choice
         self.model_name = served_model_name
         self.max_model_len = config.max_model_len
         self.tokenizer = load_tokenizer(config.tokenizer_path) if config.tokenizer_path else None
@@ -66,6 +75,13 @@ class OpenAIServer:
         self.engine = AsyncEngine(functools.partial(LLMEngine, config), self.metrics)  # built in its process
         self.created = int(time.time())
         self.logprobs = LogprobFormatter(self.tokenizer)
+        # --reasoning-parser: chat replies split into reasoning and content (server/reasoning.py)
+        self.think_tags = self.think_ids = None
+        if config.reasoning_parser is not None:
+            if self.tokenizer is None:
+                raise ValueError("--reasoning-parser needs the model's tokenizer")
+            self.think_tags = think_tags(config.reasoning_parser)
+            self.think_ids = think_token_ids(self.tokenizer, config.reasoning_parser)
 
     # ---- endpoints --------------------------------------------------------------------------------
 
@@ -85,13 +101,13 @@ class OpenAIServer:
         )
         self._check_model(req.model)
         if req.tools is not None and req.tools.choice == "auto":
-            if self.tool_call_parser is None:  # (vLLM's rule)
+            if not self.auto_tool_choice:  # (vLLM's rule)
                 raise RequestError(
                     'tool_choice "auto" (the default with tools) needs the server started with'
                     " --enable-auto-tool-choice and --tool-call-parser",
                     "tool_choice",
                 )
-            if not tool_parser(self.tool_call_parser).skip_special_tokens:  # its marker is a special token
+            if not TOOL_PARSERS[self.tool_call_parser].skip_special_tokens:  # (its marker may be special)
                 req.params = dataclasses.replace(req.params, skip_special_tokens=False)
         text = self._render(req.messages, req.chat_options, req.tools.tools if req.tools else None)
         # The template already holds any BOS/special tokens the model wants.
@@ -304,7 +320,10 @@ class OpenAIServer:
         choice_prompts: list[tuple[str | None, list[int]]],
     ) -> AsyncIterator[str]:
         num_choices = len(choice_prompts)
-        states = [_ChoiceState(self._tool_output(req)) for _ in range(num_choices)]
+        states = [
+            _ChoiceState(self._tool_output(req), self._reasoning_splitter(ids) if resp.chat else None)
+            for _, ids in choice_prompts
+        ]
 
         def chunk_usage(index: int) -> dict:
             """A chunk's usage field: none, null (include_usage: only the final chunk has it), or with
@@ -347,10 +366,19 @@ class OpenAIServer:
                         )
                 reason = out.finish_reason if out.finished else None
                 if resp.chat:
+                    reasoning = ""
+                    if state.reasoning is not None:  # thinking, then the answer
+                        reasoning, text = state.reasoning.feed(text)
+                        if out.finished:
+                            more_reasoning, more_text = state.reasoning.flush()
+                            reasoning, text = reasoning + more_reasoning, text + more_text
                     delta = {"content": text}  # ("" for a token with no text yet, as vLLM)
                     if state.tools is not None:  # text or tool calls
                         delta = state.tools.delta(text, out.finished)
                         reason = state.tools.finish_reason(reason) if out.finished else None
+                    if reasoning and req.include_reasoning:
+                        shown = {k: v for k, v in delta.items() if v != ""}  # (no empty content beside it)
+                        delta = _reasoning_fields(reasoning, req) | shown
                     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
                 else:  # (vLLM's completion chunks carry stop_reason, null until the last)
                     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
@@ -405,10 +433,13 @@ class OpenAIServer:
         """c: all of a finished choice's deltas, merged; prompt: its (text or None, token ids)."""
         if chat:
             logprobs = None if req.logprobs is None else self.logprobs.chat(c.logprobs or [], req.logprobs)
-            message, reason = {"role": req.response_role, "content": c.text}, c.finish_reason
+            message, reason, text = {"role": req.response_role, "content": c.text}, c.finish_reason, c.text
+            if (splitter := self._reasoning_splitter(prompt[1])) is not None:
+                reasoning, text = splitter.extract(c.text)
+                message |= {"content": text} | _reasoning_fields(reasoning, req)
             if (tools := self._tool_output(req)) is not None:
-                calls, reason = tools.message(c.text, c.finish_reason)
-                message |= calls if calls["tool_calls"] else {"content": calls["content"] or ""}
+                shown, reason = tools.message(text or "", c.finish_reason)
+                message |= shown if shown.get("tool_calls") else {"content": text}
             return {
                 "index": index,
                 "message": message,
@@ -449,12 +480,20 @@ class OpenAIServer:
 
     # ---- helpers ----------------------------------------------------------------------------------
 
+    def _reasoning_splitter(self, prompt_ids: list[int]) -> ReasoningSplitter | None:
+        """A chat choice's splitter of thinking from answer, under --reasoning-parser."""
+        if self.think_tags is None:
+            return None
+        return ReasoningSplitter(self.think_tags, not prompt_ends_thinking(prompt_ids, *self.think_ids))
+
     def _tool_output(self, req: GenerateRequest) -> ToolOutput | None:
         """A choice's reader of tool calls, when its request may make them."""
         if req.tools is None or req.tools.choice == "none":
             return None
+        if self.tool_call_parser is None:
+            return ToolOutput(req.tools, None)
         parser = tool_parser(self.tool_call_parser) if req.tools.choice == "auto" else None
-        return ToolOutput(req.tools, parser)
+        return ToolOutput(req.tools, parser, TOOL_PARSERS[self.tool_call_parser].call_id)
 
     def _check_model(self, model: str | None) -> None:
         if model is not None and model != self.model_name:
@@ -516,6 +555,14 @@ class _Response:
         return _usage(self.num_prompt_tokens, num_completion_tokens)
 
 
+def _reasoning_fields(reasoning: str | None, req: GenerateRequest) -> dict:
+    """A message's (or delta's) thinking: `reasoning` (vLLM >= 0.11) and `reasoning_content` (vLLM before it,
+    DeepSeek's API, SGLang: what most clients read); none with include_reasoning false."""
+    if not req.include_reasoning:
+        return {}
+    return {"reasoning": reasoning, "reasoning_content": reasoning}
+
+
 def _usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
     return {
         "prompt_tokens": num_prompt_tokens,
@@ -528,8 +575,9 @@ class _ChoiceState:
     """What one streamed choice has sent so far. Each delta carries only the new text (the engine holds
     back what a stop string could still cut: IncrementalDetokenizer.stable_text), so chunks just append."""
 
-    def __init__(self, tools: ToolOutput | None = None):
+    def __init__(self, tools: ToolOutput | None = None, reasoning: ReasoningSplitter | None = None):
         self.tools = tools  # chat with tools: turns text into content and tool-call deltas
+        self.reasoning = reasoning  # --reasoning-parser: splits the thinking off the text first
         self.num_tokens = 0
         self.started = False  # a chunk has been sent
         self.text_offset = 0  # completions logprobs: characters of token strings sent so far
@@ -658,12 +706,17 @@ def _unpaired_surrogate(obj, where: str) -> str | None:
 
 
 def build_app(
-    config: Config, served_model_name: str | None = None, tool_call_parser: str | None = None
+    config: Config,
+    served_model_name: str | None = None,
+    tool_call_parser: str | None = None,
+    enable_auto_tool_choice: bool = True,
 ) -> FastAPI:
-    """tool_call_parser: a name in tool_parsers.TOOL_PARSERS, which turns on tool_choice "auto"."""
+    """tool_call_parser: a name in tool_parsers.TOOL_PARSERS, which (with enable_auto_tool_choice) turns on
+    tool_choice "auto"."""
     if tool_call_parser is not None:
         tool_parser(tool_call_parser)  # (ValueError for an unknown name, before anything starts)
-    server = OpenAIServer(config, served_model_name or config.model, tool_call_parser)
+    model_name = served_model_name or config.model
+    server = OpenAIServer(config, model_name, tool_call_parser, enable_auto_tool_choice)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -707,11 +760,12 @@ def main(args: argparse.Namespace) -> int:
 
     from nanovllm.cli import engine_kwargs
 
-    if args.enable_auto_tool_choice != (args.tool_call_parser is not None):  # (vLLM asks for both)
-        raise SystemExit("--enable-auto-tool-choice and --tool-call-parser go together")
+    if args.enable_auto_tool_choice and args.tool_call_parser is None:  # (vLLM's rule)
+        raise SystemExit("--enable-auto-tool-choice needs --tool-call-parser")
     config = Config.from_kwargs(args.model, **engine_kwargs(args))
     if config.is_preset:
         logger.warning("%r is a preset with RANDOM weights: the text is meaningless", args.model)
-    app = build_app(config, args.served_model_name, args.tool_call_parser)
+    # (a parser alone, as vLLM's, only names the call ids' kind: "auto" needs the flag too)
+    app = build_app(config, args.served_model_name, args.tool_call_parser, args.enable_auto_tool_choice)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info", timeout_graceful_shutdown=5)
     return 0

@@ -62,6 +62,8 @@ COMPLETION_FIELDS = frozenset(
 )
 # vLLM's extra chat fields: how the conversation is rendered (utils/chat.py render_chat)
 CHAT_TEMPLATE_FIELDS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
+# vLLM's: under --reasoning-parser, whether the reply shows its thinking (server/reasoning.py)
+REASONING_FIELDS = ("include_reasoning",)
 CHAT_FIELDS = frozenset(
     ("messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs")
     + _SHARED_FIELDS
@@ -70,9 +72,11 @@ CHAT_FIELDS = frozenset(
     + CHAT_TEMPLATE_FIELDS
     + _STRUCTURED
     + TOOL_FIELDS
+    + REASONING_FIELDS
 )
+_MESSAGES_ONLY = (*CHAT_TEMPLATE_FIELDS, "tools")  # /tokenize: what applies to messages, not to a prompt
 TOKENIZE_FIELDS = frozenset(
-    ("model", "prompt", "messages", "add_special_tokens", "return_token_strs", "tools") + CHAT_TEMPLATE_FIELDS
+    ("model", "prompt", "messages", "add_special_tokens", "return_token_strs") + _MESSAGES_ONLY
 )
 DETOKENIZE_FIELDS = frozenset(("model", "tokens"))
 
@@ -155,6 +159,7 @@ class GenerateRequest:
     priority: int = 0  # lower first under scheduling_policy "priority" (the server checks the policy)
     structured_field: str | None = None  # the field that asked for params.structured_outputs
     tools: ToolRequest | None = None  # chat: the tools shown to the model, and what tool_choice asks
+    include_reasoning: bool = True  # chat under --reasoning-parser: the reply's thinking is shown
 
     @property
     def response_role(self) -> str:
@@ -245,6 +250,7 @@ def parse_chat_request(
     req.messages = messages
     req.chat_options = _parse_chat_options(body)
     req.tools = parse_tools(body)
+    req.include_reasoning = _parse_bool(body, "include_reasoning", True)
     if req.tools is not None and req.tools.constrained:  # named, required: generated under the tools' schema
         if req.structured_field is not None:
             raise RequestError(
@@ -266,8 +272,8 @@ def parse_tokenize_request(body: Any) -> TokenizeRequest:
         raise RequestError("give either prompt or messages", "prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise RequestError(f"prompt must be a string, got {prompt!r}", "prompt")
-    if prompt is not None and any(body.get(f) is not None for f in (*CHAT_TEMPLATE_FIELDS, "tools")):
-        field = next(f for f in (*CHAT_TEMPLATE_FIELDS, "tools") if body.get(f) is not None)
+    if prompt is not None and any(body.get(f) is not None for f in _MESSAGES_ONLY):
+        field = next(f for f in _MESSAGES_ONLY if body.get(f) is not None)
         raise RequestError(f"{field} applies to messages, not to a prompt", field)
     return TokenizeRequest(
         model,

@@ -21,6 +21,9 @@ streaming cannot take a sent call back either). So from the marker (for llama3_j
 from __future__ import annotations
 
 import json
+import secrets
+import string
+import uuid
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
@@ -50,8 +53,13 @@ class ToolParser:
     streaming state."""
 
     name: ClassVar[str]
-    # False where the marker is a special token that the detokenizer would otherwise drop
+    # False where the marker may be a special token that the detokenizer would otherwise drop
     skip_special_tokens: ClassVar[bool] = True
+
+    @staticmethod
+    def call_id() -> str:
+        """A new call's id, as the model's template expects to get it back (vLLM's random kind)."""
+        return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
     def __init__(self) -> None:
         self._text = ""  # everything fed so far
@@ -126,6 +134,7 @@ class HermesToolParser(ToolParser):
     which does not read that key either."""
 
     name = "hermes"
+    skip_special_tokens = False  # (Hermes 2 Pro and 3 make <tool_call> a special token; Qwen does not)
     _START = "<tool_call>"
     _END = "</tool_call>"
 
@@ -315,6 +324,12 @@ class MistralToolParser(ToolParser):
 
     name = "mistral"
     skip_special_tokens = False
+
+    @staticmethod
+    def call_id() -> str:
+        """Mistral's templates refuse any id but 9 letters and digits when the call comes back."""
+        return "".join(secrets.choice(string.ascii_letters + string.digits) for _ in range(9))
+
     _MARKER = "[TOOL_CALLS]"
 
     def __init__(self) -> None:

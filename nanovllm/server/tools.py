@@ -19,7 +19,7 @@ once it is complete (vLLM streams arguments piece by piece; clients join the pie
 
 from __future__ import annotations
 
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +30,8 @@ from nanovllm.server.tool_parsers import RequiredCallsParser, ToolCall, ToolPars
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 _CHOICES = ("none", "auto", "required")
 _NO_PARAMETERS = {"type": "object", "properties": {}}  # a function without `parameters` takes no arguments
+_DEFINITIONS = ("$defs", "definitions")
+_TOOL_KEYS = {"type", "function"}  # where a schema keeps what its $refs point at
 
 
 @dataclass(frozen=True)
@@ -46,22 +48,25 @@ class ToolRequest:
         return self.choice in ("named", "required")
 
     def constraint(self) -> StructuredOutputsParams | None:
-        """The structured output that named and required choices generate under."""
+        """The structured output that named and required choices generate under. Under "required" each
+        tool's schema moves into the array's; its definitions (`$defs`, `definitions`) move to the root,
+        where its `$ref`s point (RequestError when two tools define one name differently, as vLLM's)."""
         if self.choice == "named":
             return StructuredOutputsParams(json=self._parameters(self.name))
         if self.choice != "required":
             return None
-        calls = [
-            {
-                "properties": {
-                    "name": {"type": "string", "enum": [name]},
-                    "parameters": self._parameters(name),
-                },
-                "required": ["name", "parameters"],
-            }
-            for name in self.names
-        ]
-        array = {"type": "array", "minItems": 1, "items": {"type": "object", "anyOf": calls}}
+        array: dict = {"type": "array", "minItems": 1}
+        calls = []
+        for name in self.names:
+            parameters = dict(self._parameters(name))
+            for key in _DEFINITIONS:
+                for def_name, schema in parameters.pop(key, {}).items():
+                    defined = array.setdefault(key, {})
+                    if defined.setdefault(def_name, schema) != schema:
+                        raise RequestError(f"two tools define {key}/{def_name} differently", "tools")
+            properties = {"name": {"type": "string", "enum": [name]}, "parameters": parameters}
+            calls.append({"properties": properties, "required": ["name", "parameters"]})
+        array["items"] = {"type": "object", "anyOf": calls}
         if not self.parallel:
             array["maxItems"] = 1
         return StructuredOutputsParams(json=array)
@@ -76,16 +81,17 @@ class ToolRequest:
 
 
 def parse_tools(body: dict) -> ToolRequest | None:
-    """The request's tool fields -> a ToolRequest (None: no tools, or tool_choice "none" without them).
+    """The request's tool fields -> a ToolRequest (None: no tools, or "none"/"required" without them, as
+    vLLM's). An explicit `tool_choice: null` is "none" (vLLM's); left out with tools, it is "auto".
     RequestError names the field at fault."""
-    tools, choice = body.get("tools"), body.get("tool_choice")
+    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
     parallel = body.get("parallel_tool_calls")
     if parallel is not None and not isinstance(parallel, bool):
         raise RequestError(f"parallel_tool_calls must be a boolean, got {parallel!r}", "parallel_tool_calls")
     if not tools:
         if tools is not None and not isinstance(tools, list):
             raise RequestError(f"tools must be a list of function tools, got {tools!r}", "tools")
-        if choice is not None and choice != "none":
+        if choice not in (None, "none", "auto", "required") or choice == "auto" and "tool_choice" in body:
             raise RequestError(f"tool_choice={choice!r} needs tools", "tool_choice")
         return None
     if not isinstance(tools, list):
@@ -97,7 +103,7 @@ def parse_tools(body: dict) -> ToolRequest | None:
         raise RequestError(f"two tools are named {duplicate!r}", "tools")
     parallel = parallel is not False
     if choice is None or choice in _CHOICES:
-        return ToolRequest(tools, choice or "auto", parallel=parallel)
+        return ToolRequest(tools, choice or "none", parallel=parallel)
     name = _named_choice(choice)
     if name not in names:
         raise RequestError(f"tool_choice names {name!r}, which is not among the tools {names}", "tool_choice")
@@ -106,7 +112,7 @@ def parse_tools(body: dict) -> ToolRequest | None:
 
 def _check_tool(tool: Any, where: str) -> dict:
     """OpenAI's function tool, with only the keys a chat template reads."""
-    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function" or set(tool) - _TOOL_KEYS:
         raise RequestError(f'{where} must be {{"type": "function", "function": {{...}}}}', "tools")
     function = tool.get("function")
     if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
@@ -125,7 +131,7 @@ def _check_tool(tool: Any, where: str) -> dict:
 
 
 def _named_choice(choice: Any) -> str:
-    if isinstance(choice, dict) and choice.get("type") == "function":
+    if isinstance(choice, dict) and choice.get("type", "function") == "function":
         function = choice.get("function")
         if isinstance(function, dict) and isinstance(function.get("name"), str):
             return function["name"]
@@ -138,59 +144,65 @@ def _named_choice(choice: Any) -> str:
 
 class ToolOutput:
     """One choice's output (tool_choice named, "required" or "auto") as OpenAI's message or chunk deltas:
-    text, tool calls, or both. `parser`: a fresh one of the server's --tool-call-parser, for "auto"."""
+    text, tool calls, or both. `parser`: a fresh one of the server's --tool-call-parser, for "auto";
+    `call_id`: makes each call's id (ToolParser.call_id, or the server's parser's)."""
 
-    def __init__(self, request: ToolRequest, parser: ToolParser | None):
+    def __init__(
+        self, request: ToolRequest, parser: ToolParser | None, call_id: Callable[[], str] = ToolParser.call_id
+    ):
         if request.choice == "auto" and parser is None:
             raise ValueError('tool_choice "auto" needs a tool parser')
         self.request = request
         self.parser = RequiredCallsParser() if request.choice == "required" else parser
-        self.num_sent = 0  # streaming: calls sent so far
+        self.call_id = call_id
+        self.num_calls_sent = 0  # streaming (a named call: 1 once its first delta, with the name, is out)
 
     def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-        """A finished choice's text -> ({"content", "tool_calls"}, finish_reason)."""
+        """A finished choice's text -> (the message's "content" and, when there are calls, "tool_calls";
+        finish_reason). Without calls the content is the text as it is."""
         if self.request.choice == "named":
-            return {"content": None, "tool_calls": [_call(ToolCall(self.request.name, text))]}, finish_reason
+            call = self._call(ToolCall(self.request.name, text))
+            return {"content": None, "tool_calls": [call]}, finish_reason
         content, calls = self.parser.extract(text)
         calls = calls if self.request.parallel else calls[:1]
-        message = {"content": content, "tool_calls": [_call(call) for call in calls]}
-        return message, self._finish_reason(finish_reason, bool(calls))
+        reason = self._finish_reason(finish_reason, bool(calls))
+        if not calls:
+            return {"content": text}, reason
+        return {"content": content, "tool_calls": [self._call(call) for call in calls]}, reason
 
     def delta(self, text: str, finished: bool) -> dict:
         """Streaming: the next piece of the choice's text (`finished`: the last) -> the chunk's delta."""
         if self.request.choice == "named":
-            if self.num_sent:
+            if self.num_calls_sent:
                 return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
-            self.num_sent = 1  # the first delta carries the call's id and name
-            return {"tool_calls": [{"index": 0, **_call(ToolCall(self.request.name, text))}]}
+            self.num_calls_sent = 1  # the first delta carries the call's id and name
+            return {"tool_calls": [{"index": 0, **self._call(ToolCall(self.request.name, text))}]}
         content, calls = self.parser.feed(text)
         if finished:
             more_content, more_calls = self.parser.flush()
             content, calls = content + more_content, calls + more_calls
         if not self.request.parallel:
-            calls = calls[: max(0, 1 - self.num_sent)]
+            calls = calls[: max(0, 1 - self.num_calls_sent)]
         delta: dict = {}
-        if content or not calls:  # ("" for a token with no text yet, as a plain chunk)
+        if content or not calls:  # ("" while text is held back or has none yet, as a plain chunk)
             delta["content"] = content
         if calls:
-            delta["tool_calls"] = [{"index": self.num_sent + i, **_call(c)} for i, c in enumerate(calls)]
-            self.num_sent += len(calls)
+            first = self.num_calls_sent
+            delta["tool_calls"] = [{"index": first + i, **self._call(c)} for i, c in enumerate(calls)]
+            self.num_calls_sent += len(calls)
         return delta
 
     def finish_reason(self, reason: str | None) -> str | None:
         """Streaming: the last chunk's finish_reason (after its delta: every call is sent)."""
-        return self._finish_reason(reason, self.num_sent > 0)
+        return self._finish_reason(reason, self.num_calls_sent > 0)
 
     def _finish_reason(self, reason: str | None, called: bool) -> str | None:
-        """ "tool_calls" for calls the model chose ("auto") or was made to make ("required", unless cut
-        short); a named call keeps the engine's reason, as OpenAI's."""
-        if self.request.choice == "required" and reason == "stop":
-            return "tool_calls"
-        if self.request.choice == "auto" and called:
-            return "tool_calls"
-        return reason
+        """ "tool_calls" when the reply holds calls the model chose ("auto") or was made to make ("required",
+        unless cut short); a named call keeps the engine's reason, as OpenAI's."""
+        chosen = self.request.choice == "auto"
+        made = self.request.choice == "required" and reason == "stop"
+        return "tool_calls" if called and (chosen or made) else reason
 
-
-def _call(call: ToolCall) -> dict:
-    function = {"name": call.name, "arguments": call.arguments}
-    return {"id": f"chatcmpl-tool-{uuid.uuid4().hex}", "type": "function", "function": function}
+    def _call(self, call: ToolCall) -> dict:
+        function = {"name": call.name, "arguments": call.arguments}
+        return {"id": self.call_id(), "type": "function", "function": function}

@@ -70,8 +70,9 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError as e:
-                raise MessageError(f"{here}.function.arguments is not valid JSON: {e}", here) from None
+                json.dumps(arguments, ensure_ascii=False).encode()  # (an escaped half of a UTF-16 pair)
+            except (ValueError, RecursionError) as e:  # (UnicodeEncodeError is a ValueError)
+                raise MessageError(f"{here}.function.arguments is not valid JSON text: {e}", here) from None
         if not isinstance(arguments, dict):
             raise MessageError(f"{here}.function.arguments must be a JSON object, got {arguments!r}", here)
         parsed = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}

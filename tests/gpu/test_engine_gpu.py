@@ -379,3 +379,51 @@ def test_structured_outputs_in_graphed_steps_and_the_fused_draw(fast):
         elif out.outputs[0].finish_reason == "stop":
             value = json.loads(text)
             assert set(value) == {"id", "ok"} and isinstance(value["ok"], bool) and value["id"] >= 0
+
+
+def test_structured_outputs_after_the_thinking_overlapped_equal_waiting(tmp_path):
+    """reasoning_parser="qwen3" on the GPU path (graphs; under overlap a row's next mask is picked on the
+    device from its pending token): a constrained row thinks freely until `</think>` (brought within a few
+    steps by a bias), then follows its regex; the overlapped engine gives the waiting one's tokens. A tiny
+    random checkpoint whose tokenizer has Qwen3's think tags (the presets' has none)."""
+    import re
+
+    from nanovllm import StructuredOutputsParams
+    from tests.checkpoints import END_THINK, build_think_checkpoint
+
+    path = build_think_checkpoint(tmp_path)
+    regex = r"(yes|no|maybe)-[0-9]{2}"
+    prompts = ["The answer is", "The answer is</think>", "Hello world", "x y z<think>", "Count: 1 2 3"]
+    settings = [(0.0, None, 4.0), (0.0, None, 4.0), (1.0, 1, 6.0), (1.0, 2, 6.0), (1.0, 3, 6.0)]
+    params = [
+        SamplingParams(
+            temperature=t,
+            seed=seed,
+            max_tokens=24,
+            logit_bias={END_THINK: bias},
+            structured_outputs=StructuredOutputsParams(regex=regex),
+        )
+        for t, seed, bias in settings
+    ]
+    outs = {}
+    for overlap in (False, True):
+        llm = LLM(
+            str(path),
+            reasoning_parser="qwen3",
+            async_scheduling=overlap,
+            max_model_len=256,
+            gpu_memory_utilization=0.1,
+        )
+        try:
+            assert llm.engine.overlap == overlap
+            got = llm.generate(prompts, params, use_tqdm=False)
+            outs[overlap] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in got]
+            tokenizer = llm.tokenizer
+        finally:
+            llm.shutdown()
+    assert outs[True] == outs[False]
+    ended = [(tokens, reason) for tokens, reason in outs[False] if END_THINK in tokens]
+    assert len(ended) >= 3
+    for tokens, reason in ended:
+        answer = tokenizer.decode(tokens[tokens.index(END_THINK) + 1 :])
+        assert re.fullmatch(regex, answer) if reason == "stop" else re.match(r"[ynm]", answer)

@@ -7,7 +7,9 @@ steered into a call (or not) by a regex constraint; named and required replies a
 from __future__ import annotations
 
 import json
+import re
 
+import httpx
 import openai
 import pytest
 from transformers import AutoTokenizer
@@ -16,8 +18,9 @@ from nanovllm.config import PRESET_DIR
 from nanovllm.sampling_params import StructuredOutputsParams
 from nanovllm.server.api_server import build_app
 from nanovllm.server.protocol import RequestError, parse_chat_request, parse_tokenize_request
-from nanovllm.server.tool_parsers import tool_parser
+from nanovllm.server.tool_parsers import TOOL_PARSERS, tool_parser
 from nanovllm.server.tools import ToolOutput, ToolRequest
+from nanovllm.structured.grammar import constraint_regex
 from tests.server.test_protocol import _engineless_app, _post
 from tests.server.test_server import MODEL, _serve, ckpt  # noqa: F401
 
@@ -55,7 +58,11 @@ def test_tool_choice_sets_the_constraint():
     auto = _chat(tools=TOOLS)
     assert (auto.tools.choice, auto.params.structured_outputs) == ("auto", None)
     assert _chat(tools=TOOLS, tool_choice="none").tools.choice == "none"
+    assert _chat(tools=TOOLS, tool_choice=None).tools.choice == "none"  # (explicit null: vLLM's "none")
     assert _chat(tool_choice="none").tools is None
+    assert _chat(tools=[], tool_choice="required").tools is None  # (vLLM's: "none", as OpenAI's)
+    untyped = _chat(tools=TOOLS, tool_choice={"function": {"name": "get_time"}})  # (vLLM fills in the type)
+    assert untyped.tools.name == "get_time"
 
     named = _chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert (named.tools.choice, named.tools.name, named.structured_field) == ("named", "get_weather", "tools")
@@ -91,6 +98,7 @@ def test_tool_choice_sets_the_constraint():
         ({"tools": [{"type": "function", "function": {"description": "no name"}}]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "{}"}}]}, "tools"),
         ({"tools": [{"type": "function", "function": {"name": "f", "examples": []}}]}, "tools"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}, "cache": True}]}, "tools"),
         ({"tools": [CLOCK, CLOCK]}, "tools"),
         ({"tools": TOOLS, "parallel_tool_calls": "yes"}, "parallel_tool_calls"),
         # a constrained choice and another constraint
@@ -104,6 +112,25 @@ def test_tool_choice_sets_the_constraint():
 )
 def test_bad_tool_requests_name_their_field(fields, param):
     assert _param(**fields) == param
+
+
+def test_required_moves_each_tools_definitions_to_the_root():
+    """A tool's `$ref`s point at its own root; under "required" its schema sits inside the array's, so its
+    definitions move to the array's root (as vLLM's), and the constraint compiles."""
+    place = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    trip = {"type": "object", "properties": {"to": {"$ref": "#/$defs/Place"}}, "$defs": {"Place": place}}
+    tools = [
+        {"type": "function", "function": {"name": "book", "parameters": trip}},
+        {"type": "function", "function": {"name": "visit", "parameters": trip}},  # (the same definition)
+    ]
+    schema = _chat(tools=tools, tool_choice="required").params.structured_outputs.json
+    assert schema["$defs"] == {"Place": place} and '"$defs":' not in json.dumps(schema["items"])
+    assert trip["$defs"] == {"Place": place}  # (the request's own schema is left as it was)
+    regex = constraint_regex(StructuredOutputsParams(json=schema))
+    assert re.fullmatch(regex, '[{"name": "book", "parameters": {"to": {"city": "Oslo"}}}]')
+    clash = {**trip, "$defs": {"Place": {"type": "string"}}}
+    tools.append({"type": "function", "function": {"name": "go", "parameters": clash}})
+    assert _param(tools=tools, tool_choice="required") == "tools"
 
 
 def test_messages_carry_tool_calls_and_results():
@@ -142,6 +169,10 @@ def test_messages_carry_tool_calls_and_results():
     not_object = {"function": {"name": "f", "arguments": "[1]"}}
     assert param({"role": "assistant", "tool_calls": [not_object]}) == "messages[1].tool_calls[0]"
     assert param({"role": "assistant", "tool_calls": "f()"}) == "messages[1].tool_calls"
+    deep = {"function": {"name": "f", "arguments": "[" * 100_000}}  # (RecursionError, not a 500)
+    assert param({"role": "assistant", "tool_calls": [deep]}) == "messages[1].tool_calls[0]"
+    half = {"function": {"name": "f", "arguments": '{"a": "\\ud83d"}'}}  # (half an emoji, escaped)
+    assert param({"role": "assistant", "tool_calls": [half]}) == "messages[1].tool_calls[0]"
     assert param({"role": "tool", "content": "1", "tool_call_id": 7}) == "messages[1].tool_call_id"
     assert param({"role": "assistant"}) == "messages[1].content"  # (no calls: content is required)
 
@@ -187,7 +218,14 @@ def test_replies_as_openai_messages():
     )
     assert _calls(message) == [("get_time", "{}")]
     message, reason = ToolOutput(_request("auto"), tool_parser("hermes")).message("Sunny.", "stop")
-    assert (message, reason) == ({"content": "Sunny.", "tool_calls": []}, "stop")
+    assert (message, reason) == ({"content": "Sunny."}, "stop")
+    # "required" cut by a stop string before any call: no calls, so not "tool_calls"
+    message, reason = ToolOutput(_request("required"), None).message('[{"name": "get_time", "para', "stop")
+    assert (message, reason) == ({"content": '[{"name": "get_time", "para'}, "stop")
+    # the mistral parser's ids: 9 letters and digits, which Mistral's templates demand back
+    output = ToolOutput(_request("auto"), tool_parser("mistral"), TOOL_PARSERS["mistral"].call_id)
+    message, _ = output.message('[TOOL_CALLS][{"name": "get_time", "arguments": {}}]', "stop")
+    assert re.fullmatch("[A-Za-z0-9]{9}", message["tool_calls"][0]["id"])
     with pytest.raises(ValueError):
         ToolOutput(_request("auto"), None)
 
@@ -289,10 +327,14 @@ def test_an_unknown_parser_is_refused_before_anything_starts():
 
 
 @pytest.fixture(scope="module")
-def client(ckpt, tmp_path_factory):  # noqa: F811
+def server(ckpt, tmp_path_factory):  # noqa: F811
     flags = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--max-model-len", "1024")
-    for url in _serve(ckpt, tmp_path_factory, *flags):
-        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    yield from _serve(ckpt, tmp_path_factory, *flags)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 def _create(client, **fields):
@@ -385,7 +427,26 @@ def test_auto_without_a_call_is_text(client):
     assert (content, calls, reason) == (choice.message.content, {}, "stop")
 
 
-def test_a_conversation_with_calls_and_results(client):
+def test_stream_chunks_are_shaped_as_openai_s(client):
+    """Each choice's call: id, type and name on its first delta only, the arguments over its deltas; the
+    finish reason on the choice's last chunk, nothing of the choice after it."""
+    chunks = list(_create(client, stream=True, n=2, tool_choice="required", parallel_tool_calls=False))
+    for index in (0, 1):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
+        calls = [d for choice in mine for d in choice.delta.tool_calls or []]
+        assert len(calls) == 1 and calls[0].index == 0 and calls[0].type == "function"
+        assert calls[0].id.startswith("chatcmpl-tool-") and calls[0].function.name in (
+            "get_weather",
+            "get_time",
+        )
+        assert isinstance(json.loads(calls[0].function.arguments), dict)
+        assert [choice.finish_reason for choice in mine] == [None] * (len(mine) - 1) + ["tool_calls"]
+        assert mine[0].delta.role == "assistant"
+    ids = [d.id for c in chunks for choice in c.choices for d in choice.delta.tool_calls or []]
+    assert len(set(ids)) == 2  # (each choice its own call)
+
+
+def test_a_conversation_with_calls_and_results(client, server):
     call = {"id": "c1", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}
     messages = [
         *MESSAGES,
@@ -393,7 +454,25 @@ def test_a_conversation_with_calls_and_results(client):
         {"role": "tool", "tool_call_id": "c1", "content": "9:00"},
     ]
     out = _create(client, messages=messages, tool_choice="none", max_tokens=4)
-    assert out.choices[0].message.tool_calls is None and out.usage.prompt_tokens > 100
+    assert out.choices[0].message.tool_calls is None
+    tok = AutoTokenizer.from_pretrained(PRESET_DIR / "tokenizer")
+    rendered = tok.apply_chat_template(
+        [
+            *messages[:1],
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{**call, "function": {"name": "get_time", "arguments": {}}}],
+            },
+            messages[2],
+        ],
+        tools=TOOLS,
+        tokenize=False,
+        add_generation_prompt=True,
+    )
+    assert '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>' in rendered
+    ids = httpx.post(server + "/tokenize", json={"messages": messages, "tools": TOOLS}).json()["tokens"]
+    assert ids == tok.encode(rendered, add_special_tokens=False) and out.usage.prompt_tokens == len(ids)
     with pytest.raises(openai.BadRequestError) as e:
         _create(client, messages=[*MESSAGES, {"role": "assistant", "tool_calls": [{"function": {}}]}])
     assert e.value.body["param"] == "messages[1].tool_calls[0]"

@@ -239,7 +239,8 @@ def test_mistral_extract(text, content, calls):
 
 def test_mistral_keeps_special_tokens_and_streams_elements():
     assert tool_parser("mistral").skip_special_tokens is False
-    assert tool_parser("hermes").skip_special_tokens is True
+    assert tool_parser("hermes").skip_special_tokens is False  # (Hermes 2 Pro, 3: <tool_call> is special)
+    assert tool_parser("llama3_json").skip_special_tokens is True
     parser = tool_parser("mistral")
     assert parser.feed("Sure[TOOL") == ("Sure", [])
     assert parser.feed('_CALLS][{"name": "a", "arguments": {"x": 1}}') == ("", [_call("a", x=1)])
