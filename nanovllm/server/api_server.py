@@ -366,19 +366,7 @@ class OpenAIServer:
                         )
                 reason = out.finish_reason if out.finished else None
                 if resp.chat:
-                    reasoning = ""
-                    if state.reasoning is not None:  # thinking, then the answer
-                        reasoning, text = state.reasoning.feed(text)
-                        if out.finished:
-                            more_reasoning, more_text = state.reasoning.flush()
-                            reasoning, text = reasoning + more_reasoning, text + more_text
-                    delta = {"content": text}  # ("" for a token with no text yet, as vLLM)
-                    if state.tools is not None:  # text or tool calls
-                        delta = state.tools.delta(text, out.finished)
-                        reason = state.tools.finish_reason(reason) if out.finished else None
-                    if reasoning and req.include_reasoning:
-                        shown = {k: v for k, v in delta.items() if v != ""}  # (no empty content beside it)
-                        delta = _reasoning_fields(reasoning, req) | shown
+                    delta, reason = state.chat_delta(text, out.finished, reason, req.include_reasoning)
                     choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
                 else:  # (vLLM's completion chunks carry stop_reason, null until the last)
                     choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
@@ -433,13 +421,15 @@ class OpenAIServer:
         """c: all of a finished choice's deltas, merged; prompt: its (text or None, token ids)."""
         if chat:
             logprobs = None if req.logprobs is None else self.logprobs.chat(c.logprobs or [], req.logprobs)
-            message, reason, text = {"role": req.response_role, "content": c.text}, c.finish_reason, c.text
-            if (splitter := self._reasoning_splitter(prompt[1])) is not None:
-                reasoning, text = splitter.extract(c.text)
-                message |= {"content": text} | _reasoning_fields(reasoning, req)
-            if (tools := self._tool_output(req)) is not None:
-                shown, reason = tools.message(text or "", c.finish_reason)
-                message |= shown if shown.get("tool_calls") else {"content": text}
+            message, reason, answer = {"role": req.response_role}, c.finish_reason, c.text
+            if (splitter := self._reasoning_splitter(prompt[1])) is not None:  # the thinking, then the answer
+                reasoning, answer = splitter.extract(c.text)
+                message |= _reasoning_fields(reasoning) if req.include_reasoning else {}
+            if (tools := self._tool_output(req)) is not None:  # the answer as text or tool calls
+                shown, reason = tools.message(answer, reason)
+                message |= shown
+            else:
+                message["content"] = answer
             return {
                 "index": index,
                 "message": message,
@@ -555,11 +545,9 @@ class _Response:
         return _usage(self.num_prompt_tokens, num_completion_tokens)
 
 
-def _reasoning_fields(reasoning: str | None, req: GenerateRequest) -> dict:
+def _reasoning_fields(reasoning: str | None) -> dict:
     """A message's (or delta's) thinking: `reasoning` (vLLM >= 0.11) and `reasoning_content` (vLLM before it,
-    DeepSeek's API, SGLang: what most clients read); none with include_reasoning false."""
-    if not req.include_reasoning:
-        return {}
+    DeepSeek's API, SGLang: what most clients read)."""
     return {"reasoning": reasoning, "reasoning_content": reasoning}
 
 
@@ -581,6 +569,26 @@ class _ChoiceState:
         self.num_tokens = 0
         self.started = False  # a chunk has been sent
         self.text_offset = 0  # completions logprobs: characters of token strings sent so far
+
+    def chat_delta(
+        self, text: str, finished: bool, reason: str | None, include_reasoning: bool
+    ) -> tuple[dict, str | None]:
+        """A chat chunk's delta for the choice's next text (`finished`: the last) and its finish_reason: the
+        thinking split off first (--reasoning-parser), then the answer as content or tool calls."""
+        reasoning = ""
+        if self.reasoning is not None:
+            reasoning, text = self.reasoning.feed(text)
+            if finished:
+                more_reasoning, more_text = self.reasoning.flush()
+                reasoning, text = reasoning + more_reasoning, text + more_text
+        delta = {"content": text}  # ("" for a token with no text yet, as vLLM)
+        if self.tools is not None:
+            if text or finished:  # (nothing of a call while the model thinks)
+                delta = self.tools.delta(text, finished)
+            reason = self.tools.finish_reason(reason) if finished else None
+        if reasoning and include_reasoning:  # (no empty content beside the thinking)
+            delta = _reasoning_fields(reasoning) | {k: v for k, v in delta.items() if v != ""}
+        return delta, reason
 
 
 class _Finished:

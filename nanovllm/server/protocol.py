@@ -107,8 +107,9 @@ CHAT_NEUTRAL = {
     "add_special_tokens": _false,
 }
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
-# what a message may hold: tool_calls on an assistant's, tool_call_id on a tool's (utils/chat.py checks)
-MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id")
+# what a message may hold: tool_calls and the thinking on an assistant's, tool_call_id on a tool's
+# (utils/chat.py checks)
+MESSAGE_FIELDS = ("role", "content", "name", "tool_calls", "tool_call_id", "reasoning", "reasoning_content")
 # Fields a beam search cannot honour (vLLM's server ignores them), accepted with use_beam_search only at a
 # value that asks for nothing. Its own are n, max_tokens, temperature, ignore_eos, length_penalty,
 # include_stop_str_in_output and logprobs (at most the 2n alternatives a step keeps); the prompt's (echo,

@@ -5,11 +5,12 @@ The chat endpoint returns the thinking as `message.reasoning` (and, for clients 
 0.11, DeepSeek's API or SGLang, as `reasoning_content` too) and the answer as `content`; tool calls are read
 from the answer alone. The rule, the same whole and streamed:
   - an output that starts inside the thinking (`thinking`: the prompt did not close it, see
-    `prompt_ends_thinking`) is thinking up to the first end tag and answer after it; a start tag at its very
-    beginning (Qwen3 writes its own `<think>`) is dropped; without an end tag (cut by max_tokens) it is all
-    thinking;
-  - an output that starts after it (Qwen3's `enable_thinking: false`) is all answer.
-As vLLM, nothing is trimmed: Qwen3's answer starts with the "\\n\\n" it writes after `</think>`.
+    `prompt_ends_thinking`), or that opens with the start tag (Qwen3 writes its own `<think>`, also after a
+    prompt whose earlier turn closed one), is thinking up to the first end tag and answer after it; the
+    opening start tag is dropped; without an end tag (cut by max_tokens) it is all thinking;
+  - any other output (Qwen3's `enable_thinking: false`) is all answer.
+As vLLM, nothing is trimmed: Qwen3's answer starts with the "\\n\\n" it writes after `</think>`, and an empty
+thinking closed by the end tag is "".
 """
 
 from __future__ import annotations
@@ -22,17 +23,19 @@ class ReasoningSplitter:
 
     def __init__(self, tags: ThinkTags, thinking: bool):
         self.tags = tags
-        self._at_start = thinking  # the output may yet open with the start tag
+        self._at_start = True  # the output may yet open with the start tag
         self._thinking = thinking
         self._held = ""  # streamed text not yet sent: a possible start of a tag
 
     def extract(self, text: str) -> tuple[str | None, str | None]:
-        """A finished output -> (reasoning, content), each None when empty."""
-        if not self._thinking:
+        """A finished output -> (reasoning, content); content None when empty, reasoning None when there is
+        no thinking (and "" for an empty one that the end tag closed)."""
+        opened = text.startswith(self.tags.start)
+        if not (self._thinking or opened):
             return None, text or None
         text = text.removeprefix(self.tags.start)
         reasoning, found, content = text.partition(self.tags.end)
-        return reasoning or None, (content or None) if found else None
+        return (reasoning, content or None) if found else (text or None, None)
 
     def feed(self, delta: str) -> tuple[str, str]:
         """Streaming: the next piece of the output -> (reasoning, content) to send now."""
@@ -42,7 +45,8 @@ class ReasoningSplitter:
                 self._held = text
                 return "", ""
             self._at_start = False
-            text = text.removeprefix(self.tags.start)
+            if text.startswith(self.tags.start):  # (the model opens its thinking itself)
+                self._thinking, text = True, text.removeprefix(self.tags.start)
         if not self._thinking:
             return "", text
         reasoning, found, content = text.partition(self.tags.end)

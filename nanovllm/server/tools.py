@@ -157,13 +157,15 @@ class ToolOutput:
         self.call_id = call_id
         self.num_calls_sent = 0  # streaming (a named call: 1 once its first delta, with the name, is out)
 
-    def message(self, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
-        """A finished choice's text -> (the message's "content" and, when there are calls, "tool_calls";
-        finish_reason). Without calls the content is the text as it is."""
+    def message(self, text: str | None, finish_reason: str | None) -> tuple[dict, str | None]:
+        """A finished choice's text (None: none, e.g. a thinking model cut short) -> (the message's "content"
+        and, when there are calls, "tool_calls"; finish_reason). Without calls the content is the text."""
         if self.request.choice == "named":
+            if not text:  # (no arguments were generated: there is no call to show)
+                return {"content": None}, finish_reason
             call = self._call(ToolCall(self.request.name, text))
             return {"content": None, "tool_calls": [call]}, finish_reason
-        content, calls = self.parser.extract(text)
+        content, calls = self.parser.extract(text or "")
         calls = calls if self.request.parallel else calls[:1]
         reason = self._finish_reason(finish_reason, bool(calls))
         if not calls:
@@ -175,6 +177,8 @@ class ToolOutput:
         if self.request.choice == "named":
             if self.num_calls_sent:
                 return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+            if not text:  # (no arguments yet: the call is announced with its first piece)
+                return {"content": ""}
             self.num_calls_sent = 1  # the first delta carries the call's id and name
             return {"tool_calls": [{"index": 0, **self._call(ToolCall(self.request.name, text))}]}
         content, calls = self.parser.feed(text)

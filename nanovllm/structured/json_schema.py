@@ -20,9 +20,10 @@ Decisions, all on the side of "every text matched is valid" rather than "every v
   - `pattern` is the whole string content (as vLLM and xgrammar treat it), not a search: a leading `^` and a
     trailing `$` are dropped. Characters JSON must escape are written as json.dumps writes them; other
     characters are never written as escapes.
-  - additionalProperties absent is false, as OpenAI's strict mode requires: with `properties` no other key is
-    ever written (even when additionalProperties allows them); without `properties`, an object with any
-    string keys (values per additionalProperties when it is a schema).
+  - additionalProperties absent is false, as OpenAI's strict mode requires: with `properties` (even `{}`, a
+    function that takes no arguments) no other key is ever written (even when additionalProperties allows
+    them); without `properties`, an object with any string keys (values per additionalProperties when it is
+    a schema).
   - oneOf is anyOf: exclusivity is not enforced. allOf, and keywords beside anyOf/oneOf/$ref, are merged
     into one schema when they share no keyword (else SchemaError).
   - Free-form values (`{}`, `true`, objects without properties, arrays without items) nest containers
@@ -413,7 +414,7 @@ class _Compiler:
     def _object(self, schema: dict, path: str, depth: int) -> str:
         props = schema.get("properties", {})
         required = schema.get("required", [])
-        extra = schema.get("additionalProperties", None if not props else False)
+        extra = schema.get("additionalProperties", False if "properties" in schema else None)
         if not isinstance(props, dict):
             raise SchemaError(f"{path}/properties: expected an object, got {props!r}")
         if not isinstance(required, list) or any(k not in props for k in required):

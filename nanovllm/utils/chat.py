@@ -24,7 +24,9 @@ def text_messages(
     Fields set to None are left out unchecked (a client's `message.model_dump()` of a reply carries
     `tool_calls: None`, `refusal: None`, ...). An assistant's `tool_calls` come out with their arguments
     as objects, which is what templates print (OpenAI sends them as JSON text), and its content may then be
-    null. Raises MessageError naming the first bad part."""
+    null; its thinking (`reasoning` or `reasoning_content`, as a --reasoning-parser server returns it) comes
+    out as `reasoning_content`, which Qwen3's template reads. Raises MessageError naming the first bad
+    part."""
     if not isinstance(messages, list) or not messages:
         raise MessageError("messages must be a non-empty list of {role, content} objects", "messages")
     out = []
@@ -45,6 +47,13 @@ def text_messages(
             if role != "assistant":
                 raise MessageError(f"{where}: only an assistant calls tools", f"{where}.tool_calls")
             message["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
+        # a reply sent back as the server gave it: its thinking under the name templates read (Qwen3's)
+        thinking = next((m[k] for k in ("reasoning_content", "reasoning") if m.get(k) is not None), None)
+        if thinking is not None:
+            if role != "assistant" or not isinstance(thinking, str):
+                raise MessageError(f"{where}: only an assistant's reasoning is a text", f"{where}.reasoning")
+            message["reasoning_content"] = thinking
+            message.pop("reasoning", None)
         if m.get("tool_call_id") is not None and not isinstance(m["tool_call_id"], str):
             raise MessageError(f"{where}.tool_call_id must be a string", f"{where}.tool_call_id")
         if m.get("content") is None and "tool_calls" in message:

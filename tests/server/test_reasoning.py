@@ -5,6 +5,8 @@ the openai client."""
 
 from __future__ import annotations
 
+import json
+
 import openai
 import pytest
 import torch
@@ -41,10 +43,12 @@ def test_the_split():
         "\n\nFour.",
     )  # (R1: opened in the prompt)
     assert _split("<think>\nstill thinking", True) == ("\nstill thinking", None)  # cut by max_tokens
-    assert _split("</think>Four.", True) == (None, "Four.")
+    assert _split("</think>Four.", True) == ("", "Four.")  # (an empty thinking: "", as vLLM's)
     assert _split("<think>x</think>", True) == ("x", None)
     assert _split("Four.", False) == (None, "Four.")  # the prompt closed the thinking
-    assert _split("<think>x</think>y", False) == (None, "<think>x</think>y")
+    assert _split("x</think>y", False) == (None, "x</think>y")
+    # the model opens a thinking itself after a prompt that closed an earlier one (a tool loop's next turn)
+    assert _split("<think>x</think>y", False) == ("x", "y")
     assert _split("", True) == (None, None)
     assert _split("a</think>b</think>c", True) == ("a", "b</think>c")  # only the first end tag counts
 
@@ -66,7 +70,8 @@ def test_streaming_holds_back_only_a_possible_tag():
     assert _streamed(["<tool", "s>"], True)[0][0] == ("<tool", "")  # (cannot be the tag: sent at once)
     sent, _ = _streamed(["thinking </thi"], True)  # cut inside a would-be tag: it was thinking
     assert sent == [("thinking ", ""), ("</thi", "")]
-    assert _streamed(["<think>", "a"], False)[0] == [("", "<think>"), ("", "a"), ("", "")]
+    assert _streamed(["<think>", "a"], False)[0] == [("", ""), ("a", ""), ("", "")]
+    assert _streamed(["<th", "e"], False)[0] == [("", ""), ("", "<the"), ("", "")]
 
 
 _PIECES = st.sampled_from(
@@ -165,20 +170,25 @@ def test_the_reply_splits_into_reasoning_and_content(client, steer):
     assert extra["reasoning"] == extra["reasoning_content"] == thought and thought
     assert choice.message.content in ("Sunny.", "Rainy.") and choice.finish_reason == "stop"
 
-    reasoning, content, reason = "", "", None
-    for chunk in _chat(client, stream=True, **body):
-        delta = chunk.choices[0].delta
-        reasoning += (delta.model_extra or {}).get("reasoning") or ""
-        content += delta.content or ""
-        reason = chunk.choices[0].finish_reason or reason
-    assert (reasoning, content, reason) == (extra["reasoning"], choice.message.content, "stop")
+    deltas = [(c.choices[0].delta, c.choices[0].finish_reason) for c in _chat(client, stream=True, **body)]
+    thinking = [(d.model_extra or {}).get("reasoning") for d, _ in deltas]
+    assert "".join(t or "" for t in thinking) == thought
+    answered = [i for i, (d, _) in enumerate(deltas) if d.content]
+    # no answer before the thinking ends (one chunk may hold both: tokens can come several at a time)
+    assert max(i for i, t in enumerate(thinking) if t) <= min(answered)
+    assert "".join(d.content or "" for d, _ in deltas) == choice.message.content
+    assert [r for _, r in deltas] == [None] * (len(deltas) - 1) + ["stop"]
 
     hide = {**body, "extra_body": {**CHOICE, "include_reasoning": False}}
     (hidden,) = _chat(client, **hide).choices
-    assert (
-        "reasoning" not in (hidden.message.model_extra or {})
-        and hidden.message.content == choice.message.content
-    )
+    assert "reasoning" not in (hidden.message.model_extra or {})
+    assert hidden.message.content == choice.message.content
+    for chunk in _chat(client, stream=True, **hide):
+        assert not {"reasoning", "reasoning_content"} & set(chunk.choices[0].delta.model_extra or {})
+
+    # the reply goes back in the next turn as the openai client sends it (with its reasoning fields)
+    again = [*MESSAGES, choice.message, {"role": "user", "content": "And tomorrow?"}]
+    assert _chat(client, messages=again, max_tokens=2).choices[0].finish_reason == "length"
 
 
 def test_a_prompt_that_closed_the_thinking_is_all_answer(client):
@@ -202,3 +212,26 @@ def test_tool_calls_are_read_from_the_answer(client, steer):
         ("get_time", "{}")
     ]
     assert choice.message.content is None
+
+
+def test_a_named_call_is_announced_after_the_thinking(client, steer):
+    """Streamed under a named tool_choice, the call (id, name) comes with its first argument text, after the
+    thinking: never a call announced while the model still thinks."""
+    tools = [{"type": "function", "function": {"name": "get_time"}}]
+    bias, thought = steer(tools)
+    named = {"type": "function", "function": {"name": "get_time"}}
+    body = {"logit_bias": {str(END_THINK): bias}, "tools": tools, "tool_choice": named}
+    deltas = [c.choices[0].delta for c in _chat(client, stream=True, **body)]
+    thinking = [i for i, d in enumerate(deltas) if (d.model_extra or {}).get("reasoning")]
+    calls = [i for i, d in enumerate(deltas) if d.tool_calls]
+    assert thinking and calls and max(thinking) <= min(calls)  # (one chunk may end one and start the other)
+    first = deltas[calls[0]].tool_calls[0]
+    assert first.id and first.function.name == "get_time" and first.function.arguments
+    assert json.loads("".join(deltas[i].tool_calls[0].function.arguments for i in calls)) == {}
+    # cut before the thinking ends: no call at all, streamed or not
+    (choice,) = _chat(client, tools=tools, tool_choice=named, max_tokens=2).choices
+    assert choice.message.tool_calls is None and choice.finish_reason == "length"
+    assert not any(
+        c.choices[0].delta.tool_calls
+        for c in _chat(client, stream=True, tools=tools, tool_choice=named, max_tokens=2)
+    )

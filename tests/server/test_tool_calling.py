@@ -222,6 +222,11 @@ def test_replies_as_openai_messages():
     # "required" cut by a stop string before any call: no calls, so not "tool_calls"
     message, reason = ToolOutput(_request("required"), None).message('[{"name": "get_time", "para', "stop")
     assert (message, reason) == ({"content": '[{"name": "get_time", "para'}, "stop")
+    # a named call with no arguments generated (a thinking model cut short): no call to show
+    assert ToolOutput(_request("named", "get_time"), None).message(None, "length") == (
+        {"content": None},
+        "length",
+    )
     # the mistral parser's ids: 9 letters and digits, which Mistral's templates demand back
     output = ToolOutput(_request("auto"), tool_parser("mistral"), TOOL_PARSERS["mistral"].call_id)
     message, _ = output.message('[TOOL_CALLS][{"name": "get_time", "arguments": {}}]', "stop")

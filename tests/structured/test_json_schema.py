@@ -359,6 +359,9 @@ CASES = [
         [{"meta": [], "counts": {}}, {"meta": {}, "counts": {"a": 1.5}}, {"meta": {}, "counts": {}, "x": 1}],
     ),
     (MERGED, [3, 4, 5], [2, 6, "4"]),
+    # `properties: {}` (a tool that takes no arguments) is the empty object; without it, any keys
+    ({"type": "object", "properties": {}}, [{}], [{"a": 1}]),
+    ({"type": "object"}, [{}, {"a": 1}], [[]]),
     (True, [None, 1, "x", [1, [2, {"a": 3}]], {"a": {"b": {"c": 1}}}], []),
 ]
 
