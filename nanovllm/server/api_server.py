@@ -43,6 +43,7 @@ from nanovllm.server.logprobs import LogprobFormatter
 from nanovllm.server.metrics import Metrics
 from nanovllm.server.protocol import GenerateRequest
 from nanovllm.server.reasoning import ReasoningSplitter
+from nanovllm.server.token_ids import token_id_fields
 from nanovllm.server.tool_parsers import TOOL_PARSERS, tool_parser
 from nanovllm.server.tools import ToolOutput
 from nanovllm.utils.chat import render_chat
@@ -226,7 +227,7 @@ class OpenAIServer:
             for i, (out, prompt) in enumerate(zip(outputs, choice_prompts))
         ]
         num_completion = sum(len(out.token_ids) for out in outputs)
-        extra = {}
+        extra = token_id_fields(req, prompt_ids=prompts[0][1]) if chat else {}  # (chat: on the response)
         if chat and req.prompt_logprobs is not None:  # (vLLM: the response's, for chat)
             extra["prompt_logprobs"] = self.logprobs.prompt(
                 outputs[0].prompt_logprobs or [], req.prompt_logprobs
@@ -307,6 +308,7 @@ class OpenAIServer:
             [self._final_choice(i, c, req, chat, p) for i, (c, p) in enumerate(zip(choices, choice_prompts))],
             final=True,
             usage=resp.usage(sum(len(c.token_ids) for c in choices)),
+            **(token_id_fields(req, prompt_ids=prompts[0][1]) if chat else {}),
         )
         if req.stream:  # (vLLM's completions stream of a beam search: the response as its one event)
             return _EventStream(_one_event(body), media_type="text/event-stream")
@@ -341,7 +343,8 @@ class OpenAIServer:
                         "logprobs": None,
                         "finish_reason": None,
                     }
-                    yield _sse(resp.body([delta], final=False, **chunk_usage(i)))
+                    ids = token_id_fields(req, prompt_ids=choice_prompts[0][1]) if i == 0 else {}  # (once)
+                    yield _sse(resp.body([delta], final=False, **ids, **chunk_usage(i)))
             async for index, out in self._with_prompt_scores(stream, req):
                 state = states[index]
                 first, state.started = not state.started, True
@@ -351,7 +354,8 @@ class OpenAIServer:
                 text, logprobs, extra = out.text, None, {}
                 if resp.chat:
                     if req.logprobs is not None:
-                        logprobs = self.logprobs.chat(out.logprobs or [], req.logprobs)
+                        formatter = self.logprobs.shown_as(req.return_tokens_as_token_ids)
+                        logprobs = formatter.chat(out.logprobs or [], req.logprobs)
                     if first and index == 0 and req.prompt_logprobs is not None:
                         extra["prompt_logprobs"] = self.logprobs.prompt(
                             out.prompt_logprobs or [], req.prompt_logprobs
@@ -377,6 +381,9 @@ class OpenAIServer:
                         )
                 if out.finished:
                     choice["stop_reason"] = out.stop_reason
+                # (every delta makes a chunk, its text held back or not: each token's id goes out once)
+                prompt_ids = choice_prompts[index][1] if first and not resp.chat else None
+                choice |= token_id_fields(req, out.token_ids, prompt_ids)
                 yield _sse(resp.body([choice], final=False, **extra, **chunk_usage(index)))
             if req.include_usage:
                 yield _sse(resp.body([], final=False, usage=resp.usage(sum(s.num_tokens for s in states))))
@@ -420,7 +427,8 @@ class OpenAIServer:
     ) -> dict:
         """c: all of a finished choice's deltas, merged; prompt: its (text or None, token ids)."""
         if chat:
-            logprobs = None if req.logprobs is None else self.logprobs.chat(c.logprobs or [], req.logprobs)
+            formatter = self.logprobs.shown_as(req.return_tokens_as_token_ids)
+            logprobs = None if req.logprobs is None else formatter.chat(c.logprobs or [], req.logprobs)
             message, reason, answer = {"role": req.response_role}, c.finish_reason, c.text
             if (splitter := self._reasoning_splitter(prompt[1])) is not None:  # the thinking, then the answer
                 reasoning, answer = splitter.extract(c.text)
@@ -436,6 +444,7 @@ class OpenAIServer:
                 "logprobs": logprobs,
                 "finish_reason": reason,
                 "stop_reason": c.stop_reason,
+                **token_id_fields(req, c.token_ids),
             }
         logprobs = None
         if req.logprobs is not None:
@@ -449,18 +458,18 @@ class OpenAIServer:
         }
         if req.prompt_logprobs is not None:
             choice["prompt_logprobs"] = self.logprobs.prompt(c.prompt_logprobs or [], req.prompt_logprobs)
-        return choice
+        return choice | token_id_fields(req, c.token_ids, prompt[1])
 
     def _completion_logprobs(
         self, delta: RequestDelta, req: GenerateRequest, echo_ids: list[int] | None, text_offset: int
     ) -> tuple[dict, int]:
         """A completion choice's logprobs for `delta`; with echo_ids (the prompt, echoed before the first
         delta) its tokens come first, the first one without a logprob."""
-        entries = delta.logprobs or []
+        entries, shown = delta.logprobs or [], self.logprobs.shown_as(req.return_tokens_as_token_ids)
         if echo_ids is None:
-            return self.logprobs.completion(entries, req.logprobs, text_offset)
+            return shown.completion(entries, req.logprobs, text_offset)
         scored = (delta.prompt_logprobs or [None])[1:]
-        return self.logprobs.completion(scored + entries, req.logprobs, text_offset, first_token=echo_ids[0])
+        return shown.completion(scored + entries, req.logprobs, text_offset, first_token=echo_ids[0])
 
     def _prompt_text(self, text: str | None, token_ids: list[int]) -> str:
         """The prompt as echoed: its text, or its token ids decoded."""

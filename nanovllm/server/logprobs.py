@@ -1,7 +1,12 @@
 """Logprobs in the server's three response shapes: OpenAI completions' (tokens / token_logprobs /
 top_logprobs / text_offset, with `echo` the prompt's tokens first), OpenAI chat's (content: [{token,
 logprob, bytes, top_logprobs}]) and vLLM's `prompt_logprobs` ([None, {token id: {logprob, rank,
-decoded_token}}, ...])."""
+decoded_token}}, ...]).
+
+With vLLM's `return_tokens_as_token_ids` (`LogprobFormatter.shown_as`) each token of the first two is shown
+as "token_id:{id}", so that a token whose bytes are not valid UTF-8 on their own (part of a character)
+can still be told apart; text_offset still counts the text's characters, and prompt_logprobs (keyed by
+the id already) keeps its decoded_token text, as vLLM's."""
 
 from __future__ import annotations
 
@@ -10,13 +15,30 @@ from nanovllm.outputs import Logprob
 MIN_LOGPROB = -9999.0  # -inf is not valid JSON
 
 
+def token_id_str(token_id: int) -> str:
+    """A token as return_tokens_as_token_ids (or a server without a tokenizer) shows it."""
+    return f"token_id:{token_id}"
+
+
 class LogprobFormatter:
     """Turns engine Logprob records into JSON, with the tokenizer's strings and bytes (cached)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, show_token_ids: bool = False):
         self.tokenizer = tokenizer
+        self.show_token_ids = show_token_ids  # tokens shown as "token_id:{id}" (return_tokens_as_token_ids)
         self._token_strs: dict[int, str] = {}
         self._byte_level = tokenizer is not None and _is_byte_level(tokenizer)
+        self._twin: LogprobFormatter | None = None
+
+    def shown_as(self, token_ids: bool) -> LogprobFormatter:
+        """This formatter, or (token_ids: a request's return_tokens_as_token_ids) its twin that shows tokens
+        as their ids; the two share the decoded strings."""
+        if token_ids == self.show_token_ids:
+            return self
+        if self._twin is None:
+            self._twin = LogprobFormatter(self.tokenizer, token_ids)
+            self._twin._token_strs, self._twin._twin = self._token_strs, self
+        return self._twin
 
     def completion(
         self, entries: list[Logprob], num_top: int, text_offset: int = 0, first_token: int | None = None
@@ -24,7 +46,9 @@ class LogprobFormatter:
         """-> (a choice's `logprobs`, the text offset after it). first_token (echo: the prompt's first
         token, which has no logprob) comes first, with null logprobs as in OpenAI's and vLLM's echo."""
         tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+        token_ids = [lp.token_id for lp in entries]
         if first_token is not None:
+            token_ids.insert(0, first_token)
             tokens.append(self.token_str(first_token))
             token_logprobs.append(None)
             top_logprobs.append(None)
@@ -35,9 +59,9 @@ class LogprobFormatter:
             top = {self.token_str(t): max(v, MIN_LOGPROB) for t, v in list(lp.top_logprobs.items())[:num_top]}
             top.setdefault(token, token_logprobs[-1])  # the token itself is always listed, as in vLLM
             top_logprobs.append(top)
-        for token in tokens:
+        for token_id in token_ids:  # (the text's characters, whichever way the tokens are shown)
             offsets.append(text_offset)
-            text_offset += len(token)
+            text_offset += len(self.token_text(token_id))
         body = {
             "tokens": tokens,
             "token_logprobs": token_logprobs,
@@ -77,18 +101,25 @@ class LogprobFormatter:
         }
 
     def _prompt_entry(self, token_id: int, logprob: float, rank: int | None) -> dict:
-        return {"logprob": max(logprob, MIN_LOGPROB), "rank": rank, "decoded_token": self.token_str(token_id)}
+        text = self.token_text(token_id)  # (the id is its key already)
+        return {"logprob": max(logprob, MIN_LOGPROB), "rank": rank, "decoded_token": text}
 
     def token_str(self, token_id: int) -> str:
+        """The token as the logprobs show it."""
+        return token_id_str(token_id) if self.show_token_ids else self.token_text(token_id)
+
+    def token_text(self, token_id: int) -> str:
+        """The token decoded alone ("token_id:{id}" without a tokenizer)."""
         s = self._token_strs.get(token_id)
         if s is None:
-            s = self.tokenizer.decode([token_id]) if self.tokenizer is not None else f"token_id:{token_id}"
+            s = self.tokenizer.decode([token_id]) if self.tokenizer is not None else token_id_str(token_id)
             self._token_strs[token_id] = s
         return s
 
     def token_bytes(self, token_id: int) -> list[int]:
-        """The token's exact bytes (a byte-level BPE token can hold part of a UTF-8 character)."""
-        if self._byte_level:
+        """The token's exact bytes (a byte-level BPE token can hold part of a UTF-8 character); shown as its
+        id, the bytes of "token_id:{id}" (the `bytes` of what `token` shows, as OpenAI defines them)."""
+        if self._byte_level and not self.show_token_ids:
             piece = self.tokenizer.convert_ids_to_tokens(token_id)
             if piece is not None and all(ch in _BYTE_DECODER for ch in piece):
                 return [_BYTE_DECODER[ch] for ch in piece]

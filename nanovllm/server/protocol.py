@@ -33,6 +33,8 @@ VLLM_EXTRA_FIELDS = (
     "truncate_prompt_tokens",
     "bad_words",
 )
+# vLLM's extra fields that shape the response, not the generation (server/token_ids.py, logprobs.py)
+TOKEN_ID_FIELDS = ("return_token_ids", "return_tokens_as_token_ids")
 # OpenAI fields shared by both endpoints (besides max_tokens, logprobs and the prompt/messages).
 _SHARED_FIELDS = (
     "model",
@@ -57,6 +59,7 @@ COMPLETION_FIELDS = frozenset(
     ("prompt", "max_tokens", "logprobs", "echo")
     + _SHARED_FIELDS
     + VLLM_EXTRA_FIELDS
+    + TOKEN_ID_FIELDS
     + BEAM_SEARCH_FIELDS
     + _STRUCTURED
 )
@@ -68,6 +71,7 @@ CHAT_FIELDS = frozenset(
     ("messages", "max_tokens", "max_completion_tokens", "logprobs", "top_logprobs")
     + _SHARED_FIELDS
     + VLLM_EXTRA_FIELDS
+    + TOKEN_ID_FIELDS
     + BEAM_SEARCH_FIELDS
     + CHAT_TEMPLATE_FIELDS
     + _STRUCTURED
@@ -161,6 +165,8 @@ class GenerateRequest:
     structured_field: str | None = None  # the field that asked for params.structured_outputs
     tools: ToolRequest | None = None  # chat: the tools shown to the model, and what tool_choice asks
     include_reasoning: bool = True  # chat under --reasoning-parser: the reply's thinking is shown
+    return_token_ids: bool = False  # vLLM's: the prompt's and each choice's token ids (server/token_ids.py)
+    return_tokens_as_token_ids: bool = False  # vLLM's: logprobs show each token as "token_id:{id}"
 
     @property
     def response_role(self) -> str:
@@ -425,6 +431,8 @@ def _parse_common(
         beam_search=beam_search,
         priority=priority,
         structured_field=structured_field,
+        return_token_ids=_parse_bool(body, "return_token_ids", False),
+        return_tokens_as_token_ids=_parse_bool(body, "return_tokens_as_token_ids", False),
     )
 
 
