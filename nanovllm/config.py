@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from nanovllm.reasoning import REASONING_PARSERS
+from nanovllm.reasoning import think_tags
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_MODEL = "qwen3-0.6b"  # the preset the CLI and the benchmarks run when no model is given
@@ -117,10 +117,8 @@ class Config:
             raise ValueError(
                 f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}"
             )
-        parser = self.reasoning_parser
-        if parser is not None and parser not in REASONING_PARSERS:
-            known = sorted(REASONING_PARSERS)
-            raise ValueError(f"reasoning_parser must be None or one of {known}, got {parser!r}")
+        if self.reasoning_parser is not None:
+            think_tags(self.reasoning_parser)  # (ValueError naming the known parsers)
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
         set_("torch_device", _resolve_device(self.device))

@@ -32,24 +32,32 @@ REASONING_PARSERS: dict[str, ThinkTags] = {
 
 
 def think_tags(name: str) -> ThinkTags:
-    if name not in REASONING_PARSERS:
+    """The parser's tags; ValueError naming the known parsers if there is no such parser (Config's check)."""
+    if not isinstance(name, str) or name not in REASONING_PARSERS:
         raise ValueError(f"unknown reasoning parser {name!r}; known parsers: {', '.join(REASONING_PARSERS)}")
     return REASONING_PARSERS[name]
 
 
-def think_token_ids(tokenizer, name: str) -> tuple[int, int]:
-    """(start id, end id) of the parser's tags in this tokenizer. ValueError when a tag is not one token:
-    the parser does not fit the model."""
+def think_token_ids(tokenizer, name: str, vocab_size: int | None = None) -> tuple[int, int]:
+    """(start id, end id) of the parser's tags in this tokenizer, every check of them in one place: each tag
+    must be one token (looked up as a token, not encoded: a SentencePiece tokenizer may put a prefix space
+    before a tag it encodes) and, given the model's `vocab_size` (its logits' width), below it, or the
+    thinking could never end. ValueError naming the parser otherwise: it does not fit the model."""
     tags = think_tags(name)
     ids = []
     for tag in (tags.start, tags.end):
-        encoded = tokenizer.encode(tag, add_special_tokens=False)
-        if len(encoded) != 1:
+        token_id = tokenizer.convert_tokens_to_ids(tag)
+        # (a token the vocabulary lacks is None or the unk id; decoding catches any other stand-in)
+        if token_id is None or token_id == tokenizer.unk_token_id or tokenizer.decode([token_id]) != tag:
             raise ValueError(
-                f"reasoning parser {name!r} needs {tag!r} to be one token of the model's tokenizer;"
-                f" it is {len(encoded)} tokens"
+                f"reasoning parser {name!r} needs {tag!r} to be one token of the model's tokenizer; it is not"
             )
-        ids.append(encoded[0])
+        ids.append(token_id)
+    if vocab_size is not None and max(ids) >= vocab_size:
+        raise ValueError(
+            f"reasoning parser {name!r}: its tags' ids {tuple(ids)} must be below the model's vocab_size "
+            f"{vocab_size} (the logits' width)"
+        )
     return ids[0], ids[1]
 
 

@@ -4,7 +4,7 @@ freely until `</think>`, then follows its constraint; one whose prompt closed th
 first token. Oracle: transformers' model on the same weights, greedy, applying the same rule by a plain walk
 of every token's bytes. `</think>` is made to come at a known step by a logit_bias on it, sized from the
 oracle's logits (the engine and the oracle both add it). The waiting and the overlapped engine give the same
-tokens."""
+tokens, a request preempted (and recomputed) while thinking or after it too: its matcher keeps its place."""
 
 from __future__ import annotations
 
@@ -147,6 +147,71 @@ def test_eos_stays_allowed_while_thinking(engines):
         assert EOS not in closed.outputs[0].token_ids[:1]
 
 
+def _preempt_once_at(llm: LLM, monkeypatch, num_outputs: int) -> list[int]:
+    """Preempt the constrained request once, as a full KV cache does, when it has `num_outputs` output tokens
+    (pending ones included): its blocks are freed and its tokens recomputed when it is scheduled again. It
+    must be the youngest running request (the victim) and not the only one (a step must have some work).
+    -> where it was preempted (filled in once it is)."""
+    scheduler = llm.engine.scheduler
+    can_append = scheduler.block_manager.can_append
+    at = []
+
+    def full_once(seq, num_tokens):
+        if not at and seq.matcher is not None and seq.num_output_tokens >= num_outputs:
+            at.append(seq.num_output_tokens)
+            return False
+        return can_append(seq, num_tokens)
+
+    monkeypatch.setattr(scheduler.block_manager, "can_append", full_once)
+    return at
+
+
+@pytest.mark.parametrize("num_outputs", [END_STEP - 1, END_STEP + 2], ids=["thinking", "answering"])
+def test_preemption_keeps_the_matchers_place(engines, oracle, monkeypatch, num_outputs):
+    """A request preempted by recompute mid-thinking, or after `</think>` mid-answer, gives the tokens of a
+    run that was not: its GrammarMatcher keeps its state through the preemption (the thinking is not begun
+    again, the constraint not restarted), in the waiting and the overlapped engine."""
+    sync, _ = engines
+    prompt_ids = sync.tokenizer.encode(PROMPT)
+    bias = _bias_for_end_at(oracle, prompt_ids, END_STEP)
+    expected, ended = _hf_greedy(oracle, prompt_ids, 24, bias, thinking=True)
+    assert ended and expected.index(END_THINK) == END_STEP and len(expected) > END_STEP + 3
+    # beside an older free request, which runs on while the constrained one waits
+    prompts = ["Hello world", PROMPT]
+    params = [SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), _params(bias)]
+    for llm in engines:
+        llm.engine.scheduler.block_manager.reset_prefix_cache()  # (recomputed, not found in the cache)
+        _, plain = llm.generate(prompts, params, use_tqdm=False)
+        preemptions = llm.engine.scheduler.num_preemptions
+        with monkeypatch.context() as patch:
+            at = _preempt_once_at(llm, patch, num_outputs)
+            _, out = llm.generate(prompts, params, use_tqdm=False)
+        assert llm.engine.scheduler.num_preemptions == preemptions + 1
+        # where the preemption came: inside the thinking, or in the answer (the scheduler counts a token in
+        # flight under overlap, so it may be one later there)
+        assert at[0] in (num_outputs, num_outputs + 1)
+        assert (at[0] <= END_STEP) == (num_outputs < END_STEP)
+        assert out.outputs[0].token_ids == plain.outputs[0].token_ids == expected
+        assert out.outputs[0].finish_reason == "stop"
+
+
+def test_min_tokens_bans_eos_while_thinking(engines):
+    """The reasoning state's mask allows every token, but min_tokens still bans EOS (the sampler's ban, apart
+    from the constraint's mask): with EOS pushed to the top, the output ends on it right after min_tokens."""
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=8,
+        min_tokens=3,
+        logit_bias={EOS: 50.0},
+        structured_outputs=StructuredOutputsParams(regex=REGEX),
+    )
+    for llm in engines:
+        (out,) = llm.generate([PROMPT], params, use_tqdm=False)
+        tokens = out.outputs[0].token_ids
+        assert len(tokens) == 4 and tokens[3] == EOS and out.outputs[0].finish_reason == "stop"
+        assert END_THINK not in tokens  # (still thinking: EOS is the constraint's to allow there)
+
+
 def test_overlap_gives_what_waiting_gives(engines, monkeypatch):
     """Thinking and closed prompts, greedy and seeded random (a bias brings `</think>` within a few steps),
     beside a free request: the overlapped engine keeps a step in flight (a thinking row's mask is picked on
@@ -187,7 +252,7 @@ def test_overlap_gives_what_waiting_gives(engines, monkeypatch):
 
 def test_a_parser_must_be_known_and_its_tags_single_tokens_of_the_logits(think_ckpt, tmp_path):
     with pytest.raises(
-        ValueError, match=r"reasoning_parser must be None or one of \['deepseek_r1', 'qwen3'\]"
+        ValueError, match="unknown reasoning parser 'qwen2'; known parsers: qwen3, deepseek_r1"
     ):
         LLM("qwen3-tiny", reasoning_parser="qwen2")
     # the preset tokenizer spells `<think>` in 5 tokens: refused at construction, naming the parser
@@ -195,7 +260,9 @@ def test_a_parser_must_be_known_and_its_tags_single_tokens_of_the_logits(think_c
         LLM("qwen3-tiny", device="cpu", reasoning_parser="deepseek_r1")
     # tags the logits cannot produce: the thinking could never end
     narrow = build_think_checkpoint(tmp_path, vocab_size=2048)
-    with pytest.raises(ValueError, match="must be below the model's vocab_size 2048"):
+    with pytest.raises(
+        ValueError, match="'qwen3': its tags' ids .* must be below the model's vocab_size 2048"
+    ):
         LLM(str(narrow), device="cpu", reasoning_parser="qwen3")
     LLM(str(narrow), device="cpu").shutdown()  # without a parser the tags are plain tokens
 

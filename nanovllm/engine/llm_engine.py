@@ -85,7 +85,7 @@ class LLMEngine:
         # fails at start (without a tokenizer there are no structured outputs to start after the thinking)
         self._think_token_ids: tuple[int, int] | None = None
         if config.reasoning_parser is not None and self.tokenizer is not None:
-            self._think_token_ids = _think_token_ids(self.tokenizer, config.reasoning_parser, self.vocab_size)
+            self._think_token_ids = think_token_ids(self.tokenizer, config.reasoning_parser, self.vocab_size)
         self.runner = self._make_runner(config)
         self.num_kvcache_blocks = self.runner.num_kvcache_blocks
         self.scheduler = Scheduler(config, self.num_kvcache_blocks)
@@ -480,18 +480,6 @@ class LLMEngine:
     def _check_open(self) -> None:
         if self.runner is None:
             raise RuntimeError("this engine has been shut down; create a new LLM")
-
-
-def _think_token_ids(tokenizer, parser: str, vocab_size: int) -> tuple[int, int]:
-    """The parser's tag ids in this tokenizer; ValueError naming the parser when a tag is not one token, or
-    past the model's logits (the thinking could never end)."""
-    start_id, end_id = think_token_ids(tokenizer, parser)
-    if max(start_id, end_id) >= vocab_size:
-        raise ValueError(
-            f"reasoning parser {parser!r}: its tags' ids ({start_id}, {end_id}) must be below the model's "
-            f"vocab_size {vocab_size}"
-        )
-    return start_id, end_id
 
 
 def _hides_last_token(seq: Sequence) -> bool:

@@ -10,9 +10,10 @@ its pending token leads to — one gather, no wait. Rows whose state is known re
 Per grammar, `DeviceGrammar` keeps a bit-packed table of the states seen so far (a slot each, 19 KB at a
 152k vocabulary) and whether each accepts; slot 0 allows everything: the successor of a token the state
 did not allow (never sampled) and of a complete match (the request ends when that token is read back, so
-the step's token for it is discarded, as after an EOS under overlap). A grammar's reasoning state (the model
-still thinking: structured/grammar.py) is a state like the others here: its slot allows every token, its
-successor map sends the end tag to the start's slot and every other token back to its own.
+the step's token for it is discarded, as after an EOS under overlap). Slot 0 is also a grammar's reasoning
+state's (the model still thinking: structured/grammar.py), which allows every token and never accepts; its
+successor map, made without reading the grammar's transitions, sends the end tag to the start's slot and
+every other token back to slot 0.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ if TYPE_CHECKING:
     from nanovllm.layers.sampling_batch import SamplingRequest
     from nanovllm.structured.grammar import Grammar
 
-_FREE = 0  # the slot that allows every token
+_FREE = 0  # the slot that allows every token and never accepts
 
 
 class DeviceGrammar:
@@ -49,7 +50,9 @@ class DeviceGrammar:
         self._successors: OrderedDict[int, torch.Tensor] = OrderedDict()
 
     def slot(self, state: int) -> int:
-        """The state's row, its bits copied to the device on first use."""
+        """The state's row, its bits copied to the device on first use (the reasoning state's: _FREE)."""
+        if state == self.grammar.reasoning_state:
+            return _FREE
         slot = self.slots.get(state)
         if slot is None:
             slot = len(self.slots) + 1  # (after _FREE)
@@ -70,17 +73,23 @@ class DeviceGrammar:
             self._successors.move_to_end(state)
             return hit
         grammar = self.grammar
-        next_states = grammar.next_states(state)  # [V] int32, 0 = not allowed
-        states, inverse = np.unique(next_states, return_inverse=True)
-        slots = np.array(
-            [_FREE if s == 0 or grammar.is_complete(s) else self.slot(s) for s in states.tolist()],
-            dtype=np.int16,  # (slots stay below MAX_SLOTS and a step's new ones)
-        )
-        mapped = to_device(slots[inverse], self.device)
+        if state == grammar.reasoning_state:  # every token back to _FREE (its slot) but the end tag
+            mapped = torch.full((grammar.vocab_size,), _FREE, dtype=torch.int16, device=self.device)
+            mapped[grammar.reasoning_end_id] = self._successor_slot(grammar.start)
+        else:
+            next_states = grammar.next_states(state)  # [V] int32, 0 = not allowed
+            states, inverse = np.unique(next_states, return_inverse=True)
+            # (slots stay below MAX_SLOTS and a step's new ones: int16)
+            slots = np.array([self._successor_slot(s) for s in states.tolist()], dtype=np.int16)
+            mapped = to_device(slots[inverse], self.device)
         self._successors[state] = mapped
         if len(self._successors) > self.MAX_SUCCESSOR_MAPS:
             self._successors.popitem(last=False)
         return mapped
+
+    def _successor_slot(self, state: int) -> int:
+        """The slot a token leading to `state` picks: _FREE for the dead state and a complete match."""
+        return _FREE if state == 0 or self.grammar.is_complete(state) else self.slot(state)
 
 
 class ConstraintMasks:

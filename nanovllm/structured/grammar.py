@@ -12,7 +12,9 @@ token (Scheduler.resolve) and ends the request once the output is complete and n
 With a reasoning parser (nanovllm/reasoning.py) the constraint starts after the model's thinking: a Grammar
 built with the `</think>` id has one more state, `reasoning_state`, which allows every token (EOS included),
 stays put on all but the end id and goes to the DFA's start on it. A request whose prompt leaves the output
-inside the thinking starts its matcher there. Being one more state, it needs nothing of the code downstream.
+inside the thinking starts its matcher there. Its mask (all ones) and successors are made once, when the
+grammar is built, without walking the vocabulary; the device's tables give it the slot that allows everything
+(layers/constraint_masks.py).
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ _FIELD = "structured_outputs"
 class Grammar:
     """One compiled constraint, shared by every request that asks for it: its DFA and, per state visited,
     the vocabulary's allowed tokens (the last MAX_CACHED_STATES states; 19 KB each, bit-packed, at a 152k
-    vocabulary) and the states they lead to."""
+    vocabulary) and the states they lead to. The reasoning state's are made in __init__ and kept apart from
+    the cache: never evicted, never walked."""
 
     MAX_CACHED_STATES = 1024
 
@@ -62,6 +65,14 @@ class Grammar:
         # state -> the live states its allowed tokens lead to (kept for every state seen; empty: no token)
         self._successors: dict[int, tuple[int, ...]] = {}
         self._ready: set[int] = set()  # states whose successors' masks were all computed
+        self._thinking_mask: np.ndarray | None = None  # [ceil(vocab_size / 8)] uint8: the reasoning state's
+        if self.reasoning_state is not None:
+            # Every token allowed: all ones, the bits past vocab_size too (nothing reads them)
+            self._thinking_mask = np.full(-(-index.vocab_size // 8), 255, dtype=np.uint8)
+            self._thinking_mask.flags.writeable = False  # (shared by every caller)
+            self._successors[self.reasoning_state] = (
+                (self.reasoning_state, self.start) if self.start else (self.reasoning_state,)
+            )
 
     @property
     def vocab_size(self) -> int:
@@ -83,6 +94,8 @@ class Grammar:
 
     def packed_allowed(self, state: int) -> np.ndarray:  # [ceil(vocab_size / 8)] uint8, np.packbits'
         """The tokens that keep the output matchable from `state` (end tokens not included), as bits."""
+        if state == self.reasoning_state:
+            return self._thinking_mask
         packed = self._allowed.get(state)
         if packed is None:
             next_states = self.next_states(state)  # [vocab_size], 0 = not allowed
@@ -118,9 +131,9 @@ class Grammar:
         token leads to."""
         if state in self._ready:
             return 0
-        # (the reasoning state's mask is all ones: free to make, so never counted)
-        free = self.reasoning_state
-        missing = sum(1 for s in self.successors(state) if s not in self._allowed and s != free)
+        # (the reasoning state's mask is made in __init__ and never evicted: never missing)
+        thinking = self.reasoning_state
+        missing = sum(1 for s in self.successors(state) if s not in self._allowed and s != thinking)
         if not missing:
             self._ready.add(state)  # (a mask dropped from the cache later is recomputed when asked for)
         return missing

@@ -1,8 +1,9 @@
 """The reasoning state of a Grammar (vLLM's reasoning parser with structured outputs): while the model thinks,
 every token is allowed (EOS and special tokens too); `</think>` takes the output to the DFA's start, where the
-constraint begins. It is one more state, so the device-side successor maps of overlapped scheduling
-(layers/constraint_masks.py) handle it as any other: checked here against the host's walk, on CPU torch. Also
-reasoning.py's tag lookup and its reading of the prompt."""
+constraint begins. Its mask and successors are made with the grammar, without walking the vocabulary; on the
+device (layers/constraint_masks.py) it is the slot that allows everything, and the device masks of overlapped
+scheduling are checked here against the host's, on CPU torch. Also reasoning.py's tag lookup and its reading
+of the prompt."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanovllm.layers.constraint_masks import ConstraintMasks, DeviceGrammar
+from nanovllm.layers.constraint_masks import _FREE, ConstraintMasks, DeviceGrammar
 from nanovllm.layers.sampling_batch import SamplingRequest
 from nanovllm.reasoning import prompt_ends_thinking, think_token_ids
 from nanovllm.sampling_params import SamplingParams, StructuredOutputsParams
@@ -78,7 +79,8 @@ def test_without_an_end_id_there_is_no_reasoning_state():
 
 
 def test_the_overlap_budget_does_not_count_the_reasoning_state():
-    """Only the start's mask may be missing from a thinking state (the reasoning state's is all ones)."""
+    """Only the start's mask may be missing from a thinking state (the reasoning state's is made with the
+    grammar and never evicted)."""
     grammar = _grammar()
     thinking = GrammarMatcher(grammar, thinking=True)
     grammar._allowed.pop(grammar.start, None)
@@ -122,35 +124,108 @@ def test_device_masks_of_thinking_rows_known_and_pending(ignore_eos):
 
 
 def test_the_device_successor_map_of_the_reasoning_state():
+    """The reasoning state is the free slot (every token, never accepting): no slot of its own."""
     grammar = _grammar()
     table = DeviceGrammar(grammar, torch.device("cpu"))
     thinking = grammar.reasoning_state
+    assert table.slot(thinking) == _FREE and thinking not in table.slots
     successors = table.successor_slots(thinking)  # [V] int16
-    expected = torch.full((VOCAB_SIZE,), table.slot(thinking), dtype=torch.int16)
+    expected = torch.full((VOCAB_SIZE,), _FREE, dtype=torch.int16)
     expected[END] = table.slot(grammar.start)
-    assert torch.equal(successors, expected)
-    bits = np.unpackbits(table.bits[table.slot(thinking)].numpy())[:VOCAB_SIZE]  # [V]
-    assert bits.all() and not table.accepting[table.slot(thinking)]
+    assert torch.equal(successors, expected) and expected[END] != _FREE
+    bits = np.unpackbits(table.bits[_FREE].numpy())[:VOCAB_SIZE]  # [V]
+    assert bits.all() and not table.accepting[_FREE]
+
+
+class _CountingIndex(TokenIndex):
+    """A TokenIndex that records the states whose tokens it walks."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.walked: list[int] = []
+
+    def next_states(self, dfa, state):
+        self.walked.append(state)
+        return super().next_states(dfa, state)
+
+
+def test_the_reasoning_state_is_never_walked(monkeypatch):
+    """Its mask and successors are made with the grammar and kept past the cache's evictions; the device's
+    slot and successor map for it read no transitions: neither the TokenIndex nor `Grammar.next_states` is
+    asked for it, on the host or the device, known or pending."""
+    index = _CountingIndex(TOKENS, VOCAB_SIZE)
+    grammar = Grammar(compile_regex(PATTERN), index, TOKENS, END)
+    thinking = grammar.reasoning_state
+    asked = []
+    next_states = grammar.next_states
+    monkeypatch.setattr(grammar, "next_states", lambda state: asked.append(state) or next_states(state))
+    monkeypatch.setattr(Grammar, "MAX_CACHED_STATES", 1)
+    mask = grammar.packed_allowed(thinking)
+    assert not mask.flags.writeable and np.unpackbits(mask)[:VOCAB_SIZE].all()
+    assert grammar.successors(thinking) == (thinking, grammar.start)
+    state = grammar.start
+    for token in (ID[b"1"], ID[b"-"], ID[b"a"]):  # more states than the cache holds
+        grammar.packed_allowed(state)
+        state = grammar.next_state(state, token)
+    assert grammar.packed_allowed(thinking) is mask and grammar.can_continue(thinking)
+    grammar.num_unready_successors(thinking)
+    masks = ConstraintMasks(torch.device("cpu"))
+    requests = [_request(GrammarMatcher(grammar, thinking=True), src) for src in (None, 0, 1)]
+    blocked = torch.zeros(len(requests), VOCAB_SIZE, dtype=torch.bool)
+    masks.block(blocked, requests, [0, 1, 2], torch.tensor([ID[b"a"], END]))
+    assert not blocked[0].any() and not blocked[1].any()  # thinking, and still after a thinking token
+    assert torch.equal(blocked[2], _expected_blocked(grammar, grammar.start))  # after `</think>`
+    assert thinking not in index.walked and thinking not in asked
+    assert grammar.start in index.walked  # (the spies see the DFA's states)
 
 
 class _Tokenizer:
-    """encode() as a tokenizer with `<think>` and `</think>` as one token each (ids 7, 8), `<x>` as two."""
+    """A tokenizer with `<think>` and `</think>` as one token each (ids 7, 8) and SentencePiece's habit of
+    encoding a text after a prefix space (id 4): `<think>` encodes to two ids, yet it is one token."""
+
+    unk_token_id = 0
+    vocab = {"<unk>": 0, "▁": 4, "<think>": 7, "</think>": 8}
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return self.vocab.get(token, self.unk_token_id)
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join({v: k for k, v in self.vocab.items()}[i] for i in ids).replace("▁", " ")
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return {"<think>": [7], "</think>": [8]}.get(text, [5, 6])
+        return [4, self.vocab[text]]
 
 
 def test_think_token_ids_and_what_the_prompt_says():
-    assert think_token_ids(_Tokenizer(), "qwen3") == (7, 8) == think_token_ids(_Tokenizer(), "deepseek_r1")
+    tokenizer = _Tokenizer()
+    assert tokenizer.encode("<think>") == [4, 7]
+    assert think_token_ids(tokenizer, "qwen3") == (7, 8) == think_token_ids(tokenizer, "deepseek_r1")
+    assert think_token_ids(tokenizer, "qwen3", vocab_size=9) == (7, 8)
+    with pytest.raises(
+        ValueError, match=r"'qwen3': its tags' ids \(7, 8\) must be below the model's vocab_size 8"
+    ):
+        think_token_ids(tokenizer, "qwen3", vocab_size=8)  # the logits could never write `</think>`
     with pytest.raises(ValueError, match="unknown reasoning parser 'nope'"):
-        think_token_ids(_Tokenizer(), "nope")
+        think_token_ids(tokenizer, "nope")
 
-    class Split(_Tokenizer):
-        def encode(self, text, add_special_tokens=True):
-            return [5, 6] if text == "</think>" else [7]
+    class Unknown(_Tokenizer):  # `</think>` not in the vocabulary: the unk id
+        vocab = {"<unk>": 0, "<think>": 7}
 
-    with pytest.raises(ValueError, match="'qwen3' needs '</think>' to be one token"):
-        think_token_ids(Split(), "qwen3")
+    class NoUnk(Unknown):  # ... or None, without an unk token (Qwen's)
+        unk_token_id = None
+
+        def convert_tokens_to_ids(self, token):
+            return self.vocab.get(token)
+
+    class StandIn(_Tokenizer):  # an id whose text is not the tag
+        def convert_tokens_to_ids(self, token):
+            return 4 if token == "</think>" else 7
+
+    for bad in (Unknown(), NoUnk(), StandIn()):
+        with pytest.raises(
+            ValueError, match="'qwen3' needs '</think>' to be one token of the model's tokenizer"
+        ):
+            think_token_ids(bad, "qwen3")
     ends = lambda prompt: prompt_ends_thinking(prompt, 7, 8)  # noqa: E731
     assert not ends([1, 2, 3])  # no tag: the model opens its thinking itself (Qwen3's default)
     assert not ends([1, 7, 2])  # the template opened it (DeepSeek-R1)
