@@ -82,7 +82,9 @@ class OpenAIServer:
             if self.tokenizer is None:
                 raise ValueError("--reasoning-parser needs the model's tokenizer")
             self.think_tags = think_tags(config.reasoning_parser)
-            self.think_ids = think_token_ids(self.tokenizer, config.reasoning_parser)
+            self.think_ids = think_token_ids(
+                self.tokenizer, config.reasoning_parser, config.hf_config.vocab_size
+            )
 
     # ---- endpoints --------------------------------------------------------------------------------
 
