@@ -159,7 +159,8 @@ class ToolOutput:
 
     def message(self, text: str | None, finish_reason: str | None) -> tuple[dict, str | None]:
         """A finished choice's text (None: none, e.g. a thinking model cut short) -> (the message's "content"
-        and, when there are calls, "tool_calls"; finish_reason). Without calls the content is the text."""
+        and, when there are calls, "tool_calls"; finish_reason). Without calls the content is the text
+        ("auto") or none ("required", whose JSON is no reply)."""
         if self.request.choice == "named":
             if not text:  # (no arguments were generated: there is no call to show)
                 return {"content": None}, finish_reason
@@ -168,8 +169,8 @@ class ToolOutput:
         content, calls = self.parser.extract(text or "")
         calls = calls if self.request.parallel else calls[:1]
         reason = self._finish_reason(finish_reason, bool(calls))
-        if not calls:
-            return {"content": text}, reason
+        if not calls:  # ("required" wrote JSON for calls, not a reply: no content, as its stream sends none)
+            return {"content": None if self.request.choice == "required" else text}, reason
         return {"content": content, "tool_calls": [self._call(call) for call in calls]}, reason
 
     def delta(self, text: str, finished: bool) -> dict:

@@ -220,8 +220,11 @@ def test_replies_as_openai_messages():
     message, reason = ToolOutput(_request("auto"), tool_parser("hermes")).message("Sunny.", "stop")
     assert (message, reason) == ({"content": "Sunny."}, "stop")
     # "required" cut by a stop string before any call: no calls, so not "tool_calls"
-    message, reason = ToolOutput(_request("required"), None).message('[{"name": "get_time", "para', "stop")
-    assert (message, reason) == ({"content": '[{"name": "get_time", "para'}, "stop")
+    cut = '[{"name": "get_time", "para'
+    message, reason = ToolOutput(_request("required"), None).message(cut, "stop")
+    assert (message, reason) == ({"content": None}, "stop")  # (JSON for calls is no reply)
+    deltas, reason = _streamed(ToolOutput(_request("required"), None), [cut], "stop")
+    assert (deltas, reason) == ([{"content": ""}], "stop")
     # a named call with no arguments generated (a thinking model cut short): no call to show
     assert ToolOutput(_request("named", "get_time"), None).message(None, "length") == (
         {"content": None},
