@@ -136,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tool-call-parser",
         default=None,
         choices=sorted(TOOL_PARSERS),
-        help="how tool calls are found in replies: hermes (Qwen2.5, Qwen3), llama3_json, mistral",
+        help="how tool calls are found in replies: hermes (Qwen2.5, Qwen3), llama3_json, mistral, "
+        "qwen3_coder (Qwen3-Coder, Qwen3.5)",
     )
     add_engine_args(serve)
     serve.set_defaults(func=lambda a: __import__("nanovllm.server.api_server", fromlist=["main"]).main(a))

@@ -493,7 +493,7 @@ class OpenAIServer:
             return None
         if self.tool_call_parser is None:
             return ToolOutput(req.tools, None)
-        parser = tool_parser(self.tool_call_parser) if req.tools.choice == "auto" else None
+        parser = tool_parser(self.tool_call_parser, req.tools.tools) if req.tools.choice == "auto" else None
         return ToolOutput(req.tools, parser, TOOL_PARSERS[self.tool_call_parser].call_id)
 
     def _check_model(self, model: str | None) -> None:

@@ -3,19 +3,20 @@
 The server picks a parser by name (`--tool-call-parser hermes`, as vLLM's) and makes one per generated
 choice: `extract` reads a finished output, `feed`/`flush` read a stream and hold the state between its
 pieces. Each parser is written twice on purpose: `extract` reads the whole text with the standard JSON
-decoder, the stream reads it a piece at a time with json_stream's readers, and the tests check that every way
+decoder, the stream reads it a piece at a time with json_stream's readers (qwen3_coder's XML: xml_calls.py,
+regular expressions whole and a reader that keeps its place streamed), and the tests check that every way
 of cutting a text into pieces gives what `extract` gives. The stream sends content at once unless it may
 be the start of a tool-call marker, and sends each call whole (name and full arguments) as soon as it is
 complete; OpenAI clients join argument deltas, so one delta holding them all is valid.
 
-One rule for a malformed call, the same whole and streamed: calls are read in order, and reading stops at
-the first one that is not well formed (its JSON does not parse, it has no non-empty string "name", its
-arguments are not an object, or what follows it is not what the format expects). That call and
-everything after it are dropped. If no call was read, the whole output is content, as if no parser ran.
-vLLM's finished-output parsers make everything content when any call is malformed; we keep the calls
-before it, so that a call can be sent the moment it closes and never has to be taken back (vLLM's own
-streaming cannot take a sent call back either). So from the marker (for llama3_json, from the first
-`{`) until the first call is decided, a stream holds everything back: it may yet turn out to be content.
+One rule for a malformed call, the same whole and streamed: calls are read in order, and reading stops at the
+first one that is not well formed (its JSON does not parse, it has no non-empty string "name", its arguments
+are not an object, its XML is not the format's, or what follows it is not what the format expects). That call
+and everything after it are dropped. If no call was read, the whole output is content, as if no parser ran.
+vLLM's finished-output parsers make everything content when any call is malformed; we keep the calls before
+it, so that a call can be sent the moment it closes and never has to be taken back (vLLM's own streaming
+cannot take a sent call back either). So from the marker (for llama3_json, from the first `{`) until the first
+call is decided, a stream holds everything back: it may yet turn out to be content.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
 
+from nanovllm.server import xml_calls
 from nanovllm.server.json_stream import (
     ArrayStream,
     ObjectReader,
@@ -61,7 +63,9 @@ class ToolParser:
         """A new call's id, as the model's template expects to get it back (vLLM's random kind)."""
         return f"chatcmpl-tool-{uuid.uuid4().hex}"
 
-    def __init__(self) -> None:
+    def __init__(self, tools: list[dict] | None = None) -> None:
+        """tools: the request's, in OpenAI's shape; only a format whose values are untyped text reads them
+        (qwen3_coder types its values from their schemas)."""
         self._text = ""  # everything fed so far
         self._pos = 0  # how far the stream has read: content before it was sent, calls before it emitted
 
@@ -115,7 +119,8 @@ class _Mode(Enum):
     START = "start"  # llama3_json: before the first non-space character
     OBJECT = "object"  # inside a call's JSON object
     CLOSE = "close"  # hermes: after a call's object, waiting for </tool_call>
-    BETWEEN = "between"  # hermes: after </tool_call>, dropping text up to the next <tool_call>
+    CALL = "call"  # qwen3_coder: inside a call's XML, up to its </tool_call>
+    BETWEEN = "between"  # hermes, qwen3_coder: after </tool_call>, dropping text up to the next <tool_call>
     SEPARATOR = "separator"  # llama3_json: after a call, waiting for `;`
     ARRAY = "array"  # mistral: reading the call array
     PASS = "pass"  # no call was read: the rest is content
@@ -138,8 +143,8 @@ class HermesToolParser(ToolParser):
     _START = "<tool_call>"
     _END = "</tool_call>"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: list[dict] | None = None) -> None:
+        super().__init__(tools)
         self._mode = _Mode.CONTENT
         self._region = -1  # where the first <tool_call> is: content from there if no call is read
         self._num_calls = 0
@@ -242,8 +247,8 @@ class Llama3JsonToolParser(ToolParser):
     name = "llama3_json"
     _PYTHON_TAG = "<|python_tag|>"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: list[dict] | None = None) -> None:
+        super().__init__(tools)
         self._mode = _Mode.START
         self._num_calls = 0
         self._reader = ObjectReader(0)
@@ -332,8 +337,8 @@ class MistralToolParser(ToolParser):
 
     _MARKER = "[TOOL_CALLS]"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: list[dict] | None = None) -> None:
+        super().__init__(tools)
         self._mode = _Mode.CONTENT
         self._region = -1  # where the marker is: content from there (less markers) if no call is read
         self._array = ArrayStream(0, self._call)
@@ -390,8 +395,8 @@ class RequiredCallsParser(ToolParser):
 
     name = "required"
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, tools: list[dict] | None = None) -> None:
+        super().__init__(tools)
         self._array = ArrayStream(0, self._call)
 
     @staticmethod
@@ -407,13 +412,91 @@ class RequiredCallsParser(ToolParser):
         return "", calls
 
 
+# ---- qwen3_coder --------------------------------------------------------------------------------------
+
+
+class Qwen3CoderToolParser(ToolParser):
+    """Qwen3-Coder and Qwen3.5: content, then calls in XML, each
+    `<tool_call>\n<function=f>\n<parameter=k>\nvalue\n</parameter>\n</function>\n</tool_call>`
+    (xml_calls.py reads them). As hermes: content is the text before the first `<tool_call>`, text between
+    and after calls is dropped, and the last call may be left without its `</tool_call>` when generation
+    stopped after its `</function>`. Values are typed from the request's tool schemas
+    (xml_calls.typed_value); a function not in the tools is still a call, its values strings."""
+
+    name = "qwen3_coder"  # (<tool_call> is not a special token in Qwen's tokenizers: the default detokenizer)
+
+    def __init__(self, tools: list[dict] | None = None) -> None:
+        super().__init__(tools)
+        self._properties = xml_calls.tool_properties(tools)
+        self._mode = _Mode.CONTENT
+        self._region = -1  # where the first <tool_call> is: content from there if no call is read
+        self._num_calls = 0
+        self._reader = xml_calls.CallReader(0)
+
+    def _call(self, read: xml_calls.RawCall) -> ToolCall:
+        name, params, _ = read
+        arguments = xml_calls.typed_arguments(params, self._properties.get(name))
+        return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        first = text.find(xml_calls.CALL_START)
+        calls: list[ToolCall] = []
+        start = first
+        while start >= 0 and (read := xml_calls.read_call(text, start + len(xml_calls.CALL_START))):
+            calls.append(self._call(read))
+            start = text.find(xml_calls.CALL_START, read[2])
+        if not calls:
+            return text or None, []
+        return text[:first] or None, calls
+
+    def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
+        text = self._text
+        content: list[str] = []
+        calls: list[ToolCall] = []
+        while True:
+            if self._mode is _Mode.CONTENT or self._mode is _Mode.BETWEEN:
+                stop, found = find_marker(text, self._pos, xml_calls.CALL_START, final)
+                if self._mode is _Mode.CONTENT:
+                    content.append(text[self._pos : stop])
+                self._pos = stop
+                if not found:
+                    break
+                if self._mode is _Mode.CONTENT:
+                    self._region = stop
+                self._reader = xml_calls.CallReader(stop + len(xml_calls.CALL_START))
+                self._mode = _Mode.CALL
+            elif self._mode is _Mode.CALL:
+                read = self._reader.read(text, final)
+                if read is Read.MORE:
+                    break
+                if read is Read.BAD:
+                    if self._num_calls == 0:
+                        self._mode, self._pos = _Mode.PASS, self._region
+                    else:
+                        self._mode = _Mode.DONE
+                    continue
+                calls.append(self._call(read))
+                self._num_calls += 1
+                self._pos = read[2]
+                self._mode = _Mode.BETWEEN
+            elif self._mode is _Mode.PASS:  # no call was read: all held back since <tool_call> is content
+                content.append(text[self._pos :])
+                self._pos = len(text)
+                break
+            else:  # DONE
+                self._pos = len(text)
+                break
+        return "".join(content), calls
+
+
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
-    parser.name: parser for parser in (HermesToolParser, Llama3JsonToolParser, MistralToolParser)
+    parser.name: parser
+    for parser in (HermesToolParser, Llama3JsonToolParser, MistralToolParser, Qwen3CoderToolParser)
 }
 
 
-def tool_parser(name: str) -> ToolParser:
-    """A fresh parser (one per generated choice) by its --tool-call-parser name."""
+def tool_parser(name: str, tools: list[dict] | None = None) -> ToolParser:
+    """A fresh parser (one per generated choice) by its --tool-call-parser name; tools: the request's."""
     if name not in TOOL_PARSERS:
         raise ValueError(f"unknown tool call parser {name!r}; known parsers: {', '.join(TOOL_PARSERS)}")
-    return TOOL_PARSERS[name]()
+    return TOOL_PARSERS[name](tools)

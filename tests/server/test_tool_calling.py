@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 
 import httpx
 import openai
@@ -16,7 +17,7 @@ from transformers import AutoTokenizer
 
 from nanovllm.config import PRESET_DIR
 from nanovllm.sampling_params import StructuredOutputsParams
-from nanovllm.server.api_server import build_app
+from nanovllm.server.api_server import OpenAIServer, build_app
 from nanovllm.server.protocol import RequestError, parse_chat_request, parse_tokenize_request
 from nanovllm.server.tool_parsers import TOOL_PARSERS, tool_parser
 from nanovllm.server.tools import ToolOutput, ToolRequest
@@ -236,6 +237,17 @@ def test_replies_as_openai_messages():
     assert re.fullmatch("[A-Za-z0-9]{9}", message["tool_calls"][0]["id"])
     with pytest.raises(ValueError):
         ToolOutput(_request("auto"), None)
+
+
+def test_the_servers_parser_reads_the_requests_tools():
+    """qwen3_coder types its values from the request's schemas: the server hands each choice's parser them."""
+    server = SimpleNamespace(tool_call_parser="qwen3_coder")
+    days = {"type": "object", "properties": {"days": {"type": "integer"}}}
+    tools = ToolRequest([{"type": "function", "function": {"name": "forecast", "parameters": days}}], "auto")
+    output = OpenAIServer._tool_output(server, SimpleNamespace(tools=tools))
+    xml = "<tool_call>\n<function=forecast>\n<parameter=days>\n3\n</parameter>\n</function>\n</tool_call>"
+    message, reason = output.message(xml, "stop")
+    assert (_calls(message), reason) == ([("forecast", '{"days": 3}')], "tool_calls")
 
 
 def _streamed(output: ToolOutput, pieces: list[str], reason: str) -> tuple[list[dict], str | None]:

@@ -18,6 +18,27 @@ from nanovllm.server.tool_parsers import (
 )
 
 PARSERS = {**TOOL_PARSERS, "required": RequiredCallsParser}
+# the request's tools, for the one format whose values are typed from their schemas
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "city": {"type": "string"},
+                "days": {"type": "integer"},
+                "temp": {"type": "number"},
+                "metric": {"type": "boolean"},
+                "where": {"type": "object"},
+                "hours": {"type": "array", "items": {"type": "integer"}},
+                "note": {"type": ["string", "null"]},
+                "any": {},
+            },
+        },
+    },
+}
+TOOLS = {"qwen3_coder": [WEATHER_TOOL, {"type": "function", "function": {"name": "f"}}]}
 
 
 def _call(name: str, **arguments) -> ToolCall:
@@ -25,7 +46,7 @@ def _call(name: str, **arguments) -> ToolCall:
 
 
 def _stream(name: str, pieces: list[str]) -> tuple[str, list[ToolCall]]:
-    parser = PARSERS[name]()
+    parser = PARSERS[name](TOOLS.get(name))
     content, calls = "", []
     for piece in pieces:
         sent, done = parser.feed(piece)
@@ -35,7 +56,7 @@ def _stream(name: str, pieces: list[str]) -> tuple[str, list[ToolCall]]:
 
 
 def _extract(name: str, text: str) -> tuple[str | None, list[ToolCall]]:
-    return PARSERS[name]().extract(text)
+    return PARSERS[name](TOOLS.get(name)).extract(text)
 
 
 def _check_stream(name: str, text: str, pieces: list[str]) -> None:
@@ -241,6 +262,7 @@ def test_mistral_keeps_special_tokens_and_streams_elements():
     assert tool_parser("mistral").skip_special_tokens is False
     assert tool_parser("hermes").skip_special_tokens is False  # (Hermes 2 Pro, 3: <tool_call> is special)
     assert tool_parser("llama3_json").skip_special_tokens is True
+    assert tool_parser("qwen3_coder").skip_special_tokens is True  # (<tool_call> is not special in Qwen's)
     parser = tool_parser("mistral")
     assert parser.feed("Sure[TOOL") == ("Sure", [])
     assert parser.feed('_CALLS][{"name": "a", "arguments": {"x": 1}}') == ("", [_call("a", x=1)])
@@ -279,12 +301,136 @@ def test_required_streams_each_element_at_its_closing_brace():
     assert parser.flush() == ("", [])
 
 
+# ---- qwen3_coder --------------------------------------------------------------------------------------
+
+
+def _xml(name: str, **params: str) -> str:
+    """A call as Qwen3-Coder writes it."""
+    body = "".join(f"<parameter={key}>\n{value}\n</parameter>\n" for key, value in params.items())
+    return f"<tool_call>\n<function={name}>\n{body}</function>\n</tool_call>"
+
+
+XML_WEATHER = _xml("get_weather", city="Paris", days="3")
+XML_TIME = _xml("get_time", tz="CET")
+QWEN3_CODER = [
+    (XML_WEATHER, None, [_call("get_weather", city="Paris", days=3)]),
+    (  # content before the calls is kept; text between and after them is dropped
+        "Let me check.\n" + XML_WEATHER + "\n and " + XML_TIME + "\nDone.",
+        "Let me check.\n",
+        [_call("get_weather", city="Paris", days=3), _call("get_time", tz="CET")],
+    ),
+    ("No call here.", "No call here.", []),
+    ("", None, []),
+    (  # values are raw text: one newline either side is layout, the rest is kept (markers included)
+        _xml("f", code='\n  if a < b: print("{}")\n  </tool_call> <tool_call>\n'),
+        None,
+        [_call("f", code='\n  if a < b: print("{}")\n  </tool_call> <tool_call>\n')],
+    ),
+    ("<tool_call><function=f><parameter=x>1</parameter></function></tool_call>", None, [_call("f", x="1")]),
+    ("<tool_call>\n<function=now>\n</function>\n</tool_call>", None, [_call("now")]),  # no parameters
+    (  # a function not in the tools: still a call, its values strings
+        _xml("unknown_fn", days="3", flag="true", nothing="null"),
+        None,
+        [_call("unknown_fn", days="3", flag="true", nothing="null")],
+    ),
+    (  # generation stopped right after the last call's </function>
+        "ok " + XML_TIME + "\n<tool_call>\n<function=get_weather>\n</function>\n",
+        "ok ",
+        [_call("get_time", tz="CET"), _call("get_weather")],
+    ),
+    (  # ... but not before it (max_tokens): that call is dropped, and with it all if it was the first
+        "a<tool_call>\n<function=get_time>\n<parameter=tz>\nCET\n</parameter>\n",
+        "a<tool_call>\n<function=get_time>\n<parameter=tz>\nCET\n</parameter>\n",
+        [],
+    ),
+    (XML_TIME + "<tool_call>\n<function=f>\n<parameter=x>\n1", None, [_call("get_time", tz="CET")]),
+    ('<tool_call>\n{"name": "f"}\n</tool_call>', '<tool_call>\n{"name": "f"}\n</tool_call>', []),
+    ("<tool_call><function=>x</function></tool_call>", "<tool_call><function=>x</function></tool_call>", []),
+    (  # something other than a parameter in the body
+        "<tool_call><function=f> text </function></tool_call>",
+        "<tool_call><function=f> text </function></tool_call>",
+        [],
+    ),
+    (  # two functions in one <tool_call>: not the format; the call before it stays
+        XML_TIME + "<tool_call><function=f></function><function=g></function></tool_call>",
+        None,
+        [_call("get_time", tz="CET")],
+    ),
+    ("<tool_call><function=f></function></tool_", "<tool_call><function=f></function></tool_", []),
+    ("<tool_call><function=a\nb></function>", "<tool_call><function=a\nb></function>", []),
+    ("Use <tool_ call", "Use <tool_ call", []),
+    ("<tool_call>", "<tool_call>", []),
+]
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), QWEN3_CODER)
+def test_qwen3_coder_extract(text, content, calls):
+    assert tool_parser("qwen3_coder", TOOLS["qwen3_coder"]).extract(text) == (content, calls)
+
+
+@pytest.mark.parametrize(
+    ("param", "text", "value"),
+    [
+        ("city", "3", "3"),  # a string stays a string
+        ("city", "null", "null"),  # ... "null" too: the schema does not allow null
+        ("days", "42", 42),
+        ("days", " -7 ", -7),
+        ("days", "4.5", "4.5"),  # not an integer: the text
+        ("days", "three", "three"),
+        ("temp", "21.5", 21.5),
+        ("temp", "-3", -3),
+        ("temp", "1e3", 1000.0),
+        ("temp", "NaN", "NaN"),  # not a JSON number
+        ("metric", "True", True),
+        ("metric", "false", False),
+        ("metric", "yes", "yes"),
+        ("where", '{"lat": 48.8, "tags": ["a"]}', {"lat": 48.8, "tags": ["a"]}),
+        ("where", "[1]", "[1]"),  # JSON, but not an object
+        ("where", "{lat: 1}", "{lat: 1}"),
+        ("hours", "[9, 12]", [9, 12]),
+        ("note", "null", None),  # the schema allows null
+        ("note", "NULL", None),
+        ("note", "nothing", "nothing"),
+        ("any", "3", "3"),  # no type: the text
+        ("extra", "3", "3"),  # a parameter the schema does not name: the text
+    ],
+)
+def test_qwen3_coder_types_values_from_the_schema(param, text, value):
+    parser = tool_parser("qwen3_coder", [WEATHER_TOOL])
+    _, calls = parser.extract(_xml("get_weather", **{param: text}))
+    assert calls == [ToolCall("get_weather", json.dumps({param: value}, ensure_ascii=False))]
+
+
+def test_qwen3_coder_reads_values_as_strings_without_tools():
+    assert tool_parser("qwen3_coder").extract(XML_WEATHER) == (
+        None,
+        [_call("get_weather", city="Paris", days="3")],
+    )
+
+
+def test_qwen3_coder_streams_each_call_at_its_end_tag():
+    parser = tool_parser("qwen3_coder", [WEATHER_TOOL])
+    assert parser.feed("Checking <tool") == ("Checking ", [])
+    assert parser.feed(XML_WEATHER[len("<tool") : -1]) == ("", [])
+    assert parser.feed(">") == ("", [_call("get_weather", city="Paris", days=3)])
+    assert parser.feed("\n" + XML_TIME[: -len("</tool_call>")]) == (
+        "",
+        [],
+    )  # after </function>: may be the end
+    assert parser.feed(" bye") == ("", [])  # ... not now: malformed, dropped
+    assert parser.flush() == ("", [])
+    parser = tool_parser("qwen3_coder")
+    assert parser.feed(XML_TIME[: -len("\n</tool_call>")]) == ("", [])
+    assert parser.flush() == ("", [_call("get_time", tz="CET")])  # ended after </function>
+
+
 # ---- every parser: the stream agrees with extract -----------------------------------------------------
 
 EXAMPLES = {
     "hermes": [text for text, _, _ in HERMES],
     "llama3_json": [text for text, _, _ in LLAMA],
     "mistral": [text for text, _, _ in MISTRAL],
+    "qwen3_coder": [text for text, _, _ in QWEN3_CODER],
     "required": [text for text, _ in REQUIRED],
 }
 _SHARED_FRAGMENTS = [" ", "\n", "hi", "é", "🌍", "{", "}", "[", "]", '"', "\\", ",", ";", ":", "<", ">", "/"]
@@ -302,6 +448,23 @@ FRAGMENTS = {
     "llama3_json": ["<|python_tag|>", "<|python", "; ", *_CALL_OBJECTS],
     "mistral": ["[TOOL_CALLS]", "[TOOL_", "CALLS]", "[", ", ", "]", *_CALL_OBJECTS],
     "required": ["[", ", ", "]", *_CALL_OBJECTS],
+    "qwen3_coder": [
+        "<tool_call>",
+        "</tool_call>",
+        "<function=get_weather>",
+        "<function=f>",
+        "</function>",
+        "<parameter=days>",
+        "<parameter=note>",
+        "</parameter>",
+        "</param",
+        "<param",
+        "<function",
+        "3",
+        "null",
+        "true",
+        '{"a": 1}',
+    ],
 }
 
 
@@ -329,6 +492,22 @@ def _call_object(draw, name: str) -> str:
     return json.dumps(obj, ensure_ascii=draw(st.booleans()), indent=draw(st.sampled_from([None, 1])))
 
 
+_XML_VALUES = st.one_of(
+    st.sampled_from(["3", "-2.5", "true", "null", '{"k": [1]}', "[1, 2]", "", "\n", "</tool_call>", "<"]),
+    st.text('<>/\n {}"aé🌍', max_size=8),
+)
+
+
+@st.composite
+def _xml_call(draw) -> str:
+    """One call in Qwen3-Coder's XML, with the layout's newlines or none; now and then not quite."""
+    nl = draw(st.sampled_from(["\n", ""]))
+    name = draw(st.sampled_from(["get_weather", "f", "ü x", ""]))
+    keys = draw(st.lists(st.sampled_from(["city", "days", "temp", "metric", "where", "hours", "note", "z"])))
+    body = "".join(f"<parameter={key}>{nl}{draw(_XML_VALUES)}{nl}</parameter>{nl}" for key in keys)
+    return f"<tool_call>{nl}<function={name}>{nl}{body}</function>{nl}</tool_call>"
+
+
 @st.composite
 def _output(draw, name: str) -> str:
     """A whole output in the format, perhaps cut short at any character (as max_tokens would)."""
@@ -342,6 +521,9 @@ def _output(draw, name: str) -> str:
         text = draw(st.sampled_from(["", " ", "<|python_tag|>"])) + "; ".join(objs) + tail
     elif name == "mistral":
         text = content + "[TOOL_CALLS]" + "[" + ", ".join(objs) + "]" + tail
+    elif name == "qwen3_coder":
+        sep = draw(st.sampled_from(["", "\n", " x "]))
+        text = content + sep.join(draw(st.lists(_xml_call(), min_size=1, max_size=3))) + tail
     else:
         text = "[" + ",\n".join(objs) + "]"
     return text[: draw(st.integers(0, len(text)))] if draw(st.booleans()) else text
@@ -370,7 +552,10 @@ def test_streaming_agrees_with_extract_however_the_text_is_cut(name, data):
     _check_stream(name, text, list(text))
 
 
-@pytest.mark.parametrize(("name", "marker"), [("hermes", "<tool_call>"), ("mistral", "[TOOL_CALLS]")])
+@pytest.mark.parametrize(
+    ("name", "marker"),
+    [("hermes", "<tool_call>"), ("mistral", "[TOOL_CALLS]"), ("qwen3_coder", "<tool_call>")],
+)
 @settings(max_examples=100, deadline=None)
 @given(text=st.text(st.sampled_from("<>_[]TOOLCAStool_cal x\n"), max_size=30))
 def test_stream_holds_back_only_a_possible_marker_start(name, marker, text):
@@ -378,7 +563,7 @@ def test_stream_holds_back_only_a_possible_marker_start(name, marker, text):
     proper prefix of the marker."""
     if marker in text:
         return
-    parser = PARSERS[name]()
+    parser = PARSERS[name](TOOLS.get(name))
     sent = ""
     for end in range(1, len(text) + 1):
         sent += parser.feed(text[end - 1])[0]
@@ -391,12 +576,14 @@ def test_stream_holds_back_only_a_possible_marker_start(name, marker, text):
 
 
 def test_registry_names_and_fresh_instances():
-    assert sorted(TOOL_PARSERS) == ["hermes", "llama3_json", "mistral"]
+    assert sorted(TOOL_PARSERS) == ["hermes", "llama3_json", "mistral", "qwen3_coder"]
     first, second = tool_parser("hermes"), tool_parser("hermes")
     assert first is not second and isinstance(first, ToolParser)
     assert first.feed("<tool_call>") == ("", []) and second.feed("plain") == ("plain", [])
 
 
 def test_unknown_parser_names_the_known_ones():
-    with pytest.raises(ValueError, match="unknown tool call parser 'pythonic'.*hermes, llama3_json, mistral"):
+    with pytest.raises(
+        ValueError, match="unknown tool call parser 'pythonic'.*hermes, llama3_json, mistral, qwen3_coder"
+    ):
         tool_parser("pythonic")
