@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=sorted(TOOL_PARSERS),
         help="how tool calls are found in replies: hermes (Qwen2.5, Qwen3), llama3_json, mistral, "
-        "qwen3_coder (Qwen3-Coder, Qwen3.5)",
+        "pythonic (Llama 3.2, Llama 4), qwen3_coder (Qwen3-Coder, Qwen3.5)",
     )
     add_engine_args(serve)
     serve.set_defaults(func=lambda a: __import__("nanovllm.server.api_server", fromlist=["main"]).main(a))

@@ -4,7 +4,8 @@ The server picks a parser by name (`--tool-call-parser hermes`, as vLLM's) and m
 choice: `extract` reads a finished output, `feed`/`flush` read a stream and hold the state between its
 pieces. Each parser is written twice on purpose: `extract` reads the whole text with the standard JSON
 decoder, the stream reads it a piece at a time with json_stream's readers (qwen3_coder's XML: xml_calls.py,
-regular expressions whole and a reader that keeps its place streamed), and the tests check that every way
+regular expressions whole and a reader that keeps its place streamed; pythonic's lists of calls: Python's
+own `ast`, whole, and held until the stream ends), and the tests check that every way
 of cutting a text into pieces gives what `extract` gives. The stream sends content at once unless it may
 be the start of a tool-call marker, and sends each call whole (name and full arguments) as soon as it is
 complete; OpenAI clients join argument deltas, so one delta holding them all is valid.
@@ -16,12 +17,15 @@ and everything after it are dropped. If no call was read, the whole output is co
 vLLM's finished-output parsers make everything content when any call is malformed; we keep the calls before
 it, so that a call can be sent the moment it closes and never has to be taken back (vLLM's own streaming
 cannot take a sent call back either). So from the marker (for llama3_json, from the first `{`) until the first
-call is decided, a stream holds everything back: it may yet turn out to be content.
+call is decided, a stream holds everything back: it may yet turn out to be content. pythonic is the exception:
+its output is calls only when all of it is a list of calls, as in vLLM (a Python list is read whole).
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import math
 import secrets
 import string
 import uuid
@@ -116,7 +120,8 @@ class _Mode(Enum):
     """Where a stream is. Each parser uses some of these."""
 
     CONTENT = "content"  # before the first marker: content
-    START = "start"  # llama3_json: before the first non-space character
+    START = "start"  # llama3_json, pythonic: before the first non-space character
+    HOLD = "hold"  # pythonic: the output starts as a list: held to the end, then read whole
     OBJECT = "object"  # inside a call's JSON object
     CLOSE = "close"  # hermes: after a call's object, waiting for </tool_call>
     CALL = "call"  # qwen3_coder: inside a call's XML, up to its </tool_call>
@@ -489,9 +494,107 @@ class Qwen3CoderToolParser(ToolParser):
         return "".join(content), calls
 
 
+# ---- pythonic -----------------------------------------------------------------------------------------
+
+
+def _json_literal(value: Any) -> bool:
+    """Whether a value that ast.literal_eval read has a JSON form: tuples, sets, bytes, complex numbers,
+    infinities and keys that are not strings do not."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list):
+        return all(_json_literal(item) for item in value)
+    if isinstance(value, dict):
+        return all(isinstance(key, str) and _json_literal(item) for key, item in value.items())
+    return False
+
+
+def _python_call(node: ast.expr) -> ToolCall | None:
+    """`name(key=literal, ...)` -> ToolCall, or None when it is not one: a dotted or computed name,
+    positional or `**` arguments, a key given twice, or a value that is not a literal with a JSON form."""
+    if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
+        return None
+    arguments: dict[str, Any] = {}
+    for keyword in node.keywords:
+        if keyword.arg is None or keyword.arg in arguments:
+            return None
+        try:
+            value = ast.literal_eval(keyword.value)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            return None
+        if not _json_literal(value):
+            return None
+        arguments[keyword.arg] = value
+    return ToolCall(node.func.id, json.dumps(arguments, ensure_ascii=False))
+
+
+class PythonicToolParser(ToolParser):
+    """Llama 3.2, Llama 4 and other models that write calls as Python: the whole output is a list
+    `[get_weather(city="Paris", days=3), get_time()]`, perhaps between `<|python_start|>` and
+    `<|python_end|>` (Llama 4's special tokens, seen only when special tokens are kept; the list is read
+    without them). Values are Python literals (strings, numbers, True/False/None, lists, dicts), read with
+    `ast` and never run. As in vLLM, the output is calls only when all of it is such a list of calls:
+    anything else (text, a list of something else, a positional argument, a value that is not a literal,
+    a list cut short) makes it all content. So a stream that starts with `[` (after whitespace and the
+    tag) holds everything until it ends; one that starts otherwise is content from its first character."""
+
+    name = "pythonic"
+    _START, _END = "<|python_start|>", "<|python_end|>"
+
+    def __init__(self, tools: list[dict] | None = None) -> None:
+        super().__init__(tools)
+        self._mode = _Mode.START
+
+    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
+        pos = skip_ws(text, 0)  # (the stream's whitespace, so that both decide at the same character)
+        if text.startswith(self._START, pos):
+            pos = skip_ws(text, pos + len(self._START))
+        calls: list[ToolCall] = []
+        if text.startswith("[", pos):
+            try:
+                tree = ast.parse(text[pos:].rstrip().removesuffix(self._END), mode="eval").body
+            except (SyntaxError, ValueError, MemoryError, RecursionError):
+                tree = None
+            if isinstance(tree, ast.List):
+                calls = [call for node in tree.elts if (call := _python_call(node)) is not None]
+                if len(calls) < len(tree.elts):
+                    calls = []
+        return (None, calls) if calls else (text or None, [])
+
+    def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
+        text = self._text
+        if self._mode is _Mode.START:
+            pos = skip_ws(text, 0)
+            if text.startswith(self._START, pos):
+                pos = skip_ws(text, pos + len(self._START))
+            elif not final and self._START.startswith(text[pos:]):
+                return "", []  # only whitespace so far, or the tag is arriving
+            if pos == len(text) and not final:
+                return "", []
+            self._mode = _Mode.HOLD if text.startswith("[", pos) else _Mode.PASS
+        if self._mode is _Mode.HOLD:
+            if not final:
+                return "", []
+            content, calls = self.extract(text)
+            self._pos, self._mode = len(text), _Mode.DONE
+            return content or "", calls
+        if self._mode is _Mode.PASS:  # (self._pos is 0 until now: nothing was sent)
+            content, self._pos = text[self._pos :], len(text)
+            return content, []
+        return "", []  # DONE
+
+
 TOOL_PARSERS: dict[str, type[ToolParser]] = {
     parser.name: parser
-    for parser in (HermesToolParser, Llama3JsonToolParser, MistralToolParser, Qwen3CoderToolParser)
+    for parser in (
+        HermesToolParser,
+        Llama3JsonToolParser,
+        MistralToolParser,
+        PythonicToolParser,
+        Qwen3CoderToolParser,
+    )
 }
 
 

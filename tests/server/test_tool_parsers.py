@@ -424,6 +424,56 @@ def test_qwen3_coder_streams_each_call_at_its_end_tag():
     assert parser.flush() == ("", [_call("get_time", tz="CET")])  # ended after </function>
 
 
+# ---- pythonic -----------------------------------------------------------------------------------------
+
+PYTHONIC = [
+    (
+        '[get_weather(city="Paris", days=3), get_time()]',
+        None,
+        [_call("get_weather", city="Paris", days=3), _call("get_time")],
+    ),
+    (  # nested literals; Python's True/None become JSON's
+        " [f(a=[1, {'k': None, 'l': [True, -2.5]}], b='naïve \\'☕\\'', c={})]\n",
+        None,
+        [_call("f", a=[1, {"k": None, "l": [True, -2.5]}], b="naïve '☕'", c={})],
+    ),
+    ('<|python_start|>[f(s="]), g(")]<|python_end|>', None, [_call("f", s="]), g(")]),  # Llama 4's tags
+    ("The answer is 42.", "The answer is 42.", []),
+    ("Sure: [f(a=1)]", "Sure: [f(a=1)]", []),  # not the whole output
+    ("[f(a=1)] and more", "[f(a=1)] and more", []),
+    ("[f(a=1), g(b=2)", "[f(a=1), g(b=2)", []),  # cut short
+    ("[1, 2, 3]", "[1, 2, 3]", []),  # a list, but not of calls
+    ("[]", "[]", []),
+    ("[f(a=1), g(2)]", "[f(a=1), g(2)]", []),  # a positional argument: no call at all
+    ("[f(a=x)]", "[f(a=x)]", []),  # not a literal
+    ("[f(a=__import__('os').getcwd())]", "[f(a=__import__('os').getcwd())]", []),  # never run
+    ("[f(a=(1, 2))]", "[f(a=(1, 2))]", []),  # a tuple has no JSON form
+    ("[f(a=1e999)]", "[f(a=1e999)]", []),
+    ("[f(**{'a': 1})]", "[f(**{'a': 1})]", []),
+    ("[f(a=1, a=2)]", "[f(a=1, a=2)]", []),
+    ("[os.remove(path='x')]", "[os.remove(path='x')]", []),
+    ("<|python_start|>hi", "<|python_start|>hi", []),
+    ("  ", "  ", []),
+]
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), PYTHONIC)
+def test_pythonic_extract(text, content, calls):
+    assert tool_parser("pythonic").extract(text) == (content, calls)
+
+
+def test_pythonic_stream_holds_a_list_to_the_end_and_sends_text_at_once():
+    parser = tool_parser("pythonic")
+    assert parser.feed(" <|python_") == ("", [])
+    assert parser.feed("start|>[f(a=1)]") == ("", [])  # a list: held to the end
+    assert parser.flush() == ("", [_call("f", a=1)])
+    parser = tool_parser("pythonic")
+    assert parser.feed("\n") == ("", [])
+    assert parser.feed("Hi [f(a=1)]") == ("\nHi [f(a=1)]", [])
+    assert parser.flush() == ("", [])
+    assert tool_parser("pythonic").skip_special_tokens
+
+
 # ---- every parser: the stream agrees with extract -----------------------------------------------------
 
 EXAMPLES = {
@@ -431,6 +481,7 @@ EXAMPLES = {
     "llama3_json": [text for text, _, _ in LLAMA],
     "mistral": [text for text, _, _ in MISTRAL],
     "qwen3_coder": [text for text, _, _ in QWEN3_CODER],
+    "pythonic": [text for text, _, _ in PYTHONIC],
     "required": [text for text, _ in REQUIRED],
 }
 _SHARED_FRAGMENTS = [" ", "\n", "hi", "é", "🌍", "{", "}", "[", "]", '"', "\\", ",", ";", ":", "<", ">", "/"]
@@ -448,6 +499,18 @@ FRAGMENTS = {
     "llama3_json": ["<|python_tag|>", "<|python", "; ", *_CALL_OBJECTS],
     "mistral": ["[TOOL_CALLS]", "[TOOL_", "CALLS]", "[", ", ", "]", *_CALL_OBJECTS],
     "required": ["[", ", ", "]", *_CALL_OBJECTS],
+    "pythonic": [
+        "<|python_start|>",
+        "<|python",
+        "<|python_end|>",
+        "f(",
+        "get_time()",
+        "a=",
+        "=1",
+        "(",
+        ")",
+        "'",
+    ],
     "qwen3_coder": [
         "<tool_call>",
         "</tool_call>",
@@ -509,6 +572,18 @@ def _xml_call(draw) -> str:
 
 
 @st.composite
+def _python_call(draw) -> str:
+    """One call as Python, keyword arguments with literal values; now and then not quite (a positional
+    argument, a value that is not a literal)."""
+    name = draw(st.sampled_from(["f", "get_weather", "ü"]))
+    arguments = draw(st.dictionaries(st.sampled_from(["city", "days", "a"]), _VALUES, max_size=3))
+    parts = [f"{key}={value!r}" for key, value in arguments.items()]
+    if draw(st.integers(0, 9)) == 0:
+        parts.insert(0, draw(st.sampled_from(["1", "x", "a=y", "b=(1,)"])))
+    return f"{name}({', '.join(parts)})"
+
+
+@st.composite
 def _output(draw, name: str) -> str:
     """A whole output in the format, perhaps cut short at any character (as max_tokens would)."""
     objs = draw(st.lists(_call_object(name), min_size=1, max_size=3))
@@ -524,6 +599,10 @@ def _output(draw, name: str) -> str:
     elif name == "qwen3_coder":
         sep = draw(st.sampled_from(["", "\n", " x "]))
         text = content + sep.join(draw(st.lists(_xml_call(), min_size=1, max_size=3))) + tail
+    elif name == "pythonic":
+        calls = ", ".join(draw(st.lists(_python_call(), min_size=1, max_size=3)))
+        start = draw(st.sampled_from(["", " ", "<|python_start|>"]))
+        text = start + "[" + calls + "]" + draw(st.sampled_from(["", "<|python_end|>", " ", " bye"]))
     else:
         text = "[" + ",\n".join(objs) + "]"
     return text[: draw(st.integers(0, len(text)))] if draw(st.booleans()) else text
@@ -576,7 +655,7 @@ def test_stream_holds_back_only_a_possible_marker_start(name, marker, text):
 
 
 def test_registry_names_and_fresh_instances():
-    assert sorted(TOOL_PARSERS) == ["hermes", "llama3_json", "mistral", "qwen3_coder"]
+    assert sorted(TOOL_PARSERS) == ["hermes", "llama3_json", "mistral", "pythonic", "qwen3_coder"]
     first, second = tool_parser("hermes"), tool_parser("hermes")
     assert first is not second and isinstance(first, ToolParser)
     assert first.feed("<tool_call>") == ("", []) and second.feed("plain") == ("plain", [])
@@ -584,6 +663,7 @@ def test_registry_names_and_fresh_instances():
 
 def test_unknown_parser_names_the_known_ones():
     with pytest.raises(
-        ValueError, match="unknown tool call parser 'pythonic'.*hermes, llama3_json, mistral, qwen3_coder"
+        ValueError,
+        match="unknown tool call parser 'xlam'.*hermes, llama3_json, mistral, pythonic, qwen3_coder",
     ):
-        tool_parser("pythonic")
+        tool_parser("xlam")
