@@ -29,6 +29,7 @@ import math
 import secrets
 import string
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, ClassVar
@@ -122,9 +123,8 @@ class _Mode(Enum):
     CONTENT = "content"  # before the first marker: content
     START = "start"  # llama3_json, pythonic: before the first non-space character
     HOLD = "hold"  # pythonic: the output starts as a list: held to the end, then read whole
-    OBJECT = "object"  # inside a call's JSON object
-    CLOSE = "close"  # hermes: after a call's object, waiting for </tool_call>
-    CALL = "call"  # qwen3_coder: inside a call's XML, up to its </tool_call>
+    OBJECT = "object"  # llama3_json: inside a call's JSON object
+    CALL = "call"  # hermes, qwen3_coder: reading a call after its <tool_call>
     BETWEEN = "between"  # hermes, qwen3_coder: after </tool_call>, dropping text up to the next <tool_call>
     SEPARATOR = "separator"  # llama3_json: after a call, waiting for `;`
     ARRAY = "array"  # mistral: reading the call array
@@ -132,54 +132,41 @@ class _Mode(Enum):
     DONE = "done"  # calls were read and reading stopped: the rest is dropped
 
 
-# ---- hermes -------------------------------------------------------------------------------------------
+# ---- calls opened by a tag: hermes, qwen3_coder ---------------------------------------------------------
 
 
-class HermesToolParser(ToolParser):
-    """Qwen2.5, Qwen3 and Hermes models: content, then calls, each
-    `<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>`. Content is the text before the first
-    `<tool_call>`; text between and after calls is dropped (as vLLM does). The last call may be left
-    unclosed when generation stopped right after its JSON. A missing "arguments" is `{}` (the marker
-    already says this is a call); "parameters" in its place makes it no call, as in vLLM's hermes parser,
-    which does not read that key either."""
+class _TaggedCallsParser(ToolParser):
+    """Content, then calls each opened by the start tag `_START`: content is the text before the first
+    one; text between and after calls is dropped (as vLLM does). A subclass reads one call after its tag,
+    whole (`_call_at`) and from a growing text (`_call_reader`), each giving (the call, the index past it)."""
 
-    name = "hermes"
-    skip_special_tokens = False  # (Hermes 2 Pro and 3 make <tool_call> a special token; Qwen does not)
-    _START = "<tool_call>"
-    _END = "</tool_call>"
+    _START: ClassVar[str]
 
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
         self._mode = _Mode.CONTENT
-        self._region = -1  # where the first <tool_call> is: content from there if no call is read
+        self._region = -1  # where the first start tag is: content from there if no call is read
         self._num_calls = 0
-        self._reader = ObjectReader(0)
-        self._call: ToolCall | None = None  # the call whose </tool_call> the stream waits for
+        self._reader: Any = None  # the call being read: `.read(text, final)` -> (call, end) | Read
+
+    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int] | None:
+        """The call just past a start tag at pos, read whole, and the index past it; None: no call."""
+        raise NotImplementedError
+
+    def _call_reader(self, pos: int) -> Any:
+        """A reader of the call just past a start tag at pos, from a growing text."""
+        raise NotImplementedError
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
         first = text.find(self._START)
         calls: list[ToolCall] = []
         start = first
-        while start >= 0:
-            read = self._call_at(text, start + len(self._START))
-            if read is None:
-                break
+        while start >= 0 and (read := self._call_at(text, start + len(self._START))) is not None:
             calls.append(read[0])
             start = text.find(self._START, read[1])
         if not calls:
             return text or None, []
         return text[:first] or None, calls
-
-    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int] | None:
-        """The call after a <tool_call> at pos and the index past its </tool_call> (or the end)."""
-        decoded = decode_object(text, pos)
-        call = None if decoded is None else _to_call(decoded[0], ("arguments",), False)
-        if call is None:
-            return None
-        end = skip_ws(text, decoded[1])
-        if text.startswith(self._END, end):
-            return call, end + len(self._END)
-        return (call, end) if end == len(text) else None
 
     def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
         text = self._text
@@ -195,33 +182,21 @@ class HermesToolParser(ToolParser):
                     break
                 if self._mode is _Mode.CONTENT:
                     self._region = stop
-                self._reader = ObjectReader(stop + len(self._START))
-                self._mode = _Mode.OBJECT
-            elif self._mode is _Mode.OBJECT:
+                self._reader = self._call_reader(stop + len(self._START))
+                self._mode = _Mode.CALL
+            elif self._mode is _Mode.CALL:
                 read = self._reader.read(text, final)
                 if read is Read.MORE:
                     break
-                self._call = None if read is Read.BAD else _to_call(read[0], ("arguments",), False)
-                if self._call is None:
-                    self._malformed()
-                else:
-                    self._pos = read[1]
-                    self._mode = _Mode.CLOSE
-            elif self._mode is _Mode.CLOSE:
-                pos = self._pos = skip_ws(text, self._pos)
-                if final and pos == len(text):  # an unclosed last call: generation stopped after its JSON
-                    calls.append(self._call)
-                    self._mode = _Mode.DONE
+                if read is Read.BAD:
+                    if self._num_calls == 0:  # all held back since the first tag is content
+                        self._mode, self._pos = _Mode.PASS, self._region
+                    else:
+                        self._mode = _Mode.DONE
                     continue
-                end = expect(text, pos, self._END, final)
-                if end is Read.MORE:
-                    break
-                if end is Read.BAD:
-                    self._malformed()
-                    continue
-                calls.append(self._call)
+                calls.append(read[0])
                 self._num_calls += 1
-                self._pos = end
+                self._pos = read[1]
                 self._mode = _Mode.BETWEEN
             elif self._mode is _Mode.PASS:
                 content.append(text[self._pos :])
@@ -232,11 +207,61 @@ class HermesToolParser(ToolParser):
                 break
         return "".join(content), calls
 
-    def _malformed(self) -> None:
-        if self._num_calls == 0:
-            self._mode, self._pos = _Mode.PASS, self._region  # all held back since <tool_call> is content
-        else:
-            self._mode = _Mode.DONE
+
+class HermesToolParser(_TaggedCallsParser):
+    """Qwen2.5, Qwen3 and Hermes models: content, then calls, each
+    `<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>`. The last call may be left unclosed
+    when generation stopped right after its JSON. A missing "arguments" is `{}` (the marker already says
+    this is a call); "parameters" in its place makes it no call, as in vLLM's hermes parser, which does not
+    read that key either."""
+
+    name = "hermes"
+    skip_special_tokens = False  # (Hermes 2 Pro and 3 make <tool_call> a special token; Qwen does not)
+    _START = "<tool_call>"
+    _END = "</tool_call>"
+
+    @staticmethod
+    def _to_call(obj: Any) -> ToolCall | None:
+        return _to_call(obj, ("arguments",), False)
+
+    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int] | None:
+        decoded = decode_object(text, pos)
+        call = None if decoded is None else self._to_call(decoded[0])
+        if call is None:
+            return None
+        end = skip_ws(text, decoded[1])
+        if text.startswith(self._END, end):
+            return call, end + len(self._END)
+        return (call, end) if end == len(text) else None
+
+    def _call_reader(self, pos: int) -> _HermesCallReader:
+        return _HermesCallReader(pos, self._to_call, self._END)
+
+
+class _HermesCallReader:
+    """One hermes call read out of a growing text: its JSON object, then `</tool_call>` (or, in a final
+    text, its end: generation stopped right after the JSON)."""
+
+    def __init__(self, pos: int, to_call: Callable[[Any], ToolCall | None], end_tag: str) -> None:
+        self.object = ObjectReader(pos)
+        self.to_call, self.end_tag = to_call, end_tag
+        self.call: ToolCall | None = None  # once the object is read: the call whose end tag is awaited
+        self.pos = pos
+
+    def read(self, text: str, final: bool) -> tuple[ToolCall, int] | Read:
+        if self.call is None:
+            read = self.object.read(text, final)
+            if read is Read.MORE:
+                return read
+            self.call = None if read is Read.BAD else self.to_call(read[0])
+            if self.call is None:
+                return Read.BAD
+            self.pos = read[1]
+        pos = self.pos = skip_ws(text, self.pos)
+        if final and pos == len(text):
+            return self.call, pos
+        end = expect(text, pos, self.end_tag, final)
+        return end if isinstance(end, Read) else (self.call, end)
 
 
 # ---- llama3_json --------------------------------------------------------------------------------------
@@ -420,7 +445,7 @@ class RequiredCallsParser(ToolParser):
 # ---- qwen3_coder --------------------------------------------------------------------------------------
 
 
-class Qwen3CoderToolParser(ToolParser):
+class Qwen3CoderToolParser(_TaggedCallsParser):
     """Qwen3-Coder and Qwen3.5: content, then calls in XML, each
     `<tool_call>\n<function=f>\n<parameter=k>\nvalue\n</parameter>\n</function>\n</tool_call>`
     (xml_calls.py reads them). As hermes: content is the text before the first `<tool_call>`, text between
@@ -430,68 +455,36 @@ class Qwen3CoderToolParser(ToolParser):
 
     name = "qwen3_coder"  # (<tool_call> is not a special token in Qwen's tokenizers: the default detokenizer)
 
+    _START = xml_calls.CALL_START
+
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
         self._properties = xml_calls.tool_properties(tools)
-        self._mode = _Mode.CONTENT
-        self._region = -1  # where the first <tool_call> is: content from there if no call is read
-        self._num_calls = 0
-        self._reader = xml_calls.CallReader(0)
 
-    def _call(self, read: xml_calls.RawCall) -> ToolCall:
-        name, params, _ = read
+    def _call(self, read: xml_calls.RawCall) -> tuple[ToolCall, int]:
+        name, params, end = read
         arguments = xml_calls.typed_arguments(params, self._properties.get(name))
-        return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+        return ToolCall(name, json.dumps(arguments, ensure_ascii=False)), end
 
-    def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        first = text.find(xml_calls.CALL_START)
-        calls: list[ToolCall] = []
-        start = first
-        while start >= 0 and (read := xml_calls.read_call(text, start + len(xml_calls.CALL_START))):
-            calls.append(self._call(read))
-            start = text.find(xml_calls.CALL_START, read[2])
-        if not calls:
-            return text or None, []
-        return text[:first] or None, calls
+    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int] | None:
+        read = xml_calls.read_call(text, pos)
+        return None if read is None else self._call(read)
 
-    def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
-        text = self._text
-        content: list[str] = []
-        calls: list[ToolCall] = []
-        while True:
-            if self._mode is _Mode.CONTENT or self._mode is _Mode.BETWEEN:
-                stop, found = find_marker(text, self._pos, xml_calls.CALL_START, final)
-                if self._mode is _Mode.CONTENT:
-                    content.append(text[self._pos : stop])
-                self._pos = stop
-                if not found:
-                    break
-                if self._mode is _Mode.CONTENT:
-                    self._region = stop
-                self._reader = xml_calls.CallReader(stop + len(xml_calls.CALL_START))
-                self._mode = _Mode.CALL
-            elif self._mode is _Mode.CALL:
-                read = self._reader.read(text, final)
-                if read is Read.MORE:
-                    break
-                if read is Read.BAD:
-                    if self._num_calls == 0:
-                        self._mode, self._pos = _Mode.PASS, self._region
-                    else:
-                        self._mode = _Mode.DONE
-                    continue
-                calls.append(self._call(read))
-                self._num_calls += 1
-                self._pos = read[2]
-                self._mode = _Mode.BETWEEN
-            elif self._mode is _Mode.PASS:  # no call was read: all held back since <tool_call> is content
-                content.append(text[self._pos :])
-                self._pos = len(text)
-                break
-            else:  # DONE
-                self._pos = len(text)
-                break
-        return "".join(content), calls
+    def _call_reader(self, pos: int) -> _XmlCallReader:
+        return _XmlCallReader(xml_calls.CallReader(pos), self._call)
+
+
+class _XmlCallReader:
+    """xml_calls.CallReader with its raw call typed into a ToolCall."""
+
+    def __init__(
+        self, reader: xml_calls.CallReader, to_call: Callable[[xml_calls.RawCall], tuple[ToolCall, int]]
+    ) -> None:
+        self.reader, self.to_call = reader, to_call
+
+    def read(self, text: str, final: bool) -> tuple[ToolCall, int] | Read:
+        read = self.reader.read(text, final)
+        return read if isinstance(read, Read) else self.to_call(read)
 
 
 # ---- pythonic -----------------------------------------------------------------------------------------
