@@ -149,17 +149,23 @@ def array_calls(text: str, pos: int, to_call: Callable[[Any], T | None]) -> list
     pos = skip_ws(text, pos)
     if not text.startswith("[", pos):
         return []
+    return separated_calls(text, pos + 1, ",", to_call)
+
+
+def separated_calls(text: str, pos: int, separator: str, to_call: Callable[[Any], T | None]) -> list[T]:
+    """The whole-text reader of objects `{...}` joined by `separator` from text[pos:], each made a call by
+    to_call: the calls up to the first object that is not one, anything but the separator after one, or
+    the end of the text."""
     calls: list[T] = []
-    pos += 1
     while (decoded := decode_object(text, pos)) is not None:
         call = to_call(decoded[0])
         if call is None:
             break
         calls.append(call)
         pos = skip_ws(text, decoded[1])
-        if not text.startswith(",", pos):
+        if not text.startswith(separator, pos):
             break
-        pos += 1
+        pos += len(separator)
     return calls
 
 

@@ -43,6 +43,7 @@ from nanovllm.server.json_stream import (
     decode_object,
     expect,
     find_marker,
+    separated_calls,
     skip_ws,
 )
 
@@ -287,16 +288,7 @@ class Llama3JsonToolParser(ToolParser):
         pos = skip_ws(text, 0)
         if text.startswith(self._PYTHON_TAG, pos):
             pos += len(self._PYTHON_TAG)
-        calls: list[ToolCall] = []
-        while (decoded := decode_object(text, pos)) is not None:
-            call = _to_call(decoded[0], _ARGS_KEYS, True)
-            if call is None:
-                break
-            calls.append(call)
-            pos = skip_ws(text, decoded[1])
-            if not text.startswith(";", pos):
-                break
-            pos += 1
+        calls = separated_calls(text, pos, ";", lambda obj: _to_call(obj, _ARGS_KEYS, True))
         return (None, calls) if calls else (text or None, [])
 
     def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
