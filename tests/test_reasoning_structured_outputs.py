@@ -18,6 +18,7 @@ from nanovllm.cli import build_parser, engine_kwargs
 from nanovllm.structured.regex_dfa import compile_regex
 from nanovllm.structured.vocab import token_bytes
 from tests.checkpoints import END_THINK, build_think_checkpoint, load_hf_model
+from tests.test_structured_outputs import dfa_allowed
 
 EOS = 2  # the preset tokenizer's <|im_end|>
 REGEX = r"(yes|no|maybe)-[0-9]{2}"
@@ -53,11 +54,7 @@ def _hf_greedy(oracle, prompt_ids, max_tokens, bias, thinking: bool) -> tuple[li
         logits[END_THINK] += bias
         allowed = torch.ones(logits.numel(), dtype=torch.bool)
         if not thinking:
-            allowed[:] = False
-            for t, data in enumerate(vocab):
-                if data and dfa.advance(state, data) != 0:
-                    allowed[t] = True
-            allowed[EOS] = bool(dfa.accepting[state])
+            allowed = dfa_allowed(dfa, state, vocab, logits.numel(), EOS)
             if not allowed.any():
                 return out, True  # complete: nothing may follow
         token = int(logits.masked_fill(~allowed, float("-inf")).argmax())

@@ -44,6 +44,17 @@ def llm(ckpt):
     return LLM(str(ckpt), max_model_len=256)
 
 
+def dfa_allowed(dfa, state: int, vocab: list[bytes | None], size: int, eos: int) -> torch.Tensor:
+    """[size] bool: the tokens whose bytes keep the DFA alive from `state` (checked token by token), and EOS
+    once the text is a whole match: the oracle's rule for a constrained step."""
+    allowed = torch.zeros(size, dtype=torch.bool)
+    for t, data in enumerate(vocab):
+        if data and dfa.advance(state, data) != 0:
+            allowed[t] = True
+    allowed[eos] = bool(dfa.accepting[state])
+    return allowed
+
+
 @torch.no_grad()
 def _hf_constrained_greedy(model, tokenizer, prompt_ids, params: SamplingParams) -> tuple[list[int], bool]:
     """Greedy decoding of transformers' model, each step among the tokens whose bytes keep the DFA alive
@@ -53,12 +64,7 @@ def _hf_constrained_greedy(model, tokenizer, prompt_ids, params: SamplingParams)
     state, out = dfa.start, []
     for _ in range(params.max_tokens):
         logits = model(torch.tensor([prompt_ids + out])).logits[0, -1].double()
-        allowed = torch.zeros(logits.numel(), dtype=torch.bool)
-        for t, data in enumerate(vocab):
-            if data and dfa.advance(state, data) != 0:
-                allowed[t] = True
-        if dfa.accepting[state]:
-            allowed[EOS] = True
+        allowed = dfa_allowed(dfa, state, vocab, logits.numel(), EOS)
         if not allowed.any():
             return out, True  # complete: nothing may follow
         token = int(logits.masked_fill(~allowed, float("-inf")).argmax())
