@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import sys
 import time
 
-from nanovllm.config import DEFAULT_MODEL, SCHEDULING_POLICIES, Config, preset_names
+from nanovllm.config import DEFAULT_MODEL, RUNNERS, SCHEDULING_POLICIES, Config, preset_names
 from nanovllm.reasoning import REASONING_PARSERS
 from nanovllm.server.tool_parsers import TOOL_PARSERS
 
@@ -31,10 +32,13 @@ _ENGINE_ARG_TYPES = {
     "kernel_backend": str,
     "generation_config": str,
     "reasoning_parser": str,
+    "runner": str,
+    "pooler_config": json.loads,  # JSON, as vLLM's --pooler-config '{"pooling_type": "MEAN"}'
 }
 _ENGINE_ARG_CHOICES = {
     "scheduling_policy": SCHEDULING_POLICIES,
     "reasoning_parser": sorted(REASONING_PARSERS),
+    "runner": RUNNERS,
 }
 
 

@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
+from nanovllm.layers.pooler import PoolerConfig, pooler_config
 from nanovllm.reasoning import think_tags
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_MODEL = "qwen3-0.6b"  # the preset the CLI and the benchmarks run when no model is given
 MAX_MODEL_LEN_CAP = 16384  # default cap on max_model_len when the checkpoint allows more
 SUPPORTED_BLOCK_SIZES = (16, 32, 64, 128, 256)
+RUNNERS = ("auto", "generate", "pooling")  # vLLM's --runner (no "draft")
 SCHEDULING_POLICIES = ("fcfs", "priority")  # the waiting queue's order: engine/request_queue.py
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -57,6 +59,14 @@ class Config:
     # A reasoning model's parser (vLLM's --reasoning-parser, nanovllm/reasoning.py: "qwen3", "deepseek_r1"):
     # a structured output then applies only after the thinking's end tag (docs/structured_outputs.md)
     reasoning_parser: str | None = None
+    # vLLM's --runner: "generate" (text), "pooling" (embeddings only: LLM.embed, /v1/embeddings; no LM head
+    # is loaded), or "auto": pooling for a sentence-transformers checkpoint (modules.json) or a bare `*Model`
+    # architecture (e.g. MistralModel), else generate. Embeddings work under "generate" too
+    # (docs/embeddings.md).
+    runner: str = "auto"
+    # vLLM's pooler config: {"pooling_type": "LAST" | "MEAN" | "CLS", "normalize": bool}, over the
+    # checkpoint's sentence-transformers files, over LAST + normalize (layers/pooler.py)
+    pooler_config: dict | None = None
     # Resolved in __post_init__ from the checkpoint; not user arguments.
     hf_config: PretrainedConfig = field(init=False, repr=False)
     model_path: Path | None = field(init=False)  # None: a preset with random weights
@@ -72,6 +82,8 @@ class Config:
     eos_token_ids: tuple[int, ...] = field(init=False)
     # The SamplingParams fields generation_config sets (e.g. Qwen3's temperature 0.6, top_k 20, top_p 0.95).
     default_sampling_params: dict = field(init=False)
+    runner_type: str = field(init=False)  # "generate" | "pooling": `runner` resolved
+    pooler: PoolerConfig = field(init=False)  # how embeddings are pooled (layers/pooler.py)
 
     @property
     def max_tokens_cap(self) -> int | None:
@@ -158,6 +170,8 @@ class Config:
                 )
 
         get_model_class(hf_config).check_config(hf_config, self.max_model_len)
+        set_("runner_type", _runner_type(self.runner, hf_config, model_path))
+        set_("pooler", pooler_config(model_path, self.pooler_config))
         if self.block_size is None:
             set_("block_size", 16)
         if self.max_num_batched_tokens is None:
@@ -188,6 +202,19 @@ class Config:
     @property
     def is_preset(self) -> bool:
         return self.model_path is None
+
+
+def _runner_type(runner: str, hf_config: PretrainedConfig, model_path: Path | None) -> str:
+    """`runner` resolved: "auto" is "pooling" for a sentence-transformers checkpoint or a bare `*Model`
+    architecture (no LM head: MistralModel, Qwen3Model), else "generate"."""
+    if runner not in RUNNERS:
+        raise ValueError(f"runner must be one of {RUNNERS}, got {runner!r}")
+    if runner != "auto":
+        return runner
+    archs = getattr(hf_config, "architectures", None) or []
+    bare = bool(archs) and archs[0].endswith("Model")
+    sentence_transformers = model_path is not None and (model_path / "modules.json").exists()
+    return "pooling" if bare or sentence_transformers else "generate"
 
 
 def _check_int(cfg: Config, name: str, minimum: int) -> None:

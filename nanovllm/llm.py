@@ -11,7 +11,14 @@ from nanovllm.beam_search import BeamSearchOutput, search
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
 from nanovllm.engine.request_queue import check_priority
-from nanovllm.outputs import Logprob, RequestMetrics, RequestOutput
+from nanovllm.outputs import (
+    EmbeddingRequestOutput,
+    Logprob,
+    PoolingRequestOutput,
+    RequestMetrics,
+    RequestOutput,
+)
+from nanovllm.pooling_params import PoolingParams
 from nanovllm.sampling_params import BeamSearchParams, ParamError, SamplingParams
 from nanovllm.utils.chat import render_chat, text_messages
 from nanovllm.utils.heap import frozen_heap
@@ -152,7 +159,9 @@ class LLM:
             texts.append(text)
         return self._run(texts, encoded, params, use_tqdm, priorities)
 
-    def _encode_prompts(self, prompts: list[Prompt], params: list[SamplingParams]) -> list[list[int]]:
+    def _encode_prompts(
+        self, prompts: list[Prompt], params: list[SamplingParams] | list[PoolingParams]
+    ) -> list[list[int]]:
         """Every prompt's token ids, all validated before anything is queued: a bad prompt leaves the engine
         untouched."""
         encoded = []
@@ -199,23 +208,76 @@ class LLM:
     ) -> list[RequestOutput]:
         """Queue every sample of every (validated) prompt, step until all are done, and return one
         RequestOutput per prompt."""
-        ids: list[list[str]] = []  # [num_prompts][n of that prompt]
-        wanted: set[str] = set()
-        results: dict[str, RequestOutput] = {}
-        total = sum(p.n for p in params)
+        requests = [
+            (prompt, p.choice(j), tok, prio)
+            for prompt, tok, p, prio in zip(prompts, encoded, params, priorities or [0] * len(params))
+            for j in range(p.n)
+        ]
+        results = self._drain(requests, use_tqdm, "Generating")
+        it = iter(results)
+        return [_merge_samples([next(it) for _ in range(p.n)]) for p in params]
+
+    def embed(
+        self,
+        prompts: Prompt | dict | list[Prompt | dict],
+        pooling_params: PoolingParams | list[PoolingParams] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt, in order (vLLM's `LLM.embed`): the final hidden states pooled as the
+        model's pooler says (Config.pooler: the last token by default), L2-normalized unless the params or the
+        model say otherwise. `truncate_prompt_tokens` keeps each prompt's last k tokens (-1: max_model_len).
+        Any model can embed; runner="pooling" (auto for embedding checkpoints) skips the LM head and refuses
+        generation. See docs/embeddings.md."""
+        outs = self.encode(prompts, pooling_params, use_tqdm, truncate_prompt_tokens)
+        return [EmbeddingRequestOutput.from_base(out) for out in outs]
+
+    def encode(
+        self,
+        prompts: Prompt | dict | list[Prompt | dict],
+        pooling_params: PoolingParams | list[PoolingParams] | None = None,
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        truncate_prompt_tokens: int | None = None,
+        pooling_task: str = "embed",
+    ) -> list[PoolingRequestOutput]:
+        """vLLM's `LLM.encode` for its "embed" task (the only one here): as `embed`, each vector a float32
+        tensor (`outputs.data`)."""
+        if pooling_task != "embed":
+            raise ValueError(f"pooling_task {pooling_task!r} is not supported: only 'embed'")
+        inputs = _as_prompt_list(prompts)
+        if pooling_params is None:
+            pooling_params = PoolingParams()
+        if isinstance(pooling_params, PoolingParams):
+            params = [pooling_params] * len(inputs)
+        elif len(pooling_params) != len(inputs):
+            raise ValueError(f"got {len(pooling_params)} pooling params for {len(inputs)} prompts")
+        else:
+            params = list(pooling_params)
+        if truncate_prompt_tokens is not None:
+            params = [dataclasses.replace(p, truncate_prompt_tokens=truncate_prompt_tokens) for p in params]
+        encoded = self._encode_prompts([prompt for prompt, _ in inputs], params)
+        requests = [(text, p, tok, 0) for (_, text), p, tok in zip(inputs, params, encoded)]
+        return self._drain(requests, use_tqdm, "Embedding")
+
+    def _drain(
+        self,
+        requests: list[tuple[str | None, SamplingParams | PoolingParams, list[int], int]],
+        use_tqdm: bool | Callable[..., tqdm],
+        desc: str,
+    ) -> list:
+        """Queue each (prompt text, params, validated token ids, priority), step until all are done, and
+        return their outputs in order. An error aborts whatever was queued."""
+        ids: list[str] = []
+        results: dict = {}
         # No full garbage collection walks the engine's own objects meanwhile (utils/heap.py).
         with frozen_heap():
             make_bar = use_tqdm if callable(use_tqdm) else tqdm  # vLLM's: a callable makes the bar
-            bar = make_bar(total=total, desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
+            bar = make_bar(total=len(requests), desc=desc, dynamic_ncols=True, disable=not use_tqdm)
             try:
-                for prompt, tok, p, prio in zip(prompts, encoded, params, priorities or [0] * len(params)):
-                    ids.append([])
-                    for j in range(p.n):  # (recorded one by one: an error part-way aborts what was queued)
-                        ids[-1].append(
-                            self.engine.add_request(prompt, p.choice(j), prompt_token_ids=tok, priority=prio)
-                        )
-                        wanted.add(ids[-1][-1])
-                while len(results) < total:
+                for prompt, params, tok, prio in requests:  # (recorded one by one: see finally)
+                    ids.append(self.engine.add_request(prompt, params, prompt_token_ids=tok, priority=prio))
+                wanted = set(ids)
+                while len(results) < len(ids):
                     for out in self.engine.step():
                         # Requests added straight to the engine may finish here too: not ours to return.
                         if out.finished and out.request_id in wanted:
@@ -224,9 +286,9 @@ class LLM:
                     bar.set_postfix_str(f"{self.engine.num_generated_tokens} tokens", refresh=False)
             finally:
                 bar.close()
-                for rid in wanted - results.keys():
+                for rid in set(ids) - results.keys():
                     self.engine.abort(rid)  # after an error: leave no request behind
-        return [_merge_samples([results[rid] for rid in sample_ids]) for sample_ids in ids]
+        return [results[rid] for rid in ids]
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prompt prefix, so that the next prompts are computed from scratch (as vLLM's

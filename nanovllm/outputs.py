@@ -1,8 +1,10 @@
-"""What `LLM.generate` returns (vLLM's shapes)."""
+"""What `LLM.generate` and `LLM.embed` return (vLLM's shapes)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 
 @dataclass(slots=True)  # (a scored prompt makes one per token: slots make them ~25% cheaper to build)
@@ -53,3 +55,53 @@ class RequestOutput:
     # SamplingParams.prompt_logprobs: one entry per prompt token, None for the first (nothing before it)
     prompt_logprobs: list[Logprob | None] | None = None
     metrics: RequestMetrics | None = None
+
+
+@dataclass
+class PoolingOutput:
+    """A pooling request's result: its embedding, float32 (vLLM's PoolingOutput)."""
+
+    data: torch.Tensor  # [dimensions or hidden_size]
+
+
+@dataclass
+class PoolingRequestOutput:
+    """What the engine returns for an embedding request, once its whole prompt is computed (vLLM's)."""
+
+    request_id: str
+    outputs: PoolingOutput
+    prompt_token_ids: list[int]
+    num_cached_tokens: int
+    finished: bool = True
+
+
+@dataclass
+class EmbeddingOutput:
+    """An embedding as a list of floats (vLLM's EmbeddingOutput)."""
+
+    embedding: list[float]
+
+    @property
+    def hidden_size(self) -> int:
+        return len(self.embedding)
+
+
+@dataclass
+class EmbeddingRequestOutput:
+    """What `LLM.embed` returns per prompt (vLLM's EmbeddingRequestOutput)."""
+
+    request_id: str
+    outputs: EmbeddingOutput
+    prompt_token_ids: list[int]
+    num_cached_tokens: int
+    finished: bool = True
+
+    @classmethod
+    def from_base(cls, out: PoolingRequestOutput) -> EmbeddingRequestOutput:
+        return cls(
+            out.request_id,
+            EmbeddingOutput(out.outputs.data.tolist()),
+            out.prompt_token_ids,
+            out.num_cached_tokens,
+            out.finished,
+        )

@@ -255,12 +255,7 @@ class SamplingParams:
     def truncated_prompt(self, token_ids: list[int], max_model_len: int) -> list[int]:
         """The prompt tokens a request runs on: the last truncate_prompt_tokens of them (-1: max_model_len;
         None: all). ValueError if that is more than max_model_len, as in vLLM."""
-        keep = self.truncate_prompt_tokens
-        if keep is None:
-            return token_ids
-        if keep > max_model_len:
-            raise ValueError(f"truncate_prompt_tokens={keep} exceeds max_model_len={max_model_len}")
-        return token_ids[-(max_model_len if keep == -1 else keep) :]
+        return truncate_prompt(token_ids, self.truncate_prompt_tokens, max_model_len)
 
     @property
     def has_penalties(self) -> bool:
@@ -332,6 +327,16 @@ class BeamSearchParams:
 
 def _bad(params: SamplingParams | BeamSearchParams, field: str, valid: str) -> ParamError:
     return ParamError(f"{field} must be {valid}, got {getattr(params, field)!r}", field)
+
+
+def truncate_prompt(token_ids: list[int], keep: int | None, max_model_len: int) -> list[int]:
+    """The last `keep` prompt tokens (-1: max_model_len of them; None: all); ValueError if `keep` is more than
+    max_model_len, as in vLLM."""
+    if keep is None:
+        return token_ids
+    if keep > max_model_len:
+        raise ValueError(f"truncate_prompt_tokens={keep} exceeds max_model_len={max_model_len}")
+    return token_ids[-(max_model_len if keep == -1 else keep) :]
 
 
 def derive_seed(seed: int, index: int) -> int:

@@ -15,6 +15,7 @@ from collections import OrderedDict
 import xxhash
 
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.pooler import reads_every_token
 
 
 def hash_blocks(prev_hash: int | None, token_ids: list[int], block_size: int) -> list[int]:
@@ -80,13 +81,16 @@ class BlockManager:
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
         """Block ids that already hold the K/V of seq's leading full blocks. The block holding the
         last known token is never taken, so that token is always computed and yields logits; nor is a
-        block with prompt positions still to score (prompt_logprobs)."""
+        block with prompt positions still to score (prompt_logprobs), nor any for an embedding that pools
+        every position (MEAN) or the first (CLS)."""
         self._update_hashes(seq, seq.num_tokens)
         if not self.enable_prefix_caching:
             return []
         max_blocks = min((seq.num_tokens - 1) // self.block_size, len(seq.block_hashes))
         if seq.params.prompt_logprobs is not None:  # positions still to score must be computed
             max_blocks = min(max_blocks, seq.num_scored_prompt_tokens // self.block_size)
+        if seq.pooling_type is not None and reads_every_token(seq.pooling_type):
+            max_blocks = 0  # (an embedding pooling every position, or the first: each must be computed)
         # The last lookup's hits still hold if no block has left the cache since (a registered block keeps
         # its hash and tokens until then): only the blocks after them are looked up, for new registrations.
         last = seq.prefix_hits

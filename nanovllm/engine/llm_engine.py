@@ -26,16 +26,28 @@ from nanovllm.engine.request_queue import check_priority
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler
 from nanovllm.engine.sequence import FinishReason, Sequence
 from nanovllm.engine.step_input import LaunchedStep
+from nanovllm.layers.pooler import finish_embedding
 from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
-from nanovllm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from nanovllm.outputs import (
+    CompletionOutput,
+    Logprob,
+    PoolingOutput,
+    PoolingRequestOutput,
+    RequestMetrics,
+    RequestOutput,
+)
+from nanovllm.pooling_params import PoolingParams
 from nanovllm.reasoning import prompt_ends_thinking, think_token_ids
-from nanovllm.sampling_params import SamplingParams
+from nanovllm.sampling_params import ParamError, SamplingParams
 from nanovllm.structured.grammar import StructuredOutputCompiler, can_overlap
 from nanovllm.utils.tokenizer import TokenDecoder, load_tokenizer
 
 logger = logging.getLogger("nanovllm")
 
 Prompt = str | list[int]
+# What an embedding request's Sequence carries as its SamplingParams: it never samples (the scheduler reads
+# only the prompt fields, which are off)
+_POOLING_SEQUENCE_PARAMS = SamplingParams(max_tokens=1)
 
 # Pipeline fill: a step launched on an idle device takes at most this many tokens (the largest prefill CUDA
 # graph, 4,096), so the GPU starts on it while the host schedules and prepares the rest of a large batch,
@@ -59,6 +71,12 @@ class _Request:
     stream: bool  # report every new token (else only the finished output)
     counted: bool = True  # its tokens count in stats() (not a server-side beam search's steps)
     cumulative_logprob: float = 0.0  # of the generated tokens, when logprobs are asked for
+    # An embedding request: its params, and the sum of the hidden-state rows pooled so far (float32
+    # [hidden_size]) over how many rows, since the preemption count pool_epoch (a recompute starts again).
+    pooling: PoolingParams | None = None
+    pool_sum: torch.Tensor | None = None
+    pool_rows: int = 0
+    pool_epoch: int = 0
 
 
 @dataclass
@@ -70,6 +88,9 @@ class _Step:
     starts: list[int]
     sampling: list[Sequence]
     launched: LaunchedStep
+    # each sequence's preemption count at launch, when the batch has embedding requests: rows pooled
+    # before a preemption are dropped (the recompute pools them again)
+    epochs: list[int] | None = None
 
 
 class LLMEngine:
@@ -123,10 +144,67 @@ class LLMEngine:
 
     # ---- requests ---------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: Prompt, params: SamplingParams) -> list[int]:
+    def encode_prompt(self, prompt: Prompt, params: SamplingParams | PoolingParams) -> list[int]:
         """Validate a prompt and return its token ids (the last `params.truncate_prompt_tokens` of them,
         if set); raises ValueError naming the problem. A structured output's constraint is compiled here (and
-        cached), so that a bad one fails before anything is queued."""
+        cached), so that a bad one fails before anything is queued. With PoolingParams: an embedding request's
+        prompt (docs/embeddings.md)."""
+        self._check_runner(params)
+        token_ids = self._prompt_token_ids(prompt)
+        limit = self.config.max_model_len
+        if isinstance(params, PoolingParams):
+            self._check_pooling(params)
+            token_ids = params.truncated_prompt(token_ids, limit)
+            if len(token_ids) > limit:
+                raise ValueError(f"prompt ({len(token_ids)} tokens) exceeds max_model_len={limit}")
+            return token_ids
+        if (error := params.vocab_error(self.vocab_size)) is not None:
+            raise error
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
+        if params.structured_outputs is not None:  # compiled (and cached) now: a bad one fails before queuing
+            if self.tokenizer is None:
+                raise ValueError("structured_outputs needs the model's tokenizer (the tokens' bytes)")
+            self._structured().matcher(params.structured_outputs)
+        token_ids = params.truncated_prompt(token_ids, limit)  # (before the length check, as vLLM)
+        if len(token_ids) + params.max_tokens > limit:
+            raise ValueError(
+                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{len(token_ids) + params.max_tokens} exceeds max_model_len={limit}"
+            )
+        return token_ids
+
+    def _check_runner(self, params: SamplingParams | PoolingParams) -> None:
+        if isinstance(params, PoolingParams):
+            return
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        if self.config.runner_type == "pooling":
+            raise ValueError(
+                "this model runs with runner='pooling' (embeddings only: LLM.embed, /v1/embeddings); start "
+                "it with runner='generate' to generate text"
+            )
+
+    def _check_pooling(self, params: PoolingParams) -> None:
+        """vLLM's checks of an embedding request against the model: `dimensions` only for a Matryoshka model
+        (config.json's is_matryoshka or matryoshka_dimensions), within its hidden size and listed sizes."""
+        if params.dimensions is None:
+            return
+        hf, size = self.config.hf_config, self.config.hf_config.hidden_size
+        listed = getattr(hf, "matryoshka_dimensions", None)
+        if not (getattr(hf, "is_matryoshka", False) or listed is not None):
+            raise ParamError(
+                "this model does not support Matryoshka embeddings (no is_matryoshka or "
+                "matryoshka_dimensions in its config.json): dimensions must be unset",
+                "dimensions",
+            )
+        if not 1 <= params.dimensions <= size:
+            raise ParamError(f"dimensions must be in [1, {size}], got {params.dimensions}", "dimensions")
+        if listed is not None and params.dimensions not in listed:
+            raise ParamError(f"dimensions must be one of {listed}, got {params.dimensions}", "dimensions")
+
+    def _prompt_token_ids(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids, each checked to be in the vocabulary; ValueError naming the problem."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model has no tokenizer: pass the prompt as a list of token ids")
@@ -150,29 +228,12 @@ class LLMEngine:
             raise ValueError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
         if not token_ids:
             raise ValueError("prompt is empty")
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
-        if (error := params.vocab_error(self.vocab_size)) is not None:
-            raise error
-        if params.bad_words and self.tokenizer is None:
-            raise ValueError("bad_words needs the model's tokenizer: pass bad_words_token_ids instead")
-        if params.structured_outputs is not None:  # compiled (and cached) now: a bad one fails before queuing
-            if self.tokenizer is None:
-                raise ValueError("structured_outputs needs the model's tokenizer (the tokens' bytes)")
-            self._structured().matcher(params.structured_outputs)
-        limit = self.config.max_model_len
-        token_ids = params.truncated_prompt(token_ids, limit)  # (before the length check, as vLLM)
-        if len(token_ids) + params.max_tokens > limit:
-            raise ValueError(
-                f"prompt ({len(token_ids)} tokens) + max_tokens ({params.max_tokens}) = "
-                f"{len(token_ids) + params.max_tokens} exceeds max_model_len={limit}"
-            )
         return token_ids
 
     def add_request(
         self,
         prompt: Prompt,
-        params: SamplingParams,
+        params: SamplingParams | PoolingParams,
         request_id: str | None = None,
         incremental: bool = False,
         prompt_token_ids: list[int] | None = None,
@@ -186,7 +247,10 @@ class LLMEngine:
         the server counts the search as the client's request)."""
         self._check_open()
         check_priority(priority, self.config.scheduling_policy)
-        if isinstance(params, SamplingParams) and params.n != 1:
+        self._check_runner(params)
+        if isinstance(params, PoolingParams):
+            return self._add_pooling_request(prompt, params, request_id, prompt_token_ids, priority)
+        if params.n != 1:
             raise ValueError(
                 f"a request runs one sample, got n={params.n}: add one request per sample with "
                 "params.choice(i) (LLM.generate does this)"
@@ -221,6 +285,43 @@ class LLMEngine:
         self.scheduler.add(seq)
         if counted:
             self.num_prompt_tokens += len(token_ids)
+        return request_id
+
+    def _add_pooling_request(
+        self,
+        prompt: Prompt,
+        params: PoolingParams,
+        request_id: str | None,
+        prompt_token_ids: list[int] | None,
+        priority: int,
+    ) -> str:
+        """Queue an embedding request: its prompt runs like any other, samples nothing, and is done (one
+        PoolingRequestOutput) once every prompt token is computed."""
+        token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt, params)
+        request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(
+            token_ids,
+            _POOLING_SEQUENCE_PARAMS,
+            request_id,
+            priority,
+            pooling_type=self.config.pooler.pooling_type,
+        )
+        self.requests[request_id] = _Request(
+            seq,
+            prompt if isinstance(prompt, str) else None,
+            seq.prompt_token_ids,
+            [],
+            None,
+            None,
+            None,
+            RequestMetrics(time.time()),
+            stream=False,
+            pooling=params,
+        )
+        self.scheduler.add(seq)
+        self.num_prompt_tokens += len(token_ids)
         return request_id
 
     def abort(self, request_id: str) -> None:
@@ -277,7 +378,8 @@ class LLMEngine:
                 except Exception:  # it failed too (its requests are failed); report the first error
                     logger.debug("the step in flight failed too", exc_info=True)
             raise
-        step = _Step(batch, starts, self.scheduler.advance(batch), launched)
+        epochs = [seq.num_preemptions for seq in batch.seqs] if batch.pools is not None else None
+        step = _Step(batch, starts, self.scheduler.advance(batch), launched, epochs)
         previous, self._inflight = self._inflight, step
         if previous is not None:
             self._complete(previous)  # the GPU runs `step` meanwhile
@@ -342,6 +444,8 @@ class LLMEngine:
             raise
         if step.launched.prompt_logprobs is not None:
             self._record_prompt_logprobs(step.batch, step.launched.prompt_logprobs)
+        if step.epochs is not None:
+            self._record_pooled(step)
         updated = self.scheduler.resolve(step.sampling, tokens)
         if out is not None and out.logprobs is not None:
             self._record_logprobs(step.sampling, tokens, out)
@@ -406,6 +510,43 @@ class LLMEngine:
                 tokens = seq.token_ids[positions.start + 1 : positions.stop + 1]
                 req.prompt_logprobs.extend(map(Logprob, tokens, chosen[row:end], tops, ranks[row:end]))
             row = end
+
+    def _record_pooled(self, step: _Step) -> None:
+        """Add a step's pooled rows to each embedding request's sum, and finish those whose whole prompt the
+        step completed. Rows from before a preemption are dropped: the recompute pools them again."""
+        pooled, slot = step.launched.pooled, 0
+        for seq, start, n, positions, epoch in zip(
+            step.batch.seqs, step.starts, step.batch.num_new_tokens, step.batch.pools, step.epochs
+        ):
+            if seq.pooling_type is None:
+                continue
+            row, slot = slot, slot + (1 if positions else 0)
+            req = self.requests.get(seq.request_id)
+            if req is None or seq.is_finished or epoch != seq.num_preemptions:
+                continue  # aborted, or preempted since this step was launched
+            if req.pool_epoch != epoch:  # the first rows since a preemption
+                req.pool_sum, req.pool_rows, req.pool_epoch = None, 0, epoch
+            if positions:
+                req.pool_sum = pooled[row].clone() if req.pool_sum is None else req.pool_sum + pooled[row]
+                req.pool_rows += len(positions)
+            if start + n == seq.num_tokens:
+                self.scheduler.finish(seq, FinishReason.STOP)
+                req.metrics.finished_time = time.time()
+                self._outputs.append(self._pooling_output(req))
+                del self.requests[seq.request_id]
+
+    def _pooling_output(self, req: _Request) -> PoolingRequestOutput:
+        pooler, params = self.config.pooler, req.pooling
+        vector = finish_embedding(
+            req.pool_sum,
+            req.pool_rows,
+            pooler.pooling_type,
+            params.dimensions,
+            params.normalizes(pooler.normalize),
+        )
+        return PoolingRequestOutput(
+            req.seq.request_id, PoolingOutput(vector), req.prompt_token_ids, req.seq.num_cached_tokens
+        )
 
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq

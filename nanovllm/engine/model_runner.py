@@ -21,6 +21,7 @@ from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
 from nanovllm.kernels.backend import kernel_backend
 from nanovllm.kernels.paged_attention import MAX_GRID_Y, max_work_items, prefill_tile_tokens
 from nanovllm.layers.attention import Attention, AttentionMetadata
+from nanovllm.layers.pooler import pool_hidden
 from nanovllm.layers.sampler import PromptLogprobs, Sampler, SamplerOutput, score_tokens
 from nanovllm.layers.sampling_batch import (
     SamplingBatch,
@@ -59,14 +60,14 @@ class ModelRunner:
         hf = config.hf_config
         torch.manual_seed(config.seed)
         model_cls = get_model_class(hf)
+        lm_head = config.runner_type == "generate"  # (runner "pooling": embeddings only, no LM head)
         with _default_dtype(config.torch_dtype), torch.device(self.device):
-            self.model = model_cls(hf, config.max_model_len)
+            self.model = model_cls(hf, config.max_model_len, lm_head=lm_head)
         if config.model_path is not None:
             load_weights(self.model, iter_checkpoint(config.model_path))
         else:
-            load_weights(
-                self.model, iter_random_weights(model_cls.checkpoint_shapes(hf), config.seed, self.device)
-            )
+            shapes = model_cls.checkpoint_shapes(hf, lm_head=lm_head)
+            load_weights(self.model, iter_random_weights(shapes, config.seed, self.device))
         self.model.finish_loading()
         self.model.eval()
         self.sampler = Sampler(seed=config.seed)
@@ -109,7 +110,7 @@ class ModelRunner:
                 self.tile_tokens,
                 self.tp_group,
             )
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.model.lm_head is not None:
             self._warm_up_logits()
 
     @torch.inference_mode()
@@ -180,7 +181,7 @@ class ModelRunner:
         torch.cuda.reset_peak_memory_stats(dev)
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         inp = self._profile_input(lens)
-        sample_rows = min(cfg.max_num_seqs, num_tokens)
+        sample_rows = min(cfg.max_num_seqs, num_tokens) if self.model.lm_head is not None else 0
         inp.logits_indices = torch.arange(sample_rows, dtype=torch.int64)
         # The costliest sampling path too: penalties, top-k/top-p, logprobs over the full vocabulary.
         worst = SamplingParams(
@@ -274,11 +275,11 @@ class ModelRunner:
         inp = self.prepare(batch)
         requests = self.sampling_requests(batch)
         inp.plain_argmax = self.tp_size > 1 and takes_plain_argmax(requests)
-        out, prompt = self.execute(inp, requests)
+        out, prompt, pooled = self.execute(inp, requests)
         self.inputs.record()  # the copies from this input set are queued
         self.keep_sampled(out.token_ids if out is not None else None, inp.logits_indices.numel())
-        if self.device.type != "cuda" or (out is None and prompt is None):
-            return LaunchedStep(out.token_ids if out is not None else None, None, out, prompt)
+        if self.device.type != "cuda" or (out is None and prompt is None and pooled is None):
+            return LaunchedStep(out.token_ids if out is not None else None, None, out, prompt, pooled)
         self._out_turn ^= 1  # two in turn: the engine waits for a step before the next-but-one launch
         host = None
         if out is not None:
@@ -289,9 +290,11 @@ class ModelRunner:
             out = SamplerOutput(host, *(x if x is None else x.to("cpu", non_blocking=True) for x in extra))
         if prompt is not None:
             prompt = prompt.to_host()
+        if pooled is not None:
+            pooled = pooled.to("cpu", non_blocking=True)
         event = self._out_events[self._out_turn]
         event.record()
-        return LaunchedStep(host, event, out, prompt)
+        return LaunchedStep(host, event, out, prompt, pooled)
 
     def keep_sampled(self, token_ids: torch.Tensor | None, num_sampled: int) -> None:
         """Keep a step's sampled ids on the device: the next step's pending input rows read them
@@ -326,9 +329,10 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(
         self, inp: ModelInput, requests: list[SamplingRequest]
-    ) -> tuple[SamplerOutput | None, PromptLogprobs | None]:
-        """The step's forward, sampling (rank 0; None when it samples nothing) and prompt_logprobs
-        (rank 0; None when it scores nothing)."""
+    ) -> tuple[SamplerOutput | None, PromptLogprobs | None, torch.Tensor | None]:
+        """The step's forward, sampling (rank 0; None when it samples nothing), prompt_logprobs (rank 0;
+        None when it scores nothing) and the embeddings' pooled sums ([num_pool_slots, hidden_size] float32;
+        rank 0; None when no embedding request has rows in the step)."""
         dev = self.device
         to = lambda x: x.to(dev, non_blocking=True)  # noqa: E731
         with kernel_backend(self.config.kernel_backend):
@@ -357,21 +361,24 @@ class ModelRunner:
                     hidden = self.model(input_ids, positions, meta)
             if inp.score_rows is not None:
                 prompt = self._score_prompt(hidden, inp)
+            pooled = None
+            if inp.pool_rows is not None and self.rank == 0:  # (the hidden states are whole on every rank)
+                pooled = pool_hidden(hidden, to(inp.pool_rows), to(inp.pool_slots), inp.num_pool_slots)
             if inp.logits_indices.numel() == 0:  # prefill chunks only: nothing to sample yet
-                return None, prompt
+                return None, prompt, pooled
             if logits is None and inp.plain_argmax:  # (tensor parallel) a collective, as the gather is
                 token_ids = self.model.lm_head.greedy(hidden[to(inp.logits_indices)])
-                return (SamplerOutput(token_ids) if token_ids is not None else None), prompt
+                return (SamplerOutput(token_ids) if token_ids is not None else None), prompt, pooled
             if logits is None:
                 # Every rank computes its vocabulary shard's logits: the LM head's gather is collective.
                 # Only rank 0 gets the logits back, and only rank 0 has sampling requests.
                 logits = self.model.compute_logits(hidden[to(inp.logits_indices)])
         if logits is None or not requests:  # a tensor-parallel rank other than 0
-            return None, prompt
+            return None, prompt, pooled
         # (the previous step's sampled ids: keep_sampled replaces them behind this step's sampler)
         prev = self._prev_tokens[: self._num_prev_tokens]  # [num_prev]
         batch = SamplingBatch.build(requests, logits.shape[-1], dev, self.sampling_staging, prev)
-        return self.sampler(logits, batch), prompt
+        return self.sampler(logits, batch), prompt, pooled
 
     def _score_prompt(self, hidden: torch.Tensor, inp: ModelInput) -> PromptLogprobs | None:
         """prompt_logprobs: raw logprobs of each scored row's next prompt token, and the top alternatives.

@@ -20,6 +20,7 @@ from nanovllm.config import Config
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.request_queue import WaitingQueue, priority_key
 from nanovllm.engine.sequence import PENDING_TOKEN, FinishReason, Sequence, SequenceStatus
+from nanovllm.layers.pooler import pooled_positions
 
 if TYPE_CHECKING:
     from nanovllm.structured.grammar import GrammarMatcher
@@ -34,21 +35,33 @@ class ScheduledBatch:
     seqs: list[Sequence]
     num_new_tokens: list[int]
     num_preempted: int = 0
-    # samples[i]: seqs[i] reaches its last token this step, so the step samples its next one. Fixed
-    # when the batch is made (the counts move on once it is launched).
+    # samples[i]: seqs[i] reaches its last token this step, so the step samples its next one (an embedding
+    # request never samples). Fixed when the batch is made (the counts move on once it is launched).
     samples: list[bool] = field(init=False)
     # scores[i]: the positions of seqs[i] whose logits score its prompt's next token (prompt_logprobs),
     # empty for most; None when no sequence of the batch scores any.
     scores: list[range] | None = field(init=False)
+    # pools[i]: the positions of seqs[i] whose hidden states its embedding pools (layers/pooler.py), empty
+    # for most; None when the batch has no embedding request.
+    pools: list[range] | None = field(init=False)
 
     def __post_init__(self) -> None:
         self.samples = [
-            s.num_computed_tokens + n == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens)
+            s.num_computed_tokens + n == s.num_tokens and s.pooling_type is None
+            for s, n in zip(self.seqs, self.num_new_tokens)
         ]
         self.scores = None
         if any(s.params.prompt_logprobs is not None for s in self.seqs):  # (rare: a cheap test first)
             scores = [s.prompt_rows_to_score(n) for s, n in zip(self.seqs, self.num_new_tokens)]
             self.scores = scores if any(scores) else None
+        self.pools = None
+        if any(s.pooling_type is not None for s in self.seqs):
+            self.pools = [
+                range(0)
+                if s.pooling_type is None
+                else pooled_positions(s.pooling_type, s.num_computed_tokens, n, s.num_tokens)
+                for s, n in zip(self.seqs, self.num_new_tokens)
+            ]
 
     @property
     def num_tokens(self) -> int:
@@ -95,6 +108,9 @@ class Scheduler:
             seq = self.running[i]
             if seq.num_pending_tokens and self._reached_length_limit(seq):
                 i += 1  # its pending token is its last: it finishes when that token comes back
+                continue
+            if seq.num_computed_tokens == seq.num_tokens:
+                i += 1  # an embedding request whose last chunk is in flight: done when it comes back
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             while not bm.can_append(seq, seq.num_computed_tokens + n):

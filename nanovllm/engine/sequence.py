@@ -42,6 +42,7 @@ class Sequence:
         request_id: str | None = None,
         priority: int = 0,
         matcher: GrammarMatcher | None = None,
+        pooling_type: str | None = None,
     ):
         self.seq_id = next(_seq_ids)  # also the arrival order
         self.request_id = request_id if request_id is not None else str(self.seq_id)
@@ -50,6 +51,9 @@ class Sequence:
         self.reads_output = params.reads_output  # multi-token bad words: no overlapped steps
         # structured outputs: where the output is in its constraint (advanced by Scheduler.resolve)
         self.matcher = matcher
+        # An embedding request's pooling type (layers/pooler.py; None: it generates): it samples nothing, and
+        # is done once its prompt is computed (LLMEngine reads the pooled hidden states back).
+        self.pooling_type = pooling_type
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache (or scheduled to be this step)

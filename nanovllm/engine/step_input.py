@@ -46,6 +46,11 @@ class ModelInput:
     score_rows: torch.Tensor | None = None  # [num_scored] int64: rows of the hidden states
     score_tokens: torch.Tensor | None = None  # [num_scored] int64: the prompt token each row scores
     num_score_top: int = 0  # alternatives to return per scored row (the batch's largest prompt_logprobs)
+    # Embeddings: the hidden-state rows each embedding request pools this step, and which of the step's
+    # num_pool_slots requests (in batch order, those with rows) each row adds to (layers/pooler.py).
+    pool_rows: torch.Tensor | None = None  # [num_pooled] int64
+    pool_slots: torch.Tensor | None = None  # [num_pooled] int64
+    num_pool_slots: int = 0
 
     @property
     def is_decode(self) -> bool:
@@ -65,6 +70,9 @@ class LaunchedStep:
     event: torch.cuda.Event | None  # recorded after the copies back; None: already complete (CPU)
     output: SamplerOutput | None
     prompt_logprobs: PromptLogprobs | None  # the batch's `scores` rows, in order
+    # [num_pool_slots, hidden_size] float32 on the host (pinned: filled behind the step): the sums of the
+    # rows the batch's embedding requests pool (`pools`), one row per request with rows, in batch order
+    pooled: torch.Tensor | None
 
     def wait(self) -> tuple[list[int], SamplerOutput | None]:
         if self.event is not None:
@@ -119,6 +127,8 @@ class HostInputs:
                 "work_tile": (max_items, torch.int32),
                 "score_rows": (max_tokens, torch.int64),
                 "score_tokens": (max_tokens, torch.int64),
+                "pool_rows": (max_tokens, torch.int64),
+                "pool_slots": (max_tokens, torch.int64),
             }
             for _ in range(2):
                 tensors = {k: torch.zeros(n, dtype=dt, pin_memory=pin) for k, (n, dt) in shapes.items()}
@@ -202,6 +212,19 @@ class HostInputs:
                     num_score_top = max(num_score_top, seq.params.prompt_logprobs)
                     k += len(rows)
             score_rows, score_tokens = t["score_rows"][:k], t["score_tokens"][:k]
+        pool_rows = pool_slots = None
+        num_pool_slots = 0
+        if batch.pools is not None:
+            k = 0
+            for i, (seq, positions) in enumerate(zip(seqs, batch.pools)):
+                if positions:
+                    first = cu_seqlens[i] + positions.start - seq.num_computed_tokens
+                    h["pool_rows"][k : k + len(positions)] = np.arange(first, first + len(positions))
+                    h["pool_slots"][k : k + len(positions)] = num_pool_slots
+                    num_pool_slots += 1
+                    k += len(positions)
+            if k:
+                pool_rows, pool_slots = t["pool_rows"][:k], t["pool_slots"][:k]
         return ModelInput(
             input_ids=t["input_ids"][:num_tokens],
             positions=t["positions"][:num_tokens],
@@ -219,6 +242,9 @@ class HostInputs:
             score_rows=score_rows,
             score_tokens=score_tokens,
             num_score_top=num_score_top,
+            pool_rows=pool_rows,
+            pool_slots=pool_slots,
+            num_pool_slots=num_pool_slots,
         )
 
     def stage(self, inp: ModelInput) -> ModelInput:

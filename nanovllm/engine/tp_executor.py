@@ -176,7 +176,7 @@ class _Rank0Runner(ModelRunner):
 
     def execute(
         self, inp: ModelInput, requests: list[SamplingRequest]
-    ) -> tuple[SamplerOutput | None, PromptLogprobs | None]:
+    ) -> tuple[SamplerOutput | None, PromptLogprobs | None, torch.Tensor | None]:
         if self.send is not None:
             self.send(inp)
         return super().execute(inp, requests)
@@ -291,7 +291,12 @@ class TensorParallelExecutor:
                 raise
             self._fail_group(e)
         return _CheckedStep(
-            launched.token_ids, launched.event, launched.output, launched.prompt_logprobs, self
+            launched.token_ids,
+            launched.event,
+            launched.output,
+            launched.prompt_logprobs,
+            launched.pooled,
+            self,
         )
 
     def _fail_group(self, e: BaseException) -> NoReturn:

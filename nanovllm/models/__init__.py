@@ -15,6 +15,11 @@ MODEL_REGISTRY: dict[str, type[DecoderForCausalLM]] = {
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": MistralForCausalLM,
+    # The bare decoders (no LM head), as embedding checkpoints name them: runner "pooling" (config.py)
+    "Qwen3Model": Qwen3ForCausalLM,
+    "Qwen2Model": Qwen2ForCausalLM,
+    "LlamaModel": LlamaForCausalLM,
+    "MistralModel": MistralForCausalLM,
 }
 
 

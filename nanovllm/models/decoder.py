@@ -247,13 +247,14 @@ class DecoderForCausalLM(nn.Module):
             )
         check_sliding_window(config, max_model_len, every_layer=False)
 
-    def __init__(self, config: PretrainedConfig, max_position: int):
+    def __init__(self, config: PretrainedConfig, max_position: int, lm_head: bool = True):
+        """lm_head False (runner "pooling": embeddings only): no LM head; a checkpoint's is skipped."""
         super().__init__()
         self.config = config
         self.model = DecoderModel(config, self.options(config), max_position)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size) if lm_head else None
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
-        if self.tie_word_embeddings:
+        if self.tie_word_embeddings and lm_head:
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def forward(
@@ -270,7 +271,7 @@ class DecoderForCausalLM(nn.Module):
         return self.lm_head(hidden, out)  # [num_seqs, vocab_size] (None on ranks other than 0)
 
     @classmethod
-    def checkpoint_shapes(cls, config: PretrainedConfig) -> dict[str, tuple[int, ...]]:
+    def checkpoint_shapes(cls, config: PretrainedConfig, lm_head: bool = True) -> dict[str, tuple[int, ...]]:
         """Names and shapes of the tensors of a Hugging Face checkpoint of this architecture
         (used to generate random weights for presets through the normal loading path)."""
         opts, hd = cls.options(config), head_dim_of(config)
@@ -281,7 +282,7 @@ class DecoderForCausalLM(nn.Module):
             num_kv_heads_of(config),
         )
         shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
-        if not getattr(config, "tie_word_embeddings", False):
+        if lm_head and not getattr(config, "tie_word_embeddings", False):
             shapes["lm_head.weight"] = (config.vocab_size, h)
         for i in range(config.num_hidden_layers):
             p = f"model.layers.{i}."

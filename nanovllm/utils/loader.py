@@ -75,11 +75,16 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, object]]) -> Non
 def _load(model: nn.Module, params: dict[str, nn.Parameter], weights: Iterator[tuple[str, object]]) -> None:
     packed = getattr(model, "packed_modules_mapping", {})
     loaded_names = set()  # checkpoint names, so that each part of a packed parameter is accounted for
+    has_lm_head = getattr(model, "lm_head", None) is not None
     for name, tensor in weights:
         if name.endswith(_ROTARY_BUFFERS):
             continue
-        if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
-            continue  # tied: the embedding is the head
+        if not name.startswith(("model.", "lm_head.")):
+            name = (
+                "model." + name
+            )  # a bare decoder's checkpoint (Qwen3-Embedding's: layers.0..., norm.weight)
+        if name == "lm_head.weight" and (getattr(model, "tie_word_embeddings", False) or not has_lm_head):
+            continue  # tied: the embedding is the head; or no head (runner "pooling")
         for key, (packed_name, shard_id) in packed.items():
             if f".{key}." in name:
                 param_name = name.replace(f".{key}.", f".{packed_name}.")

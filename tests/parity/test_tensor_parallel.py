@@ -21,7 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, PoolingParams, SamplingParams
 from nanovllm.config import Config
 from nanovllm.engine.step_input import HostInputs, LaunchedStep, ModelInput
 from nanovllm.engine.tp_worker import decode_message, encode_message
@@ -253,6 +253,26 @@ def test_tp2_prompt_logprobs_and_token_settings_equal_tp1(ckpts, engines, prompt
             assert b.logprob == pytest.approx(a.logprob, abs=1e-4)
 
 
+def test_tp2_embeddings_equal_transformers_beside_generation(ckpts, engines, expected, prompts):
+    """Embeddings pool rank 0's hidden states (whole on every rank): in chunks, in steps that also sample."""
+    import transformers
+
+    base = transformers.AutoModel.from_pretrained(ckpts["qwen3"], dtype=torch.float32).eval()
+    engine = engines["qwen3"].engine
+    gen = {engine.add_request(p, GREEDY): i for i, p in enumerate(prompts[:3])}
+    emb = {engine.add_request(p, PoolingParams()): p for p in prompts[3:]}
+    done = {}
+    while engine.has_unfinished():
+        done.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert [done[rid].outputs[0].token_ids for rid in gen] == expected["qwen3"][:3]
+    for rid, p in emb.items():
+        with torch.no_grad():
+            last = base(torch.tensor([p])).last_hidden_state[0, -1]
+        torch.testing.assert_close(
+            done[rid].outputs.data, torch.nn.functional.normalize(last, dim=-1), atol=2e-5, rtol=1e-4
+        )
+
+
 # ---- processes ------------------------------------------------------------------------------
 
 
@@ -388,7 +408,7 @@ def end_script_without_shutdown(model: str, timeout_s: float, **llm_kwargs) -> t
     script = textwrap.dedent(
         f"""
         import time
-        from nanovllm import LLM, SamplingParams
+        from nanovllm import LLM, PoolingParams, SamplingParams
         if __name__ == "__main__":
             llm = LLM({model!r}, tensor_parallel_size=2, **{llm_kwargs!r})
             llm.generate([[5, 6, 7]] * 3, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
