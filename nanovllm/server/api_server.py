@@ -64,7 +64,7 @@ class OpenAIServer:
         tool_call_parser: str | None = None,
         enable_auto_tool_choice: bool = True,
     ):
-        """tool_call_parser: how replies to tool_choice "auto" are searched for calls (tool_parsers.py), and
+        """tool_call_parser: how replies to tool_choice "auto" are searched for calls (tool_parsers/), and
         the kind of call ids; "auto" is refused without it or without enable_auto_tool_choice."""
         self.config = config
         self.tool_call_parser = tool_call_parser

@@ -7,7 +7,7 @@ The tools always go to the chat template, which shows them to the model. What `t
               ("stop"), as OpenAI's and vLLM's.
   "required"  the output is constrained to a JSON array of {"name": ..., "parameters": ...}, one of the tools
               each, at least one (at most one without parallel_tool_calls); finish_reason "tool_calls".
-  "auto"      (the default when tools are given) the model decides; a tool parser (tool_parsers.py, chosen
+  "auto"      (the default when tools are given) the model decides; a tool parser (tool_parsers/, chosen
               by `serve --enable-auto-tool-choice --tool-call-parser NAME`) finds the calls in its output;
               finish_reason "tool_calls" when it found any. Without the flags, "auto" is a 400, as vLLM's.
 A reply with tool calls has `content` null unless the model wrote text before them (OpenAI's shape; vLLM

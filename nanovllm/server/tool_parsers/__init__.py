@@ -1,0 +1,65 @@
+"""A model's generated text -> OpenAI tool calls, for a finished output and for a stream.
+
+The server picks a parser by name (`--tool-call-parser hermes`, as vLLM's) and makes one per generated
+choice: `extract` reads a finished output, `feed`/`flush` read a stream and hold the state between its
+pieces. Each parser is written twice on purpose: `extract` reads the whole text with the standard JSON
+decoder, the stream reads it a piece at a time with json_stream's readers (qwen3_coder's XML: xml_calls.py,
+regular expressions whole and a reader that keeps its place streamed; pythonic's lists of calls: Python's
+own `ast`, whole, and held until the stream ends), and the tests check that every way
+of cutting a text into pieces gives what `extract` gives. The stream sends content at once unless it may
+be the start of a tool-call marker, and sends each call whole (name and full arguments) as soon as it is
+complete; OpenAI clients join argument deltas, so one delta holding them all is valid.
+
+One rule for a malformed call, the same whole and streamed: calls are read in order, and reading stops at the
+first one that is not well formed (its JSON does not parse, it has no non-empty string "name", its arguments
+are not an object, its XML is not the format's, or what follows it is not what the format expects). That call
+and everything after it are dropped. If no call was read, the whole output is content, as if no parser ran.
+vLLM's finished-output parsers make everything content when any call is malformed; we keep the calls before
+it, so that a call can be sent the moment it closes and never has to be taken back (vLLM's own streaming
+cannot take a sent call back either). So from the marker (for llama3_json, from the first `{`) until the first
+call is decided, a stream holds everything back: it may yet turn out to be content. pythonic is the exception:
+its output is calls only when all of it is a list of calls, as in vLLM (a Python list is read whole).
+
+The parser classes live in a module per format family: base.py (what they share), tagged.py (hermes,
+qwen3_coder), json_calls.py (llama3_json, mistral), pythonic.py, required.py (tool_choice "required").
+"""
+
+from __future__ import annotations
+
+from nanovllm.server.tool_parsers.base import ToolCall, ToolParser
+from nanovllm.server.tool_parsers.json_calls import Llama3JsonToolParser, MistralToolParser
+from nanovllm.server.tool_parsers.pythonic import PythonicToolParser
+from nanovllm.server.tool_parsers.required import RequiredCallsParser
+from nanovllm.server.tool_parsers.tagged import HermesToolParser, Qwen3CoderToolParser
+
+TOOL_PARSERS: dict[str, type[ToolParser]] = {
+    parser.name: parser
+    for parser in (
+        HermesToolParser,
+        Llama3JsonToolParser,
+        MistralToolParser,
+        PythonicToolParser,
+        Qwen3CoderToolParser,
+    )
+}
+
+
+def tool_parser(name: str, tools: list[dict] | None = None) -> ToolParser:
+    """A fresh parser (one per generated choice) by its --tool-call-parser name; tools: the request's."""
+    if name not in TOOL_PARSERS:
+        raise ValueError(f"unknown tool call parser {name!r}; known parsers: {', '.join(TOOL_PARSERS)}")
+    return TOOL_PARSERS[name](tools)
+
+
+__all__ = [
+    "TOOL_PARSERS",
+    "HermesToolParser",
+    "Llama3JsonToolParser",
+    "MistralToolParser",
+    "PythonicToolParser",
+    "Qwen3CoderToolParser",
+    "RequiredCallsParser",
+    "ToolCall",
+    "ToolParser",
+    "tool_parser",
+]
