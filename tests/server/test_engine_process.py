@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.test_server import serving
+from tests.server.helpers import serving
 
 MODEL = "qwen3-tiny"  # a preset: random weights; prompts are token ids
 SERVE_ARGS = ["--max-model-len", "1024", "--num-kvcache-blocks", "256", "--kernel-backend", "torch"]
@@ -64,7 +64,7 @@ def launch(tmp_path):
 
     def start(*extra: str):
         with pytest.MonkeyPatch.context() as m:
-            m.setenv("OMP_NUM_THREADS", "1")  # a small shared CPU: see test_server.py
+            m.setenv("OMP_NUM_THREADS", "1")  # a small shared CPU: see helpers._serve
             proc, url = serving.launch_server(MODEL, SERVE_ARGS + list(extra), tmp_path / "server.log", 180)
         procs.append(proc)
         return proc, url

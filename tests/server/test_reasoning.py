@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from nanovllm.reasoning import REASONING_PARSERS, prompt_ends_thinking, think_tags
 from nanovllm.server.reasoning import ReasoningSplitter
 from tests.checkpoints import END_THINK, load_hf_model
-from tests.server.test_server import MODEL, _serve
+from tests.server.helpers import MODEL, _serve
 from tests.test_reasoning_structured_outputs import _bias_for_end_at
 
 TAGS = REASONING_PARSERS["qwen3"]

@@ -1,5 +1,5 @@
-"""vLLM's `return_token_ids` and `return_tokens_as_token_ids` on the real server (test_server.py's tiny
-checkpoint and launcher), through the official openai client: the ids decode to the text (and a final EOS
+"""vLLM's `return_token_ids` and `return_tokens_as_token_ids` on the real server (conftest.py's tiny
+checkpoint and server), through the official openai client: the ids decode to the text (and a final EOS
 to its own text), the prompt's ids are the tokenizer's, each streamed token's id comes exactly once, and
 logprobs name their tokens "token_id:{id}"; parsing alone first."""
 
@@ -11,7 +11,7 @@ import openai
 import pytest
 
 from nanovllm.server.protocol import RequestError, parse_chat_request, parse_completion_request
-from tests.server.test_server import EOS, MODEL, _error, ckpt, client, server, tokenizer  # noqa: F401
+from tests.server.helpers import EOS, MODEL, _error
 
 IDS = {"return_token_ids": True}
 AS_IDS = {"return_tokens_as_token_ids": True}
@@ -23,25 +23,25 @@ ENDS_ON_EOS = {"max_tokens": 8, "logit_bias": {str(EOS): 100}, "extra": IDS | {"
 TOKEN_ID = re.compile(r"token_id:(\d+)")
 
 
-def _complete(client, prompt=PROMPT, extra=IDS, **kw):  # noqa: F811
+def _complete(client, prompt=PROMPT, extra=IDS, **kw):
     kw.setdefault("max_tokens", 6)
     kw.setdefault("temperature", 0)
     return client.completions.create(model=MODEL, prompt=prompt, extra_body=extra, **kw)
 
 
-def _chat(client, extra=IDS, **kw):  # noqa: F811
+def _chat(client, extra=IDS, **kw):
     kw.setdefault("max_tokens", 6)
     kw.setdefault("temperature", 0)
     return client.chat.completions.create(model=MODEL, messages=MESSAGES, extra_body=extra, **kw)
 
 
-def _text(tokenizer, ids: list[int]) -> str:  # noqa: F811
+def _text(tokenizer, ids: list[int]) -> str:
     """The text of generated ids: special tokens skipped, and a character cut short at the end (its bytes
     incomplete when the choice stopped) not shown, as the engine's detokenizer does."""
     return tokenizer.decode(ids, skip_special_tokens=True).removesuffix("\ufffd")
 
 
-def _rendered(tokenizer) -> list[int]:  # noqa: F811
+def _rendered(tokenizer) -> list[int]:
     """The chat endpoint's prompt: the template's text, encoded without added special tokens."""
     text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     return tokenizer.encode(text, add_special_tokens=False)
@@ -80,7 +80,7 @@ def test_fields_are_booleans_off_by_default(parse, body):
 # ---- completions --------------------------------------------------------------------------------------
 
 
-def test_completion_ids_decode_to_the_text(client, tokenizer):  # noqa: F811
+def test_completion_ids_decode_to_the_text(client, tokenizer):
     out = _complete(client, **SAMPLED)
     assert out.choices[0].text != out.choices[1].text  # (each choice its own ids)
     for choice in out.choices:
@@ -92,7 +92,7 @@ def test_completion_ids_decode_to_the_text(client, tokenizer):  # noqa: F811
     assert not {"token_ids", "prompt_token_ids"} & {k for c in plain.choices for k in c.model_extra}
 
 
-def test_a_final_eos_is_in_the_ids_not_the_text(client, tokenizer):  # noqa: F811
+def test_a_final_eos_is_in_the_ids_not_the_text(client, tokenizer):
     (choice,) = _complete(client, **ENDS_ON_EOS).choices
     ids = choice.model_extra["token_ids"]
     assert choice.finish_reason == "stop" and len(ids) == 4 and ids[-1] == EOS
@@ -100,7 +100,7 @@ def test_a_final_eos_is_in_the_ids_not_the_text(client, tokenizer):  # noqa: F81
     assert tokenizer.decode(ids) == choice.text + tokenizer.decode([EOS])
 
 
-def test_completion_stream_sends_each_id_once(client, tokenizer):  # noqa: F811
+def test_completion_stream_sends_each_id_once(client, tokenizer):
     full = _complete(client, **SAMPLED)
     chunks = list(_complete(client, stream=True, **SAMPLED))
     ids, _ = _streamed(chunks)
@@ -114,7 +114,7 @@ def test_completion_stream_sends_each_id_once(client, tokenizer):  # noqa: F811
     assert firsts == {0: tokenizer.encode(PROMPT), 1: tokenizer.encode(PROMPT)}
 
 
-def test_echo_ids_are_the_generated_ones(client, tokenizer):  # noqa: F811
+def test_echo_ids_are_the_generated_ones(client, tokenizer):
     (choice,) = _complete(client, echo=True).choices
     assert choice.text.startswith(PROMPT)
     assert _text(tokenizer, choice.model_extra["token_ids"]) == choice.text[len(PROMPT) :]
@@ -127,13 +127,13 @@ def test_echo_ids_are_the_generated_ones(client, tokenizer):  # noqa: F811
     assert chunk.choices[0].model_extra["prompt_token_ids"] == tokenizer.encode(PROMPT)
 
 
-def test_truncated_prompt_shows_the_ids_kept(client, tokenizer):  # noqa: F811
+def test_truncated_prompt_shows_the_ids_kept(client, tokenizer):
     ids = tokenizer.encode("one two three four five six seven")
     (choice,) = _complete(client, prompt=ids, extra=IDS | {"truncate_prompt_tokens": 3}).choices
     assert choice.model_extra["prompt_token_ids"] == ids[-3:]
 
 
-def test_beam_search_choices_carry_their_ids(client, tokenizer):  # noqa: F811
+def test_beam_search_choices_carry_their_ids(client, tokenizer):
     beams = IDS | {"use_beam_search": True}
     out = _complete(client, n=2, max_tokens=4, extra=beams)
     for choice in out.choices:  # (a beam's text shows special tokens)
@@ -149,7 +149,7 @@ def test_beam_search_choices_carry_their_ids(client, tokenizer):  # noqa: F811
 # ---- chat -----------------------------------------------------------------------------------------------
 
 
-def test_chat_ids(client, tokenizer):  # noqa: F811
+def test_chat_ids(client, tokenizer):
     out = _chat(client, **SAMPLED)
     assert out.model_extra["prompt_token_ids"] == _rendered(tokenizer)
     for choice in out.choices:
@@ -161,7 +161,7 @@ def test_chat_ids(client, tokenizer):  # noqa: F811
     assert "prompt_token_ids" not in _chat(client, extra=None).model_extra
 
 
-def test_chat_stream_prompt_ids_come_first_and_once(client, tokenizer):  # noqa: F811
+def test_chat_stream_prompt_ids_come_first_and_once(client, tokenizer):
     full = _chat(client, **SAMPLED)
     chunks = list(_chat(client, stream=True, **SAMPLED))
     ids, prompts = _streamed(chunks)
@@ -169,7 +169,7 @@ def test_chat_stream_prompt_ids_come_first_and_once(client, tokenizer):  # noqa:
     assert ids == {c.index: c.model_extra["token_ids"] for c in full.choices}
 
 
-def test_tool_calls_held_back_still_send_every_id(client):  # noqa: F811
+def test_tool_calls_held_back_still_send_every_id(client):
     """tool_choice "required" holds a call's text back until the call is whole: the chunks in between
     still carry their tokens' ids."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
@@ -194,7 +194,7 @@ def _id(token: str) -> int:
     return int(match[1])
 
 
-def test_completion_logprobs_show_token_ids(client, tokenizer):  # noqa: F811
+def test_completion_logprobs_show_token_ids(client, tokenizer):
     (choice,) = _complete(client, logprobs=2, echo=True, extra=IDS | AS_IDS).choices
     lp = choice.logprobs
     prompt, generated = choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
@@ -210,7 +210,7 @@ def test_completion_logprobs_show_token_ids(client, tokenizer):  # noqa: F811
     assert plain == [tokenizer.decode([i]) for i in choice.model_extra["token_ids"]]
 
 
-def test_chat_logprobs_show_token_ids(client):  # noqa: F811
+def test_chat_logprobs_show_token_ids(client):
     (choice,) = _chat(client, logprobs=True, top_logprobs=2, extra=IDS | AS_IDS).choices
     content = choice.logprobs.content
     assert [_id(t.token) for t in content] == choice.model_extra["token_ids"]
@@ -223,7 +223,7 @@ def test_chat_logprobs_show_token_ids(client):  # noqa: F811
     assert streamed == _streamed(chunks)[0][0]
 
 
-def test_non_booleans_are_400s(client):  # noqa: F811
+def test_non_booleans_are_400s(client):
     for field in ("return_token_ids", "return_tokens_as_token_ids"):
         with pytest.raises(openai.BadRequestError) as e:
             _complete(client, extra={field: 1})

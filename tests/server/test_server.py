@@ -1,88 +1,35 @@
 """The real server (`python -m nanovllm serve`, a subprocess on a free port) driven by the official
-`openai` client, on a tiny random checkpoint with a trained tokenizer and chat template."""
+`openai` client, on a tiny random checkpoint with a trained tokenizer and chat template (the fixtures:
+conftest.py; the launcher and the readers of errors and metrics: helpers.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from tests.checkpoints import build_checkpoint, hf_greedy, load_hf_model
-from tests.scripts import load_script
+from tests.checkpoints import hf_greedy, load_hf_model
+from tests.server.helpers import (
+    EOS,
+    MAX_MODEL_LEN,
+    MAX_NEW_TOKENS,
+    MODEL,
+    _error,
+    _metric,
+    _metrics,
+    _one_torch_thread,
+    _serve,
+    _wait_until_idle,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
-MODEL = "tiny"
-MAX_MODEL_LEN = 256
-EOS = 2
-
-serving = load_script("benchmarks/serving.py", "serving_benchmark")
-
-
-MAX_NEW_TOKENS = 32  # the checkpoint's generation_config.json: a chat request's default max_tokens
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    path = build_checkpoint(tmp_path_factory.mktemp("server-ckpt"), "qwen3")
-    generation = json.loads((path / "generation_config.json").read_text())
-    (path / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": MAX_NEW_TOKENS}))
-    return path
-
-
-@pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):
-    """The base URL of a server started once for the module (the benchmark's own launcher)."""
-    yield from _serve(ckpt, tmp_path_factory)
-
-
-def _serve(ckpt, tmp_path_factory, *extra_args: str):
-    """Start a server with these extra flags (they win over the defaults); yields its base URL, then stops
-    it."""
-    serve_args = [
-        "--served-model-name",
-        MODEL,
-        "--max-model-len",
-        str(MAX_MODEL_LEN),
-        "--num-kvcache-blocks",
-        "512",
-        "--kernel-backend",
-        "torch",
-        *extra_args,
-    ]
-    log = tmp_path_factory.mktemp("server-log") / "server.log"
-    # One torch thread: on a small shared CPU, intra-op threads fight the server's own threads (10x slower).
-    old = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
-        proc, url = serving.launch_server(str(ckpt), serve_args, log, timeout_s=120)
-    finally:
-        os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.__setitem__("OMP_NUM_THREADS", old)
-    yield url
-    serving.stop_server(proc)
-    # uvicorn re-raises the SIGTERM it handled, so the exit code is -15 after a clean shutdown
-    assert "Application shutdown complete" in log.read_text(), log.read_text()[-3000:]
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(ckpt):
-    return AutoTokenizer.from_pretrained(str(ckpt))
 
 
 def _complete(client, prompt="The capital of France is", **kw):
@@ -99,25 +46,6 @@ def _chat(client, content="Tell me a story.", **kw):
 
 def _tokens(client, prompt, **kw) -> list[str]:
     return _complete(client, prompt, logprobs=0, **kw).choices[0].logprobs.tokens
-
-
-def _metrics(server) -> dict[str, float]:
-    """Parse the Prometheus text: {'name{labels}': value}; every sample line must be well formed."""
-    text = httpx.get(server + "/metrics").text
-    samples = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.fullmatch(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_]+="[^"]*",?)*\})? (\S+)', line)
-        assert m, f"bad metrics line: {line!r}"
-        samples[m[1] + (m[2] or "")] = float(m[3])
-    return samples
-
-
-def _metric(samples: dict[str, float], name: str, label: str = "") -> float:
-    hits = [v for k, v in samples.items() if k.split("{")[0] == "nanovllm:" + name and label in k]
-    assert len(hits) == 1, (name, label, hits)
-    return hits[0]
 
 
 # ---- basics ----------------------------------------------------------------------------------------
@@ -476,33 +404,6 @@ def test_chat_logprobs(client):
 # ---- vLLM's extra sampling fields -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def hf(ckpt):
-    return load_hf_model(ckpt)
-
-
-@contextlib.contextmanager
-def _one_torch_thread():
-    """transformers in this process: one thread is much faster on a small, shared CPU."""
-    num = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(num)
-
-
-@pytest.fixture(scope="module")
-def eos_prompt(hf) -> list[int]:
-    """A one-token prompt whose greedy next token is EOS (found with transformers on the same weights)."""
-    with torch.no_grad(), _one_torch_thread():
-        first = hf(torch.arange(3, 2048)[:, None]).logits[:, -1].argmax(-1)  # [2045]
-    hits = (first == EOS).nonzero().flatten().tolist()
-    if not hits:
-        pytest.skip("no one-token prompt of this checkpoint greedily ends with EOS")
-    return [3 + hits[0]]
-
-
 def test_ignore_eos_and_min_tokens(client, eos_prompt):
     plain = _complete(client, eos_prompt, max_tokens=8).choices[0]
     assert plain.finish_reason == "stop" and plain.model_extra["stop_reason"] is None  # EOS
@@ -581,10 +482,6 @@ def test_priority_needs_the_priority_policy(client, priority_client):
         assert _complete(priority_client, **greedy(priority=priority)).choices[0].text == expected
     chat = _chat(priority_client, max_tokens=2, extra_body={"priority": 1})
     assert chat.choices[0].finish_reason == "length"
-
-
-def _error(excinfo) -> dict:
-    return excinfo.value.body  # the client unwraps {"error": {...}}
 
 
 @pytest.mark.parametrize(
@@ -753,17 +650,6 @@ def test_concurrent_streaming_clients(server):
     results = asyncio.run(main())
     assert all(usage == max_tokens and reason == "length" and text for text, usage, reason in results)
     assert len({text for text, _, _ in results}) > num_clients // 2  # different seeds, different texts
-
-
-def _wait_until_idle(server, timeout_s: float = 20) -> dict[str, float]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        samples = _metrics(server)
-        idle = _metric(samples, "num_requests_running") == 0 and _metric(samples, "kv_cache_usage_perc") == 0
-        if idle or time.monotonic() > deadline:
-            assert idle, samples
-            return samples
-        time.sleep(0.05)
 
 
 _aborted = lambda s: _metric(s, "request_success_total", 'finished_reason="abort"')  # noqa: E731

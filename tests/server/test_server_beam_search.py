@@ -1,4 +1,4 @@
-"""use_beam_search on the real server (test_server.py's tiny checkpoint and launcher): the choices are
+"""use_beam_search on the real server (conftest.py's tiny checkpoint and server): the choices are
 the beams `LLM.beam_search` finds on the same checkpoint and prompt, best first; streaming as vLLM
 streams it; the fields a search cannot honour are 400s; an ordinary request runs beside a search."""
 
@@ -14,19 +14,7 @@ import pytest
 
 from nanovllm import LLM, BeamSearchParams
 from nanovllm.beam_search import shown_tokens
-from tests.server.test_server import (  # noqa: F401
-    EOS,
-    MODEL,
-    _error,
-    _metric,
-    _metrics,
-    _wait_until_idle,
-    ckpt,
-    client,
-    eos_prompt,
-    hf,
-    server,
-)
+from tests.server.helpers import EOS, MODEL, _error, _metric, _metrics, _wait_until_idle
 
 PROMPT = [11, 12, 13, 14, 15]
 MESSAGES = [{"role": "user", "content": "Tell me about beams."}]
@@ -35,7 +23,7 @@ BEAM = {"use_beam_search": True}
 
 
 @pytest.fixture(scope="module")
-def llm(ckpt):  # noqa: F811
+def llm(ckpt):
     return LLM(str(ckpt), max_model_len=256, kernel_backend="torch")
 
 
@@ -56,7 +44,7 @@ def _expected(llm, prompt_ids: list[int], *args, **params) -> list[tuple]:
     return [(decode(tokens, skip_special_tokens=False), *reasons) for tokens, *reasons in beams]
 
 
-def test_completion_choices_are_the_offline_beams(client, llm):  # noqa: F811
+def test_completion_choices_are_the_offline_beams(client, llm):
     out = client.completions.create(
         model=MODEL, prompt=PROMPT, n=WIDTH, max_tokens=MAX_TOKENS, temperature=0, extra_body=BEAM
     )
@@ -74,7 +62,7 @@ def test_completion_choices_are_the_offline_beams(client, llm):  # noqa: F811
     assert [(c.text, c.finish_reason, c.stop_reason) for c in out.choices] == expected
 
 
-def test_beams_that_end_in_eos(client, llm, eos_prompt):  # noqa: F811
+def test_beams_that_end_in_eos(client, llm, eos_prompt):
     """A beam that draws EOS is complete ("stop", the EOS id as stop_reason); as vLLM's server, its EOS is
     in neither its text nor the usage, unless include_stop_str_in_output."""
     for include in (False, True):
@@ -92,7 +80,7 @@ def test_beams_that_end_in_eos(client, llm, eos_prompt):  # noqa: F811
         assert out.usage.completion_tokens == num_tokens
 
 
-def test_chat_choices_are_the_offline_beams_and_stream_alike(server, client, llm):  # noqa: F811
+def test_chat_choices_are_the_offline_beams_and_stream_alike(server, client, llm):
     ids = httpx.post(server + "/tokenize", json={"messages": MESSAGES}).json()["tokens"]
     kw = dict(model=MODEL, messages=MESSAGES, n=WIDTH, max_tokens=MAX_TOKENS, temperature=0, extra_body=BEAM)
     out = client.chat.completions.create(**kw)
@@ -111,7 +99,7 @@ def test_chat_choices_are_the_offline_beams_and_stream_alike(server, client, llm
     assert usage == out.usage
 
 
-def test_logprobs_are_each_beams_steps(client, llm):  # noqa: F811
+def test_logprobs_are_each_beams_steps(client, llm):
     """As vLLM's: each choice's logprobs are its beam's, per shown token, with the step's best alternatives
     (at most 2n), for completions and chat alike."""
     params = BeamSearchParams(WIDTH, MAX_TOKENS, temperature=0.0)
@@ -128,7 +116,7 @@ def test_logprobs_are_each_beams_steps(client, llm):  # noqa: F811
     assert all(len(entry.top_logprobs) == 2 for c in chat.choices for entry in c.logprobs.content)
 
 
-def test_completion_stream_is_the_response_in_one_event(client):  # noqa: F811
+def test_completion_stream_is_the_response_in_one_event(client):
     kw = dict(model=MODEL, prompt=[PROMPT, PROMPT[:3]], n=2, max_tokens=4, temperature=0, extra_body=BEAM)
     out = client.completions.create(**kw)
     assert len(out.choices) == 4  # (n beams per prompt, prompt by prompt)
@@ -149,7 +137,7 @@ def test_completion_stream_is_the_response_in_one_event(client):  # noqa: F811
         ({"length_penalty": 0.5}, "length_penalty"),  # without the search it means nothing
     ],
 )
-def test_refused_fields_are_400s_naming_them(client, body, param):  # noqa: F811
+def test_refused_fields_are_400s_naming_them(client, body, param):
     body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 4, **body}
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(
@@ -158,7 +146,7 @@ def test_refused_fields_are_400s_naming_them(client, body, param):  # noqa: F811
     assert _error(e)["param"] == param and param in _error(e)["message"]
 
 
-def test_an_ordinary_request_runs_beside_a_search(server, client):  # noqa: F811
+def test_an_ordinary_request_runs_beside_a_search(server, client):
     """A long search (many steps, each a round trip to the engine) leaves the event loop and the engine
     free: a request sent once the search runs is answered before the search ends. (16 prompts x 4 beams:
     each step is a batch of 64, so the search lasts long enough for /metrics to show it running.)"""
@@ -189,7 +177,7 @@ def test_an_ordinary_request_runs_beside_a_search(server, client):  # noqa: F811
     _wait_until_idle(server)
 
 
-def test_metrics_count_the_search_as_the_request_the_client_sent(server, client):  # noqa: F811
+def test_metrics_count_the_search_as_the_request_the_client_sent(server, client):
     """/metrics sees one request per choice, as for an ordinary request with n choices, with the choices'
     prompt and generated tokens; the search's one-token steps count nowhere."""
     counted = ("prompt_tokens_total", "generation_tokens_total", "e2e_request_latency_seconds_count")

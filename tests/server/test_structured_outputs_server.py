@@ -1,6 +1,6 @@
 """Structured outputs on the server, as vLLM's: OpenAI's response_format (json_object, json_schema),
 vLLM's structured_outputs object and its older guided_* fields; parsing alone (no engine), then on the real
-server (test_server.py's tiny checkpoint and launcher) through the official openai client."""
+server (conftest.py's tiny checkpoint and server) through the official openai client."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 
 from nanovllm.sampling_params import StructuredOutputsParams
 from nanovllm.server.protocol import RequestError, parse_chat_request, parse_completion_request
-from tests.server.test_server import MODEL, _error, ckpt, client, server  # noqa: F401
+from tests.server.helpers import MODEL, _error
 
 MAX_LEN = 256
 MESSAGES = [{"role": "user", "content": "Give me a person."}]
@@ -82,7 +82,7 @@ def test_bad_requests_name_their_field():
     assert _param(_completion, **body) == "guided_regex"
 
 
-def test_chat_json_schema(client):  # noqa: F811
+def test_chat_json_schema(client):
     fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
     out = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, temperature=0, max_tokens=64, response_format=fmt
@@ -95,7 +95,7 @@ def test_chat_json_schema(client):  # noqa: F811
         assert choice.message.content.startswith('{"name":')
 
 
-def test_completion_choice_regex_and_sampling(client):  # noqa: F811
+def test_completion_choice_regex_and_sampling(client):
     out = client.completions.create(
         model=MODEL, prompt="Pick:", max_tokens=16, n=3, temperature=1.0, seed=3,
         extra_body={"guided_choice": ["left", "right"]},
@@ -111,7 +111,7 @@ def test_completion_choice_regex_and_sampling(client):  # noqa: F811
     assert re.fullmatch(DATE, out.choices[0].text) and out.choices[0].finish_reason == "stop"
 
 
-def test_streamed_json_object(client):  # noqa: F811
+def test_streamed_json_object(client):
     stream = client.chat.completions.create(
         model=MODEL, messages=MESSAGES, temperature=0, max_tokens=48, stream=True,
         response_format={"type": "json_object"},
@@ -123,7 +123,7 @@ def test_streamed_json_object(client):  # noqa: F811
         assert isinstance(json.loads(text), dict)
 
 
-def test_a_constraint_that_cannot_compile_is_a_400(client):  # noqa: F811
+def test_a_constraint_that_cannot_compile_is_a_400(client):
     for body in (
         {"guided_regex": "(?=x)y"},
         {"structured_outputs": {"json": {"type": "string", "format": "?"}}},

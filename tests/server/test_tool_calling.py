@@ -22,8 +22,8 @@ from nanovllm.server.protocol import RequestError, parse_chat_request, parse_tok
 from nanovllm.server.tool_parsers import TOOL_PARSERS, tool_parser
 from nanovllm.server.tools import ToolOutput, ToolRequest
 from nanovllm.structured.grammar import constraint_regex
+from tests.server.helpers import MODEL, _serve
 from tests.server.test_protocol import _engineless_app, _post
-from tests.server.test_server import MODEL, _serve, ckpt  # noqa: F401
 
 MAX_LEN = 256
 MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
@@ -347,7 +347,7 @@ def test_an_unknown_parser_is_refused_before_anything_starts():
 
 
 @pytest.fixture(scope="module")
-def server(ckpt, tmp_path_factory):  # noqa: F811
+def server(ckpt, tmp_path_factory):
     flags = ("--enable-auto-tool-choice", "--tool-call-parser", "hermes", "--max-model-len", "1024")
     yield from _serve(ckpt, tmp_path_factory, *flags)
 
