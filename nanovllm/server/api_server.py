@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP server: `nanovllm serve MODEL [--host H] [--port P] [engine flags]`.
 
     POST /v1/completions, POST /v1/chat/completions   (JSON or, with stream=true, server-sent events)
+    POST /v1/embeddings                                (OpenAI's; docs/embeddings.md)
     GET  /v1/models, /version, /health, /metrics
     POST /tokenize, /detokenize                        (vLLM's: a prompt or a conversation <-> token ids)
 
@@ -38,6 +39,7 @@ from nanovllm.sampling_params import ParamError
 from nanovllm.server import protocol
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDelta, RequestStream, SubRequest
 from nanovllm.server.beam_search import as_choice, run_beam_search
+from nanovllm.server.embeddings import embedding_response, parse_embedding_request
 from nanovllm.server.errors import RequestError, error_body
 from nanovllm.server.logprobs import LogprobFormatter
 from nanovllm.server.metrics import Metrics
@@ -115,6 +117,55 @@ class OpenAIServer:
         text = self._render(req.messages, req.chat_options, req.tools.tools if req.tools else None)
         # The template already holds any BOS/special tokens the model wants.
         return await self._generate(request, req, [self._tokenize(text, "messages", False)], chat=True)
+
+    async def embeddings(self, request: Request) -> Response:
+        """OpenAI's POST /v1/embeddings: one vector per input, each input one engine request."""
+        req = parse_embedding_request(await _json_body(request))
+        self._check_model(req.model)
+        try:
+            check_priority(req.priority, self.config.scheduling_policy)
+        except ValueError as e:
+            raise RequestError(str(e), "priority") from None
+        prompts = [self._tokenize(p, "input", req.add_special_tokens) for p in req.inputs]
+        try:  # (usage counts what was kept)
+            kept = [req.params.truncated_prompt(ids, self.max_model_len) for _, ids in prompts]
+        except ValueError as e:
+            raise RequestError(str(e), "truncate_prompt_tokens") from None
+        request_id = f"embd-{uuid.uuid4().hex}"
+        subs = [
+            SubRequest(f"{request_id}-{i}", text, ids, req.params, priority=req.priority)
+            for i, (text, ids) in enumerate(prompts)
+        ]
+        outputs = await self._run_to_end(request, subs, "input")
+        if isinstance(outputs, Response):
+            return outputs
+        vectors = [out.embedding for out in outputs]
+        body = embedding_response(
+            request_id, self.model_name, int(time.time()), vectors, sum(map(len, kept)), req.base64
+        )
+        return JSONResponse(body)
+
+    async def _run_to_end(
+        self, request: Request, subs: list[SubRequest], param: str
+    ) -> list[RequestDelta] | Response:
+        """Submit non-streamed sub-requests and wait for each one's whole delta (a 499 response if the client
+        goes away first); a rejected request is a 400 naming `param` (or the ParamError's field)."""
+        try:
+            stream = await self.engine.submit(subs, incremental=False)
+        except ParamError as e:
+            raise RequestError(str(e), e.param) from None
+        except ValueError as e:
+            raise RequestError(str(e), param) from None
+        except EngineDeadError as e:
+            raise RequestError(str(e), status_code=503, type="service_unavailable") from None
+        try:
+            return await _unless_disconnected(request, _collect(stream, len(subs)))
+        except ClientDisconnected:
+            return Response(status_code=499)
+        except EngineDeadError as e:
+            raise RequestError(str(e), status_code=503, type="service_unavailable") from None
+        finally:
+            stream.close()
 
     async def tokenize(self, request: Request) -> Response:
         """vLLM's POST /tokenize: the token ids a prompt (or a conversation, rendered as for chat) becomes."""
@@ -750,6 +801,7 @@ def build_app(
     app.state.server = server
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+    app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", server.detokenize, methods=["POST"])

@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
-from nanovllm.outputs import Logprob, RequestOutput
+from nanovllm.outputs import Logprob, PoolingRequestOutput, RequestOutput
+from nanovllm.pooling_params import PoolingParams
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.heap import freeze_heap
 
@@ -43,7 +44,7 @@ class SubRequest:
     request_id: str
     prompt: str | None  # the text, when the prompt was text
     prompt_token_ids: list[int]
-    params: SamplingParams
+    params: SamplingParams | PoolingParams  # PoolingParams: an embedding request
     fill_max_tokens: bool = False  # max_tokens at most what max_model_len leaves after the prompt
     priority: int = 0
     # A step of a server-side beam search: kept out of the request and token metrics (the server counts
@@ -86,6 +87,7 @@ class RequestDelta:
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache: first delta only
     # SamplingParams.prompt_logprobs (None for the first prompt token): first delta only
     prompt_logprobs: list[Logprob | None] | None = None
+    embedding: list[float] | None = None  # an embedding request's vector (its only delta)
 
     def merge(self, later: RequestDelta) -> RequestDelta:
         """This delta followed by `later`, as one."""
@@ -100,6 +102,7 @@ class RequestDelta:
             later.stop_reason,
             self.num_cached_tokens if self.num_cached_tokens is not None else later.num_cached_tokens,
             self.prompt_logprobs if self.prompt_logprobs is not None else later.prompt_logprobs,
+            later.embedding,
         )
 
 
@@ -281,8 +284,21 @@ class EngineCore:
                     del self.sent[out.request_id]
 
 
-def _delta(out: RequestOutput, sent: _Sent) -> tuple:
+def _delta(out: RequestOutput | PoolingRequestOutput, sent: _Sent) -> tuple:
     """The part of a cumulative output not sent yet, as RequestDelta's fields; advances `sent`."""
+    if isinstance(out, PoolingRequestOutput):  # (finished: its vector, as a list of floats)
+        return (
+            out.request_id,
+            [],
+            "",
+            None,
+            True,
+            "stop",
+            None,
+            out.num_cached_tokens,
+            None,
+            out.outputs.data.tolist(),
+        )
     c = out.outputs[0]
     num_tokens = len(c.token_ids)
     logprobs = None

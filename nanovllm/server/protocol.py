@@ -504,8 +504,8 @@ def _is_token_list(x: Any) -> bool:
     return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
 
-def _parse_prompt(prompt: Any) -> list[str | list[int]]:
-    """A string, a list of token ids, or a batch (list) of either."""
+def _parse_prompt(prompt: Any, param: str = "prompt") -> list[str | list[int]]:
+    """A string, a list of token ids, or a batch (list) of either (the body's field `param`)."""
     if isinstance(prompt, str):
         return [prompt]
     if _is_token_list(prompt):
@@ -513,10 +513,10 @@ def _parse_prompt(prompt: Any) -> list[str | list[int]]:
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
         return list(prompt)
     if prompt is None:
-        raise RequestError("prompt is required", "prompt")
+        raise RequestError(f"{param} is required", param)
     raise RequestError(
-        "prompt must be a non-empty string, a non-empty list of token ids, or a non-empty list of either",
-        "prompt",
+        f"{param} must be a non-empty string, a non-empty list of token ids, or a non-empty list of either",
+        param,
     )
 
 

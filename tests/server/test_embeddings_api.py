@@ -1,0 +1,114 @@
+"""POST /v1/embeddings through the official `openai` client and raw HTTP: vectors equal transformers' base
+model's pooled hidden states on the same weights, both encodings, usage, vLLM's extra fields, the 400s; and a
+server on an embedding checkpoint (runner "pooling") that refuses generation."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import torch
+import transformers
+
+from tests.server.helpers import MODEL, _error, _one_torch_thread, _serve, _wait_until_idle
+
+
+@pytest.fixture(scope="module")
+def base(ckpt):
+    return transformers.AutoModel.from_pretrained(ckpt, dtype=torch.float32).eval()
+
+
+def _expected(base, ids: list[int]) -> list[float]:
+    with torch.no_grad(), _one_torch_thread():
+        last = base(torch.tensor([ids])).last_hidden_state[0, -1]
+    return torch.nn.functional.normalize(last, dim=-1).tolist()
+
+
+def _close(got: list[float], want: list[float]) -> None:
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=2e-5, rtol=1e-4)
+
+
+def test_openai_client_embeddings_equal_transformers(client, server, base, tokenizer):
+    texts = ["The cat sat on the mat.", "Paris is the capital of France", "a"]
+    out = client.embeddings.create(model=MODEL, input=texts)  # (the client asks for base64 and decodes it)
+    ids = [tokenizer.encode(t) for t in texts]
+    assert [d.index for d in out.data] == [0, 1, 2] and out.model == MODEL
+    for d, i in zip(out.data, ids):
+        _close(d.embedding, _expected(base, i))
+    assert out.usage.prompt_tokens == out.usage.total_tokens == sum(map(len, ids))
+    by_ids = client.embeddings.create(model=MODEL, input=ids[1], encoding_format="float")
+    _close(by_ids.data[0].embedding, out.data[1].embedding)
+    _wait_until_idle(server)
+
+
+def test_float_and_base64_encodings_and_vllm_fields(server, base):
+    ids = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    body = {"model": MODEL, "input": ids, "encoding_format": "float"}
+    floats = httpx.post(server + "/v1/embeddings", json=body, timeout=60).json()
+    assert floats["object"] == "list" and floats["id"].startswith("embd-")
+    assert [d["object"] for d in floats["data"]] == ["embedding", "embedding"]
+    for d, i in zip(floats["data"], ids):
+        _close(d["embedding"], _expected(base, i))
+    packed = httpx.post(
+        server + "/v1/embeddings", json={**body, "encoding_format": "base64"}, timeout=60
+    ).json()
+    for d, f in zip(packed["data"], floats["data"]):
+        assert np.frombuffer(base64.b64decode(d["embedding"]), dtype="<f4").tolist() == f["embedding"]
+    raw = httpx.post(server + "/v1/embeddings", json={**body, "normalize": False}, timeout=60).json()
+    with torch.no_grad():
+        last = base(torch.tensor([ids[0]])).last_hidden_state[0, -1]
+    _close(raw["data"][0]["embedding"], last.tolist())
+    short = httpx.post(
+        server + "/v1/embeddings", json={**body, "truncate_prompt_tokens": 2}, timeout=60
+    ).json()
+    _close(short["data"][0]["embedding"], _expected(base, ids[0][-2:]))
+    assert short["usage"]["prompt_tokens"] == 4
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"dimensions": 16}, "dimensions"),  # not a Matryoshka model
+        ({"encoding_format": "int8"}, "encoding_format"),
+        ({"input": []}, "input"),
+        ({"input": [[5, 99999]]}, "input"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+        ({"input": [[5] * 300]}, "input"),  # over max_model_len
+    ],
+)
+def test_bad_embedding_requests_are_400s_that_name_the_field(client, extra, param):
+    known = {k: v for k, v in extra.items() if k in ("input", "encoding_format", "dimensions")}
+    vllm = {k: v for k, v in extra.items() if k not in known}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(**{"model": MODEL, "input": "hi", **known}, extra_body=vllm)
+    assert _error(e)["param"] == param, _error(e)
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="other", input="hi")
+
+
+@pytest.fixture(scope="module")
+def pooling_server(ckpt, tmp_path_factory):
+    """A server on the same weights saved as an embedding model ships (a bare Qwen3Model): runner pooling."""
+    path = tmp_path_factory.mktemp("bare")
+    transformers.AutoModel.from_pretrained(ckpt, dtype=torch.float32).save_pretrained(path)
+    for f in ckpt.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, path / f.name)
+    yield from _serve(path, tmp_path_factory)
+
+
+def test_an_embedding_model_serves_embeddings_and_refuses_generation(pooling_server, base, tokenizer):
+    client = openai.OpenAI(base_url=pooling_server + "/v1", api_key="none", max_retries=0, timeout=120)
+    out = client.embeddings.create(model=MODEL, input="The cat sat on the mat.", encoding_format="float")
+    _close(out.data[0].embedding, _expected(base, tokenizer.encode("The cat sat on the mat.")))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
+    assert "runner='pooling'" in _error(e)["message"]
