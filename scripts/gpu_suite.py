@@ -46,6 +46,7 @@ STEPS = {
     "kernels": ([sys.executable, "benchmarks/kernels.py"], 200),
     "throughput": ([sys.executable, "benchmarks/throughput.py"], 420),
     "latency": ([sys.executable, "benchmarks/latency.py"], 240),
+    "embeddings": ([sys.executable, "benchmarks/embeddings.py"], 240),
     "serving": (
         [
             sys.executable,

@@ -357,3 +357,25 @@ def test_decode_linear_chain_benchmark_without_a_gpu(tmp_path, capsys, monkeypat
         monkeypatch.setattr(sys, "argv", ["decode_linear_chain.py", "--out", str(tmp_path)])
         chain.main()
         assert "needs a CUDA GPU" in capsys.readouterr().out and not list(tmp_path.iterdir())
+
+
+def test_embeddings_benchmark(tmp_path):
+    """benchmarks/embeddings.py on the tiny preset: both sides run, and give the same vectors."""
+    bench = load_script("benchmarks/embeddings.py", "embeddings_benchmark")
+    args = [
+        "--model",
+        "qwen3-tiny",
+        "--device",
+        "cpu",
+        "--num-prompts",
+        "12",
+        "--min-len",
+        "5",
+        "--max-len",
+        "40",
+    ]
+    result = bench.main([*args, "--hf-batch-size", "5", "--out", str(tmp_path)])
+    assert result["workload"]["num_prompt_tokens"] == sum(map(len, bench.make_prompts(12, 5, 40, 2048)))
+    assert result["nanovllm"]["tok_per_s"] > 0 and result["transformers"]["tok_per_s"] > 0
+    assert result["cosine"]["min"] > 0.9999  # (float32 on the CPU: the same vectors)
+    assert _report(tmp_path, "embeddings")["speedup"] == result["speedup"]

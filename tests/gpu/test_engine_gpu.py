@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from nanovllm import LLM, BeamSearchParams, SamplingParams
+from nanovllm import LLM, BeamSearchParams, PoolingParams, SamplingParams
 from nanovllm.kernels.decode_attention import DECODE_MAX_SELF_COMBINE
 
 pytestmark = pytest.mark.gpu
@@ -427,3 +427,66 @@ def test_structured_outputs_after_the_thinking_overlapped_equal_waiting(tmp_path
     for tokens, reason in ended:
         answer = tokenizer.decode(tokens[tokens.index(END_THINK) + 1 :])
         assert re.fullmatch(regex, answer) if reason == "stop" else re.match(r"[ynm]", answer)
+
+
+def _embeddings(llm: LLM, prompts) -> list[torch.Tensor]:
+    return [torch.tensor(o.outputs.embedding) for o in llm.embed(prompts, use_tqdm=False)]
+
+
+@pytest.mark.parametrize("kind", ["LAST", "MEAN"])
+def test_embeddings_on_the_graph_path_equal_torch_reference(kind):
+    """Embedding requests (runner "pooling": no LM head, decode graphs without it) through prefill graphs,
+    chunks and a prefix-cache hit, float32, against the eager torch reference ops, prompt by prompt."""
+    rng = random.Random(8)
+    prompts = [[rng.randrange(10000) for _ in range(n)] for n in (1, 7, 100, 700, 1500, 5000)]
+    prompts.append(prompts[3][:600] + prompts[1])  # (LAST: its first 592 tokens from the cache)
+    args = dict(dtype="float32", max_model_len=8192, max_num_batched_tokens=2048, num_kvcache_blocks=2000)
+    args.update(runner="pooling", pooler_config={"pooling_type": kind})
+    ref = LLM("qwen3-0.6b", kernel_backend="torch", enforce_eager=True, **args)
+    try:
+        want = [_embeddings(ref, [p])[0] for p in prompts]
+    finally:
+        ref.shutdown()
+    llm = LLM("qwen3-0.6b", **args)
+    try:
+        assert llm.engine.runner.model.lm_head is None and llm.engine.runner.cuda_graphs.prefill
+        got = _embeddings(llm, prompts)
+        cached = llm.embed([prompts[-1]], use_tqdm=False)[0].num_cached_tokens
+    finally:
+        llm.shutdown()
+    for i, (g, w) in enumerate(zip(got, want)):
+        torch.testing.assert_close(g, w, atol=1e-4, rtol=1e-3, msg=f"prompt {i}")
+    assert cached == (592 if kind == "LAST" else 0)
+
+
+def test_embeddings_beside_generation_in_mixed_steps(fast):
+    """Embedding requests arriving while generations decode (overlapped mixed steps on the graph path),
+    float32: the embeddings equal the eager torch reference's, and the generations equal theirs alone. In
+    bf16 (the `fast` engine) the same embeddings keep the reference's direction."""
+    prompts = _prompts(8, seed=9)
+    args = dict(dtype="float32", max_model_len=4096, num_kvcache_blocks=1000)
+    ref = LLM("qwen3-0.6b", kernel_backend="torch", enforce_eager=True, runner="pooling", **args)
+    try:
+        want = _embeddings(ref, prompts)
+    finally:
+        ref.shutdown()
+    llm = LLM("qwen3-0.6b", **args)
+    try:
+        alone = _tokens(llm, prompts[:4])
+        assert llm.reset_prefix_cache()  # (the mixed run computes the same rows, not cache hits)
+        engine, done, emb = llm.engine, {}, []
+        gen = [engine.add_request(p, GREEDY) for p in prompts[:4]]
+        for p in prompts[4:] + prompts[:4]:
+            emb.append(engine.add_request(p, PoolingParams()))
+            for _ in range(2):
+                done.update((o.request_id, o) for o in engine.step() if o.finished)
+        while engine.has_unfinished():
+            done.update((o.request_id, o) for o in engine.step() if o.finished)
+    finally:
+        llm.shutdown()
+    assert [done[rid].outputs[0].token_ids for rid in gen] == alone
+    for i, (rid, w) in enumerate(zip(emb, want[4:] + want[:4])):
+        torch.testing.assert_close(done[rid].outputs.data, w, atol=1e-4, rtol=1e-3, msg=f"request {i}")
+    for i, (g, w) in enumerate(zip(_embeddings(fast, prompts), want)):
+        cos = torch.nn.functional.cosine_similarity(g, w, dim=0).item()
+        assert cos > 0.99 and abs(g.norm().item() - 1) < 1e-3, (i, cos)

@@ -186,7 +186,8 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path):
         assert name in str(err.value)
     causal = ["Qwen3ForCausalLM", "Qwen2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM"]
     # (and the bare decoders embedding checkpoints name: runner "pooling", tests/test_embeddings.py)
-    assert sorted(MODEL_REGISTRY) == sorted(causal + [name.replace("ForCausalLM", "Model") for name in causal])
+    bare = [name.replace("ForCausalLM", "Model") for name in causal]
+    assert sorted(MODEL_REGISTRY) == sorted(causal + bare)
 
 
 def test_mistral_sliding_window_needs_max_model_len_within_it(tmp_path):
