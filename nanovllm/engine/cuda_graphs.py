@@ -93,7 +93,9 @@ class CudaGraphs:
         )
         self.decode_sizes = capturable(decode.sizes)  # a prefix of decode.sizes
         self.prefill_sizes = capturable(t for t in PREFILL_GRAPH_TOKENS if t <= config.max_num_batched_tokens)
-        pool = self._capture_decode(with_lm_head=tp_group.size == 1) if self.decode_sizes else None
+        # (the LM head inside the graphs: single rank, and a model that has one; runner "pooling" has none)
+        with_lm_head = tp_group.size == 1 and model.lm_head is not None
+        pool = self._capture_decode(with_lm_head) if self.decode_sizes else None
         # (not with the torch reference ops: their attention reads the lengths on the host)
         if self.prefill_sizes and triton:
             self._capture_prefill(pool)
