@@ -20,7 +20,15 @@ import time
 import torch
 
 from nanovllm import LLM
-from nanovllm.benchmark.common import card_name, card_peaks, print_table, run_info, synchronize, write_report
+from nanovllm.benchmark.common import (
+    card_name,
+    card_peaks,
+    free_device_memory,
+    print_table,
+    run_info,
+    synchronize,
+    write_report,
+)
 from nanovllm.benchmark.hf_baseline import build_hf_model
 from nanovllm.benchmark.latency import model_sizes, prefill_flops
 
@@ -98,8 +106,11 @@ def main(argv: list[str] | None = None) -> dict:
         floor_s = flops / peaks.bf16_flop_per_s
         result["floor"] = {"card": key, "seconds": floor_s, "fraction": floor_s / seconds}
         rows[0][3] = f"{floor_s / seconds:.0%} of the compute floor ({floor_s * 1e3:.0f} ms)"
+    config = llm.config
+    llm.shutdown()  # (its KV cache holds most of the GPU: transformers' padded batches need it)
+    free_device_memory()
     if args.hf_mode == "on":
-        model = build_hf_model(llm.config).model  # the base model of the same weights
+        model = build_hf_model(config).model  # the base model of the same weights
         run_transformers(model, prompts[:8], args.hf_batch_size)  # warm-up
         hf_runs = [run_transformers(model, prompts, args.hf_batch_size) for _ in range(2)]
         hf_seconds, theirs = hf_runs[-1]
@@ -116,7 +127,6 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(f"embeddings: {len(prompts)} prompts, {num_tokens:,} tokens", ["run", "s", "tok/s", ""], rows)
     if args.out:
         print("->", write_report("embeddings", result, args.out))
-    llm.shutdown()
     return result
 
 
