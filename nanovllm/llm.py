@@ -177,11 +177,7 @@ class LLM:
     ) -> list[SamplingParams]:
         if sampling_params is None:
             sampling_params = self.get_default_sampling_params()
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * num_prompts
-        if len(sampling_params) != num_prompts:
-            raise ValueError(f"got {len(sampling_params)} sampling params for {num_prompts} prompts")
-        return list(sampling_params)
+        return _per_prompt(sampling_params, num_prompts, SamplingParams, "sampling params")
 
     def _priority_per_prompt(self, priority: list[int] | None, num_prompts: int) -> list[int]:
         """One priority per prompt (None: all 0), each checked before anything is queued."""
@@ -247,12 +243,7 @@ class LLM:
         inputs = _as_prompt_list(prompts)
         if pooling_params is None:
             pooling_params = PoolingParams()
-        if isinstance(pooling_params, PoolingParams):
-            params = [pooling_params] * len(inputs)
-        elif len(pooling_params) != len(inputs):
-            raise ValueError(f"got {len(pooling_params)} pooling params for {len(inputs)} prompts")
-        else:
-            params = list(pooling_params)
+        params = _per_prompt(pooling_params, len(inputs), PoolingParams, "pooling params")
         if truncate_prompt_tokens is not None:
             params = [dataclasses.replace(p, truncate_prompt_tokens=truncate_prompt_tokens) for p in params]
         encoded = self._encode_prompts([prompt for prompt, _ in inputs], params)
@@ -338,6 +329,23 @@ def _as_conversation_list(messages: list[dict] | list[list[dict]]) -> list[list[
         "messages must be a conversation (a non-empty list of {'role': ..., 'content': ...} dicts) "
         "or a non-empty list of them"
     )
+
+
+def _per_prompt(params: object, num_prompts: int, kind: type, what: str) -> list:
+    """`params` (one for every prompt, or a list of one per prompt) as a list of one per prompt, each a
+    `kind`; a ValueError otherwise (PoolingParams given to generate, say, or SamplingParams to embed)."""
+    if isinstance(params, kind):
+        return [params] * num_prompts
+    if not isinstance(params, list | tuple):
+        raise ValueError(
+            f"{what} must be a {kind.__name__} or a list of them, one per prompt; got {type(params).__name__}"
+        )
+    if len(params) != num_prompts:
+        raise ValueError(f"got {len(params)} {what} for {num_prompts} prompts")
+    for i, p in enumerate(params):
+        if not isinstance(p, kind):
+            raise ValueError(f"prompt {i}: {what} must be a {kind.__name__}, got {type(p).__name__}")
+    return list(params)
 
 
 def _as_prompt_list(prompts: Prompt | dict | list[Prompt | dict]) -> list[tuple[Prompt, str | None]]:

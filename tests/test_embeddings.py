@@ -145,6 +145,22 @@ def test_pooling_params_normalize_truncate_and_dimensions(llm, prompts, hidden, 
     assert llm.embed(prompts[:1], use_tqdm=False)[0].outputs.hidden_size == 64  # still usable
 
 
+def test_params_of_the_other_kind_are_refused_before_anything_runs(llm, prompts):
+    """SamplingParams given to embed (or PoolingParams to generate) is a ValueError naming them, not a
+    generation whose outputs embed cannot read (nor a TypeError from len())."""
+    engine = llm.engine
+    num_generated = engine.num_generated_tokens
+    for params in (SamplingParams(max_tokens=2), [SamplingParams(max_tokens=2)]):
+        with pytest.raises(ValueError, match="pooling params must be a PoolingParams"):
+            llm.embed(prompts[:1], params, use_tqdm=False)
+        with pytest.raises(ValueError, match="pooling params must be a PoolingParams"):
+            llm.encode(prompts[:1], params, use_tqdm=False)
+    with pytest.raises(ValueError, match="sampling params must be a SamplingParams"):
+        llm.generate(prompts[:1], PoolingParams(), use_tqdm=False)
+    assert not engine.has_unfinished() and engine.num_generated_tokens == num_generated  # nothing ran
+    assert llm.embed(prompts[:1], use_tqdm=False)[0].finished  # still usable
+
+
 def test_matryoshka_dimensions(tmp_path, prompts):
     path = build_checkpoint(
         tmp_path / "m", "qwen3", max_position_embeddings=256, matryoshka_dimensions=[16, 32]
