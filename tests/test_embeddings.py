@@ -238,8 +238,10 @@ def test_unsupported_poolers_are_refused(ckpt, tmp_path):
         LLM(str(path))
     with pytest.raises(ValueError, match="pooling_type must be one of"):
         LLM(str(ckpt), pooler_config={"pooling_type": "MAX"})
-    with pytest.raises(ValueError, match="unknown key"):
+    with pytest.raises(ValueError, match="unknown key.*known: pooling_type, normalize, use_activation"):
         LLM(str(ckpt), pooler_config={"softmax": True})
+    with pytest.raises(ValueError, match="normalize=True and use_activation=False disagree"):
+        LLM(str(ckpt), pooler_config={"normalize": True, "use_activation": False})
 
 
 def test_the_preset_embeds_without_a_download():

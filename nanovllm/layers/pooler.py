@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 POOLING_TYPES = ("LAST", "MEAN", "CLS")
+_POOLER_CONFIG_KEYS = ("pooling_type", "normalize", "use_activation")  # vLLM's pooler_config keys used here
 # sentence-transformers' Pooling flags (1_Pooling/config.json) for the types here
 _SENTENCE_TRANSFORMERS_MODES = {
     "pooling_mode_lasttoken": "LAST",
@@ -47,12 +48,19 @@ def pooler_config(model_path: Path | None, override: dict | None) -> PoolerConfi
     if override is not None:
         if not isinstance(override, dict):
             raise ValueError(f"pooler_config must be a dict, got {override!r}")
-        unknown = sorted(set(override) - {"pooling_type", "normalize", "use_activation"})
+        unknown = sorted(set(override) - set(_POOLER_CONFIG_KEYS))
         if unknown:
-            raise ValueError(f"pooler_config: unknown key(s) {unknown}; known: pooling_type, normalize")
-        if "use_activation" in override:
-            found["normalize"] = override["use_activation"]
-        found.update({k: v for k, v in override.items() if k != "use_activation"})
+            known = ", ".join(_POOLER_CONFIG_KEYS)
+            raise ValueError(f"pooler_config: unknown key(s) {unknown}; known: {known}")
+        override = dict(override)
+        if "use_activation" in override:  # (normalize's newer name: one setting)
+            use_activation = override.pop("use_activation")
+            if override.setdefault("normalize", use_activation) != use_activation:
+                raise ValueError(
+                    f"pooler_config: normalize={override['normalize']!r} and "
+                    f"use_activation={use_activation!r} disagree (they are one setting: give one)"
+                )
+        found.update(override)
     pooling_type = found.get("pooling_type", "LAST")
     if not isinstance(pooling_type, str) or pooling_type.upper() not in POOLING_TYPES:
         raise ValueError(f"pooling_type must be one of {POOLING_TYPES}, got {pooling_type!r}")
