@@ -1,7 +1,7 @@
 """Per-request embedding settings (vLLM's PoolingParams for the "embed" task), validated at construction.
 
 An embedding request runs its prompt through the model (prefill only, in chunks like any prompt) and returns
-one vector: the final hidden states pooled as the model's pooler says (`Config.pooling_type`: the last token,
+one vector: the final hidden states pooled as the model's pooler says (`Config.pooler`: the last token,
 the mean, or the first), cut to `dimensions` and L2-normalized (docs/embeddings.md).
 """
 

@@ -117,7 +117,7 @@ class LLMEngine:
         # Overlapped scheduling: the runner feeds pending tokens from the device (every rank, under TP).
         self.overlap = config.async_scheduling
         self._inflight: _Step | None = None  # the launched step not yet read back
-        self._outputs: list[RequestOutput] = []  # read back, not yet returned by step()
+        self._outputs: list[RequestOutput | PoolingRequestOutput] = []  # read back, not yet returned
         self.dropped_request_ids: list[str] = []  # requests the last step() failed (it raised)
         self._structured_compiler: StructuredOutputCompiler | None = None  # on the first such request
 
@@ -345,11 +345,12 @@ class LLMEngine:
 
     # ---- the loop ---------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | PoolingRequestOutput]:
         """Run one scheduling step. Returns the outputs (cumulative, not deltas) of the requests that
-        finished, and of streaming requests that got a token; finished requests are dropped from the
-        engine. A request's outputs share its lists of token ids and logprobs, which grow as it runs (as
-        vLLM's do): a streamed output's text is that step's, its token ids are the request's to date.
+        finished (an embedding request's: a PoolingRequestOutput), and of streaming requests that got a
+        token; finished requests are dropped from the engine. A request's outputs share its lists of token
+        ids and logprobs, which grow as it runs (as vLLM's do): a streamed output's text is that step's, its
+        token ids are the request's to date.
 
         Overlapped (the default): the step launched here runs on the GPU while the
         host reads back and processes the previous one, so the outputs returned are one step behind.
@@ -387,7 +388,7 @@ class LLMEngine:
             self._complete_inflight()  # (nothing left to overlap with: leave the engine idle)
         return self._take_outputs()
 
-    def sync(self) -> list[RequestOutput]:
+    def sync(self) -> list[RequestOutput | PoolingRequestOutput]:
         """Wait for the step in flight, if any, and return its outputs (as `step` would have)."""
         if self._inflight is not None:
             self._complete_inflight()
@@ -420,7 +421,7 @@ class LLMEngine:
                 break
         return True
 
-    def _take_outputs(self) -> list[RequestOutput]:
+    def _take_outputs(self) -> list[RequestOutput | PoolingRequestOutput]:
         # Outputs wait here until step() returns: a step that raises after reading one back loses none.
         outputs, self._outputs = self._outputs, []
         return outputs

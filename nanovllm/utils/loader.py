@@ -79,10 +79,8 @@ def _load(model: nn.Module, params: dict[str, nn.Parameter], weights: Iterator[t
     for name, tensor in weights:
         if name.endswith(_ROTARY_BUFFERS):
             continue
-        if not name.startswith(("model.", "lm_head.")):
-            name = (
-                "model." + name
-            )  # a bare decoder's checkpoint (Qwen3-Embedding's: layers.0..., norm.weight)
+        if not name.startswith(("model.", "lm_head.")):  # a bare decoder's (Qwen3-Embedding's: norm.weight)
+            name = "model." + name
         if name == "lm_head.weight" and (getattr(model, "tie_word_embeddings", False) or not has_lm_head):
             continue  # tied: the embedding is the head; or no head (runner "pooling")
         for key, (packed_name, shard_id) in packed.items():
