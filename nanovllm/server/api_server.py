@@ -158,14 +158,7 @@ class OpenAIServer:
             raise RequestError(str(e), param) from None
         except EngineDeadError as e:
             raise RequestError(str(e), status_code=503, type="service_unavailable") from None
-        try:
-            return await _unless_disconnected(request, _collect(stream, len(subs)))
-        except ClientDisconnected:
-            return Response(status_code=499)
-        except EngineDeadError as e:
-            raise RequestError(str(e), status_code=503, type="service_unavailable") from None
-        finally:
-            stream.close()
+        return await _wait_all(request, stream, len(subs))
 
     async def tokenize(self, request: Request) -> Response:
         """vLLM's POST /tokenize: the token ids a prompt (or a conversation, rendered as for chat) becomes."""
@@ -264,14 +257,9 @@ class OpenAIServer:
         if req.stream:
             events = self._stream(stream, req, resp, choice_prompts)
             return _EventStream(events, media_type="text/event-stream")
-        try:
-            outputs = await _unless_disconnected(request, _collect(stream, len(subs)))
-        except ClientDisconnected:
-            return Response(status_code=499)
-        except EngineDeadError as e:
-            raise RequestError(str(e), status_code=503, type="service_unavailable") from None
-        finally:
-            stream.close()
+        outputs = await _wait_all(request, stream, len(subs))
+        if isinstance(outputs, Response):
+            return outputs
         # Choice 0 of each prompt scored it (prompt_logprobs, echo); its choices share that.
         scores = [outputs[i - i % req.params.n].prompt_logprobs for i in range(len(outputs))]
         outputs = [_as_shown(out, req, s) for out, s in zip(outputs, scores)]
@@ -686,6 +674,19 @@ def _as_shown(delta: RequestDelta, req: GenerateRequest, prompt_scores: list | N
             stop_reason=None,
         )
     return delta
+
+
+async def _wait_all(request: Request, stream: RequestStream, num_subs: int) -> list[RequestDelta] | Response:
+    """Each non-streamed sub-request's deltas merged into one, in order; a 499 response if the client goes
+    away first, a 503 if the engine dies. Closes the stream (aborting what has not finished)."""
+    try:
+        return await _unless_disconnected(request, _collect(stream, num_subs))
+    except ClientDisconnected:
+        return Response(status_code=499)
+    except EngineDeadError as e:
+        raise RequestError(str(e), status_code=503, type="service_unavailable") from None
+    finally:
+        stream.close()
 
 
 async def _collect(stream: RequestStream, num_choices: int) -> list[RequestDelta]:
