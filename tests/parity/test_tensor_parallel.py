@@ -408,7 +408,7 @@ def end_script_without_shutdown(model: str, timeout_s: float, **llm_kwargs) -> t
     script = textwrap.dedent(
         f"""
         import time
-        from nanovllm import LLM, PoolingParams, SamplingParams
+        from nanovllm import LLM, SamplingParams
         if __name__ == "__main__":
             llm = LLM({model!r}, tensor_parallel_size=2, **{llm_kwargs!r})
             llm.generate([[5, 6, 7]] * 3, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
