@@ -79,13 +79,13 @@ def embedding_response(
     request_id: str,
     model: str,
     created: int,
-    vectors: list[list[float]],
+    vectors: list[np.ndarray],  # [dimensions] float32 each
     num_prompt_tokens: int,
     as_base64: bool,
 ) -> dict:
     """OpenAI's embeddings response: one `embedding` object per input, in order; the prompt tokens used."""
     data = [
-        {"object": "embedding", "index": i, "embedding": _base64(v) if as_base64 else v}
+        {"object": "embedding", "index": i, "embedding": _base64(v) if as_base64 else v.tolist()}
         for i, v in enumerate(vectors)
     ]
     return {
@@ -102,6 +102,6 @@ def embedding_response(
     }
 
 
-def _base64(vector: list[float]) -> str:
+def _base64(vector: np.ndarray) -> str:
     """OpenAI's base64 embedding: the float32 values' little-endian bytes."""
     return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from nanovllm.outputs import Logprob, PoolingRequestOutput, RequestOutput
 from nanovllm.pooling_params import PoolingParams
 from nanovllm.sampling_params import SamplingParams
@@ -87,7 +89,9 @@ class RequestDelta:
     num_cached_tokens: int | None = None  # prompt tokens served from the prefix cache: first delta only
     # SamplingParams.prompt_logprobs (None for the first prompt token): first delta only
     prompt_logprobs: list[Logprob | None] | None = None
-    embedding: list[float] | None = None  # an embedding request's vector (its only delta)
+    # an embedding request's vector, float32 (its only delta; an array pickles as bytes: a list of 4,096
+    # Python floats would cost the engine loop ~100x more)
+    embedding: np.ndarray | None = None
 
     def merge(self, later: RequestDelta) -> RequestDelta:
         """This delta followed by `later`, as one."""
@@ -297,7 +301,7 @@ def _delta(out: RequestOutput | PoolingRequestOutput, sent: _Sent) -> tuple:
             None,
             out.num_cached_tokens,
             None,
-            out.outputs.data.tolist(),
+            out.outputs.data.numpy(),
         )
     c = out.outputs[0]
     num_tokens = len(c.token_ids)
