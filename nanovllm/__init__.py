@@ -14,6 +14,7 @@ from nanovllm.outputs import (
 )
 from nanovllm.pooling_params import PoolingParams
 from nanovllm.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
+from nanovllm.scoring import ScoringOutput, ScoringRequestOutput
 
 __all__ = [
     "LLM",
@@ -31,5 +32,7 @@ __all__ = [
     "PoolingRequestOutput",
     "EmbeddingOutput",
     "EmbeddingRequestOutput",
+    "ScoringOutput",
+    "ScoringRequestOutput",
 ]
 __version__ = "0.1.0"

@@ -20,6 +20,7 @@ from nanovllm.outputs import (
 )
 from nanovllm.pooling_params import PoolingParams
 from nanovllm.sampling_params import BeamSearchParams, ParamError, SamplingParams
+from nanovllm.scoring import ScoringOutput, ScoringRequestOutput, cosine, score_pairs
 from nanovllm.utils.chat import render_chat, text_messages
 from nanovllm.utils.heap import frozen_heap
 
@@ -249,6 +250,31 @@ class LLM:
         encoded = self._encode_prompts([prompt for prompt, _ in inputs], params)
         requests = [(text, p, tok, 0) for (_, text), p, tok in zip(inputs, params, encoded)]
         return self._drain(requests, use_tqdm, "Embedding")
+
+    def score(
+        self,
+        data_1: Prompt | list[Prompt],
+        data_2: Prompt | list[Prompt],
+        use_tqdm: bool | Callable[..., tqdm] = True,
+        pooling_params: PoolingParams | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """vLLM's `LLM.score` for an embedding model: one output per pair, its `outputs.score` the cosine
+        similarity of the two texts' embeddings. data_1 holds one text (scored against each of data_2) or as
+        many as data_2 (scored element by element); each text is embedded once. A cross-encoder reranker,
+        which reads both texts together, is not supported (docs/embeddings.md)."""
+        side_1, side_2 = _as_prompt_list(data_1), _as_prompt_list(data_2)
+        pairs = score_pairs(len(side_1), len(side_2))
+        outs = self.encode([p for p, _ in side_1 + side_2], pooling_params, use_tqdm, truncate_prompt_tokens)
+        first, second = outs[: len(side_1)], outs[len(side_1) :]
+        return [
+            ScoringRequestOutput(
+                f"score-{k}",
+                ScoringOutput(cosine(first[i].outputs.data, second[j].outputs.data)),
+                first[i].prompt_token_ids + second[j].prompt_token_ids,
+            )
+            for k, (i, j) in enumerate(pairs)
+        ]
 
     def _drain(
         self,

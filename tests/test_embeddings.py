@@ -249,3 +249,21 @@ def test_the_preset_embeds_without_a_download():
         out = llm.embed(["Hello, my name is", [1, 2, 3]], use_tqdm=False)
         assert [len(o.outputs.embedding) for o in out] == [llm.config.hf_config.hidden_size] * 2
         assert all(abs(torch.tensor(o.outputs.embedding).norm().item() - 1) < 1e-4 for o in out)
+
+
+def test_score_is_the_cosine_of_the_two_embeddings(llm, prompts, hidden):
+    """LLM.score, as vLLM's for an embedding model: one text against N, or N against N element by element."""
+    vec = [_pool(hidden(p), "LAST") for p in prompts[:4]]
+    one_to_n = llm.score(prompts[0], prompts[1:4], use_tqdm=False)
+    assert [o.outputs.score for o in one_to_n] == pytest.approx(
+        [float(vec[0] @ v) for v in vec[1:4]], abs=1e-5
+    )
+    assert one_to_n[1].prompt_token_ids == prompts[0] + prompts[2]
+    pairwise = llm.score(prompts[:2], prompts[2:4], use_tqdm=False)
+    assert [o.outputs.score for o in pairwise] == pytest.approx(
+        [float(vec[0] @ vec[2]), float(vec[1] @ vec[3])], abs=1e-5
+    )
+    raw = llm.score(prompts[0], prompts[1], use_tqdm=False, pooling_params=PoolingParams(normalize=False))
+    assert raw[0].outputs.score == pytest.approx(float(vec[0] @ vec[1]), abs=1e-5)  # (a cosine either way)
+    with pytest.raises(ValueError, match="one text with N"):
+        llm.score(prompts[:2], prompts[:3], use_tqdm=False)

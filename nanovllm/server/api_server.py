@@ -2,6 +2,7 @@
 
     POST /v1/completions, POST /v1/chat/completions   (JSON or, with stream=true, server-sent events)
     POST /v1/embeddings                                (OpenAI's; docs/embeddings.md)
+    POST /v1/score, /v1/rerank                         (vLLM's, for an embedding model: cosine similarities)
     GET  /v1/models, /version, /health, /metrics
     POST /tokenize, /detokenize                        (vLLM's: a prompt or a conversation <-> token ids)
 
@@ -26,6 +27,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -36,10 +38,19 @@ from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.request_queue import check_priority
 from nanovllm.reasoning import prompt_ends_thinking, think_tags, think_token_ids
 from nanovllm.sampling_params import ParamError
+from nanovllm.scoring import cosine
 from nanovllm.server import protocol
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestDelta, RequestStream, SubRequest
 from nanovllm.server.beam_search import as_choice, run_beam_search
-from nanovllm.server.embeddings import embedding_response, parse_embedding_request
+from nanovllm.server.embeddings import (
+    EmbeddingRequest,
+    embedding_response,
+    parse_embedding_request,
+    parse_rerank_request,
+    parse_score_request,
+    rerank_response,
+    score_response,
+)
 from nanovllm.server.errors import RequestError, error_body
 from nanovllm.server.logprobs import LogprobFormatter
 from nanovllm.server.metrics import Metrics
@@ -121,29 +132,60 @@ class OpenAIServer:
     async def embeddings(self, request: Request) -> Response:
         """OpenAI's POST /v1/embeddings: one vector per input, each input one engine request."""
         req = parse_embedding_request(await _json_body(request))
+        request_id = f"embd-{uuid.uuid4().hex}"
+        done = await self._embed(request, req, request_id, "input")
+        if isinstance(done, Response):
+            return done
+        vectors, num_tokens = done
+        created = int(time.time())
+        body = embedding_response(request_id, self.model_name, created, vectors, num_tokens, req.base64)
+        return JSONResponse(body)
+
+    async def score(self, request: Request) -> Response:
+        """vLLM's POST /v1/score for an embedding model: each (text_1, text_2) pair's cosine similarity."""
+        req = parse_score_request(await _json_body(request))
+        request_id = f"score-{uuid.uuid4().hex}"
+        done = await self._embed(request, req.embed, request_id, "text_1")
+        if isinstance(done, Response):
+            return done
+        vectors, num_tokens = done
+        scores = [cosine(vectors[i], vectors[req.num_1 + j]) for i, j in req.pairs]
+        return JSONResponse(score_response(request_id, self.model_name, int(time.time()), scores, num_tokens))
+
+    async def rerank(self, request: Request) -> Response:
+        """vLLM's (Jina's) POST /v1/rerank for an embedding model: documents by cosine with the query."""
+        req = parse_rerank_request(await _json_body(request))
+        request_id = f"rerank-{uuid.uuid4().hex}"
+        done = await self._embed(request, req.embed, request_id, "documents")
+        if isinstance(done, Response):
+            return done
+        (query, *documents), num_tokens = done
+        scores = [cosine(query, d) for d in documents]
+        return JSONResponse(rerank_response(request_id, self.model_name, req, scores, num_tokens))
+
+    async def _embed(
+        self, request: Request, req: EmbeddingRequest, request_id: str, param: str
+    ) -> tuple[list[np.ndarray], int] | Response:
+        """Every input's vector ([dimensions] float32), in order, and the prompt tokens they used (after
+        truncation); a 499 response if the client went away. A rejected input is a 400 naming `param`."""
         self._check_model(req.model)
         try:
             check_priority(req.priority, self.config.scheduling_policy)
         except ValueError as e:
             raise RequestError(str(e), "priority") from None
-        prompts = [self._tokenize(p, "input", req.add_special_tokens) for p in req.inputs]
+        prompts = [self._tokenize(p, param, req.add_special_tokens) for p in req.inputs]
         try:  # (usage counts what was kept)
             kept = [req.params.truncated_prompt(ids, self.max_model_len) for _, ids in prompts]
         except ValueError as e:
             raise RequestError(str(e), "truncate_prompt_tokens") from None
-        request_id = f"embd-{uuid.uuid4().hex}"
         subs = [
             SubRequest(f"{request_id}-{i}", text, ids, req.params, priority=req.priority)
             for i, (text, ids) in enumerate(prompts)
         ]
-        outputs = await self._run_to_end(request, subs, "input")
+        outputs = await self._run_to_end(request, subs, param)
         if isinstance(outputs, Response):
             return outputs
-        vectors = [out.embedding for out in outputs]
-        body = embedding_response(
-            request_id, self.model_name, int(time.time()), vectors, sum(map(len, kept)), req.base64
-        )
-        return JSONResponse(body)
+        return [out.embedding for out in outputs], sum(map(len, kept))
 
     async def _run_to_end(
         self, request: Request, subs: list[SubRequest], param: str
@@ -803,6 +845,10 @@ def build_app(
     app.add_api_route("/v1/completions", server.completions, methods=["POST"])
     app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
     app.add_api_route("/v1/embeddings", server.embeddings, methods=["POST"])
+    for path in ("/score", "/v1/score"):  # (vLLM's paths)
+        app.add_api_route(path, server.score, methods=["POST"])
+    for path in ("/rerank", "/v1/rerank", "/v2/rerank"):
+        app.add_api_route(path, server.rerank, methods=["POST"])
     app.add_api_route("/v1/models", server.models, methods=["GET"])
     app.add_api_route("/tokenize", server.tokenize, methods=["POST"])
     app.add_api_route("/detokenize", server.detokenize, methods=["POST"])

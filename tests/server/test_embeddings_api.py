@@ -112,3 +112,45 @@ def test_an_embedding_model_serves_embeddings_and_refuses_generation(pooling_ser
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=MODEL, prompt="hi", max_tokens=4)
     assert "runner='pooling'" in _error(e)["message"]
+
+
+def test_score_and_rerank_are_cosines_of_embeddings(server, base, tokenizer):
+    texts = ["a cat on a mat", "a dog in the fog", "cats and mats", "nothing at all"]
+    vec = [torch.tensor(_expected(base, tokenizer.encode(t))) for t in texts]
+    cos = lambda i, j: float(vec[i] @ vec[j])  # noqa: E731 (unit vectors)
+    score = httpx.post(
+        server + "/v1/score", json={"model": MODEL, "text_1": texts[0], "text_2": texts[1:]}
+    ).json()
+    assert score["object"] == "list" and [d["object"] for d in score["data"]] == ["score"] * 3
+    assert [d["score"] for d in score["data"]] == pytest.approx([cos(0, j) for j in (1, 2, 3)], abs=1e-5)
+    assert score["usage"]["prompt_tokens"] == sum(len(tokenizer.encode(t)) for t in texts)
+    pairs = httpx.post(
+        server + "/score", json={"model": MODEL, "text_1": texts[:2], "text_2": texts[2:]}
+    ).json()
+    assert [d["score"] for d in pairs["data"]] == pytest.approx([cos(0, 2), cos(1, 3)], abs=1e-5)
+    body = {"model": MODEL, "query": texts[0], "documents": texts[1:], "top_n": 2}
+    rerank = httpx.post(server + "/v1/rerank", json=body).json()
+    best = sorted((1, 2, 3), key=lambda j: -cos(0, j))[:2]
+    assert [r["index"] for r in rerank["results"]] == [j - 1 for j in best]
+    assert [r["relevance_score"] for r in rerank["results"]] == pytest.approx(
+        [cos(0, j) for j in best], abs=1e-5
+    )
+    assert [r["document"]["text"] for r in rerank["results"]] == [texts[j] for j in best]
+    no_docs = httpx.post(server + "/v2/rerank", json={**body, "top_n": 0, "return_documents": False}).json()
+    assert len(no_docs["results"]) == 3 and all("document" not in r for r in no_docs["results"])
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/score", {"text_1": ["a", "b"], "text_2": ["c", "d", "e"]}, "text_2"),
+        ("/v1/score", {"text_1": "a"}, "text_2"),
+        ("/v1/rerank", {"query": "", "documents": ["a"]}, "query"),
+        ("/v1/rerank", {"query": "a", "documents": []}, "documents"),
+        ("/v1/rerank", {"query": "a", "documents": ["b"], "top_n": -1}, "top_n"),
+        ("/v1/rerank", {"query": "a", "documents": ["b"], "instruction": "x"}, "instruction"),
+    ],
+)
+def test_bad_score_and_rerank_requests_are_400s(server, path, body, param):
+    resp = httpx.post(server + path, json={"model": MODEL, **body})
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.json()
