@@ -12,7 +12,8 @@ reader keeps its place between pieces, so a new piece does not make it scan the 
   value, `Read.MORE` (undecided: the text so far is a prefix of something valid) or `Read.BAD`.
 - `expect`, `find_marker`: a fixed literal, or a marker that may be arriving, in a growing text.
 
-Nothing here knows a tool-call format: what an array element turns into is the caller's `to_call`.
+Nothing here knows a tool-call format: an array element is read by the caller's reader (`read_call`,
+`new_reader`; a JSON call object's: tool_parsers/json_call.py).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ import json
 import re
 from collections.abc import Callable
 from enum import Enum
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-T = TypeVar("T")  # what array_calls and ArrayStream turn each element into (a tool call)
+T = TypeVar("T")  # what array_calls reads each element as (a tool call)
+P = TypeVar("P")  # what ArrayStream's element readers hand on (pieces of calls)
+P_co = TypeVar("P_co", covariant=True)
 
 _JSON_WS = re.compile(r"[ \t\n\r]*")  # JSON's whitespace (not str.isspace's, which has more)
 _DECODER = json.JSONDecoder()
@@ -142,48 +145,55 @@ def find_marker(text: str, pos: int, marker: str, final: bool) -> tuple[int, boo
     return len(text), False
 
 
-def array_calls(text: str, pos: int, to_call: Callable[[Any], T | None]) -> list[T]:
-    """The whole-text reader of a call array `[{...}, ...]` at text[pos:] (after whitespace), each object
-    made a call by to_call: the calls up to the first element that is not one (to_call gives None), a
-    `]`, or the end of the text."""
+def array_calls(text: str, pos: int, read_call: Callable[[str, int], tuple[T, int | None] | None]) -> list[T]:
+    """The whole-text reader of a call array `[{...}, ...]` at text[pos:] (after whitespace), each element
+    read by read_call ((the call, the index past it, or None when it is the last), or None: no call): the
+    calls up to the first element that is not one, a `]`, or the end of the text."""
     pos = skip_ws(text, pos)
     if not text.startswith("[", pos):
         return []
-    return separated_calls(text, pos + 1, ",", to_call)
+    return separated_calls(text, pos + 1, ",", read_call)
 
 
-def separated_calls(text: str, pos: int, separator: str, to_call: Callable[[Any], T | None]) -> list[T]:
-    """The whole-text reader of objects `{...}` joined by `separator` from text[pos:], each made a call by
-    to_call: the calls up to the first object that is not one, anything but the separator after one, or
-    the end of the text."""
+def separated_calls(
+    text: str, pos: int, separator: str, read_call: Callable[[str, int], tuple[T, int | None] | None]
+) -> list[T]:
+    """The whole-text reader of objects `{...}` joined by `separator` from text[pos:], each read by read_call
+    (as array_calls'): the calls up to the first object that is not one or is the last, anything but the
+    separator after one, or the end of the text."""
     calls: list[T] = []
-    while (decoded := decode_object(text, pos)) is not None:
-        call = to_call(decoded[0])
-        if call is None:
+    while (read := read_call(text, pos)) is not None:
+        calls.append(read[0])
+        if read[1] is None:
             break
-        calls.append(call)
-        pos = skip_ws(text, decoded[1])
+        pos = skip_ws(text, read[1])
         if not text.startswith(separator, pos):
             break
         pos += len(separator)
     return calls
 
 
-class ArrayStream(Generic[T]):
-    """The stream's reader of a call array from `pos`: each element becomes a call as soon as its closing
-    brace arrives. `done` once it stops (at `]`, at the first element that is not a call, or at the end of
-    a final text), reading the same calls as array_calls."""
+class ElementReader(Protocol[P_co]):
+    """A reader of one element of a growing text: (a piece to send now or None, MORE, BAD (the element ended
+    the array) or the index past it)."""
 
-    def __init__(self, pos: int, to_call: Callable[[Any], T | None]) -> None:
+    def read(self, text: str, final: bool) -> tuple[P_co | None, int | Read]: ...
+
+
+class ArrayStream(Generic[P]):
+    """The stream's reader of a call array from `pos`, each element read by a reader from new_reader(its
+    position), whose pieces it hands on. `done` once it stops (at `]`, at an element that ends the array,
+    or at the end of a final text), reading the same calls as array_calls."""
+
+    def __init__(self, pos: int, new_reader: Callable[[int], ElementReader[P]]) -> None:
         self.pos = pos
-        self.to_call = to_call
-        self.reader: ObjectReader | None = None  # reading an element; None before `[` and after elements
+        self.new_reader = new_reader
+        self.reader: ElementReader[P] | None = None  # reading an element; None before `[` and after elements
         self.opened = False
         self.done = False
-        self.num_calls = 0
 
-    def read(self, text: str, final: bool) -> list[T]:
-        calls: list[T] = []
+    def read(self, text: str, final: bool) -> list[P]:
+        pieces: list[P] = []
         while not self.done:
             if not self.opened:
                 self.pos = skip_ws(text, self.pos)
@@ -194,25 +204,24 @@ class ArrayStream(Generic[T]):
                     self.done = True
                     break
                 self.opened = True
-                self.reader = ObjectReader(opened)
+                self.reader = self.new_reader(opened)
             elif self.reader is not None:
-                read = self.reader.read(text, final)
+                piece, read = self.reader.read(text, final)
+                if piece is not None:
+                    pieces.append(piece)
                 if read is Read.MORE:
                     break
-                call = None if read is Read.BAD else self.to_call(read[0])
-                if call is None:
+                if read is Read.BAD:
                     self.done = True
                     break
-                calls.append(call)
-                self.pos, self.reader = read[1], None
+                self.pos, self.reader = read, None
             else:  # after an element: `,` and the next one, or the end of the calls
                 self.pos = skip_ws(text, self.pos)
                 if self.pos == len(text):
                     self.done = final
                     break
                 if text[self.pos] == ",":
-                    self.reader = ObjectReader(self.pos + 1)
+                    self.reader = self.new_reader(self.pos + 1)
                 else:
                     self.done = True
-        self.num_calls += len(calls)
-        return calls
+        return pieces

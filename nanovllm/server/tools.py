@@ -13,8 +13,11 @@ The tools always go to the chat template, which shows them to the model. What `t
 A reply with tool calls has `content` null unless the model wrote text before them (OpenAI's shape; vLLM
 returns "" for named and required). `parallel_tool_calls: false` keeps the first call only.
 
-Streamed, a named call's arguments go out as they are generated; "required" and "auto" send each call whole
-once it is complete (vLLM streams arguments piece by piece; clients join the pieces either way).
+Streamed, each call goes out as OpenAI's (and vLLM's) do: a first delta with its index, id, type and name,
+then deltas whose `function.arguments` are pieces of the arguments' JSON text as they are generated; the
+client joins them, and they join to the non-streamed reply's `arguments`. Named calls and the JSON formats
+stream arguments so ("required", hermes, llama3_json, mistral: tool_parsers/json_call.py); qwen3_coder and
+pythonic send each call's arguments whole once the call is read.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 from nanovllm.sampling_params import StructuredOutputsParams
 from nanovllm.server.errors import RequestError
-from nanovllm.server.tool_parsers import RequiredCallsParser, ToolCall, ToolParser
+from nanovllm.server.tool_parsers import CallDelta, RequiredCallsParser, ToolCall, ToolParser
 
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 _CHOICES = ("none", "auto", "required")
@@ -175,27 +178,36 @@ class ToolOutput:
 
     def delta(self, text: str, finished: bool) -> dict:
         """Streaming: the next piece of the choice's text (`finished`: the last) -> the chunk's delta."""
-        if self.request.choice == "named":
-            if self.num_calls_sent:
-                return {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
-            if not text:  # (no arguments yet: the call is announced with its first piece)
-                return {"content": ""}
-            self.num_calls_sent = 1  # the first delta carries the call's id and name
-            return {"tool_calls": [{"index": 0, **self._call(ToolCall(self.request.name, text))}]}
-        content, calls = self.parser.feed(text)
-        if finished:
-            more_content, more_calls = self.parser.flush()
-            content, calls = content + more_content, calls + more_calls
-        if not self.request.parallel:
-            calls = calls[: max(0, 1 - self.num_calls_sent)]
+        if self.request.choice == "named":  # (the text is the call's arguments)
+            name = None if self.num_calls_sent else self.request.name
+            content, pieces = "", [CallDelta(0, name, text)] if text or self.num_calls_sent else []
+        else:
+            content, pieces = self.parser.feed(text)
+            if finished:
+                more_content, more_pieces = self.parser.flush()
+                content, pieces = content + more_content, pieces + more_pieces
+            if not self.request.parallel:
+                pieces = [piece for piece in pieces if piece.index == 0]
         delta: dict = {}
-        if content or not calls:  # ("" while text is held back or has none yet, as a plain chunk)
+        if content or not pieces:  # ("" while text is held back or has none yet, as a plain chunk)
             delta["content"] = content
-        if calls:
-            first = self.num_calls_sent
-            delta["tool_calls"] = [{"index": first + i, **self._call(c)} for i, c in enumerate(calls)]
-            self.num_calls_sent += len(calls)
+        if pieces:
+            delta["tool_calls"] = self._call_deltas(pieces)
         return delta
+
+    def _call_deltas(self, pieces: list[CallDelta]) -> list[dict]:
+        """Pieces of calls -> the chunk's `tool_calls`, one entry per call: a call's first carries its id,
+        type and name."""
+        deltas: list[dict] = []
+        for piece in pieces:
+            if deltas and deltas[-1]["index"] == piece.index:
+                deltas[-1]["function"]["arguments"] += piece.arguments
+            elif piece.name is not None:
+                deltas.append({"index": piece.index, **self._call(ToolCall(piece.name, piece.arguments))})
+                self.num_calls_sent += 1
+            else:
+                deltas.append({"index": piece.index, "function": {"arguments": piece.arguments}})
+        return deltas
 
     def finish_reason(self, reason: str | None) -> str | None:
         """Streaming: the last chunk's finish_reason (after its delta: every call is sent)."""

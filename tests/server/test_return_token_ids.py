@@ -170,7 +170,7 @@ def test_chat_stream_prompt_ids_come_first_and_once(client, tokenizer):
 
 
 def test_tool_calls_held_back_still_send_every_id(client):
-    """tool_choice "required" holds a call's text back until the call is whole: the chunks in between
+    """tool_choice "required" holds a call's text back until its arguments begin: the chunks in between
     still carry their tokens' ids."""
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     kw = {"tools": tools, "tool_choice": "required", "max_tokens": 12}

@@ -439,6 +439,20 @@ def test_auto_finds_the_models_calls(client, stream):
     assert calls in ([("get_weather", {"city": city, "unit": "c"})] for city in ("Paris", "Rome"))
 
 
+@pytest.mark.parametrize("choice", ["auto", "required"])
+def test_arguments_stream_as_they_are_generated(client, choice):
+    """A call's name goes out first, then its arguments in pieces as their tokens arrive; joined, they are
+    the non-streamed reply's arguments character for character."""
+    fields = {"extra_body": {"structured_outputs": {"regex": HERMES_CALL}}} if choice == "auto" else {}
+    fields |= {"tool_choice": choice, "tools": [WEATHER], "parallel_tool_calls": False}
+    (call,) = _create(client, **fields).choices[0].message.tool_calls
+    chunks = _create(client, stream=True, **fields)
+    deltas = [d for chunk in chunks for c in chunk.choices for d in c.delta.tool_calls or []]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id.startswith("chatcmpl-tool-")
+    assert len(deltas) > 3 and all(d.function.name is None for d in deltas[1:])
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
+
+
 def test_auto_without_a_call_is_text(client):
     (choice,) = _create(client, extra_body={"guided_choice": ["Sunny.", "Rainy."]}).choices
     assert choice.message.content in ("Sunny.", "Rainy.") and not choice.message.tool_calls
@@ -454,15 +468,14 @@ def test_stream_chunks_are_shaped_as_openai_s(client):
     for index in (0, 1):
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == index]
         calls = [d for choice in mine for d in choice.delta.tool_calls or []]
-        assert len(calls) == 1 and calls[0].index == 0 and calls[0].type == "function"
-        assert calls[0].id.startswith("chatcmpl-tool-") and calls[0].function.name in (
-            "get_weather",
-            "get_time",
-        )
-        assert isinstance(json.loads(calls[0].function.arguments), dict)
+        first, rest = calls[0], calls[1:]
+        assert first.index == 0 and first.type == "function" and first.id.startswith("chatcmpl-tool-")
+        assert first.function.name in ("get_weather", "get_time")
+        assert all(d.index == 0 and d.id is d.type is d.function.name is None for d in rest)
+        assert isinstance(json.loads("".join(d.function.arguments for d in calls)), dict)
         assert [choice.finish_reason for choice in mine] == [None] * (len(mine) - 1) + ["tool_calls"]
         assert mine[0].delta.role == "assistant"
-    ids = [d.id for c in chunks for choice in c.choices for d in choice.delta.tool_calls or []]
+    ids = [d.id for c in chunks for choice in c.choices for d in choice.delta.tool_calls or [] if d.id]
     assert len(set(ids)) == 2  # (each choice its own call)
 
 

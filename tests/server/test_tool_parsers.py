@@ -1,5 +1,6 @@
 """Tool-call parsers: what each format's outputs give whole, and that a stream cut anywhere gives the same
-content and calls, with content sent as soon as it cannot be the start of a marker."""
+content and calls (each call's pieces, its name first, joined), with content sent as soon as it cannot be
+the start of a marker and the JSON formats' arguments as soon as they are generated."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 
 from nanovllm.server.tool_parsers import (
     TOOL_PARSERS,
+    CallDelta,
     RequiredCallsParser,
     ToolCall,
     ToolParser,
@@ -45,14 +47,33 @@ def _call(name: str, **arguments) -> ToolCall:
     return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
 
 
+def _whole(index: int, call: ToolCall) -> CallDelta:
+    """A call sent in one piece."""
+    return CallDelta(index, call.name, call.arguments)
+
+
+def _joined(deltas: list[CallDelta]) -> list[ToolCall]:
+    """Streamed pieces of calls -> the calls, as a client joins them; each call's pieces come in a row, its
+    name on the first."""
+    calls: list[list[str]] = []
+    for delta in deltas:
+        if delta.name is not None:
+            assert delta.index == len(calls)
+            calls.append([delta.name, delta.arguments])
+        else:
+            assert delta.index == len(calls) - 1
+            calls[-1][1] += delta.arguments
+    return [ToolCall(name, arguments) for name, arguments in calls]
+
+
 def _stream(name: str, pieces: list[str]) -> tuple[str, list[ToolCall]]:
     parser = PARSERS[name](TOOLS.get(name))
-    content, calls = "", []
+    content, deltas = "", []
     for piece in pieces:
-        sent, done = parser.feed(piece)
-        content, calls = content + sent, calls + done
-    sent, done = parser.flush()
-    return content + sent, calls + done
+        sent, more = parser.feed(piece)
+        content, deltas = content + sent, deltas + more
+    sent, more = parser.flush()
+    return content + sent, _joined(deltas + more)
 
 
 def _extract(name: str, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -80,10 +101,15 @@ HERMES = [
     ),
     ("The weather in Paris is sunny.", "The weather in Paris is sunny.", []),
     ("", None, []),
-    (  # malformed JSON in the only call: all content
-        'Hi <tool_call>{"name": "f", "arguments": {"a": 1}</tool_call>',
-        'Hi <tool_call>{"name": "f", "arguments": {"a": 1}</tool_call>',
+    (  # malformed JSON in the only call, before its arguments: all content
+        'Hi <tool_call>{"name": "f", "argum: {"a": 1}}</tool_call>',
+        'Hi <tool_call>{"name": "f", "argum: {"a": 1}}</tool_call>',
         [],
+    ),
+    (  # ... after them: the call was decided at its arguments' `{` (and may have been sent): it stays
+        'Hi <tool_call>{"name": "f", "arguments": {"a": 1}</tool_call>' + TIME,
+        "Hi ",
+        [_call("f", a=1)],
     ),
     (  # a malformed call after a good one: the good one stays, the rest is dropped
         "x" + WEATHER + '<tool_call>{"name": "g", </tool_call>' + TIME,
@@ -99,10 +125,16 @@ HERMES = [
         '<tool_call>{"name": "f", "parameters": {"a": 1}}</tool_call>',
         [],
     ),
-    (
-        '<tool_call>{"name": "find", "arguments": {"city": "Zürich", "q": "\\u00e9t\\u00e9 🌍"}}</tool_call>',
+    (  # the arguments are the model's own JSON text, escapes and spacing as written
+        '<tool_call>{"name": "find", "arguments": {"city":"Zürich",\n "q": "\\u00e9t\\u00e9 🌍"}}'
+        "</tool_call>",
         None,
-        [_call("find", city="Zürich", q="été 🌍")],
+        [ToolCall("find", '{"city":"Zürich",\n "q": "\\u00e9t\\u00e9 🌍"}')],
+    ),
+    (  # the arguments after another key: the call is read whole, its arguments' text all the same
+        '<tool_call>{"id": 7, "arguments": {"a":[1]}, "name": "f"}</tool_call>',
+        None,
+        [ToolCall("f", '{"a":[1]}')],
     ),
     (  # braces, brackets, quotes and the markers inside strings, and nested objects
         '<tool_call>{"name": "run", "arguments": {"code": "if (a) { b[\\"}\\"]; } </tool_call> <tool_call>",'
@@ -121,13 +153,19 @@ HERMES = [
         "ok ",
         [_call("get_weather", city="Paris"), _call("get_time", tz="CET")],
     ),
-    (  # ... but not when its JSON was cut short (max_tokens) or is followed by something else
+    (  # cut short (max_tokens) in its arguments: the call as far as it was written
         'a<tool_call>{"name": "f", "arguments": {"x"',
-        'a<tool_call>{"name": "f", "arguments": {"x"',
+        "a",
+        [ToolCall("f", '{"x"')],
+    ),
+    (  # ... before them: not decided, so no call
+        'a<tool_call>{"name": "f", "argu',
+        'a<tool_call>{"name": "f", "argu',
         [],
     ),
-    ('<tool_call>{"name": "f"} trailing', '<tool_call>{"name": "f"} trailing', []),
-    ('<tool_call>{"name": "f"}</tool_', '<tool_call>{"name": "f"}</tool_', []),
+    # a call followed by something else than </tool_call> is the last
+    ('<tool_call>{"name": "f"} trailing' + TIME, None, [_call("f")]),
+    ('<tool_call>{"name": "f"}</tool_', None, [_call("f")]),
     ("Use <tool_ call", "Use <tool_ call", []),
     ("<tool_call>", "<tool_call>", []),
 ]
@@ -138,14 +176,15 @@ def test_hermes_extract(text, content, calls):
     assert tool_parser("hermes").extract(text) == (content, calls)
 
 
-def test_hermes_streams_each_call_when_it_closes():
+def test_hermes_streams_arguments_as_they_are_generated():
     parser = tool_parser("hermes")
     assert parser.feed("Checking <tool") == ("Checking ", [])  # the marker may be arriving: held
-    assert parser.feed("_call>\n" + WEATHER[len("<tool_call>\n") : -len("</tool_call>")]) == ("", [])
-    assert parser.feed("</tool_call>") == ("", [_call("get_weather", city="Paris")])
-    assert parser.feed("\n" + TIME[:-1]) == ("", [])
-    assert parser.feed(">") == ("", [_call("get_time", tz="CET")])
-    assert parser.feed(" bye") == ("", [])  # after a call: dropped
+    assert parser.feed('_call>\n{"name": "get_weather", "argu') == ("", [])  # not decided yet
+    assert parser.feed('ments": {"ci') == ("", [CallDelta(0, "get_weather", '{"ci')])
+    assert parser.feed('ty": "Pa') == ("", [CallDelta(0, None, 'ty": "Pa')])
+    assert parser.feed('ris"}}\n</tool') == ("", [CallDelta(0, None, 'ris"}')])  # not the call's `}`
+    assert parser.feed("_call>\n" + TIME[:-1]) == ("", [_whole(1, _call("get_time", tz="CET"))])
+    assert parser.feed("> bye") == ("", [])  # after a call: dropped
     assert parser.flush() == ("", [])
 
 
@@ -167,9 +206,10 @@ def test_hermes_stream_holds_a_first_call_until_it_is_decided():
     assert parser.feed(" more") == (" more", [])
     assert parser.flush() == ("", [])
     parser = tool_parser("hermes")
-    assert parser.feed('<tool_call>{"name": "f"}') == ("", [])  # complete JSON: may end here (EOS)
+    assert parser.feed('<tool_call>{"name": "f"') == ("", [])  # no arguments: decided at its `}`
+    assert parser.feed("}") == ("", [_whole(0, _call("f"))])
     assert parser.feed("\n") == ("", [])
-    assert parser.flush() == ("", [_call("f")])
+    assert parser.flush() == ("", [])
 
 
 # ---- llama3_json --------------------------------------------------------------------------------------
@@ -187,12 +227,14 @@ LLAMA = [
     ('Sure: {"name": "a", "parameters": {}}', 'Sure: {"name": "a", "parameters": {}}', []),  # not first
     ('{"answer": 42}', '{"answer": 42}', []),  # JSON, but not a call
     ('{"name": "Bob", "age": 3}', '{"name": "Bob", "age": 3}', []),  # arguments are required here
-    (
-        '{"name": "a", "parameters": {}, "arguments": {}}',
-        '{"name": "a", "parameters": {}, "arguments": {}}',
+    (  # two arguments keys: no call when read whole ...
+        '{"arguments": {}, "name": "a", "parameters": {}}',
+        '{"arguments": {}, "name": "a", "parameters": {}}',
         [],
     ),
-    ('{"name": "a", "parameters": {"x": 1}', '{"name": "a", "parameters": {"x": 1}', []),  # cut short
+    # ... but a call decided at its head stays, the last one
+    ('{"name": "a", "parameters": {}, "arguments": {}}; {"name": "b", "parameters": {}}', None, [_call("a")]),
+    ('{"name": "a", "parameters": {"x": 1}', None, [_call("a", x=1)]),  # cut short after the arguments
     ('{"name": "a", "parameters": {}}; {"name": "b", "par', None, [_call("a")]),  # the good one stays
     ('{"name": "a", "parameters": {}} and some text', None, [_call("a")]),
     (
@@ -217,9 +259,10 @@ def test_llama3_json_stream_decides_at_the_first_character():
     assert parser.feed("ello") == ("ello", [])
     parser = tool_parser("llama3_json")
     assert parser.feed("<|python") == ("", [])
-    assert parser.feed('_tag|>{"name": "a", "parameters": {}}') == ("", [_call("a")])
+    assert parser.feed('_tag|>{"name": "a", "parameters": {}}') == ("", [_whole(0, _call("a"))])
     assert parser.feed("; ") == ("", [])
-    assert parser.feed('{"name": "b", "parameters": {"k": "v"}}') == ("", [_call("b", k="v")])
+    assert parser.feed('{"name": "b", "parameters": {"k"') == ("", [CallDelta(1, "b", '{"k"')])
+    assert parser.feed(': "v"}}') == ("", [CallDelta(1, None, ': "v"}')])
     assert parser.flush() == ("", [])
     parser = tool_parser("llama3_json")
     assert parser.feed('{"answer": ') == ("", [])
@@ -240,9 +283,14 @@ MISTRAL = [
         [_call("a", x="]}"), _call("b")],
     ),
     ("No tools needed.", "No tools needed.", []),
-    (
-        'Hi[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}]',
-        "Hi" + '[{"name": "a", "arguments": {"x": 1}]',
+    (  # the element is not closed after its arguments: the call stays, the last
+        'Hi[TOOL_CALLS][{"name": "a", "arguments": {"x": 1}], {"name": "b"}',
+        "Hi",
+        [_call("a", x=1)],
+    ),
+    (  # ... one that is no call is content, less the marker
+        'Hi[TOOL_CALLS][{"name": "a", "arguments": 1]',
+        'Hi[{"name": "a", "arguments": 1]',
         [],
     ),
     ("[TOOL_CALLS]", None, []),
@@ -265,8 +313,8 @@ def test_mistral_keeps_special_tokens_and_streams_elements():
     assert tool_parser("qwen3_coder").skip_special_tokens is True  # (<tool_call> is not special in Qwen's)
     parser = tool_parser("mistral")
     assert parser.feed("Sure[TOOL") == ("Sure", [])
-    assert parser.feed('_CALLS][{"name": "a", "arguments": {"x": 1}}') == ("", [_call("a", x=1)])
-    assert parser.feed(', {"name": "b"}]') == ("", [_call("b")])
+    assert parser.feed('_CALLS][{"name": "a", "arguments": {"x": 1}}') == ("", [_whole(0, _call("a", x=1))])
+    assert parser.feed(', {"name": "b"}]') == ("", [_whole(1, _call("b"))])
     assert parser.flush() == ("", [])
 
 
@@ -279,7 +327,11 @@ REQUIRED = [
         '\n  {"name": "b", "parameters": {"é": ["{"]}}\n]',
         [_call("a", s='"}]\\'), _call("b", é=["{"])],
     ),
-    ('[{"name": "a", "parameters": {}}, {"name": "b", "parameters": {"x": ', [_call("a")]),  # cut short
+    (  # cut short: the last call as far as it was written
+        '[{"name": "a", "parameters": {}}, {"name": "b", "parameters": {"x": ',
+        [_call("a"), ToolCall("b", '{"x": ')],
+    ),
+    ('[{"name": "a", "parameters": {}}, {"name": "b", "para', [_call("a")]),  # ... not decided: no call
     ('{"name": "a", "parameters": {}}', []),
     ("[]", []),
     ("", []),
@@ -291,13 +343,13 @@ def test_required_extract(text, calls):
     assert RequiredCallsParser().extract(text) == (None, calls)
 
 
-def test_required_streams_each_element_at_its_closing_brace():
+def test_required_streams_each_elements_arguments():
     parser = RequiredCallsParser()
-    assert parser.feed('[{"name": "a", "parameters": {"x": "}"') == ("", [])
-    assert parser.feed("}") == ("", [])  # closes the parameters, not the element
-    assert parser.feed("}") == ("", [_call("a", x="}")])
-    assert parser.feed(', {"name": "b", "parameters": {"y": "\\') == ("", [])  # the escape spans pieces
-    assert parser.feed('""}}]') == ("", [_call("b", y='"')])
+    assert parser.feed('[{"name": "a", "parameters": {"x": "}"') == ("", [CallDelta(0, "a", '{"x": "}"')])
+    assert parser.feed("}") == ("", [CallDelta(0, None, "}")])  # closes the parameters
+    assert parser.feed("}") == ("", [])  # ... this the element: not arguments
+    assert parser.feed(', {"name": "b", "parameters": {"y": "\\') == ("", [CallDelta(1, "b", '{"y": "\\')])
+    assert parser.feed('""}}]') == ("", [CallDelta(1, None, '""}')])  # (the escape spanned pieces)
     assert parser.flush() == ("", [])
 
 
@@ -412,7 +464,7 @@ def test_qwen3_coder_streams_each_call_at_its_end_tag():
     parser = tool_parser("qwen3_coder", [WEATHER_TOOL])
     assert parser.feed("Checking <tool") == ("Checking ", [])
     assert parser.feed(XML_WEATHER[len("<tool") : -1]) == ("", [])
-    assert parser.feed(">") == ("", [_call("get_weather", city="Paris", days=3)])
+    assert parser.feed(">") == ("", [_whole(0, _call("get_weather", city="Paris", days=3))])
     assert parser.feed("\n" + XML_TIME[: -len("</tool_call>")]) == (
         "",
         [],
@@ -421,7 +473,7 @@ def test_qwen3_coder_streams_each_call_at_its_end_tag():
     assert parser.flush() == ("", [])
     parser = tool_parser("qwen3_coder")
     assert parser.feed(XML_TIME[: -len("\n</tool_call>")]) == ("", [])
-    assert parser.flush() == ("", [_call("get_time", tz="CET")])  # ended after </function>
+    assert parser.flush() == ("", [_whole(0, _call("get_time", tz="CET"))])  # ended after </function>
 
 
 # ---- pythonic -----------------------------------------------------------------------------------------
@@ -466,7 +518,7 @@ def test_pythonic_stream_holds_a_list_to_the_end_and_sends_text_at_once():
     parser = tool_parser("pythonic")
     assert parser.feed(" <|python_") == ("", [])
     assert parser.feed("start|>[f(a=1)]") == ("", [])  # a list: held to the end
-    assert parser.flush() == ("", [_call("f", a=1)])
+    assert parser.flush() == ("", [_whole(0, _call("f", a=1))])
     parser = tool_parser("pythonic")
     assert parser.feed("\n") == ("", [])
     assert parser.feed("Hi [f(a=1)]") == ("\nHi [f(a=1)]", [])
@@ -493,6 +545,9 @@ _CALL_OBJECTS = [
     '{"name": "f", "arguments": {"a": 1}',
     '{"name": "x"',
     '{"nam',
+    '{"arguments": {"b": [2]}, "name": "g"}',  # (not the head's order: read whole)
+    '{"name": "f", "arguments": {"a": 1}, "name": "g"}',  # (decided at the head, then broken)
+    '{"name": "f", "arguments": {"a": 1}, "id": 3}',
 ]
 FRAGMENTS = {
     "hermes": ["<tool_call>", "</tool_call>", "<tool_", "</tool", "_call>", *_CALL_OBJECTS],
@@ -545,13 +600,18 @@ _ARGS_KEY = {"hermes": ["arguments"], "llama3_json": ["parameters", "arguments"]
 @st.composite
 def _call_object(draw, name: str) -> str:
     """One call's JSON as the format writes it; now and then not quite (a wrong key, arguments that are
-    not an object)."""
+    not an object, another key before or after them, the arguments first)."""
     obj = {"name": draw(st.sampled_from(["f", "get_weather", "ü"]))}
     if draw(st.integers(0, 9)) > 0:
         key = draw(st.sampled_from(_ARGS_KEY.get(name, ["parameters"])))
         obj[key] = draw(st.dictionaries(_STRINGS, _VALUES, max_size=3))
     else:
         obj[draw(st.sampled_from(["arguments", "parameters"]))] = draw(_VALUES)
+    if draw(st.integers(0, 4)) == 0:
+        extra = {draw(st.sampled_from(["id", "name", "arguments"])): draw(_VALUES)}
+        obj = {**extra, **obj} if draw(st.booleans()) else {**obj, **extra}
+    if draw(st.integers(0, 4)) == 0:
+        obj = dict(reversed(obj.items()))
     return json.dumps(obj, ensure_ascii=draw(st.booleans()), indent=draw(st.sampled_from([None, 1])))
 
 
@@ -629,6 +689,34 @@ def test_streaming_agrees_with_extract_however_the_text_is_cut(name, data):
     pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
     _check_stream(name, text, pieces)
     _check_stream(name, text, list(text))
+
+
+@pytest.mark.parametrize(
+    ("name", "before", "after"),
+    [
+        ("hermes", 'Sure.<tool_call>\n{"name": "f", "arguments": ', "}\n</tool_call>"),
+        ("llama3_json", '<|python_tag|>{"name": "f",\n "parameters":', "}"),
+        ("mistral", 'Sure.[TOOL_CALLS][{"name": "f", "arguments": ', "}]"),
+        ("required", '[{"name": "f", "parameters": ', "}]"),
+    ],
+)
+@settings(max_examples=50, deadline=None)
+@given(value=_STRINGS.map(lambda text: text * 20), ascii_only=st.booleans())
+def test_arguments_stream_as_they_are_generated(name, before, after, value, ascii_only):
+    """Fed a character at a time, a call whose arguments hold a long value has sent, after each character,
+    exactly the arguments written so far: its name once its arguments open, then every character of them
+    (escapes and the format's markers inside strings included) up to their closing brace, and nothing
+    after it."""
+    arguments = json.dumps({"code": value, "more": [1, {"k": value}]}, ensure_ascii=ascii_only)
+    text = before + arguments + after
+    parser = PARSERS[name](TOOLS.get(name))
+    deltas: list[CallDelta] = []
+    for end in range(1, len(text) + 1):
+        deltas += parser.feed(text[end - 1])[1]
+        written = text[len(before) : min(end, len(before) + len(arguments))]
+        assert _joined(deltas) == ([ToolCall("f", written)] if written else [])
+    deltas += parser.flush()[1]
+    assert _joined(deltas) == [ToolCall("f", arguments)] == _extract(name, text)[1]
 
 
 @pytest.mark.parametrize(

@@ -1,15 +1,14 @@
-"""What every tool parser shares: `ToolCall`, the `ToolParser` interface (one instance per generated
-choice: `extract` for a finished output, `feed`/`flush` for a stream), a decoded JSON object read as a call
-(`object_to_call`, for the JSON formats) and the places a stream can be in (`Mode`). The formats are the
-package's other modules; the rules they all follow are in its docstring (__init__.py)."""
+"""What every tool parser shares: `ToolCall` and `CallDelta`, the `ToolParser` interface (one instance per
+generated choice: `extract` for a finished output, `feed`/`flush` for a stream) and the places a stream can be
+in (`Mode`). The formats are the package's other modules; the rules they all follow are in its docstring
+(__init__.py)."""
 
 from __future__ import annotations
 
-import json
 import uuid
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, ClassVar
+from typing import ClassVar
 
 
 @dataclass(frozen=True)
@@ -17,7 +16,19 @@ class ToolCall:
     """One function call, as OpenAI's `tool_calls[i].function` carries it (the server adds the id)."""
 
     name: str
-    arguments: str  # the arguments object as JSON text: json.dumps(obj, ensure_ascii=False)
+    # the arguments object as JSON text: the JSON formats' as the model wrote it (json_call.py), the others'
+    # json.dumps(obj, ensure_ascii=False)
+    arguments: str
+
+
+@dataclass(frozen=True)
+class CallDelta:
+    """A piece of a streamed call. A call's pieces come in a row, the first with its name; their arguments
+    join to its ToolCall.arguments."""
+
+    index: int  # the call's place among the choice's calls: 0, 1, ...
+    name: str | None  # on the call's first piece only
+    arguments: str  # the next piece of the arguments' JSON text ("" when none is known yet)
 
 
 class ToolParser:
@@ -38,48 +49,31 @@ class ToolParser:
         (qwen3_coder types its values from their schemas)."""
         self._text = ""  # everything fed so far
         self._pos = 0  # how far the stream has read: content before it was sent, calls before it emitted
+        self._num_calls = 0  # calls begun in the stream so far
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """A finished output -> (content, calls). Content is None when empty. When the text holds no
         well-formed call, it is all content and calls is []."""
         raise NotImplementedError
 
-    def feed(self, delta: str) -> tuple[str, list[ToolCall]]:
-        """Streaming: the next piece of generated text -> (content to send now, calls completed now)."""
+    def feed(self, delta: str) -> tuple[str, list[CallDelta]]:
+        """Streaming: the next piece of generated text -> (content to send now, call pieces to send now)."""
         self._text += delta
         return self._advance(final=False)
 
-    def flush(self) -> tuple[str, list[ToolCall]]:
+    def flush(self) -> tuple[str, list[CallDelta]]:
         """The stream ended: whatever was held back."""
         return self._advance(final=True)
 
-    def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
+    def _advance(self, final: bool) -> tuple[str, list[CallDelta]]:
         """Reads self._text on from self._pos as far as it can be decided (all of it when final)."""
         raise NotImplementedError
 
-
-# ---- calls ---------------------------------------------------------------------------------------------
-
-ARGS_KEYS = ("arguments", "parameters")  # what the formats call a call's arguments
-
-
-def object_to_call(obj: Any, args_keys: tuple[str, ...], args_required: bool) -> ToolCall | None:
-    """A decoded call object -> ToolCall, or None when it is not one. The arguments come under one of
-    args_keys; more than one of them is ambiguous, none is `{}` unless args_required. Arguments under the
-    other format's key (hermes' `"parameters"`) make it no call: read as `{}` they would be lost without a
-    word, and vLLM's parsers make such an output content too."""
-    if not isinstance(obj, dict):
-        return None
-    name = obj.get("name")
-    if not isinstance(name, str) or not name:
-        return None
-    keys = [key for key in ARGS_KEYS if key in obj]
-    if len(keys) > 1 or (not keys and args_required) or not set(keys) <= set(args_keys):
-        return None
-    arguments = obj[keys[0]] if keys else {}
-    if not isinstance(arguments, dict):
-        return None
-    return ToolCall(name, json.dumps(arguments, ensure_ascii=False))
+    def _piece(self, name: str | None, arguments: str) -> CallDelta:
+        """The stream's next piece of a call: a new call when name is given, else more of the last one's
+        arguments."""
+        self._num_calls += name is not None
+        return CallDelta(self._num_calls - 1, name, arguments)
 
 
 class Mode(Enum):

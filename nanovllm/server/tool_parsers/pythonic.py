@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from nanovllm.server.json_stream import skip_ws
-from nanovllm.server.tool_parsers.base import Mode, ToolCall, ToolParser
+from nanovllm.server.tool_parsers.base import CallDelta, Mode, ToolCall, ToolParser
 
 
 def _json_literal(value: Any) -> bool:
@@ -78,7 +78,7 @@ class PythonicToolParser(ToolParser):
                     calls = []
         return (None, calls) if calls else (text or None, [])
 
-    def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
+    def _advance(self, final: bool) -> tuple[str, list[CallDelta]]:
         text = self._text
         if self._mode is Mode.START:
             pos = skip_ws(text, 0)
@@ -94,7 +94,7 @@ class PythonicToolParser(ToolParser):
                 return "", []
             content, calls = self.extract(text)
             self._pos, self._mode = len(text), Mode.DONE
-            return content or "", calls
+            return content or "", [self._piece(call.name, call.arguments) for call in calls]
         if self._mode is Mode.PASS:  # (self._pos is 0 until now: nothing was sent)
             content, self._pos = text[self._pos :], len(text)
             return content, []

@@ -3,34 +3,31 @@ whatever the model's own format."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from nanovllm.server.json_stream import ArrayStream, array_calls
-from nanovllm.server.tool_parsers.base import ToolCall, ToolParser, object_to_call
+from nanovllm.server.tool_parsers.base import CallDelta, ToolCall, ToolParser
+from nanovllm.server.tool_parsers.json_call import CallReader, read_call
 
 
 class RequiredCallsParser(ToolParser):
     """tool_choice "required": the output was constrained to a JSON array of
-    `{"name": "f", "parameters": {...}}`, so it is all calls and never content. Each element is sent as a
-    call as soon as its closing brace arrives; a missing "parameters" is `{}`. An output that is not such
-    an array to the end (cut by max_tokens, say) gives the complete calls before the first element that
-    is not one, and none if it does not start with `[`. Not in TOOL_PARSERS: the server uses it for
-    "required" whatever the model's parser."""
+    `{"name": "f", "parameters": {...}}`, so it is all calls and never content. Each element's arguments
+    stream as they are generated (json_call.py); a missing "parameters" is `{}`. An output that is not such
+    an array to the end (cut by max_tokens, say) gives the calls before the first element that is not one
+    (and the one cut short, if its arguments had begun), and none if it does not start with `[`. Not in
+    TOOL_PARSERS: the server uses it for "required" whatever the model's parser."""
 
     name = "required"
 
     def __init__(self, tools: list[dict] | None = None) -> None:
         super().__init__(tools)
-        self._array = ArrayStream(0, self._call)
+        self._array = ArrayStream(0, lambda pos: CallReader(pos, self._ARGS_KEYS, False))
 
-    @staticmethod
-    def _call(obj: Any) -> ToolCall | None:
-        return object_to_call(obj, ("parameters",), False)
+    _ARGS_KEYS = ("parameters",)
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        return None, array_calls(text, 0, self._call)
+        return None, array_calls(text, 0, lambda text, pos: read_call(text, pos, self._ARGS_KEYS, False))
 
-    def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
-        calls = self._array.read(self._text, final)
+    def _advance(self, final: bool) -> tuple[str, list[CallDelta]]:
+        pieces = self._array.read(self._text, final)
         self._pos = len(self._text)
-        return "", calls
+        return "", [self._piece(*piece) for piece in pieces]

@@ -1,6 +1,6 @@
-"""Calls each opened by a tag, after content: hermes (`<tool_call>` and a JSON object) and qwen3_coder
-(`<tool_call>` and XML, read by xml_calls.py). `_TaggedCallsParser` reads the content and the run of calls,
-whole and streamed; each format supplies only how one call after its tag is read."""
+"""Calls each opened by a tag, after content: hermes (`<tool_call>` and a JSON object, read by json_call.py)
+and qwen3_coder (`<tool_call>` and XML, read by xml_calls.py). `_TaggedCallsParser` reads the content and the
+run of calls, whole and streamed; each format supplies only how one call after its tag is read."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from nanovllm.server import xml_calls
-from nanovllm.server.json_stream import ObjectReader, Read, decode_object, expect, find_marker, skip_ws
-from nanovllm.server.tool_parsers.base import Mode, ToolCall, ToolParser, object_to_call
+from nanovllm.server.json_stream import Read, expect, find_marker, skip_ws
+from nanovllm.server.tool_parsers.base import CallDelta, Mode, ToolCall, ToolParser
+from nanovllm.server.tool_parsers.json_call import CallReader, Piece, read_call
 
 # ---- what the tagged formats share -------------------------------------------------------------------
 
@@ -18,7 +19,8 @@ from nanovllm.server.tool_parsers.base import Mode, ToolCall, ToolParser, object
 class _TaggedCallsParser(ToolParser):
     """Content, then calls each opened by the start tag `_START`: content is the text before the first
     one; text between and after calls is dropped (as vLLM does). A subclass reads one call after its tag,
-    whole (`_call_at`) and from a growing text (`_call_reader`), each giving (the call, the index past it)."""
+    whole (`_call_at`) and from a growing text (`_call_reader`: pieces of the call, then the index past
+    it)."""
 
     _START: ClassVar[str]
 
@@ -26,15 +28,17 @@ class _TaggedCallsParser(ToolParser):
         super().__init__(tools)
         self._mode = Mode.CONTENT
         self._region = -1  # where the first start tag is: content from there if no call is read
-        self._num_calls = 0
-        self._reader: Any = None  # the call being read: `.read(text, final)` -> (call, end) | Read
+        self._reader: Any = None  # the call being read: `.read(text, final)` -> (Piece | None, end | Read)
 
-    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int] | None:
-        """The call just past a start tag at pos, read whole, and the index past it; None: no call."""
+    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int | None] | None:
+        """The call just past a start tag at pos, read whole, and the index past it (None: it is the last
+        call); None: no call."""
         raise NotImplementedError
 
     def _call_reader(self, pos: int) -> Any:
-        """A reader of the call just past a start tag at pos, from a growing text."""
+        """A reader of the call just past a start tag at pos, from a growing text: `.read(text, final)` ->
+        (a piece of the call to send now or None, MORE, BAD (no call, or the last if a piece was sent) or
+        the index past the call)."""
         raise NotImplementedError
 
     def extract(self, text: str) -> tuple[str | None, list[ToolCall]]:
@@ -43,15 +47,15 @@ class _TaggedCallsParser(ToolParser):
         start = first
         while start >= 0 and (read := self._call_at(text, start + len(self._START))) is not None:
             calls.append(read[0])
-            start = text.find(self._START, read[1])
+            start = -1 if read[1] is None else text.find(self._START, read[1])
         if not calls:
             return text or None, []
         return text[:first] or None, calls
 
-    def _advance(self, final: bool) -> tuple[str, list[ToolCall]]:
+    def _advance(self, final: bool) -> tuple[str, list[CallDelta]]:
         text = self._text
         content: list[str] = []
-        calls: list[ToolCall] = []
+        pieces: list[CallDelta] = []
         while True:
             if self._mode is Mode.CONTENT or self._mode is Mode.BETWEEN:
                 stop, found = find_marker(text, self._pos, self._START, final)
@@ -65,7 +69,9 @@ class _TaggedCallsParser(ToolParser):
                 self._reader = self._call_reader(stop + len(self._START))
                 self._mode = Mode.CALL
             elif self._mode is Mode.CALL:
-                read = self._reader.read(text, final)
+                piece, read = self._reader.read(text, final)
+                if piece is not None:
+                    pieces.append(self._piece(*piece))
                 if read is Read.MORE:
                     break
                 if read is Read.BAD:
@@ -74,9 +80,7 @@ class _TaggedCallsParser(ToolParser):
                     else:
                         self._mode = Mode.DONE
                     continue
-                calls.append(read[0])
-                self._num_calls += 1
-                self._pos = read[1]
+                self._pos = read
                 self._mode = Mode.BETWEEN
             elif self._mode is Mode.PASS:
                 content.append(text[self._pos :])
@@ -85,7 +89,7 @@ class _TaggedCallsParser(ToolParser):
             else:  # DONE
                 self._pos = len(text)
                 break
-        return "".join(content), calls
+        return "".join(content), pieces
 
 
 # ---- hermes ------------------------------------------------------------------------------------------
@@ -93,58 +97,50 @@ class _TaggedCallsParser(ToolParser):
 
 class HermesToolParser(_TaggedCallsParser):
     """Qwen2.5, Qwen3 and Hermes models: content, then calls, each
-    `<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>`. The last call may be left unclosed
-    when generation stopped right after its JSON. A missing "arguments" is `{}` (the marker already says
-    this is a call); "parameters" in its place makes it no call, as in vLLM's hermes parser, which does not
-    read that key either."""
+    `<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>`, its arguments streamed as they are
+    generated (json_call.py). The last call may be left unclosed when generation stopped right after its
+    JSON; a call followed by anything but `</tool_call>` is the last. A missing "arguments" is `{}` (the
+    marker already says this is a call); "parameters" in its place makes it no call, as in vLLM's hermes
+    parser, which does not read that key either."""
 
     name = "hermes"
     skip_special_tokens = False  # (Hermes 2 Pro and 3 make <tool_call> a special token; Qwen does not)
     _START = "<tool_call>"
     _END = "</tool_call>"
+    _ARGS_KEYS = ("arguments",)
 
-    @staticmethod
-    def _to_call(obj: Any) -> ToolCall | None:
-        return object_to_call(obj, ("arguments",), False)
-
-    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int] | None:
-        decoded = decode_object(text, pos)
-        call = None if decoded is None else self._to_call(decoded[0])
-        if call is None:
-            return None
-        end = skip_ws(text, decoded[1])
+    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int | None] | None:
+        read = read_call(text, pos, self._ARGS_KEYS, False)
+        if read is None or read[1] is None:
+            return read
+        end = skip_ws(text, read[1])
         if text.startswith(self._END, end):
-            return call, end + len(self._END)
-        return (call, end) if end == len(text) else None
+            return read[0], end + len(self._END)
+        return read[0], (end if end == len(text) else None)
 
     def _call_reader(self, pos: int) -> _HermesCallReader:
-        return _HermesCallReader(pos, self._to_call, self._END)
+        return _HermesCallReader(CallReader(pos, self._ARGS_KEYS, False), self._END)
 
 
 class _HermesCallReader:
-    """One hermes call read out of a growing text: its JSON object, then `</tool_call>` (or, in a final
-    text, its end: generation stopped right after the JSON)."""
+    """One hermes call read out of a growing text: its JSON object (json_call.CallReader), then
+    `</tool_call>` (or, in a final text, its end: generation stopped right after the JSON)."""
 
-    def __init__(self, pos: int, to_call: Callable[[Any], ToolCall | None], end_tag: str) -> None:
-        self.object = ObjectReader(pos)
-        self.to_call, self.end_tag = to_call, end_tag
-        self.call: ToolCall | None = None  # once the object is read: the call whose end tag is awaited
-        self.pos = pos
+    def __init__(self, call: CallReader, end_tag: str) -> None:
+        self.call, self.end_tag = call, end_tag
+        self.pos = -1  # once the object is read: the index past it
 
-    def read(self, text: str, final: bool) -> tuple[ToolCall, int] | Read:
-        if self.call is None:
-            read = self.object.read(text, final)
-            if read is Read.MORE:
-                return read
-            self.call = None if read is Read.BAD else self.to_call(read[0])
-            if self.call is None:
-                return Read.BAD
-            self.pos = read[1]
+    def read(self, text: str, final: bool) -> tuple[Piece | None, int | Read]:
+        piece = None
+        if self.pos < 0:
+            piece, read = self.call.read(text, final)
+            if isinstance(read, Read):
+                return piece, read
+            self.pos = read
         pos = self.pos = skip_ws(text, self.pos)
         if final and pos == len(text):
-            return self.call, pos
-        end = expect(text, pos, self.end_tag, final)
-        return end if isinstance(end, Read) else (self.call, end)
+            return piece, pos
+        return piece, expect(text, pos, self.end_tag, final)
 
 
 # ---- qwen3_coder -------------------------------------------------------------------------------------
@@ -180,13 +176,16 @@ class Qwen3CoderToolParser(_TaggedCallsParser):
 
 
 class _XmlCallReader:
-    """xml_calls.CallReader with its raw call typed into a ToolCall."""
+    """xml_calls.CallReader with its raw call typed into a ToolCall, sent whole once it is read."""
 
     def __init__(
         self, reader: xml_calls.CallReader, to_call: Callable[[xml_calls.RawCall], tuple[ToolCall, int]]
     ) -> None:
         self.reader, self.to_call = reader, to_call
 
-    def read(self, text: str, final: bool) -> tuple[ToolCall, int] | Read:
+    def read(self, text: str, final: bool) -> tuple[Piece | None, int | Read]:
         read = self.reader.read(text, final)
-        return read if isinstance(read, Read) else self.to_call(read)
+        if isinstance(read, Read):
+            return None, read
+        call, end = self.to_call(read)
+        return (call.name, call.arguments), end
