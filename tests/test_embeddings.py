@@ -98,6 +98,7 @@ def test_mean_and_first_token_pooling(ckpt, prompts, hidden, kind):
         again = llm.embed(prompts, use_tqdm=False)  # computed whole again: the cache would skip rows
         _assert_close(_vectors(again), want)
         assert all(o.num_cached_tokens == 0 for o in again)
+        assert llm.engine.scheduler.block_manager.num_queried_tokens == 0  # (no query of the cache: no miss)
 
 
 @pytest.mark.parametrize("kind", ["LAST", "MEAN"])

@@ -125,8 +125,9 @@ class BlockManager:
             block.ref_count += 1
         seq.block_table = list(cached_blocks)
         seq.num_computed_tokens = len(cached_blocks) * self.block_size
-        self.num_queried_tokens += seq.num_tokens
-        self.num_hit_tokens += seq.num_computed_tokens
+        if seq.pooling_type is None or not reads_every_token(seq.pooling_type):  # (as vLLM: a request that
+            self.num_queried_tokens += seq.num_tokens  # cannot read the cache is no query of it)
+            self.num_hit_tokens += seq.num_computed_tokens
         self.append_slots(seq, num_tokens)
 
     def can_append(self, seq: Sequence, num_tokens: int) -> bool:
