@@ -125,8 +125,9 @@ class BlockManager:
             block.ref_count += 1
         seq.block_table = list(cached_blocks)
         seq.num_computed_tokens = len(cached_blocks) * self.block_size
-        if seq.pooling_type is None or not reads_every_token(seq.pooling_type):  # (as vLLM: a request that
-            self.num_queried_tokens += seq.num_tokens  # cannot read the cache is no query of it)
+        # (as vLLM counts: a request that cannot read the cache, an embedding pooling every row, asks nothing)
+        if seq.pooling_type is None or not reads_every_token(seq.pooling_type):
+            self.num_queried_tokens += seq.num_tokens
             self.num_hit_tokens += seq.num_computed_tokens
         self.append_slots(seq, num_tokens)
 
