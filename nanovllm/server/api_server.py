@@ -173,7 +173,11 @@ class OpenAIServer:
             check_priority(req.priority, self.config.scheduling_policy)
         except ValueError as e:
             raise RequestError(str(e), "priority") from None
-        prompts = [self._tokenize(p, param, req.add_special_tokens) for p in req.inputs]
+        if req.messages is not None:  # (vLLM's chat-style request: the conversation as chat renders it)
+            text = self._render(req.messages, req.chat_options)
+            prompts = [self._tokenize(text, "messages", req.add_special_tokens)]
+        else:
+            prompts = [self._tokenize(p, param, req.add_special_tokens) for p in req.inputs]
         try:  # (usage counts what was kept)
             kept = [req.params.truncated_prompt(ids, self.max_model_len) for _, ids in prompts]
         except ValueError as e:

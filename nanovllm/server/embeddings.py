@@ -15,7 +15,15 @@ from nanovllm.pooling_params import PoolingParams
 from nanovllm.sampling_params import ParamError
 from nanovllm.scoring import score_pairs
 from nanovllm.server.errors import RequestError
-from nanovllm.server.protocol import _check_fields, _parse_bool, _parse_model, _parse_prompt
+from nanovllm.server.protocol import (
+    CHAT_TEMPLATE_FIELDS,
+    _check_fields,
+    _parse_bool,
+    _parse_chat_options,
+    _parse_messages,
+    _parse_model,
+    _parse_prompt,
+)
 
 MAX_INPUTS = 2048  # inputs per request, as OpenAI's limit
 EMBEDDING_FIELDS = frozenset(
@@ -31,6 +39,9 @@ EMBEDDING_FIELDS = frozenset(
         "use_activation",
         "add_special_tokens",
         "priority",
+        # vLLM's chat-style embedding request: `messages` (rendered by the chat template) instead of `input`
+        "messages",
+        *CHAT_TEMPLATE_FIELDS,
     )
 )
 
@@ -38,22 +49,43 @@ EMBEDDING_FIELDS = frozenset(
 @dataclass
 class EmbeddingRequest:
     model: str | None
-    inputs: list[str | list[int]]
+    inputs: list[str | list[int]]  # (a chat-style request: none; its conversation is `messages`)
     params: PoolingParams
     base64: bool
     add_special_tokens: bool
     priority: int
+    messages: list[dict] | None = None  # a conversation, embedded as the chat template renders it
+    chat_options: dict | None = None  # render_chat's switches for `messages`
 
 
 def parse_embedding_request(body: Any) -> EmbeddingRequest:
     body = _check_fields(body, EMBEDDING_FIELDS, {})
-    req = _embedding_request(body, _parse_prompt(body.get("input"), "input"))
+    if body.get("messages") is not None:
+        req = _chat_embedding_request(body)
+    else:
+        if any(body.get(f) is not None for f in CHAT_TEMPLATE_FIELDS):
+            field = next(f for f in CHAT_TEMPLATE_FIELDS if body.get(f) is not None)
+            raise RequestError(f"{field} applies to messages, not to input", field)
+        req = _embedding_request(body, _parse_prompt(body.get("input"), "input"))
     encoding = body.get("encoding_format", "float")
     if encoding not in ("float", "base64"):
         raise RequestError(
             f"encoding_format must be 'float' or 'base64', got {encoding!r}", "encoding_format"
         )
     req.base64 = encoding == "base64"
+    return req
+
+
+def _chat_embedding_request(body: dict) -> EmbeddingRequest:
+    """vLLM's chat-style embedding request: one conversation, rendered by the chat template with no generation
+    prompt (unless add_generation_prompt) and no special tokens added on top (unless add_special_tokens)."""
+    if body.get("input") is not None:
+        raise RequestError("give either input or messages", "messages")
+    given = {k: v for k, v in body.items() if v is not None}  # (null: the default, as for any field)
+    chat_defaults = {"add_special_tokens": False, "add_generation_prompt": False, **given}
+    req = _embedding_request(chat_defaults, [])
+    req.messages = _parse_messages(body["messages"])
+    req.chat_options = _parse_chat_options(chat_defaults)
     return req
 
 

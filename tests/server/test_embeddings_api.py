@@ -76,7 +76,9 @@ def test_float_and_base64_encodings_and_vllm_fields(server, base):
         ({"encoding_format": "int8"}, "encoding_format"),
         ({"input": []}, "input"),
         ({"input": [[5, 99999]]}, "input"),
-        ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "messages"),  # (with input)
+        ({"add_generation_prompt": True}, "add_generation_prompt"),  # (without messages)
+        ({"input": None, "messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role"),
         ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
         ({"input": [[5] * 300]}, "input"),  # over max_model_len
     ],
@@ -154,3 +156,18 @@ def test_score_and_rerank_are_cosines_of_embeddings(server, base, tokenizer):
 def test_bad_score_and_rerank_requests_are_400s(server, path, body, param):
     resp = httpx.post(server + path, json={"model": MODEL, **body})
     assert resp.status_code == 400 and resp.json()["error"]["param"] == param, resp.json()
+
+
+def test_a_conversation_embeds_as_the_chat_template_renders_it(client, server, base, tokenizer):
+    """vLLM's chat-style embedding request: `messages` rendered with no generation prompt and no special
+    tokens on top, unless asked."""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    for extra, generation_prompt in (({}, False), ({"add_generation_prompt": True}, True)):
+        body = {"model": MODEL, "messages": messages, "encoding_format": "float", **extra}
+        out = httpx.post(server + "/v1/embeddings", json=body, timeout=60).json()
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        _close(out["data"][0]["embedding"], _expected(base, ids))
+        assert out["usage"]["prompt_tokens"] == len(ids)
