@@ -16,8 +16,8 @@ returns "" for named and required). `parallel_tool_calls: false` keeps the first
 Streamed, each call goes out as OpenAI's (and vLLM's) do: a first delta with its index, id, type and name,
 then deltas whose `function.arguments` are pieces of the arguments' JSON text as they are generated; the
 client joins them, and they join to the non-streamed reply's `arguments`. Named calls and the JSON formats
-stream arguments so ("required", hermes, llama3_json, mistral: tool_parsers/json_call.py); qwen3_coder and
-pythonic send each call's arguments whole once the call is read.
+stream arguments so ("required", hermes, llama3_json, mistral: tool_parsers/json_call.py); qwen3_coder sends
+them a parameter at a time, and pythonic each call's arguments whole once the call is read.
 """
 
 from __future__ import annotations

@@ -12,16 +12,24 @@ Qwen3-Coder and Qwen3.5 write a call as
 
 A value is raw text up to its `</parameter>` (one leading and one trailing newline are the layout, not the
 value), so unlike the JSON formats the text alone does not say whether `3` is a number or a string: the
-request's tool schema does (`typed_arguments`).
+request's tool schema does (`typed_value`).
 
 As with json_stream, the reader is written twice: `read_call` reads a finished text with regular
 expressions, `CallReader` reads a growing one and keeps its place, and the tests check that both agree
 however the text is cut. What they accept after a `<tool_call>` (whitespace is JSON's: space, tab, CR, LF):
 
-    ws <function=NAME> (ws <parameter=NAME> VALUE </parameter>)* ws </function> ws (</tool_call> | the end)
+    ws <function=NAME> (ws <parameter=KEY> VALUE </parameter>)* ws </function> ws (</tool_call> | the end)
 
-NAME is one or more characters other than `<`, `>` and a newline; VALUE holds no `</parameter>`. The end
-of the text stands for `</tool_call>` only in a finished text: generation may stop right after a call.
+NAME and KEY are one or more characters other than `<`, `>` and a newline; VALUE holds no `</parameter>`.
+The end of the text stands for `</tool_call>` only in a finished text: generation may stop right after a
+call.
+
+A call is decided at its `<function=NAME>`: from there on it can no longer turn out to be no call, so a
+stream sends its name then, and each parameter once its `</parameter>` is read. Its arguments are its
+complete parameters, in order, up to the first thing that is not the grammar's: a parameter cut short (by
+max_tokens), a key given twice (its first value was sent already), text in the body, or what follows
+`</function>` if it is not `</tool_call>`. A call broken so is kept with the parameters before the break, and
+it is the last call read; one broken before its `<function=NAME>` is complete is no call.
 """
 
 from __future__ import annotations
@@ -44,15 +52,13 @@ _PARAMETER_END = "</parameter>"
 _WS = r"[ \t\n\r]*"
 _NAME = r"[^<>\n]+"
 _VALUE = r"(?:(?!</parameter>).)*"
-_PARAMETER_RE = re.compile(rf"<parameter=({_NAME})>({_VALUE})</parameter>", re.DOTALL)
-_CALL_RE = re.compile(
-    rf"{_WS}<function=({_NAME})>((?:{_WS}<parameter={_NAME}>{_VALUE}</parameter>)*){_WS}</function>{_WS}"
-    rf"(?:</tool_call>|\Z)",
-    re.DOTALL,
-)
+_FUNCTION_RE = re.compile(rf"{_WS}<function=({_NAME})>")
+_PARAMETER_RE = re.compile(rf"{_WS}<parameter=({_NAME})>({_VALUE})</parameter>", re.DOTALL)
+_CLOSE_RE = re.compile(rf"{_WS}</function>{_WS}(?:</tool_call>|\Z)")
 _NAME_STOP = re.compile(r"[<>\n]")
 
-RawCall = tuple[str, dict[str, str], int]  # (function name, raw parameter values, index past the call)
+# (function name, raw parameter values in order, the index past the call or None: it is the last call)
+RawCall = tuple[str, dict[str, str], int | None]
 
 
 def _value(text: str) -> str:
@@ -62,12 +68,18 @@ def _value(text: str) -> str:
 
 
 def read_call(text: str, pos: int) -> RawCall | None:
-    """The whole-text reader: the call at text[pos:] (just past its <tool_call>), or None."""
-    match = _CALL_RE.match(text, pos)
-    if match is None:
+    """The whole-text reader: the call at text[pos:] (just past its <tool_call>), or None when there is
+    none (it breaks before its `<function=NAME>` is complete)."""
+    function = _FUNCTION_RE.match(text, pos)
+    if function is None:
         return None
-    params = {name: _value(value) for name, value in _PARAMETER_RE.findall(match.group(2))}
-    return match.group(1), params, match.end()
+    params: dict[str, str] = {}
+    pos = function.end()
+    while (parameter := _PARAMETER_RE.match(text, pos)) is not None and parameter[1] not in params:
+        params[parameter[1]] = _value(parameter[2])
+        pos = parameter.end()
+    close = _CLOSE_RE.match(text, pos)
+    return function[1], params, (None if close is None else close.end())
 
 
 class _Step(Enum):
@@ -76,36 +88,39 @@ class _Step(Enum):
     FUNCTION = "function"  # whitespace, `<function=`
     NAME = "name"  # the function's name and `>`
     BODY = "body"  # whitespace, then `<parameter=` or `</function>`
-    PARAMETER = "parameter"  # a parameter's name and `>`
+    PARAMETER = "parameter"  # a parameter's key and `>`
     VALUE = "value"  # a value up to `</parameter>`
     CLOSE = "close"  # whitespace, `</tool_call>` (or the end of a final text)
 
 
 class CallReader:
     """One call read out of a growing text from `pos` (just past its <tool_call>), as read_call reads it.
-    Keeps its place between calls, so each character is scanned about once however the text arrives."""
+    Keeps its place between calls, so each character is scanned about once however the text arrives.
+    What it has read stays readable between reads: `name` once the call is decided, `params` its complete
+    parameters so far, `closed` once its `</function>` is read."""
 
     def __init__(self, pos: int) -> None:
         self.pos = pos
         self.step = _Step.FUNCTION
         self.start = pos  # where the name or the value being read starts
-        self.name = ""
+        self.name: str | None = None
         self.parameter = ""  # the parameter whose value is being read
         self.params: dict[str, str] = {}
+        self.closed = False
 
-    def read(self, text: str, final: bool) -> RawCall | Read:
-        """The call, or MORE (the text so far may yet become one), or BAD (MORE becomes BAD when final)."""
+    def read(self, text: str, final: bool) -> int | Read:
+        """The index past the call, or MORE (the text so far may yet become more of it), or BAD (MORE
+        becomes BAD when final): no call while `name` is None, else the call ends with `params` as they
+        are and is the last."""
         while True:
             if self.step is _Step.FUNCTION or self.step is _Step.CLOSE:
                 pos = self.pos = skip_ws(text, self.pos)
                 if self.step is _Step.CLOSE and final and pos == len(text):
-                    return self.name, self.params, pos
+                    return pos
                 literal = _FUNCTION if self.step is _Step.FUNCTION else CALL_END
                 end = expect(text, pos, literal, final)
-                if isinstance(end, Read):
+                if isinstance(end, Read) or self.step is _Step.CLOSE:
                     return end
-                if self.step is _Step.CLOSE:
-                    return self.name, self.params, end
                 self.pos = self.start = end
                 self.step = _Step.NAME
             elif self.step is _Step.NAME or self.step is _Step.PARAMETER:
@@ -115,11 +130,14 @@ class CallReader:
                     return Read.BAD if final else Read.MORE
                 if stop.group() != ">" or stop.start() == self.start:
                     return Read.BAD
+                name = text[self.start : stop.start()]
                 if self.step is _Step.NAME:
-                    self.name = text[self.start : stop.start()]
+                    self.name = name
                     self.step = _Step.BODY
+                elif name in self.params:  # (a key given twice: the first was sent)
+                    return Read.BAD
                 else:
-                    self.parameter = text[self.start : stop.start()]
+                    self.parameter = name
                     self.step = _Step.VALUE
                 self.pos = self.start = stop.end()
             elif self.step is _Step.BODY:
@@ -131,6 +149,7 @@ class CallReader:
                     self.step = _Step.PARAMETER
                 elif isinstance(function_end, int):
                     self.pos = function_end
+                    self.closed = True
                     self.step = _Step.CLOSE
                 else:
                     return Read.MORE if Read.MORE in (parameter, function_end) else Read.BAD
@@ -204,8 +223,11 @@ def tool_properties(tools: list[dict] | None) -> dict[str, dict]:
     return properties
 
 
-def typed_arguments(params: dict[str, str], properties: dict[str, dict] | None) -> dict[str, Any]:
-    """A call's raw values typed from its function's parameter schemas (properties None: a function not
-    in the tools, whose values stay strings, as in vLLM)."""
-    properties = properties or {}
-    return {name: typed_value(text, properties.get(name)) for name, text in params.items()}
+def argument_member(key: str, text: str, properties: dict[str, dict] | None) -> str:
+    """One parameter as a member of its call's arguments object, `"key": value`, its raw text typed from
+    its schema (properties: its function's parameter schemas; None for a function not in the tools, whose
+    values stay strings, as in vLLM). As json.dumps(ensure_ascii=False) writes a member, so a call's
+    arguments, `{` + its members joined by `, ` + `}`, are json.dumps of the typed object, and a stream can
+    send them a member at a time."""
+    value = typed_value(text, (properties or {}).get(key))
+    return f"{json.dumps(key, ensure_ascii=False)}: {json.dumps(value, ensure_ascii=False)}"

@@ -250,6 +250,40 @@ def test_the_servers_parser_reads_the_requests_tools():
     assert (_calls(message), reason) == ([("forecast", '{"days": 3}')], "tool_calls")
 
 
+def test_qwen3_coder_streams_a_parameter_at_a_time():
+    """Through the server's reply shapes: the first delta (id, type, name, `{`) at `<function=...>`, then a
+    delta per parameter as it closes, typed; joined, the non-streamed reply's arguments. Cut short by
+    max_tokens inside a parameter: the call with the parameters before it, as the non-streamed reply."""
+    server = SimpleNamespace(tool_call_parser="qwen3_coder")
+    schema = {"type": "object", "properties": {"days": {"type": "integer"}, "city": {"type": "string"}}}
+    forecast = {"type": "function", "function": {"name": "forecast", "parameters": schema}}
+    request = SimpleNamespace(tools=ToolRequest([forecast], "auto"))
+    xml = "Sure.<tool_call>\n<function=forecast>\n<parameter=days>\n3\n</parameter>\n"
+    xml += "<parameter=city>\nParis\n</parameter>\n</function>\n</tool_call>"
+    pieces = [xml[i : i + 7] for i in range(0, len(xml), 7)]
+    message, reason = OpenAIServer._tool_output(server, request).message(xml, "stop")
+    assert (message["content"], _calls(message), reason) == (
+        "Sure.",
+        [("forecast", '{"days": 3, "city": "Paris"}')],
+        "tool_calls",
+    )
+    deltas, reason = _streamed(OpenAIServer._tool_output(server, request), pieces, "stop")
+    calls = [d["tool_calls"][0] for d in deltas if "tool_calls" in d]
+    first = calls[0]
+    assert (first["index"], first["type"]) == (0, "function")
+    assert first["function"] == {"name": "forecast", "arguments": "{"}
+    assert first["id"].startswith("chatcmpl-tool-") and reason == "tool_calls"
+    assert [c["function"]["arguments"] for c in calls[1:]] == ['"days": 3', ', "city": "Paris"', "}"]
+    assert "".join(d.get("content") or "" for d in deltas) == "Sure."
+
+    cut = xml[: xml.index("Paris") + 3]  # (max_tokens, inside the city)
+    message, whole_reason = OpenAIServer._tool_output(server, request).message(cut, "length")
+    assert _calls(message) == [("forecast", '{"days": 3}')]
+    deltas, reason = _streamed(OpenAIServer._tool_output(server, request), [cut[:60], cut[60:]], "length")
+    joined = "".join(c["function"]["arguments"] for d in deltas for c in d.get("tool_calls", []))
+    assert (joined, reason) == ('{"days": 3}', whole_reason)  # ("auto" with calls: "tool_calls", as hermes')
+
+
 def _streamed(output: ToolOutput, pieces: list[str], reason: str) -> tuple[list[dict], str | None]:
     deltas = [output.delta(piece, i == len(pieces) - 1) for i, piece in enumerate(pieces)]
     return deltas, output.finish_reason(reason)
@@ -437,6 +471,33 @@ def test_auto_finds_the_models_calls(client, stream):
         calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls]
     assert content == "Let me check.\n" and reason == "tool_calls"
     assert calls in ([("get_weather", {"city": city, "unit": "c"})] for city in ("Paris", "Rome"))
+
+
+@pytest.fixture(scope="module")
+def coder_client(ckpt, tmp_path_factory):
+    """A second server, reading calls in Qwen3-Coder's XML (started only for the tests that use it)."""
+    flags = ("--enable-auto-tool-choice", "--tool-call-parser", "qwen3_coder", "--max-model-len", "1024")
+    for url in _serve(ckpt, tmp_path_factory, *flags):
+        yield openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+CODER_CALL = (
+    r"<tool_call>\n<function=get_weather>\n<parameter=city>\n(Paris|Rome)\n</parameter>\n"
+    r"<parameter=unit>\nc\n</parameter>\n</function>\n</tool_call>"
+)
+
+
+def test_qwen3_coder_streams_each_parameter(coder_client):
+    """A call in Qwen3-Coder's XML (steered by a regex) streams its name, then a piece per parameter, then
+    `}`; joined, the non-streamed reply's arguments."""
+    fields = {"extra_body": {"structured_outputs": {"regex": CODER_CALL}}, "tools": [WEATHER]}
+    (call,) = _create(coder_client, **fields).choices[0].message.tool_calls
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments)["unit"] == "c"
+    chunks = _create(coder_client, stream=True, **fields)
+    deltas = [d for chunk in chunks for c in chunk.choices for d in c.delta.tool_calls or []]
+    assert (deltas[0].function.name, deltas[0].function.arguments) == ("get_weather", "{")
+    assert [d.function.arguments for d in deltas[2:]] == [', "unit": "c"', "}"]
+    assert "".join(d.function.arguments for d in deltas) == call.function.arguments
 
 
 @pytest.mark.parametrize("choice", ["auto", "required"])

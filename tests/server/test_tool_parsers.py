@@ -390,25 +390,58 @@ QWEN3_CODER = [
         "ok ",
         [_call("get_time", tz="CET"), _call("get_weather")],
     ),
-    (  # ... but not before it (max_tokens): that call is dropped, and with it all if it was the first
+    (  # ... or before it (max_tokens): decided at its <function=...>, it keeps its complete parameters
         "a<tool_call>\n<function=get_time>\n<parameter=tz>\nCET\n</parameter>\n",
-        "a<tool_call>\n<function=get_time>\n<parameter=tz>\nCET\n</parameter>\n",
-        [],
+        "a",
+        [_call("get_time", tz="CET")],
     ),
-    (XML_TIME + "<tool_call>\n<function=f>\n<parameter=x>\n1", None, [_call("get_time", tz="CET")]),
-    ('<tool_call>\n{"name": "f"}\n</tool_call>', '<tool_call>\n{"name": "f"}\n</tool_call>', []),
-    ("<tool_call><function=>x</function></tool_call>", "<tool_call><function=>x</function></tool_call>", []),
-    (  # something other than a parameter in the body
-        "<tool_call><function=f> text </function></tool_call>",
-        "<tool_call><function=f> text </function></tool_call>",
-        [],
+    (  # ... a parameter cut short is not one of them
+        "<tool_call>\n<function=get_weather>\n<parameter=days>\n3\n</parameter>\n<parameter=city>\nPar",
+        None,
+        [_call("get_weather", days=3)],
     ),
-    (  # two functions in one <tool_call>: not the format; the call before it stays
-        XML_TIME + "<tool_call><function=f></function><function=g></function></tool_call>",
+    (
+        XML_TIME + "<tool_call>\n<function=f>\n<parameter=x>\n1",
+        None,
+        [_call("get_time", tz="CET"), _call("f")],
+    ),
+    (  # cut inside the function's name: not decided, no call
+        XML_TIME + "<tool_call>\n<function=get_wea",
         None,
         [_call("get_time", tz="CET")],
     ),
-    ("<tool_call><function=f></function></tool_", "<tool_call><function=f></function></tool_", []),
+    ("a<tool_call>\n<function=get_wea", "a<tool_call>\n<function=get_wea", []),
+    (  # a key given twice ends the call before it (its first value may have been sent); it is the last
+        _xml("get_weather", days="3", city="Paris").replace(
+            "</function>", "<parameter=days>\n4\n</parameter>"
+        )
+        + XML_TIME,
+        None,
+        [_call("get_weather", days=3, city="Paris")],
+    ),
+    ('<tool_call>\n{"name": "f"}\n</tool_call>', '<tool_call>\n{"name": "f"}\n</tool_call>', []),
+    ("<tool_call><function=>x</function></tool_call>", "<tool_call><function=>x</function></tool_call>", []),
+    (  # something other than a parameter in the body: the call ends before it, the last
+        "<tool_call><function=f><parameter=a>1</parameter> text </function></tool_call>" + XML_TIME,
+        None,
+        [_call("f", a="1")],
+    ),
+    (  # ... a key that is no name, too
+        "<tool_call><function=f><parameter=a>1</parameter><parameter=b\nc>2</parameter></function>",
+        None,
+        [_call("f", a="1")],
+    ),
+    (  # two functions in one <tool_call>: not the format; the first is the last call
+        XML_TIME + "<tool_call><function=f></function><function=g></function></tool_call>" + XML_TIME,
+        None,
+        [_call("get_time", tz="CET"), _call("f")],
+    ),
+    ("<tool_call><function=f></function></tool_", None, [_call("f")]),
+    (  # a value holding `</function>`: read to its own `</parameter>`
+        "<tool_call><function=f><parameter=a></function></tool_call></parameter></function></tool_call>",
+        None,
+        [_call("f", a="</function></tool_call>")],
+    ),
     ("<tool_call><function=a\nb></function>", "<tool_call><function=a\nb></function>", []),
     ("Use <tool_ call", "Use <tool_ call", []),
     ("<tool_call>", "<tool_call>", []),
@@ -460,20 +493,43 @@ def test_qwen3_coder_reads_values_as_strings_without_tools():
     )
 
 
-def test_qwen3_coder_streams_each_call_at_its_end_tag():
+def test_qwen3_coder_streams_a_parameter_at_a_time():
     parser = tool_parser("qwen3_coder", [WEATHER_TOOL])
     assert parser.feed("Checking <tool") == ("Checking ", [])
-    assert parser.feed(XML_WEATHER[len("<tool") : -1]) == ("", [])
-    assert parser.feed(">") == ("", [_whole(0, _call("get_weather", city="Paris", days=3))])
-    assert parser.feed("\n" + XML_TIME[: -len("</tool_call>")]) == (
+    assert parser.feed("_call>\n<function=get_wea") == ("", [])  # not decided: may be no call
+    assert parser.feed("ther>\n<parameter=city>\nPar") == ("", [CallDelta(0, "get_weather", "{")])
+    assert parser.feed("is\n</parameter>\n<parameter=days>\n3") == (
         "",
-        [],
-    )  # after </function>: may be the end
-    assert parser.feed(" bye") == ("", [])  # ... not now: malformed, dropped
+        [CallDelta(0, None, '"city": "Paris"')],
+    )
+    assert parser.feed("\n</param") == ("", [])  # (the value may yet go on: 3 or 30)
+    assert parser.feed("eter>\n") == ("", [CallDelta(0, None, ', "days": 3')])
+    assert parser.feed("<parameter=metric>\ntrue\n</parameter>\n</function>") == (
+        "",
+        [CallDelta(0, None, ', "metric": true}')],
+    )
+    assert parser.feed("\n</tool_call>\n" + XML_TIME[:-1]) == ("", [_whole(1, _call("get_time", tz="CET"))])
+    assert parser.feed("> bye") == ("", [])  # after a call: dropped
+    assert parser.flush() == ("", [])
+    # generation ended after </function>, and inside a parameter (max_tokens): closed after the last whole one
+    parser = tool_parser("qwen3_coder")
+    assert parser.feed(XML_TIME[: -len("\n</tool_call>")]) == ("", [_whole(0, _call("get_time", tz="CET"))])
     assert parser.flush() == ("", [])
     parser = tool_parser("qwen3_coder")
-    assert parser.feed(XML_TIME[: -len("\n</tool_call>")]) == ("", [])
-    assert parser.flush() == ("", [_whole(0, _call("get_time", tz="CET"))])  # ended after </function>
+    cut = XML_WEATHER.index("\n</parameter>\n</function>")  # (in the value of days)
+    assert parser.feed(XML_WEATHER[:cut]) == ("", [CallDelta(0, "get_weather", '{"city": "Paris"')])
+    assert parser.flush() == ("", [CallDelta(0, None, "}")])
+    parser = tool_parser("qwen3_coder")  # no parameters
+    assert parser.feed("<tool_call><function=now>") == ("", [CallDelta(0, "now", "{")])
+    assert parser.feed("</function>") == ("", [CallDelta(0, None, "}")])
+    parser = tool_parser("qwen3_coder", [WEATHER_TOOL])  # a key given twice: the call ends before it
+    assert parser.feed(_xml("get_weather", days="3")[: -len("</function>\n</tool_call>")]) == (
+        "",
+        [CallDelta(0, "get_weather", '{"days": 3')],
+    )
+    assert parser.feed("<parameter=days>") == ("", [CallDelta(0, None, "}")])
+    assert parser.feed("\n4\n</parameter>" + XML_TIME) == ("", [])
+    assert parser.flush() == ("", [])
 
 
 # ---- pythonic -----------------------------------------------------------------------------------------
@@ -573,6 +629,7 @@ FRAGMENTS = {
         "<function=f>",
         "</function>",
         "<parameter=days>",
+        "<parameter=city>",
         "<parameter=note>",
         "</parameter>",
         "</param",
@@ -717,6 +774,30 @@ def test_arguments_stream_as_they_are_generated(name, before, after, value, asci
         assert _joined(deltas) == ([ToolCall("f", written)] if written else [])
     deltas += parser.flush()[1]
     assert _joined(deltas) == [ToolCall("f", arguments)] == _extract(name, text)[1]
+
+
+_WEATHER_KEYS = list(WEATHER_TOOL["function"]["parameters"]["properties"])
+
+
+@settings(max_examples=50, deadline=None)
+@given(values=st.dictionaries(st.sampled_from(_WEATHER_KEYS), _XML_VALUES, max_size=6))
+def test_qwen3_coder_sends_each_parameter_before_the_call_closes(values):
+    """Fed a character at a time, a call with several parameters has sent, after each character, what the
+    text so far gives as a finished reply less its `}` (until `</function>` is read): nothing until its
+    `<function=...>` is read, then its name and `{`, then each parameter once its `</parameter>` is read,
+    typed from the schema, and so a piece per parameter."""
+    text = _xml("get_weather", **values)
+    parser = tool_parser("qwen3_coder", [WEATHER_TOOL])
+    deltas: list[CallDelta] = []
+    for end in range(1, len(text) + 1):
+        deltas += parser.feed(text[end - 1])[1]
+        calls = _extract("qwen3_coder", text[:end])[1]
+        if calls and "</function>" not in text[:end]:  # (no value here holds it)
+            calls = [ToolCall(calls[0].name, calls[0].arguments[:-1])]
+        assert _joined(deltas) == calls
+    deltas += parser.flush()[1]
+    assert len(deltas) == len(values) + 2  # `{`, a piece per parameter, `}`
+    assert _joined(deltas) == _extract("qwen3_coder", text)[1]
 
 
 @pytest.mark.parametrize(

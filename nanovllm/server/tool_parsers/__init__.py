@@ -9,14 +9,16 @@ own `ast`, whole, and held until the stream ends), and the tests check that ever
 pieces gives what `extract` gives. The stream sends content at once unless it may be the start of a
 tool-call marker, and sends calls as `CallDelta`s: a call's first with its name, the next ones with more of
 its arguments' JSON text. The JSON formats (hermes, llama3_json, mistral; "required") send the arguments as
-they are generated, the text the model wrote (json_call.py); qwen3_coder and pythonic, whose arguments are
-not JSON text until the call is read and typed, send each call in one piece once it is complete.
+they are generated, the text the model wrote (json_call.py); qwen3_coder, whose values are not JSON until
+each is read and typed, sends a parameter at a time (`{`, each `"key": value` at its `</parameter>`, `}`:
+exactly json.dumps of the typed arguments); pythonic sends each call in one piece once the list is read.
 
 One rule for a malformed call, the same whole and streamed: calls are read in order, and reading stops at the
 first one that is not well formed (its JSON does not parse, it has no non-empty string "name", its arguments
 are not an object, its XML is not the format's, or what follows it is not what the format expects). A call is
 decided (and a stream may send it) once it can no longer turn out to be no call: a JSON call at its head
-`{"name": "f", "arguments": {`, else when its object closes; the other formats when the call is read. A call
+`{"name": "f", "arguments": {`, else when its object closes; a qwen3_coder call at its `<function=f>` (broken
+after it, it keeps its complete parameters: xml_calls.py); pythonic when the list is read. A call
 that is malformed before that point is dropped with everything after it; one malformed after it (its JSON
 broken or cut short after the head, or followed by something other than what the format expects) is kept, as
 written, as the last call. If no call was read, the whole output is content, as if no parser ran. vLLM's

@@ -4,8 +4,6 @@ run of calls, whole and streamed; each format supplies only how one call after i
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 from nanovllm.server import xml_calls
@@ -152,7 +150,13 @@ class Qwen3CoderToolParser(_TaggedCallsParser):
     (xml_calls.py reads them). As hermes: content is the text before the first `<tool_call>`, text between
     and after calls is dropped, and the last call may be left without its `</tool_call>` when generation
     stopped after its `</function>`. Values are typed from the request's tool schemas
-    (xml_calls.typed_value); a function not in the tools is still a call, its values strings."""
+    (xml_calls.typed_value); a function not in the tools is still a call, its values strings.
+
+    A call is decided at its `<function=f>` and streams a parameter at a time: its name and `{` then, each
+    parameter's `"k": value` (after `, ` but for the first) at its `</parameter>`, and `}` at its
+    `</function>`; a call broken after its `<function=f>` (cut short by max_tokens, a key given twice, text
+    in its body, or anything but `</tool_call>` after it) is closed after its last complete parameter, the
+    last call read, whole and streamed alike (xml_calls.py)."""
 
     name = "qwen3_coder"  # (<tool_call> is not a special token in Qwen's tokenizers: the default detokenizer)
 
@@ -162,30 +166,42 @@ class Qwen3CoderToolParser(_TaggedCallsParser):
         super().__init__(tools)
         self._properties = xml_calls.tool_properties(tools)
 
-    def _call(self, read: xml_calls.RawCall) -> tuple[ToolCall, int]:
-        name, params, end = read
-        arguments = xml_calls.typed_arguments(params, self._properties.get(name))
-        return ToolCall(name, json.dumps(arguments, ensure_ascii=False)), end
-
-    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int] | None:
+    def _call_at(self, text: str, pos: int) -> tuple[ToolCall, int | None] | None:
         read = xml_calls.read_call(text, pos)
-        return None if read is None else self._call(read)
+        if read is None:
+            return None
+        name, params, end = read
+        properties = self._properties.get(name)
+        members = [xml_calls.argument_member(key, value, properties) for key, value in params.items()]
+        return ToolCall(name, "{" + ", ".join(members) + "}"), end
 
     def _call_reader(self, pos: int) -> _XmlCallReader:
-        return _XmlCallReader(xml_calls.CallReader(pos), self._call)
+        return _XmlCallReader(xml_calls.CallReader(pos), self._properties)
 
 
 class _XmlCallReader:
-    """xml_calls.CallReader with its raw call typed into a ToolCall, sent whole once it is read."""
+    """xml_calls.CallReader, its call sent as it is read: the name and `{` once decided, a member per
+    parameter read, `}` once the call is closed or broken. Joined, the pieces are _call_at's arguments."""
 
-    def __init__(
-        self, reader: xml_calls.CallReader, to_call: Callable[[xml_calls.RawCall], tuple[ToolCall, int]]
-    ) -> None:
-        self.reader, self.to_call = reader, to_call
+    def __init__(self, reader: xml_calls.CallReader, properties: dict[str, dict]) -> None:
+        self.reader, self.properties = reader, properties
+        self.started = False  # whether the name and `{` were sent
+        self.num_sent = 0  # how many parameters were sent
+        self.closed = False  # whether the `}` was sent
 
     def read(self, text: str, final: bool) -> tuple[Piece | None, int | Read]:
-        read = self.reader.read(text, final)
-        if isinstance(read, Read):
+        reader = self.reader
+        read = reader.read(text, final)
+        if reader.name is None or self.closed:
             return None, read
-        call, end = self.to_call(read)
-        return (call.name, call.arguments), end
+        first, self.started = not self.started, True
+        parts = ["{"] if first else []
+        properties = self.properties.get(reader.name)
+        for key, value in list(reader.params.items())[self.num_sent :]:
+            parts.append(", " * (self.num_sent > 0) + xml_calls.argument_member(key, value, properties))
+            self.num_sent += 1
+        if reader.closed or read is Read.BAD:  # (BAD: the call ends here, the last)
+            parts.append("}")
+            self.closed = True
+        arguments = "".join(parts)
+        return ((reader.name if first else None, arguments) if first or arguments else None), read
