@@ -66,7 +66,7 @@ logger = logging.getLogger("nanovllm.server")
 
 
 class ClientDisconnected(Exception):
-    pass
+    """The client closed the connection before its response was ready (the app answers 499)."""
 
 
 class OpenAIServer:
@@ -133,10 +133,7 @@ class OpenAIServer:
         """OpenAI's POST /v1/embeddings: one vector per input, each input one engine request."""
         req = parse_embedding_request(await _json_body(request))
         request_id = f"embd-{uuid.uuid4().hex}"
-        done = await self._embed(request, req, request_id, "input")
-        if isinstance(done, Response):
-            return done
-        vectors, num_tokens = done
+        vectors, num_tokens = await self._embed(request, req, request_id, "input")
         created = int(time.time())
         body = embedding_response(request_id, self.model_name, created, vectors, num_tokens, req.base64)
         return JSONResponse(body)
@@ -145,10 +142,7 @@ class OpenAIServer:
         """vLLM's POST /v1/score for an embedding model: each (text_1, text_2) pair's cosine similarity."""
         req = parse_score_request(await _json_body(request))
         request_id = f"score-{uuid.uuid4().hex}"
-        done = await self._embed(request, req.embed, request_id, "text_1")
-        if isinstance(done, Response):
-            return done
-        vectors, num_tokens = done
+        vectors, num_tokens = await self._embed(request, req.embed, request_id, "text_1")
         scores = [cosine(vectors[i], vectors[req.num_1 + j]) for i, j in req.pairs]
         return JSONResponse(score_response(request_id, self.model_name, int(time.time()), scores, num_tokens))
 
@@ -156,18 +150,15 @@ class OpenAIServer:
         """vLLM's (Jina's) POST /v1/rerank for an embedding model: documents by cosine with the query."""
         req = parse_rerank_request(await _json_body(request))
         request_id = f"rerank-{uuid.uuid4().hex}"
-        done = await self._embed(request, req.embed, request_id, "documents")
-        if isinstance(done, Response):
-            return done
-        (query, *documents), num_tokens = done
+        (query, *documents), num_tokens = await self._embed(request, req.embed, request_id, "documents")
         scores = [cosine(query, d) for d in documents]
         return JSONResponse(rerank_response(request_id, self.model_name, req, scores, num_tokens))
 
     async def _embed(
         self, request: Request, req: EmbeddingRequest, request_id: str, param: str
-    ) -> tuple[list[np.ndarray], int] | Response:
+    ) -> tuple[list[np.ndarray], int]:
         """Every input's vector ([dimensions] float32), in order, and the prompt tokens they used (after
-        truncation); a 499 response if the client went away. A rejected input is a 400 naming `param`."""
+        truncation). A rejected input is a 400 naming `param`; a client gone is ClientDisconnected (499)."""
         self._check_model(req.model)
         try:
             check_priority(req.priority, self.config.scheduling_policy)
@@ -187,15 +178,11 @@ class OpenAIServer:
             for i, (text, ids) in enumerate(prompts)
         ]
         outputs = await self._run_to_end(request, subs, param)
-        if isinstance(outputs, Response):
-            return outputs
         return [out.embedding for out in outputs], sum(map(len, kept))
 
-    async def _run_to_end(
-        self, request: Request, subs: list[SubRequest], param: str
-    ) -> list[RequestDelta] | Response:
-        """Submit non-streamed sub-requests and wait for each one's whole delta (a 499 response if the client
-        goes away first); a rejected request is a 400 naming `param` (or the ParamError's field)."""
+    async def _run_to_end(self, request: Request, subs: list[SubRequest], param: str) -> list[RequestDelta]:
+        """Submit non-streamed sub-requests and wait for each one's whole delta (`_wait_all`); a rejected
+        request is a 400 naming `param` (or the ParamError's field)."""
         try:
             stream = await self.engine.submit(subs, incremental=False)
         except ParamError as e:
@@ -304,8 +291,6 @@ class OpenAIServer:
             events = self._stream(stream, req, resp, choice_prompts)
             return _EventStream(events, media_type="text/event-stream")
         outputs = await _wait_all(request, stream, len(subs))
-        if isinstance(outputs, Response):
-            return outputs
         # Choice 0 of each prompt scored it (prompt_logprobs, echo); its choices share that.
         scores = [outputs[i - i % req.params.n].prompt_logprobs for i in range(len(outputs))]
         outputs = [_as_shown(out, req, s) for out, s in zip(outputs, scores)]
@@ -722,13 +707,12 @@ def _as_shown(delta: RequestDelta, req: GenerateRequest, prompt_scores: list | N
     return delta
 
 
-async def _wait_all(request: Request, stream: RequestStream, num_subs: int) -> list[RequestDelta] | Response:
-    """Each non-streamed sub-request's deltas merged into one, in order; a 499 response if the client goes
-    away first, a 503 if the engine dies. Closes the stream (aborting what has not finished)."""
+async def _wait_all(request: Request, stream: RequestStream, num_subs: int) -> list[RequestDelta]:
+    """Each non-streamed sub-request's deltas merged into one, in order; ClientDisconnected if the client
+    goes away first (the app answers 499), a 503 if the engine dies. Closes the stream (aborting what has not
+    finished)."""
     try:
         return await _unless_disconnected(request, _collect(stream, num_subs))
-    except ClientDisconnected:
-        return Response(status_code=499)
     except EngineDeadError as e:
         raise RequestError(str(e), status_code=503, type="service_unavailable") from None
     finally:
@@ -859,6 +843,10 @@ def build_app(
     app.add_api_route("/version", server.version, methods=["GET"])
     app.add_api_route("/health", server.health, methods=["GET"])
     app.add_api_route("/metrics", server.metrics_text, methods=["GET"])
+
+    @app.exception_handler(ClientDisconnected)
+    async def client_gone(request: Request, e: ClientDisconnected) -> Response:
+        return Response(status_code=499)  # (nobody reads it: the client left; the access log shows it)
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> Response:
