@@ -13,6 +13,7 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.paged_attention import max_work_items, prefill_work_items
 from nanovllm.layers.sampler import PromptLogprobs, SamplerOutput
 
@@ -206,8 +207,7 @@ class HostInputs:
             k = 0
             for i, (seq, rows) in enumerate(zip(seqs, batch.scores)):
                 if rows:
-                    first = cu_seqlens[i] + rows.start - seq.num_computed_tokens  # (the step's first row)
-                    h["score_rows"][k : k + len(rows)] = np.arange(first, first + len(rows))
+                    h["score_rows"][k : k + len(rows)] = _step_rows(cu_seqlens[i], seq, rows)
                     h["score_tokens"][k : k + len(rows)] = seq.token_ids[rows.start + 1 : rows.stop + 1]
                     num_score_top = max(num_score_top, seq.params.prompt_logprobs)
                     k += len(rows)
@@ -218,8 +218,7 @@ class HostInputs:
             k = 0
             for i, (seq, positions) in enumerate(zip(seqs, batch.pools)):
                 if positions:
-                    first = cu_seqlens[i] + positions.start - seq.num_computed_tokens
-                    h["pool_rows"][k : k + len(positions)] = np.arange(first, first + len(positions))
+                    h["pool_rows"][k : k + len(positions)] = _step_rows(cu_seqlens[i], seq, positions)
                     h["pool_slots"][k : k + len(positions)] = num_pool_slots
                     num_pool_slots += 1
                     k += len(positions)
@@ -258,3 +257,10 @@ class HostInputs:
             if isinstance(value, torch.Tensor):
                 staged[name] = t[name][: value.numel()].view(value.shape).copy_(value)
         return dataclasses.replace(inp, **staged)
+
+
+def _step_rows(first_row: int, seq: Sequence, positions: range) -> np.ndarray:
+    """The rows of a step's hidden states that hold these positions of `seq`, whose chunk starts at row
+    `first_row` (its cu_seqlens entry) with position seq.num_computed_tokens."""
+    start = first_row + positions.start - seq.num_computed_tokens
+    return np.arange(start, start + len(positions))
