@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 
-import openai
 import pytest
 import torch
 from hypothesis import given, settings
@@ -104,14 +103,10 @@ CHOICE = {"guided_choice": ["Sunny.", "Rainy."]}  # (applies after the thinking)
 
 
 @pytest.fixture(scope="module")
-def think_server(think_ckpt, tmp_path_factory):
+def server(think_ckpt, tmp_path_factory):
+    """This module's server (conftest's `client` talks to it): the think checkpoint, the qwen3 parser."""
     flags = ("--reasoning-parser", "qwen3", "--enable-auto-tool-choice", "--tool-call-parser", "hermes")
     yield from _serve(think_ckpt, tmp_path_factory, *flags)
-
-
-@pytest.fixture(scope="module")
-def client(think_server):
-    return openai.OpenAI(base_url=think_server + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -386,11 +386,6 @@ def server(ckpt, tmp_path_factory):
     yield from _serve(ckpt, tmp_path_factory, *flags)
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=120)
-
-
 def _create(client, **fields):
     fields = {
         "model": MODEL,
