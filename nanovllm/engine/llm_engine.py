@@ -72,10 +72,9 @@ class _Request:
     counted: bool = True  # its tokens count in stats() (not a server-side beam search's steps)
     cumulative_logprob: float = 0.0  # of the generated tokens, when logprobs are asked for
     # An embedding request: its params, and the sum of the hidden-state rows pooled so far (float32
-    # [hidden_size]) over how many rows, since the preemption count pool_epoch (a recompute starts again).
+    # [hidden_size]) since the preemption count pool_epoch (a recompute starts again).
     pooling: PoolingParams | None = None
     pool_sum: torch.Tensor | None = None
-    pool_rows: int = 0
     pool_epoch: int = 0
 
 
@@ -248,19 +247,40 @@ class LLMEngine:
         self._check_open()
         check_priority(priority, self.config.scheduling_policy)
         self._check_runner(params)
-        if isinstance(params, PoolingParams):
-            return self._add_pooling_request(prompt, params, request_id, prompt_token_ids, priority)
-        if params.n != 1:
+        if isinstance(params, SamplingParams) and params.n != 1:
             raise ValueError(
                 f"a request runs one sample, got n={params.n}: add one request per sample with "
                 "params.choice(i) (LLM.generate does this)"
             )
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt, params)
-        if params.bad_words:  # (encode_prompt checked there is a tokenizer)
-            params = params.with_bad_words_encoded(self.tokenizer, self.vocab_size)
         request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        text = prompt if isinstance(prompt, str) else None
+        if isinstance(params, PoolingParams):
+            req = self._pooling_request(text, params, token_ids, request_id, priority, counted)
+        else:
+            req = self._generation_request(
+                text, params, token_ids, request_id, priority, incremental, counted
+            )
+        self.requests[request_id] = req
+        self.scheduler.add(req.seq)
+        if counted:
+            self.num_prompt_tokens += len(token_ids)
+        return request_id
+
+    def _generation_request(
+        self,
+        text: str | None,
+        params: SamplingParams,
+        token_ids: list[int],
+        request_id: str,
+        priority: int,
+        incremental: bool,
+        counted: bool,
+    ) -> _Request:
+        if params.bad_words:  # (encode_prompt checked there is a tokenizer)
+            params = params.with_bad_words_encoded(self.tokenizer, self.vocab_size)
         matcher = None
         if params.structured_outputs is not None:  # (encode_prompt or the server compiled it: a cache hit)
             thinking = self._starts_thinking(token_ids)  # (then the constraint starts after `</think>`)
@@ -270,9 +290,9 @@ class LLMEngine:
         if incremental or params.stop:
             decoder = self._decoder(params.skip_special_tokens)
             detok = IncrementalDetokenizer(decoder, token_ids, params.stop, params.include_stop_str_in_output)
-        self.requests[request_id] = _Request(
+        return _Request(
             seq,
-            prompt if isinstance(prompt, str) else None,
+            text,
             seq.prompt_token_ids,
             [],
             detok,
@@ -282,35 +302,23 @@ class LLMEngine:
             stream=incremental,
             counted=counted,
         )
-        self.scheduler.add(seq)
-        if counted:
-            self.num_prompt_tokens += len(token_ids)
-        return request_id
 
-    def _add_pooling_request(
+    def _pooling_request(
         self,
-        prompt: Prompt,
+        text: str | None,
         params: PoolingParams,
-        request_id: str | None,
-        prompt_token_ids: list[int] | None,
+        token_ids: list[int],
+        request_id: str,
         priority: int,
-    ) -> str:
-        """Queue an embedding request: its prompt runs like any other, samples nothing, and is done (one
+        counted: bool,
+    ) -> _Request:
+        """An embedding request: its prompt runs like any other, samples nothing, and is done (one
         PoolingRequestOutput) once every prompt token is computed."""
-        token_ids = prompt_token_ids if prompt_token_ids is not None else self.encode_prompt(prompt, params)
-        request_id = request_id if request_id is not None else f"req-{next(self._request_ids)}"
-        if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(
-            token_ids,
-            _POOLING_SEQUENCE_PARAMS,
-            request_id,
-            priority,
-            pooling_type=self.config.pooler.pooling_type,
-        )
-        self.requests[request_id] = _Request(
+        pooling_type = self.config.pooler.pooling_type
+        seq = Sequence(token_ids, _POOLING_SEQUENCE_PARAMS, request_id, priority, pooling_type=pooling_type)
+        return _Request(
             seq,
-            prompt if isinstance(prompt, str) else None,
+            text,
             seq.prompt_token_ids,
             [],
             None,
@@ -318,11 +326,9 @@ class LLMEngine:
             None,
             RequestMetrics(time.time()),
             stream=False,
+            counted=counted,
             pooling=params,
         )
-        self.scheduler.add(seq)
-        self.num_prompt_tokens += len(token_ids)
-        return request_id
 
     def abort(self, request_id: str) -> None:
         """Cancel a request wherever it is; its KV blocks are freed at once."""
@@ -526,10 +532,9 @@ class LLMEngine:
             if req is None or seq.is_finished or epoch != seq.num_preemptions:
                 continue  # aborted, or preempted since this step was launched
             if req.pool_epoch != epoch:  # the first rows since a preemption
-                req.pool_sum, req.pool_rows, req.pool_epoch = None, 0, epoch
+                req.pool_sum, req.pool_epoch = None, epoch
             if positions:
                 req.pool_sum = pooled[row].clone() if req.pool_sum is None else req.pool_sum + pooled[row]
-                req.pool_rows += len(positions)
             if start + n == seq.num_tokens:
                 self.scheduler.finish(seq, FinishReason.STOP)
                 req.metrics.finished_time = time.time()
@@ -540,7 +545,7 @@ class LLMEngine:
         pooler, params = self.config.pooler, req.pooling
         vector = finish_embedding(
             req.pool_sum,
-            req.pool_rows,
+            len(req.prompt_token_ids),
             pooler.pooling_type,
             params.dimensions,
             params.normalizes(pooler.normalize),

@@ -4,7 +4,7 @@ An embedding request is a prompt that never samples. Each step its prompt chunk 
 of the final hidden states (after the model's last norm) that its pooling type reads are summed on the device
 into one float32 row per request (`pool_hidden`), copied back behind the step, and added up on the host across
 chunks. When the whole prompt is computed, `finish_embedding` turns the sum into the vector: the mean for
-MEAN, cut to the request's dimensions, L2-normalized.
+MEAN (over the prompt's tokens), cut to the request's dimensions, L2-normalized.
 
     LAST  the last prompt token's hidden state (decoder embedding models: Qwen3-Embedding, e5-mistral)
     MEAN  the mean over every prompt token
@@ -132,13 +132,13 @@ def pool_hidden(
 
 def finish_embedding(
     total: torch.Tensor,  # [hidden_size] float32: the sum of every pooled row
-    num_rows: int,
+    num_tokens: int,  # the prompt's (MEAN pooled each of them once: its requests skip the prefix cache)
     pooling_type: str,
     dimensions: int | None,
     normalize: bool,
 ) -> torch.Tensor:  # [dimensions or hidden_size] float32
     """The embedding: the mean for MEAN, the first `dimensions` values (Matryoshka), L2-normalized."""
-    vector = total / num_rows if pooling_type == "MEAN" else total
+    vector = total / num_tokens if pooling_type == "MEAN" else total
     if dimensions is not None:
         vector = vector[:dimensions]
     if normalize:
